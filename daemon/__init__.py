@@ -1,0 +1,1 @@
+"""The esper-telemetry daemon: ZeroMQ ingest, aggregation, Prometheus export (no torch)."""

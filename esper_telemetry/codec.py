@@ -1,0 +1,300 @@
+"""MessagePack encoding of events: two pure functions and one exception.
+
+One ZeroMQ message carries one event (a map) or a batch (an array of maps). Each map holds
+``"v"`` (the schema version), ``"event"`` (the wire kind) and the record's fields by name;
+nested group records travel as arrays in field order.
+
+Decoding is strict and bounded, because the daemon takes bytes from anyone who can reach
+its socket: a message is either decoded whole into valid records or rejected whole with a
+``WireError`` whose ``reason`` is a short stable token, never half-applied and never any
+other exception. The reasons:
+
+- ``"limit"``: the message, a batch, a string, a map or a list is larger than allowed;
+- ``"malformed"``: not MessagePack, trailing bytes, or not a map or array of maps;
+- ``"version"``: an event without a schema version, or with one this side does not know;
+- ``"schema"``: an unknown event kind, missing or unknown fields, a wrong type;
+- ``"value"``: a number out of range (non-finite, negative where a count or square is).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+
+import msgpack
+
+from .defaults import (
+    MAX_BATCH_EVENTS,
+    MAX_DEVICES_PER_EVENT,
+    MAX_GROUPS_PER_EVENT,
+    MAX_MESSAGE_BYTES,
+    MAX_STRING_CHARS,
+)
+from .events import (
+    KIND_OF,
+    ROLES,
+    SCHEMA_VERSION,
+    DeviceMismatch,
+    Event,
+    GroupDecl,
+    GroupNorm,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    IsolationViolation,
+    Norms,
+)
+
+__all__ = ["WireError", "encode", "decode", "REASONS"]
+
+REASONS = ("limit", "malformed", "version", "schema", "value")
+
+_MAX_INT = (1 << 63) - 1
+# Upper bound on any map in a message: the largest event has ten fields.
+_MAX_MAP_LEN = 16
+_MAX_ARRAY_LEN = max(MAX_BATCH_EVENTS, MAX_GROUPS_PER_EVENT, MAX_DEVICES_PER_EVENT)
+
+
+class WireError(ValueError):
+    """A message that was rejected whole; ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def encode(events: Event | Iterable[Event]) -> bytes:
+    """Pack one event, or a batch of events, into one message.
+
+    A single event packs as a map, a batch (any iterable of events) as an array of maps.
+    Raises ``TypeError`` for anything that is not an event record.
+    """
+    if type(events) in KIND_OF:
+        return msgpack.packb(_to_wire(events), use_bin_type=True)
+    return msgpack.packb([_to_wire(e) for e in events], use_bin_type=True)
+
+
+def _to_wire(event: Event) -> Dict[str, Any]:
+    kind = KIND_OF.get(type(event))
+    if kind is None:
+        raise TypeError(f"not an esper_telemetry event: {type(event).__name__}")
+    wire: Dict[str, Any] = {"v": SCHEMA_VERSION, "event": kind}
+    wire.update(zip(event._fields, event))
+    return wire
+
+
+def decode(data: bytes) -> List[Event]:
+    """Unpack one message into a list of events, or raise ``WireError`` and apply nothing."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError("limit", f"message of {len(data)} bytes")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_str_len=MAX_STRING_CHARS * 4,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_array_len=_MAX_ARRAY_LEN,
+            max_map_len=_MAX_MAP_LEN,
+        )
+    except ValueError as exc:
+        # msgpack reports its length limits as ValueError("... exceeds max_..._len(...)").
+        if "exceeds max" in str(exc):
+            raise WireError("limit", str(exc)) from None
+        raise WireError("malformed", str(exc) or type(exc).__name__) from None
+    except Exception as exc:  # FormatError, StackError, unhashable keys, bad UTF-8, ...
+        raise WireError("malformed", str(exc) or type(exc).__name__) from None
+
+    if type(obj) is dict:
+        return [_from_wire(obj)]
+    if type(obj) is tuple:
+        if not obj:
+            raise WireError("malformed", "empty batch")
+        if len(obj) > MAX_BATCH_EVENTS:
+            raise WireError("limit", f"batch of {len(obj)} events")
+        return [_from_wire(item) for item in obj]
+    raise WireError("malformed", f"message is a {type(obj).__name__}, not a map or array")
+
+
+# --- field checks -------------------------------------------------------------------
+# Each takes the field's wire value and returns the record's value or raises WireError.
+# They are small and flat on purpose: the daemon runs them for every field it receives.
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise WireError("schema", f"expected a string, got {type(value).__name__}")
+    if len(value) > MAX_STRING_CHARS:
+        raise WireError("limit", f"string of {len(value)} characters")
+    return value
+
+
+def _name(value: Any) -> str:
+    if type(value) is not str or not value:
+        raise WireError("schema", "expected a non-empty string")
+    if len(value) > MAX_STRING_CHARS:
+        raise WireError("limit", f"string of {len(value)} characters")
+    return value
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int:
+        raise WireError("schema", f"expected an integer, got {type(value).__name__}")
+    if value < 0 or value > _MAX_INT:
+        raise WireError("value", f"count out of range: {value}")
+    return value
+
+
+def _positive(value: Any) -> int:
+    if _count(value) == 0:
+        raise WireError("value", "expected a positive integer")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise WireError("schema", f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _time(value: Any) -> float:
+    if type(value) is float or type(value) is int:
+        value = float(value)
+        if math.isfinite(value) and value >= 0.0:
+            return value
+        raise WireError("value", f"time out of range: {value}")
+    raise WireError("schema", f"expected a number, got {type(value).__name__}")
+
+
+def _opt_square(value: Any) -> float | None:
+    """A sum of squares: finite and non-negative, or None for 'no gradient'."""
+    if value is None:
+        return None
+    if type(value) is float or type(value) is int:
+        value = float(value)
+        if value >= 0.0 and value != math.inf:  # NaN fails the first test
+            return value
+        raise WireError("value", f"sum of squares out of range: {value}")
+    raise WireError("schema", f"expected a number or nil, got {type(value).__name__}")
+
+
+def _opt_finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    if type(value) is float or type(value) is int:
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        raise WireError("value", f"non-finite number: {value}")
+    raise WireError("schema", f"expected a number or nil, got {type(value).__name__}")
+
+
+def _role(value: Any) -> str:
+    if type(value) is not str or value not in ROLES:
+        raise WireError("schema", f"unknown role {value!r}")
+    return value
+
+
+def _array(value: Any, limit: int) -> Tuple[Any, ...]:
+    if type(value) is not tuple:
+        raise WireError("schema", f"expected an array, got {type(value).__name__}")
+    if len(value) > limit:
+        raise WireError("limit", f"array of {len(value)} items")
+    return value
+
+
+_ROLE_SET = frozenset(ROLES)
+_new_group_norm = tuple.__new__
+
+
+def _group_norms(value: Any) -> Tuple[GroupNorm, ...]:
+    # The daemon's hottest loop: one pass of inline type tests per group, falling back
+    # to the field checks (for a precise reason) only when something is wrong.
+    out = []
+    for item in _array(value, MAX_GROUPS_PER_EVENT):
+        if type(item) is tuple and len(item) == 7:
+            name, role, params, sq, nonfinite, sharded, isolated = item
+            if (
+                type(name) is str and 0 < len(name) <= MAX_STRING_CHARS
+                and type(role) is str and role in _ROLE_SET
+                and type(params) is int and 0 <= params <= _MAX_INT
+                and type(nonfinite) is int and 0 <= nonfinite <= _MAX_INT
+                and type(sharded) is bool and type(isolated) is bool
+                and (sq is None or (type(sq) is float and 0.0 <= sq < math.inf))
+            ):
+                out.append(_new_group_norm(GroupNorm, item))
+                continue
+            out.append(
+                GroupNorm(
+                    _name(name), _role(role), _count(params), _opt_square(sq),
+                    _count(nonfinite), _bool(sharded), _bool(isolated),
+                )
+            )
+        else:
+            raise WireError("schema", "a group norm is an array of 7 fields")
+    return tuple(out)
+
+
+def _group_decls(value: Any) -> Tuple[GroupDecl, ...]:
+    out = []
+    for item in _array(value, MAX_GROUPS_PER_EVENT):
+        if type(item) is not tuple or len(item) != 4:
+            raise WireError("schema", "a group declaration is an array of 4 fields")
+        name, role, params, isolated = item
+        out.append(GroupDecl(_name(name), _role(role), _count(params), _bool(isolated)))
+    return tuple(out)
+
+
+def _devices(value: Any) -> Tuple[str, ...]:
+    return tuple(_name(d) for d in _array(value, MAX_DEVICES_PER_EVENT))
+
+
+_Check = Callable[[Any], Any]
+_COMMON: Sequence[Tuple[str, _Check]] = (("run", _name), ("rank", _count), ("time", _time))
+
+_SPECS: Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]] = {
+    "hello": (Hello, (
+        *_COMMON, ("world_size", _positive), ("hostname", _str), ("pid", _count),
+        ("library_version", _str), ("torch_version", _str), ("groups", _group_decls),
+    )),
+    "norms": (Norms, (
+        *_COMMON, ("step", _count), ("skipped", _bool), ("groups", _group_norms),
+    )),
+    "device": (DeviceMismatch, (
+        *_COMMON, ("kind", _name), ("group", _str), ("devices", _devices),
+    )),
+    "violation": (IsolationViolation, (
+        *_COMMON, ("step", _count), ("group", _name), ("kind", _name),
+        ("evidence", _str), ("value", _opt_finite),
+    )),
+    "heartbeat": (Heartbeat, (
+        *_COMMON, ("sent", _count), ("dropped", _count), ("queue_depth", _count),
+        ("errors", _count),
+    )),
+    "goodbye": (Goodbye, (*_COMMON, ("reason", _str))),
+}
+
+
+def _from_wire(obj: Any) -> Event:
+    if type(obj) is not dict:
+        raise WireError("malformed", f"an event is a map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != SCHEMA_VERSION or type(version) is not int:
+        raise WireError("version", f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    spec = _SPECS.get(obj.get("event"))  # type: ignore[arg-type]
+    if spec is None:
+        raise WireError("schema", f"unknown event kind {obj.get('event')!r}")
+    record, fields = spec
+    if len(obj) != len(fields) + 2:
+        missing = [f for f, _ in fields if f not in obj]
+        extra = [k for k in obj if k not in ("v", "event") and k not in dict(fields)]
+        raise WireError("schema", f"missing fields {missing}, unknown fields {extra}")
+    try:
+        return record(*[check(obj[field]) for field, check in fields])
+    except KeyError as exc:
+        raise WireError("schema", f"missing field {exc.args[0]!r}") from None

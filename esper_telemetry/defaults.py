@@ -1,0 +1,71 @@
+"""Names, defaults and units shared by the collector and the daemon.
+
+Every ``ESPER_*`` environment variable either side reads is named here, so an operator
+can find them all in one place. Resolution order everywhere: explicit argument, then the
+environment variable, then the default below.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DEFAULT_ZMQ_LISTEN_ADDRESS",
+    "DEFAULT_WEB_LISTEN_ADDRESS",
+    "DEFAULT_ZMQ_PORT",
+    "DEFAULT_WEB_PORT",
+    "ENV_RUN",
+    "ENV_ENDPOINT",
+    "ENV_ZMQ_LISTEN_ADDRESS",
+    "ENV_WEB_LISTEN_ADDRESS",
+    "ENV_WEB_TELEMETRY_PATH",
+    "ENV_RUN_TTL_SECONDS",
+    "ENV_MAX_RUNS",
+    "ENV_MAX_GROUPS_PER_RUN",
+    "ENV_QUEUE_SIZE",
+    "ENV_LOG_LEVEL",
+    "ENV_DISABLED",
+    "MAX_MESSAGE_BYTES",
+    "MAX_BATCH_EVENTS",
+    "MAX_STRING_CHARS",
+    "MAX_GROUPS_PER_EVENT",
+    "MAX_DEVICES_PER_EVENT",
+    "env_str",
+]
+
+DEFAULT_ZMQ_PORT = 5569
+DEFAULT_WEB_PORT = 9469
+# The collector connects here; the daemon binds here. Loopback by default: exposing
+# either to a network is a deliberate act (and between machines wants CURVE keys).
+DEFAULT_ENDPOINT = f"tcp://127.0.0.1:{DEFAULT_ZMQ_PORT}"
+DEFAULT_ZMQ_LISTEN_ADDRESS = DEFAULT_ENDPOINT
+DEFAULT_WEB_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_WEB_PORT}"
+
+ENV_RUN = "ESPER_RUN"
+ENV_ENDPOINT = "ESPER_TELEMETRY_ENDPOINT"
+ENV_DISABLED = "ESPER_TELEMETRY_DISABLED"
+ENV_ZMQ_LISTEN_ADDRESS = "ESPER_ZMQ_LISTEN_ADDRESS"
+ENV_WEB_LISTEN_ADDRESS = "ESPER_WEB_LISTEN_ADDRESS"
+ENV_WEB_TELEMETRY_PATH = "ESPER_WEB_TELEMETRY_PATH"
+ENV_RUN_TTL_SECONDS = "ESPER_RUN_TTL_SECONDS"
+ENV_MAX_RUNS = "ESPER_LIMITS_MAX_RUNS"
+ENV_MAX_GROUPS_PER_RUN = "ESPER_LIMITS_MAX_GROUPS_PER_RUN"
+ENV_QUEUE_SIZE = "ESPER_QUEUE_SIZE"
+ENV_LOG_LEVEL = "ESPER_LOG_LEVEL"
+
+# Wire limits. The daemon also sets MAX_MESSAGE_BYTES as the socket's ZMQ_MAXMSGSIZE so an
+# oversize frame is dropped by libzmq before Python ever allocates it.
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_BATCH_EVENTS = 4096
+MAX_STRING_CHARS = 256
+MAX_GROUPS_PER_EVENT = 256
+MAX_DEVICES_PER_EVENT = 64
+
+
+def env_str(name: str, default: str, explicit: str | None = None) -> str:
+    """Explicit value, else the environment variable ``name`` when set and non-empty, else ``default``."""
+    if explicit is not None:
+        return explicit
+    value = os.environ.get(name, "")
+    return value if value else default

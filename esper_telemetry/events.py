@@ -1,0 +1,161 @@
+"""The event records that travel from collectors to the daemon.
+
+Each record is an immutable ``NamedTuple``: typed, cheap to build (the daemon builds
+hundreds of thousands a second) and impossible to half-update. Every event carries the
+run id, the sender's rank and its unix time in seconds; the schema version travels on the
+wire (see ``codec``), not in the record, because a decoded record is always current.
+
+Squared norms (``sq``) rather than norms travel because they add: per-device, per-shard and
+per-rank partials combine by plain summation, and a square root is taken only at the end.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple, Union
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ROLES",
+    "GroupDecl",
+    "GroupNorm",
+    "Hello",
+    "Norms",
+    "DeviceMismatch",
+    "IsolationViolation",
+    "Heartbeat",
+    "Goodbye",
+    "Event",
+    "KIND_OF",
+]
+
+SCHEMA_VERSION = 1
+
+# A group's role: the host network, one of its seeds, or any other named parameter set.
+ROLES = ("host", "seed", "group")
+
+
+class GroupDecl(NamedTuple):
+    """A watched parameter group as declared in ``Hello``: ``params`` counts scalars."""
+
+    name: str
+    role: str
+    params: int
+    isolated: bool
+
+
+class GroupNorm(NamedTuple):
+    """One group's numbers for one capture.
+
+    ``sq`` is the sum of squared gradient entries over the parameters this rank holds, or
+    ``None`` when no parameter of the group had a gradient (distinct from a zero gradient).
+    ``nonfinite`` counts gradient tensors holding a NaN or an Inf. ``params`` is the group's
+    logical parameter count (the full tensors, also when this rank holds shards).
+    ``sharded`` means ``sq`` covers only this rank's shards: the group's square norm is
+    the sum over all ranks of the same step. Role and parameters travel with every capture
+    so a daemon restarted mid-run needs no earlier ``Hello``.
+    """
+
+    name: str
+    role: str
+    params: int
+    sq: Optional[float]
+    nonfinite: int
+    sharded: bool
+    isolated: bool
+
+
+class Hello(NamedTuple):
+    """A collector announcing itself: sent once on attach."""
+
+    run: str
+    rank: int
+    time: float
+    world_size: int
+    hostname: str
+    pid: int
+    library_version: str
+    torch_version: str
+    groups: Tuple[GroupDecl, ...]
+
+
+class Norms(NamedTuple):
+    """The per-group numbers of one capture at training step ``step``.
+
+    ``skipped`` is true when the optimizer step this capture preceded was skipped
+    (GradScaler found non-finite gradients): the numbers are reported, not lost.
+    """
+
+    run: str
+    rank: int
+    time: float
+    step: int
+    skipped: bool
+    groups: Tuple[GroupNorm, ...]
+
+
+class DeviceMismatch(NamedTuple):
+    """A device condition worth an operator's eye, reported instead of failing.
+
+    ``kind``: ``"split"`` (one group spans devices), ``"mixed"`` (host and seeds live on
+    different devices) or ``"moved"`` (a group's parameters were re-bound, e.g. after
+    ``model.to(device)``). ``devices`` are ``torch.device`` strings.
+    """
+
+    run: str
+    rank: int
+    time: float
+    kind: str
+    group: str
+    devices: Tuple[str, ...]
+
+
+class IsolationViolation(NamedTuple):
+    """Evidence that gradient isolation failed for ``group``.
+
+    ``kind``: ``"gradient"`` (a group declared isolated received gradient; ``value`` is
+    its norm) or ``"structural"`` (a seed's input still carries a gradient path into the
+    host; ``value`` is None). ``evidence`` is a short human-readable explanation.
+    """
+
+    run: str
+    rank: int
+    time: float
+    step: int
+    group: str
+    kind: str
+    evidence: str
+    value: Optional[float]
+
+
+class Heartbeat(NamedTuple):
+    """The collector's own health: cumulative counts since attach."""
+
+    run: str
+    rank: int
+    time: float
+    sent: int
+    dropped: int
+    queue_depth: int
+    errors: int
+
+
+class Goodbye(NamedTuple):
+    """A collector closing cleanly; the daemon ends the run's series for this rank at once."""
+
+    run: str
+    rank: int
+    time: float
+    reason: str
+
+
+Event = Union[Hello, Norms, DeviceMismatch, IsolationViolation, Heartbeat, Goodbye]
+
+# The wire name of each record type.
+KIND_OF = {
+    Hello: "hello",
+    Norms: "norms",
+    DeviceMismatch: "device",
+    IsolationViolation: "violation",
+    Heartbeat: "heartbeat",
+    Goodbye: "goodbye",
+}
