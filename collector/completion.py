@@ -1,0 +1,125 @@
+"""The completion thread: turns finished GPU work into numbers, without anyone waiting on it.
+
+Captures are queued in order with the CUDA events that mark their device work done. The
+thread polls the oldest one with ``Event.query()`` (never ``synchronize``: the training
+thread must not be the one to wait, and this one should not hold a device lock either),
+and only once every event of a capture has completed does it read that capture's pinned
+staging buffer and hand it on. Releasing the capture then releases its gradient references
+(the side stream is done reading them) and its staging buffer (safe to reuse now).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable, Deque, List, Optional
+
+import torch
+
+__all__ = ["Pending", "CompletionThread"]
+
+log = logging.getLogger("esper_telemetry.collector")
+
+_POLL_S = 0.0002       # while work is in flight
+_IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
+
+
+class Pending:
+    """One capture in flight: its metadata, device events, staging buffer and held gradients."""
+
+    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums")
+
+    def __init__(self, step: int, time_s: float, skipped: bool, plan: Any, grads: List[Any],
+                 staging: torch.Tensor, events: List[torch.cuda.Event]) -> None:
+        self.step = step
+        self.time = time_s
+        self.skipped = skipped
+        self.plan = plan
+        self.grads: Optional[List[Any]] = grads
+        self.staging = staging
+        self.events = events
+        self.sums: Optional[List[List[float]]] = None   # [[sq...], [nonfinite...]] once done
+
+    def done(self) -> bool:
+        return all(e.query() for e in self.events)
+
+
+class CompletionThread:
+    """Polls pending captures in order and calls ``on_done(pending)`` from its own thread."""
+
+    def __init__(self, on_done: Callable[[Pending], None], on_error: Callable[[BaseException], None]) -> None:
+        self._on_done = on_done
+        self._on_error = on_error
+        self._pending: Deque[Pending] = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.completed = 0
+        self.submitted = 0
+        self._thread = threading.Thread(target=self._loop, name="esper-telemetry-completion", daemon=True)
+        self._thread.start()
+
+    def submit(self, pending: Pending) -> None:
+        with self._cond:
+            self._pending.append(pending)
+            self.submitted += 1
+            self._cond.notify()
+
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every submitted capture was handed on; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.completed < self.submitted:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.01))
+        return True
+
+    def stop(self, timeout_s: float) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stop:
+                    self._cond.wait(_IDLE_WAIT_S)
+                if not self._pending:
+                    return
+                head = self._pending[0]
+            failed = False
+            try:
+                ready = head.done()
+            except Exception as exc:  # a broken CUDA context: drop the capture, keep going
+                ready = failed = True
+                self._on_error(exc)
+            if not ready:
+                if self._stop:
+                    return  # closing: do not spin on device work that may never finish
+                time.sleep(_POLL_S)
+                continue
+            try:
+                if not failed:
+                    if head.sums is None:
+                        head.sums = _sum_rows(head.staging)
+                    self._on_done(head)
+            except Exception as exc:
+                self._on_error(exc)
+            finally:
+                head.grads = None
+                with self._cond:
+                    self._pending.popleft()
+                    self.completed += 1
+                    self._cond.notify_all()
+
+
+def _sum_rows(staging: torch.Tensor) -> List[List[float]]:
+    """Add the per-device partial rows (shape ``(devices, 2, groups)``) on the host."""
+    return staging.sum(dim=0).tolist()

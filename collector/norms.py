@@ -1,0 +1,44 @@
+"""Per-group sums of squared gradient entries and non-finite tensor counts, on one device.
+
+Reads like ``torch/nn/utils/clip_grad.py``: the caller has already grouped the tensors by
+dtype; one ``_foreach_norm`` per dtype, results stay on the device, and there is no Python
+branch on a tensor value (such a branch is a hidden host synchronization).
+
+The result is one float64 tensor of shape ``(2, n_groups)``: row 0 the sums of squares,
+row 1 how many tensors of the group hold a NaN or an Inf. A tensor counts as non-finite when
+its norm is (NaN/Inf entries, or a sum of squares past the accumulation type's range).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+__all__ = ["accumulation_dtype", "partials", "DtypeBucket"]
+
+# (dtype, start, stop): tensors[start:stop] all have this dtype.
+DtypeBucket = Tuple[torch.dtype, int, int]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16, fp8) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
+             group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sum squares and count non-finite tensors per group, for tensors on one device.
+
+    ``group_index[i]`` is the group of ``tensors[i]`` (an int64 tensor on the same device);
+    ``buckets`` cover ``tensors`` in order. Runs on whatever stream is current.
+    """
+    norms: List[torch.Tensor] = []
+    for dtype, start, stop in buckets:
+        norms.extend(torch._foreach_norm(tensors[start:stop], 2, dtype=accumulation_dtype(dtype)))
+    stacked = torch.stack([n.to(torch.float64) for n in norms]) if len(buckets) > 1 \
+        else torch.stack(norms).to(torch.float64)
+    out = torch.zeros((2, n_groups), dtype=torch.float64, device=stacked.device)
+    out[0].index_add_(0, group_index, stacked * stacked)
+    out[1].index_add_(0, group_index, (~torch.isfinite(stacked)).to(torch.float64))
+    return out

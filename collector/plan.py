@@ -1,0 +1,140 @@
+"""The capture plan: which gradient tensors live where, grouped for one pass per device.
+
+A plan is built from the live parameters and their gradients and reused while both stay
+put. Rebuilding costs more than a capture (it inspects every tensor's device and dtype and
+uploads index tensors), so ``capture`` first compares the gradients' addresses with the
+plan's (cheap: one ``data_ptr`` per tensor) and only on a difference compares devices and
+dtypes, and only on a difference there rebuilds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .norms import DtypeBucket
+
+__all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key", "local_tensor",
+           "is_dtensor", "is_sharded"]
+
+try:  # DTensor gradients (FSDP2, tensor parallel) are measured on their local shard.
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - builds without distributed
+    _DTensor = None
+
+
+def is_dtensor(t: Any) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor sharded along some mesh dimension (FSDP2, tensor parallel)."""
+    return is_dtensor(t) and any(p.is_shard() for p in t.placements)
+
+
+def local_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The tensor this rank holds: a DTensor's local shard, anything else as is."""
+    if t is not None and is_dtensor(t):
+        return t.to_local()
+    return t
+
+
+def grad_key(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[int, ...]:
+    """Addresses of the gradients (0 for none): equal keys mean a plan (and graph) still fits."""
+    return tuple([0 if g is None else g.data_ptr() for g in grads])
+
+
+def grad_signature(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Any, ...]:
+    """What a plan depends on besides addresses: each gradient's device and dtype, or None."""
+    return tuple([None if g is None else (g.device, g.dtype) for g in grads])
+
+
+@dataclass
+class DeviceSlice:
+    """The tensors of one device, ordered by dtype, and the group each belongs to."""
+
+    device: torch.device
+    positions: List[int]            # indices into the plan's flat gradient list
+    buckets: List[DtypeBucket]
+    group_index: torch.Tensor       # int64, on ``device``
+    slot: int                       # row of the staging buffer this device fills
+    graph: Any = None               # a captured torch.cuda.CUDAGraph, when used
+    graph_out: Optional[torch.Tensor] = None
+    graph_key: Tuple[int, ...] = ()
+    hits: int = 0
+
+
+@dataclass
+class Plan:
+    """Everything one capture needs, derived from the live groups and their gradients."""
+
+    params: Tuple[torch.Tensor, ...]          # flat over groups, in group order
+    owner: List[int]                          # group index of each flat entry
+    key: Tuple[int, ...]
+    signature: Tuple[Any, ...]
+    slices: List[DeviceSlice]
+    has_grad: List[bool]
+    sharded: List[bool]
+    group_devices: List[Tuple[str, ...]]   # where each group's parameters live
+    group_params: List[int]
+    n_groups: int
+    cuda: List[DeviceSlice] = field(default_factory=list)
+    cpu: Optional[DeviceSlice] = None
+
+
+def _upload_index(index: List[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(index, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    # A pageable host-to-device copy synchronizes; a pinned, non-blocking one does not.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optional[torch.Tensor]],
+               key: Tuple[int, ...], signature: Tuple[Any, ...], sharded: List[bool],
+               counts: List[int]) -> Plan:
+    """Group the present gradients by device, then dtype, and upload the group index per device.
+
+    ``grads`` are the tensors this rank holds (DTensor gradients already made local).
+    """
+    params: List[torch.Tensor] = []
+    owner: List[int] = []
+    for gi, ps in enumerate(group_params):
+        params.extend(ps)
+        owner.extend([gi] * len(ps))
+    n_groups = len(group_params)
+    has_grad = [False] * n_groups
+    devices: List[set] = [set() for _ in range(n_groups)]
+    for gi, ps in enumerate(group_params):
+        devices[gi].update(p.device for p in ps)
+    by_device: Dict[torch.device, Dict[torch.dtype, List[int]]] = {}
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        has_grad[owner[i]] = True
+        by_device.setdefault(g.device, {}).setdefault(g.dtype, []).append(i)
+
+    slices: List[DeviceSlice] = []
+    # CPU first so its slot is stable; CUDA devices by index.
+    for slot, device in enumerate(sorted(by_device, key=lambda d: (d.type != "cpu", str(d)))):
+        positions: List[int] = []
+        buckets: List[DtypeBucket] = []
+        for dtype, idx in by_device[device].items():
+            buckets.append((dtype, len(positions), len(positions) + len(idx)))
+            positions.extend(idx)
+        index = _upload_index([owner[i] for i in positions], device)
+        slices.append(DeviceSlice(device, positions, buckets, index, slot))
+    plan = Plan(
+        params=tuple(params), owner=owner, key=key, signature=signature, slices=slices,
+        has_grad=has_grad, sharded=sharded,
+        group_devices=[tuple(sorted(str(d) for d in ds)) for ds in devices],
+        group_params=counts, n_groups=n_groups,
+    )
+    plan.cuda = [s for s in slices if s.device.type == "cuda"]
+    plan.cpu = next((s for s in slices if s.device.type == "cpu"), None)
+    if len(slices) > len(plan.cuda) + (plan.cpu is not None):
+        others = sorted({str(s.device) for s in slices if s.device.type not in ("cpu", "cuda")})
+        raise NotImplementedError(f"gradients on unsupported devices: {others}")
+    return plan

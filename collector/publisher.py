@@ -1,0 +1,152 @@
+"""The one thread that owns the ZeroMQ PUSH socket.
+
+ZeroMQ sockets are not thread safe, so every event reaches the socket through a bounded
+queue fed with ``put_nowait``. Nothing here ever blocks its producers: a full queue, or a
+socket at its high-water mark (no daemon, a slow daemon), drops the event and counts it;
+the counts travel in the next heartbeat. ``linger`` is bounded so a dead daemon never holds
+up process exit, and a process forked from this one never touches this context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import List, Optional
+
+import zmq
+
+from esper_telemetry import Event, Heartbeat, encode
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger("esper_telemetry.collector")
+
+_STOP = object()
+
+
+class Publisher:
+    """Sends events in batches from a background thread; ``publish`` never blocks.
+
+    ``heartbeat_s`` is the interval of heartbeats; ``run`` and ``rank`` label them.
+    """
+
+    def __init__(self, endpoint: str, run: str, rank: int, *, queue_size: int = 4096,
+                 sndhwm: int = 1000, linger_ms: int = 500, heartbeat_s: float = 5.0,
+                 max_batch: int = 256) -> None:
+        self.endpoint = endpoint
+        self._run, self._rank = run, rank
+        self._queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
+        self._heartbeat_s = heartbeat_s
+        self._max_batch = max_batch
+        self._linger_ms = linger_ms
+        self._pid = os.getpid()
+        self.sent = 0
+        self.dropped = 0
+        self.errors = 0
+        self._inflight = 0          # taken off the queue, not yet sent or dropped
+        self._final: Optional[Event] = None
+        self._idle = threading.Condition()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, linger_ms)
+        # No ZMQ_IMMEDIATE: events of a daemon not yet (or no longer) connected wait in the
+        # pipe up to the high-water mark instead of being dropped at once.
+        self._sock.connect(endpoint)
+        self._thread = threading.Thread(target=self._loop, name="esper-telemetry-sender", daemon=True)
+        self._thread.start()
+
+    # -- producers (any thread) ----------------------------------------------------------
+    def publish(self, event: Event) -> bool:
+        """Hand one event to the sender; False (and counted as dropped) when the queue is full."""
+        try:
+            self._queue.put_nowait(event)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until everything queued so far was sent or dropped; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._queue.unfinished_tasks or self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    def close(self, final: Optional[Event], timeout_s: float) -> None:
+        """Send what is queued (and ``final``), then stop within ``timeout_s`` seconds."""
+        if os.getpid() != self._pid:
+            return  # a forked child: the parent's context is not ours to touch
+        self._final = final
+        try:
+            self._queue.put(_STOP, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            return  # leave the daemon thread; the interpreter will not wait for it
+        self._sock.close(linger=min(self._linger_ms, int(timeout_s * 1000)))
+        self._ctx.term()
+
+    # -- the sender thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        next_heartbeat = time.monotonic() + self._heartbeat_s
+        stopping = False
+        while not stopping:
+            timeout = max(0.0, next_heartbeat - time.monotonic())
+            batch: List[Event] = []
+            try:
+                item = self._queue.get(timeout=timeout)
+                items = [item]
+                while len(items) < self._max_batch:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+            except queue.Empty:
+                items = []
+            with self._idle:
+                self._inflight = len(items)
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)  # type: ignore[arg-type]
+            if time.monotonic() >= next_heartbeat or stopping:
+                batch.append(self._heartbeat())
+                next_heartbeat = time.monotonic() + self._heartbeat_s
+            if stopping and self._final is not None:
+                batch.append(self._final)  # last, so nothing revives the run after it
+            if batch:
+                self._send(batch)
+            with self._idle:
+                for _ in items:
+                    self._queue.task_done()
+                self._inflight = 0
+                self._idle.notify_all()
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(self._run, self._rank, time.time(), self.sent, self.dropped,
+                         self._queue.qsize(), self.errors)
+
+    def _send(self, batch: List[Event]) -> None:
+        try:
+            self._sock.send(encode(batch), zmq.NOBLOCK, copy=False)
+            self.sent += len(batch)
+        except zmq.Again:
+            self.dropped += len(batch)
+        except Exception as exc:  # a bad event or a dying context: count, never raise
+            self.errors += 1
+            self.dropped += len(batch)
+            if self.errors == 1:
+                log.warning("telemetry send failed (further failures are only counted): %s", exc)
