@@ -1,0 +1,382 @@
+"""The wire contract: every event kind round-trips exactly, every bad message is rejected
+whole with the right ``WireError.reason``.
+
+Rejection cases are one table, so the last test can check that the reasons the decoder
+produces are exactly ``esper_telemetry.REASONS``: a reason nobody can trigger, or a
+trigger with an undeclared reason, fails it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+
+import esper_telemetry
+from esper_telemetry import (
+    REASONS,
+    SCHEMA_VERSION,
+    DeviceMismatch,
+    GroupDecl,
+    GroupNorm,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    IsolationViolation,
+    Norms,
+    WireError,
+    decode,
+    encode,
+)
+from esper_telemetry.defaults import (
+    MAX_BATCH_EVENTS,
+    MAX_DEVICES_PER_EVENT,
+    MAX_GROUPS_PER_EVENT,
+    MAX_MESSAGE_BYTES,
+    MAX_STRING_CHARS,
+)
+from esper_telemetry.events import KIND_OF
+
+MAX_INT64 = (1 << 63) - 1
+
+# --- sample events: every kind, every optional field both ways ------------------------
+
+HELLO = Hello(
+    run="run-1", rank=0, time=1700000000.25, world_size=2, hostname="node-a", pid=4242,
+    library_version="0.1.0", torch_version="2.13.0",
+    groups=(
+        GroupDecl("host", "host", 1_000_000, False),
+        GroupDecl("seed0", "seed", 1234, True),
+        GroupDecl("adapter", "group", 0, False),
+    ),
+)
+HELLO_NO_GROUPS = HELLO._replace(groups=(), hostname="", torch_version="")
+NORMS = Norms(
+    run="run-1", rank=1, time=1700000001.5, step=7, skipped=False,
+    groups=(
+        GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
+        GroupNorm("seed0", "seed", 1234, None, 0, False, True),  # no gradient
+        GroupNorm("seed1", "seed", 1234, 0.0, 2, True, True),  # zero gradient
+    ),
+)
+NORMS_SKIPPED = NORMS._replace(skipped=True, step=MAX_INT64, groups=())
+DEVICE = DeviceMismatch("run-1", 3, 2.0, "split", "host", ("cuda:0", "cpu"))
+DEVICE_NO_GROUP = DeviceMismatch("run-1", 3, 2.0, "mixed", "", ())
+VIOLATION = IsolationViolation(
+    "run-1", 0, 3.0, 9, "seed0", "gradient", "seed0 received gradient", 0.75)
+VIOLATION_NONE = VIOLATION._replace(kind="structural", value=None)
+VIOLATION_NEGATIVE = VIOLATION._replace(value=-1.5)  # value need only be finite
+HEARTBEAT = Heartbeat("run-1", 0, 4.0, MAX_INT64, 0, 17, 1)
+GOODBYE = Goodbye("run-1", 0, 0.0, "closed")
+UNICODE = Goodbye("ran-\u00e9\u00df-\u65e5\u672c", 5, 5.5, "\U0001f600" * MAX_STRING_CHARS)
+LONGEST = Goodbye("r" * MAX_STRING_CHARS, 0, 1.0, "x" * MAX_STRING_CHARS)
+
+SINGLES = [
+    HELLO, HELLO_NO_GROUPS, NORMS, NORMS_SKIPPED, DEVICE, DEVICE_NO_GROUP, VIOLATION,
+    VIOLATION_NONE, VIOLATION_NEGATIVE, HEARTBEAT, GOODBYE, UNICODE, LONGEST,
+]
+
+
+def assert_identical(got, want):
+    """Equal, and of the same types all the way down (1 != 1.0 != True here)."""
+    assert type(got) is type(want), (got, want)
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want), (got, want)
+        for g, w in zip(got, want):
+            assert_identical(g, w)
+    elif isinstance(want, float):
+        assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)
+        assert math.copysign(1.0, got) == math.copysign(1.0, want)
+    else:
+        assert got == want, (got, want)
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def wire(event) -> dict:
+    """The wire map of an event, built by hand (not by ``encode``) so cases can edit it."""
+    out = {"v": SCHEMA_VERSION, "event": KIND_OF[type(event)]}
+    for name, value in zip(event._fields, event):
+        if isinstance(value, tuple):
+            value = [list(v) if isinstance(v, tuple) else v for v in value]
+        out[name] = value
+    return out
+
+
+def edit(record, **changes) -> dict:
+    out = wire(record)
+    out.update(changes)
+    return out
+
+
+def without(event, *names) -> dict:
+    out = wire(event)
+    for name in names:
+        del out[name]
+    return out
+
+
+def group_norm(**changes) -> list:
+    return list(NORMS.groups[0]._replace(**changes))
+
+
+# --- round trips ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", SINGLES, ids=lambda e: type(e).__name__)
+def test_single_event_round_trips_exactly(event):
+    data = encode(event)
+    got = decode(data)
+    assert type(got) is list
+    assert len(got) == 1
+    assert_identical(got[0], event)
+
+
+def test_every_event_kind_is_covered():
+    assert {type(e) for e in SINGLES} == set(KIND_OF)
+    assert set(KIND_OF.values()) == {
+        "hello", "norms", "device", "violation", "heartbeat", "goodbye"}
+
+
+@pytest.mark.parametrize("maker", [list, tuple, iter], ids=["list", "tuple", "iterator"])
+def test_batch_round_trips_in_order(maker):
+    events = [NORMS, HELLO, GOODBYE, DEVICE, VIOLATION_NONE, HEARTBEAT, NORMS_SKIPPED]
+    got = decode(encode(maker(events)))
+    assert_identical(got, events)
+
+
+def test_batch_of_one_is_an_array_not_a_map():
+    data = encode([GOODBYE])
+    assert type(msgpack.unpackb(data)) is list
+    assert_identical(decode(data), [GOODBYE])
+
+
+def test_single_event_wire_format_is_a_flat_map_with_version_and_kind():
+    assert msgpack.unpackb(encode(GOODBYE)) == {
+        "v": SCHEMA_VERSION, "event": "goodbye",
+        "run": "run-1", "rank": 0, "time": 0.0, "reason": "closed",
+    }
+    assert msgpack.unpackb(encode(NORMS))["groups"][0] == [
+        "host", "host", 1_000_000, 12.5, 0, False, False]
+
+
+def test_no_gradient_and_zero_gradient_stay_distinct():
+    none_group, zero_group = NORMS.groups[1], NORMS.groups[2]
+    raw = msgpack.unpackb(encode(NORMS))["groups"]
+    assert raw[1][3] is None
+    assert raw[2][3] == 0.0 and type(raw[2][3]) is float
+    got = decode(encode(NORMS))[0].groups
+    assert got[1].sq is None
+    assert got[2].sq == 0.0 and type(got[2].sq) is float
+    assert_identical(got[1], none_group)
+    assert_identical(got[2], zero_group)
+
+
+def test_decoded_records_are_the_record_types():
+    norms = decode(encode(NORMS))[0]
+    assert type(norms) is Norms
+    assert all(type(g) is GroupNorm for g in norms.groups)
+    assert type(norms.groups) is tuple
+    hello = decode(encode(HELLO))[0]
+    assert all(type(g) is GroupDecl for g in hello.groups)
+    assert type(decode(encode(DEVICE))[0].devices) is tuple
+
+
+def test_integer_numbers_on_the_wire_decode_as_floats():
+    # A sender may pack a whole-valued time or square as an integer.
+    data = pack(edit(NORMS, time=5, groups=[group_norm(sq=3)]))
+    got = decode(data)[0]
+    assert got.time == 5.0 and type(got.time) is float
+    assert got.groups[0].sq == 3.0 and type(got.groups[0].sq) is float
+    got = decode(pack(edit(VIOLATION, value=-2)))[0]
+    assert got.value == -2.0 and type(got.value) is float
+
+
+@pytest.mark.parametrize("convert", [bytes, bytearray, memoryview])
+def test_decode_accepts_any_bytes_like(convert):
+    assert_identical(decode(convert(encode(HELLO))), [HELLO])
+
+
+def test_limits_are_inclusive():
+    assert len(decode(encode([GOODBYE] * MAX_BATCH_EVENTS))) == MAX_BATCH_EVENTS
+    groups = tuple(
+        GroupNorm(f"g{i}", "group", i, float(i), 0, False, False)
+        for i in range(MAX_GROUPS_PER_EVENT))
+    assert_identical(decode(encode(NORMS._replace(groups=groups)))[0].groups, groups)
+    decls = tuple(GroupDecl(f"g{i}", "seed", i, True) for i in range(MAX_GROUPS_PER_EVENT))
+    assert_identical(decode(encode(HELLO._replace(groups=decls)))[0].groups, decls)
+    devices = tuple(f"cuda:{i}" for i in range(MAX_DEVICES_PER_EVENT))
+    assert decode(encode(DEVICE._replace(devices=devices)))[0].devices == devices
+    assert decode(pack(edit(GOODBYE, rank=MAX_INT64)))[0].rank == MAX_INT64
+
+
+# --- rejections ------------------------------------------------------------------------
+
+GOOD = pack(wire(GOODBYE))
+_BAD_UTF8 = b"\xa2\xff\xfe"  # fixstr of 2 bytes that are not UTF-8
+
+CASES = {
+    # limit
+    "message over MAX_MESSAGE_BYTES": (b"\xc0" * (MAX_MESSAGE_BYTES + 1), "limit"),
+    "valid event padded over the size limit": (
+        pack(edit(GOODBYE, reason="x" * MAX_MESSAGE_BYTES)), "limit"),
+    "batch over MAX_BATCH_EVENTS": (pack([wire(GOODBYE)] * (MAX_BATCH_EVENTS + 1)), "limit"),
+    "string one char too long": (pack(edit(GOODBYE, reason="x" * (MAX_STRING_CHARS + 1))),
+                                 "limit"),
+    "run name one char too long": (pack(edit(GOODBYE, run="r" * (MAX_STRING_CHARS + 1))),
+                                   "limit"),
+    "string over the unpacker's byte limit": (
+        pack(edit(GOODBYE, reason="x" * (MAX_STRING_CHARS * 4 + 1))), "limit"),
+    "group name too long": (
+        pack(edit(NORMS, groups=[group_norm(name="g" * (MAX_STRING_CHARS + 1))])), "limit"),
+    "too many group norms": (
+        pack(edit(NORMS, groups=[group_norm()] * (MAX_GROUPS_PER_EVENT + 1))), "limit"),
+    "too many group declarations": (
+        pack(edit(HELLO, groups=[list(HELLO.groups[0])] * (MAX_GROUPS_PER_EVENT + 1))),
+        "limit"),
+    "too many devices": (pack(edit(DEVICE, devices=["cpu"] * (MAX_DEVICES_PER_EVENT + 1))),
+                         "limit"),
+    "map with too many keys": (pack({**wire(GOODBYE), **{f"k{i}": 0 for i in range(20)}}),
+                               "limit"),
+    # malformed
+    "not msgpack (reserved byte 0xc1)": (b"\xc1", "malformed"),
+    "empty message": (b"", "malformed"),
+    "truncated event": (GOOD[:-1], "malformed"),
+    "trailing bytes": (GOOD + b"\x00", "malformed"),
+    "two events back to back": (GOOD + GOOD, "malformed"),
+    "bare int": (pack(5), "malformed"),
+    "bare string": (pack("norms"), "malformed"),
+    "nil": (pack(None), "malformed"),
+    "empty batch": (pack([]), "malformed"),
+    "batch holding a non-map": (pack([wire(GOODBYE), 5]), "malformed"),
+    "bin where str": (pack(edit(GOODBYE, run=b"run-1")), "malformed"),
+    "ext where str": (pack(edit(GOODBYE, reason=msgpack.ExtType(1, b"ab"))), "malformed"),
+    "bin map key": (pack({**wire(GOODBYE), b"rank": 0}), "malformed"),
+    "integer map key": (pack({**without(GOODBYE, "rank"), 1: 0}), "malformed"),
+    "invalid UTF-8 string": (b"\x81\xa1v" + _BAD_UTF8, "malformed"),
+    "not bytes at all": ("a str, not bytes", "malformed"),
+    # version
+    "missing v": (pack(without(GOODBYE, "v")), "version"),
+    "v=2": (pack(edit(GOODBYE, v=2)), "version"),
+    "v=0": (pack(edit(GOODBYE, v=0)), "version"),
+    "v=True": (pack(edit(GOODBYE, v=True)), "version"),
+    "v=1.0": (pack(edit(GOODBYE, v=1.0)), "version"),
+    "v='1'": (pack(edit(GOODBYE, v="1")), "version"),
+    "v=None": (pack(edit(GOODBYE, v=None)), "version"),
+    # schema
+    "unknown event kind": (pack(edit(GOODBYE, event="farewell")), "schema"),
+    "missing event kind": (pack(without(GOODBYE, "event")), "schema"),
+    "event kind is a map": (pack(edit(GOODBYE, event={})), "schema"),
+    "event kind is an array of maps": (pack(edit(GOODBYE, event=[{}])), "schema"),
+    "event kind with wrong case": (pack(edit(GOODBYE, event="Goodbye")), "schema"),
+    "missing field": (pack(without(GOODBYE, "rank")), "schema"),
+    "missing nested-array field": (pack(without(NORMS, "groups")), "schema"),
+    "extra field": (pack(edit(GOODBYE, extra=1)), "schema"),
+    "field swapped for an unknown one": (pack({**without(GOODBYE, "rank"), "rnak": 0}),
+                                         "schema"),
+    "wrong type: rank as string": (pack(edit(GOODBYE, rank="0")), "schema"),
+    "wrong type: time as string": (pack(edit(GOODBYE, time="1.0")), "schema"),
+    "wrong type: rank as float": (pack(edit(GOODBYE, rank=0.0)), "schema"),
+    "wrong type: groups as map": (pack(edit(NORMS, groups={"host": 1})), "schema"),
+    "wrong type: sq as string": (pack(edit(NORMS, groups=[group_norm(sq="1.0")])), "schema"),
+    "wrong type: devices entry as int": (pack(edit(DEVICE, devices=[0])), "schema"),
+    "bool where int (rank)": (pack(edit(GOODBYE, rank=True)), "schema"),
+    "bool where int (group params)": (
+        pack(edit(NORMS, groups=[group_norm(params=True)])), "schema"),
+    "int where bool (skipped)": (pack(edit(NORMS, skipped=0)), "schema"),
+    "int where bool (group isolated)": (
+        pack(edit(NORMS, groups=[group_norm(isolated=1)])), "schema"),
+    "bool where number (time)": (pack(edit(GOODBYE, time=True)), "schema"),
+    "unknown role in group norm": (pack(edit(NORMS, groups=[group_norm(role="boss")])),
+                                   "schema"),
+    "unknown role in group declaration": (
+        pack(edit(HELLO, groups=[["host", "Host", 1, False]])), "schema"),
+    "group norm with 6 fields": (pack(edit(NORMS, groups=[group_norm()[:6]])), "schema"),
+    "group norm as a map": (pack(edit(NORMS, groups=[NORMS.groups[0]._asdict()])), "schema"),
+    "group declaration with 5 fields": (
+        pack(edit(HELLO, groups=[list(HELLO.groups[0]) + [0]])), "schema"),
+    "empty run name": (pack(edit(GOODBYE, run="")), "schema"),
+    "empty group name": (pack(edit(NORMS, groups=[group_norm(name="")])), "schema"),
+    # value
+    "NaN sq": (pack(edit(NORMS, groups=[group_norm(sq=math.nan)])), "value"),
+    "Inf sq": (pack(edit(NORMS, groups=[group_norm(sq=math.inf)])), "value"),
+    "negative sq": (pack(edit(NORMS, groups=[group_norm(sq=-1.0)])), "value"),
+    "negative integer sq": (pack(edit(NORMS, groups=[group_norm(sq=-1)])), "value"),
+    "negative count (rank)": (pack(edit(GOODBYE, rank=-1)), "value"),
+    "negative count (nonfinite)": (pack(edit(NORMS, groups=[group_norm(nonfinite=-1)])),
+                                   "value"),
+    "negative count (dropped)": (pack(edit(HEARTBEAT, dropped=-3)), "value"),
+    "count over int64": (pack(edit(HEARTBEAT, sent=MAX_INT64 + 1)), "value"),
+    "zero world size": (pack(edit(HELLO, world_size=0)), "value"),
+    "NaN time": (pack(edit(GOODBYE, time=math.nan)), "value"),
+    "Inf time": (pack(edit(GOODBYE, time=math.inf)), "value"),
+    "negative time": (pack(edit(GOODBYE, time=-1.0)), "value"),
+    "NaN violation value": (pack(edit(VIOLATION, value=math.nan)), "value"),
+    "-Inf violation value": (pack(edit(VIOLATION, value=-math.inf)), "value"),
+}
+
+
+@pytest.mark.parametrize("data, reason", list(CASES.values()), ids=list(CASES))
+def test_rejected_with_reason(data, reason):
+    with pytest.raises(WireError) as caught:
+        decode(data)
+    assert caught.value.reason == reason, str(caught.value)
+    assert caught.value.reason in REASONS
+
+
+def test_cases_exercise_exactly_the_declared_reasons():
+    assert {reason for _, reason in CASES.values()} == set(REASONS)
+    assert esper_telemetry.REASONS is REASONS
+
+
+def test_message_size_boundary():
+    # Same bytes one shorter: now past the size check, rejected as trailing data instead.
+    with pytest.raises(WireError) as caught:
+        decode(b"\xc0" * MAX_MESSAGE_BYTES)
+    assert caught.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (edit(NORMS, groups=[group_norm(sq=math.nan)]), "value"),
+    (edit(GOODBYE, v=2), "version"),
+    (without(HEARTBEAT, "sent"), "schema"),
+    (7, "malformed"),
+])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_batch_with_one_bad_event_is_rejected_whole(bad, reason, position):
+    batch = [wire(HELLO), wire(NORMS)]
+    batch.insert(position, bad)
+    with pytest.raises(WireError) as caught:
+        decode(pack(batch))
+    assert caught.value.reason == reason
+    # The same batch without the bad event is fine: it was the one event that sank it.
+    del batch[position]
+    assert_identical(decode(pack(batch)), [HELLO, NORMS])
+
+
+@pytest.mark.parametrize("thing", [
+    object(), 5, None, "goodbye", b"\x80", {"v": 1, "event": "goodbye"},
+    NORMS.groups[0],  # a record, but not an event
+    HELLO.groups[0],
+    [GOODBYE, "not an event"],
+    [GOODBYE, NORMS.groups[0]],
+    (GOODBYE, tuple(GOODBYE)),  # a plain tuple of the right values is not an event
+], ids=lambda t: type(t).__name__)
+def test_encode_rejects_non_events_with_type_error(thing):
+    with pytest.raises(TypeError):
+        encode(thing)
+
+
+def test_wire_error_is_a_value_error_with_a_reason():
+    assert issubclass(WireError, ValueError)
+    with pytest.raises(ValueError) as caught:
+        decode(pack(edit(GOODBYE, v=2)))
+    err = caught.value
+    assert isinstance(err, WireError)
+    assert err.reason == "version"
+    assert "2" in err.detail
+    assert str(err).startswith("version")
+    assert WireError("limit").reason == "limit" and str(WireError("limit")) == "limit"
