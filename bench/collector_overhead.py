@@ -1,0 +1,336 @@
+"""What the collector costs a training step, measured side by side with the anchors.
+
+Anchors (each run here, interleaved with the collector, never quoted from elsewhere):
+- ``foreach_item``: the original monitor, ``_foreach_norm`` + stack + sum + ``.item()``;
+- ``total_norm_item``: ``torch.nn.utils.get_total_norm`` + ``.item()``;
+- ``per_tensor_item``: one ``.norm().item()`` per tensor;
+- ``esper``: ``tel.capture()`` after backward (fenced at once);
+- ``esper_opt``: the optimizer-hook path (capture in the pre-hook, fence in the post-hook).
+
+Reported: added step time per variant (median over interleaved rounds, as a ratio to the
+no-telemetry baseline measured in the same rounds), host time of one ``capture()`` call as
+the tensor count grows, and the GPU time of the norm pass against the read-bandwidth floor.
+Writes a section of ``bench/RESULTS.md``. On a machine without CUDA it measures the CPU
+path with a smaller model and says so.
+
+    python bench/collector_overhead.py [--quick] [--results bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import esper_telemetry as et  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- the model: a GPT-style transformer with two seed adapters -------------------------------
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Model(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.host = nn.ModuleDict({
+            "emb": nn.Embedding(vocab, d), "pos": nn.Embedding(seq, d),
+            "blocks": nn.ModuleList([Block(d, heads) for _ in range(layers)]),
+            "ln": nn.LayerNorm(d), "head": nn.Linear(d, vocab, bias=False),
+        })
+        self.seeds = nn.ModuleDict({
+            "s0": nn.Sequential(nn.Linear(d, 64), nn.Linear(64, d)),
+            "s1": nn.Sequential(nn.Linear(d, 64), nn.Linear(64, d)),
+        })
+        self.register_buffer("mask", torch.triu(torch.full((seq, seq), float("-inf")), 1), persistent=False)
+
+    def forward(self, tokens):
+        h = self.host
+        x = h["emb"](tokens) + h["pos"](torch.arange(tokens.shape[1], device=tokens.device))
+        half = len(h["blocks"]) // 2
+        for i, block in enumerate(h["blocks"]):
+            x = block(x, self.mask)
+            if i == half:  # seeds read detached host features and add their output
+                feat = x.detach()
+                x = x + sum(seed(feat) for seed in self.seeds.values())
+        return h["head"](h["ln"](x))
+
+
+def grads_of(model: nn.Module) -> List[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+# --- variants ---------------------------------------------------------------------------
+
+def make_variants(model, opt, endpoint) -> Dict[str, Callable]:
+    host = [p for p in model.host.parameters()]
+
+    def foreach_item():
+        g = [p.grad for p in host]
+        norms = torch._foreach_norm(g)
+        return torch.stack(norms).pow(2).sum().item()
+
+    def total_norm_item():
+        return torch.nn.utils.get_total_norm([p.grad for p in host]).item()
+
+    def per_tensor_item():
+        return sum(p.grad.norm().item() ** 2 for p in host)
+
+    return {"foreach_item": foreach_item, "total_norm_item": total_norm_item,
+            "per_tensor_item": per_tensor_item}
+
+
+def train_steps(model, opt, tokens, n: int, after_backward: Callable | None, sync: Callable) -> float:
+    """Seconds per step over ``n`` steps (clock stopped after the device drained)."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.is_cuda):
+            logits = model(tokens)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def step_overhead(model, opt, tokens, endpoint, rounds: int, steps: int, sync) -> Dict[str, Dict[str, float]]:
+    variants = make_variants(model, opt, endpoint)
+    tel = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
+                    run="bench", endpoint=endpoint)
+    tel_opt = None
+    names = ["baseline", "esper", "esper_opt"] + list(variants)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    train_steps(model, opt, tokens, 3, None, sync)  # warm up
+    for _ in range(rounds):
+        for name in names:
+            if name == "esper_opt":
+                tel_opt = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
+                                    run="bench-opt", endpoint=endpoint, optimizer=opt)
+                train_steps(model, opt, tokens, 2, None, sync)
+                times[name].append(train_steps(model, opt, tokens, steps, None, sync))
+                tel_opt.close()
+            elif name == "esper":
+                times[name].append(train_steps(model, opt, tokens, steps, tel.capture, sync))
+            elif name == "baseline":
+                times[name].append(train_steps(model, opt, tokens, steps, None, sync))
+            else:
+                times[name].append(train_steps(model, opt, tokens, steps, variants[name], sync))
+    stats = tel.stats()
+    tel.close()
+    base = statistics.median(times["baseline"])
+    out = {}
+    for name in names:
+        ratios = [t / b for t, b in zip(times[name], times["baseline"])]
+        out[name] = {"step_ms": statistics.median(times[name]) * 1e3,
+                     "added_pct": (statistics.median(ratios) - 1.0) * 100.0}
+    out["_collector"] = {k: float(v) for k, v in stats.items()}
+    out["_baseline_ms"] = {"step_ms": base * 1e3}
+    return out
+
+
+def host_time(n_tensors: int, numel: int, device: str, endpoint: str, calls: int) -> Dict[str, float]:
+    """Median host microseconds per call for capture() and the launch-only anchors."""
+    params = [nn.Parameter(torch.zeros(numel, device=device)) for _ in range(n_tensors)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    tel = et.attach(host=params[: n_tensors - 4], seeds={"s": params[n_tensors - 4:]},
+                    run="bench-host", endpoint=endpoint)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        samples = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+            if i % 16 == 15:
+                sync()  # keep the queue short; outside the timed region
+        return statistics.median(samples[calls // 4:]) * 1e6
+
+    grads = [p.grad for p in params]
+    res = {
+        "capture_us": timed(tel.capture),
+        "foreach_launch_us": timed(lambda: torch.stack(torch._foreach_norm(grads)).pow(2).sum()),
+        "total_norm_launch_us": timed(lambda: torch.nn.utils.get_total_norm(grads)),
+    }
+    tel.flush(10)
+    st = tel.stats()
+    tel.close()
+    res["errors"] = st["errors"]
+    res["graph_replays"] = st["graph_replays"]
+    return res
+
+
+def gpu_pass(model, endpoint, reps: int) -> Dict[str, float]:
+    """GPU time of the norm pass on a quiet GPU, against the read-bandwidth floor."""
+    grads = grads_of(model)
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    big = torch.empty(nbytes // 4, device="cuda")
+    big.normal_()
+
+    def gpu_ms(fn, n=reps) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(5):
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / n)
+        return statistics.median(samples)
+
+    floor_ms = gpu_ms(lambda: big.sum())  # one read of the same number of bytes
+    tel = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
+                    run="bench-gpu", endpoint=endpoint)
+    # Captures back to back: each one fences the training stream, so the training stream's
+    # elapsed time covers the side-stream pass (graph replay after the second capture).
+    capture_ms = gpu_ms(tel.capture)
+    stats = tel.stats()
+    tel.close()
+    foreach_ms = gpu_ms(lambda: torch._foreach_norm(grads))
+    return {"bytes": nbytes, "tensors": len(grads), "floor_ms": floor_ms, "capture_ms": capture_ms,
+            "foreach_ms": foreach_ms, "capture_of_floor": floor_ms / capture_ms,
+            "foreach_of_floor": floor_ms / foreach_ms, "graph_replays": stats["graph_replays"]}
+
+
+# --- report -----------------------------------------------------------------------------
+
+def write_section(path: str, title: str, body: str) -> None:
+    """Replace (or append) the ``## title`` section of the results file."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    lines = text.splitlines()
+    head = f"## {title}"
+    out, skip, done = [], False, False
+    for line in lines:
+        if line.startswith("## "):
+            skip = line.strip() == head
+            if skip:
+                out.extend(body.rstrip("\n").splitlines())
+                done = True
+                continue
+        if not skip:
+            out.append(line)
+    if not done:
+        out.extend(["", *body.rstrip("\n").splitlines()])
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--json", default=None, help="also write the raw figures here")
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        name = torch.cuda.get_device_name(0)
+        cfg = dict(vocab=32768, d=1024, layers=12, heads=16, seq=1024, batch=24, rounds=5, steps=10)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        cfg = dict(vocab=2048, d=128, layers=12, heads=4, seq=64, batch=4, rounds=5, steps=5)
+    if args.quick:
+        cfg.update(vocab=512, d=64, layers=2, heads=2, seq=32, batch=2, rounds=2, steps=2)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    endpoint = "tcp://127.0.0.1:9"  # no daemon: publishing must cost nothing either way
+
+    model = Model(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    tokens = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = sum(1 for _ in model.parameters())
+
+    results: Dict[str, object] = {"device": name, "torch": torch.__version__, "params": n_params,
+                                  "tensors": n_tensors, "config": cfg}
+    print(f"{name}: model of {n_params / 1e6:.0f}M parameters in {n_tensors} tensors", flush=True)
+    results["step"] = step_overhead(model, opt, tokens, endpoint, cfg["rounds"], cfg["steps"], sync)
+    print(json.dumps(results["step"], indent=1), flush=True)
+
+    counts = [155, 500, 1000, 2000] if not args.quick else [155, 500]
+    numel = (1 << 16) if cuda else (1 << 10)
+    results["host"] = {n: host_time(n, numel, device, endpoint, 400 if not args.quick else 64) for n in counts}
+    print(json.dumps(results["host"], indent=1), flush=True)
+    if cuda:
+        results["gpu"] = gpu_pass(model, endpoint, 20)
+        print(json.dumps(results["gpu"], indent=1), flush=True)
+
+    body = render(results, cuda)
+    write_section(args.results, f"Collector overhead ({'GPU' if cuda else 'CPU'})", body)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print(body)
+    return 0
+
+
+def render(r: Dict, cuda: bool) -> str:
+    step = r["step"]
+    lines = [
+        f"## Collector overhead ({'GPU' if cuda else 'CPU'})",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on **{r['device']}**, torch {r['torch']}, by "
+        f"`bench/collector_overhead.py`: a transformer of {r['params'] / 1e6:.0f}M parameters in "
+        f"{r['tensors']} tensors (host plus two seed adapters), AdamW, bf16 autocast on CUDA. "
+        "Variants interleaved in every round; medians over rounds; no daemon listening.",
+        "",
+        f"Baseline step: {step['_baseline_ms']['step_ms']:.2f} ms.",
+        "",
+        "| variant | step (ms) | added step time |",
+        "|---|---:|---:|",
+    ]
+    for name, v in step.items():
+        if not name.startswith("_"):
+            lines.append(f"| {name} | {v['step_ms']:.2f} | {v['added_pct']:+.2f}% |")
+    lines += ["", "Host time of one call (median, microseconds), by gradient tensor count:", "",
+              "| tensors | capture() | foreach + stack + sum (launch only) | get_total_norm (launch only) |",
+              "|---:|---:|---:|---:|"]
+    for n, h in r["host"].items():
+        lines.append(f"| {n} | {h['capture_us']:.0f} | {h['foreach_launch_us']:.0f} | {h['total_norm_launch_us']:.0f} |")
+    if cuda and "gpu" in r:
+        g = r["gpu"]
+        lines += ["", f"GPU time of the norm pass over {g['tensors']} tensors ({g['bytes'] / 1e9:.2f} GB): "
+                  f"capture {g['capture_ms']:.3f} ms ({g['capture_of_floor'] * 100:.0f}% of the read floor), "
+                  f"bare `_foreach_norm` {g['foreach_ms']:.3f} ms ({g['foreach_of_floor'] * 100:.0f}%), "
+                  f"floor (one `sum` over as many bytes) {g['floor_ms']:.3f} ms."]
+    c = step.get("_collector", {})
+    lines += ["", f"Collector counters in the step runs: {int(c.get('captures', 0))} captures, "
+              f"{int(c.get('errors', 0))} errors, {int(c.get('plans', 0))} plans built, "
+              f"{int(c.get('graph_builds', 0))} graph builds, {int(c.get('graph_replays', 0))} graph replays."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

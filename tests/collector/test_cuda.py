@@ -1,0 +1,354 @@
+"""The collector on CUDA: correctness, mixed devices, live re-binding, no syncs, no races.
+
+Every test compares against a float64 reference computed on the CPU from the gradients as
+they were at capture time, and runs ``capture()`` (or the optimizer step) under
+``torch.cuda.set_sync_debug_mode("error")`` with ``stats()["errors"] == 0`` asserted, since
+the collector turns internal failures (a sync raised by debug mode included) into counts.
+Skipped cleanly without CUDA. Run once more under TORCH_CUDA_SANITIZER=1 on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Dict, Iterator, List
+
+import pytest
+import torch
+import zmq
+
+import esper_telemetry as et
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GRAPH_MODES = [pytest.param(True, id="graphs"), pytest.param(False, id="eager")]
+
+
+@contextlib.contextmanager
+def no_sync() -> Iterator[None]:
+    """Any host-device synchronization inside raises (and the collector would count it)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture
+def pull():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close(0)
+    ctx.term()
+
+
+def drain(sock, timeout_s: float = 2.0) -> List[object]:
+    events: List[object] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            events.extend(et.decode(sock.recv()))
+        elif events:
+            break
+    return events
+
+
+def ref_sq(params) -> float:
+    """Float64 sum of squares of the present gradients, on the CPU."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.detach().to("cpu", torch.float64).pow(2).sum().item()
+    return total
+
+
+class HostSeeds(torch.nn.Module):
+    def __init__(self, width: int = 64, dtype=torch.float32) -> None:
+        super().__init__()
+        self.host = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
+                                        torch.nn.Linear(width, width)).to(dtype)
+        self.seeds = torch.nn.ModuleDict({
+            "a": torch.nn.Linear(width, width).to(dtype),
+            "b": torch.nn.Linear(width, width).to(dtype),
+        })
+
+    def forward(self, x):
+        h = self.host[1](self.host[0](x))
+        y = self.host[2](h)
+        for seed in self.seeds.values():
+            y = y + seed(h.detach())  # isolation: the seeds train on detached features
+        return y
+
+
+def attach(model, endpoint, **kw):
+    return et.attach(model=model, host=model.host, seeds={"a": "seeds.a", "b": "seeds.b"},
+                     run="cuda-test", endpoint=endpoint, **kw)
+
+
+def step(model, device, dtype=torch.float32, scale: float = 1.0):
+    x = torch.randn(32, model.host[0].in_features, device=device, dtype=dtype)
+    (model(x).float().pow(2).mean() * scale).backward()
+
+
+def assert_close(got, want, rel):
+    assert got is not None
+    assert math.isclose(got, want, rel_tol=rel, abs_tol=1e-30), (got, want)
+
+
+@pytest.mark.parametrize("graphs", GRAPH_MODES)
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)])
+def test_norms_match_float64_reference_without_sync(pull, graphs, dtype, rel):
+    sock, endpoint = pull
+    model = HostSeeds(dtype=dtype).cuda()
+    tel = attach(model, endpoint, cuda_graphs=graphs)
+    want: Dict[int, Dict[str, float]] = {}
+    for i in range(5):  # the third capture onwards replays a graph in graph mode
+        model.zero_grad(set_to_none=False)
+        step(model, "cuda", dtype)
+        want[i] = {"host": ref_sq(model.host.parameters()),
+                   "a": ref_sq(model.seeds["a"].parameters()),
+                   "b": ref_sq(model.seeds["b"].parameters())}
+        with no_sync():
+            tel.capture(step=i)
+    assert tel.flush(10.0)
+    stats = tel.stats()
+    tel.close()
+    assert stats["errors"] == 0 and stats["completed"] == 5
+    if graphs:
+        assert stats["graph_replays"] >= 3
+    norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
+    assert [e.step for e in norms] == list(range(5))
+    for e in norms:
+        got = {g.name: g.sq for g in e.groups}
+        for name, sq in want[e.step].items():
+            assert_close(got[name], sq, rel)
+
+
+def test_nonfinite_counted_without_sync(pull):
+    sock, endpoint = pull
+    model = HostSeeds().cuda()
+    tel = attach(model, endpoint)
+    step(model, "cuda")
+    model.host[0].weight.grad[0, 0] = float("nan")
+    model.host[2].bias.grad[1] = float("inf")
+    with no_sync():
+        tel.capture(step=0)
+    assert tel.flush(10.0)
+    result = tel.latest()
+    errors = tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    assert result["host"].nonfinite == 2 and result["a"].nonfinite == 0
+    norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
+    host = next(g for g in norms[0].groups if g.name == "host")
+    assert host.nonfinite == 2 and host.sq is None  # a non-finite square does not travel
+
+
+def test_mixed_devices_measured_and_reported(pull):
+    """The seed bug: one group spans the CPU and CUDA, and seeds live apart from the host."""
+    sock, endpoint = pull
+    model = HostSeeds()
+    model.seeds["a"].cuda()                      # seed a on CUDA, host and seed b on the CPU
+    split = [model.host[0].weight, model.seeds["a"].weight]   # one group on two devices
+    tel = et.attach(model=model, host=model.host, seeds={"a": "seeds.a"}, groups={"split": split},
+                    run="mixed", endpoint=endpoint)
+    x = torch.randn(8, 64)
+    h = model.host[1](model.host[0](x))
+    (model.host[2](h).pow(2).mean() + model.seeds["a"](h.detach().cuda()).pow(2).mean()).backward()
+    want = {"host": ref_sq(model.host.parameters()), "a": ref_sq(model.seeds["a"].parameters()),
+            "split": ref_sq(split)}
+    with no_sync():
+        tel.capture(step=0)
+    assert tel.flush(10.0)
+    result, errors = tel.latest(), tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    for name, sq in want.items():
+        assert_close(result[name].sq, sq, 1e-5)
+    devices = [e for e in drain(sock) if isinstance(e, et.DeviceMismatch)]
+    kinds = {(e.kind, e.group): e.devices for e in devices}
+    assert kinds[("split", "split")] == ("cpu", "cuda:0")
+    assert kinds[("mixed", "a")] == ("cuda:0",)
+
+
+def test_to_device_after_attach_is_followed(pull):
+    """FEAT-006: attach on the CPU, move to CUDA, and the next capture measures the new tensors."""
+    sock, endpoint = pull
+    model = HostSeeds()
+    tel = attach(model, endpoint)
+    step(model, "cpu")
+    tel.capture(step=0)
+    model.zero_grad(set_to_none=True)
+    model.cuda()
+    step(model, "cuda")
+    want = ref_sq(model.host.parameters())
+    with no_sync():
+        tel.capture(step=1)
+    assert tel.flush(10.0)
+    result, errors = tel.latest(), tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    assert result.step == 1 and result["host"].sq > 0
+    assert_close(result["host"].sq, want, 1e-5)
+    moved = [e for e in drain(sock) if isinstance(e, et.DeviceMismatch) and e.kind == "moved"]
+    assert sorted(e.group for e in moved) == ["a", "b", "host"]
+    assert all(e.devices == ("cuda:0",) for e in moved)
+
+
+# --- races: big tensors so the side stream is still reading when training writes ------------
+
+
+class Big(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1 << 24)) for _ in range(8)])
+        self.seed = torch.nn.Parameter(torch.zeros(1 << 20))
+
+
+def big_grads(model: Big, value: float) -> float:
+    for p in list(model.host) + [model.seed]:
+        p.grad = torch.full_like(p, value)
+    return ref_sq(model.host.parameters())
+
+
+@pytest.mark.parametrize("graphs", GRAPH_MODES)
+@pytest.mark.parametrize("write", ["clip", "zero_inplace", "free_and_reuse", "scale_inplace"])
+def test_capture_reads_gradients_as_they_were(pull, graphs, write):
+    sock, endpoint = pull
+    model = Big().cuda()
+    tel = et.attach(host=model.host.parameters(), seeds={"s": [model.seed]}, run="race",
+                    endpoint=endpoint, cuda_graphs=graphs)
+    wants = []
+    for i in range(4):
+        wants.append(big_grads(model, 0.5 + i))
+        with no_sync():
+            tel.capture(step=i)
+            # Training goes on writing the gradients at once, on its own stream.
+            if write == "clip":
+                torch.nn.utils.clip_grad_norm_(model.host.parameters(), 1e-3, foreach=True)
+            elif write == "zero_inplace":
+                for p in model.host:
+                    p.grad.zero_()
+            elif write == "scale_inplace":
+                torch._foreach_mul_([p.grad for p in model.host], 1e3)
+            else:  # zero_grad(set_to_none=True), then new tensors likely in the freed blocks
+                for p in model.host:
+                    p.grad = None
+                junk = [torch.full((1 << 24,), 7.0, device="cuda") for _ in range(8)]
+                del junk
+    assert tel.flush(20.0)
+    errors = tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    norms = [e for e in drain(sock, 5.0) if isinstance(e, et.Norms)]
+    assert [e.step for e in norms] == [0, 1, 2, 3]
+    for e in norms:
+        host = next(g for g in e.groups if g.name == "host")
+        assert_close(host.sq, wants[e.step], 1e-5)
+
+
+def test_staging_buffers_are_not_reused_early(pull):
+    """Many captures queued back to back: each one's numbers are its own."""
+    sock, endpoint = pull
+    model = Big().cuda()
+    tel = et.attach(host=model.host.parameters(), run="staging", endpoint=endpoint)
+    wants = {}
+    with no_sync():
+        for i in range(24):
+            for p in model.host:
+                p.grad = torch.full_like(p, float(i + 1)) if p.grad is None else p.grad.fill_(float(i + 1))
+            wants[i] = 8 * (1 << 24) * float(i + 1) ** 2
+            tel.capture(step=i)
+    assert tel.flush(20.0)
+    errors = tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    norms = [e for e in drain(sock, 5.0) if isinstance(e, et.Norms)]
+    assert sorted(e.step for e in norms) == list(range(24))
+    for e in norms:
+        assert_close(e.groups[0].sq, wants[e.step], 1e-5)
+
+
+def test_optimizer_hooks_without_sync(pull):
+    sock, endpoint = pull
+    model = HostSeeds().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tel = attach(model, endpoint, optimizer=opt, every=2)
+    wants = {}
+    for i in range(6):
+        opt.zero_grad(set_to_none=True)
+        step(model, "cuda")
+        wants[i] = ref_sq(model.host.parameters())
+        with no_sync():
+            opt.step()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3, foreach=True)  # after the fence
+    assert tel.flush(10.0)
+    errors = tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
+    assert [e.step for e in norms] == [0, 2, 4]
+    for e in norms:
+        assert_close(next(g.sq for g in e.groups if g.name == "host"), wants[e.step], 1e-5)
+
+
+def test_gradscaler_skipped_step_is_reported(pull):
+    sock, endpoint = pull
+    model = HostSeeds().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda")
+    tel = attach(model, endpoint, optimizer=opt, scaler=scaler)
+    for i in range(3):
+        opt.zero_grad()
+        x = torch.randn(8, 64, device="cuda")
+        if i == 1:
+            x[0, 0] = float("inf")
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.step(opt)   # GradScaler itself synchronizes here; the collector does not
+        scaler.update()
+    assert tel.flush(10.0)
+    errors = tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
+    assert [(e.step, e.skipped) for e in norms] == [(0, False), (1, True), (2, False)]
+    host = next(g for g in norms[1].groups if g.name == "host")
+    assert host.nonfinite > 0
+
+
+def test_isolated_group_gradient_is_a_violation(pull):
+    sock, endpoint = pull
+    model = HostSeeds().cuda()
+    tel = attach(model, endpoint, isolated=("a",))
+    step(model, "cuda")  # seed a gets gradient although declared isolated
+    with no_sync():
+        tel.capture(step=0)
+    assert tel.flush(10.0)
+    tel.close()
+    violations = [e for e in drain(sock) if isinstance(e, et.IsolationViolation)]
+    assert [(v.group, v.kind) for v in violations] == [("a", "gradient")]
+    assert_close(violations[0].value ** 2, ref_sq(model.seeds["a"].parameters()), 1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_group_across_two_gpus(pull):
+    sock, endpoint = pull
+    a = torch.nn.Linear(64, 64).to("cuda:0")
+    b = torch.nn.Linear(64, 64).to("cuda:1")
+    tel = et.attach(host=list(a.parameters()) + list(b.parameters()), run="2gpu", endpoint=endpoint)
+    a(torch.randn(4, 64, device="cuda:0")).sum().backward()
+    b(torch.randn(4, 64, device="cuda:1")).sum().backward()
+    want = ref_sq(list(a.parameters()) + list(b.parameters()))
+    with no_sync():
+        tel.capture(step=0)
+    assert tel.flush(10.0)
+    result = tel.latest()
+    tel.close()
+    assert_close(result["host"].sq, want, 1e-5)
