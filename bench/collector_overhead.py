@@ -124,6 +124,13 @@ def step_overhead(model, opt, tokens, endpoint, rounds: int, steps: int, sync) -
     tel = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
                     run="bench", endpoint=endpoint)
     tel_opt = None
+    in_loop_us: List[float] = []
+
+    def timed_capture():
+        t0 = time.perf_counter()
+        tel.capture()
+        in_loop_us.append((time.perf_counter() - t0) * 1e6)
+
     names = ["baseline", "esper", "esper_opt"] + list(variants)
     times: Dict[str, List[float]] = {n: [] for n in names}
     train_steps(model, opt, tokens, 3, None, sync)  # warm up
@@ -136,7 +143,7 @@ def step_overhead(model, opt, tokens, endpoint, rounds: int, steps: int, sync) -
                 times[name].append(train_steps(model, opt, tokens, steps, None, sync))
                 tel_opt.close()
             elif name == "esper":
-                times[name].append(train_steps(model, opt, tokens, steps, tel.capture, sync))
+                times[name].append(train_steps(model, opt, tokens, steps, timed_capture, sync))
             elif name == "baseline":
                 times[name].append(train_steps(model, opt, tokens, steps, None, sync))
             else:
@@ -151,6 +158,8 @@ def step_overhead(model, opt, tokens, endpoint, rounds: int, steps: int, sync) -
                      "added_pct": (statistics.median(ratios) - 1.0) * 100.0}
     out["_collector"] = {k: float(v) for k, v in stats.items()}
     out["_baseline_ms"] = {"step_ms": base * 1e3}
+    out["_capture_in_loop_us"] = {"median": statistics.median(in_loop_us),
+                                  "p90": sorted(in_loop_us)[int(len(in_loop_us) * 0.9)]}
     return out
 
 
@@ -306,7 +315,9 @@ def render(r: Dict, cuda: bool) -> str:
         f"{r['tensors']} tensors (host plus two seed adapters), AdamW, bf16 autocast on CUDA. "
         "Variants interleaved in every round; medians over rounds; no daemon listening.",
         "",
-        f"Baseline step: {step['_baseline_ms']['step_ms']:.2f} ms.",
+        f"Baseline step: {step['_baseline_ms']['step_ms']:.2f} ms. Host time of `capture()` inside "
+        f"that training loop: median {step['_capture_in_loop_us']['median']:.0f} us, "
+        f"p90 {step['_capture_in_loop_us']['p90']:.0f} us.",
         "",
         "| variant | step (ms) | added step time |",
         "|---|---:|---:|",
@@ -314,7 +325,8 @@ def render(r: Dict, cuda: bool) -> str:
     for name, v in step.items():
         if not name.startswith("_"):
             lines.append(f"| {name} | {v['step_ms']:.2f} | {v['added_pct']:+.2f}% |")
-    lines += ["", "Host time of one call (median, microseconds), by gradient tensor count:", "",
+    lines += ["", "Host time of one call (median, microseconds), by gradient tensor count, calls back to "
+              "back with the completion and sender threads busy (tensors of 65,536 floats on CUDA):", "",
               "| tensors | capture() | foreach + stack + sum (launch only) | get_total_norm (launch only) |",
               "|---:|---:|---:|---:|"]
     for n, h in r["host"].items():

@@ -22,7 +22,10 @@ __all__ = ["Pending", "CompletionThread"]
 
 log = logging.getLogger("esper_telemetry.collector")
 
-_POLL_S = 0.0002       # while work is in flight
+# While work is in flight the poll interval backs off from _POLL_MIN_S to _POLL_MAX_S: every
+# wake-up takes the GIL from the training thread, and results are not urgent.
+_POLL_MIN_S = 0.0005
+_POLL_MAX_S = 0.004
 _IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
 
 
@@ -87,6 +90,7 @@ class CompletionThread:
         self._thread.join(timeout_s)
 
     def _loop(self) -> None:
+        poll = _POLL_MIN_S
         while True:
             with self._cond:
                 while not self._pending and not self._stop:
@@ -103,8 +107,10 @@ class CompletionThread:
             if not ready:
                 if self._stop:
                     return  # closing: do not spin on device work that may never finish
-                time.sleep(_POLL_S)
+                time.sleep(poll)
+                poll = min(poll * 2, _POLL_MAX_S)
                 continue
+            poll = _POLL_MIN_S
             try:
                 if not failed:
                     if head.sums is None:

@@ -15,13 +15,14 @@ are exactly those it was captured with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .norms import partials
-from .plan import DeviceSlice, Plan
+from .plan import MAX_KEYS, DeviceSlice, Plan
 
 __all__ = ["DevicePasses"]
 
@@ -39,6 +40,7 @@ class DevicePasses:
         self.graph_builds = 0
         self.graph_replays = 0
         self._streams: Dict[torch.device, torch.cuda.Stream] = {}
+        self._ready: Dict[torch.device, torch.cuda.Event] = {}
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)
@@ -58,9 +60,15 @@ class DevicePasses:
         """Queue one device's pass on its side stream; returns the event that marks it done."""
         training = torch.cuda.current_stream(s.device)
         side = self.side_stream(s.device)
-        ready = torch.cuda.Event()
+        # One "ready" event per device serves every capture: wait_event takes the event's
+        # state when it is enqueued, so re-recording it later cannot affect this wait.
+        ready = self._ready.get(s.device)
+        if ready is None:
+            ready = self._ready[s.device] = torch.cuda.Event()
         ready.record(training)
-        with torch.cuda.device(s.device), torch.cuda.stream(side):
+        # The device guard matters only when the plan spans GPUs; skipping it saves host time.
+        guard = torch.cuda.device(s.device) if len(plan.cuda) > 1 else contextlib.nullcontext()
+        with guard, torch.cuda.stream(side):
             side.wait_event(ready)
             out = self._partials(plan, s, grads, side)
             row.copy_(out, non_blocking=True)
@@ -72,24 +80,23 @@ class DevicePasses:
 
     def _partials(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor],
                   side: torch.cuda.Stream) -> torch.Tensor:
-        if s.graph is not None:
+        cached = s.graphs.get(plan.key)
+        if cached is not None:
             self.graph_replays += 1
-            s.graph.replay()
-            return s.graph_out  # type: ignore[return-value]
+            cached[0].replay()
+            return cached[1]
         tensors = [grads[i] for i in s.positions]
-        s.hits += 1
-        # Capture on the second use of the same addresses: a plan that lives once (the
-        # allocator moved the gradients) never pays for a graph.
-        if self.use_graphs and s.hits >= 2 and self.graph_builds < _MAX_GRAPH_BUILDS:
-            graph = self._capture_graph(plan, s, tensors)
-            if graph is not None:
-                self.graph_replays += 1
-                graph.replay()
-                return s.graph_out  # type: ignore[return-value]
+        seen = s.seen[plan.key] = s.seen.get(plan.key, 0) + 1
+        # Capture on the second use of the same addresses: addresses seen once (the
+        # allocator moved the gradients) never pay for a graph.
+        if self.use_graphs and seen >= 2 and self.graph_builds < _MAX_GRAPH_BUILDS:
+            out = self._capture_graph(plan, s, tensors)
+            if out is not None:
+                return out
         return partials(tensors, s.buckets, s.group_index, plan.n_groups)
 
-    def _capture_graph(self, plan: Plan, s: DeviceSlice,
-                       tensors: List[torch.Tensor]) -> Optional[torch.cuda.CUDAGraph]:
+    def _capture_graph(self, plan: Plan, s: DeviceSlice, tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Capture this slice's pass for the current addresses, replay it once, return its output."""
         self.graph_builds += 1
         graph = torch.cuda.CUDAGraph()
         try:
@@ -103,7 +110,12 @@ class DevicePasses:
             self.use_graphs = False
             log.warning("CUDA graph capture failed, using eager norm passes: %s", exc)
             return None
-        s.graph, s.graph_out = graph, out
+        if len(s.graphs) >= MAX_KEYS:  # the plan forgot the oldest key; so do we
+            s.graphs = {k: v for k, v in s.graphs.items() if k in plan.known_keys}
+        s.graphs[plan.key] = (graph, out)
+        s.seen = {k: v for k, v in s.seen.items() if k in plan.known_keys}
         if self.graph_builds == _MAX_GRAPH_BUILDS:
-            log.info("gradients keep moving between captures; CUDA graphs no longer rebuilt")
-        return graph
+            log.info("gradients keep moving between captures; CUDA graphs no longer built")
+        self.graph_replays += 1
+        graph.replay()
+        return out

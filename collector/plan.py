@@ -25,6 +25,9 @@ except Exception:  # pragma: no cover - builds without distributed
     _DTensor = None
 
 
+MAX_KEYS = 4
+
+
 def is_dtensor(t: Any) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
 
@@ -60,10 +63,11 @@ class DeviceSlice:
     buckets: List[DtypeBucket]
     group_index: torch.Tensor       # int64, on ``device``
     slot: int                       # row of the staging buffer this device fills
-    graph: Any = None               # a captured torch.cuda.CUDAGraph, when used
-    graph_out: Optional[torch.Tensor] = None
-    graph_key: Tuple[int, ...] = ()
-    hits: int = 0
+    # Captured CUDA graphs by the gradients' addresses (the plan's key), and how often each
+    # key was seen. Several, because a job that frees gradients (zero_grad(set_to_none=True))
+    # while a capture still holds the previous ones alternates between address sets.
+    graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor]] = field(default_factory=dict)
+    seen: Dict[Tuple[int, ...], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +86,21 @@ class Plan:
     n_groups: int
     cuda: List[DeviceSlice] = field(default_factory=list)
     cpu: Optional[DeviceSlice] = None
+    known_keys: Dict[Tuple[int, ...], None] = field(default_factory=dict)  # keys this plan fits
+
+    def fits(self, key: Tuple[int, ...]) -> bool:
+        """True if gradients at these addresses were already checked against this plan."""
+        if key == self.key or key in self.known_keys:
+            self.key = key
+            return True
+        return False
+
+    def adopt(self, key: Tuple[int, ...]) -> None:
+        """Remember another address set with this plan's devices and dtypes (a few at most)."""
+        if len(self.known_keys) >= MAX_KEYS:
+            self.known_keys.pop(next(iter(self.known_keys)))
+        self.known_keys[key] = None
+        self.key = key
 
 
 def _upload_index(index: List[int], device: torch.device) -> torch.Tensor:
@@ -132,6 +151,7 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         group_devices=[tuple(sorted(str(d) for d in ds)) for ds in devices],
         group_params=counts, n_groups=n_groups,
     )
+    plan.adopt(key)
     plan.cuda = [s for s in slices if s.device.type == "cuda"]
     plan.cpu = next((s for s in slices if s.device.type == "cpu"), None)
     if len(slices) > len(plan.cuda) + (plan.cpu is not None):

@@ -132,7 +132,7 @@ class Telemetry:
             "captures": self._completion.submitted,
             "completed": self._completion.completed,
             "sent": self._publisher.sent,
-            "dropped": self._publisher.dropped + self._skipped_backlog,
+            "dropped": self._publisher.dropped,   # backlog skips included (see _capture)
             "pending": self._completion.in_flight() + self._publisher.depth(),
             "errors": self._errors + self._publisher.errors,
             "plans": self.plans_built,
@@ -182,6 +182,7 @@ class Telemetry:
         self._step = step + 1
         if self._completion.in_flight() >= _MAX_IN_FLIGHT:
             self._skipped_backlog += 1  # the GPU is far behind: skip rather than queue
+            self._publisher.dropped += 1  # a lost Norms event: counted where heartbeats carry it
             return
         changed = self._resolve()
         grads = [p.grad for p in self._flat]
@@ -227,16 +228,13 @@ class Telemetry:
     def _current_plan(self, grads: List[Optional[torch.Tensor]], changed: bool) -> Plan:
         plan = self._plan
         key = grad_key(grads)
-        if plan is not None and not changed and key == plan.key:
-            return plan
-        signature = grad_signature(grads)
-        if plan is not None and not changed and signature == plan.signature:
-            # Same devices and dtypes at new addresses: keep the plan, drop its graphs.
-            plan.key = key
-            for s in plan.cuda:
-                s.graph, s.graph_out, s.hits = None, None, 0
-            return plan
-        new = build_plan(self._group_params, grads, key, signature, self._sharded, self._counts)
+        if plan is not None and not changed:
+            if plan.fits(key):
+                return plan
+            if grad_signature(grads) == plan.signature:
+                plan.adopt(key)  # same devices and dtypes at other addresses
+                return plan
+        new = build_plan(self._group_params, grads, key, grad_signature(grads), self._sharded, self._counts)
         self.plans_built += 1
         self._report_devices(plan, new)
         self._plan = new

@@ -1,0 +1,246 @@
+"""Benchmark the daemon's ingest and scrape with real processes on loopback.
+
+    python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--no-write]
+
+Starts ``python -m daemon`` as a subprocess, then per trial N sender processes (each one
+collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events as
+fast as the daemon takes them (blocking sends: libzmq's high-water mark pushes back, so
+every event sent reaches the daemon's socket). Throughput is the events the daemon
+counted as accepted over the wall time from the senders' start until the daemon has
+accounted for every event sent (accepted, or dropped and counted as ``queue_full``).
+Loss is sent minus accounted: anything but 0 is a bug. Then it fills the daemon with about
+10,000 series and times scrapes over HTTP. Medians go to bench/RESULTS.md (section
+"## Daemon ingest"; other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode  # noqa: E402
+
+SECTION = "## Daemon ingest"
+
+
+def _norms(run: str, step: int) -> Norms:
+    groups = (
+        GroupNorm("host", "host", 1_000_000, 4.0 + step % 7, 0, False, False),
+        GroupNorm("seed0", "seed", 10_000, 0.5, 0, False, True),
+        GroupNorm("seed1", "seed", 10_000, 0.25, 0, False, True),
+    )
+    return Norms(run, 0, time.time(), step, False, groups)
+
+
+def _sender(endpoint: str, run: str, batch: int, messages: int, go, out) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.connect(endpoint)
+    if batch == 1:
+        frames = [encode(_norms(run, s)) for s in range(256)]
+    else:
+        frames = [encode([_norms(run, s * batch + i) for i in range(batch)]) for s in range(64)]
+    go.wait()
+    send = sock.send
+    k = len(frames)
+    for i in range(messages):
+        send(frames[i % k])
+    out.put(messages * batch)
+    sock.close()
+    ctx.term()
+
+
+def _scrape(web: str) -> Tuple[str, float]:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(f"http://{web}/metrics", timeout=30) as resp:
+        body = resp.read().decode()
+    return body, time.perf_counter() - t0
+
+
+def _value(body: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", body, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _accounted(web: str, batch: int) -> Tuple[float, float]:
+    body, _ = _scrape(web)
+    accepted = _value(body, "esper_daemon_events_total")
+    dropped_msgs = _value(body, "esper_daemon_rejected_total", '{reason="queue_full"}')
+    return accepted, dropped_msgs * batch
+
+
+def _trial(endpoint: str, web: str, senders: int, batch: int, seconds: float,
+           rate_guess: float) -> Dict[str, float]:
+    messages = max(1, int(rate_guess * seconds / senders / batch))
+    base_acc, base_drop = _accounted(web, batch)
+    go = mp.Event()
+    out: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_sender,
+                        args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out))
+             for i in range(senders)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every sender connect and pre-encode
+    t0 = time.perf_counter()
+    go.set()
+    sent = sum(out.get(timeout=300) for _ in procs)
+    deadline = time.perf_counter() + 60
+    while True:
+        acc, drop = _accounted(web, batch)
+        acc -= base_acc
+        drop -= base_drop
+        if acc + drop >= sent or time.perf_counter() > deadline:
+            break
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - t0
+    for p in procs:
+        p.join(10)
+    return {"sent": sent, "accepted": acc, "dropped_counted": drop,
+            "lost_uncounted": sent - acc - drop, "seconds": elapsed,
+            "events_per_s": acc / elapsed}
+
+
+def _fill_series(endpoint: str, runs: int, groups: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(endpoint)
+    for r in range(runs):
+        run = f"scrape-{r}"
+        decls = tuple(
+            GroupDecl(f"g{g:03d}", "host" if g == 0 else ("seed" if g <= 19 else "group"),
+                      1000 + g, 0 < g <= 19) for g in range(groups))
+        sock.send(encode(Hello(run, 0, time.time(), 1, "bench", os.getpid(), "0", "", decls)))
+        gn = tuple(GroupNorm(d.name, d.role, d.params, 1.0 + i, 0, False, d.isolated)
+                   for i, d in enumerate(decls))
+        sock.send(encode(Norms(run, 0, time.time(), 1, False, gn)))
+    sock.close()
+    ctx.term()
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import msgpack
+    import prometheus_client
+    import zmq
+    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
+            f"{platform.python_version()}, pyzmq {zmq.__version__} (libzmq "
+            f"{zmq.zmq_version()}), msgpack {'.'.join(map(str, msgpack.version))}, "
+            f"prometheus_client {getattr(prometheus_client, '__version__', '?')}")
+
+
+def _write(section: str) -> None:
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    # Replace our section (up to the next "## " heading), keep every other section.
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--senders", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=3.0, help="target length of a trial")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=64, help="events per batched message")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
+         "--web.listen-address=127.0.0.1:0", "--limits.max-runs=1000",
+         "--limits.max-groups-per-run=256", "--log.level=info"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        line = daemon.stderr.readline()
+        m = re.search(r"zmq=(\S+) web=(\S+)", line)
+        if not m:
+            raise SystemExit(f"daemon did not start: {line}")
+        endpoint, web = m.group(1), m.group(2)
+        # Drain the daemon's log so its pipe never fills.
+        import threading
+        threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()
+
+        results: Dict[str, List[Dict[str, float]]] = {}
+        for mode, batch, guess in (("batched", args.batch, 300_000), ("single", 1, 120_000)):
+            _trial(endpoint, web, args.senders, batch, 0.5, guess)  # warm-up
+            runs = []
+            for t in range(args.trials):
+                r = _trial(endpoint, web, args.senders, batch, args.seconds, guess)
+                runs.append(r)
+                print(f"{mode:8s} trial {t}: {r['events_per_s']:>9,.0f} events/s, sent "
+                      f"{r['sent']:,.0f}, dropped (counted) {r['dropped_counted']:,.0f}, "
+                      f"lost (uncounted) {r['lost_uncounted']:,.0f}", flush=True)
+            results[mode] = runs
+
+        _fill_series(endpoint, runs=21, groups=100)
+        time.sleep(1.0)
+        body, _ = _scrape(web)
+        series = sum(1 for ln in body.splitlines() if ln and not ln.startswith("#"))
+        times = [_scrape(web)[1] for _ in range(20)]
+        scrape_ms = statistics.median(times) * 1e3
+        print(f"scrape: {series} series, median {scrape_ms:.1f} ms (min {min(times)*1e3:.1f})")
+    finally:
+        daemon.terminate()
+        rc = daemon.wait(30)
+    print(f"daemon exit status after SIGTERM: {rc}")
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[mode])
+
+    lost = sum(r["lost_uncounted"] for rs in results.values() for r in rs)
+    dropped = sum(r["dropped_counted"] for rs in results.values() for r in rs)
+    section = (
+        f"{SECTION}\n\n"
+        f"`python bench/daemon_ingest.py` ({time.strftime('%Y-%m-%d')}). Machine: {_machine()}.\n"
+        f"The daemon (`python -m daemon`, default queue) and {args.senders} sender processes "
+        f"(one run each, blocking PUSH over tcp loopback, `Norms` events of 3 groups) share "
+        f"the machine. Medians of {args.trials} trials of about {args.seconds:g} s.\n\n"
+        f"| measure | median | target |\n|---|---|---|\n"
+        f"| batched messages ({args.batch} events each) | "
+        f"{med('batched', 'events_per_s'):,.0f} events/s | >= 200,000 |\n"
+        f"| single-event messages | {med('single', 'events_per_s'):,.0f} events/s "
+        f"| >= 100,000 |\n"
+        f"| events lost and not counted (all trials) | {lost:,.0f} | 0 |\n"
+        f"| events dropped and counted as queue_full (all trials) | {dropped:,.0f} | - |\n"
+        f"| scrape over HTTP of {series:,} series | {scrape_ms:.1f} ms | <= 100 ms |\n"
+        f"| exit status after SIGTERM | {rc} | 0 |\n\n"
+    )
+    print(section)
+    if not args.no_write:
+        _write(section)
+    return 0 if lost == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
