@@ -170,6 +170,8 @@ def host_time(n_tensors: int, numel: int, device: str, endpoint: str, calls: int
         p.grad = torch.randn_like(p)
     tel = et.attach(host=params[: n_tensors - 4], seeds={"s": params[n_tensors - 4:]},
                     run="bench-host", endpoint=endpoint)
+    tel_foreach = et.attach(host=params[: n_tensors - 4], seeds={"s": params[n_tensors - 4:]},
+                            run="bench-host-foreach", endpoint=endpoint, pointer_tables=False)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
@@ -185,13 +187,17 @@ def host_time(n_tensors: int, numel: int, device: str, endpoint: str, calls: int
     grads = [p.grad for p in params]
     res = {
         "capture_us": timed(tel.capture),
+        "capture_foreach_us": timed(tel_foreach.capture),
         "foreach_launch_us": timed(lambda: torch.stack(torch._foreach_norm(grads)).pow(2).sum()),
         "total_norm_launch_us": timed(lambda: torch.nn.utils.get_total_norm(grads)),
     }
     tel.flush(10)
+    tel_foreach.flush(10)
     st = tel.stats()
     tel.close()
+    tel_foreach.close()
     res["errors"] = st["errors"]
+    res["pointer_tables"] = st["pointer_tables"]
     res["graph_replays"] = st["graph_replays"]
     return res
 
@@ -218,6 +224,10 @@ def gpu_pass(model, endpoint, reps: int) -> Dict[str, float]:
         return statistics.median(samples)
 
     floor_ms = gpu_ms(lambda: big.sum())  # one read of the same number of bytes
+    tel_foreach = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
+                            run="bench-gpu-foreach", endpoint=endpoint, pointer_tables=False)
+    capture_foreach_ms = gpu_ms(tel_foreach.capture)
+    tel_foreach.close()
     tel = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
                     run="bench-gpu", endpoint=endpoint)
     # Captures back to back: each one fences the training stream, so the training stream's
@@ -228,6 +238,7 @@ def gpu_pass(model, endpoint, reps: int) -> Dict[str, float]:
     foreach_ms = gpu_ms(lambda: torch._foreach_norm(grads))
     return {"bytes": nbytes, "tensors": len(grads), "floor_ms": floor_ms, "capture_ms": capture_ms,
             "foreach_ms": foreach_ms, "capture_of_floor": floor_ms / capture_ms,
+            "capture_foreach_ms": capture_foreach_ms, "pointer_tables": stats["pointer_tables"],
             "foreach_of_floor": floor_ms / foreach_ms, "graph_replays": stats["graph_replays"]}
 
 
@@ -327,14 +338,18 @@ def render(r: Dict, cuda: bool) -> str:
             lines.append(f"| {name} | {v['step_ms']:.2f} | {v['added_pct']:+.2f}% |")
     lines += ["", "Host time of one call (median, microseconds), by gradient tensor count, calls back to "
               "back with the completion and sender threads busy (tensors of 65,536 floats on CUDA):", "",
-              "| tensors | capture() | foreach + stack + sum (launch only) | get_total_norm (launch only) |",
-              "|---:|---:|---:|---:|"]
+              "| tensors | capture() | capture(), pointer_tables=False | foreach + stack + sum (launch only) "
+              "| get_total_norm (launch only) |",
+              "|---:|---:|---:|---:|---:|"]
     for n, h in r["host"].items():
-        lines.append(f"| {n} | {h['capture_us']:.0f} | {h['foreach_launch_us']:.0f} | {h['total_norm_launch_us']:.0f} |")
+        lines.append(f"| {n} | {h['capture_us']:.0f} | {h['capture_foreach_us']:.0f} | {h['foreach_launch_us']:.0f} "
+                     f"| {h['total_norm_launch_us']:.0f} |")
     if cuda and "gpu" in r:
         g = r["gpu"]
         lines += ["", f"GPU time of the norm pass over {g['tensors']} tensors ({g['bytes'] / 1e9:.2f} GB): "
-                  f"capture {g['capture_ms']:.3f} ms ({g['capture_of_floor'] * 100:.0f}% of the read floor), "
+                  f"capture {g['capture_ms']:.3f} ms ({g['capture_of_floor'] * 100:.0f}% of the read floor; "
+                  f"pointer tables {'on' if g['pointer_tables'] else 'off'}), capture with pointer_tables=False "
+                  f"{g['capture_foreach_ms']:.3f} ms ({g['floor_ms'] / g['capture_foreach_ms'] * 100:.0f}%), "
                   f"bare `_foreach_norm` {g['foreach_ms']:.3f} ms ({g['foreach_of_floor'] * 100:.0f}%), "
                   f"floor (one `sum` over as many bytes) {g['floor_ms']:.3f} ms."]
     c = step.get("_collector", {})

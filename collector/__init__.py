@@ -37,6 +37,7 @@ def attach(
     scaler: Any = None,
     isolation_threshold: float = 1e-8,
     cuda_graphs: bool = True,
+    pointer_tables: bool = True,
     heartbeat_s: float = 5.0,
     queue_size: int = 4096,
     close_timeout_s: float = 2.0,
@@ -51,8 +52,9 @@ def attach(
     memory, the default) is the only one supported so far. With ``optimizer``, captures
     happen in its step pre-hook every ``every`` steps and the fence in its post-hook; with
     ``scaler`` (a GradScaler) steps it skips are captured and marked ``skipped``.
-    ``cuda_graphs`` replays the norm pass as a CUDA graph while gradients keep their
-    addresses. Raises ``ValueError``/``TypeError`` at once on misuse; never afterwards.
+    ``pointer_tables`` computes CUDA norms with a Triton kernel that reads the gradients'
+    addresses from a table (when Triton is installed), and ``cuda_graphs`` replays the pass
+    as a CUDA graph; turn either off to fall back to ``torch._foreach_norm``. Raises ``ValueError``/``TypeError`` at once on misuse; never afterwards.
     """
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
@@ -65,13 +67,16 @@ def attach(
     world_size = dist_world if world_size is None else world_size
     if rank < 0 or world_size < 1 or rank >= world_size:
         raise ValueError(f"rank {rank} is not within world_size {world_size}")
+    run = _run_id(run)
+    if len(run) > defaults.MAX_STRING_CHARS:
+        raise ValueError(f"run id of {len(run)} characters; the wire carries at most {defaults.MAX_STRING_CHARS}")
     return Telemetry(
         specs,
-        run=_run_id(run),
+        run=run,
         endpoint=defaults.env_str(defaults.ENV_ENDPOINT, defaults.DEFAULT_ENDPOINT, endpoint),
         rank=rank, world_size=world_size, sharded=sharded, shared_device=device,
         optimizer=optimizer, every=every, scaler=scaler,
-        isolation_threshold=isolation_threshold, cuda_graphs=cuda_graphs,
+        isolation_threshold=isolation_threshold, cuda_graphs=cuda_graphs, pointer_tables=pointer_tables,
         heartbeat_s=heartbeat_s, queue_size=queue_size, close_timeout_s=close_timeout_s,
     )
 

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
+
 __all__ = ["GroupSpec", "make_spec", "registration_generation"]
 
 _generation = itertools.count(1)
@@ -163,6 +165,13 @@ def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str,
     if not named:
         raise ValueError("attach needs at least one group: host=, seeds= or groups=")
     names = [n for n, _, _ in named]
+    # The daemon rejects a whole message that breaks a wire limit: refuse here, not later.
+    too_long = [n for n in names if len(n) > MAX_STRING_CHARS]
+    if too_long:
+        raise ValueError(f"group names are at most {MAX_STRING_CHARS} characters; "
+                         f"got one of {len(too_long[0])}: {too_long[0][:40]!r}...")
+    if len(names) > MAX_GROUPS_PER_EVENT:
+        raise ValueError(f"at most {MAX_GROUPS_PER_EVENT} groups per collector, got {len(names)} groups")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"duplicate group names: {dupes}")

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
+from esper_telemetry.defaults import MAX_STRING_CHARS
+
 __all__ = ["StructuralCheck"]
 
 _MIN_INTERVAL_S = 30.0
@@ -67,6 +69,8 @@ class StructuralCheck:
         repeats = self._suppressed.pop(name, 0)
         evidence = (f"seed input {', '.join(leaking)} requires grad: its backward flows into the host"
                     + (f" ({repeats} more since the last report)" if repeats else ""))
+        if len(evidence) > MAX_STRING_CHARS:  # the daemon rejects a longer string, and its batch
+            evidence = evidence[:MAX_STRING_CHARS - 3] + "..."
         try:
             self._report(name, evidence)
         except Exception:  # a forward pass must never fail because of telemetry

@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["accumulation_dtype", "partials", "DtypeBucket"]
+__all__ = ["accumulation_dtype", "partials", "group_sums", "DtypeBucket"]
 
 # (dtype, start, stop): tensors[start:stop] all have this dtype.
 DtypeBucket = Tuple[torch.dtype, int, int]
@@ -38,7 +38,12 @@ def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
         norms.extend(torch._foreach_norm(tensors[start:stop], 2, dtype=accumulation_dtype(dtype)))
     stacked = torch.stack([n.to(torch.float64) for n in norms]) if len(buckets) > 1 \
         else torch.stack(norms).to(torch.float64)
-    out = torch.zeros((2, n_groups), dtype=torch.float64, device=stacked.device)
-    out[0].index_add_(0, group_index, stacked * stacked)
-    out[1].index_add_(0, group_index, (~torch.isfinite(stacked)).to(torch.float64))
+    return group_sums(stacked * stacked, group_index, n_groups)
+
+
+def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """From per-tensor float64 sums of squares to the ``(2, n_groups)`` result."""
+    out = torch.zeros((2, n_groups), dtype=torch.float64, device=squares.device)
+    out[0].index_add_(0, group_index, squares)
+    out[1].index_add_(0, group_index, (~torch.isfinite(squares)).to(torch.float64))
     return out

@@ -6,22 +6,25 @@ into a pinned staging row, and records ``done``. The training stream is then fen
 ``done`` (again device-side) before it can write gradients in place, either at once or, on
 the optimizer path, after the optimizer step so the two overlap.
 
-The partials of a device whose gradients keep their addresses are computed by replaying a
-CUDA graph captured on that side stream: one launch instead of one per dtype bucket plus
-the foreach chunks, which is what keeps ``capture()`` within tens of microseconds of host
-time. A graph reads fixed addresses, so it is only replayed when the gradients' addresses
-are exactly those it was captured with.
+Two ways to compute a device's partials, both replayed as CUDA graphs so that the host
+launches one graph instead of dozens of kernels:
+- the pointer-table pass (``triton_norms``, when Triton is there and the gradients are dense
+  float32/bfloat16/float16): the addresses are data copied in before each replay, so one
+  graph per slice serves every capture, wherever the allocator puts the gradients;
+- ``_foreach_norm`` (everything else): a graph bakes in the addresses it was captured with,
+  so graphs are kept per address set and replayed only on an exact match.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .norms import partials
+from . import triton_norms
+from .norms import group_sums, partials
 from .plan import MAX_KEYS, DeviceSlice, Plan
 
 __all__ = ["DevicePasses"]
@@ -33,10 +36,11 @@ _MAX_GRAPH_BUILDS = 16
 
 
 class DevicePasses:
-    """Side streams per CUDA device and the graph policy; used from the training thread only."""
+    """Side streams per CUDA device, the kernel choice and graph policy; training thread only."""
 
-    def __init__(self, use_graphs: bool) -> None:
+    def __init__(self, use_graphs: bool, pointer_tables: bool = True) -> None:
         self.use_graphs = use_graphs
+        self.pointer_tables = pointer_tables and triton_norms.available()
         self.graph_builds = 0
         self.graph_replays = 0
         self._streams: Dict[torch.device, torch.cuda.Stream] = {}
@@ -66,11 +70,24 @@ class DevicePasses:
         if ready is None:
             ready = self._ready[s.device] = torch.cuda.Event()
         ready.record(training)
-        # The device guard matters only when the plan spans GPUs; skipping it saves host time.
-        guard = torch.cuda.device(s.device) if len(plan.cuda) > 1 else contextlib.nullcontext()
+        ptrs = None
+        if s.table is not None and self.pointer_tables:
+            ptrs = plan.key if s.identity else [plan.key[i] for i in s.positions]
+            # Pinned, so the copy below is asynchronous; the caching host allocator keeps
+            # the block until that copy has run.
+            ptrs = torch.tensor(ptrs, dtype=torch.int64, pin_memory=True)
+        if len(plan.cuda) > 1 or s.device.index != torch.cuda.current_device():
+            guard = torch.cuda.device(s.device)
+        else:
+            guard = contextlib.nullcontext()
         with guard, torch.cuda.stream(side):
             side.wait_event(ready)
-            out = self._partials(plan, s, grads, side)
+            out = None
+            if ptrs is not None:
+                s.table.ptrs.copy_(ptrs, non_blocking=True)
+                out = self._table_partials(plan, s)
+            if out is None:
+                out = self._foreach_partials(plan, s, grads)
             row.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record(side)
@@ -78,8 +95,31 @@ class DevicePasses:
             training.wait_event(done)
         return done
 
-    def _partials(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor],
-                  side: torch.cuda.Stream) -> torch.Tensor:
+    # -- pointer-table pass -------------------------------------------------------------
+    def _table_partials(self, plan: Plan, s: DeviceSlice) -> Optional[torch.Tensor]:
+        if s.table_graph is not None:
+            self.graph_replays += 1
+            s.table_graph[0].replay()
+            return s.table_graph[1]
+        s.table_uses += 1
+        try:
+            # The first use runs eagerly (Triton compiles its kernel then); later ones capture.
+            if self.use_graphs and s.table_uses >= 2 and self.graph_builds < _MAX_GRAPH_BUILDS:
+                out = self._capture(lambda: group_sums(triton_norms.tensor_squares(s.table),
+                                                       s.group_index, plan.n_groups))
+                if out is not None:
+                    s.table_graph = out
+                    self.graph_replays += 1
+                    out[0].replay()
+                    return out[1]
+            return group_sums(triton_norms.tensor_squares(s.table), s.group_index, plan.n_groups)
+        except Exception as exc:
+            self.pointer_tables = False
+            log.warning("pointer-table norm pass failed, using _foreach_norm: %s", exc)
+            return None
+
+    # -- _foreach_norm pass -------------------------------------------------------------
+    def _foreach_partials(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         cached = s.graphs.get(plan.key)
         if cached is not None:
             self.graph_replays += 1
@@ -87,35 +127,36 @@ class DevicePasses:
             return cached[1]
         tensors = [grads[i] for i in s.positions]
         seen = s.seen[plan.key] = s.seen.get(plan.key, 0) + 1
+        if len(s.seen) > 4 * MAX_KEYS:  # addresses that never came back
+            s.seen = {k: v for k, v in s.seen.items() if k in plan.known_keys}
         # Capture on the second use of the same addresses: addresses seen once (the
         # allocator moved the gradients) never pay for a graph.
         if self.use_graphs and seen >= 2 and self.graph_builds < _MAX_GRAPH_BUILDS:
-            out = self._capture_graph(plan, s, tensors)
+            out = self._capture(lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups))
             if out is not None:
-                return out
+                if len(s.graphs) >= MAX_KEYS:  # the plan forgot the oldest key; so do we
+                    s.graphs = {k: v for k, v in s.graphs.items() if k in plan.known_keys}
+                s.graphs[plan.key] = out
+                self.graph_replays += 1
+                out[0].replay()
+                return out[1]
         return partials(tensors, s.buckets, s.group_index, plan.n_groups)
 
-    def _capture_graph(self, plan: Plan, s: DeviceSlice, tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Capture this slice's pass for the current addresses, replay it once, return its output."""
+    def _capture(self, compute) -> Optional[Tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+        """Capture ``compute()`` on the current (side) stream; the graph is not run yet."""
         self.graph_builds += 1
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the completion thread may query events while this one captures.
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                out = partials(tensors, s.buckets, s.group_index, plan.n_groups)
+                out = compute()
             finally:
                 graph.capture_end()
         except Exception as exc:
             self.use_graphs = False
             log.warning("CUDA graph capture failed, using eager norm passes: %s", exc)
             return None
-        if len(s.graphs) >= MAX_KEYS:  # the plan forgot the oldest key; so do we
-            s.graphs = {k: v for k, v in s.graphs.items() if k in plan.known_keys}
-        s.graphs[plan.key] = (graph, out)
-        s.seen = {k: v for k, v in s.seen.items() if k in plan.known_keys}
         if self.graph_builds == _MAX_GRAPH_BUILDS:
             log.info("gradients keep moving between captures; CUDA graphs no longer built")
-        self.graph_replays += 1
-        graph.replay()
-        return out
+        return graph, out

@@ -50,8 +50,8 @@ def grad_key(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[int, ...]:
 
 
 def grad_signature(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Any, ...]:
-    """What a plan depends on besides addresses: each gradient's device and dtype, or None."""
-    return tuple([None if g is None else (g.device, g.dtype) for g in grads])
+    """What a plan depends on besides addresses: each gradient's device, dtype and contiguity."""
+    return tuple([None if g is None else (g.device, g.dtype, g.is_contiguous()) for g in grads])
 
 
 @dataclass
@@ -68,6 +68,13 @@ class DeviceSlice:
     # while a capture still holds the previous ones alternates between address sets.
     graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor]] = field(default_factory=dict)
     seen: Dict[Tuple[int, ...], int] = field(default_factory=dict)
+    # The pointer-table pass (collector.triton_norms), when this slice can use it: its
+    # block table, whether positions are simply 0..n-1 (the key is then the table as is),
+    # and its graph once captured (address-independent, so one per slice).
+    table: Any = None
+    identity: bool = False
+    table_graph: Optional[Tuple[Any, torch.Tensor]] = None
+    table_uses: int = 0
 
 
 @dataclass
@@ -113,7 +120,7 @@ def _upload_index(index: List[int], device: torch.device) -> torch.Tensor:
 
 def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optional[torch.Tensor]],
                key: Tuple[int, ...], signature: Tuple[Any, ...], sharded: List[bool],
-               counts: List[int]) -> Plan:
+               counts: List[int], pointer_tables: bool = False) -> Plan:
     """Group the present gradients by device, then dtype, and upload the group index per device.
 
     ``grads`` are the tensors this rank holds (DTensor gradients already made local).
@@ -144,7 +151,10 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
             buckets.append((dtype, len(positions), len(positions) + len(idx)))
             positions.extend(idx)
         index = _upload_index([owner[i] for i in positions], device)
-        slices.append(DeviceSlice(device, positions, buckets, index, slot))
+        s = DeviceSlice(device, positions, buckets, index, slot)
+        if pointer_tables and device.type == "cuda":
+            _add_table(s, [grads[i] for i in positions], len(grads))  # type: ignore[misc]
+        slices.append(s)
     plan = Plan(
         params=tuple(params), owner=owner, key=key, signature=signature, slices=slices,
         has_grad=has_grad, sharded=sharded,
@@ -158,3 +168,15 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         others = sorted({str(s.device) for s in slices if s.device.type not in ("cpu", "cuda")})
         raise NotImplementedError(f"gradients on unsupported devices: {others}")
     return plan
+
+
+def _add_table(s: DeviceSlice, tensors: List[torch.Tensor], n_flat: int) -> None:
+    """Give the slice a pointer table when every tensor is dense with a supported dtype."""
+    from . import triton_norms
+
+    if not triton_norms.available():
+        return
+    if any(t.dtype not in triton_norms.SUPPORTED or not t.is_contiguous() for t in tensors):
+        return
+    s.table = triton_norms.block_table([t.numel() for t in tensors], s.buckets, s.device)
+    s.identity = s.positions == list(range(n_flat))

@@ -19,6 +19,7 @@ from typing import List, Optional
 import zmq
 
 from esper_telemetry import Event, Heartbeat, encode
+from esper_telemetry.defaults import MAX_MESSAGE_BYTES
 
 __all__ = ["Publisher"]
 
@@ -46,6 +47,7 @@ class Publisher:
         self.sent = 0
         self.dropped = 0
         self.errors = 0
+        self.other_errors = 0       # the collector's own (capture) errors, for the heartbeats
         self._inflight = 0          # taken off the queue, not yet sent or dropped
         self._final: Optional[Event] = None
         self._idle = threading.Condition()
@@ -137,11 +139,18 @@ class Publisher:
 
     def _heartbeat(self) -> Heartbeat:
         return Heartbeat(self._run, self._rank, time.time(), self.sent, self.dropped,
-                         self._queue.qsize(), self.errors)
+                         self._queue.qsize(), self.errors + self.other_errors)
 
     def _send(self, batch: List[Event]) -> None:
         try:
-            self._sock.send(encode(batch), zmq.NOBLOCK, copy=False)
+            data = encode(batch)
+            if len(data) > MAX_MESSAGE_BYTES and len(batch) > 1:
+                # The daemon rejects an oversized message whole: send it as two (or more).
+                half = len(batch) // 2
+                self._send(batch[:half])
+                self._send(batch[half:])
+                return
+            self._sock.send(data, zmq.NOBLOCK, copy=False)
             self.sent += len(batch)
         except zmq.Again:
             self.dropped += len(batch)

@@ -54,7 +54,7 @@ class Telemetry:
     def __init__(self, specs: List[GroupSpec], *, run: str, endpoint: str, rank: int,
                  world_size: int, sharded: Optional[bool], shared_device: torch.device,
                  optimizer: Optional[torch.optim.Optimizer], every: int, scaler: Any,
-                 isolation_threshold: float, cuda_graphs: bool, heartbeat_s: float,
+                 isolation_threshold: float, cuda_graphs: bool, pointer_tables: bool, heartbeat_s: float,
                  queue_size: int, close_timeout_s: float) -> None:
         self.run, self.rank, self.world_size, self.endpoint = run, rank, world_size, endpoint
         self._specs = specs
@@ -89,7 +89,7 @@ class Telemetry:
         self._stepped = False
         self.plans_built = 0
 
-        self._passes = DevicePasses(use_graphs=cuda_graphs)
+        self._passes = DevicePasses(use_graphs=cuda_graphs, pointer_tables=pointer_tables)
         self._publisher = Publisher(endpoint, run, rank, queue_size=queue_size, heartbeat_s=heartbeat_s)
         self._completion = CompletionThread(self._on_done, self._on_error)
         self._structural = StructuralCheck(self._report_structural)
@@ -138,6 +138,7 @@ class Telemetry:
             "plans": self.plans_built,
             "graph_builds": self._passes.graph_builds,
             "graph_replays": self._passes.graph_replays,
+            "pointer_tables": int(self._passes.pointer_tables),
         }
 
     def close(self, timeout_s: Optional[float] = None) -> None:
@@ -179,6 +180,9 @@ class Telemetry:
     def _capture(self, step: Optional[int], fence: bool, skipped: bool) -> None:
         if step is None:
             step = self._step
+        step = int(step)  # a tensor or numpy step would fail to encode, losing its whole batch
+        if step < 0:  # the wire carries counts: the daemon would reject this capture's batch
+            raise ValueError(f"capture step must be >= 0, got {step}")
         self._step = step + 1
         if self._completion.in_flight() >= _MAX_IN_FLIGHT:
             self._skipped_backlog += 1  # the GPU is far behind: skip rather than queue
@@ -234,7 +238,8 @@ class Telemetry:
             if grad_signature(grads) == plan.signature:
                 plan.adopt(key)  # same devices and dtypes at other addresses
                 return plan
-        new = build_plan(self._group_params, grads, key, grad_signature(grads), self._sharded, self._counts)
+        new = build_plan(self._group_params, grads, key, grad_signature(grads), self._sharded,
+                         self._counts, pointer_tables=self._passes.pointer_tables)
         self.plans_built += 1
         self._report_devices(plan, new)
         self._plan = new
@@ -322,6 +327,7 @@ class Telemetry:
 
     def _on_error(self, exc: BaseException) -> None:
         self._errors += 1
+        self._publisher.other_errors = self._errors  # so heartbeats carry them too
         kind = type(exc).__name__
         if kind not in self._error_kinds:
             self._error_kinds.add(kind)

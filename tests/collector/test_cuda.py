@@ -102,12 +102,16 @@ def assert_close(got, want, rel):
     assert math.isclose(got, want, rel_tol=rel, abs_tol=1e-30), (got, want)
 
 
+KERNELS = [pytest.param(True, id="tables"), pytest.param(False, id="foreach")]
+
+
+@pytest.mark.parametrize("tables", KERNELS)
 @pytest.mark.parametrize("graphs", GRAPH_MODES)
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)])
-def test_norms_match_float64_reference_without_sync(pull, graphs, dtype, rel):
+def test_norms_match_float64_reference_without_sync(pull, graphs, tables, dtype, rel):
     sock, endpoint = pull
     model = HostSeeds(dtype=dtype).cuda()
-    tel = attach(model, endpoint, cuda_graphs=graphs)
+    tel = attach(model, endpoint, cuda_graphs=graphs, pointer_tables=tables)
     want: Dict[int, Dict[str, float]] = {}
     for i in range(5):  # the third capture onwards replays a graph in graph mode
         model.zero_grad(set_to_none=False)
@@ -129,6 +133,30 @@ def test_norms_match_float64_reference_without_sync(pull, graphs, dtype, rel):
         got = {g.name: g.sq for g in e.groups}
         for name, sq in want[e.step].items():
             assert_close(got[name], sq, rel)
+
+
+def test_pointer_table_graph_serves_moving_gradients(pull):
+    """zero_grad(set_to_none=True) every step: new addresses, yet one graph replayed throughout."""
+    pytest.importorskip("triton")
+    sock, endpoint = pull
+    model = HostSeeds().cuda()
+    tel = attach(model, endpoint)
+    want = {}
+    for i in range(8):
+        model.zero_grad(set_to_none=True)
+        step(model, "cuda")
+        want[i] = ref_sq(model.host.parameters())
+        with no_sync():
+            tel.capture(step=i)
+    assert tel.flush(10.0)
+    stats = tel.stats()
+    tel.close()
+    assert stats["errors"] == 0 and stats["pointer_tables"] == 1
+    assert stats["plans"] == 1 and stats["graph_builds"] == 1 and stats["graph_replays"] == 7
+    norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
+    assert [e.step for e in norms] == list(range(8))
+    for e in norms:
+        assert_close(next(g.sq for g in e.groups if g.name == "host"), want[e.step], 1e-5)
 
 
 def test_nonfinite_counted_without_sync(pull):
@@ -218,13 +246,14 @@ def big_grads(model: Big, value: float) -> float:
     return ref_sq(model.host.parameters())
 
 
+@pytest.mark.parametrize("tables", KERNELS)
 @pytest.mark.parametrize("graphs", GRAPH_MODES)
 @pytest.mark.parametrize("write", ["clip", "zero_inplace", "free_and_reuse", "scale_inplace"])
-def test_capture_reads_gradients_as_they_were(pull, graphs, write):
+def test_capture_reads_gradients_as_they_were(pull, graphs, tables, write):
     sock, endpoint = pull
     model = Big().cuda()
     tel = et.attach(host=model.host.parameters(), seeds={"s": [model.seed]}, run="race",
-                    endpoint=endpoint, cuda_graphs=graphs)
+                    endpoint=endpoint, cuda_graphs=graphs, pointer_tables=tables)
     wants = []
     for i in range(4):
         wants.append(big_grads(model, 0.5 + i))
