@@ -35,7 +35,7 @@ class Pending:
     __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums")
 
     def __init__(self, step: int, time_s: float, skipped: bool, plan: Any, grads: List[Any],
-                 staging: torch.Tensor, events: List[torch.cuda.Event]) -> None:
+                 staging: Any, events: List[torch.cuda.Event]) -> None:
         self.step = step
         self.time = time_s
         self.skipped = skipped
@@ -114,7 +114,7 @@ class CompletionThread:
             try:
                 if not failed:
                     if head.sums is None:
-                        head.sums = _sum_rows(head.staging)
+                        head.sums = _sum_rows(head.staging.rows)
                     self._on_done(head)
             except Exception as exc:
                 self._on_error(exc)

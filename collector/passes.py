@@ -60,9 +60,16 @@ class DevicePasses:
         row.copy_(partials([grads[i] for i in s.positions], s.buckets, s.group_index, plan.n_groups))
 
     def launch_cuda(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor],
-                    row: torch.Tensor, fence: bool) -> torch.cuda.Event:
-        """Queue one device's pass on its side stream; returns the event that marks it done."""
-        training = torch.cuda.current_stream(s.device)
+                    row: torch.Tensor, ptr_buf: Optional[torch.Tensor], fence: bool) -> torch.cuda.Event:
+        """Queue one device's pass on its side stream; returns the event that marks it done.
+
+        ``row`` (pinned) receives the partials; ``ptr_buf`` (pinned) stages the addresses
+        for a pointer-table pass. Both belong to this capture until its event completed.
+        """
+        # The common case (one GPU, the current one) skips the device guard and the stream
+        # context manager: set_stream and back costs a fraction of their host time.
+        simple = len(plan.cuda) == 1 and s.device.index == torch.cuda.current_device()
+        training = torch.cuda.current_stream() if simple else torch.cuda.current_stream(s.device)
         side = self.side_stream(s.device)
         # One "ready" event per device serves every capture: wait_event takes the event's
         # state when it is enqueued, so re-recording it later cannot affect this wait.
@@ -70,29 +77,37 @@ class DevicePasses:
         if ready is None:
             ready = self._ready[s.device] = torch.cuda.Event()
         ready.record(training)
-        ptrs = None
-        if s.table is not None and self.pointer_tables:
-            ptrs = plan.key if s.identity else [plan.key[i] for i in s.positions]
-            # Pinned, so the copy below is asynchronous; the caching host allocator keeps
-            # the block until that copy has run.
-            ptrs = torch.tensor(ptrs, dtype=torch.int64, pin_memory=True)
-        if len(plan.cuda) > 1 or s.device.index != torch.cuda.current_device():
-            guard = torch.cuda.device(s.device)
+        use_table = s.table is not None and self.pointer_tables and ptr_buf is not None
+        if use_table:
+            ptr_buf.copy_(torch.as_tensor(plan.key if s.identity else [plan.key[i] for i in s.positions],
+                                          dtype=torch.int64))
+        if simple:
+            torch.cuda.set_stream(side)
+            try:
+                done = self._enqueue(plan, s, grads, row, ptr_buf if use_table else None, side, ready)
+            finally:
+                torch.cuda.set_stream(training)
         else:
-            guard = contextlib.nullcontext()
-        with guard, torch.cuda.stream(side):
-            side.wait_event(ready)
-            out = None
-            if ptrs is not None:
-                s.table.ptrs.copy_(ptrs, non_blocking=True)
-                out = self._table_partials(plan, s)
-            if out is None:
-                out = self._foreach_partials(plan, s, grads)
-            row.copy_(out, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(side)
+            with torch.cuda.device(s.device), torch.cuda.stream(side):
+                done = self._enqueue(plan, s, grads, row, ptr_buf if use_table else None, side, ready)
         if fence:
             training.wait_event(done)
+        return done
+
+    def _enqueue(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor], row: torch.Tensor,
+                 ptr_buf: Optional[torch.Tensor], side: torch.cuda.Stream,
+                 ready: torch.cuda.Event) -> torch.cuda.Event:
+        """The side stream's work for one capture; the side stream is current here."""
+        side.wait_event(ready)
+        out = None
+        if ptr_buf is not None:
+            s.table.ptrs.copy_(ptr_buf, non_blocking=True)
+            out = self._table_partials(plan, s)
+        if out is None:
+            out = self._foreach_partials(plan, s, grads)
+        row.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
         return done
 
     # -- pointer-table pass -------------------------------------------------------------

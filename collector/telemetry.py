@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -39,6 +38,7 @@ from .passes import DevicePasses
 from .plan import Plan, build_plan, grad_key, grad_signature, is_dtensor, is_sharded, local_tensor
 from .publisher import Publisher
 from .results import CaptureResult, GroupResult, seed_ratio
+from .staging import StagingPool
 
 __all__ = ["Telemetry"]
 
@@ -74,8 +74,7 @@ class Telemetry:
         self._dtensor = False
         self._rebound: set = set()   # groups whose parameters changed since the last plan
         self._reported: Dict[Tuple[str, str], Tuple[str, ...]] = {}
-        self._staging_free: Dict[Tuple[int, ...], List[torch.Tensor]] = {}
-        self._staging_lock = threading.Lock()
+        self._staging = StagingPool()
         self._unfenced: List[Tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: Optional[CaptureResult] = None
         self._errors = 0
@@ -193,12 +192,13 @@ class Telemetry:
         if self._dtensor:
             grads = [local_tensor(g) for g in grads]
         plan = self._current_plan(grads, changed)
-        staging = self._take_staging(plan)
+        staging = self._staging.take(plan)
         events: List[torch.cuda.Event] = []
         if plan.cpu is not None:
-            self._passes.run_cpu(plan, grads, staging[plan.cpu.slot])
+            self._passes.run_cpu(plan, grads, staging.rows[plan.cpu.slot])
         for s in plan.cuda:
-            events.append(self._passes.launch_cuda(plan, s, grads, staging[s.slot], fence))
+            events.append(self._passes.launch_cuda(plan, s, grads, staging.rows[s.slot],
+                                                   staging.ptrs.get(s.slot), fence))
         if not fence:
             self._unfenced.extend((torch.cuda.current_stream(s.device), e)
                                   for s, e in zip(plan.cuda, events))
@@ -244,15 +244,6 @@ class Telemetry:
         self._report_devices(plan, new)
         self._plan = new
         return new
-
-    def _take_staging(self, plan: Plan) -> torch.Tensor:
-        shape = (len(plan.slices), 2, plan.n_groups)
-        with self._staging_lock:
-            free = self._staging_free.get(shape)
-            if free:
-                return free.pop()
-        # Pinned so the device-to-host copies are truly asynchronous.
-        return torch.zeros(shape, dtype=torch.float64, pin_memory=bool(plan.cuda))
 
     def _fence_pending(self) -> None:
         """Make the training streams wait (device-side) for unfenced captures' reads."""
@@ -322,8 +313,7 @@ class Telemetry:
                     f"isolated group received gradient (norm {r.norm:.3g}, {r.nonfinite} non-finite tensors)",
                     r.norm if r.norm is not None and math.isfinite(r.norm) else None,
                 ))
-        with self._staging_lock:
-            self._staging_free.setdefault(tuple(pending.staging.shape), []).append(pending.staging)
+        self._staging.give(pending.staging)
 
     def _on_error(self, exc: BaseException) -> None:
         self._errors += 1

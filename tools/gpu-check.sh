@@ -16,7 +16,7 @@ fi
   python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/device.txt"
 timeout "${TEST_S:-180}" python3 -m pytest -q -ra -p no:cacheprovider tests/collector/test_cuda.py 2>&1 | tail -40 | tee "$OUT/cuda-tests.txt"
-timeout 60 python3 bench/profile_capture.py 2>&1 | head -45 | tee "$OUT/profile.txt"
+timeout "${PROF_S:-60}" python3 bench/profile_capture.py 2>&1 | head -45 | tee "$OUT/profile.txt"
 timeout "${BENCH_S:-240}" python3 bench/collector_overhead.py --results "$OUT/RESULTS.md" --json "$OUT/collector.json" 2>&1 | tail -50 | tee "$OUT/bench.txt"
 TORCH_CUDA_SANITIZER=1 timeout "${SAN_S:-90}" python3 -m pytest -q -ra -p no:cacheprovider tests/collector/test_cuda.py \
   -k "reads_gradients and eager and tables or staging" 2>&1 | tail -25 | tee "$OUT/sanitizer.txt"

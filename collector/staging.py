@@ -1,0 +1,53 @@
+"""Pinned host buffers for captures in flight, reused only after their capture completed.
+
+Each capture needs host memory the GPU writes into (the per-device result rows) and, for
+pointer-table passes, host memory the GPU reads from (the gradients' addresses). Both must
+be pinned for the copies to be asynchronous, and neither may be touched again until the
+capture's device work is done: the completion thread gives a capture's buffers back only
+after its events completed. Pooling them also keeps ``cudaHostAlloc`` (slow, and
+serializing) off the training thread once the pool is warm.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Tuple
+
+import torch
+
+__all__ = ["Staging", "StagingPool"]
+
+
+class Staging:
+    """One capture's buffers: ``rows`` (devices, 2, groups) float64; ``ptrs`` per CUDA slice."""
+
+    __slots__ = ("rows", "ptrs", "shape")
+
+    def __init__(self, rows: torch.Tensor, ptrs: Dict[int, torch.Tensor], shape: Tuple) -> None:
+        self.rows = rows
+        self.ptrs = ptrs
+        self.shape = shape
+
+
+class StagingPool:
+    """Thread-safe free lists of ``Staging`` by shape; ``take`` on the training thread, ``give`` anywhere."""
+
+    def __init__(self) -> None:
+        self._free: Dict[Tuple, List[Staging]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, plan) -> Staging:
+        tables = tuple((s.slot, int(s.table.numels.shape[0])) for s in plan.cuda if s.table is not None)
+        shape = (len(plan.slices), plan.n_groups, tables)
+        with self._lock:
+            free = self._free.get(shape)
+            if free:
+                return free.pop()
+        pin = bool(plan.cuda)
+        rows = torch.zeros((len(plan.slices), 2, plan.n_groups), dtype=torch.float64, pin_memory=pin)
+        ptrs = {slot: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for slot, n in tables}
+        return Staging(rows, ptrs, shape)
+
+    def give(self, staging: Staging) -> None:
+        with self._lock:
+            self._free.setdefault(staging.shape, []).append(staging)
