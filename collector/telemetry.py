@@ -45,6 +45,7 @@ __all__ = ["Telemetry"]
 log = logging.getLogger("esper_telemetry.collector")
 
 _MAX_IN_FLIGHT = 64
+_MAX_IN_FLIGHT_CPU = 4096
 _live: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
 
 
@@ -79,7 +80,6 @@ class Telemetry:
         self._latest: Optional[CaptureResult] = None
         self._errors = 0
         self._error_kinds: set = set()
-        self._skipped_backlog = 0
         self._closed = False
         self._forked = False
         self._pid = os.getpid()
@@ -183,15 +183,16 @@ class Telemetry:
         if step < 0:  # the wire carries counts: the daemon would reject this capture's batch
             raise ValueError(f"capture step must be >= 0, got {step}")
         self._step = step + 1
-        if self._completion.in_flight() >= _MAX_IN_FLIGHT:
-            self._skipped_backlog += 1  # the GPU is far behind: skip rather than queue
-            self._publisher.dropped += 1  # a lost Norms event: counted where heartbeats carry it
-            return
         changed = self._resolve()
         grads = [p.grad for p in self._flat]
         if self._dtensor:
             grads = [local_tensor(g) for g in grads]
         plan = self._current_plan(grads, changed)
+        # Far behind (the GPU, or the completion thread): skip rather than queue more. CPU
+        # captures cost the completion thread little, so they get a much larger allowance.
+        if self._completion.in_flight() >= (_MAX_IN_FLIGHT if plan.cuda else _MAX_IN_FLIGHT_CPU):
+            self._publisher.dropped += 1  # a lost Norms event: counted where heartbeats carry it
+            return
         staging = self._staging.take(plan)
         events: List[torch.cuda.Event] = []
         if plan.cpu is not None:

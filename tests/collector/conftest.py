@@ -1,0 +1,49 @@
+"""Fixtures for the collector's CPU tests: a real PULL socket on a random loopback port
+(linger 0, bounded receives) and a factory for ``attach`` that always closes what it made."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator, List
+
+import pytest
+import zmq
+
+import esper_telemetry as et
+from collector_support import Receiver
+
+
+@pytest.fixture
+def pull() -> Iterator[Receiver]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield Receiver(sock, f"tcp://127.0.0.1:{port}")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+@pytest.fixture
+def attach(pull: Receiver, request) -> Iterator[Any]:
+    """``attach(**kw)`` publishing to ``pull`` under run id "test" unless told otherwise."""
+    made: List[Any] = []
+
+    def _attach(**kw: Any) -> Any:
+        kw.setdefault("endpoint", pull.endpoint)
+        kw.setdefault("run", "test")
+        tel = et.attach(**kw)
+        made.append(tel)
+        return tel
+
+    yield _attach
+    for tel in made:
+        tel.close(timeout_s=2.0)
+
+
+@pytest.fixture
+def thread_names():
+    """Names of the live threads, for checking that nothing was started or left behind."""
+    return lambda: sorted(t.name for t in threading.enumerate())
