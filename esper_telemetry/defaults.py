@@ -23,9 +23,23 @@ __all__ = [
     "ENV_RUN_TTL_SECONDS",
     "ENV_MAX_RUNS",
     "ENV_MAX_GROUPS_PER_RUN",
+    "ENV_MAX_RANKS_PER_RUN",
     "ENV_QUEUE_SIZE",
     "ENV_LOG_LEVEL",
+    "ENV_SHARD_WINDOW_SECONDS",
+    "ENV_SHUTDOWN_TIMEOUT_SECONDS",
+    "ENV_SHUTDOWN_LINGER_SECONDS",
     "ENV_DISABLED",
+    "DEFAULT_WEB_TELEMETRY_PATH",
+    "DEFAULT_RUN_TTL_SECONDS",
+    "DEFAULT_MAX_RUNS",
+    "DEFAULT_MAX_GROUPS_PER_RUN",
+    "DEFAULT_MAX_RANKS_PER_RUN",
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_LOG_LEVEL",
+    "DEFAULT_SHARD_WINDOW_SECONDS",
+    "DEFAULT_SHUTDOWN_TIMEOUT_SECONDS",
+    "DEFAULT_SHUTDOWN_LINGER_SECONDS",
     "MAX_MESSAGE_BYTES",
     "MAX_BATCH_EVENTS",
     "MAX_STRING_CHARS",
@@ -51,8 +65,30 @@ ENV_WEB_TELEMETRY_PATH = "ESPER_WEB_TELEMETRY_PATH"
 ENV_RUN_TTL_SECONDS = "ESPER_RUN_TTL_SECONDS"
 ENV_MAX_RUNS = "ESPER_LIMITS_MAX_RUNS"
 ENV_MAX_GROUPS_PER_RUN = "ESPER_LIMITS_MAX_GROUPS_PER_RUN"
+ENV_MAX_RANKS_PER_RUN = "ESPER_LIMITS_MAX_RANKS_PER_RUN"
 ENV_QUEUE_SIZE = "ESPER_QUEUE_SIZE"
 ENV_LOG_LEVEL = "ESPER_LOG_LEVEL"
+ENV_SHARD_WINDOW_SECONDS = "ESPER_SHARD_WINDOW_SECONDS"
+ENV_SHUTDOWN_TIMEOUT_SECONDS = "ESPER_SHUTDOWN_TIMEOUT_SECONDS"
+ENV_SHUTDOWN_LINGER_SECONDS = "ESPER_SHUTDOWN_LINGER_SECONDS"
+
+# Daemon defaults (flag ``--x.y`` <-> ``ESPER_X_Y``; see docs/daemon.md).
+DEFAULT_WEB_TELEMETRY_PATH = "/metrics"
+# A run with no event for this long is dropped from the exposition. Collectors send a
+# heartbeat every few seconds, so only a dead or disconnected job goes this quiet.
+DEFAULT_RUN_TTL_SECONDS = 300.0
+DEFAULT_MAX_RUNS = 100
+DEFAULT_MAX_GROUPS_PER_RUN = 128
+DEFAULT_MAX_RANKS_PER_RUN = 4096
+# Receiver -> aggregator queue capacity, in events (not messages).
+DEFAULT_QUEUE_SIZE = 65536
+DEFAULT_LOG_LEVEL = "info"
+# How long the daemon waits for every rank's shard of a sharded group's step.
+DEFAULT_SHARD_WINDOW_SECONDS = 30.0
+# Graceful shutdown: deadline to drain the queue, then how long /metrics keeps answering
+# (ended early by the first scrape after the drain) so a last scrape sees final values.
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 10.0
+DEFAULT_SHUTDOWN_LINGER_SECONDS = 0.0
 
 # Wire limits. The daemon also sets MAX_MESSAGE_BYTES as the socket's ZMQ_MAXMSGSIZE so an
 # oversize frame is dropped by libzmq before Python ever allocates it.

@@ -1,0 +1,7 @@
+"""``python -m daemon``: the same as the ``esper-telemetryd`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

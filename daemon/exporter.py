@@ -1,0 +1,213 @@
+"""The Prometheus side: metric names, and a custom ``Collector`` that renders a snapshot.
+
+Every metric the daemon exports is named in this module (docs/daemon.md is the catalog).
+The collector asks for a fresh ``Snapshot`` per scrape, so label sets never go stale and
+every number of one scrape belongs to the same instant. Square roots and the seed/host
+ratio are computed here, at scrape time, not per event.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, List, Optional
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from esper_telemetry import SCHEMA_VERSION
+from esper_telemetry.version import __version__
+
+from .snapshot import GroupSnapshot, Snapshot
+
+__all__ = ["EsperCollector", "new_registry", "seed_ratio", "VIOLATION_KINDS", "MISMATCH_KINDS"]
+
+# Kinds the collector is documented to send; created at zero so alerts can use rate().
+VIOLATION_KINDS = ("gradient", "structural")
+MISMATCH_KINDS = ("split", "mixed", "moved")
+
+
+def seed_ratio(seed: GroupSnapshot, host: GroupSnapshot) -> float:
+    """(seed norm / host norm) * sqrt(host params / seed params); 0 when undefined.
+
+    Undefined: the host has no gradient or a zero norm, or either parameter count is zero
+    or unknown. A seed without gradient has norm 0.
+    """
+    if host.sq is None or host.sq <= 0.0 or not host.params or not seed.params:
+        return 0.0
+    seed_sq = seed.sq or 0.0
+    return math.sqrt(seed_sq / host.sq) * math.sqrt(host.params / seed.params)
+
+
+class EsperCollector(Collector):
+    """Builds every esper_* family from one ``Snapshot`` per scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> List[Metric]:
+        # Nothing at registration: collect() is per scrape, and names never clash.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        rg = ["run", "group"]
+        grad_norm = GaugeMetricFamily(
+            "esper_grad_norm",
+            "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
+            "ranks of the latest complete step). Absent while the group has no gradient.",
+            labels=rg)
+        has_grad = GaugeMetricFamily(
+            "esper_group_has_gradient",
+            "1 if any parameter of the group had a gradient at its latest capture, else 0.",
+            labels=rg)
+        params = GaugeMetricFamily(
+            "esper_group_parameters", "Scalar parameters in the group.", labels=rg)
+        ratio = GaugeMetricFamily(
+            "esper_seed_grad_ratio",
+            "Parameter-normalized seed/host gradient norm ratio: "
+            "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
+            "gradient or a zero norm.",
+            labels=["run", "seed"])
+        nonfinite = CounterMetricFamily(
+            "esper_grad_nonfinite",
+            "Captures in which the group's gradient held NaN or Inf (one per rank's capture).",
+            labels=rg)
+        violations = CounterMetricFamily(
+            "esper_isolation_violations",
+            "Gradient isolation violations reported for the group, by kind.",
+            labels=["run", "group", "kind"])
+        iso_ok = GaugeMetricFamily(
+            "esper_isolation_ok",
+            "For isolated and seed groups: 0 if an isolation violation was reported for the "
+            "latest captured step or later, else 1.",
+            labels=rg)
+        mismatch = CounterMetricFamily(
+            "esper_device_mismatch",
+            "Device conditions reported by the collectors, by kind (split, mixed, moved).",
+            labels=["run", "kind"])
+        captures = CounterMetricFamily(
+            "esper_captures", "Capture events received for the run, one per rank per capture.",
+            labels=["run"])
+        last_step = GaugeMetricFamily(
+            "esper_last_step", "Training step of the run's latest capture.", labels=["run"])
+        last_ts = GaugeMetricFamily(
+            "esper_last_capture_timestamp_seconds",
+            "Unix time (collector's clock) of the run's latest capture.", labels=["run"])
+        collectors = GaugeMetricFamily(
+            "esper_collectors",
+            "Collectors (ranks) of the run heard from within the TTL that have not said "
+            "goodbye.", labels=["run"])
+        dropped = CounterMetricFamily(
+            "esper_collector_dropped_events",
+            "Events the run's collectors dropped before sending (full queue or socket), as "
+            "their heartbeats report, summed over ranks.", labels=["run"])
+        incomplete = CounterMetricFamily(
+            "esper_daemon_incomplete_steps",
+            "Sharded steps given up because not every rank reported within the shard window.",
+            labels=["run"])
+
+        for run in snap.runs:
+            r = run.name
+            host: Optional[GroupSnapshot] = None
+            for g in run.groups:
+                if g.role == "host" and g.captured:
+                    host = g
+                    break
+            for g in run.groups:
+                labels = [r, g.name]
+                if g.params is not None:
+                    params.add_metric(labels, g.params)
+                nonfinite.add_metric(labels, g.nonfinite)
+                watched = g.isolated or g.role == "seed" or bool(g.violations)
+                if watched:
+                    for kind in VIOLATION_KINDS:
+                        if kind not in g.violations:
+                            violations.add_metric([r, g.name, kind], 0)
+                for kind, n in g.violations.items():
+                    violations.add_metric([r, g.name, kind], n)
+                if g.captured:
+                    if g.sq is None:
+                        has_grad.add_metric(labels, 0)
+                    else:
+                        has_grad.add_metric(labels, 1)
+                        grad_norm.add_metric(labels, math.sqrt(g.sq))
+                    if g.role == "seed" and host is not None:
+                        ratio.add_metric(labels, seed_ratio(g, host))
+                if watched and (g.captured or g.violation_step >= 0):
+                    ok = 0 if g.violation_step >= 0 and g.violation_step >= g.step else 1
+                    iso_ok.add_metric(labels, ok)
+            run_l = [r]
+            for kind in MISMATCH_KINDS:
+                if kind not in run.device_mismatch:
+                    mismatch.add_metric([r, kind], 0)
+            for kind, n in run.device_mismatch.items():
+                mismatch.add_metric([r, kind], n)
+            captures.add_metric(run_l, run.captures)
+            if run.last_step >= 0:
+                last_step.add_metric(run_l, run.last_step)
+                last_ts.add_metric(run_l, run.last_capture_time)
+            collectors.add_metric(run_l, run.collectors)
+            dropped.add_metric(run_l, run.dropped)
+            incomplete.add_metric(run_l, run.incomplete_steps)
+
+        yield from (grad_norm, has_grad, params, ratio, nonfinite, violations, iso_ok, mismatch,
+                    captures, last_step, last_ts, collectors, dropped, incomplete)
+        yield from _self_metrics(snap)
+
+
+def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "esper_daemon_messages", "ZeroMQ messages received, accepted or not.",
+        value=snap.messages)
+    yield CounterMetricFamily(
+        "esper_daemon_events", "Events decoded, accepted and applied.", value=snap.events)
+    rejected = CounterMetricFamily(
+        "esper_daemon_rejected",
+        "Messages rejected whole, by reason: the wire codec's (limit, malformed, version, "
+        "schema, value), queue_full, internal.", labels=["reason"])
+    for reason, n in snap.rejected.items():
+        rejected.add_metric([reason], n)
+    yield rejected
+    overflow = CounterMetricFamily(
+        "esper_daemon_overflow",
+        "Events (or parts of them) refused by a cap, by what was capped: runs, groups, ranks, "
+        "label_values, pending_steps.", labels=["what"])
+    for what, n in snap.overflow.items():
+        overflow.add_metric([what], n)
+    yield overflow
+    yield GaugeMetricFamily("esper_daemon_runs", "Runs held.", value=len(snap.runs))
+    yield CounterMetricFamily(
+        "esper_daemon_expired_runs", "Runs dropped after the TTL without events.",
+        value=snap.expired_runs)
+    yield CounterMetricFamily(
+        "esper_daemon_ended_runs", "Runs ended because every rank said goodbye.",
+        value=snap.ended_runs)
+    yield GaugeMetricFamily(
+        "esper_daemon_queue_length", "Events waiting between receiver and aggregator.",
+        value=snap.queue_length)
+    yield GaugeMetricFamily(
+        "esper_daemon_queue_capacity", "Capacity of the receiver-to-aggregator queue in events.",
+        value=snap.queue_capacity)
+    yield InfoMetricFamily(
+        "esper_daemon_build", "Daemon version and wire schema version.",
+        value={"version": __version__, "schema": str(SCHEMA_VERSION)})
+
+
+def new_registry(snapshot: Callable[[], Snapshot], process_metrics: bool = True
+                 ) -> CollectorRegistry:
+    """The daemon's own registry: the esper collector, plus process/platform/GC metrics."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry()
+    registry.register(EsperCollector(snapshot))
+    if process_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry

@@ -1,0 +1,49 @@
+"""The detached, immutable view of the daemon's state that one scrape renders.
+
+The aggregator builds it on the event-loop thread in one pass (so every number in a scrape
+belongs to the same instant); the exporter renders it on another thread without touching
+live state. Raw sums of squares travel here; square roots and ratios are the exporter's.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple
+
+__all__ = ["GroupSnapshot", "RunSnapshot", "Snapshot"]
+
+
+class GroupSnapshot(NamedTuple):
+    name: str
+    role: str
+    params: Optional[int]  # None until a Hello or a capture declared it
+    isolated: bool
+    captured: bool  # a capture (a complete step, if sharded) has been published
+    sq: Optional[float]  # latest published sum of squares; None: no gradient
+    step: int  # step of the latest published capture, -1 before any
+    nonfinite: int  # captures in which the group held NaN or Inf
+    violations: Dict[str, int]  # isolation violations by kind
+    violation_step: int  # highest step of a violation, -1 before any
+
+
+class RunSnapshot(NamedTuple):
+    name: str
+    captures: int
+    last_step: int  # -1 before any capture
+    last_capture_time: float  # the collector's unix time of the latest capture; 0 before any
+    collectors: int  # ranks heard from within the TTL, less those that said goodbye
+    dropped: int  # events the collectors report having dropped, summed over ranks
+    incomplete_steps: int
+    device_mismatch: Dict[str, int]
+    groups: Tuple[GroupSnapshot, ...]
+
+
+class Snapshot(NamedTuple):
+    runs: Tuple[RunSnapshot, ...]
+    messages: int
+    events: int
+    rejected: Dict[str, int]
+    overflow: Dict[str, int]
+    expired_runs: int
+    ended_runs: int
+    queue_length: int
+    queue_capacity: int

@@ -1,0 +1,48 @@
+"""The daemon's self-metrics: plain counters the pipeline stages bump and the exporter reads.
+
+Plain ints rather than prometheus_client instruments: every stage runs on the event loop
+thread, so no lock is needed, and an increment costs one attribute store on the hot path.
+Every label value is created up front at zero so alert rules can use ``rate()`` at once.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from esper_telemetry import REASONS
+
+__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS"]
+
+# Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
+# receiver-to-aggregator queue had no room for the message's events) and "internal" (a
+# daemon bug while applying it; logged at error level, the daemon stays up).
+REJECT_REASONS = tuple(REASONS) + ("queue_full", "internal")
+
+# What a cap refused: a new run, a new group of a run, a new rank of a run, a new label
+# value (violation or device-mismatch kind), a sharded step awaiting its ranks.
+OVERFLOW_KINDS = ("runs", "groups", "ranks", "label_values", "pending_steps")
+
+
+class DaemonStats:
+    """Counters for the daemon's own health; each only goes up."""
+
+    __slots__ = ("messages", "events", "rejected", "overflow", "expired_runs", "ended_runs")
+
+    def __init__(self) -> None:
+        self.messages = 0  # ZeroMQ frames received, good or bad
+        self.events = 0  # events decoded and applied by the aggregator
+        self.rejected: Dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)  # in messages
+        self.overflow: Dict[str, int] = dict.fromkeys(OVERFLOW_KINDS, 0)
+        self.expired_runs = 0  # runs dropped after the TTL
+        self.ended_runs = 0  # runs ended by every rank's goodbye
+
+    def copy(self) -> "DaemonStats":
+        """A detached copy for a scrape snapshot."""
+        other = DaemonStats()
+        other.messages = self.messages
+        other.events = self.events
+        other.rejected = dict(self.rejected)
+        other.overflow = dict(self.overflow)
+        other.expired_runs = self.expired_runs
+        other.ended_runs = self.ended_runs
+        return other

@@ -1,0 +1,114 @@
+"""Helpers for the daemon's tests: event builders, a fake clock, exposition parsing,
+bounded waits. No torch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.config import Config
+from esper_telemetry import GroupDecl, GroupNorm, Goodbye, Heartbeat, Hello, Norms
+
+Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+
+# (name, role, params, isolated)
+DEFAULT_DECLS = (("host", "host", 400, False), ("seed", "seed", 100, True))
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def hello(run: str = "r", rank: int = 0, world_size: int = 1,
+          decls: Sequence[Tuple[str, str, int, bool]] = DEFAULT_DECLS) -> Hello:
+    return Hello(run, rank, 1.0, world_size, "host-a", 1234, "0.1.0", "2.5.0",
+                 tuple(GroupDecl(*d) for d in decls))
+
+
+def gn(name: str, sq: Optional[float], role: str = "group", params: int = 10,
+       nonfinite: int = 0, sharded: bool = False, isolated: bool = False) -> GroupNorm:
+    return GroupNorm(name, role, params, sq, nonfinite, sharded, isolated)
+
+
+def norms(run: str = "r", rank: int = 0, step: int = 1, groups: Iterable[GroupNorm] = (),
+          time_: float = 1_700_000_000.0) -> Norms:
+    return Norms(run, rank, time_, step, False, tuple(groups))
+
+
+def host_seed(run: str = "r", rank: int = 0, step: int = 1, host_sq: Optional[float] = 16.0,
+              seed_sq: Optional[float] = 4.0, sharded: bool = False,
+              time_: float = 1_700_000_000.0) -> Norms:
+    return norms(run, rank, step, (
+        gn("host", host_sq, "host", 400, sharded=sharded),
+        gn("seed", seed_sq, "seed", 100, sharded=sharded, isolated=True),
+    ), time_)
+
+
+def heartbeat(run: str = "r", rank: int = 0, dropped: int = 0) -> Heartbeat:
+    return Heartbeat(run, rank, 1.0, 10, dropped, 0, 0)
+
+
+def goodbye(run: str = "r", rank: int = 0) -> Goodbye:
+    return Goodbye(run, rank, 1.0, "closed")
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition: (sample name, sorted labels) -> value."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = s.value
+    return out
+
+
+def get(samples: Samples, name: str, **labels: str) -> Optional[float]:
+    """The value of one series, or None when it is absent."""
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def names(samples: Samples, name: str) -> Dict[Tuple[Tuple[str, str], ...], float]:
+    """All series of one sample name, by labels."""
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+def http_get(url: str, timeout: float = 10.0) -> Tuple[int, str, Dict[str, str]]:
+    """Blocking GET (call via asyncio.to_thread from async tests)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
+                   what: str = "condition") -> None:
+    """Poll ``predicate`` on the loop until true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def make_config(**overrides: object) -> Config:
+    """A daemon configuration on random loopback ports, with a short drain deadline."""
+    base = Config(zmq_listen_addresses=("tcp://127.0.0.1:*",), web_host="127.0.0.1",
+                  web_port=0, shutdown_timeout_s=2.0)
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,135 @@
+"""The systemd unit and its environment file."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Dict, List
+
+import pytest
+
+from esper_telemetry import defaults
+
+from deploy_support import DEPLOY, daemon_command
+
+UNIT = DEPLOY / "systemd" / "esper-telemetryd.service"
+ENV_FILE = DEPLOY / "systemd" / "esper-telemetryd.env"
+# The variables only the training side reads.
+COLLECTOR_ENV = {defaults.ENV_RUN, defaults.ENV_ENDPOINT, defaults.ENV_DISABLED}
+
+
+def daemon_env_names() -> set:
+    return {v for k, v in vars(defaults).items() if k.startswith("ENV_")} - COLLECTOR_ENV
+
+
+def unit() -> Dict[str, Dict[str, List[str]]]:
+    """Section -> key -> values (systemd keys repeat)."""
+    out: Dict[str, Dict[str, List[str]]] = {}
+    section = None
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = out.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        section.setdefault(key, []).append(value)
+    return out
+
+
+def test_unit_is_hardened() -> None:
+    s = unit()["Service"]
+    expect = {
+        "DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+        "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
+        "Restart": "on-failure", "CapabilityBoundingSet": "", "RestrictSUIDSGID": "yes",
+        "ProtectKernelTunables": "yes", "ProtectControlGroups": "yes",
+        "MemoryDenyWriteExecute": "yes",
+    }
+    for key, value in expect.items():
+        assert s.get(key) == [value], f"{key}={s.get(key)}"
+    assert "User" not in s, "DynamicUser allocates the user"
+    assert "@system-service" in s["SystemCallFilter"]
+
+
+def test_unit_runs_the_daemon_and_checks_config_first() -> None:
+    s = unit()["Service"]
+    (start,) = s["ExecStart"]
+    assert start.split()[0].endswith("/bin/esper-telemetryd")
+    assert s["ExecStartPre"] == [start.split()[0] + " --check-config"]
+    assert s["EnvironmentFile"] == ["-/etc/default/esper-telemetryd"]
+    assert s["KillSignal"] == ["SIGTERM"]
+    # Graceful shutdown (drain + linger, by default 10 s + 0 s) fits in the stop timeout.
+    stop_s = int(re.fullmatch(r"(\d+)s", s["TimeoutStopSec"][0]).group(1))
+    assert stop_s > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
+    assert int(s["LimitNOFILE"][0]) >= 65536
+    assert unit()["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def env_file() -> Dict[str, str]:
+    """Every ESPER_* assignment in the file, commented (the defaults) or not."""
+    out = {}
+    for line in ENV_FILE.read_text().splitlines():
+        m = re.fullmatch(r"#?(ESPER_[A-Z_]+)=(.*)", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_env_file_documents_exactly_the_daemon_settings() -> None:
+    names = set(env_file())
+    assert names - daemon_env_names() == set(), "unknown variables (typos?)"
+    assert daemon_env_names() - names == set(), "daemon settings the file does not document"
+
+
+def test_env_file_defaults_match_the_code() -> None:
+    env = env_file()
+    d = defaults
+    assert env[d.ENV_ZMQ_LISTEN_ADDRESS] == d.DEFAULT_ZMQ_LISTEN_ADDRESS
+    assert env[d.ENV_WEB_LISTEN_ADDRESS] == d.DEFAULT_WEB_LISTEN_ADDRESS
+    assert env[d.ENV_WEB_TELEMETRY_PATH] == d.DEFAULT_WEB_TELEMETRY_PATH
+    assert float(env[d.ENV_RUN_TTL_SECONDS]) == d.DEFAULT_RUN_TTL_SECONDS
+    assert int(env[d.ENV_MAX_RUNS]) == d.DEFAULT_MAX_RUNS
+    assert int(env[d.ENV_MAX_GROUPS_PER_RUN]) == d.DEFAULT_MAX_GROUPS_PER_RUN
+    assert int(env[d.ENV_QUEUE_SIZE]) == d.DEFAULT_QUEUE_SIZE
+    assert env[d.ENV_LOG_LEVEL] == d.DEFAULT_LOG_LEVEL
+
+
+def test_env_file_is_accepted_by_the_daemon() -> None:
+    # Uncomment every default and ask the daemon itself: --check-config exits 0.
+    env = {"PATH": "/usr/bin:/bin", **env_file()}
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    # ... and a typo in a value is refused (the check is real).
+    env[defaults.ENV_RUN_TTL_SECONDS] = "five minutes"
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "esper-telemetryd" in result.stderr
+
+
+def test_systemd_analyze_verify(tmp_path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (the static checks above still ran)")
+    exe = daemon_command()[0]
+    text = UNIT.read_text().replace("/opt/esper-telemetry/bin/esper-telemetryd", exe)
+    path = tmp_path / UNIT.name
+    path.write_text(text)
+    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    problems = [l for l in (result.stdout + result.stderr).splitlines() if UNIT.name in l]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_daemon_reads_every_documented_variable() -> None:
+    # The daemon's own --help names the variable of every flag.
+    result = subprocess.run([*daemon_command(), "--help"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    for name in env_file():
+        assert name in help_text, f"{name} is documented but the daemon does not read it"
