@@ -336,8 +336,9 @@ def render(r: Dict, cuda: bool) -> str:
     for name, v in step.items():
         if not name.startswith("_"):
             lines.append(f"| {name} | {v['step_ms']:.2f} | {v['added_pct']:+.2f}% |")
+    numel = "65,536 floats on the GPU" if cuda else "1,024 floats"
     lines += ["", "Host time of one call (median, microseconds), by gradient tensor count, calls back to "
-              "back with the completion and sender threads busy (tensors of 65,536 floats on CUDA):", "",
+              f"back with the completion and sender threads busy (tensors of {numel}):", "",
               "| tensors | capture() | capture(), pointer_tables=False | foreach + stack + sum (launch only) "
               "| get_total_norm (launch only) |",
               "|---:|---:|---:|---:|---:|"]
@@ -352,6 +353,10 @@ def render(r: Dict, cuda: bool) -> str:
                   f"{g['capture_foreach_ms']:.3f} ms ({g['floor_ms'] / g['capture_foreach_ms'] * 100:.0f}%), "
                   f"bare `_foreach_norm` {g['foreach_ms']:.3f} ms ({g['foreach_of_floor'] * 100:.0f}%), "
                   f"floor (one `sum` over as many bytes) {g['floor_ms']:.3f} ms."]
+    if not cuda:
+        lines += ["", "On the CPU the norms are computed inside `capture()` itself, so its host time is the "
+                  "whole cost; on a shared 2-core machine the step figures move by a few percent "
+                  "between runs, so read them as the same order, not as a ranking."]
     c = step.get("_collector", {})
     lines += ["", f"Collector counters in the step runs: {int(c.get('captures', 0))} captures, "
               f"{int(c.get('errors', 0))} errors, {int(c.get('plans', 0))} plans built, "
