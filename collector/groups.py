@@ -1,10 +1,12 @@
 """Named parameter groups, resolved from the live model at every capture.
 
 A group is given as a module, an iterable of parameters, a callable returning either, or a
-dotted path under the root model. The collector never keeps strong references to the
-user's modules or parameters: it keeps weak ones and re-resolves, so ``model.to(device)``,
-``load_state_dict(assign=True)`` and a seed module replaced under a path or behind a
-callable are picked up by the next capture instead of leaving it watching dead tensors.
+dotted path under the root model. A spec keeps only weak references to what the user gave
+(the module, the root model, the parameters) and re-resolves at every capture, so
+``model.to(device)``, ``load_state_dict(assign=True)`` and a seed module replaced under a
+path or behind a callable are picked up by the next capture instead of leaving it watching
+dead tensors. What one resolution found (the parameters, the module) is held strongly only
+until the next one, so a replaced module is released one capture later.
 
 Re-listing a module's parameters walks its whole tree, so it happens only when something
 may have changed: the spec now points at another object, or a module or parameter was

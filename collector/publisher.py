@@ -48,6 +48,7 @@ class Publisher:
         self.dropped = 0
         self.errors = 0
         self.other_errors = 0       # the collector's own (capture) errors, for the heartbeats
+        self._counts = threading.Lock()  # counters are bumped from several threads
         self._inflight = 0          # taken off the queue, not yet sent or dropped
         self._final: Optional[Event] = None
         self._idle = threading.Condition()
@@ -68,8 +69,14 @@ class Publisher:
             self._queue.put_nowait(event)
             return True
         except queue.Full:
-            self.dropped += 1
+            self.count(dropped=1)
             return False
+
+    def count(self, dropped: int = 0, other_errors: int = 0) -> None:
+        """Add to the counters heartbeats carry; safe from any thread."""
+        with self._counts:
+            self.dropped += dropped
+            self.other_errors += other_errors
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -153,9 +160,9 @@ class Publisher:
             self._sock.send(data, zmq.NOBLOCK, copy=False)
             self.sent += len(batch)
         except zmq.Again:
-            self.dropped += len(batch)
+            self.count(dropped=len(batch))
         except Exception as exc:  # a bad event or a dying context: count, never raise
             self.errors += 1
-            self.dropped += len(batch)
+            self.count(dropped=len(batch))
             if self.errors == 1:
                 log.warning("telemetry send failed (further failures are only counted): %s", exc)

@@ -78,7 +78,6 @@ class Telemetry:
         self._staging = StagingPool()
         self._unfenced: List[Tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: Optional[CaptureResult] = None
-        self._errors = 0
         self._error_kinds: set = set()
         self._closed = False
         self._forked = False
@@ -133,7 +132,7 @@ class Telemetry:
             "sent": self._publisher.sent,
             "dropped": self._publisher.dropped,   # backlog skips included (see _capture)
             "pending": self._completion.in_flight() + self._publisher.depth(),
-            "errors": self._errors + self._publisher.errors,
+            "errors": self._publisher.other_errors + self._publisher.errors,
             "plans": self.plans_built,
             "graph_builds": self._passes.graph_builds,
             "graph_replays": self._passes.graph_replays,
@@ -191,7 +190,7 @@ class Telemetry:
         # Far behind (the GPU, or the completion thread): skip rather than queue more. CPU
         # captures cost the completion thread little, so they get a much larger allowance.
         if self._completion.in_flight() >= (_MAX_IN_FLIGHT if plan.cuda else _MAX_IN_FLIGHT_CPU):
-            self._publisher.dropped += 1  # a lost Norms event: counted where heartbeats carry it
+            self._publisher.count(dropped=1)  # a lost Norms event: counted where heartbeats carry it
             return
         staging = self._staging.take(plan)
         events: List[torch.cuda.Event] = []
@@ -317,8 +316,7 @@ class Telemetry:
         self._staging.give(pending.staging)
 
     def _on_error(self, exc: BaseException) -> None:
-        self._errors += 1
-        self._publisher.other_errors = self._errors  # so heartbeats carry them too
+        self._publisher.count(other_errors=1)  # where heartbeats carry it
         kind = type(exc).__name__
         if kind not in self._error_kinds:
             self._error_kinds.add(kind)
