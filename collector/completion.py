@@ -32,7 +32,7 @@ _IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
 class Pending:
     """One capture in flight: its metadata, device events, staging buffer and held gradients."""
 
-    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums")
+    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums", "device")
 
     def __init__(self, step: int, time_s: float, skipped: bool, plan: Any, grads: List[Any],
                  staging: Any, events: List[torch.cuda.Event]) -> None:
@@ -44,6 +44,9 @@ class Pending:
         self.staging = staging
         self.events = events
         self.sums: Optional[List[List[float]]] = None   # [[sq...], [nonfinite...]] once done
+        # A CUDA device of this capture: the thread makes it current before querying, or the
+        # runtime would create a context on device 0 for this thread (in every rank).
+        self.device: Optional[int] = plan.cuda[0].device.index if getattr(plan, "cuda", None) else None
 
     def done(self) -> bool:
         return all(e.query() for e in self.events)
@@ -91,6 +94,7 @@ class CompletionThread:
 
     def _loop(self) -> None:
         poll = _POLL_MIN_S
+        current_device: Optional[int] = None
         while True:
             with self._cond:
                 while not self._pending and not self._stop:
@@ -100,6 +104,9 @@ class CompletionThread:
                 head = self._pending[0]
             failed = False
             try:
+                if head.device is not None and head.device != current_device:
+                    torch.cuda.set_device(head.device)
+                    current_device = head.device
                 ready = head.done()
             except Exception as exc:  # a broken CUDA context: drop the capture, keep going
                 ready = failed = True

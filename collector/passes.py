@@ -31,7 +31,7 @@ __all__ = ["DevicePasses"]
 
 log = logging.getLogger("esper_telemetry.collector")
 
-# Rebuilding graphs this often means the allocator keeps moving gradients: stop trying.
+# Building this many address-bound graphs means the allocator keeps moving gradients: stop.
 _MAX_GRAPH_BUILDS = 16
 
 
@@ -43,6 +43,7 @@ class DevicePasses:
         self.pointer_tables = pointer_tables and triton_norms.available()
         self.graph_builds = 0
         self.graph_replays = 0
+        self._address_graphs = 0   # graphs bound to one address set (the _foreach_norm path)
         self._streams: Dict[torch.device, torch.cuda.Stream] = {}
         self._ready: Dict[torch.device, torch.cuda.Event] = {}
 
@@ -119,7 +120,7 @@ class DevicePasses:
         s.table_uses += 1
         try:
             # The first use runs eagerly (Triton compiles its kernel then); later ones capture.
-            if self.use_graphs and s.table_uses >= 2 and self.graph_builds < _MAX_GRAPH_BUILDS:
+            if self.use_graphs and s.table_uses >= 2:  # one graph per slice, whatever the addresses
                 out = self._capture(lambda: group_sums(triton_norms.tensor_squares(s.table),
                                                        s.group_index, plan.n_groups))
                 if out is not None:
@@ -146,7 +147,8 @@ class DevicePasses:
             s.seen = {k: v for k, v in s.seen.items() if k in plan.known_keys}
         # Capture on the second use of the same addresses: addresses seen once (the
         # allocator moved the gradients) never pay for a graph.
-        if self.use_graphs and seen >= 2 and self.graph_builds < _MAX_GRAPH_BUILDS:
+        if self.use_graphs and seen >= 2 and self._address_graphs < _MAX_GRAPH_BUILDS:
+            self._address_graphs += 1
             out = self._capture(lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups))
             if out is not None:
                 if len(s.graphs) >= MAX_KEYS:  # the plan forgot the oldest key; so do we
@@ -172,6 +174,6 @@ class DevicePasses:
             self.use_graphs = False
             log.warning("CUDA graph capture failed, using eager norm passes: %s", exc)
             return None
-        if self.graph_builds == _MAX_GRAPH_BUILDS:
-            log.info("gradients keep moving between captures; CUDA graphs no longer built")
+        if self._address_graphs == _MAX_GRAPH_BUILDS:
+            log.info("gradients keep moving between captures; no more _foreach_norm graphs")
         return graph, out

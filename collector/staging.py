@@ -38,12 +38,14 @@ class StagingPool:
 
     def take(self, plan) -> Staging:
         tables = tuple((s.slot, int(s.table.numels.shape[0])) for s in plan.cuda if s.table is not None)
-        shape = (len(plan.slices), plan.n_groups, tables)
+        pin = bool(plan.cuda)
+        # Pinning is part of the key: a pageable buffer left by a CPU plan would turn this
+        # plan's non-blocking device-to-host copy into a synchronous one.
+        shape = (pin, len(plan.slices), plan.n_groups, tables)
         with self._lock:
             free = self._free.get(shape)
             if free:
                 return free.pop()
-        pin = bool(plan.cuda)
         rows = torch.zeros((len(plan.slices), 2, plan.n_groups), dtype=torch.float64, pin_memory=pin)
         ptrs = {slot: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for slot, n in tables}
         return Staging(rows, ptrs, shape)

@@ -10,6 +10,7 @@ and logged once per kind. Misuse at attach time raises at once.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ log = logging.getLogger("esper_telemetry.collector")
 
 _MAX_IN_FLIGHT = 64
 _MAX_IN_FLIGHT_CPU = 4096
+_MAX_PLANS = 4
 _live: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
 
 
@@ -68,6 +70,7 @@ class Telemetry:
         self._every = every
         self._step = 0
         self._plan: Optional[Plan] = None
+        self._plans: "collections.OrderedDict[Tuple[Any, ...], Plan]" = collections.OrderedDict()
         self._flat: Tuple[torch.Tensor, ...] = ()
         self._group_params: List[Tuple[torch.Tensor, ...]] = []
         self._counts: List[int] = []
@@ -85,6 +88,7 @@ class Telemetry:
         self._handles: List[Any] = []
         self._scaler = scaler
         self._stepped = False
+        self._deferred: Optional[int] = None   # a capture moved to the post-hook
         self.plans_built = 0
 
         self._passes = DevicePasses(use_graphs=cuda_graphs, pointer_tables=pointer_tables)
@@ -171,6 +175,12 @@ class Telemetry:
         if self._closed or self._forked:
             return
         try:
+            if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+                # Inside the user's own CUDA graph capture our events and copies would be
+                # captured into their graph: skip, and count it.
+                self._step = (self._step if step is None else int(step)) + 1
+                self._publisher.count(dropped=1)
+                return
             self._capture(step, fence, skipped)
         except Exception as exc:
             self._on_error(exc)
@@ -178,6 +188,9 @@ class Telemetry:
     def _capture(self, step: Optional[int], fence: bool, skipped: bool) -> None:
         if step is None:
             step = self._step
+        if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+            raise TypeError("capture(step=...) takes an int or a CPU tensor: reading a GPU tensor would "
+                            "make the host wait for the GPU")
         step = int(step)  # a tensor or numpy step would fail to encode, losing its whole batch
         if step < 0:  # the wire carries counts: the daemon would reject this capture's batch
             raise ValueError(f"capture step must be >= 0, got {step}")
@@ -232,16 +245,27 @@ class Telemetry:
     def _current_plan(self, grads: List[Optional[torch.Tensor]], changed: bool) -> Plan:
         plan = self._plan
         key = grad_key(grads)
-        if plan is not None and not changed:
-            if plan.fits(key):
-                return plan
-            if grad_signature(grads) == plan.signature:
-                plan.adopt(key)  # same devices and dtypes at other addresses
-                return plan
-        new = build_plan(self._group_params, grads, key, grad_signature(grads), self._sharded,
+        if plan is not None and not changed and plan.fits(key):
+            return plan
+        signature = grad_signature(grads)
+        if changed:
+            self._plans.clear()  # plans of other parameters
+        else:
+            # Same devices and dtypes at other addresses, or a layout seen before (a seed
+            # whose gradient is None on the steps it sits out): reuse that plan and its graphs.
+            known = self._plans.get(signature)
+            if known is not None:
+                known.adopt(key)
+                self._plans.move_to_end(signature)
+                self._plan = known
+                return known
+        new = build_plan(self._group_params, grads, key, signature, self._sharded,
                          self._counts, pointer_tables=self._passes.pointer_tables)
         self.plans_built += 1
         self._report_devices(plan, new)
+        self._plans[signature] = new
+        if len(self._plans) > _MAX_PLANS:
+            self._plans.popitem(last=False)
         self._plan = new
         return new
 
@@ -255,12 +279,19 @@ class Telemetry:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._stepped = True
         step = self._step
-        if step % self._every == 0:
-            self._safe_capture(step, fence=False, skipped=False)
-        else:
+        if step % self._every != 0:
             self._step = step + 1
+        elif getattr(optimizer, "grad_scale", None) is not None:
+            # GradScaler handed the loss scale to an optimizer that unscales the gradients
+            # in place inside its (fused) step: they are final, and written, only after it.
+            self._deferred = step
+        else:
+            self._safe_capture(step, fence=False, skipped=False)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._deferred is not None:
+            step, self._deferred = self._deferred, None
+            self._safe_capture(step, fence=True, skipped=False)
         try:
             self._fence_pending()
         except Exception as exc:
@@ -351,6 +382,8 @@ class Telemetry:
         self._rebound.clear()
 
     def _report_structural(self, name: str, evidence: str) -> None:
+        if self._forked:
+            return
         self._publisher.publish(IsolationViolation(self.run, self.rank, time.time(), self._step,
                                                    name, "structural", evidence, None))
 
@@ -366,6 +399,10 @@ def _after_fork_in_child() -> None:
     for tel in list(_live):
         tel._forked = True
         tel._closed = True
+        tel._structural.remove()   # the child's forward passes must not report into our queue
+        for handle in tel._handles:
+            handle.remove()
+        tel._handles.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -215,3 +215,25 @@ def test_forced_sharding_and_seed_only_attach(attach, pull):
     tel.close()
     (norms,) = [e for e in pull.until_goodbyes() if isinstance(e, Norms)]
     assert [(g.name, g.role, g.sharded) for g in norms.groups] == [("a", "seed", True), ("h", "group", True)]
+
+
+def test_a_seed_that_sits_out_steps_reuses_its_plans(attach):
+    """A seed with no gradient on alternate steps (zero_grad(set_to_none=True)) switches
+    between two layouts; both plans are kept, not rebuilt at every step."""
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    for step in range(8):
+        model.zero_grad(set_to_none=True)
+        train_step(model, seed=step)
+        if step % 2:
+            for p in model.seeds["b"].parameters():
+                p.grad = None                       # b sat this step out
+        want_b = ref_sq(model.seeds["b"].parameters())
+        want_host = ref_sq(model.host.parameters())
+        tel.capture(step)
+        assert tel.flush(5.0)
+        got = tel.latest()
+        assert got.step == step and rel_err(got["host"].sq, want_host) <= 1e-5
+        assert got["b"].has_grad == (step % 2 == 0)
+        assert (got["b"].sq is None) if step % 2 else rel_err(got["b"].sq, want_b) <= 1e-5
+    assert tel.stats()["plans"] == 2
