@@ -256,6 +256,8 @@ class Telemetry:
             known = self._plans.get(signature)
             if known is not None:
                 known.adopt(key)
+                if plan is not None and known.group_devices != plan.group_devices:
+                    self._report_devices(plan, known)   # moved back to where it was before
                 self._plans.move_to_end(signature)
                 self._plan = known
                 return known

@@ -141,3 +141,21 @@ def test_gradients_freed_and_recreated_are_followed(attach):
     tel.capture(step=4)
     assert tel.flush(5.0)
     assert all(g.sq is None and not g.has_grad for g in tel.latest().groups.values())
+
+
+def test_returning_to_an_earlier_dtype_reuses_its_plan_and_stays_correct(attach, pull):
+    """Plans are kept per layout: float32 -> float64 -> float32 builds two, and the reused
+    one measures the new tensors (same parameters, new storage) correctly."""
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    for step, dtype in enumerate([torch.float32, torch.float64, torch.float32]):
+        model.zero_grad(set_to_none=True)
+        model.to(dtype)
+        train_step(model, seed=step)
+        tel.capture(step)
+        assert tel.flush(5.0)
+        assert rel_err(tel.latest()["host"].sq, ref_sq(model.host.parameters())) <= 1e-5
+    assert tel.stats()["plans"] == 2
+    tel.close()
+    pull.until_goodbyes()
+    assert [e.step for e in pull.of(Norms)] == [0, 1, 2]
