@@ -5,7 +5,8 @@ Semantics (docs/daemon.md has the operator's version):
 - A run exists from its first accepted event until every rank it has heard from said
   goodbye (ended at once) or until it has been quiet for the TTL (expired). Its counters
   only go up while it lives; a run that comes back starts again from zero.
-- Replicated groups (``sharded`` false) take the latest capture, whichever rank sent it.
+- Replicated groups (``sharded`` false) take the capture of the highest step, whichever rank
+  sent it (a rank going back to a lower step is that rank restarting, and is taken).
 - Sharded groups: a step's sums of squares are added over ranks and published once the
   expected number of ranks reported that step: the world size of the latest ``Hello``, or,
   when the daemon has seen no ``Hello`` (it started after the job), the highest rank heard
@@ -77,7 +78,7 @@ class Limits:
 
 
 class _Group:
-    __slots__ = ("role", "params", "isolated", "captured", "sq", "step", "nonfinite",
+    __slots__ = ("role", "params", "isolated", "captured", "sq", "step", "rank", "nonfinite",
                  "violations", "violation_step")
 
     def __init__(self) -> None:
@@ -87,6 +88,7 @@ class _Group:
         self.captured = False
         self.sq: Optional[float] = None
         self.step = -1
+        self.rank = -1      # the rank whose capture ``sq`` is (replicated groups)
         self.nonfinite = 0
         self.violations: Dict[str, int] = {}
         self.violation_step = -1
@@ -104,7 +106,7 @@ class _Pending:
 
 class _Run:
     __slots__ = ("groups", "ranks", "max_rank", "world_size", "last_seen", "captures",
-                 "last_step", "last_time", "dropped", "dropped_by_rank", "mismatch",
+                 "last_step", "last_rank", "last_time", "dropped", "dropped_by_rank", "mismatch",
                  "incomplete", "pending", "closed")
 
     def __init__(self, now: float) -> None:
@@ -115,6 +117,7 @@ class _Run:
         self.last_seen = now
         self.captures = 0
         self.last_step = -1
+        self.last_rank = -1
         self.last_time = 0.0
         self.dropped = 0
         self.dropped_by_rank: Dict[int, int] = {}  # latest cumulative count per rank
@@ -252,8 +255,10 @@ class Aggregator:
             if run is None:
                 return
         run.captures += 1
-        run.last_step = step
-        run.last_time = time_
+        if step >= run.last_step or rank == run.last_rank:
+            run.last_step = step
+            run.last_rank = rank
+            run.last_time = time_
         groups = run.groups
         shards = None
         for name, role, params, sq, nonfinite, sharded, isolated in group_norms:
@@ -271,9 +276,12 @@ class Aggregator:
                 if shards is None:
                     shards = []
                 shards.append((group, sq))
-            else:
+            elif step >= group.step or rank == group.rank:
+                # Ranks' batches interleave: an older step from another rank must not move
+                # the norm backwards; the same rank going back is that rank restarting.
                 group.sq = sq
                 group.step = step
+                group.rank = rank
                 group.captured = True
         if shards is not None:
             self._shard(run, rank, step, shards)
@@ -348,11 +356,11 @@ class Aggregator:
         group = self._group(run, ev.group)
         if group is None:
             return
-        if _bump(group.violations, ev.kind):
-            if ev.step > group.violation_step:
-                group.violation_step = ev.step
-        else:
+        if not _bump(group.violations, ev.kind):
             self._stats.overflow["label_values"] += 1
+        # The kind cap bounds label values, not evidence: a refused kind still marks its step.
+        if ev.step > group.violation_step:
+            group.violation_step = ev.step
         self._log.debug("isolation violation: run=%s group=%s kind=%s step=%d: %s",
                         ev.run, ev.group, ev.kind, ev.step, ev.evidence)
 

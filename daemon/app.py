@@ -130,12 +130,12 @@ class Daemon:
             raise StartupError(str(exc)) from None
         try:
             host, port = await self.web.start()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a host IDNA cannot encode
             self.receiver.close()
             self._context.term()
             raise StartupError(
                 f"cannot listen on {self.config.web_listen_address}: "
-                f"{exc.strerror or exc}") from None
+                f"{getattr(exc, 'strerror', None) or exc}") from None
         self.web_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._receiving = asyncio.create_task(self.receiver.run(), name="receiver")
         self._tasks = [

@@ -166,7 +166,7 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
         "esper_daemon_messages", "ZeroMQ messages received, accepted or not.",
         value=snap.messages)
     yield CounterMetricFamily(
-        "esper_daemon_events", "Events decoded, accepted and applied.", value=snap.events)
+        "esper_daemon_events", "Events decoded and handed to the aggregator.", value=snap.events)
     rejected = CounterMetricFamily(
         "esper_daemon_rejected",
         "Messages rejected whole, by reason: the wire codec's (limit, malformed, version, "

@@ -31,8 +31,10 @@ __all__ = ["Receiver", "RECEIVE_HWM"]
 
 _log = logging.getLogger(__name__)
 
-# Messages libzmq may buffer per socket before pushing back on senders.
-RECEIVE_HWM = 100_000
+# Messages libzmq may buffer per connected collector before pushing back on it (a PULL
+# socket's high-water mark is per peer). A collector's message carries up to 256 events,
+# so this is ample slack while bounding what a stalled daemon holds per collector.
+RECEIVE_HWM = 10_000
 # Per wakeup, at most this many messages or events are handled before yielding to the
 # loop. Bounded in events too: the aggregator must get its turn before the receiver can
 # fill the queue with one burst of large batches.
@@ -66,6 +68,7 @@ class Receiver:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+            sock.setsockopt(zmq.IPV6, 1)  # else libzmq refuses tcp://[ADDR]:PORT endpoints
             try:
                 sock.bind(address)
             except zmq.ZMQError as exc:

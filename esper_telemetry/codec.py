@@ -220,13 +220,15 @@ def _group_norms(
     # Bound as locals: this is the daemon's hottest loop and global lookups add up.
     _str: type = str, _int: type = int, _float: type = float, _bool_t: type = bool,
     _tuple: type = tuple, _roles: frozenset = _ROLE_SET, _maxs: int = MAX_STRING_CHARS,
-    _maxi: int = _MAX_INT, _inf: float = math.inf,
+    _maxi: int = _MAX_INT, _inf: float = math.inf, _maxg: int = MAX_GROUPS_PER_EVENT,
 ) -> Tuple[GroupNorm, ...]:
     # One pass of inline type tests per group, falling back to the field checks (for a
     # precise reason) only when something is wrong.
+    if type(value) is not _tuple or len(value) > _maxg:
+        _array(value, _maxg)  # raises the precise WireError
     out = []
     append = out.append
-    for item in _array(value, MAX_GROUPS_PER_EVENT):
+    for item in value:
         if type(item) is _tuple and len(item) == 7:
             name, role, params, sq, nonfinite, sharded, isolated = item
             if (
@@ -297,21 +299,28 @@ _INF = math.inf
 _NORMS_KEYS = ("v", "event", "run", "rank", "time", "step", "skipped", "groups")
 
 
-def _from_wire(obj: Any) -> Event:
+def _from_wire(
+    obj: Any,
+    # Bound as locals (see _group_norms): this runs once per event received.
+    _dict: type = dict, _tuple: type = tuple, _str: type = str, _int: type = int,
+    _float: type = float, _bool: type = bool, _keys: tuple = _NORMS_KEYS,
+    _version: int = SCHEMA_VERSION, _maxs: int = MAX_STRING_CHARS, _maxi: int = _MAX_INT,
+    _inf: float = _INF, _norms: type = Norms,
+) -> Event:
     # Fast path for the event that dominates the traffic: a Norms map with its keys in the
     # order ``encode`` writes them. Every test is the same as the field checks'; on any
     # doubt it falls through to the general path, which raises the precise WireError.
-    if type(obj) is dict and len(obj) == 8 and tuple(obj) == _NORMS_KEYS:
+    if type(obj) is _dict and len(obj) == 8 and _tuple(obj) == _keys:
         version, event, run, rank, time_, step, skipped, groups = obj.values()
         if (
-            event == "norms" and type(version) is int and version == SCHEMA_VERSION
-            and type(run) is str and 0 < len(run) <= MAX_STRING_CHARS
-            and type(rank) is int and 0 <= rank <= _MAX_INT
-            and type(time_) is float and 0.0 <= time_ < _INF
-            and type(step) is int and 0 <= step <= _MAX_INT
-            and type(skipped) is bool
+            event == "norms" and type(version) is _int and version == _version
+            and type(run) is _str and 0 < len(run) <= _maxs
+            and type(rank) is _int and 0 <= rank <= _maxi
+            and type(time_) is _float and 0.0 <= time_ < _inf
+            and type(step) is _int and 0 <= step <= _maxi
+            and type(skipped) is _bool
         ):
-            return _new_record(Norms, (run, rank, time_, step, skipped, _group_norms(groups)))
+            return _new_record(_norms, (run, rank, time_, step, skipped, _group_norms(groups)))
     return _from_wire_checked(obj)
 
 

@@ -31,6 +31,17 @@ def test_replicated_group_takes_the_latest_capture_from_any_rank(make_agg):
     assert stats.events == 2
 
 
+def test_an_older_step_from_another_rank_does_not_move_the_norm_back(make_agg):
+    agg, _ = make_agg()
+    agg.apply([host_seed(rank=0, step=100, host_sq=16.0)])
+    agg.apply([host_seed(rank=1, step=64, host_sq=9.0)])       # rank 1's batch landed late
+    assert (group_of(agg, "host").sq, group_of(agg, "host").step) == (16.0, 100)
+    assert run_of(agg).last_step == 100
+    agg.apply([host_seed(rank=0, step=3, host_sq=4.0)])        # rank 0 restarted from a checkpoint
+    assert (group_of(agg, "host").sq, group_of(agg, "host").step) == (4.0, 3)
+    assert run_of(agg).last_step == 3
+
+
 def test_a_capture_without_gradient_is_captured_with_no_sq(make_agg):
     agg, _ = make_agg()
     agg.apply([host_seed(host_sq=4.0)])
@@ -256,3 +267,15 @@ async def test_run_consumes_the_queue_until_cancelled(make_agg):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert group_of(agg, "host").sq == 81.0 and len(agg._queue) == 0
+
+
+def test_a_violation_still_counts_for_isolation_when_its_kind_is_refused_by_the_cap(make_agg):
+    # A full set of (junk) kinds bounds the label values, not the evidence: a violation of
+    # a refused kind must still mark its step, or esper_isolation_ok hides a real leak.
+    agg, stats = make_agg()
+    v = lambda step, kind: IsolationViolation("r", 0, 1.0, step, "seed", kind, "x", None)
+    agg.apply([host_seed(step=1)] + [v(1, f"junk{i}") for i in range(MAX_KINDS)])
+    agg.apply([host_seed(step=2), v(2, "gradient")])
+    seed = group_of(agg, "seed")
+    assert "gradient" not in seed.violations and stats.overflow["label_values"] == 1
+    assert seed.violation_step == 2

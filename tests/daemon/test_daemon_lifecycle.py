@@ -50,3 +50,46 @@ async def test_zmq_address_in_use_is_a_startup_error_naming_the_endpoint():
     finally:
         holder.close(linger=0)
         ctx.term()
+
+
+async def test_an_unresolvable_web_host_is_a_startup_error_and_releases_the_zmq_socket():
+    # "foo..bar" fails in the IDNA codec (UnicodeError), not with an OSError.
+    d = Daemon(make_config(web_host="foo..bar"))
+    try:
+        with pytest.raises(StartupError, match="cannot listen on foo..bar:0"):
+            await d.start()
+        assert d.receiver._sockets == [] and not d.ready()
+    finally:  # without the fix a leaked socket would hang the context's term() at exit
+        d.receiver.close()
+        d._context.destroy(linger=0)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+async def test_an_ipv6_zmq_listen_address_binds_and_ingests():
+    # The configuration accepts tcp://[ADDR]:PORT; libzmq binds it only with ZMQ_IPV6 set.
+    from esper_telemetry import encode
+    from daemon_support import host_seed, wait_for
+
+    d = Daemon(make_config(zmq_listen_addresses=("tcp://[::1]:*",)))
+    await d.start()
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.IPV6, 1)
+        push.connect(d.receiver.endpoints[0])
+        push.send(encode(host_seed(host_sq=4.0)))
+        await wait_for(lambda: d.stats.events == 1, 10, "the event over IPv6")
+        push.close(linger=0)
+    finally:
+        await d.shutdown()
+        ctx.term()

@@ -16,7 +16,7 @@ from deploy_support import DEPLOY, daemon_command
 UNIT = DEPLOY / "systemd" / "esper-telemetryd.service"
 ENV_FILE = DEPLOY / "systemd" / "esper-telemetryd.env"
 # The variables only the training side reads.
-COLLECTOR_ENV = {defaults.ENV_RUN, defaults.ENV_ENDPOINT, defaults.ENV_DISABLED}
+COLLECTOR_ENV = {defaults.ENV_RUN, defaults.ENV_ENDPOINT}
 
 
 def daemon_env_names() -> set:
