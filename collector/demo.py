@@ -52,13 +52,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def daemon_command() -> List[str]:
-    """``esper-telemetryd`` next to this interpreter, else on PATH, else ``python -m daemon``."""
-    script = Path(sys.executable).with_name("esper-telemetryd")
+def console_script(name: str, module: str) -> List[str]:
+    """The console script ``name`` next to this interpreter, else on PATH, else ``python -m module``."""
+    script = Path(sys.executable).with_name(name)
     if script.exists():
         return [str(script)]
-    found = shutil.which("esper-telemetryd")
-    return [found] if found else [sys.executable, "-m", "daemon"]
+    found = shutil.which(name)
+    return [found] if found else [sys.executable, "-m", module]
+
+
+def daemon_command() -> List[str]:
+    return console_script("esper-telemetryd", "daemon")
 
 
 def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple:

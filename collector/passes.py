@@ -17,7 +17,6 @@ launches one graph instead of dozens of kernels:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Dict, Optional, Sequence, Tuple
 

@@ -115,7 +115,7 @@ def test_backlog_skips_are_counted_and_reported_in_heartbeats(attach, pull, monk
 
 
 def test_heartbeats_travel_while_idle(attach, pull):
-    tel = attach(host=nn.Linear(2, 2), heartbeat_s=0.1, run="beats")
+    attach(host=nn.Linear(2, 2), heartbeat_s=0.1, run="beats")
     events = pull.until(lambda e: isinstance(e, Heartbeat), timeout_s=3.0)
     hb = [e for e in events if isinstance(e, Heartbeat)][0]
     assert (hb.run, hb.rank, hb.dropped, hb.errors) == ("beats", 0, 0, 0)

@@ -13,7 +13,7 @@ import zmq
 
 from esper_telemetry import REASONS, WireError, decode, encode
 from esper_telemetry.defaults import MAX_MESSAGE_BYTES
-from daemon_support import get, gn, hello, host_seed, norms, wait_for
+from daemon_support import get, hello, host_seed, wait_for
 
 
 def sent_all(running, n):

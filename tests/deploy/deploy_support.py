@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 import json
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Iterable, List, Optional, Sequence, Set
 
 import pytest
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from typing import List, Tuple
 
-import pytest
 
 from esper_telemetry import defaults
 

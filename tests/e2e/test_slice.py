@@ -12,13 +12,8 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
@@ -42,29 +37,8 @@ T = TypeVar("T")
 
 
 # -- processes and HTTP -----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def console_script(name: str, module: str) -> List[str]:
-    """The console script ``name`` of this interpreter's environment, else ``python -m module``."""
-    script = Path(sys.executable).with_name(name)
-    if script.exists():
-        return [str(script)]
-    found = shutil.which(name)
-    return [found] if found else [sys.executable, "-m", module]
-
-
-def http_get(url: str, timeout_s: float = 2.0) -> tuple:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except (urllib.error.URLError, OSError):
-        return 0, ""
+# The demo's own helpers: the test starts the daemon the way the demo does.
+from collector.demo import console_script, free_port, http_get  # noqa: E402
 
 
 def wait_until(predicate: Callable[[], Optional[T]], timeout_s: float, what: str) -> T:
