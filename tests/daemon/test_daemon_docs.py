@@ -1,0 +1,43 @@
+"""The README's daemon reference matches the daemon: every flag and every metric family,
+both ways, so the documentation cannot drift from the code unnoticed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from daemon.config import build_parser
+from daemon.exporter import new_registry
+from esper_telemetry import IsolationViolation
+from daemon_support import heartbeat, hello, host_seed, parse
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    start = README.index(f"### {title}")
+    end = README.index("\n#", start + 4)
+    return README[start:end]
+
+
+def test_every_daemon_flag_is_in_the_readme_table_and_nothing_else():
+    documented = set(re.findall(r"^\| `(--[a-z.-]+)`", section("Daemon flags"), re.M))
+    parser_flags = {opt for action in build_parser()._actions for opt in action.option_strings
+                    if opt.startswith("--") and opt != "--help"}
+    assert documented == parser_flags
+
+
+def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_agg):
+    agg, _ = make_agg()
+    agg.apply([hello(), host_seed(), heartbeat(dropped=1),
+               IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1)])
+    exposition = generate_latest(new_registry(agg.snapshot, process_metrics=False)).decode()
+    # Families by their exposed sample names, less the suffixes the catalog may or may not
+    # write (counters are documented with _total).
+    families = {re.sub(r"_(total|info|created)$", "", name) for name, _ in parse(exposition)
+                if name.startswith("esper_")}
+    catalog = set(re.findall(r"^\| `(esper_[a-z_]+)`", section("Metric catalog"), re.M))
+    documented = {re.sub(r"_(total|info)$", "", name) for name in catalog}
+    assert documented == families
