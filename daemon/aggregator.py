@@ -343,11 +343,18 @@ class Aggregator:
         if run is None:
             return
         by_rank = run.dropped_by_rank
+        if ev.rank not in by_rank and len(by_rank) >= self._limits.max_ranks_per_run:
+            # Full of ranks that have left (their drops are already summed): forget one,
+            # or this rank's running total would be added again at every heartbeat.
+            gone = next((r for r in by_rank if r not in run.ranks), None)
+            if gone is None:
+                self._stats.overflow["ranks"] += 1
+                return
+            del by_rank[gone]
         prev = by_rank.get(ev.rank, 0)
         # A cumulative count that went down is a restarted collector counting from zero.
         run.dropped += ev.dropped - prev if ev.dropped >= prev else ev.dropped
-        if ev.rank in by_rank or len(by_rank) < self._limits.max_ranks_per_run:
-            by_rank[ev.rank] = ev.dropped
+        by_rank[ev.rank] = ev.dropped
 
     def _violation(self, ev: IsolationViolation) -> None:
         run = self._run(ev.run, ev.rank)

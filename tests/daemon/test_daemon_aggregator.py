@@ -204,6 +204,15 @@ def test_dropped_events_sum_latest_counts_over_ranks_and_survive_a_collector_res
     assert run_of(agg).dropped == 12
 
 
+def test_dropped_counts_of_a_new_rank_are_not_added_twice_when_departed_ranks_fill_the_cap(make_agg):
+    agg, _ = make_agg(max_ranks_per_run=2)
+    agg.apply([heartbeat(rank=0, dropped=5), heartbeat(rank=1, dropped=3)])
+    agg.apply([goodbye(rank=0)])                # rank 0 leaves; rank 1 keeps the run alive
+    agg.apply([heartbeat(rank=2, dropped=4)])
+    agg.apply([heartbeat(rank=2, dropped=4)])   # the same running total again: nothing new
+    assert run_of(agg).dropped == 12
+
+
 def test_violations_count_by_kind_and_track_the_highest_step(make_agg):
     agg, stats = make_agg()
     v = lambda step, kind="gradient": IsolationViolation("r", 0, 1.0, step, "seed", kind, "x", 0.5)
