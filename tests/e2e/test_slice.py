@@ -15,7 +15,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -33,23 +33,12 @@ SETTLE_TIMEOUT_S = 10.0
 DEMO_TIMEOUT_S = 60.0
 REL = 1e-5
 
-T = TypeVar("T")
 
 
 # -- processes and HTTP -----------------------------------------------------------------------
 # The demo's own helpers: the test starts the daemon the way the demo does.
 from collector.demo import console_script, free_port, http_get  # noqa: E402
-
-
-def wait_until(predicate: Callable[[], Optional[T]], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.05)
+from collector.demo import wait_for as wait_until  # noqa: E402
 
 
 def clean_env() -> Dict[str, str]:
