@@ -30,8 +30,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import esper_telemetry as et  # noqa: E402
+import esper_telemetry as et
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -2,7 +2,7 @@
 
     python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--no-write]
 
-Starts ``python -m daemon`` as a subprocess, then per trial N sender processes (each one
+Starts ``python -m esper_telemetry.daemon`` as a subprocess, then per trial N sender processes (each one
 collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events as
 fast as the daemon takes them (blocking sends: libzmq's high-water mark pushes back, so
 every event sent reaches the daemon's socket). Throughput is the events the daemon
@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode  # noqa: E402
+from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
 
 SECTION = "## Daemon ingest"
 
@@ -184,7 +183,7 @@ def main() -> int:
     args = ap.parse_args()
 
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
+        [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
          "--web.listen-address=127.0.0.1:0", "--limits.max-runs=1000",
          "--limits.max-groups-per-run=256", "--log.level=info"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -233,7 +232,7 @@ def main() -> int:
     section = (
         f"{SECTION}\n\n"
         f"`python bench/daemon_ingest.py` ({time.strftime('%Y-%m-%d')}). Machine: {_machine()}.\n"
-        f"The daemon (`python -m daemon`, default queue) and {args.senders} sender processes "
+        f"The daemon (`python -m esper_telemetry.daemon`, default queue) and {args.senders} sender processes "
         f"(one run each, blocking PUSH over tcp loopback, `Norms` events of 3 groups) share "
         f"the machine. Medians of {args.trials} trials of about {args.seconds:g} s.\n\n"
         f"| measure | median | target |\n|---|---|---|\n"

@@ -1,7 +1,7 @@
 """The in-process collector: squared gradient norms per parameter group, published over ZeroMQ.
 
 ``attach`` (also ``esper_telemetry.attach``) is the entry point; it returns a ``Telemetry``.
-Names are imported on first use, so ``collector.cli`` starts without loading torch.
+Names are imported on first use, so ``esper_telemetry.collector.cli`` starts without loading torch.
 """
 
 from __future__ import annotations

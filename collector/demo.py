@@ -62,7 +62,7 @@ def console_script(name: str, module: str) -> List[str]:
 
 
 def daemon_command() -> List[str]:
-    return console_script("esper-telemetryd", "daemon")
+    return console_script("esper-telemetryd", "esper_telemetry.daemon")
 
 
 def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple:

@@ -68,7 +68,7 @@ class DeviceSlice:
     # while a capture still holds the previous ones alternates between address sets.
     graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor]] = field(default_factory=dict)
     seen: Dict[Tuple[int, ...], int] = field(default_factory=dict)
-    # The pointer-table pass (collector.triton_norms), when this slice can use it: its
+    # The pointer-table pass (esper_telemetry.collector.triton_norms), when this slice can use it: its
     # block table, whether positions are simply 0..n-1 (the key is then the table as is),
     # and its graph once captured (address-independent, so one per slice).
     table: Any = None

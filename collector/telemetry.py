@@ -52,7 +52,7 @@ _live: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
 
 
 class Telemetry:
-    """Watches named parameter groups of one training process; see ``collector.attach``."""
+    """Watches named parameter groups of one training process; see ``esper_telemetry.collector.attach``."""
 
     def __init__(self, specs: List[GroupSpec], *, run: str, endpoint: str, rank: int,
                  world_size: int, sharded: Optional[bool], shared_device: torch.device,

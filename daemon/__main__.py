@@ -1,4 +1,4 @@
-"""``python -m daemon``: the same as the ``esper-telemetryd`` console script."""
+"""``python -m esper_telemetry.daemon``: the same as the ``esper-telemetryd`` console script."""
 
 import sys
 

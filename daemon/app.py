@@ -33,7 +33,7 @@ from .web import WebServer
 
 __all__ = ["Daemon", "StartupError", "Signals", "serve"]
 
-_log = logging.getLogger("daemon")
+_log = logging.getLogger("esper_telemetry.daemon")
 
 # Decoding allocates a few container objects per event and almost never makes a cycle, so
 # CPython's default gen-0 threshold (700) runs a collection every ~100 events, scanning

@@ -41,7 +41,7 @@ def setup_logging(level: str, stream: TextIO = sys.stderr) -> logging.Logger:
     """Route the ``daemon`` logger to ``stream`` at ``level``; returns it."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(LogfmtFormatter())
-    logger = logging.getLogger("daemon")
+    logger = logging.getLogger("esper_telemetry.daemon")
     logger.handlers[:] = [handler]
     logger.setLevel(_LEVELS[level])
     logger.propagate = False

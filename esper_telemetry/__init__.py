@@ -26,7 +26,7 @@ from .events import (
 from .version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from collector import Telemetry
+    from esper_telemetry.collector import Telemetry
 
 __all__ = [
     "__version__",
@@ -51,9 +51,9 @@ __all__ = [
 def attach(*args: Any, **kwargs: Any) -> "Telemetry":
     """Watch parameter groups of a training job and publish their gradient health.
 
-    See ``collector.attach`` for the arguments; importing it here lazily keeps torch out of
+    See ``esper_telemetry.collector.attach`` for the arguments; importing it here lazily keeps torch out of
     processes (the daemon) that only need the wire contract.
     """
-    from collector import attach as _attach
+    from esper_telemetry.collector import attach as _attach
 
     return _attach(*args, **kwargs)

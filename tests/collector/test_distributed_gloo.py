@@ -22,7 +22,6 @@ _RANK_SCRIPT = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    sys.path.insert(0, sys.argv[4])
     import esper_telemetry as et
     from collector_support import make_model, ref_sq
 
@@ -67,8 +66,7 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     port = free_port()
-    here = str(REPO / "tests" / "collector")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), pull.endpoint, here],
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), pull.endpoint],
                               cwd=str(REPO), env=subprocess_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = []

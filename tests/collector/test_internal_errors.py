@@ -12,7 +12,7 @@ from esper_telemetry import Norms
 
 
 def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, caplog):
-    import collector.passes as passes
+    import esper_telemetry.collector.passes as passes
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -90,7 +90,7 @@ def test_stuck_sender_drops_and_counts_and_heartbeats_carry_the_count(attach, pu
 def test_backlog_skips_are_counted_and_reported_in_heartbeats(attach, pull, monkeypatch):
     """With the completion side stalled, captures beyond the in-flight bound are skipped,
     not queued without end, and every skip is a dropped event the daemon hears about."""
-    from collector import telemetry as telemetry_module
+    from esper_telemetry.collector import telemetry as telemetry_module
 
     model = make_model()
     tel = attach(model=model, host="host", heartbeat_s=3600.0)

@@ -10,10 +10,10 @@ from typing import Any, AsyncIterator, Callable, Iterator, List, Tuple
 import pytest
 import zmq
 
-from daemon.aggregator import Aggregator, Limits
-from daemon.app import Daemon
-from daemon.queue import EventQueue
-from daemon.stats import DaemonStats
+from esper_telemetry.daemon.aggregator import Aggregator, Limits
+from esper_telemetry.daemon.app import Daemon
+from esper_telemetry.daemon.queue import EventQueue
+from esper_telemetry.daemon.stats import DaemonStats
 from daemon_support import FakeClock, http_get, make_config, parse
 
 

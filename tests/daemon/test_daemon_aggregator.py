@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from daemon.aggregator import MAX_KINDS, MAX_PENDING_STEPS
+from esper_telemetry.daemon.aggregator import MAX_KINDS, MAX_PENDING_STEPS
 from esper_telemetry import DeviceMismatch, IsolationViolation
 from daemon_support import gn, goodbye, heartbeat, hello, host_seed, norms
 

@@ -29,7 +29,7 @@ def command() -> List[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("esper-telemetryd")
-    return [found] if found else [sys.executable, "-m", "daemon"]
+    return [found] if found else [sys.executable, "-m", "esper_telemetry.daemon"]
 
 
 def spawn(*args: str, cmd: List[str] = None) -> subprocess.Popen:
@@ -94,7 +94,7 @@ def test_console_script_events_in_scrape_signal_exit_zero(sig):
 
 
 def test_python_dash_m_daemon_runs_the_same_cli():
-    proc = subprocess.run([sys.executable, "-m", "daemon", "--version"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "esper_telemetry.daemon", "--version"], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout.startswith("esper-telemetryd ")
 

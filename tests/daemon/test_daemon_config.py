@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import ConfigError, parse_args
+from esper_telemetry.daemon.cli import main
+from esper_telemetry.daemon.config import ConfigError, parse_args
 from esper_telemetry import defaults as d
 
 

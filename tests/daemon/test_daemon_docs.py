@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from daemon.config import build_parser
-from daemon.exporter import new_registry
+from esper_telemetry.daemon.config import build_parser
+from esper_telemetry.daemon.exporter import new_registry
 from esper_telemetry import IsolationViolation
 from daemon_support import heartbeat, hello, host_seed, parse
 

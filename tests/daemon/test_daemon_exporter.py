@@ -9,9 +9,9 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from daemon.exporter import new_registry
-from daemon.stats import OVERFLOW_KINDS, REJECT_REASONS
-from daemon.textformat import render_text
+from esper_telemetry.daemon.exporter import new_registry
+from esper_telemetry.daemon.stats import OVERFLOW_KINDS, REJECT_REASONS
+from esper_telemetry.daemon.textformat import render_text
 from esper_telemetry import REASONS, DeviceMismatch, IsolationViolation
 from daemon_support import get, gn, goodbye, heartbeat, hello, host_seed, names, norms, parse
 

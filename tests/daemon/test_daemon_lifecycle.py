@@ -10,7 +10,7 @@ import socket
 import pytest
 import zmq
 
-from daemon.app import Daemon, Signals, StartupError
+from esper_telemetry.daemon.app import Daemon, Signals, StartupError
 from daemon_support import make_config
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from daemon.queue import EventQueue
+from esper_telemetry.daemon.queue import EventQueue
 
 
 def test_bounded_in_events_and_refuses_whole_messages():

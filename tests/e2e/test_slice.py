@@ -37,8 +37,8 @@ REL = 1e-5
 
 # -- processes and HTTP -----------------------------------------------------------------------
 # The demo's own helpers: the test starts the daemon the way the demo does.
-from collector.demo import console_script, free_port, http_get  # noqa: E402
-from collector.demo import wait_for as wait_until  # noqa: E402
+from esper_telemetry.collector.demo import console_script, free_port, http_get  # noqa: E402
+from esper_telemetry.collector.demo import wait_for as wait_until  # noqa: E402
 
 
 def clean_env() -> Dict[str, str]:
@@ -68,7 +68,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     log_path = tmp_path / "esper-telemetryd.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*console_script("esper-telemetryd", "daemon"), f"--zmq.listen-address={endpoint}",
+            [*console_script("esper-telemetryd", "esper_telemetry.daemon"), f"--zmq.listen-address={endpoint}",
              f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=debug"],
             cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT)
@@ -225,7 +225,7 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 def test_demo_command_prints_a_table_of_every_group() -> None:
     started = time.monotonic()
     proc = subprocess.run(
-        [*console_script("esper-telemetry", "collector.cli"), "demo", "--steps", "30",
+        [*console_script("esper-telemetry", "esper_telemetry.collector.cli"), "demo", "--steps", "30",
          "--run", "e2e-demo"],
         cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=DEMO_TIMEOUT_S)

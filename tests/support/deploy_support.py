@@ -73,13 +73,13 @@ def free_port() -> int:
 
 
 def daemon_command() -> List[str]:
-    """The daemon's console script from this interpreter's environment (``python -m daemon``
+    """The daemon's console script from this interpreter's environment (``python -m esper_telemetry.daemon``
     when it is not installed as a script)."""
     script = Path(sys.executable).with_name("esper-telemetryd")
     if script.exists():
         return [str(script)]
     found = shutil.which("esper-telemetryd")
-    return [found] if found else [sys.executable, "-m", "daemon"]
+    return [found] if found else [sys.executable, "-m", "esper_telemetry.daemon"]
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import Config
+from esper_telemetry.daemon.config import Config
 from esper_telemetry import GroupDecl, GroupNorm, Goodbye, Heartbeat, Hello, Norms
 
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]

@@ -19,6 +19,7 @@ from torch import nn
 from esper_telemetry import Event, Goodbye, decode
 
 REPO = Path(__file__).resolve().parents[2]
+SUPPORT = Path(__file__).resolve().parent
 
 
 class Receiver:
@@ -133,7 +134,9 @@ def free_port() -> int:
 
 def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # The package comes from the environment, as a user's would; only the test helpers
+    # (tests/support) are added, never the repository root.
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("ESPER_TELEMETRY_ENDPOINT", None)
     env.pop("ESPER_RUN", None)
     env.update(extra)
