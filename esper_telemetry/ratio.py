@@ -1,0 +1,26 @@
+"""The seed/host gradient ratio, defined once for the collector (in process) and the daemon.
+
+Sums of squares go in, so a caller never takes a square root it does not need; the ratio
+is the same whichever side computes it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["seed_ratio"]
+
+
+def seed_ratio(seed_sq: Optional[float], seed_params: Optional[int],
+               host_sq: Optional[float], host_params: Optional[int]) -> float:
+    """``(seed_norm / host_norm) * sqrt(host_params / seed_params)``, from sums of squares.
+
+    1.0 means the seed's gradient per parameter is as strong as the host's; far above 1 the
+    seed dominates learning, near 0 it is starved. A seed without gradient (``None``) has
+    norm 0. The ratio is 0 when it is undefined: the host has no gradient or a zero norm,
+    or either parameter count is zero or unknown.
+    """
+    if host_sq is None or host_sq <= 0.0 or not host_params or not seed_params:
+        return 0.0
+    return math.sqrt((seed_sq or 0.0) / host_sq) * math.sqrt(host_params / seed_params)
