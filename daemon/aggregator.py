@@ -28,7 +28,7 @@ import logging
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
-from esper_telemetry import (
+from esper_telemetry.events import (
     DeviceMismatch,
     Event,
     Goodbye,

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from esper_telemetry import SCHEMA_VERSION
+from esper_telemetry.events import SCHEMA_VERSION
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, Snapshot

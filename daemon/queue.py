@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from typing import Deque, List, Optional
 
-from esper_telemetry import Event
+from esper_telemetry.events import Event
 
 __all__ = ["EventQueue"]
 

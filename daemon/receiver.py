@@ -21,7 +21,7 @@ from typing import List, Sequence
 import zmq
 import zmq.asyncio
 
-from esper_telemetry import WireError, decode
+from esper_telemetry.codec import WireError, decode
 from esper_telemetry.defaults import MAX_MESSAGE_BYTES
 
 from .queue import EventQueue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from esper_telemetry import REASONS
+from esper_telemetry.codec import REASONS
 
 __all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS"]
 
