@@ -7,26 +7,26 @@ Semantics (docs/daemon.md has the operator's version):
   only go up while it lives; a run that comes back starts again from zero.
 - Replicated groups (``sharded`` false) take the capture of the highest step, whichever rank
   sent it (a rank going back to a lower step is that rank restarting, and is taken).
-- Sharded groups: a step's sums of squares are added over ranks and published once the
-  expected number of ranks reported that step: the world size of the latest ``Hello``, or,
-  when the daemon has seen no ``Hello`` (it started after the job), the highest rank heard
-  plus one. A step still short after the shard window is dropped and counted in
-  ``incomplete_steps``: a partial sum understates the norm, and a stale norm is safer
-  than a wrong one. A rank that reports a step twice replaces its first report.
+- Sharded groups: a step's sums of squares are added over ranks (``shards.py``) and
+  published once the expected number of ranks reported that step: the world size of the
+  latest ``Hello``, or, when the daemon has seen no ``Hello`` (it started after the job),
+  the highest rank heard plus one. A step still short after the shard window is dropped
+  and counted in ``incomplete_steps``.
 - Every set that input can grow is capped: runs, groups per run, ranks per run, violation
   and device-mismatch kinds, pending sharded steps. What a cap refuses is counted in
   ``DaemonStats.overflow``; what already exists is untouched.
 
-Single-threaded: everything runs on the event loop; ``snapshot()`` is the one read path.
-The clock is injected (monotonic seconds) so TTL and window tests need no sleeping.
+A state machine: ``apply(event, now)`` and ``apply_batch(events, now)`` feed it,
+``tick(now)`` moves time on (expiry, the shard window), ``snapshot()`` reads it. No clock,
+no queue, no event loop of its own: ``now`` (monotonic seconds) comes from the caller, and
+the pump that feeds it from the queue is the daemon's wiring (``app.py``). Single-threaded.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
-from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from esper_telemetry.events import (
     DeviceMismatch,
@@ -38,43 +38,27 @@ from esper_telemetry.events import (
     Norms,
 )
 
-from .queue import EventQueue
+from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DaemonStats
 
-__all__ = ["Aggregator", "Limits"]
+__all__ = ["Aggregator", "Limits", "MAX_KINDS"]
 
 _log = logging.getLogger(__name__)
 
 # Distinct label values kept per group (violation kinds) and per run (mismatch kinds).
 MAX_KINDS = 16
-# Sharded steps awaiting ranks, per run; the oldest is given up (counted incomplete) first.
-MAX_PENDING_STEPS = 64
-# Closed sharded steps remembered per run, so a straggler for one is not a new pending step.
-_CLOSED_MEMORY = 256
-# Events applied per turn of the event loop before yielding to the receiver: twice the
-# receiver's burst, so that in steady state the aggregator empties the queue every turn.
-_TURN_EVENTS = 8192
 
 
+@dataclasses.dataclass(frozen=True)
 class Limits:
-    """The aggregator's caps and windows (seconds)."""
+    """The aggregator's caps, and its windows in seconds (from ``Config``: no defaults here)."""
 
-    __slots__ = ("max_runs", "max_groups_per_run", "max_ranks_per_run", "ttl_s", "shard_window_s")
-
-    def __init__(
-        self,
-        max_runs: int = 100,
-        max_groups_per_run: int = 128,
-        max_ranks_per_run: int = 4096,
-        ttl_s: float = 300.0,
-        shard_window_s: float = 30.0,
-    ) -> None:
-        self.max_runs = max_runs
-        self.max_groups_per_run = max_groups_per_run
-        self.max_ranks_per_run = max_ranks_per_run
-        self.ttl_s = ttl_s
-        self.shard_window_s = shard_window_s
+    max_runs: int
+    max_groups_per_run: int
+    max_ranks_per_run: int
+    ttl_s: float
+    shard_window_s: float
 
 
 class _Group:
@@ -94,22 +78,12 @@ class _Group:
         self.violation_step = -1
 
 
-class _Pending:
-    """One sharded step awaiting its ranks: each rank's (group, sq) pairs."""
-
-    __slots__ = ("since", "reports")
-
-    def __init__(self, since: float) -> None:
-        self.since = since
-        self.reports: Dict[int, List[Tuple[_Group, Optional[float]]]] = {}
-
-
 class _Run:
     __slots__ = ("groups", "ranks", "max_rank", "world_size", "last_seen", "captures",
                  "last_step", "last_rank", "last_time", "dropped", "dropped_by_rank", "mismatch",
-                 "incomplete", "pending", "closed")
+                 "shards")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, shard_window_s: float) -> None:
         self.groups: Dict[str, _Group] = {}
         self.ranks: Dict[int, float] = {}  # rank -> clock time last heard
         self.max_rank = -1
@@ -122,29 +96,23 @@ class _Run:
         self.dropped = 0
         self.dropped_by_rank: Dict[int, int] = {}  # latest cumulative count per rank
         self.mismatch: Dict[str, int] = {}
-        self.incomplete = 0
-        self.pending: Dict[int, _Pending] = {}  # insertion order = age
-        self.closed: "OrderedDict[int, None]" = OrderedDict()
+        self.shards = StepAssembly(shard_window_s)
 
 
 class Aggregator:
-    """Applies events to run state; feeds on an ``EventQueue``; renders ``Snapshot``s."""
+    """Applies events to run state at the time it is given; builds ``Snapshot``s."""
 
     def __init__(
         self,
-        queue: EventQueue,
-        stats: DaemonStats,
         limits: Limits,
-        clock: Callable[[], float],
+        stats: DaemonStats,
         logger: logging.Logger = _log,
     ) -> None:
-        self._queue = queue
-        self._stats = stats
         self._limits = limits
-        self._clock = clock
+        self._stats = stats
         self._log = logger
         self._runs: Dict[str, _Run] = {}
-        self._now = clock()
+        self._now = float("-inf")  # the latest time given to apply or tick
         self._handlers: Dict[type, Callable[[Event], None]] = {
             Norms: self._norms,  # type: ignore[dict-item]
             Heartbeat: self._heartbeat,  # type: ignore[dict-item]
@@ -154,46 +122,28 @@ class Aggregator:
             Goodbye: self._goodbye,  # type: ignore[dict-item]
         }
 
-    # --- feeding -----------------------------------------------------------------------
+    # --- input: events and time ----------------------------------------------------------
 
-    async def run(self) -> None:
-        """Apply queued messages forever, yielding to the loop between bounded turns."""
-        while True:
-            await self._queue.wait()
-            self.drain(_TURN_EVENTS)
-            await asyncio.sleep(0)
+    def apply(self, event: Event, now: float) -> None:
+        """Apply one event received at ``now``; raises only on a daemon bug (not an event)."""
+        self.apply_batch((event,), now)
 
-    def drain(self, budget: int) -> int:
-        """Apply queued messages until about ``budget`` events were applied; returns the count."""
-        self._now = self._clock()
-        get = self._queue.get
+    def apply_batch(self, events: Sequence[Event], now: float) -> None:
+        """Apply one message's events, in order, all received at ``now``.
+
+        The events count as applied even if one of them raises (a daemon bug: the codec
+        validated them); the rest of that message is then not applied.
+        """
+        self._now = now
+        self._stats.events += len(events)
         handlers = self._handlers
-        done = 0
-        while done < budget:
-            events = get()
-            if events is None:
-                break
-            try:
-                for event in events:
-                    handlers[type(event)](event)
-            except Exception:  # a bug, never bad input (the codec validated it): stay up
-                self._stats.rejected["internal"] += 1
-                self._log.exception("internal error applying a message; it was dropped")
-            done += len(events)
-        self._stats.events += done
-        return done
+        for event in events:
+            handlers[type(event)](event)
 
-    def apply(self, events: List[Event]) -> None:
-        """Apply one message's events now (tests and tools; the daemon goes via the queue)."""
-        if not self._queue.put(events):
-            raise OverflowError("queue full")
-        self.drain(len(self._queue))
-
-    def tick(self) -> None:
+    def tick(self, now: float) -> None:
         """Expire quiet runs and ranks, and give up sharded steps past the window."""
-        now = self._now = self._clock()
+        self._now = now
         cutoff = now - self._limits.ttl_s
-        window_cutoff = now - self._limits.shard_window_s
         for name, run in list(self._runs.items()):
             if run.last_seen < cutoff:
                 del self._runs[name]
@@ -204,11 +154,8 @@ class Aggregator:
             stale = [r for r, t in run.ranks.items() if t < cutoff]
             for r in stale:
                 del run.ranks[r]
-            if run.pending:
-                late = [s for s, p in run.pending.items() if p.since < window_cutoff]
-                for step in late:
-                    self._close(run, step)
-                    run.incomplete += 1
+            if len(run.shards):
+                run.shards.expire(now)
 
     # --- the run, its ranks, its groups ---------------------------------------------------
 
@@ -220,7 +167,7 @@ class Aggregator:
             if len(self._runs) >= self._limits.max_runs:
                 self._stats.overflow["runs"] += 1
                 return None
-            run = self._runs[name] = _Run(now)
+            run = self._runs[name] = _Run(now, self._limits.shard_window_s)
         ranks = run.ranks
         if rank not in ranks:
             if len(ranks) >= self._limits.max_ranks_per_run:
@@ -288,39 +235,15 @@ class Aggregator:
 
     def _shard(self, run: _Run, rank: int, step: int,
                shards: List[Tuple[_Group, Optional[float]]]) -> None:
-        pending = run.pending.get(step)
-        if pending is None:
-            if step in run.closed:
-                return  # a straggler or duplicate for a step already published or given up
-            if len(run.pending) >= MAX_PENDING_STEPS:
-                oldest = next(iter(run.pending))
-                self._close(run, oldest)
-                run.incomplete += 1
-                self._stats.overflow["pending_steps"] += 1
-            pending = run.pending[step] = _Pending(self._now)
-        pending.reports[rank] = shards
         expected = run.world_size or max(run.max_rank + 1, len(run.ranks))
-        if len(pending.reports) >= expected:
-            self._close(run, step)
-            totals: Dict[_Group, Optional[float]] = {}
-            for report in pending.reports.values():
-                for group, sq in report:
-                    if sq is None:
-                        totals.setdefault(group, None)
-                    else:
-                        prev = totals.get(group)
-                        totals[group] = sq if prev is None else prev + sq
+        totals, evicted = run.shards.add(step, rank, shards, expected, self._now)
+        if evicted:
+            self._stats.overflow["pending_steps"] += 1
+        if totals is not None:
             for group, sq in totals.items():
                 group.sq = sq
                 group.step = step
                 group.captured = True
-
-    def _close(self, run: _Run, step: int) -> None:
-        run.pending.pop(step, None)
-        closed = run.closed
-        closed[step] = None
-        if len(closed) > _CLOSED_MEMORY:
-            closed.popitem(last=False)
 
     def _hello(self, ev: Hello) -> None:
         run = self._run(ev.run, ev.rank)
@@ -395,8 +318,12 @@ class Aggregator:
         return len(self._runs)
 
     def snapshot(self) -> Snapshot:
-        """Everything a scrape shows, detached from live state (call on the loop thread)."""
-        cutoff = self._clock() - self._limits.ttl_s
+        """Everything a scrape shows, detached from live state, as of the latest ``now``.
+
+        The queue's figures are not the aggregator's: they are ``None`` here, and the
+        daemon fills them in.
+        """
+        cutoff = self._now - self._limits.ttl_s
         runs = []
         for name, run in self._runs.items():
             groups = tuple(
@@ -406,11 +333,11 @@ class Aggregator:
             )
             collectors = sum(1 for t in run.ranks.values() if t >= cutoff)
             runs.append(RunSnapshot(name, run.captures, run.last_step, run.last_time,
-                                    collectors, run.dropped, run.incomplete,
+                                    collectors, run.dropped, run.shards.incomplete,
                                     dict(run.mismatch), groups))
         s = self._stats
         return Snapshot(tuple(runs), s.messages, s.events, dict(s.rejected), dict(s.overflow),
-                        s.expired_runs, s.ended_runs, len(self._queue), self._queue.capacity)
+                        s.expired_runs, s.ended_runs)
 
 
 def _bump(counts: Dict[str, int], key: str) -> bool:

@@ -1,7 +1,8 @@
 """The one wiring point, and the daemon's lifecycle: start, serve, shut down once.
 
-``Daemon`` builds receiver -> queue -> aggregator -> exporter, handing each its
-dependencies. ``serve`` runs it like uvicorn's ``Server``: start (any bind failure is one
+``Daemon`` builds receiver -> queue -> pump -> aggregator -> exporter, handing each its
+dependencies; the ``Pump`` is the wiring between the queue and the aggregator's state
+machine, with the clock that tells the aggregator the time. ``serve`` runs it like uvicorn's ``Server``: start (any bind failure is one
 clear error), run until a stop is requested, then shut down with a deadline, exactly once.
 ``Signals`` turns the first SIGTERM/SIGINT into a graceful stop and a second into an
 immediate exit.
@@ -10,12 +11,10 @@ immediate exit.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import gc
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Callable, List, Optional
 
@@ -24,14 +23,14 @@ import zmq.asyncio
 
 from .aggregator import Aggregator, Limits
 from .config import Config
-from .exporter import new_registry
+from .exporter import process_registry, scrape_registry
 from .queue import EventQueue
 from .receiver import Receiver
 from .snapshot import Snapshot
 from .stats import DaemonStats
 from .web import WebServer
 
-__all__ = ["Daemon", "StartupError", "Signals", "serve"]
+__all__ = ["Daemon", "Pump", "StartupError", "Signals", "serve", "limits"]
 
 _log = logging.getLogger("esper_telemetry.daemon")
 
@@ -42,8 +41,68 @@ _log = logging.getLogger("esper_telemetry.daemon")
 _GC_THRESHOLDS = (20_000, 50, 100)
 
 
+# Events applied per turn of the event loop before yielding to the receiver: twice the
+# receiver's burst, so that in steady state the pump empties the queue every turn.
+_TURN_EVENTS = 8192
+
+
 class StartupError(RuntimeError):
     """The daemon could not start (an address in use or invalid); the message is one line."""
+
+
+def limits(config: Config) -> Limits:
+    """The aggregator's caps and windows, from the configuration."""
+    return Limits(max_runs=config.max_runs, max_groups_per_run=config.max_groups_per_run,
+                  max_ranks_per_run=config.max_ranks_per_run, ttl_s=config.run_ttl_s,
+                  shard_window_s=config.shard_window_s)
+
+
+class Pump:
+    """Feeds the aggregator: queued messages with the time they are applied, and ticks.
+
+    On the event loop, like both of its ends. A message that makes the aggregator raise (a
+    daemon bug, never bad input: the codec validated it) is dropped, counted as
+    ``rejected{reason="internal"}`` and logged; the daemon stays up.
+    """
+
+    def __init__(self, queue: EventQueue, aggregator: Aggregator, stats: DaemonStats,
+                 clock: Callable[[], float], logger: logging.Logger = _log) -> None:
+        self._queue = queue
+        self._aggregator = aggregator
+        self._stats = stats
+        self._clock = clock
+        self._log = logger
+
+    async def run(self) -> None:
+        """Apply queued messages forever, yielding to the loop between bounded turns."""
+        while True:
+            await self._queue.wait()
+            self.drain(_TURN_EVENTS)
+            await asyncio.sleep(0)
+
+    def drain(self, budget: int) -> int:
+        """Apply queued messages until about ``budget`` events were applied; returns the count."""
+        now = self._clock()
+        get = self._queue.get
+        apply_batch = self._aggregator.apply_batch
+        done = 0
+        while done < budget:
+            events = get()
+            if events is None:
+                break
+            try:
+                apply_batch(events, now)
+            except Exception:
+                self._stats.rejected["internal"] += 1
+                self._log.exception("internal error applying a message; it was dropped")
+            done += len(events)
+        return done
+
+    async def tick_every(self, interval_s: float) -> None:
+        """Move the aggregator's time on every ``interval_s`` seconds, forever."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self._aggregator.tick(self._clock())
 
 
 class Daemon:
@@ -60,28 +119,18 @@ class Daemon:
         self._log = logger
         self.stats = DaemonStats()
         self.queue = EventQueue(config.queue_size)
-        self.aggregator = Aggregator(
-            self.queue,
-            self.stats,
-            Limits(
-                max_runs=config.max_runs,
-                max_groups_per_run=config.max_groups_per_run,
-                max_ranks_per_run=config.max_ranks_per_run,
-                ttl_s=config.run_ttl_s,
-                shard_window_s=config.shard_window_s,
-            ),
-            clock=clock,
-            logger=logger.getChild("aggregator"),
-        )
+        self.aggregator = Aggregator(limits(config), self.stats, logger.getChild("aggregator"))
+        self.pump = Pump(self.queue, self.aggregator, self.stats, clock,
+                         logger.getChild("aggregator"))
         self._context = zmq.asyncio.Context()
         self.receiver = Receiver(self._context, config.zmq_listen_addresses, self.queue,
                                  self.stats, logger.getChild("receiver"))
-        self.registry = new_registry(self.snapshot, process_metrics=process_metrics)
-        self.web = WebServer(config.web_host, config.web_port, config.telemetry_path,
-                             self.registry, self.ready, logger.getChild("web"))
+        process = process_registry() if process_metrics else None
+        self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
+                             config.telemetry_path, self.snapshot,
+                             lambda snap: scrape_registry(snap, process), self.ready,
+                             logger.getChild("web"))
         self.web_address = ""
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._loop_thread: Optional[int] = None
         self._tasks: List[asyncio.Task] = []
         self._receiving: Optional[asyncio.Task] = None
         self._ready = False
@@ -99,30 +148,17 @@ class Daemon:
         return self._ready
 
     def snapshot(self) -> Snapshot:
-        """A consistent snapshot, taken on the loop thread whichever thread asks."""
-        loop = self._loop
-        if loop is None or threading.get_ident() == self._loop_thread or loop.is_closed():
-            return self.aggregator.snapshot()
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        """What a scrape shows now: the aggregator's state and the queue's figures.
 
-        def take() -> None:
-            try:
-                fut.set_result(self.aggregator.snapshot())
-            except BaseException as exc:  # pragma: no cover - a bug surfaced to the scrape
-                fut.set_exception(exc)
-
-        try:
-            loop.call_soon_threadsafe(take)
-        except RuntimeError:  # the loop closed meanwhile: nothing mutates state any more
-            return self.aggregator.snapshot()
-        return fut.result(timeout=10.0)
+        Call on the loop thread (the web server does, before it renders off the loop).
+        """
+        return self.aggregator.snapshot()._replace(
+            queue_length=len(self.queue), queue_capacity=self.queue.capacity)
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Bind every socket and the HTTP port, then start the stages; ``StartupError`` if not."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         try:
             endpoints = self.receiver.bind()
         except zmq.ZMQError as exc:
@@ -138,21 +174,16 @@ class Daemon:
                 f"{getattr(exc, 'strerror', None) or exc}") from None
         self.web_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._receiving = asyncio.create_task(self.receiver.run(), name="receiver")
+        cfg = self.config
+        tick_s = max(0.05, min(1.0, cfg.run_ttl_s / 4, cfg.shard_window_s / 4))
         self._tasks = [
             self._receiving,
-            asyncio.create_task(self.aggregator.run(), name="aggregator"),
-            asyncio.create_task(self._ticker(), name="ticker"),
+            asyncio.create_task(self.pump.run(), name="aggregator"),
+            asyncio.create_task(self.pump.tick_every(tick_s), name="ticker"),
         ]
         self._ready = True
         self._log.info("listening zmq=%s web=%s path=%s", ",".join(endpoints),
                        self.web_address, self.config.telemetry_path)
-
-    async def _ticker(self) -> None:
-        lim = self.config
-        interval = max(0.05, min(1.0, lim.run_ttl_s / 4, lim.shard_window_s / 4))
-        while True:
-            await asyncio.sleep(interval)
-            self.aggregator.tick()
 
     async def shutdown(self) -> None:
         """Stop receiving, drain the queue by the deadline, linger for a last scrape, close.
@@ -169,7 +200,7 @@ class Daemon:
         self.receiver.close()
         deadline = time.monotonic() + cfg.shutdown_timeout_s
         while len(self.queue) and time.monotonic() < deadline:
-            self.aggregator.drain(4096)
+            self.pump.drain(4096)
             await asyncio.sleep(0)
         left = len(self.queue)
         if left:

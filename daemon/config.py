@@ -1,232 +1,193 @@
-"""The daemon's configuration: flags, their ``ESPER_*`` environment equivalents, validation.
+"""The daemon's configuration: every setting declared once, as a field of ``Config``.
 
-Resolution order for every setting: the flag, then the environment variable, then the
-default; names and defaults live in ``esper_telemetry.defaults``. Invalid configuration is
-the one fatal input (a ``ConfigError`` with a one-line reason); bad events never are.
+Each field is one row (``settings.setting``): flag, ``ESPER_*`` variable, default, unit,
+parser with its bounds, and help. The command line, the resolution (the flag, then the
+variable, then the default), ``--check-config`` and the README's flags table are derived
+from these rows; the variables' names and the defaults are the contract's
+(``esper_telemetry.defaults``), shared with the deploy files. Invalid configuration is the
+one fatal input (a ``ConfigError`` with a one-line reason naming the flag or the variable);
+bad events never are.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from esper_telemetry import defaults as d
 from esper_telemetry.version import __version__
 
-__all__ = ["Config", "ConfigError", "parse_args", "build_parser", "LOG_LEVELS"]
+from .settings import (
+    ConfigError,
+    Setting,
+    Switch,
+    integer,
+    number,
+    one_of,
+    rows_of,
+    setting,
+)
+from .settings import build_parser as _build_parser
+from .settings import flags_table as _flags_table
+from .settings import resolve
+
+__all__ = ["Config", "ConfigError", "WebAddress", "SETTINGS", "SWITCHES", "LOG_LEVELS",
+           "parse_args", "build_parser", "flags_table"]
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
-class ConfigError(ValueError):
-    """Invalid configuration; the message is one line naming the setting."""
+class WebAddress(NamedTuple):
+    """Where the HTTP server listens; an empty host means every interface."""
 
+    host: str
+    port: int
 
-@dataclass(frozen=True)
-class Config:
-    """Validated settings; durations in seconds, sizes in events, counts as given."""
-
-    zmq_listen_addresses: Tuple[str, ...] = (d.DEFAULT_ZMQ_LISTEN_ADDRESS,)
-    web_host: str = "127.0.0.1"
-    web_port: int = d.DEFAULT_WEB_PORT
-    telemetry_path: str = d.DEFAULT_WEB_TELEMETRY_PATH
-    run_ttl_s: float = d.DEFAULT_RUN_TTL_SECONDS
-    max_runs: int = d.DEFAULT_MAX_RUNS
-    max_groups_per_run: int = d.DEFAULT_MAX_GROUPS_PER_RUN
-    max_ranks_per_run: int = d.DEFAULT_MAX_RANKS_PER_RUN
-    queue_size: int = d.DEFAULT_QUEUE_SIZE
-    shard_window_s: float = d.DEFAULT_SHARD_WINDOW_SECONDS
-    shutdown_timeout_s: float = d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
-    shutdown_linger_s: float = d.DEFAULT_SHUTDOWN_LINGER_SECONDS
-    log_level: str = d.DEFAULT_LOG_LEVEL
-    check_config: bool = False
-
-    @property
-    def web_listen_address(self) -> str:
-        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
-        return f"{host}:{self.web_port}"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        raise ConfigError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line; every flag's help names its environment variable and default."""
-    p = _Parser(
-        prog="esper-telemetryd",
-        description="Receive esper-telemetry events over ZeroMQ and export them to Prometheus.",
-    )
-
-    def add(flag: str, env: str, default: object, help: str, **kw: object) -> None:
-        p.add_argument(flag, default=None, help=f"{help} (env {env}; default {default})", **kw)
-
-    add("--zmq.listen-address", d.ENV_ZMQ_LISTEN_ADDRESS, d.DEFAULT_ZMQ_LISTEN_ADDRESS,
-        "ZeroMQ endpoint to bind a PULL socket on, tcp://HOST:PORT or ipc://PATH; repeatable "
-        "(the environment variable takes a comma-separated list)",
-        action="append", dest="zmq_listen_address", metavar="ENDPOINT")
-    add("--web.listen-address", d.ENV_WEB_LISTEN_ADDRESS, d.DEFAULT_WEB_LISTEN_ADDRESS,
-        "HOST:PORT for /metrics and /-/healthy, /-/ready; ':PORT' means all interfaces",
-        dest="web_listen_address", metavar="ADDRESS")
-    add("--web.telemetry-path", d.ENV_WEB_TELEMETRY_PATH, d.DEFAULT_WEB_TELEMETRY_PATH,
-        "path under which to expose metrics", dest="telemetry_path", metavar="PATH")
-    add("--run.ttl-seconds", d.ENV_RUN_TTL_SECONDS, d.DEFAULT_RUN_TTL_SECONDS,
-        "a run with no event for this long is dropped", dest="run_ttl", metavar="SECONDS")
-    add("--limits.max-runs", d.ENV_MAX_RUNS, d.DEFAULT_MAX_RUNS,
-        "most runs held at once; events of further runs are dropped and counted",
-        dest="max_runs", metavar="N")
-    add("--limits.max-groups-per-run", d.ENV_MAX_GROUPS_PER_RUN, d.DEFAULT_MAX_GROUPS_PER_RUN,
-        "most parameter groups held per run; further groups are dropped and counted",
-        dest="max_groups", metavar="N")
-    add("--limits.max-ranks-per-run", d.ENV_MAX_RANKS_PER_RUN, d.DEFAULT_MAX_RANKS_PER_RUN,
-        "most ranks (collectors) held per run; events of further ranks are dropped and "
-        "counted", dest="max_ranks", metavar="N")
-    add("--queue.size", d.ENV_QUEUE_SIZE, d.DEFAULT_QUEUE_SIZE,
-        "receiver-to-aggregator queue capacity in events; a message that does not fit is "
-        "dropped and counted", dest="queue_size", metavar="EVENTS")
-    add("--shard.window-seconds", d.ENV_SHARD_WINDOW_SECONDS, d.DEFAULT_SHARD_WINDOW_SECONDS,
-        "how long to wait for every rank's shard of a step before counting it incomplete",
-        dest="shard_window", metavar="SECONDS")
-    add("--shutdown.timeout-seconds", d.ENV_SHUTDOWN_TIMEOUT_SECONDS,
-        d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
-        "on SIGTERM/SIGINT, the deadline to drain the queue", dest="shutdown_timeout",
-        metavar="SECONDS")
-    add("--shutdown.linger-seconds", d.ENV_SHUTDOWN_LINGER_SECONDS,
-        d.DEFAULT_SHUTDOWN_LINGER_SECONDS,
-        "after draining, keep answering scrapes this long (ended by the first scrape)",
-        dest="shutdown_linger", metavar="SECONDS")
-    add("--log.level", d.ENV_LOG_LEVEL, d.DEFAULT_LOG_LEVEL,
-        f"one of {', '.join(LOG_LEVELS)}", dest="log_level", metavar="LEVEL")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration and exit (0 if valid)")
-    p.add_argument("--version", action="version", version=f"esper-telemetryd {__version__}")
-    return p
-
-
-def parse_args(
-    argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None
-) -> Config:
-    """Flags, then environment, then defaults, validated; raises ``ConfigError``."""
-    env = os.environ if environ is None else environ
-    ns = build_parser().parse_args(argv)
-
-    def pick(flag_value: Optional[str], name: str, default: object) -> str:
-        if flag_value is not None:
-            return flag_value
-        value = env.get(name, "")
-        return value if value else str(default)
-
-    if ns.zmq_listen_address:
-        zmq_addrs = list(ns.zmq_listen_address)
-    else:
-        raw = env.get(d.ENV_ZMQ_LISTEN_ADDRESS, "") or d.DEFAULT_ZMQ_LISTEN_ADDRESS
-        zmq_addrs = [a.strip() for a in raw.split(",") if a.strip()]
-    if not zmq_addrs:
-        raise ConfigError("--zmq.listen-address: at least one endpoint is required")
-    for addr in zmq_addrs:
-        _check_zmq_endpoint(addr)
-    if len(set(zmq_addrs)) != len(zmq_addrs):
-        raise ConfigError("--zmq.listen-address: the same endpoint is given twice")
-
-    host, port = _parse_web_address(
-        pick(ns.web_listen_address, d.ENV_WEB_LISTEN_ADDRESS, d.DEFAULT_WEB_LISTEN_ADDRESS))
-    path = pick(ns.telemetry_path, d.ENV_WEB_TELEMETRY_PATH, d.DEFAULT_WEB_TELEMETRY_PATH)
-    if not path.startswith("/") or path in ("/", "/-/healthy", "/-/ready") or " " in path:
-        raise ConfigError(f"--web.telemetry-path: {path!r} must be a path like /metrics")
-
-    level = pick(ns.log_level, d.ENV_LOG_LEVEL, d.DEFAULT_LOG_LEVEL).lower()
-    if level == "warning":
-        level = "warn"
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"--log.level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
-
-    return Config(
-        zmq_listen_addresses=tuple(zmq_addrs),
-        web_host=host,
-        web_port=port,
-        telemetry_path=path,
-        run_ttl_s=_number("--run.ttl-seconds",
-                          pick(ns.run_ttl, d.ENV_RUN_TTL_SECONDS, d.DEFAULT_RUN_TTL_SECONDS),
-                          minimum=0.001),
-        max_runs=_integer("--limits.max-runs",
-                          pick(ns.max_runs, d.ENV_MAX_RUNS, d.DEFAULT_MAX_RUNS)),
-        max_groups_per_run=_integer(
-            "--limits.max-groups-per-run",
-            pick(ns.max_groups, d.ENV_MAX_GROUPS_PER_RUN, d.DEFAULT_MAX_GROUPS_PER_RUN)),
-        max_ranks_per_run=_integer(
-            "--limits.max-ranks-per-run",
-            pick(ns.max_ranks, d.ENV_MAX_RANKS_PER_RUN, d.DEFAULT_MAX_RANKS_PER_RUN)),
-        queue_size=_integer("--queue.size",
-                            pick(ns.queue_size, d.ENV_QUEUE_SIZE, d.DEFAULT_QUEUE_SIZE)),
-        shard_window_s=_number(
-            "--shard.window-seconds",
-            pick(ns.shard_window, d.ENV_SHARD_WINDOW_SECONDS, d.DEFAULT_SHARD_WINDOW_SECONDS),
-            minimum=0.001),
-        shutdown_timeout_s=_number(
-            "--shutdown.timeout-seconds",
-            pick(ns.shutdown_timeout, d.ENV_SHUTDOWN_TIMEOUT_SECONDS,
-                 d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS), minimum=0.0),
-        shutdown_linger_s=_number(
-            "--shutdown.linger-seconds",
-            pick(ns.shutdown_linger, d.ENV_SHUTDOWN_LINGER_SECONDS,
-                 d.DEFAULT_SHUTDOWN_LINGER_SECONDS), minimum=0.0),
-        log_level=level,
-        check_config=bool(ns.check_config),
-    )
-
-
-def _number(flag: str, raw: str, minimum: float) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{flag}: {raw!r} is not a number") from None
-    if not (value >= minimum) or value == float("inf"):
-        raise ConfigError(f"{flag}: {raw!r} must be a finite number >= {minimum:g}")
-    return value
-
-
-def _integer(flag: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{flag}: {raw!r} is not an integer") from None
-    if value < 1:
-        raise ConfigError(f"{flag}: {raw!r} must be at least 1")
-    return value
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 _TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\*|\d+)$")
 
 
-def _check_zmq_endpoint(addr: str) -> None:
-    if addr.startswith("ipc://"):
-        if len(addr) <= len("ipc://"):
-            raise ConfigError(f"--zmq.listen-address: {addr!r} has no path")
-        return
-    m = _TCP.match(addr)
-    if m is None:
-        raise ConfigError(
-            f"--zmq.listen-address: {addr!r} is not tcp://HOST:PORT or ipc://PATH")
-    if m["port"] != "*" and not 0 <= int(m["port"]) <= 65535:
-        raise ConfigError(f"--zmq.listen-address: port out of range in {addr!r}")
+def zmq_endpoints(addresses: Sequence[str]) -> Tuple[str, ...]:
+    """At least one endpoint, each ``tcp://HOST:PORT`` or ``ipc://PATH``, none twice."""
+    if not addresses:
+        raise ValueError("at least one endpoint is required")
+    for addr in addresses:
+        if addr.startswith("ipc://"):
+            if len(addr) <= len("ipc://"):
+                raise ValueError(f"{addr!r} has no path")
+            continue
+        m = _TCP.match(addr)
+        if m is None:
+            raise ValueError(f"{addr!r} is not tcp://HOST:PORT or ipc://PATH")
+        if m["port"] != "*" and not 0 <= int(m["port"]) <= 65535:
+            raise ValueError(f"port out of range in {addr!r}")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("the same endpoint is given twice")
+    return tuple(addresses)
 
 
-def _parse_web_address(raw: str) -> Tuple[str, int]:
+def web_address(raw: str) -> WebAddress:
+    """``HOST:PORT``, ``[IPv6]:PORT``, or ``:PORT`` for every interface."""
     host, sep, port_s = raw.rpartition(":")
     if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ConfigError(f"--web.listen-address: {raw!r} is not HOST:PORT")
+        raise ValueError(f"{raw!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigError(f"--web.listen-address: bad IPv6 address in {raw!r}") from None
+            raise ValueError(f"bad IPv6 address in {raw!r}") from None
     elif ":" in host:
-        raise ConfigError(f"--web.listen-address: write IPv6 addresses as [ADDR]:PORT, not {raw!r}")
+        raise ValueError(f"write IPv6 addresses as [ADDR]:PORT, not {raw!r}")
     # An empty host means every interface, as in Prometheus exporters' ':9100'.
-    return host, int(port_s)
+    return WebAddress(host, int(port_s))
+
+
+def telemetry_path(raw: str) -> str:
+    """An absolute path that is not one of the server's own."""
+    if not raw.startswith("/") or raw in ("/", "/-/healthy", "/-/ready") or " " in raw:
+        raise ValueError(f"{raw!r} must be a path like /metrics")
+    return raw
+
+
+_counts = integer(minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings; durations in seconds, sizes in events, counts as given."""
+
+    zmq_listen_addresses: Tuple[str, ...] = setting(
+        "--zmq.listen-address", d.ENV_ZMQ_LISTEN_ADDRESS, d.DEFAULT_ZMQ_LISTEN_ADDRESS,
+        zmq_endpoints, metavar="ENDPOINT", repeatable=True,
+        help="endpoint to bind a PULL socket on: `tcp://HOST:PORT` (`*` for any host or a "
+             "random port; IPv6 as `tcp://[::1]:PORT`) or `ipc://PATH`; repeatable")
+    web_listen_address: WebAddress = setting(
+        "--web.listen-address", d.ENV_WEB_LISTEN_ADDRESS, d.DEFAULT_WEB_LISTEN_ADDRESS,
+        web_address, metavar="ADDRESS",
+        help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` "
+             "for IPv6")
+    telemetry_path: str = setting(
+        "--web.telemetry-path", d.ENV_WEB_TELEMETRY_PATH, d.DEFAULT_WEB_TELEMETRY_PATH,
+        telemetry_path, metavar="PATH", help="path of the exposition")
+    run_ttl_s: float = setting(
+        "--run.ttl-seconds", d.ENV_RUN_TTL_SECONDS, d.DEFAULT_RUN_TTL_SECONDS,
+        number(minimum=0.001), metavar="SECONDS", unit="seconds",
+        help="a run with no event for this long is dropped (and a rank no longer counts as "
+             "a collector)")
+    max_runs: int = setting(
+        "--limits.max-runs", d.ENV_MAX_RUNS, d.DEFAULT_MAX_RUNS, _counts, metavar="N",
+        unit="runs",
+        help="runs held at once; events of further runs are dropped and counted")
+    max_groups_per_run: int = setting(
+        "--limits.max-groups-per-run", d.ENV_MAX_GROUPS_PER_RUN, d.DEFAULT_MAX_GROUPS_PER_RUN,
+        _counts, metavar="N", unit="groups",
+        help="groups held per run; further groups are dropped and counted")
+    max_ranks_per_run: int = setting(
+        "--limits.max-ranks-per-run", d.ENV_MAX_RANKS_PER_RUN, d.DEFAULT_MAX_RANKS_PER_RUN,
+        _counts, metavar="N", unit="ranks",
+        help="ranks held per run; events of further ranks are dropped and counted")
+    queue_size: int = setting(
+        "--queue.size", d.ENV_QUEUE_SIZE, d.DEFAULT_QUEUE_SIZE, _counts, metavar="EVENTS",
+        unit="events", help="receiver-to-aggregator queue capacity, in events")
+    shard_window_s: float = setting(
+        "--shard.window-seconds", d.ENV_SHARD_WINDOW_SECONDS, d.DEFAULT_SHARD_WINDOW_SECONDS,
+        number(minimum=0.001), metavar="SECONDS", unit="seconds",
+        help="how long a sharded step waits for all its ranks")
+    shutdown_timeout_s: float = setting(
+        "--shutdown.timeout-seconds", d.ENV_SHUTDOWN_TIMEOUT_SECONDS,
+        d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        unit="seconds", help="on SIGTERM/SIGINT, the deadline to drain the queue")
+    shutdown_linger_s: float = setting(
+        "--shutdown.linger-seconds", d.ENV_SHUTDOWN_LINGER_SECONDS,
+        d.DEFAULT_SHUTDOWN_LINGER_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        unit="seconds",
+        help="after draining, keep answering scrapes this long; the first scrape ends it early")
+    log_level: str = setting(
+        "--log.level", d.ENV_LOG_LEVEL, d.DEFAULT_LOG_LEVEL,
+        one_of(LOG_LEVELS, aliases={"warning": "warn"}), metavar="LEVEL",
+        help="`debug`, `info`, `warn` or `error`")
+    check_config: bool = False  # --check-config: validate, then exit
+
+
+SETTINGS: Tuple[Setting, ...] = rows_of(Config)
+
+SWITCHES: Tuple[Switch, ...] = (
+    Switch("--check-config", "validate the configuration and exit",
+           {"action": "store_true", "dest": "check_config"}),
+    Switch("--version", "print the version and exit",
+           {"action": "version", "version": f"esper-telemetryd {__version__}"}),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's command line, from ``SETTINGS`` and ``SWITCHES``."""
+    return _build_parser(
+        SETTINGS, SWITCHES, prog="esper-telemetryd",
+        description="Receive esper-telemetry events over ZeroMQ and export them to Prometheus.")
+
+
+def flags_table() -> str:
+    """The README's "Daemon flags" table, from ``SETTINGS`` and ``SWITCHES``."""
+    return _flags_table(SETTINGS, SWITCHES)
+
+
+def parse_args(
+    argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None
+) -> Config:
+    """Flags, then environment (default ``os.environ``), then defaults, validated.
+
+    Raises ``ConfigError`` with one line naming the flag, or the variable when the bad
+    value came from the environment.
+    """
+    ns = vars(build_parser().parse_args(argv))
+    values = resolve(SETTINGS, ns, os.environ if environ is None else environ)
+    return Config(**values, check_config=bool(ns["check_config"]))

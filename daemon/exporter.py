@@ -1,15 +1,16 @@
 """The Prometheus side: metric names, and a custom ``Collector`` that renders a snapshot.
 
-Every metric the daemon exports is named in this module (docs/daemon.md is the catalog).
-The collector asks for a fresh ``Snapshot`` per scrape, so label sets never go stale and
-every number of one scrape belongs to the same instant. Square roots and the seed/host
-ratio are computed here, at scrape time, not per event.
+Every metric the daemon exports is named in this module (the README is the catalog).
+An ``EsperCollector`` is built per scrape from one ``Snapshot`` (taken on the event loop by
+the caller), so label sets never go stale, every number of one scrape belongs to the same
+instant, and rendering it may run on any thread. Square roots and the seed/host ratio
+(``esper_telemetry.ratio``) are computed here, at scrape time, not per event.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,41 +22,31 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from esper_telemetry.events import SCHEMA_VERSION
+from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, Snapshot
 
-__all__ = ["EsperCollector", "new_registry", "seed_ratio", "VIOLATION_KINDS", "MISMATCH_KINDS"]
+__all__ = ["EsperCollector", "scrape_registry", "process_registry", "VIOLATION_KINDS",
+           "MISMATCH_KINDS"]
 
 # Kinds the collector is documented to send; created at zero so alerts can use rate().
 VIOLATION_KINDS = ("gradient", "structural")
 MISMATCH_KINDS = ("split", "mixed", "moved")
 
 
-def seed_ratio(seed: GroupSnapshot, host: GroupSnapshot) -> float:
-    """(seed norm / host norm) * sqrt(host params / seed params); 0 when undefined.
-
-    Undefined: the host has no gradient or a zero norm, or either parameter count is zero
-    or unknown. A seed without gradient has norm 0.
-    """
-    if host.sq is None or host.sq <= 0.0 or not host.params or not seed.params:
-        return 0.0
-    seed_sq = seed.sq or 0.0
-    return math.sqrt(seed_sq / host.sq) * math.sqrt(host.params / seed.params)
-
-
 class EsperCollector(Collector):
-    """Builds every esper_* family from one ``Snapshot`` per scrape."""
+    """Every esper_* family of one ``Snapshot``: build one per scrape."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
-        self._snapshot = snapshot
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snap = snapshot
 
     def describe(self) -> List[Metric]:
         # Nothing at registration: collect() is per scrape, and names never clash.
         return []
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        snap = self._snap
         rg = ["run", "group"]
         grad_norm = GaugeMetricFamily(
             "esper_grad_norm",
@@ -138,7 +129,7 @@ class EsperCollector(Collector):
                         has_grad.add_metric(labels, 1)
                         grad_norm.add_metric(labels, math.sqrt(g.sq))
                     if g.role == "seed" and host is not None:
-                        ratio.add_metric(labels, seed_ratio(g, host))
+                        ratio.add_metric(labels, seed_ratio(g.sq, g.params, host.sq, host.params))
                 if watched and (g.captured or g.violation_step >= 0):
                     ok = 0 if g.violation_step >= 0 and g.violation_step >= g.step else 1
                     iso_ok.add_metric(labels, ok)
@@ -188,26 +179,40 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "esper_daemon_ended_runs", "Runs ended because every rank said goodbye.",
         value=snap.ended_runs)
-    yield GaugeMetricFamily(
-        "esper_daemon_queue_length", "Events waiting between receiver and aggregator.",
-        value=snap.queue_length)
-    yield GaugeMetricFamily(
-        "esper_daemon_queue_capacity", "Capacity of the receiver-to-aggregator queue in events.",
-        value=snap.queue_capacity)
+    if snap.queue_length is not None:
+        yield GaugeMetricFamily(
+            "esper_daemon_queue_length", "Events waiting between receiver and aggregator.",
+            value=snap.queue_length)
+    if snap.queue_capacity is not None:
+        yield GaugeMetricFamily(
+            "esper_daemon_queue_capacity",
+            "Capacity of the receiver-to-aggregator queue in events.",
+            value=snap.queue_capacity)
     yield InfoMetricFamily(
         "esper_daemon_build", "Daemon version and wire schema version.",
         value={"version": __version__, "schema": str(SCHEMA_VERSION)})
 
 
-def new_registry(snapshot: Callable[[], Snapshot], process_metrics: bool = True
-                 ) -> CollectorRegistry:
-    """The daemon's own registry: the esper collector, plus process/platform/GC metrics."""
+def process_registry() -> CollectorRegistry:
+    """The process, platform and GC metrics, in a registry of the daemon's own (not the global)."""
     from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def scrape_registry(snapshot: Snapshot, process: Optional[CollectorRegistry] = None
+                    ) -> CollectorRegistry:
+    """What one scrape renders: the esper_* families of ``snapshot``, then ``process``'s.
+
+    Cheap to build (two registrations); rendering it reads only ``snapshot`` and the
+    process collectors, never live daemon state, so it may run off the event loop.
+    """
+    registry = CollectorRegistry()
     registry.register(EsperCollector(snapshot))
-    if process_metrics:
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+    if process is not None:
+        registry.register(process)
     return registry

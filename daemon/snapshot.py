@@ -1,8 +1,8 @@
 """The detached, immutable view of the daemon's state that one scrape renders.
 
-The aggregator builds it on the event-loop thread in one pass (so every number in a scrape
-belongs to the same instant); the exporter renders it on another thread without touching
-live state. Raw sums of squares travel here; square roots and ratios are the exporter's.
+The aggregator builds it on the event-loop thread in one pass and the daemon adds the
+queue's figures (so every number in a scrape belongs to the same instant); the exporter
+renders it on a worker thread without touching live state. Raw sums of squares travel here; square roots and ratios are the exporter's.
 """
 
 from __future__ import annotations
@@ -45,5 +45,5 @@ class Snapshot(NamedTuple):
     overflow: Dict[str, int]
     expired_runs: int
     ended_runs: int
-    queue_length: int
-    queue_capacity: int
+    queue_length: Optional[int] = None  # None: not known (an aggregator on its own)
+    queue_capacity: Optional[int] = None

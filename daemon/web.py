@@ -1,9 +1,10 @@
 """The HTTP endpoint: the telemetry path, ``/-/healthy``, ``/-/ready``, and a landing page.
 
 A small asyncio HTTP/1.1 server (one request per connection, ``Connection: close``) so it
-shares the event loop's lifecycle and needs no extra dependency. The exposition is rendered
-on a worker thread: the registry's collector hops back to the loop only for the snapshot,
-so a large scrape does not stall ingest for its whole rendering time.
+shares the event loop's lifecycle and needs no extra dependency. A scrape takes the
+snapshot on the loop, in the request's handler (one consistent instant, no locks), then
+renders it on a worker thread, so a large scrape does not stall ingest for its rendering
+time; the worker never waits on the loop.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import asyncio
 import concurrent.futures
 import gzip
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from .textformat import CONTENT_TYPE, render_text
 
@@ -30,20 +31,26 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class WebServer:
-    """Serves ``registry`` at ``path``; ``ready()`` decides ``/-/ready``."""
+    """Serves the exposition at ``path``; ``ready()`` decides ``/-/ready``.
+
+    Per scrape: ``snapshot()`` on the loop thread, then ``registry(snapshot)`` and its
+    rendering on a worker thread.
+    """
 
     def __init__(
         self,
         host: str,
         port: int,
         path: str,
-        registry: CollectorRegistry,
+        snapshot: Callable[[], Any],
+        registry: Callable[[Any], Collector],
         ready: Callable[[], bool],
         logger: logging.Logger = _log,
     ) -> None:
         self._host = host
         self._port = port
         self._path = path
+        self._snapshot = snapshot
         self._registry = registry
         self._ready = ready
         self._log = logger
@@ -113,8 +120,9 @@ class WebServer:
             return 405, text, b"method not allowed\n", {"Allow": "GET, HEAD"}
         extra = {"_head": True} if method == "HEAD" else {}
         if path == self._path:
+            snapshot = self._snapshot()
             body, ctype, enc = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._render, headers.get("accept"),
+                self._pool, self._render, snapshot, headers.get("accept"),
                 headers.get("accept-encoding", ""))
             if enc:
                 extra["Content-Encoding"] = enc
@@ -133,12 +141,15 @@ class WebServer:
             return 200, "text/html; charset=utf-8", page, extra
         return 404, text, b"not found\n", extra
 
-    def _render(self, accept: Optional[str], accept_encoding: str) -> Tuple[bytes, str, str]:
+    def _render(self, snapshot: Any, accept: Optional[str], accept_encoding: str
+                ) -> Tuple[bytes, str, str]:
+        """On a worker thread: the exposition of ``snapshot``, encoded as negotiated."""
+        registry = self._registry(snapshot)
         encoder, ctype = choose_encoder(accept)
         if ctype.startswith("text/plain"):
-            body, ctype = render_text(self._registry), CONTENT_TYPE
+            body, ctype = render_text(registry), CONTENT_TYPE
         else:  # OpenMetrics, negotiated: prometheus_client's own encoder
-            body = encoder(self._registry)
+            body = encoder(registry)
         if "gzip" in accept_encoding:
             return gzip.compress(body, compresslevel=1), ctype, "gzip"
         return body, ctype, ""

@@ -8,6 +8,7 @@ environment variable, then the default below.
 from __future__ import annotations
 
 import os
+from typing import Mapping, Optional, Tuple
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -45,6 +46,7 @@ __all__ = [
     "MAX_GROUPS_PER_EVENT",
     "MAX_DEVICES_PER_EVENT",
     "env_str",
+    "lookup",
 ]
 
 DEFAULT_ZMQ_PORT = 5569
@@ -97,9 +99,22 @@ MAX_GROUPS_PER_EVENT = 256
 MAX_DEVICES_PER_EVENT = 64
 
 
+def lookup(name: str, default: str, explicit: Optional[str] = None,
+           environ: Optional[Mapping[str, str]] = None) -> Tuple[str, str]:
+    """The value to use and where it came from: ``"argument"``, ``"environment"`` or ``"default"``.
+
+    The one resolution rule of both sides: the explicit value when given, else the
+    variable ``name`` when set and non-empty (``environ``, default ``os.environ``), else
+    ``default``. The source lets an error name what the user actually wrote.
+    """
+    if explicit is not None:
+        return explicit, "argument"
+    value = (os.environ if environ is None else environ).get(name, "")
+    if value:
+        return value, "environment"
+    return default, "default"
+
+
 def env_str(name: str, default: str, explicit: str | None = None) -> str:
     """Explicit value, else the environment variable ``name`` when set and non-empty, else ``default``."""
-    if explicit is not None:
-        return explicit
-    value = os.environ.get(name, "")
-    return value if value else default
+    return lookup(name, default, explicit)[0]

@@ -1,4 +1,4 @@
-"""Fixtures for the daemon's tests: aggregators on a fake clock and in-process daemons on
+"""Fixtures for the daemon's tests: aggregators and a fake clock and in-process daemons on
 random loopback ports, always shut down; PUSH sockets with linger 0."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from typing import Any, AsyncIterator, Callable, Iterator, List, Tuple
 import pytest
 import zmq
 
-from esper_telemetry.daemon.aggregator import Aggregator, Limits
+from esper_telemetry.daemon.aggregator import Aggregator
 from esper_telemetry.daemon.app import Daemon
-from esper_telemetry.daemon.queue import EventQueue
 from esper_telemetry.daemon.stats import DaemonStats
-from daemon_support import FakeClock, http_get, make_config, parse
+from daemon_support import FakeClock, http_get, make_config, make_limits, parse
 
 
 @pytest.fixture
@@ -23,15 +22,14 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_agg(clock: FakeClock) -> Callable[..., Tuple[Aggregator, DaemonStats]]:
-    def make(queue_size: int = 1 << 16, **limits: Any) -> Tuple[Aggregator, DaemonStats]:
+def make_agg() -> Callable[..., Tuple[Aggregator, DaemonStats]]:
+    """An aggregator on the default limits but ``overrides``, and its stats. Time is
+    whatever each test passes as ``now`` (usually the ``clock`` fixture's)."""
+    def make(**overrides: Any) -> Tuple[Aggregator, DaemonStats]:
         stats = DaemonStats()
-        agg = Aggregator(EventQueue(queue_size), stats, Limits(**limits), clock,
-                         logging.getLogger("test.aggregator"))
+        agg = Aggregator(make_limits(**overrides), stats, logging.getLogger("test.aggregator"))
         return agg, stats
     return make
-
-
 
 
 class Running:

@@ -12,7 +12,7 @@ from esper_telemetry import defaults as d
 def test_defaults_come_from_the_contract_module():
     c = parse_args([], environ={})
     assert c.zmq_listen_addresses == (d.DEFAULT_ZMQ_LISTEN_ADDRESS,)
-    assert (c.web_host, c.web_port) == ("127.0.0.1", d.DEFAULT_WEB_PORT)
+    assert c.web_listen_address == ("127.0.0.1", d.DEFAULT_WEB_PORT)
     assert c.telemetry_path == d.DEFAULT_WEB_TELEMETRY_PATH
     assert (c.run_ttl_s, c.max_runs, c.max_groups_per_run, c.queue_size) == (
         d.DEFAULT_RUN_TTL_SECONDS, d.DEFAULT_MAX_RUNS, d.DEFAULT_MAX_GROUPS_PER_RUN,
@@ -37,7 +37,7 @@ def test_environment_is_used_when_no_flag_and_flags_win():
     }
     c = parse_args([], environ=env)
     assert c.zmq_listen_addresses == ("tcp://0.0.0.0:7000", "ipc:///tmp/x.sock")
-    assert (c.web_host, c.web_port, c.telemetry_path) == ("", 9999, "/m")
+    assert (*c.web_listen_address, c.telemetry_path) == ("", 9999, "/m")
     assert (c.run_ttl_s, c.max_runs, c.max_groups_per_run, c.max_ranks_per_run) == (12.5, 7, 8, 9)
     assert (c.queue_size, c.shard_window_s, c.shutdown_timeout_s, c.shutdown_linger_s) == (
         10, 3.0, 4.0, 5.0)
@@ -46,7 +46,7 @@ def test_environment_is_used_when_no_flag_and_flags_win():
                     "tcp://[::1]:2", "--queue.size=99", "--web.listen-address=[::1]:80",
                     "--log.level=warn"], environ=env)
     assert c.zmq_listen_addresses == ("tcp://127.0.0.1:1", "tcp://[::1]:2")
-    assert (c.queue_size, c.web_host, c.web_port, c.log_level) == (99, "::1", 80, "warn")
+    assert (c.queue_size, *c.web_listen_address, c.log_level) == (99, "::1", 80, "warn")
     assert c.max_runs == 7  # not given as a flag: still the environment's
 
 
@@ -81,7 +81,15 @@ def test_check_config_exits_zero_without_binding(capsys):
     assert "valid" in capsys.readouterr().err
 
 
-def test_bad_environment_is_reported_under_the_flag_name(monkeypatch, capsys):
+def test_bad_environment_is_reported_under_the_variable_name(monkeypatch, capsys):
+    # The user wrote the variable, not the flag: the error must point at what they wrote.
     monkeypatch.setenv(d.ENV_MAX_GROUPS_PER_RUN, "-3")
     assert main(["--check-config"]) == 2
-    assert "--limits.max-groups-per-run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert d.ENV_MAX_GROUPS_PER_RUN in err and "--limits.max-groups-per-run" not in err
+
+
+@pytest.mark.parametrize("argv", [["--web.listen-addres=:1"], ["--queue.siz=5"], ["--check"]])
+def test_abbreviated_flags_are_refused(argv):
+    with pytest.raises(ConfigError, match="unrecognized"):
+        parse_args(argv, environ={})

@@ -9,9 +9,8 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from esper_telemetry.daemon.config import build_parser
-from esper_telemetry.daemon.exporter import new_registry
 from esper_telemetry import IsolationViolation
-from daemon_support import heartbeat, hello, host_seed, parse
+from daemon_support import registry_for, heartbeat, hello, host_seed, parse
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -29,11 +28,11 @@ def test_every_daemon_flag_is_in_the_readme_table_and_nothing_else():
     assert documented == parser_flags
 
 
-def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_agg):
+def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply([hello(), host_seed(), heartbeat(dropped=1),
-               IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1)])
-    exposition = generate_latest(new_registry(agg.snapshot, process_metrics=False)).decode()
+    agg.apply_batch([hello(), host_seed(), heartbeat(dropped=1),
+               IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1)], clock())
+    exposition = generate_latest(registry_for(agg, False)).decode()
     # Families by their exposed sample names, less the suffixes the catalog may or may not
     # write (counters are documented with _total).
     families = {re.sub(r"_(total|info|created)$", "", name) for name, _ in parse(exposition)

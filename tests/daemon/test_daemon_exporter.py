@@ -9,21 +9,20 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from esper_telemetry.daemon.exporter import new_registry
 from esper_telemetry.daemon.stats import OVERFLOW_KINDS, REJECT_REASONS
 from esper_telemetry.daemon.textformat import render_text
 from esper_telemetry import REASONS, DeviceMismatch, IsolationViolation
-from daemon_support import get, gn, goodbye, heartbeat, hello, host_seed, names, norms, parse
+from daemon_support import registry_for, get, gn, goodbye, heartbeat, hello, host_seed, names, norms, parse
 
 
 def expose(agg, process_metrics=False):
-    return parse(generate_latest(new_registry(agg.snapshot, process_metrics)).decode())
+    return parse(generate_latest(registry_for(agg, process_metrics)).decode())
 
 
-def test_norm_ratio_parameters_and_gradient_flags(make_agg):
+def test_norm_ratio_parameters_and_gradient_flags(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply([hello(decls=(("host", "host", 400, False), ("seed", "seed", 25, True)))])
-    agg.apply([norms(groups=[gn("host", 16.0, "host", 400), gn("seed", 9.0, "seed", 25, isolated=True)])])
+    agg.apply_batch([hello(decls=(("host", "host", 400, False), ("seed", "seed", 25, True)))], clock())
+    agg.apply_batch([norms(groups=[gn("host", 16.0, "host", 400), gn("seed", 9.0, "seed", 25, isolated=True)])], clock())
     s = expose(agg)
     assert get(s, "esper_grad_norm", run="r", group="host") == 4.0
     assert get(s, "esper_grad_norm", run="r", group="seed") == 3.0
@@ -34,18 +33,18 @@ def test_norm_ratio_parameters_and_gradient_flags(make_agg):
 
 
 @pytest.mark.parametrize("host_sq", [None, 0.0])
-def test_ratio_is_zero_when_the_host_has_no_gradient_or_zero_norm(make_agg, host_sq):
+def test_ratio_is_zero_when_the_host_has_no_gradient_or_zero_norm(make_agg, host_sq, clock):
     agg, _ = make_agg()
-    agg.apply([host_seed(host_sq=host_sq, seed_sq=4.0)])
+    agg.apply_batch([host_seed(host_sq=host_sq, seed_sq=4.0)], clock())
     s = expose(agg)
     assert get(s, "esper_seed_grad_ratio", run="r", seed="seed") == 0.0
     assert get(s, "esper_grad_norm", run="r", group="seed") == 2.0
 
 
-def test_a_group_without_gradient_has_no_norm_series_and_has_gradient_zero(make_agg):
+def test_a_group_without_gradient_has_no_norm_series_and_has_gradient_zero(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply([host_seed(host_sq=4.0, seed_sq=1.0)])
-    agg.apply([host_seed(step=2, host_sq=4.0, seed_sq=None)])
+    agg.apply_batch([host_seed(host_sq=4.0, seed_sq=1.0)], clock())
+    agg.apply_batch([host_seed(step=2, host_sq=4.0, seed_sq=None)], clock())
     s = expose(agg)
     assert get(s, "esper_grad_norm", run="r", group="seed") is None
     assert get(s, "esper_group_has_gradient", run="r", group="seed") == 0
@@ -53,34 +52,34 @@ def test_a_group_without_gradient_has_no_norm_series_and_has_gradient_zero(make_
     assert get(s, "esper_seed_grad_ratio", run="r", seed="seed") == 0.0
 
 
-def test_isolation_ok_follows_violations_of_the_latest_captured_step(make_agg):
+def test_isolation_ok_follows_violations_of_the_latest_captured_step(make_agg, clock):
     agg, _ = make_agg()
     viol = lambda step: IsolationViolation("r", 0, 1.0, step, "seed", "gradient", "leak", 0.1)
-    agg.apply([host_seed(step=5)])
+    agg.apply_batch([host_seed(step=5)], clock())
     s = expose(agg)
     assert get(s, "esper_isolation_ok", run="r", group="seed") == 1
     assert get(s, "esper_isolation_ok", run="r", group="host") is None  # not isolated, not a seed
     assert get(s, "esper_isolation_violations_total", run="r", group="seed", kind="gradient") == 0
-    agg.apply([viol(5)])
+    agg.apply_batch([viol(5)], clock())
     assert get(expose(agg), "esper_isolation_ok", run="r", group="seed") == 0
-    agg.apply([host_seed(step=6)])
+    agg.apply_batch([host_seed(step=6)], clock())
     assert get(expose(agg), "esper_isolation_ok", run="r", group="seed") == 1
-    agg.apply([viol(7), host_seed(step=7)])  # violation first, then the capture of its step
+    agg.apply_batch([viol(7), host_seed(step=7)], clock())  # violation first, then the capture of its step
     s = expose(agg)
     assert get(s, "esper_isolation_ok", run="r", group="seed") == 0
     assert get(s, "esper_isolation_violations_total", run="r", group="seed", kind="gradient") == 2
     assert get(s, "esper_isolation_violations_total", run="r", group="seed", kind="structural") == 0
 
 
-def test_run_level_series(make_agg):
+def test_run_level_series(make_agg, clock):
     agg, _ = make_agg(shard_window_s=1.0)
-    agg.apply([hello(world_size=2)])
-    agg.apply([host_seed(rank=0, step=3, time_=1_700_000_123.5)])
-    agg.apply([heartbeat(rank=0, dropped=4), heartbeat(rank=1, dropped=6)])
-    agg.apply([DeviceMismatch("r", 0, 1.0, "split", "host", ("cpu", "cuda:0"))])
-    agg.apply([norms(step=4, groups=[gn("big", 1.0, nonfinite=3, sharded=True)])])
-    agg._clock.advance(2.0)
-    agg.tick()
+    agg.apply_batch([hello(world_size=2)], clock())
+    agg.apply_batch([host_seed(rank=0, step=3, time_=1_700_000_123.5)], clock())
+    agg.apply_batch([heartbeat(rank=0, dropped=4), heartbeat(rank=1, dropped=6)], clock())
+    agg.apply_batch([DeviceMismatch("r", 0, 1.0, "split", "host", ("cpu", "cuda:0"))], clock())
+    agg.apply_batch([norms(step=4, groups=[gn("big", 1.0, nonfinite=3, sharded=True)])], clock())
+    clock.advance(2.0)
+    agg.tick(clock())
     s = expose(agg)
     assert get(s, "esper_captures_total", run="r") == 2
     assert get(s, "esper_last_step", run="r") == 4
@@ -94,7 +93,7 @@ def test_run_level_series(make_agg):
     assert get(s, "esper_grad_norm", run="r", group="big") is None
 
 
-def test_self_metrics_are_precreated_at_zero_for_every_reason(make_agg):
+def test_self_metrics_are_precreated_at_zero_for_every_reason(make_agg, clock):
     agg, stats = make_agg()
     s = expose(agg)
     rejected = {dict(k)["reason"]: v for k, v in names(s, "esper_daemon_rejected_total").items()}
@@ -103,7 +102,7 @@ def test_self_metrics_are_precreated_at_zero_for_every_reason(make_agg):
     overflow = {dict(k)["what"]: v for k, v in names(s, "esper_daemon_overflow_total").items()}
     assert overflow == dict.fromkeys(OVERFLOW_KINDS, 0.0)
     stats.rejected["schema"] += 3
-    agg.apply([host_seed(run="a"), host_seed(run="b")])
+    agg.apply_batch([host_seed(run="a"), host_seed(run="b")], clock())
     s = expose(agg)
     assert get(s, "esper_daemon_rejected_total", reason="schema") == 3
     assert get(s, "esper_daemon_events_total") == 2
@@ -112,11 +111,11 @@ def test_self_metrics_are_precreated_at_zero_for_every_reason(make_agg):
 
 def test_ended_and_expired_runs_vanish_from_the_exposition(make_agg, clock):
     agg, _ = make_agg(ttl_s=10.0)
-    agg.apply([host_seed(run="ends"), host_seed(run="expires")])
+    agg.apply_batch([host_seed(run="ends"), host_seed(run="expires")], clock())
     assert get(expose(agg), "esper_grad_norm", run="expires", group="host") == 4.0
-    agg.apply([goodbye(run="ends")])
+    agg.apply_batch([goodbye(run="ends")], clock())
     clock.advance(11.0)
-    agg.tick()
+    agg.tick(clock())
     s = expose(agg)
     assert [k for k in s if ("run", "ends") in k[1] or ("run", "expires") in k[1]] == []
     assert get(s, "esper_daemon_expired_runs_total") == 1
@@ -124,28 +123,28 @@ def test_ended_and_expired_runs_vanish_from_the_exposition(make_agg, clock):
     assert get(s, "esper_daemon_runs") == 0
 
 
-def test_label_values_are_escaped(make_agg):
+def test_label_values_are_escaped(make_agg, clock):
     agg, _ = make_agg()
     odd = 'run "quoted" \\ back\nslash'
-    agg.apply([host_seed(run=odd, host_sq=2.25)])
+    agg.apply_batch([host_seed(run=odd, host_sq=2.25)], clock())
     assert get(expose(agg), "esper_grad_norm", run=odd, group="host") == 1.5
 
 
-def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp_path):
+def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp_path, clock):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package 'prometheus')")
     agg, stats = make_agg(shard_window_s=1.0)
-    agg.apply([hello(world_size=2)])
-    agg.apply([host_seed(rank=0, step=1), heartbeat(rank=0, dropped=1),
+    agg.apply_batch([hello(world_size=2)], clock())
+    agg.apply_batch([host_seed(rank=0, step=1), heartbeat(rank=0, dropped=1),
                DeviceMismatch("r", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
                IsolationViolation("r", 0, 1.0, 1, "seed", "structural", "path", None),
-               norms(step=2, groups=[gn("shard", 1.0, sharded=True, nonfinite=1)])])
-    agg.apply([host_seed(run="other", host_sq=None)])
-    agg._clock.advance(2.0)
-    agg.tick()
+               norms(step=2, groups=[gn("shard", 1.0, sharded=True, nonfinite=1)])], clock())
+    agg.apply_batch([host_seed(run="other", host_sq=None)], clock())
+    clock.advance(2.0)
+    agg.tick(clock())
     stats.rejected["malformed"] += 1
-    registry = new_registry(agg.snapshot, process_metrics=True)
+    registry = registry_for(agg, True)
     # Both encoders: prometheus_client's, and the daemon's faster one that /metrics serves.
     for text in (generate_latest(registry), render_text(registry)):
         # Every kind of family is present, so the check covers them all.
@@ -159,13 +158,13 @@ def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp
         assert proc.stdout.strip() == b"" and proc.stderr.strip() == b"", proc.stdout + proc.stderr
 
 
-def test_fast_text_encoder_matches_generate_latest(make_agg):
+def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
     from prometheus_client import Counter, CollectorRegistry, Gauge
 
     agg, _ = make_agg()
-    agg.apply([host_seed(run='q"\\x\n', host_sq=2.0), host_seed(run="b", host_sq=None),
-               IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0)])
-    registry = new_registry(agg.snapshot, process_metrics=False)
+    agg.apply_batch([host_seed(run='q"\\x\n', host_sq=2.0), host_seed(run="b", host_sq=None),
+               IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0)], clock())
+    registry = registry_for(agg, False)
     extra = CollectorRegistry()  # samples the esper collector never makes: created, inf, nan
     Counter("t_events", "c", ["a"], registry=extra).labels("x").inc(3)
     Gauge("t_inf", "g", registry=extra).set(float("inf"))
@@ -182,9 +181,9 @@ def test_fast_text_encoder_matches_generate_latest(make_agg):
     assert len(parse(render_text(registry).decode())) > 30
 
 
-def test_sqrt_of_large_sums_is_exact_enough(make_agg):
+def test_sqrt_of_large_sums_is_exact_enough(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply([host_seed(host_sq=1e30, seed_sq=1e-30)])
+    agg.apply_batch([host_seed(host_sq=1e30, seed_sq=1e-30)], clock())
     s = expose(agg)
     assert math.isclose(get(s, "esper_grad_norm", run="r", group="host"), 1e15)
     assert math.isclose(get(s, "esper_grad_norm", run="r", group="seed"), 1e-15)

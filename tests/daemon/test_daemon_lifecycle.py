@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from esper_telemetry.daemon.app import Daemon, Signals, StartupError
+from esper_telemetry.daemon.config import WebAddress
 from daemon_support import make_config
 
 
@@ -30,7 +31,8 @@ async def test_web_port_in_use_is_a_startup_error_and_releases_the_zmq_socket():
     busy.listen()
     port = busy.getsockname()[1]
     try:
-        d = Daemon(make_config(zmq_listen_addresses=("tcp://127.0.0.1:*",), web_port=port))
+        d = Daemon(make_config(zmq_listen_addresses=("tcp://127.0.0.1:*",),
+                               web_listen_address=WebAddress("127.0.0.1", port)))
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
             await d.start()
         assert d.receiver._sockets == [] and not d.ready()
@@ -54,7 +56,7 @@ async def test_zmq_address_in_use_is_a_startup_error_naming_the_endpoint():
 
 async def test_an_unresolvable_web_host_is_a_startup_error_and_releases_the_zmq_socket():
     # "foo..bar" fails in the IDNA codec (UnicodeError), not with an OSError.
-    d = Daemon(make_config(web_host="foo..bar"))
+    d = Daemon(make_config(web_listen_address=WebAddress("foo..bar", 0)))
     try:
         with pytest.raises(StartupError, match="cannot listen on foo..bar:0"):
             await d.start()

@@ -12,7 +12,12 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from esper_telemetry.daemon.config import Config
+from prometheus_client import CollectorRegistry
+
+from esper_telemetry.daemon.aggregator import Aggregator, Limits
+from esper_telemetry.daemon.app import limits
+from esper_telemetry.daemon.config import Config, WebAddress
+from esper_telemetry.daemon.exporter import process_registry, scrape_registry
 from esper_telemetry import GroupDecl, GroupNorm, Goodbye, Heartbeat, Hello, Norms
 
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
@@ -109,6 +114,18 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
 
 def make_config(**overrides: object) -> Config:
     """A daemon configuration on random loopback ports, with a short drain deadline."""
-    base = Config(zmq_listen_addresses=("tcp://127.0.0.1:*",), web_host="127.0.0.1",
-                  web_port=0, shutdown_timeout_s=2.0)
+    base = Config(zmq_listen_addresses=("tcp://127.0.0.1:*",),
+                  web_listen_address=WebAddress("127.0.0.1", 0), shutdown_timeout_s=2.0)
     return dataclasses.replace(base, **overrides)
+
+
+def make_limits(**overrides: object) -> Limits:
+    """The aggregator's limits as the daemon's defaults make them, but ``overrides``."""
+    return dataclasses.replace(limits(Config()), **overrides)
+
+
+def registry_for(agg: Aggregator, process_metrics: bool = False,
+                 queue: Tuple[int, int] = (0, 65536)) -> CollectorRegistry:
+    """What a scrape of a daemon holding ``agg`` renders, with ``queue`` as (length, capacity)."""
+    snap = agg.snapshot()._replace(queue_length=queue[0], queue_capacity=queue[1])
+    return scrape_registry(snap, process_registry() if process_metrics else None)

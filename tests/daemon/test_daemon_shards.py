@@ -1,0 +1,76 @@
+"""Sharded-step assembly on its own: reports in, a step's totals out once every rank reported."""
+
+from __future__ import annotations
+
+from esper_telemetry.daemon.shards import StepAssembly
+
+
+def test_a_step_is_published_once_the_expected_ranks_reported_with_sums_over_ranks():
+    a = StepAssembly(window_s=30.0)
+    assert a.add(5, 0, [("host", 1.0), ("seed", None)], expected=3, now=0.0) == (None, False)
+    assert a.add(5, 2, [("host", 2.0), ("seed", 0.5)], expected=3, now=1.0) == (None, False)
+    assert len(a) == 1
+    totals, evicted = a.add(5, 1, [("host", 4.0), ("seed", None)], expected=3, now=2.0)
+    # A rank without gradient adds nothing; one rank with gradient makes the sum.
+    assert totals == {"host": 7.0, "seed": 0.5} and evicted is False
+    assert len(a) == 0 and a.incomplete == 0
+
+
+def test_a_group_with_no_gradient_on_any_rank_totals_none():
+    a = StepAssembly(window_s=30.0)
+    a.add(1, 0, [("g", None)], expected=2, now=0.0)
+    assert a.add(1, 1, [("g", None)], expected=2, now=0.0).totals == {"g": None}
+
+
+def test_a_rank_reporting_a_step_twice_replaces_its_first_report():
+    a = StepAssembly(window_s=30.0)
+    a.add(1, 0, [("g", 1.0)], expected=2, now=0.0)
+    assert a.add(1, 0, [("g", 3.0)], expected=2, now=0.0).totals is None  # still one rank
+    assert a.add(1, 1, [("g", 4.0)], expected=2, now=0.0).totals == {"g": 7.0}
+
+
+def test_steps_are_independent_and_the_expected_count_is_the_latest_one_given():
+    a = StepAssembly(window_s=30.0)
+    a.add(1, 0, [("g", 1.0)], expected=3, now=0.0)
+    a.add(2, 0, [("g", 10.0)], expected=3, now=0.0)
+    # The world shrank (a new Hello): two reports now complete step 2, step 1 still waits.
+    assert a.add(2, 1, [("g", 20.0)], expected=2, now=0.0).totals == {"g": 30.0}
+    assert len(a) == 1
+
+
+def test_a_step_still_short_after_the_window_is_given_up_and_its_straggler_dropped():
+    a = StepAssembly(window_s=30.0)
+    a.add(1, 0, [("g", 1.0)], expected=2, now=100.0)
+    a.add(2, 0, [("g", 1.0)], expected=2, now=110.0)
+    assert a.expire(130.0) == [] and a.incomplete == 0  # exactly the window: not late yet
+    assert a.expire(130.5) == [1] and a.incomplete == 1
+    # The straggler for step 1 neither publishes a partial sum nor opens a new step.
+    assert a.add(1, 1, [("g", 4.0)], expected=2, now=131.0) == (None, False)
+    assert len(a) == 1
+    assert a.expire(140.5) == [2] and a.incomplete == 2 and len(a) == 0
+
+
+def test_a_published_step_is_remembered_so_a_duplicate_does_not_reopen_it():
+    a = StepAssembly(window_s=30.0)
+    a.add(1, 0, [("g", 1.0)], expected=1, now=0.0)
+    assert a.add(1, 0, [("g", 9.0)], expected=1, now=0.0) == (None, False)
+    assert len(a) == 0
+
+
+def test_pending_steps_are_capped_the_oldest_given_up_first():
+    a = StepAssembly(window_s=30.0, max_pending=2)
+    a.add(1, 0, [("g", 1.0)], expected=2, now=0.0)
+    a.add(2, 0, [("g", 1.0)], expected=2, now=0.0)
+    assert a.add(3, 0, [("g", 1.0)], expected=2, now=0.0) == (None, True)
+    assert len(a) == 2 and a.incomplete == 1
+    assert a.add(1, 1, [("g", 4.0)], expected=2, now=0.0) == (None, False)  # step 1 closed
+    assert a.add(2, 1, [("g", 4.0)], expected=2, now=0.0).totals == {"g": 5.0}
+
+
+def test_closed_steps_are_remembered_only_up_to_the_memory():
+    a = StepAssembly(window_s=30.0, closed_memory=2)
+    for step in (1, 2, 3):
+        a.add(step, 0, [("g", 1.0)], expected=1, now=0.0)
+    # Step 1 has been forgotten: a report for it is a new step again; step 3 is remembered.
+    assert a.add(1, 0, [("g", 2.0)], expected=1, now=0.0).totals == {"g": 2.0}
+    assert a.add(3, 0, [("g", 2.0)], expected=1, now=0.0).totals is None
