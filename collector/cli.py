@@ -1,7 +1,7 @@
 """``esper-telemetry``: the training-side command line (``demo`` so far).
 
-Exit status: 0 on success, 1 when the demo fails (one line on stderr says why), 2 for a
-usage error, 130 when interrupted.
+Exit status: 0 on success, 1 when the demo fails or its extra is not installed (one line on
+stderr says why), 2 for a usage error, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.steps < 1:
         _parser().error(f"--steps must be >= 1, got {args.steps}")
+    # The demo runs a daemon and a training loop: without either side's extra, say which
+    # one to install in one line (a daemon-only install has no torch).
+    from esper_telemetry.extras import first_missing, install_hint
+
+    missing = first_missing("demo")
+    if missing is not None:
+        print(f"esper-telemetry: {install_hint('the demo', missing, 'demo')}", file=sys.stderr)
+        return 1
     # Imported here: torch takes seconds to load, and --help should not wait for it.
     from .demo import DemoError, run_demo
 

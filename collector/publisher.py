@@ -18,7 +18,8 @@ from typing import List, Optional
 
 import zmq
 
-from esper_telemetry import Event, Heartbeat, encode
+from esper_telemetry.codec import encode
+from esper_telemetry.events import Event, Heartbeat
 from esper_telemetry.defaults import MAX_MESSAGE_BYTES
 
 __all__ = ["Publisher"]

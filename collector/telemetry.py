@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from esper_telemetry import (
+from esper_telemetry.events import (
     DeviceMismatch,
     GroupDecl,
     GroupNorm,

@@ -1,14 +1,16 @@
 """esper-telemetry: gradient health of parameter groups, from the training loop to Prometheus.
 
-This package is the contract between the collector (in the training process) and the
-daemon (a service): the event records, their wire codec and the shared defaults. It imports
-only the standard library and msgpack, so the daemon never loads torch. ``attach`` is the
-training code's entry point; it imports the collector (and torch) only when called.
+``import esper_telemetry as et; et.attach(...)`` is the training code's entry point. The
+package face also re-exports the wire contract (event records, the codec), which imports
+only the standard library and msgpack, so a daemon never loads torch: ``attach`` (and
+``Telemetry``) are looked up on first use, from ``esper_telemetry.collector``. In an
+install without the ``collector`` extra, using them raises an ``ImportError`` that says
+what to install.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, List
 
 from .codec import REASONS, WireError, decode, encode
 from .events import (
@@ -23,14 +25,17 @@ from .events import (
     IsolationViolation,
     Norms,
 )
+from .extras import missing_extra
 from .version import __version__
 
-if TYPE_CHECKING:  # pragma: no cover
-    from esper_telemetry.collector import Telemetry
+if TYPE_CHECKING:  # pragma: no cover - what IDEs and type checkers see
+    from .collector.api import attach
+    from .collector.telemetry import Telemetry
 
 __all__ = [
     "__version__",
     "attach",
+    "Telemetry",
     "encode",
     "decode",
     "WireError",
@@ -47,13 +52,28 @@ __all__ = [
     "Goodbye",
 ]
 
+# Names the collector provides, by the module that defines them.
+_COLLECTOR = {"attach": ".collector.api", "Telemetry": ".collector.telemetry"}
 
-def attach(*args: Any, **kwargs: Any) -> "Telemetry":
-    """Watch parameter groups of a training job and publish their gradient health.
 
-    See ``esper_telemetry.collector.attach`` for the arguments; importing it here lazily keeps torch out of
-    processes (the daemon) that only need the wire contract.
-    """
-    from esper_telemetry.collector import attach as _attach
+def __getattr__(name: str) -> Any:
+    """The collector's names, imported on first use (PEP 562): the real objects, not wrappers."""
+    where = _COLLECTOR.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-    return _attach(*args, **kwargs)
+    try:
+        module = importlib.import_module(where, __name__)
+    except ImportError as exc:
+        hint = missing_extra(exc, "collector", f"esper_telemetry.{name}")
+        if hint is None:
+            raise
+        raise hint from exc
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_COLLECTOR))
