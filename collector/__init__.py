@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import attach
-    from .results import CaptureResult, GroupResult, seed_ratio
+    from .results import CaptureResult, GroupResult
     from .telemetry import Telemetry
 
-__all__ = ["attach", "Telemetry", "CaptureResult", "GroupResult", "seed_ratio"]
+__all__ = ["attach", "Telemetry", "CaptureResult", "GroupResult"]
 
 _WHERE = {"attach": ".api", "Telemetry": ".telemetry", "CaptureResult": ".results",
-          "GroupResult": ".results", "seed_ratio": ".results"}
+          "GroupResult": ".results"}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
-from esper_telemetry import defaults
-
 from .groups import build_specs
+from .options import make_options
 from .telemetry import Telemetry
 
 __all__ = ["attach"]
@@ -50,46 +47,17 @@ def attach(
     ``scaler`` (a GradScaler) steps it skips are captured and marked ``skipped``.
     ``pointer_tables`` computes CUDA norms with a Triton kernel that reads the gradients'
     addresses from a table (when Triton is installed), and ``cuda_graphs`` replays the pass
-    as a CUDA graph; turn either off to fall back to ``torch._foreach_norm``. Raises ``ValueError``/``TypeError`` at once on misuse; never afterwards.
+    as a CUDA graph; turn either off to fall back to ``torch._foreach_norm``.
+
+    Raises ``TypeError``/``ValueError`` naming the argument on misuse, before any thread,
+    socket or hook exists; never afterwards (see ``esper_telemetry.collector.options``).
     """
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    device = torch.device(shared_device)
-    if device.type != "cpu":
-        raise ValueError(f"shared_device={shared_device!r}: only 'cpu' (pinned host memory) is supported")
     specs = build_specs(model, host, seeds, groups, isolated)
-    dist_rank, dist_world = _distributed()
-    rank = dist_rank if rank is None else rank
-    world_size = dist_world if world_size is None else world_size
-    if rank < 0 or world_size < 1 or rank >= world_size:
-        raise ValueError(f"rank {rank} is not within world_size {world_size}")
-    run = _run_id(run)
-    if len(run) > defaults.MAX_STRING_CHARS:
-        raise ValueError(f"run id of {len(run)} characters; the wire carries at most {defaults.MAX_STRING_CHARS}")
-    return Telemetry(
-        specs,
-        run=run,
-        endpoint=defaults.env_str(defaults.ENV_ENDPOINT, defaults.DEFAULT_ENDPOINT, endpoint),
-        rank=rank, world_size=world_size, sharded=sharded, shared_device=device,
-        optimizer=optimizer, every=every, scaler=scaler,
-        isolation_threshold=isolation_threshold, cuda_graphs=cuda_graphs, pointer_tables=pointer_tables,
-        heartbeat_s=heartbeat_s, queue_size=queue_size, close_timeout_s=close_timeout_s,
+    options = make_options(
+        run=run, endpoint=endpoint, rank=rank, world_size=world_size, sharded=sharded,
+        shared_device=shared_device, optimizer=optimizer, every=every, scaler=scaler,
+        isolation_threshold=isolation_threshold, cuda_graphs=cuda_graphs,
+        pointer_tables=pointer_tables, heartbeat_s=heartbeat_s, queue_size=queue_size,
+        close_timeout_s=close_timeout_s,
     )
-
-
-def _distributed() -> tuple:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _run_id(run: Optional[str]) -> str:
-    """Explicit, else ESPER_RUN, else the launcher's job id (same on every rank), else random."""
-    if run:
-        return run
-    for name in (defaults.ENV_RUN, "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
-        value = os.environ.get(name)
-        if value and value != "none":
-            return value
-    return f"run-{uuid.uuid4().hex[:12]}"
+    return Telemetry(specs, options)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -123,7 +123,8 @@ def _as_params(obj: Any, name: str) -> Tuple[nn.Parameter, ...]:
         ) from None
     for item in items:
         if not isinstance(item, torch.Tensor):
-            raise TypeError(f"group {name!r}: {type(item).__name__} is not a parameter")
+            raise TypeError(f"group {name!r}: {type(item).__name__} is not a parameter (a group is a module, "
+                            f"parameters, a callable returning either, or a dotted path)")
     return items  # type: ignore[return-value]
 
 
@@ -155,11 +156,22 @@ def make_spec(name: str, role: str, isolated: bool, value: Any,
 def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str, Any]],
                 groups: Optional[Dict[str, Any]], isolated: Iterable[str]) -> List[GroupSpec]:
     """All groups of one ``attach`` call, host first; raises on unknown or duplicate names."""
-    isolated = set(isolated or ())
+    if isinstance(isolated, (str, bytes)):
+        raise TypeError(f"isolated= takes a collection of group names, not the string {isolated!r}: "
+                        f"write isolated=({isolated!r},)")
+    try:
+        isolated = set(isolated or ())
+    except TypeError:
+        raise TypeError(f"isolated= takes a collection of group names, got {type(isolated).__name__}") from None
+    if not all(isinstance(n, str) for n in isolated):
+        raise TypeError(f"isolated= takes group names (strings), got {sorted(map(repr, isolated))}")
     named: List[Tuple[str, str, Any]] = []
     if host is not None:
         named.append(("host", "host", host))
-    for role, mapping in (("seed", seeds), ("group", groups)):
+    for role, argument, mapping in (("seed", "seeds", seeds), ("group", "groups", groups)):
+        if mapping is not None and not isinstance(mapping, Mapping):
+            raise TypeError(f"{argument}= takes a mapping of group name to group (a module, parameters, "
+                            f"a callable or a dotted path), got {type(mapping).__name__}")
         for name, value in (mapping or {}).items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"group names are non-empty strings, got {name!r}")

@@ -24,7 +24,7 @@ import torch
 
 from . import triton_norms
 from .norms import group_sums, partials
-from .plan import MAX_KEYS, DeviceSlice, Plan
+from .plan import DeviceSlice, Plan
 
 __all__ = ["DevicePasses"]
 
@@ -141,17 +141,14 @@ class DevicePasses:
             cached[0].replay()
             return cached[1]
         tensors = [grads[i] for i in s.positions]
+        # Counted per address set the plan knows; plancache forgets both together.
         seen = s.seen[plan.key] = s.seen.get(plan.key, 0) + 1
-        if len(s.seen) > 4 * MAX_KEYS:  # addresses that never came back
-            s.seen = {k: v for k, v in s.seen.items() if k in plan.known_keys}
         # Capture on the second use of the same addresses: addresses seen once (the
         # allocator moved the gradients) never pay for a graph.
         if self.use_graphs and seen >= 2 and self._address_graphs < _MAX_GRAPH_BUILDS:
             self._address_graphs += 1
             out = self._capture(lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups))
             if out is not None:
-                if len(s.graphs) >= MAX_KEYS:  # the plan forgot the oldest key; so do we
-                    s.graphs = {k: v for k, v in s.graphs.items() if k in plan.known_keys}
                 s.graphs[plan.key] = out
                 self.graph_replays += 1
                 out[0].replay()

@@ -2,9 +2,7 @@
 
 A plan is built from the live parameters and their gradients and reused while both stay
 put. Rebuilding costs more than a capture (it inspects every tensor's device and dtype and
-uploads index tensors), so ``capture`` first compares the gradients' addresses with the
-plan's (cheap: one ``data_ptr`` per tensor) and only on a difference compares devices and
-dtypes, and only on a difference there rebuilds.
+uploads index tensors); ``plancache`` decides when a plan still fits.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .norms import DtypeBucket
+from .staging import upload
 
 __all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key", "local_tensor",
            "is_dtensor", "is_sharded"]
@@ -23,9 +22,6 @@ try:  # DTensor gradients (FSDP2, tensor parallel) are measured on their local s
     from torch.distributed.tensor import DTensor as _DTensor
 except Exception:  # pragma: no cover - builds without distributed
     _DTensor = None
-
-
-MAX_KEYS = 4
 
 
 def is_dtensor(t: Any) -> bool:
@@ -93,29 +89,8 @@ class Plan:
     n_groups: int
     cuda: List[DeviceSlice] = field(default_factory=list)
     cpu: Optional[DeviceSlice] = None
-    known_keys: Dict[Tuple[int, ...], None] = field(default_factory=dict)  # keys this plan fits
-
-    def fits(self, key: Tuple[int, ...]) -> bool:
-        """True if gradients at these addresses were already checked against this plan."""
-        if key == self.key or key in self.known_keys:
-            self.key = key
-            return True
-        return False
-
-    def adopt(self, key: Tuple[int, ...]) -> None:
-        """Remember another address set with this plan's devices and dtypes (a few at most)."""
-        if len(self.known_keys) >= MAX_KEYS:
-            self.known_keys.pop(next(iter(self.known_keys)))
-        self.known_keys[key] = None
-        self.key = key
-
-
-def _upload_index(index: List[int], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(index, dtype=torch.int64)
-    if device.type != "cuda":
-        return host
-    # A pageable host-to-device copy synchronizes; a pinned, non-blocking one does not.
-    return host.pin_memory().to(device, non_blocking=True)
+    # Address sets checked against this plan (esper_telemetry.collector.plancache keeps it bounded).
+    known_keys: Dict[Tuple[int, ...], None] = field(default_factory=dict)
 
 
 def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optional[torch.Tensor]],
@@ -150,7 +125,7 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         for dtype, idx in by_device[device].items():
             buckets.append((dtype, len(positions), len(positions) + len(idx)))
             positions.extend(idx)
-        index = _upload_index([owner[i] for i in positions], device)
+        index = upload(torch.tensor([owner[i] for i in positions], dtype=torch.int64), device)
         s = DeviceSlice(device, positions, buckets, index, slot)
         if pointer_tables and device.type == "cuda":
             _add_table(s, [grads[i] for i in positions], len(grads))  # type: ignore[misc]
@@ -161,7 +136,7 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         group_devices=[tuple(sorted(str(d) for d in ds)) for ds in devices],
         group_params=counts, n_groups=n_groups,
     )
-    plan.adopt(key)
+    plan.known_keys[key] = None
     plan.cuda = [s for s in slices if s.device.type == "cuda"]
     plan.cpu = next((s for s in slices if s.device.type == "cpu"), None)
     if len(slices) > len(plan.cuda) + (plan.cpu is not None):

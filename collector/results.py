@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Dict, NamedTuple, Optional
 
-__all__ = ["GroupResult", "CaptureResult", "seed_ratio"]
+__all__ = ["GroupResult", "CaptureResult"]
 
 
 class GroupResult(NamedTuple):
@@ -28,17 +28,6 @@ class GroupResult(NamedTuple):
     @property
     def norm(self) -> Optional[float]:
         return None if self.sq is None else math.sqrt(self.sq)
-
-
-def seed_ratio(seed: GroupResult, host: GroupResult) -> float:
-    """Parameter-normalized gradient ratio ``(seed_norm / host_norm) * sqrt(host_params / seed_params)``.
-
-    1.0 means the seed's gradient per parameter is as strong as the host's; far above 1 the
-    seed dominates learning, near 0 it is starved. 0 when the host has no gradient.
-    """
-    if not host.sq or not seed.sq or not seed.params or not host.params:
-        return 0.0
-    return math.sqrt(seed.sq / host.sq) * math.sqrt(host.params / seed.params)
 
 
 class CaptureResult(NamedTuple):

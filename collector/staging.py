@@ -15,7 +15,18 @@ from typing import Dict, List, Tuple
 
 import torch
 
-__all__ = ["Staging", "StagingPool"]
+__all__ = ["Staging", "StagingPool", "upload"]
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without the host waiting: a CPU device gets it as is.
+
+    A pageable host-to-device copy synchronizes; a pinned, non-blocking one does not (the
+    caching host allocator keeps the pinned copy alive until the transfer is done).
+    """
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class Staging:

@@ -20,6 +20,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .staging import upload
+
 __all__ = ["available", "BlockTable", "block_table", "tensor_squares"]
 
 BLOCK = 4096
@@ -66,12 +68,6 @@ class BlockTable:
         self.ptrs = ptrs          # int64 per tensor, refreshed before every pass
 
 
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def block_table(numels: Sequence[int], buckets: Sequence[Tuple[torch.dtype, int, int]],
                 device: torch.device) -> BlockTable:
     """Blocks for tensors of these sizes, per dtype bucket ``(dtype, start, stop)``."""
@@ -83,9 +79,9 @@ def block_table(numels: Sequence[int], buckets: Sequence[Tuple[torch.dtype, int,
         tensor_ids = torch.repeat_interleave(torch.arange(start, stop, dtype=torch.int64), counts)
         first = torch.cumsum(counts, 0) - counts           # first block of each tensor
         within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
-        out.append((dtype, _upload(tensor_ids, device), _upload(within * BLOCK, device)))
+        out.append((dtype, upload(tensor_ids, device), upload(within * BLOCK, device)))
     ptrs = torch.zeros(len(sizes), dtype=torch.int64, device=device)
-    return BlockTable(_upload(sizes, device), out, ptrs)
+    return BlockTable(upload(sizes, device), out, ptrs)
 
 
 def tensor_squares(table: BlockTable) -> torch.Tensor:

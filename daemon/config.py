@@ -15,10 +15,10 @@ import argparse
 import dataclasses
 import ipaddress
 import os
-import re
 from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from esper_telemetry import defaults as d
+from esper_telemetry.endpoints import check_endpoint
 from esper_telemetry.version import __version__
 
 from .settings import (
@@ -52,23 +52,12 @@ class WebAddress(NamedTuple):
         return f"{host}:{self.port}"
 
 
-_TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\*|\d+)$")
-
-
 def zmq_endpoints(addresses: Sequence[str]) -> Tuple[str, ...]:
     """At least one endpoint, each ``tcp://HOST:PORT`` or ``ipc://PATH``, none twice."""
     if not addresses:
         raise ValueError("at least one endpoint is required")
     for addr in addresses:
-        if addr.startswith("ipc://"):
-            if len(addr) <= len("ipc://"):
-                raise ValueError(f"{addr!r} has no path")
-            continue
-        m = _TCP.match(addr)
-        if m is None:
-            raise ValueError(f"{addr!r} is not tcp://HOST:PORT or ipc://PATH")
-        if m["port"] != "*" and not 0 <= int(m["port"]) <= 65535:
-            raise ValueError(f"port out of range in {addr!r}")
+        check_endpoint(addr, bind=True)
     if len(set(addresses)) != len(addresses):
         raise ValueError("the same endpoint is given twice")
     return tuple(addresses)

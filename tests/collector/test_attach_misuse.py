@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +89,110 @@ def test_wire_limits_themselves_are_accepted(pull):
     (norms,) = [e for e in events if isinstance(e, et.Norms)]
     assert len(norms.groups) == 256 and norms.run == "r" * 256
     assert all(g.sq == 1.0 for g in norms.groups)
+
+
+# -- what attach refuses, and that a refusal leaves nothing behind ------------------------------
+def _open_fds() -> set:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def nothing_left(thread_names):
+    """Checks, after the test body, that no thread, file descriptor (a ZeroMQ socket or context
+    opens several) or optimizer hook was left by a refused attach."""
+    threads, fds = thread_names(), _open_fds()
+    yield
+    gc.collect()
+    assert thread_names() == threads
+    assert _open_fds() <= fds, "a refused attach left file descriptors open"
+
+
+_OPT = object()   # stands for "a real optimizer", made per case below
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(endpoint="localhost:5569"), ValueError, r"endpoint= 'localhost:5569' is not tcp://HOST:PORT"),
+    (dict(endpoint="tcp://127.0.0.1:70000"), ValueError, "endpoint= port out of range"),
+    (dict(endpoint="tcp://127.0.0.1:0"), ValueError, "port out of range"),
+    (dict(endpoint="tcp://*:5569"), ValueError, "'\\*' is for listening"),
+    (dict(endpoint="udp://127.0.0.1:5569"), ValueError, "inproc://NAME"),
+    (dict(endpoint="ipc://"), ValueError, "has no path"),
+    (dict(endpoint=5569), TypeError, "endpoint= an endpoint is a string"),
+    (dict(isolated="host"), TypeError, r"isolated= takes a collection of group names, not the string 'host'"),
+    (dict(isolated=5), TypeError, "isolated= takes a collection"),
+    (dict(isolated=(nn.Linear(1, 1),)), TypeError, "isolated= takes group names"),
+    (dict(seeds=["seeds.a"]), TypeError, "seeds= takes a mapping"),
+    (dict(groups=[nn.Linear(1, 1)]), TypeError, "groups= takes a mapping"),
+    (dict(seeds={"a": 3.5}), TypeError, "group 'a': expected a module, parameters, a callable or a dotted path"),
+    (dict(seeds={"a": {"w": 1}}), TypeError, "group 'a': str is not a parameter"),
+    (dict(optimizer=object()), TypeError, "optimizer= takes a torch.optim.Optimizer, got object"),
+    (dict(optimizer=_OPT, scaler=object()), TypeError, "scaler= takes a torch.amp.GradScaler"),
+    (dict(scaler=torch.amp.GradScaler("cpu")), ValueError, "scaler= needs optimizer="),
+    (dict(every=2.0), TypeError, "every= takes an int"),
+    (dict(queue_size=0), ValueError, "queue_size must be >= 1"),
+    (dict(heartbeat_s=0), ValueError, "heartbeat_s must be a finite number > 0"),
+    (dict(close_timeout_s=float("nan")), ValueError, "close_timeout_s"),
+    (dict(isolation_threshold=-1.0), ValueError, "isolation_threshold"),
+    (dict(sharded="yes"), TypeError, "sharded= takes True, False or None"),
+    (dict(run=7), TypeError, "run= takes a string"),
+    (dict(shared_device="gpu"), ValueError, "shared_device='gpu' is not a device"),
+])
+def test_attach_refuses_misuse_naming_the_argument(kwargs, exc, match, nothing_left):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = dict(model=model, host="host", endpoint="tcp://127.0.0.1:9", run="misuse")
+    args.update({k: (opt if v is _OPT else v) for k, v in kwargs.items()})
+    with pytest.raises(exc, match=match):
+        et.attach(**args)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_a_bad_endpoint_from_the_environment_names_the_variable(monkeypatch, nothing_left):
+    monkeypatch.setenv("ESPER_TELEMETRY_ENDPOINT", "127.0.0.1:5569")
+    with pytest.raises(ValueError, match="^ESPER_TELEMETRY_ENDPOINT '127.0.0.1:5569' is not tcp://"):
+        et.attach(model=make_model(), host="host")
+
+
+def test_inproc_and_ipc_endpoints_are_accepted(tmp_path):
+    for endpoint in ("inproc://esper-test", f"ipc://{tmp_path}/esper.sock"):
+        with et.attach(model=make_model(), host="host", endpoint=endpoint, close_timeout_s=0.2) as tel:
+            assert tel.endpoint == endpoint
+
+
+def test_a_failure_while_starting_unhooks_the_optimizer(monkeypatch, nothing_left):
+    """Threads and the socket start last; if starting them fails, the hooks already
+    registered on the optimizer and the scaler are removed again."""
+    from esper_telemetry.collector import telemetry
+
+    def refuse(*args, **kwargs):
+        raise OSError("no more sockets")
+
+    monkeypatch.setattr(telemetry, "Publisher", refuse)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(OSError, match="no more sockets"):
+        et.attach(model=model, host="host", optimizer=opt, scaler=scaler, endpoint="tcp://127.0.0.1:9")
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert "update" not in vars(scaler)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\(\) with create_graph=True")
+def test_the_norm_pass_records_no_autograd_history(attach):
+    """After backward(create_graph=True) the gradients require grad; a pass outside no_grad
+    would save them for a backward that never comes (found by the pack hook firing)."""
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    x = torch.randn(4, 8)
+    loss = model(x)
+    loss.backward(create_graph=True)
+    assert model.host[0].weight.grad.requires_grad
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        tel.capture()
+    assert tel.flush(5.0)
+    assert packed == []
+    result = tel.latest()
+    ref = sum(float(p.grad.detach().double().pow(2).sum()) for p in model.host.parameters())
+    assert result["host"].sq == pytest.approx(ref, rel=1e-6)
+    assert tel.stats()["errors"] == 0

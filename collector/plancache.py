@@ -1,0 +1,84 @@
+"""The plans (and their CUDA graphs) a collector keeps, and the one rule that forgets them.
+
+A plan depends on the gradients' layout (device, dtype, contiguity of each); its graphs of
+the ``_foreach_norm`` pass depend on their addresses too. Jobs alternate between a few of
+each: a seed whose gradient is None on the steps it sits out changes the layout, and
+``zero_grad(set_to_none=True)`` with a capture still holding the previous gradients
+alternates between address sets. The rule, here and nowhere else: at most ``PLANS``
+layouts, least recently used dropped; per plan at most ``KEYS`` address sets, oldest
+dropped, and a slice keeps graphs and use counts only for address sets its plan still
+knows. Parameters re-bound (a move, a replaced module) drop every plan.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .plan import Plan, build_plan, grad_key, grad_signature
+
+__all__ = ["PlanCache", "PLANS", "KEYS"]
+
+PLANS = 4
+KEYS = 4
+
+
+class PlanCache:
+    """Plans by gradient layout; training thread only.
+
+    ``on_new_layout(old, new)`` is called whenever the current plan changes to one with
+    other devices (a new plan, or a known one coming back), for device events.
+    """
+
+    def __init__(self, on_new_layout: Callable[[Optional[Plan], Plan], None], pointer_tables: bool) -> None:
+        self._on_new_layout = on_new_layout
+        self._pointer_tables = pointer_tables
+        self._plans: "collections.OrderedDict[Tuple[Any, ...], Plan]" = collections.OrderedDict()
+        self.current: Optional[Plan] = None
+        self.built = 0
+
+    def plan_for(self, grads: List[Optional[torch.Tensor]], rebound: bool,
+                 group_params: Sequence[Sequence[torch.Tensor]], sharded: List[bool],
+                 counts: List[int]) -> Plan:
+        """The plan for gradients at these addresses: the current one when it fits (the
+        common case, one ``data_ptr`` per tensor), a known one with the same layout, or a new one."""
+        plan = self.current
+        key = grad_key(grads)
+        if plan is not None and not rebound and (key == plan.key or key in plan.known_keys):
+            plan.key = key
+            return plan
+        signature = grad_signature(grads)
+        if rebound:
+            self._plans.clear()   # plans of parameters no longer watched
+        else:
+            known = self._plans.get(signature)
+            if known is not None:
+                remember(known, key)
+                self._plans.move_to_end(signature)
+                if plan is not None and known.group_devices != plan.group_devices:
+                    self._on_new_layout(plan, known)   # moved back to where it was before
+                self.current = known
+                return known
+        new = build_plan(group_params, grads, key, signature, sharded, counts,
+                         pointer_tables=self._pointer_tables)
+        self.built += 1
+        self._on_new_layout(plan, new)
+        self._plans[signature] = new
+        if len(self._plans) > PLANS:
+            self._plans.popitem(last=False)
+        self.current = new
+        return new
+
+
+def remember(plan: Plan, key: Tuple[int, ...]) -> None:
+    """Make ``key`` the plan's current address set, forgetting the oldest beyond ``KEYS``."""
+    if key not in plan.known_keys and len(plan.known_keys) >= KEYS:
+        forget = next(iter(plan.known_keys))
+        del plan.known_keys[forget]
+        for s in plan.slices:
+            s.graphs.pop(forget, None)
+            s.seen.pop(forget, None)
+    plan.known_keys[key] = None
+    plan.key = key

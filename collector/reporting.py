@@ -1,0 +1,112 @@
+"""From what the collector saw to events on the wire and the in-process result.
+
+``Reporter`` builds every event one collector sends (hello, norms, isolation violations,
+device conditions) and the ``CaptureResult`` training code reads. It runs on the
+completion thread (norms) and on the training thread (device and structural events); it
+only builds records and hands them to the publisher's queue, which is thread safe.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from esper_telemetry.events import (
+    DeviceMismatch,
+    GroupDecl,
+    GroupNorm,
+    Hello,
+    IsolationViolation,
+    Norms,
+)
+from esper_telemetry.ratio import seed_ratio
+from esper_telemetry.version import __version__
+
+from .groups import GroupSpec
+from .plan import Plan
+from .publisher import Publisher
+from .results import CaptureResult, GroupResult
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    """Events of one collector (``run``, ``rank``) about its groups ``specs``."""
+
+    def __init__(self, publisher: Publisher, specs: Sequence[GroupSpec], run: str, rank: int,
+                 world_size: int, isolation_threshold: float) -> None:
+        self._publisher = publisher
+        self._specs = list(specs)
+        self.run, self.rank, self.world_size = run, rank, world_size
+        self._threshold_sq = isolation_threshold ** 2
+        self._host = next((i for i, s in enumerate(self._specs) if s.role == "host"), None)
+        # Device conditions already reported, so each is sent once per change.
+        self._reported: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+
+    def hello(self, counts: Sequence[int]) -> None:
+        decls = tuple(GroupDecl(s.name, s.role, c, s.isolated) for s, c in zip(self._specs, counts))
+        self._publisher.publish(Hello(self.run, self.rank, time.time(), self.world_size,
+                                      socket.gethostname()[:256], os.getpid(), __version__,
+                                      torch.__version__, decls))
+
+    def norms(self, step: int, time_s: float, skipped: bool, plan: Plan,
+              sq_row: Sequence[float], nf_row: Sequence[float]) -> CaptureResult:
+        """Publish one completed capture (and its isolation violations); the in-process result."""
+        results: Dict[str, GroupResult] = {}
+        wire: List[GroupNorm] = []
+        for gi, spec in enumerate(self._specs):
+            has = plan.has_grad[gi]
+            sq = sq_row[gi] if has else None
+            r = GroupResult(spec.name, spec.role, plan.group_params[gi], sq, int(nf_row[gi]), has,
+                            plan.sharded[gi], spec.isolated)
+            results[spec.name] = r
+            wire_sq = sq if sq is None or math.isfinite(sq) else None
+            wire.append(GroupNorm(spec.name, spec.role, r.params, wire_sq, r.nonfinite, r.sharded, spec.isolated))
+        ratios: Dict[str, float] = {}
+        if self._host is not None:
+            host = results[self._specs[self._host].name]
+            ratios = {r.name: seed_ratio(r.sq, r.params, host.sq, host.params)
+                      for r in results.values() if r.role == "seed"}
+        self._publisher.publish(Norms(self.run, self.rank, time_s, step, skipped, tuple(wire)))
+        for r in results.values():
+            if r.isolated and r.sq is not None and (r.nonfinite or not r.sq <= self._threshold_sq):
+                norm = r.norm
+                self._publisher.publish(IsolationViolation(
+                    self.run, self.rank, time_s, step, r.name, "gradient",
+                    f"isolated group received gradient (norm {norm:.3g}, {r.nonfinite} non-finite tensors)",
+                    norm if norm is not None and math.isfinite(norm) else None,
+                ))
+        return CaptureResult(step, time_s, self.rank, skipped, results, ratios)
+
+    def structural(self, step: int, name: str, evidence: str) -> None:
+        self._publisher.publish(IsolationViolation(self.run, self.rank, time.time(), step,
+                                                   name, "structural", evidence, None))
+
+    def layout(self, old: Optional[Plan], new: Plan, rebound: Sequence[int]) -> None:
+        """Device events for a new plan, each condition once: split, mixed, and moved.
+
+        ``rebound``: groups whose parameters were re-bound since the last plan (reported as
+        moved even when the devices are the same).
+        """
+        host_devices = new.group_devices[self._host] if self._host is not None else ()
+        for gi, spec in enumerate(self._specs):
+            devices = new.group_devices[gi]
+            state = {
+                "split": devices if len(devices) > 1 else (),
+                "mixed": devices if (spec.role == "seed" and host_devices
+                                     and devices and set(devices) != set(host_devices)) else (),
+            }
+            for kind, value in state.items():
+                if value and self._reported.get((kind, spec.name)) != value:
+                    self._device(kind, spec.name, value)
+                self._reported[(kind, spec.name)] = value
+            if old is not None and (gi in rebound or old.group_devices[gi] != devices):
+                self._device("moved", spec.name, devices)
+
+    def _device(self, kind: str, group: str, devices: Sequence[str]) -> None:
+        self._publisher.publish(DeviceMismatch(self.run, self.rank, time.time(), kind, group, tuple(devices)))
