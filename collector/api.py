@@ -6,7 +6,7 @@ from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
-from .groups import build_specs
+from .groups import build_specs, structural_names
 from .options import make_options
 from .telemetry import Telemetry
 
@@ -29,6 +29,7 @@ def attach(
     every: int = 1,
     scaler: Any = None,
     isolation_threshold: float = 1e-8,
+    structural: Union[bool, Iterable[str]] = (),
     cuda_graphs: bool = True,
     pointer_tables: bool = True,
     heartbeat_s: float = 5.0,
@@ -41,6 +42,10 @@ def attach(
     dotted path under ``model``; groups are re-resolved from the live model at capture, so
     ``model.to(device)`` and replaced submodules are followed. ``isolated`` names groups
     that must receive no gradient (norm above ``isolation_threshold`` is a violation).
+    ``structural`` names groups (``True``: every seed) trained on detached features: a
+    forward input of theirs that requires grad is reported as a structural violation at
+    every capture while it lasts. Off by default (adapters and jointly trained heads
+    normally see inputs that require grad).
     ``shared_device`` is where per-device partial sums meet: ``"cpu"`` (pinned host
     memory, the default) is the only one supported so far. With ``optimizer``, captures
     happen in its step pre-hook every ``every`` steps and the fence in its post-hook; with
@@ -53,10 +58,11 @@ def attach(
     socket or hook exists; never afterwards (see ``esper_telemetry.collector.options``).
     """
     specs = build_specs(model, host, seeds, groups, isolated)
+    watched = structural_names(structural, specs)
     options = make_options(
         run=run, endpoint=endpoint, rank=rank, world_size=world_size, sharded=sharded,
         shared_device=shared_device, optimizer=optimizer, every=every, scaler=scaler,
-        isolation_threshold=isolation_threshold, cuda_graphs=cuda_graphs,
+        isolation_threshold=isolation_threshold, structural=watched, cuda_graphs=cuda_graphs,
         pointer_tables=pointer_tables, heartbeat_s=heartbeat_s, queue_size=queue_size,
         close_timeout_s=close_timeout_s,
     )

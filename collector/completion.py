@@ -32,7 +32,7 @@ _IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
 class Pending:
     """One capture in flight: its metadata, device events, staging buffer and held gradients."""
 
-    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums", "device")
+    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums", "device", "amp")
 
     def __init__(self, step: int, time_s: float, skipped: bool, plan: Any, grads: List[Any],
                  staging: Any, events: List[torch.cuda.Event]) -> None:
@@ -44,6 +44,7 @@ class Pending:
         self.staging = staging
         self.events = events
         self.sums: Optional[List[List[float]]] = None   # [[sq...], [nonfinite...]] once done
+        self.amp: Optional[torch.Tensor] = None   # GradScaler's (found_inf, scale), see hooks
         # A CUDA device of this capture: the thread makes it current before querying, or the
         # runtime would create a context on device 0 for this thread (in every rank).
         self.device: Optional[int] = plan.cuda[0].device.index if getattr(plan, "cuda", None) else None

@@ -24,7 +24,7 @@ from torch import nn
 
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 
-__all__ = ["GroupSpec", "make_spec", "registration_generation"]
+__all__ = ["GroupSpec", "make_spec", "build_specs", "structural_names", "registration_generation"]
 
 _generation = itertools.count(1)
 _current_generation = [0]
@@ -198,3 +198,31 @@ def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str,
 def total_params(params: Sequence[torch.Tensor]) -> int:
     """Logical scalar count; a DTensor reports its global size, so shards count once."""
     return sum(p.numel() for p in params)
+
+
+def structural_names(structural: Any, specs: Sequence[GroupSpec]) -> Tuple[str, ...]:
+    """The groups the structural check watches: ``True`` for every seed, else the names given.
+
+    Each must name a group that is a module (the check is a forward pre-hook on it).
+    """
+    if structural is True:
+        return tuple(s.name for s in specs if s.role == "seed" and s.module is not None)
+    if structural is False or structural is None:
+        return ()
+    if isinstance(structural, (str, bytes)):
+        raise TypeError(f"structural= takes True or a collection of group names, not the string "
+                        f"{structural!r}: write structural=({structural!r},)")
+    try:
+        names = tuple(structural)
+    except TypeError:
+        raise TypeError(f"structural= takes True or a collection of group names, "
+                        f"got {type(structural).__name__}") from None
+    by_name = {s.name: s for s in specs}
+    for name in names:
+        spec = by_name.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise ValueError(f"structural= names unknown group {name!r}; groups are {list(by_name)}")
+        if spec.module is None:
+            raise ValueError(f"structural= names {name!r}, which is not a module: the check hooks "
+                             f"the module's forward")
+    return names

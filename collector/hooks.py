@@ -3,20 +3,30 @@
 Gradients are final in the optimizer's step pre-hook (clipped, unscaled), so the capture
 happens there and the training stream's fence in the post-hook: the norm pass overlaps
 the optimizer step, and the fence still comes before anything can write the gradients
-again. Two exceptions:
-- an optimizer that GradScaler hands the loss scale to (``grad_scale`` set: fused Adam and
-  AdamW) unscales the gradients in place inside its own step, so its capture moves to the
-  post-hook, fenced at once;
-- a step GradScaler skips (an Inf or NaN was found) never calls ``optimizer.step()``, only
-  ``scaler.update()``: the capture happens there and is marked skipped.
+again. GradScaler changes two things:
+- a step it skips (an Inf or NaN was found) usually never calls ``optimizer.step()``, only
+  ``scaler.update()``: the capture happens there and is marked skipped;
+- an optimizer that handles the scale itself (fused Adam/AdamW: GradScaler sets its
+  ``found_inf``, and ``grad_scale`` unless the user unscaled already) is stepped even when
+  the step is skipped, and skips inside its kernel. Whether it skipped is ``found_inf``, a
+  tensor on the device: it travels with the capture and is read by the completion thread,
+  never here. With ``grad_scale`` set the optimizer unscales the gradients in place during
+  its step, so the capture moves to the post-hook (fenced at once); on a skipped step it
+  leaves them scaled, and the completion thread divides the squares by the scale squared.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
-__all__ = ["StepHooks", "Driver"]
+from .eager import eager
+
+__all__ = ["StepHooks", "Driver", "Amp"]
+
+# (found_inf, grad_scale or None): the tensors GradScaler hands a fused optimizer; the scale
+# is given only when the captured gradients are still scaled on a skipped step.
+Amp = Tuple[Any, Optional[Any]]
 
 
 class Driver:
@@ -24,7 +34,8 @@ class Driver:
 
     step: int    # the step the next capture is
 
-    def capture_step(self, step: int, fence: bool, skipped: bool) -> None: ...  # pragma: no cover
+    def capture_step(self, step: int, fence: bool, skipped: bool,
+                     amp: Optional[Amp] = None) -> None: ...  # pragma: no cover
 
     def fence_pending(self) -> None: ...  # pragma: no cover
 
@@ -38,11 +49,13 @@ class StepHooks:
         self._driver: Callable[[], Optional[Driver]] = weakref.ref(driver)  # type: ignore[assignment]
         self._every = every
         self._stepped = False                # optimizer.step() ran since the last scaler.update()
-        self._deferred: Optional[int] = None  # a capture moved to the post-hook
+        self._deferred: Optional[Tuple[int, Amp]] = None  # a capture moved to the post-hook
         self._scaler = scaler
-        self._handles: List[Any] = [optimizer.register_step_pre_hook(self._pre_step)]
+        pre = lambda opt, args, kwargs: eager(StepHooks._pre_step, self, opt, args, kwargs)  # noqa: E731
+        post = lambda opt, args, kwargs: eager(StepHooks._post_step, self, opt, args, kwargs)  # noqa: E731
+        self._handles: List[Any] = [optimizer.register_step_pre_hook(pre)]
         try:
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self._handles.append(optimizer.register_step_post_hook(post))
             if scaler is not None:
                 self._wrap_scaler(scaler)
         except BaseException:
@@ -74,18 +87,21 @@ class StepHooks:
         step = self._due(driver)
         if step is None:
             return
-        if getattr(optimizer, "grad_scale", None) is not None:
-            self._deferred = step   # the fused step unscales in place: capture after it
+        found_inf = getattr(optimizer, "found_inf", None)
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        if found_inf is not None and grad_scale is not None:
+            self._deferred = (step, (found_inf, grad_scale))   # unscaled in place by the step
         else:
-            driver.capture_step(step, fence=False, skipped=False)
+            driver.capture_step(step, fence=False, skipped=False,
+                                amp=None if found_inf is None else (found_inf, None))
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         driver = self._driver()
         if driver is None:
             return
         if self._deferred is not None:
-            step, self._deferred = self._deferred, None
-            driver.capture_step(step, fence=True, skipped=False)
+            (step, amp), self._deferred = self._deferred, None
+            driver.capture_step(step, fence=True, skipped=False, amp=amp)
         try:
             driver.fence_pending()
         except Exception as exc:
@@ -96,14 +112,19 @@ class StepHooks:
         hooks = weakref.ref(self)
 
         def update(*args: Any, **kwargs: Any) -> Any:
-            self_ = hooks()
-            driver = self_._driver() if self_ is not None else None
-            if self_ is not None and driver is not None:
-                if not self_._stepped:
-                    step = self_._due(driver)
-                    if step is not None:
-                        driver.capture_step(step, fence=True, skipped=True)
-                self_._stepped = False
+            eager(_before_update, hooks())
             return original(*args, **kwargs)
 
         scaler.update = update
+
+
+def _before_update(hooks: Optional[StepHooks]) -> None:
+    """A step GradScaler skipped never reached the optimizer: capture it, marked skipped."""
+    driver = hooks._driver() if hooks is not None else None
+    if hooks is None or driver is None:
+        return
+    if not hooks._stepped:
+        step = hooks._due(driver)
+        if step is not None:
+            driver.capture_step(step, fence=True, skipped=True)
+    hooks._stepped = False

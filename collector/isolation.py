@@ -1,15 +1,21 @@
-"""The structural isolation check: does a seed's input still carry a gradient path?
+"""The structural isolation check: does a watched seed's input still carry a gradient path?
 
-A seed must train on detached host features. If its forward input requires grad, the
-seed's backward will flow into the host: that is found here, before any gradient exists, by
-a forward pre-hook that reads only the ``requires_grad`` flag (host-side, no GPU work).
-Reports are rate-limited per seed; suppressed repeats are counted in the next report.
+Esper's contract for a seed trained on detached host features: if the seed's forward input
+requires grad, its backward flows into the host. That is found here, before any gradient
+exists, by a forward pre-hook that reads only ``requires_grad`` flags (host-side, no GPU
+work). The check is opt-in per group (``attach(structural=...)``): for LoRA adapters (whose
+inputs require grad because earlier adapters train) or a head trained with its backbone,
+an input that requires grad is normal.
+
+The hook only notes what it saw (cheap, and simple enough for dynamo to trace without a
+graph break); each capture then reports every noted seed once, for that capture's step, so
+while a leak persists every captured step carries a violation, and a flood of forward
+passes costs one event per seed per capture.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -17,23 +23,21 @@ from esper_telemetry.defaults import MAX_STRING_CHARS
 
 __all__ = ["StructuralCheck"]
 
-_MIN_INTERVAL_S = 30.0
-
 
 class StructuralCheck:
-    """Forward pre-hooks on the seed modules; ``report(name, evidence)`` on a violation."""
+    """Forward pre-hooks on the modules of the groups named in ``names``."""
 
-    def __init__(self, report: Callable[[str, str], None], min_interval_s: float = _MIN_INTERVAL_S) -> None:
-        self._report = report
-        self._min_interval_s = min_interval_s
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
         self._handles: Dict[str, Any] = {}
         self._modules: Dict[str, Any] = {}
-        self._last: Dict[str, float] = {}
-        self._suppressed: Dict[str, int] = {}
+        self._seen: Dict[str, Tuple[List[str], int]] = {}   # name -> (inputs, forward passes)
 
-    def watch(self, seeds: Sequence[Any]) -> None:
-        """(Re)attach hooks to the seeds' current modules; seeds given as parameters have none."""
-        for spec in seeds:
+    def watch(self, specs: Sequence[Any]) -> None:
+        """(Re)attach hooks to the named groups' current modules."""
+        for spec in specs:
+            if spec.name not in self.names:
+                continue
             module = spec.module
             if self._modules.get(spec.name) is module:
                 continue
@@ -51,33 +55,27 @@ class StructuralCheck:
         self._handles.clear()
         self._modules.clear()
 
+    def take(self) -> List[Tuple[str, str]]:
+        """(group, evidence) for every group that leaked since the last call; clears them."""
+        seen, self._seen = self._seen, {}
+        out = []
+        for name, (inputs, passes) in seen.items():
+            evidence = (f"seed input {', '.join(inputs)} requires grad: its backward flows into the host"
+                        f" ({passes} forward pass{'es' if passes != 1 else ''} since the last capture)")
+            if len(evidence) > MAX_STRING_CHARS:  # the daemon rejects a longer string, and its batch
+                evidence = evidence[:MAX_STRING_CHARS - 3] + "..."
+            out.append((name, evidence))
+        return out
+
     def _hook(self, name: str) -> Callable[..., None]:
+        seen = self
+
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
             if not torch.is_grad_enabled():
                 return
-            leaking = _leaking_inputs(args, kwargs)
+            leaking = [f"arg {i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+            leaking += [f"{k}=" for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
             if leaking:
-                self._violation(name, leaking)
+                before = seen._seen.get(name)
+                seen._seen[name] = (leaking, 1 if before is None else before[1] + 1)
         return hook
-
-    def _violation(self, name: str, leaking: List[str]) -> None:
-        now = time.monotonic()
-        if now - self._last.get(name, -1e18) < self._min_interval_s:
-            self._suppressed[name] = self._suppressed.get(name, 0) + 1
-            return
-        self._last[name] = now
-        repeats = self._suppressed.pop(name, 0)
-        evidence = (f"seed input {', '.join(leaking)} requires grad: its backward flows into the host"
-                    + (f" ({repeats} more since the last report)" if repeats else ""))
-        if len(evidence) > MAX_STRING_CHARS:  # the daemon rejects a longer string, and its batch
-            evidence = evidence[:MAX_STRING_CHARS - 3] + "..."
-        try:
-            self._report(name, evidence)
-        except Exception:  # a forward pass must never fail because of telemetry
-            pass
-
-
-def _leaking_inputs(args: tuple, kwargs: dict) -> List[str]:
-    found = [f"arg {i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-    found += [f"{k}=" for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    return found

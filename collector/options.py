@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -33,6 +33,7 @@ class Options(NamedTuple):
     every: int                       # optimizer steps per capture
     scaler: Any                      # a GradScaler, or None
     isolation_threshold: float
+    structural: Tuple[str, ...]      # groups whose forward input must not require grad
     cuda_graphs: bool
     pointer_tables: bool
     heartbeat_s: float
@@ -43,7 +44,7 @@ class Options(NamedTuple):
 def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[int],
                  world_size: Optional[int], sharded: Optional[bool],
                  shared_device: Union[str, torch.device], optimizer: Any, every: int, scaler: Any,
-                 isolation_threshold: float, cuda_graphs: bool, pointer_tables: bool,
+                 isolation_threshold: float, structural: Tuple[str, ...], cuda_graphs: bool, pointer_tables: bool,
                  heartbeat_s: float, queue_size: int, close_timeout_s: float) -> Options:
     """Check and normalize ``attach``'s settings; ``TypeError``/``ValueError`` name the argument."""
     _integer("every", every, minimum=1)
@@ -86,7 +87,7 @@ def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[
     if len(run) > defaults.MAX_STRING_CHARS:
         raise ValueError(f"run id of {len(run)} characters; the wire carries at most {defaults.MAX_STRING_CHARS}")
     return Options(run, endpoint, rank, world_size, sharded, optimizer, every, scaler,
-                   float(isolation_threshold), bool(cuda_graphs), bool(pointer_tables),
+                   float(isolation_threshold), tuple(structural), bool(cuda_graphs), bool(pointer_tables),
                    float(heartbeat_s), queue_size, float(close_timeout_s))
 
 

@@ -26,7 +26,8 @@ from esper_telemetry.events import Goodbye
 
 from .completion import CompletionThread, Pending
 from .groups import GroupSpec, total_params
-from .hooks import StepHooks
+from .eager import eager
+from .hooks import Amp, StepHooks
 from .isolation import StructuralCheck
 from .options import Options
 from .passes import DevicePasses
@@ -70,7 +71,7 @@ class Telemetry:
         self._staging = StagingPool()
         self._passes = DevicePasses(use_graphs=options.cuda_graphs, pointer_tables=options.pointer_tables)
         self._plans = PlanCache(self._on_new_layout, self._passes.pointer_tables)
-        self._structural = StructuralCheck(self._report_structural)
+        self._structural = StructuralCheck(options.structural)
         self._resolve()
         # Hooks, then the threads and the socket, last: whatever fails before leaves nothing.
         self._hooks: Optional[StepHooks] = None
@@ -96,13 +97,14 @@ class Telemetry:
         Call it after ``backward()`` (and after any unscaling). On CUDA the host does not
         wait for the GPU: the pass runs on side streams and the training stream is fenced
         (device-side) so later in-place writes cannot race it. On the CPU the pass runs
-        here. ``step`` defaults to a counter of captures.
+        here. ``step`` defaults to a counter of captures. Inside a ``torch.compile``d step it
+        is one graph break, and runs eagerly (see ``eager``).
         """
-        self.capture_step(step, fence=True, skipped=False)
+        eager(Telemetry.capture_step, self, step, True, False)
 
     def latest(self) -> Optional[CaptureResult]:
         """The most recent completed capture, or None; never waits."""
-        return self._latest
+        return eager(_latest, self)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every capture so far is computed and handed to the socket; False on timeout."""
@@ -149,8 +151,13 @@ class Telemetry:
         self.close()
 
     # -- the capture path (training thread; also the hooks' Driver) --------------------
-    def capture_step(self, step: Optional[int], fence: bool, skipped: bool) -> None:
-        """One capture, never raising: a failure is counted and logged once per kind."""
+    def capture_step(self, step: Optional[int], fence: bool, skipped: bool,
+                     amp: Optional[Amp] = None) -> None:
+        """One capture, never raising: a failure is counted and logged once per kind.
+
+        ``amp``: GradScaler's ``found_inf`` (and the scale, when the gradients are still
+        scaled on a skipped step) for an optimizer that skips inside its own step.
+        """
         if self._closed or self._forked:
             return
         try:
@@ -161,7 +168,7 @@ class Telemetry:
                 self._publisher.count(dropped=1)
                 return
             with torch.no_grad():   # after backward(create_graph=True) grads carry history
-                self._capture(step, fence, skipped)
+                self._capture(step, fence, skipped, amp)
         except Exception as exc:
             self.report_error(exc)
 
@@ -180,7 +187,7 @@ class Telemetry:
             log.warning("esper-telemetry: %s: %s (training goes on; further %s errors only counted)",
                         kind, exc, kind)
 
-    def _capture(self, step: Optional[int], fence: bool, skipped: bool) -> None:
+    def _capture(self, step: Optional[int], fence: bool, skipped: bool, amp: Optional[Amp]) -> None:
         if step is None:
             step = self.step
         if isinstance(step, torch.Tensor) and step.device.type != "cpu":
@@ -190,6 +197,8 @@ class Telemetry:
         if step < 0:  # the wire carries counts: the daemon would reject this capture's batch
             raise ValueError(f"capture step must be >= 0, got {step}")
         self.step = step + 1
+        for name, evidence in self._structural.take():   # leaks seen since the last capture
+            self._reporter.structural(step, name, evidence)
         rebound = self._resolve()
         grads = [p.grad for p in self._flat]
         if self._dtensor:
@@ -213,7 +222,10 @@ class Telemetry:
         # Holding the gradients keeps the allocator from handing their memory out again
         # (after zero_grad(set_to_none=True)) until the side streams are done reading.
         held = grads if plan.cuda else []
-        self._completion.submit(Pending(step, time.time(), skipped, plan, held, staging, events))
+        pending = Pending(step, time.time(), skipped, plan, held, staging, events)
+        if amp is not None:
+            pending.amp = _stage_amp(amp, events)
+        self._completion.submit(pending)
 
     def _resolve(self) -> bool:
         """Re-resolve every group from the live model; True if any group's parameters changed."""
@@ -233,7 +245,7 @@ class Telemetry:
             forced = self.options.sharded
             self._sharded = [forced if forced is not None else any(is_sharded(p) for p in ps)
                              for ps in group_params]
-            self._structural.watch([s for s in self._specs if s.role == "seed"])
+            self._structural.watch(self._specs)
             return True
         return False
 
@@ -249,13 +261,44 @@ class Telemetry:
     # -- completion thread --------------------------------------------------------------
     def _on_done(self, pending: Pending) -> None:
         sq_row, nf_row = pending.sums  # type: ignore[misc]
-        self._latest = self._reporter.norms(pending.step, pending.time, pending.skipped, pending.plan,
+        skipped = pending.skipped
+        if pending.amp is not None:
+            found_inf, scale = pending.amp.tolist()
+            if found_inf:
+                # The optimizer skipped this step inside its kernel; gradients it had not
+                # unscaled yet are reported unscaled, like every other skipped step's.
+                skipped = True
+                sq_row = [sq / (scale * scale) for sq in sq_row]
+        self._latest = self._reporter.norms(pending.step, pending.time, skipped, pending.plan,
                                             sq_row, nf_row)
         self._staging.give(pending.staging)
 
-    def _report_structural(self, name: str, evidence: str) -> None:
-        if not self._forked:
-            self._reporter.structural(self.step, name, evidence)
+
+
+def _latest(tel: Telemetry) -> Optional[CaptureResult]:
+    # A plain attribute read, but one dynamo must not bake into a graph as a constant.
+    return tel._latest
+
+
+def _stage_amp(amp: Amp, events: List[Any]) -> torch.Tensor:
+    """GradScaler's ``found_inf`` and scale, copied for the completion thread without a wait.
+
+    On CUDA the copy goes to pinned memory, non-blocking, on the stream that produced them,
+    and its event joins the capture's: the completion thread reads the pair once it is done.
+    """
+    found_inf, scale = amp
+    device = found_inf.device
+    one = torch.ones((), dtype=torch.float64, device=device)
+    pair = torch.stack([found_inf.reshape(()).to(torch.float64),
+                        one if scale is None else scale.reshape(()).to(device, torch.float64)])
+    if device.type != "cuda":
+        return pair
+    host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+    host.copy_(pair, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    events.append(done)
+    return host
 
 
 def _close_at_exit(ref: "weakref.WeakMethod") -> None:

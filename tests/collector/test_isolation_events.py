@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+import esper_telemetry as et
 
 from collector_support import make_model, train_step
 from esper_telemetry import IsolationViolation, Norms
@@ -66,35 +69,82 @@ def test_nonfinite_gradient_into_isolated_group_is_a_violation(attach, pull):
     assert (v.group, v.kind, v.step, v.value) == ("a", "gradient", 2, None)   # NaN cannot travel
 
 
-def test_structural_leak_is_reported_once_per_interval(attach, pull):
+def test_structural_check_is_off_unless_asked(attach, pull):
+    """Adapters and jointly trained heads see inputs that require grad: not a violation by default."""
     model = make_model()
     tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    train_step(model, seed=1, leak=True)
+    tel.capture(step=0)
+    assert tel.flush(5.0)
+    tel.close()
+    assert _violations(pull.until_goodbyes(), "structural") == []
+    assert len(model.seeds["a"]._forward_pre_hooks) == 0
+
+
+def test_structural_leak_is_reported_at_every_capture_while_it_lasts(attach, pull):
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"}, structural=("a",))
     train_step(model)                           # detached features: nothing to report
+    tel.capture(step=0)
     train_step(model, seed=1, leak=True)        # both seeds see features that require grad
-    train_step(model, seed=2, leak=True)        # within the interval: no second report
+    train_step(model, seed=2, leak=True)
+    tel.capture(step=1)
+    train_step(model, seed=3, leak=True)        # still leaking: reported again, for this step
+    tel.capture(step=2)
     with torch.no_grad():
         model(torch.randn(2, 8), leak=True)     # no autograd, no path: not a leak
+    train_step(model, seed=4)
+    tel.capture(step=3)
     assert tel.flush(5.0)
     tel.close()
     events = pull.until_goodbyes()
     structural = _violations(events, "structural")
-    assert sorted(v.group for v in structural) == ["a", "b"]
+    assert [(v.group, v.step) for v in structural] == [("a", 1), ("a", 2)]   # "b" is not watched
     assert all(v.value is None and "requires grad" in v.evidence for v in structural)
+    assert "(2 forward passes since the last capture)" in structural[0].evidence
+    assert "(1 forward pass since the last capture)" in structural[1].evidence
     assert _violations(events, "gradient") == []
+
+
+def test_structural_true_watches_every_seed(attach, pull):
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"}, structural=True)
+    train_step(model, leak=True)
+    tel.capture(step=7)
+    assert tel.flush(5.0)
+    tel.close()
+    structural = _violations(pull.until_goodbyes(), "structural")
+    assert sorted((v.group, v.step) for v in structural) == [("a", 7), ("b", 7)]
+
+
+@pytest.mark.parametrize("structural,exc,match", [
+    ("a", TypeError, "not the string 'a'"),
+    (("nope",), ValueError, "unknown group 'nope'"),
+    (("p",), ValueError, "'p', which is not a module"),
+    (3, TypeError, "structural= takes True or a collection"),
+])
+def test_structural_misuse_is_refused_at_attach(structural, exc, match, thread_names):
+    model = make_model()
+    before = thread_names()
+    with pytest.raises(exc, match=match):
+        et.attach(model=model, host="host", seeds={"a": "seeds.a"}, groups={"p": [model.seeds["b"][0].weight]},
+                  structural=structural, endpoint="tcp://127.0.0.1:9")
+    assert thread_names() == before
 
 
 def test_structural_check_follows_a_replaced_seed_and_stops_at_close(attach, pull):
     model = make_model()
-    tel = attach(model=model, host="host", seeds={"a": "seeds.a"})
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a"}, structural=True)
     old = model.seeds["a"]
     model.seeds["a"] = nn.Linear(16, 4)
     train_step(model)
     tel.capture()                               # re-resolves: the new module is watched
-    assert tel.flush(5.0)
     old(torch.randn(2, 16, requires_grad=True))   # the detached old module: not watched any more
+    tel.capture()
     assert tel.flush(5.0)
     assert _violations(pull.quiet(0.2)) == []
     model.seeds["a"](torch.randn(2, 16, requires_grad=True))
+    tel.capture()
     assert tel.flush(5.0)
     tel.close()
     model.seeds["a"](torch.randn(2, 16, requires_grad=True))   # after close: hooks removed
@@ -117,9 +167,10 @@ def test_structural_evidence_for_many_inputs_still_fits_the_wire(attach, pull):
     """The daemon rejects a whole message with a string over the wire limit: the evidence
     for a seed with many leaking inputs must be cut to fit, not lose the batch."""
     seed = _ManyInputs()
-    tel = attach(host=nn.Linear(2, 2), seeds={"wide": seed})
+    tel = attach(host=nn.Linear(2, 2), seeds={"wide": seed}, structural=("wide",))
     xs = [torch.randn(2, requires_grad=True) for _ in range(40)]
     seed(*xs, **{f"extra_input_{i}": torch.randn(2, requires_grad=True) for i in range(10)})
+    tel.capture()
     assert tel.flush(5.0)
     tel.close()
     (v,) = _violations(pull.until_goodbyes(), "structural")   # decoded: the daemon would take it

@@ -156,3 +156,46 @@ def test_fused_optimizer_under_gradscaler_is_captured_after_it_unscales(attach, 
     for n in norms:
         for g in n.groups:
             assert rel_err(g.sq, refs[n.step][g.name]) <= 1e-5, (n.step, g.name)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_fused_optimizer_skipped_step_is_reported_skipped_and_unscaled(attach, pull, unscale_first):
+    """GradScaler steps a fused optimizer even when it found an Inf (the kernel skips), so
+    ``update()`` sees a step; the skip is ``found_inf`` on the device. Without an earlier
+    ``unscale_`` the fused step leaves the gradients scaled when it skips: the report must
+    still carry the unscaled squares."""
+    model = make_model()
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"fused AdamW unavailable here: {exc}")
+    scaler = _scaler_or_skip()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"},
+                 optimizer=opt, scaler=scaler)
+    refs, bad = {}, 1
+    for step in range(3):
+        opt.zero_grad()
+        gen = torch.Generator().manual_seed(step)
+        scaler.scale(model(torch.randn(5, 8, generator=gen))).backward()
+        scale = scaler.get_scale()
+        if step == bad:
+            model.seeds["b"][0].weight.grad[0, 0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt)
+            scale = 1.0
+        refs[step] = {k: v / scale ** 2 for k, v in _refs(model).items()}
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert moved == (step != bad)            # the fused kernel really skipped that step
+    assert tel.flush(5.0)
+    tel.close()
+    norms = [e for e in pull.until_goodbyes() if isinstance(e, Norms)]
+    assert [(n.step, n.skipped) for n in norms] == [(0, False), (1, True), (2, False)]
+    for n in norms:
+        wire = {g.name: g for g in n.groups}
+        for name in ("host", "a"):
+            assert rel_err(wire[name].sq, refs[n.step][name]) <= 1e-5, (n.step, name, unscale_first)
+        assert wire["b"].nonfinite == (1 if n.step == bad else 0)
+    assert tel.latest().skipped is False and tel.stats()["errors"] == 0
