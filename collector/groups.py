@@ -9,13 +9,28 @@ dead tensors. What one resolution found (the parameters, the module) is held str
 until the next one, so a replaced module is released one capture later.
 
 Re-listing a module's parameters walks its whole tree, so it happens only when something
-may have changed: the spec now points at another object, or a module or parameter was
-registered anywhere in the process (torch's global registration hooks bump a counter).
+may have changed: the spec now points at another object, a module or parameter was
+registered anywhere in the process (torch's global registration hooks bump a counter), or
+an entry of the tree's ``_parameters``/``_modules`` dicts is no longer the object it was
+(written without a registration hook: ``.to()`` under
+``set_overwrite_module_params_on_conversion(True)``, accelerate's
+``set_module_tensor_to_device``). That last check compares object identities in C
+(``map(operator.is_not, ...)``), one pointer per entry per capture.
+
+A group that can no longer be followed (a module object or parameters given directly that
+are no longer in the model, or no longer alive) is *stale*: ``stale_groups`` finds them
+when a registration happened, and the collector reports each once.
+
+Groups are disjoint: a parameter of a seed or named group is left out of the host (the
+host module usually contains the seeds: a PEFT base model holds its adapters), and two
+seeds or named groups may not share a parameter.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import operator
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,7 +39,10 @@ from torch import nn
 
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 
-__all__ = ["GroupSpec", "make_spec", "build_specs", "structural_names", "registration_generation"]
+__all__ = ["GroupSpec", "make_spec", "build_specs", "structural_names", "registration_generation",
+           "disjoint", "stale_groups"]
+
+log = logging.getLogger("esper_telemetry.collector")
 
 _generation = itertools.count(1)
 _current_generation = [0]
@@ -61,7 +79,7 @@ class GroupSpec:
     """
 
     __slots__ = ("name", "role", "isolated", "_target", "_kind", "_root", "_last_obj",
-                 "_last_gen", "_params", "module")
+                 "_last_gen", "_params", "module", "_tree", "_entries", "in_model")
 
     def __init__(self, name: str, role: str, isolated: bool, target: Any, kind: str,
                  root: Optional[Callable[[], Any]]) -> None:
@@ -75,10 +93,14 @@ class GroupSpec:
         self._last_gen = -1
         self._params: Tuple[nn.Parameter, ...] = ()
         self.module: Optional[nn.Module] = None  # set while the group is one live module
+        self._tree: Tuple[dict, ...] = ()      # the module tree's _parameters and _modules dicts
+        self._entries: Tuple[Any, ...] = ()    # their values when the parameters were listed
+        # What the user gave was inside the root model at attach: leaving it makes the group stale.
+        self.in_model = False
 
     def _current(self) -> Any:
         if self._kind == "module":
-            return self._target()
+            return self._target()   # None once the module is gone: stale, no parameters
         if self._kind == "path":
             root = self._root() if self._root is not None else None
             if root is None:
@@ -94,21 +116,86 @@ class GroupSpec:
         gen = registration_generation()
         last = self._last_obj() if self._last_obj is not None else None
         same_obj = obj is last if isinstance(obj, nn.Module) else False
-        if same_obj and gen == self._last_gen:
+        if same_obj and gen == self._last_gen and not _rewritten(self._tree, self._entries):
             return self._params, False
         if isinstance(obj, nn.Module):
             params = tuple(obj.parameters())
             self.module = obj
+            self._tree = tuple(d for m in obj.modules() for d in (m._parameters, m._modules))
+            self._entries = tuple(itertools.chain.from_iterable(map(dict.values, self._tree)))
         else:
-            params = _as_params(obj, self.name)
+            params = () if obj is None and self._kind == "module" else _as_params(obj, self.name)
             self.module = None
+            self._tree = self._entries = ()
         self._last_obj = _ref(obj) if isinstance(obj, nn.Module) else None
         self._last_gen = gen
-        changed = len(params) != len(self._params) or any(
-            a is not b for a, b in zip(params, self._params)
-        )
+        changed = len(params) != len(self._params) or any(map(operator.is_not, params, self._params))
         self._params = params
         return params, changed
+
+    def followed(self, modules: Optional[set], params: Optional[set]) -> bool:
+        """False when what the user gave directly is gone, or no longer in the model.
+
+        ``modules`` and ``params``: ids of the root model's modules and parameters (None
+        without a root). Dotted paths and callables always follow the model.
+        """
+        return self.inside(modules, params, check=self.in_model)
+
+    def inside(self, modules: Optional[set], params: Optional[set], check: bool = True) -> bool:
+        """True while what the user gave is alive and (with ``check``) in the model."""
+        check = check and modules is not None and params is not None
+        if self._kind == "module":
+            target = self._target()
+            return target is not None and (not check or id(target) in modules)  # type: ignore[operator]
+        if self._kind == "params":
+            live = [r() for r in self._target]
+            return all(p is not None and (not check or id(p) in params) for p in live)  # type: ignore[operator]
+        return True
+
+
+def _rewritten(tree: Tuple[dict, ...], entries: Tuple[Any, ...]) -> bool:
+    """True if an entry of these ``_parameters``/``_modules`` dicts changed since ``entries``."""
+    if not tree:
+        return False
+    if sum(map(len, tree)) != len(entries):
+        return True
+    return any(map(operator.is_not, itertools.chain.from_iterable(map(dict.values, tree)), entries))
+
+
+def disjoint(specs: Sequence["GroupSpec"],
+             group_params: Sequence[Tuple[torch.Tensor, ...]]) -> Tuple[List[Tuple[torch.Tensor, ...]], List[str]]:
+    """The groups' parameters with every other group's left out of the host; and those groups.
+
+    Seeds and named groups are usually inside the host module (adapters inside the base
+    model): their parameters are counted in their own group only.
+    """
+    out = list(group_params)
+    hosts = [i for i, s in enumerate(specs) if s.role == "host"]
+    if not hosts:
+        return out, []
+    (h,) = hosts
+    others = {id(p): s.name for s, ps in zip(specs, group_params) if s.role != "host" for p in ps}
+    if not others:
+        return out, []
+    inside = sorted({others[id(p)] for p in group_params[h] if id(p) in others})
+    if inside:
+        out[h] = tuple(p for p in group_params[h] if id(p) not in others)
+    return out, inside
+
+
+def _members(specs: Sequence["GroupSpec"]) -> Tuple[Optional[set], Optional[set]]:
+    """Ids of the root model's modules and parameters (None, None without a root)."""
+    roots = {id(r): r for r in (s._root() for s in specs if s._root is not None) if r is not None}
+    if len(roots) != 1:
+        return None, None
+    (root,) = roots.values()
+    return {id(m) for m in root.modules()}, {id(p) for p in root.parameters()}
+
+
+def stale_groups(specs: Sequence["GroupSpec"]) -> List[str]:
+    """Names of the groups that can no longer be followed (see ``GroupSpec.followed``)."""
+    modules, params = _members(specs)
+    return [s.name for s in specs if not s.followed(modules, params)]
 
 
 def _as_params(obj: Any, name: str) -> Tuple[nn.Parameter, ...]:
@@ -129,7 +216,7 @@ def _as_params(obj: Any, name: str) -> Tuple[nn.Parameter, ...]:
 
 
 def make_spec(name: str, role: str, isolated: bool, value: Any,
-              model: Optional[nn.Module]) -> GroupSpec:
+              model: Optional[nn.Module], allow_empty: bool = False) -> GroupSpec:
     """Normalize one user-given group spec; misuse raises at once with the group's name."""
     root = _ref(model) if model is not None else None
     if isinstance(value, nn.Module):
@@ -148,7 +235,7 @@ def make_spec(name: str, role: str, isolated: bool, value: Any,
         params = _as_params(value, name)
         spec = GroupSpec(name, role, isolated, tuple(_ref(p) for p in params), "params", root)
     params, _ = spec.resolve()
-    if not params:
+    if not params and not allow_empty:
         raise ValueError(f"group {name!r} has no parameters")
     return spec
 
@@ -166,8 +253,10 @@ def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str,
     if not all(isinstance(n, str) for n in isolated):
         raise TypeError(f"isolated= takes group names (strings), got {sorted(map(repr, isolated))}")
     named: List[Tuple[str, str, Any]] = []
-    if host is not None:
-        named.append(("host", "host", host))
+    # With a model and no host, the host is "everything not in another group".
+    auto_host = host is None and model is not None
+    if host is not None or auto_host:
+        named.append(("host", "host", model if auto_host else host))
     for role, argument, mapping in (("seed", "seeds", seeds), ("group", "groups", groups)):
         if mapping is not None and not isinstance(mapping, Mapping):
             raise TypeError(f"{argument}= takes a mapping of group name to group (a module, parameters, "
@@ -192,7 +281,32 @@ def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str,
     unknown = sorted(isolated - set(names))
     if unknown:
         raise ValueError(f"isolated names unknown groups: {unknown}; groups are {names}")
-    return [make_spec(n, r, n in isolated, v, model) for n, r, v in named]
+    specs = [make_spec(n, r, n in isolated, v, model, allow_empty=auto_host and r == "host")
+             for n, r, v in named]
+    params = [spec.resolve()[0] for spec in specs]
+    modules, members = _members(specs)
+    for spec in specs:   # given inside the model: leaving it later makes the group stale
+        spec.in_model = modules is not None and spec.inside(modules, members)
+    owner: Dict[int, str] = {}
+    for spec, ps in zip(specs, params):
+        if spec.role == "host":
+            continue
+        for p in ps:
+            other = owner.setdefault(id(p), spec.name)
+            if other != spec.name:
+                raise ValueError(f"groups {other!r} and {spec.name!r} share a parameter of shape "
+                                 f"{tuple(p.shape)}: groups other than the host must be disjoint")
+    kept, inside = disjoint(specs, params)
+    if auto_host and not kept[0]:
+        if len(specs) == 1:
+            raise ValueError("attach needs at least one group with parameters: the model has none")
+        return specs[1:]   # every parameter of the model is in a named group: no host
+    if specs[0].role == "host" and not kept[0]:
+        raise ValueError("group 'host' has no parameters of its own: every one is in another group")
+    if inside:
+        log.info("host contains the parameters of %s: each is counted in its own group only",
+                 ", ".join(repr(n) for n in inside))
+    return specs
 
 
 def total_params(params: Sequence[torch.Tensor]) -> int:

@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,15 +55,19 @@ class Reporter:
                                       torch.__version__, decls))
 
     def norms(self, step: int, time_s: float, skipped: bool, plan: Plan,
-              sq_row: Sequence[float], nf_row: Sequence[float]) -> CaptureResult:
-        """Publish one completed capture (and its isolation violations); the in-process result."""
+              sq_row: Sequence[float], nf_row: Sequence[float],
+              stale: FrozenSet[str] = frozenset()) -> CaptureResult:
+        """Publish one completed capture (and its isolation violations); the in-process result.
+
+        ``stale``: groups that can no longer be followed, marked so in the result.
+        """
         results: Dict[str, GroupResult] = {}
         wire: List[GroupNorm] = []
         for gi, spec in enumerate(self._specs):
             has = plan.has_grad[gi]
             sq = sq_row[gi] if has else None
             r = GroupResult(spec.name, spec.role, plan.group_params[gi], sq, int(nf_row[gi]), has,
-                            plan.sharded[gi], spec.isolated)
+                            plan.sharded[gi], spec.isolated, spec.name in stale)
             results[spec.name] = r
             wire_sq = sq if sq is None or math.isfinite(sq) else None
             wire.append(GroupNorm(spec.name, spec.role, r.params, wire_sq, r.nonfinite, r.sharded, spec.isolated))
@@ -103,10 +107,11 @@ class Reporter:
             }
             for kind, value in state.items():
                 if value and self._reported.get((kind, spec.name)) != value:
-                    self._device(kind, spec.name, value)
+                    self.device(kind, spec.name, value)
                 self._reported[(kind, spec.name)] = value
             if old is not None and (gi in rebound or old.group_devices[gi] != devices):
-                self._device("moved", spec.name, devices)
+                self.device("moved", spec.name, devices)
 
-    def _device(self, kind: str, group: str, devices: Sequence[str]) -> None:
+    def device(self, kind: str, group: str, devices: Sequence[str]) -> None:
+        """A device condition of ``group``: split, mixed, moved, or stale (no longer followed)."""
         self._publisher.publish(DeviceMismatch(self.run, self.rank, time.time(), kind, group, tuple(devices)))

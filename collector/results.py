@@ -24,6 +24,7 @@ class GroupResult(NamedTuple):
     has_grad: bool
     sharded: bool
     isolated: bool
+    stale: bool = False   # the group can no longer be followed: its numbers mean nothing
 
     @property
     def norm(self) -> Optional[float]:

@@ -25,7 +25,7 @@ import torch
 from esper_telemetry.events import Goodbye
 
 from .completion import CompletionThread, Pending
-from .groups import GroupSpec, total_params
+from .groups import GroupSpec, disjoint, registration_generation, stale_groups, total_params
 from .eager import eager
 from .hooks import Amp, StepHooks
 from .isolation import StructuralCheck
@@ -62,6 +62,8 @@ class Telemetry:
         self._sharded: List[bool] = []
         self._dtensor = False
         self._rebound: set = set()   # groups whose parameters changed since the last plan
+        self._stale: set = set()     # names of groups that can no longer be followed
+        self._checked_gen = -1       # registration generation of the last staleness check
         self._unfenced: List[Tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: Optional[CaptureResult] = None
         self._error_kinds: set = set()
@@ -237,7 +239,12 @@ class Telemetry:
             if c and self._group_params:
                 self._rebound.add(gi)
             changed = changed or c
+        gen = registration_generation()
+        if self._group_params and (changed or gen != self._checked_gen):
+            self._checked_gen = gen
+            self._check_stale()
         if changed or not self._group_params:
+            group_params, _ = disjoint(self._specs, group_params)
             self._group_params = group_params
             self._flat = tuple(p for ps in group_params for p in ps)
             self._counts = [total_params(ps) for ps in group_params]
@@ -248,6 +255,19 @@ class Telemetry:
             self._structural.watch(self._specs)
             return True
         return False
+
+    def _check_stale(self) -> None:
+        """Report, once each, groups that can no longer be followed; and their return as moved."""
+        stale = set(stale_groups(self._specs))
+        for gi, spec in enumerate(self._specs):
+            if spec.name in stale and spec.name not in self._stale:
+                log.warning("esper-telemetry: group %r can no longer be followed: what was given for it "
+                            "is no longer in the model (pass a dotted path or a callable to follow "
+                            "replacements); it is reported as stale, not measured", spec.name)
+                self._reporter.device("stale", spec.name, ())
+            elif spec.name in self._stale and spec.name not in stale:
+                self._rebound.add(gi)
+        self._stale = stale
 
     def _on_new_layout(self, old: Optional[Plan], new: Plan) -> None:
         self._reporter.layout(old, new, tuple(self._rebound))
@@ -270,7 +290,7 @@ class Telemetry:
                 skipped = True
                 sq_row = [sq / (scale * scale) for sq in sq_row]
         self._latest = self._reporter.norms(pending.step, pending.time, skipped, pending.plan,
-                                            sq_row, nf_row)
+                                            sq_row, nf_row, frozenset(self._stale))
         self._staging.give(pending.staging)
 
 

@@ -14,7 +14,6 @@ from collector_support import make_model
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(), ValueError, "at least one group"),
     (dict(host="host", isolated=("nope",)), ValueError, "unknown groups"),
     (dict(host="host", seeds={"host": "seeds.a"}), ValueError, "duplicate"),
     (dict(host="host", seeds={"a": "seeds.a"}, groups={"a": "seeds.b"}), ValueError, "duplicate"),
@@ -36,6 +35,13 @@ def test_misuse_raises_at_once(kwargs, exc, match, thread_names):
     with pytest.raises(exc, match=match):
         et.attach(model=model, endpoint="tcp://127.0.0.1:9", run="misuse", **kwargs)
     assert thread_names() == before     # nothing was started for a refused attach
+
+
+def test_no_group_at_all_is_refused():
+    with pytest.raises(ValueError, match="at least one group"):
+        et.attach(endpoint="tcp://127.0.0.1:9")
+    with pytest.raises(ValueError, match="the model has none"):
+        et.attach(model=nn.ReLU(), endpoint="tcp://127.0.0.1:9")
 
 
 def test_dotted_path_needs_a_model():

@@ -35,21 +35,29 @@ def test_every_spec_kind_measures_the_same_parameters(attach, pull):
         host=model.host.parameters(),                 # a one-shot generator of parameters
         seeds={"a": lambda: model.seeds["a"],         # a callable returning a module
                "b": "seeds.b"},                       # a dotted path
-        groups={"bparams": lambda: list(model.seeds["b"].parameters()),  # callable -> params
-                "single": model.seeds["a"].weight},   # one tensor
     )
+    # Groups are disjoint, so the other two kinds watch the same seeds from a second collector.
+    other = attach(model=model, run="other",
+                   groups={"bparams": lambda: list(model.seeds["b"].parameters()),  # callable -> params
+                           "single": model.seeds["a"].weight})   # one tensor
     for step in range(3):                             # the generator must not be exhausted
         model.zero_grad()
         train_step(model, seed=step)
         res = _capture_and_check(tel, model, step)
+        other.capture(step)
+        assert other.flush(5.0)
+        res = other.latest()
         assert rel_err(res.groups["bparams"].sq, ref_sq(model.seeds["b"].parameters())) <= 1e-5
         assert rel_err(res.groups["single"].sq, ref_sq([model.seeds["a"].weight])) <= 1e-5
     tel.close()
-    events = pull.until_goodbyes()
-    (hello,) = [e for e in events if isinstance(e, Hello)]
-    assert [(g.name, g.role, g.params) for g in hello.groups] == [
-        ("host", "host", 416), ("a", "seed", 68), ("b", "seed", 123),
-        ("bparams", "group", 123), ("single", "group", 64)]
+    other.close()
+    events = pull.until_goodbyes(2)
+    hellos = {e.run: e for e in events if isinstance(e, Hello)}
+    assert [(g.name, g.role, g.params) for g in hellos["test"].groups] == [
+        ("host", "host", 416), ("a", "seed", 68), ("b", "seed", 123)]
+    # model= without host=: the host is every parameter in no other group (here: all but 123 + 64)
+    assert [(g.name, g.role, g.params) for g in hellos["other"].groups] == [
+        ("host", "host", 416 + 68 + 123 - 123 - 64), ("bparams", "group", 123), ("single", "group", 64)]
     assert _moved(events) == []
 
 

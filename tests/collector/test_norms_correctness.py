@@ -205,7 +205,7 @@ def test_capture_reads_gradients_as_they_were(attach, after):
 
 def test_forced_sharding_and_seed_only_attach(attach, pull):
     model = make_model()
-    tel = attach(model=model, seeds={"a": "seeds.a"}, groups={"h": "host"}, sharded=True)
+    tel = attach(seeds={"a": model.seeds["a"]}, groups={"h": model.host}, sharded=True)
     train_step(model)
     tel.capture()
     assert tel.flush(5.0)
