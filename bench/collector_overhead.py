@@ -182,18 +182,34 @@ def host_time(n_tensors: int, numel: int, device: str, endpoint: str, calls: int
                 sync()  # keep the queue short; outside the timed region
         return statistics.median(samples[calls // 4:]) * 1e6
 
+    # The same tensors as modules, one parameter each (a model's shape): the groups are then
+    # re-checked at every capture for parameters replaced without a registration hook.
+    holders = nn.ModuleList()
+    for p in params:
+        holder = nn.Module()
+        holder.register_parameter("weight", p)
+        holders.append(holder)
+    root = nn.ModuleDict({"host": nn.ModuleList(holders[: n_tensors - 4]),
+                          "seed": nn.ModuleList(holders[n_tensors - 4:])})
+    tel_modules = et.attach(model=root, host="host", seeds={"s": "seed"}, run="bench-host-modules",
+                            endpoint=endpoint)
     grads = [p.grad for p in params]
     res = {
         "capture_us": timed(tel.capture),
+        "capture_modules_us": timed(tel_modules.capture),
+        # What following the modules costs each capture: resolving every group, with nothing changed.
+        "follow_check_us": timed(tel_modules._resolve),
         "capture_foreach_us": timed(tel_foreach.capture),
         "foreach_launch_us": timed(lambda: torch.stack(torch._foreach_norm(grads)).pow(2).sum()),
         "total_norm_launch_us": timed(lambda: torch.nn.utils.get_total_norm(grads)),
     }
     tel.flush(10)
     tel_foreach.flush(10)
+    tel_modules.flush(10)
     st = tel.stats()
     tel.close()
     tel_foreach.close()
+    tel_modules.close()
     res["errors"] = st["errors"]
     res["pointer_tables"] = st["pointer_tables"]
     res["graph_replays"] = st["graph_replays"]
@@ -337,12 +353,15 @@ def render(r: Dict, cuda: bool) -> str:
     numel = "65,536 floats on the GPU" if cuda else "1,024 floats"
     lines += ["", "Host time of one call (median, microseconds), by gradient tensor count, calls back to "
               f"back with the completion and sender threads busy (tensors of {numel}):", "",
-              "| tensors | capture() | capture(), pointer_tables=False | foreach + stack + sum (launch only) "
+              "| tensors | capture() | capture(), pointer_tables=False | capture(), groups as modules "
+              "| of which following the modules | foreach + stack + sum (launch only) "
               "| get_total_norm (launch only) |",
-              "|---:|---:|---:|---:|---:|"]
+              "|---:|---:|---:|---:|---:|---:|---:|"]
     for n, h in r["host"].items():
-        lines.append(f"| {n} | {h['capture_us']:.0f} | {h['capture_foreach_us']:.0f} | {h['foreach_launch_us']:.0f} "
-                     f"| {h['total_norm_launch_us']:.0f} |")
+        lines.append(f"| {n} | {h['capture_us']:.0f} | {h['capture_foreach_us']:.0f} "
+                     f"| {h['capture_modules_us']:.0f} | {h['follow_check_us']:.1f} "
+                     f"({h['follow_check_us'] / h['capture_modules_us'] * 100:.1f}%) "
+                     f"| {h['foreach_launch_us']:.0f} | {h['total_norm_launch_us']:.0f} |")
     if cuda and "gpu" in r:
         g = r["gpu"]
         lines += ["", f"GPU time of the norm pass over {g['tensors']} tensors ({g['bytes'] / 1e9:.2f} GB): "

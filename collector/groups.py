@@ -121,7 +121,9 @@ class GroupSpec:
         if isinstance(obj, nn.Module):
             params = tuple(obj.parameters())
             self.module = obj
-            self._tree = tuple(d for m in obj.modules() for d in (m._parameters, m._modules))
+            # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
+            # dicts of a real model, and filling one without a registration hook is not a swap.
+            self._tree = tuple(d for m in obj.modules() for d in (m._parameters, m._modules) if d)
             self._entries = tuple(itertools.chain.from_iterable(map(dict.values, self._tree)))
         else:
             params = () if obj is None and self._kind == "module" else _as_params(obj, self.name)
