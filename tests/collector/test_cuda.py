@@ -352,6 +352,40 @@ def test_gradscaler_skipped_step_is_reported(pull):
     assert host.nonfinite > 0
 
 
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_fused_optimizer_under_gradscaler_reports_skips_unscaled(pull, unscale_first):
+    """A fused AdamW is stepped by GradScaler even when it skips (inside its kernel); the
+    skip is found_inf on the device, read with the capture's results, not by the host."""
+    sock, endpoint = pull
+    model = HostSeeds().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    tel = attach(model, endpoint, optimizer=opt, scaler=scaler)
+    wants = {}
+    for i in range(3):
+        opt.zero_grad()
+        step(model, "cuda", scale=1.0)
+        for p in model.parameters():          # what scaler.scale(loss).backward() would give
+            p.grad.mul_(scaler.get_scale())
+        scale = scaler.get_scale()
+        if i == 1:
+            model.seeds["b"].weight.grad[0, 0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt)
+            scale = 1.0
+        wants[i] = ref_sq(model.host.parameters()) / scale ** 2
+        scaler.step(opt)
+        scaler.update()
+    assert tel.flush(10.0)
+    errors = tel.stats()["errors"]
+    tel.close()
+    assert errors == 0
+    norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
+    assert [(e.step, e.skipped) for e in norms] == [(0, False), (1, True), (2, False)]
+    for e in norms:
+        assert_close(next(g.sq for g in e.groups if g.name == "host"), wants[e.step], 1e-5)
+
+
 def test_isolated_group_gradient_is_a_violation(pull):
     sock, endpoint = pull
     model = HostSeeds().cuda()
