@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.check_config:
         print("esper-telemetryd: configuration is valid", file=sys.stderr)
         return 0
-    logger = setup_logging(config.log_level)
+    logger = setup_logging(config.log_level, fmt=config.log_format)
     return asyncio.run(serve(config, logger))
 
 

@@ -39,6 +39,7 @@ __all__ = ["Config", "ConfigError", "WebAddress", "SETTINGS", "SWITCHES", "LOG_L
            "parse_args", "build_parser", "flags_table"]
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("logfmt", "json")
 
 
 class WebAddress(NamedTuple):
@@ -144,6 +145,10 @@ class Config:
         "--log.level", d.ENV_LOG_LEVEL, d.DEFAULT_LOG_LEVEL,
         one_of(LOG_LEVELS, aliases={"warning": "warn"}), metavar="LEVEL",
         help="`debug`, `info`, `warn` or `error`")
+    log_format: str = setting(
+        "--log.format", d.ENV_LOG_FORMAT, d.DEFAULT_LOG_FORMAT, one_of(LOG_FORMATS), metavar="FORMAT",
+        help="`logfmt` or `json`, one record per line; at most 100 lines a minute (5 of a kind), "
+             "the rest counted in summary lines")
     check_config: bool = False  # --check-config: validate, then exit
 
 
