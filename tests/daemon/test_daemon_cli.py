@@ -2,58 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import List
 
 import pytest
 import zmq
 
 from esper_telemetry import encode
-from daemon_support import get, hello, heartbeat, host_seed, http_get, parse
+from daemon_process import ROOT, scrape_until, spawn, started
+from daemon_support import get, hello, heartbeat, host_seed, http_get
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def command() -> List[str]:
-    script = Path(sys.executable).with_name("esper-telemetryd")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("esper-telemetryd")
-    return [found] if found else [sys.executable, "-m", "esper_telemetry.daemon"]
-
-
-def spawn(*args: str, cmd: List[str] = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
-    return subprocess.Popen([*(cmd or command()), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def started(proc: subprocess.Popen):
-    line = proc.stderr.readline()  # the first record is the listening line, or the error
-    m = re.search(r"zmq=(\S+) web=(\S+)", line)
-    assert m, f"no listening line: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
-    return m.group(1).split(","), m.group(2)
-
-
-def scrape_until(url: str, ok, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body, _ = http_get(url)
-        s = parse(body) if status == 200 else {}
-        if ok(s) or time.monotonic() > deadline:
-            return s
-        time.sleep(0.02)
-
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_console_script_events_in_scrape_signal_exit_zero(sig):

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import signal
-import time
 
 import pytest
 import zmq
