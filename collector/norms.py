@@ -7,11 +7,15 @@ branch on a tensor value (such a branch is a hidden host synchronization).
 The result is one float64 tensor of shape ``(2, n_groups)``: row 0 the sums of squares,
 row 1 how many tensors of the group hold a NaN or an Inf. A tensor counts as non-finite when
 its norm is (NaN/Inf entries, or a sum of squares past the accumulation type's range).
+
+``counted`` (a bool per tensor, on the device; None: all) leaves tensors out of row 0 that
+another rank counts (``placement``: each element once over the world); row 1 still counts
+every tensor this rank holds.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,7 +31,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
-             group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+             group_index: torch.Tensor, n_groups: int,
+             counted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum squares and count non-finite tensors per group, for tensors on one device.
 
     ``group_index[i]`` is the group of ``tensors[i]`` (an int64 tensor on the same device);
@@ -38,12 +43,16 @@ def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
         norms.extend(torch._foreach_norm(tensors[start:stop], 2, dtype=accumulation_dtype(dtype)))
     stacked = torch.stack([n.to(torch.float64) for n in norms]) if len(buckets) > 1 \
         else torch.stack(norms).to(torch.float64)
-    return group_sums(stacked * stacked, group_index, n_groups)
+    return group_sums(stacked * stacked, group_index, n_groups, counted)
 
 
-def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int,
+               counted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """From per-tensor float64 sums of squares to the ``(2, n_groups)`` result."""
     out = torch.zeros((2, n_groups), dtype=torch.float64, device=squares.device)
-    out[0].index_add_(0, group_index, squares)
     out[1].index_add_(0, group_index, (~torch.isfinite(squares)).to(torch.float64))
+    if counted is not None:
+        # where, not a product: an Inf left out times 0 would be a NaN counted in.
+        squares = torch.where(counted, squares, 0.0)
+    out[0].index_add_(0, group_index, squares)
     return out

@@ -57,7 +57,8 @@ class DevicePasses:
         """CPU gradients: computed right here, in the caller's thread (nothing to overlap with)."""
         s = plan.cpu
         assert s is not None
-        row.copy_(partials([grads[i] for i in s.positions], s.buckets, s.group_index, plan.n_groups))
+        row.copy_(partials([grads[i] for i in s.positions], s.buckets, s.group_index, plan.n_groups,
+                           s.counted))
 
     def launch_cuda(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor],
                     row: torch.Tensor, ptr_buf: Optional[torch.Tensor], fence: bool) -> torch.cuda.Event:
@@ -121,13 +122,14 @@ class DevicePasses:
             # The first use runs eagerly (Triton compiles its kernel then); later ones capture.
             if self.use_graphs and s.table_uses >= 2:  # one graph per slice, whatever the addresses
                 out = self._capture(lambda: group_sums(triton_norms.tensor_squares(s.table),
-                                                       s.group_index, plan.n_groups))
+                                                       s.group_index, plan.n_groups, s.counted))
                 if out is not None:
                     s.table_graph = out
                     self.graph_replays += 1
                     out[0].replay()
                     return out[1]
-            return group_sums(triton_norms.tensor_squares(s.table), s.group_index, plan.n_groups)
+            return group_sums(triton_norms.tensor_squares(s.table), s.group_index, plan.n_groups,
+                              s.counted)
         except Exception as exc:
             self.pointer_tables = False
             log.warning("pointer-table norm pass failed, using _foreach_norm: %s", exc)
@@ -147,13 +149,14 @@ class DevicePasses:
         # allocator moved the gradients) never pay for a graph.
         if self.use_graphs and seen >= 2 and self._address_graphs < _MAX_GRAPH_BUILDS:
             self._address_graphs += 1
-            out = self._capture(lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups))
+            out = self._capture(lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups,
+                                                 s.counted))
             if out is not None:
                 s.graphs[plan.key] = out
                 self.graph_replays += 1
                 out[0].replay()
                 return out[1]
-        return partials(tensors, s.buckets, s.group_index, plan.n_groups)
+        return partials(tensors, s.buckets, s.group_index, plan.n_groups, s.counted)
 
     def _capture(self, compute) -> Optional[Tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
         """Capture ``compute()`` on the current (side) stream; the graph is not run yet."""

@@ -15,29 +15,7 @@ import torch
 from .norms import DtypeBucket
 from .staging import upload
 
-__all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key", "local_tensor",
-           "is_dtensor", "is_sharded"]
-
-try:  # DTensor gradients (FSDP2, tensor parallel) are measured on their local shard.
-    from torch.distributed.tensor import DTensor as _DTensor
-except Exception:  # pragma: no cover - builds without distributed
-    _DTensor = None
-
-
-def is_dtensor(t: Any) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def is_sharded(t: Any) -> bool:
-    """True for a DTensor sharded along some mesh dimension (FSDP2, tensor parallel)."""
-    return is_dtensor(t) and any(p.is_shard() for p in t.placements)
-
-
-def local_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The tensor this rank holds: a DTensor's local shard, anything else as is."""
-    if t is not None and is_dtensor(t):
-        return t.to_local()
-    return t
+__all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key"]
 
 
 def grad_key(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[int, ...]:
@@ -59,6 +37,9 @@ class DeviceSlice:
     buckets: List[DtypeBucket]
     group_index: torch.Tensor       # int64, on ``device``
     slot: int                       # row of the staging buffer this device fills
+    # bool per tensor, on ``device``: whether this rank adds its squares (see placement);
+    # None when it adds all of them, so the common case pays no extra kernel.
+    counted: Optional[torch.Tensor] = None
     # Captured CUDA graphs by the gradients' addresses (the plan's key), and how often each
     # key was seen. Several, because a job that frees gradients (zero_grad(set_to_none=True))
     # while a capture still holds the previous ones alternates between address sets.
@@ -95,10 +76,12 @@ class Plan:
 
 def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optional[torch.Tensor]],
                key: Tuple[int, ...], signature: Tuple[Any, ...], sharded: List[bool],
-               counts: List[int], pointer_tables: bool = False) -> Plan:
+               counts: List[int], counted: Optional[Sequence[bool]] = None,
+               pointer_tables: bool = False) -> Plan:
     """Group the present gradients by device, then dtype, and upload the group index per device.
 
-    ``grads`` are the tensors this rank holds (DTensor gradients already made local).
+    ``grads`` are the tensors this rank holds (DTensor gradients already made local);
+    ``counted`` says per flat entry whether this rank adds its squares (None: all do).
     """
     params: List[torch.Tensor] = []
     owner: List[int] = []
@@ -126,7 +109,9 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
             buckets.append((dtype, len(positions), len(positions) + len(idx)))
             positions.extend(idx)
         index = upload(torch.tensor([owner[i] for i in positions], dtype=torch.int64), device)
-        s = DeviceSlice(device, positions, buckets, index, slot)
+        flags = None if counted is None else [counted[i] for i in positions]
+        mask = None if flags is None or all(flags) else upload(torch.tensor(flags, dtype=torch.bool), device)
+        s = DeviceSlice(device, positions, buckets, index, slot, mask)
         if pointer_tables and device.type == "cuda":
             _add_table(s, [grads[i] for i in positions], len(grads))  # type: ignore[misc]
         slices.append(s)

@@ -41,9 +41,12 @@ class PlanCache:
 
     def plan_for(self, grads: List[Optional[torch.Tensor]], rebound: bool,
                  group_params: Sequence[Sequence[torch.Tensor]], sharded: List[bool],
-                 counts: List[int]) -> Plan:
+                 counts: List[int], counted: Optional[Sequence[bool]] = None) -> Plan:
         """The plan for gradients at these addresses: the current one when it fits (the
-        common case, one ``data_ptr`` per tensor), a known one with the same layout, or a new one."""
+        common case, one ``data_ptr`` per tensor), a known one with the same layout, or a new one.
+
+        ``sharded`` and ``counted`` (see ``placement``) change only with the parameters, and
+        then ``rebound`` drops every plan: a plan kept is never built from stale ones."""
         plan = self.current
         key = grad_key(grads)
         if plan is not None and not rebound and (key == plan.key or key in plan.known_keys):
@@ -61,7 +64,7 @@ class PlanCache:
                     self._on_new_layout(plan, known)   # moved back to where it was before
                 self.current = known
                 return known
-        new = build_plan(group_params, grads, key, signature, sharded, counts,
+        new = build_plan(group_params, grads, key, signature, sharded, counts, counted,
                          pointer_tables=self._pointer_tables)
         self.built += 1
         self._on_new_layout(plan, new)

@@ -11,9 +11,16 @@ __all__ = ["GroupResult", "CaptureResult"]
 class GroupResult(NamedTuple):
     """One group in one capture.
 
-    ``sq`` is the sum of squared gradient entries this rank holds (None: no gradient),
-    ``norm`` its square root; ``nonfinite`` counts tensors holding NaN or Inf; ``params``
-    counts the group's scalars; ``sharded`` means ``sq`` is this rank's share only.
+    ``sq`` is the sum of squared gradient entries this rank holds (None: no gradient, or
+    none that can be measured now, such as a ``Partial`` DTensor gradient, when
+    ``has_grad`` is False too), ``norm`` its square root; ``nonfinite`` counts tensors
+    holding NaN or Inf (every tensor this rank holds); ``params`` counts the group's
+    scalars (global, for DTensors).
+
+    For a sharded group (``sharded``, and ``local``), ``sq`` is this rank's contribution:
+    its shards' squares, with each replicated element counted on one rank only, so the sum
+    over all ranks of one step is the group's (what the daemon reports). It is not the
+    group's norm on its own.
     """
 
     name: str
@@ -29,6 +36,11 @@ class GroupResult(NamedTuple):
     @property
     def norm(self) -> Optional[float]:
         return None if self.sq is None else math.sqrt(self.sq)
+
+    @property
+    def local(self) -> bool:
+        """True when ``sq`` is only this rank's contribution (a sharded group's)."""
+        return self.sharded
 
 
 class CaptureResult(NamedTuple):

@@ -31,7 +31,8 @@ from .hooks import Amp, StepHooks
 from .isolation import StructuralCheck
 from .options import Options
 from .passes import DevicePasses
-from .plan import Plan, is_dtensor, is_sharded, local_tensor
+from .placement import Layout, layout, local_grads, unmeasurable
+from .plan import Plan
 from .plancache import PlanCache
 from .publisher import Publisher
 from .reporting import Reporter
@@ -59,6 +60,7 @@ class Telemetry:
         self._flat: Tuple[torch.Tensor, ...] = ()
         self._group_params: List[Tuple[torch.Tensor, ...]] = []
         self._counts: List[int] = []
+        self._layout: Layout = layout([], None)  # set with the groups (_resolve)
         self._sharded: List[bool] = []
         self._dtensor = False
         self._rebound: set = set()   # groups whose parameters changed since the last plan
@@ -204,8 +206,11 @@ class Telemetry:
         rebound = self._resolve()
         grads = [p.grad for p in self._flat]
         if self._dtensor:
-            grads = [local_tensor(g) for g in grads]
-        plan = self._plans.plan_for(grads, rebound, self._group_params, self._sharded, self._counts)
+            grads, bad = local_grads(grads, self._layout)
+            if bad:   # those groups report no number this capture; the rest goes on
+                self.report_error(unmeasurable({self._specs[gi].name: why for gi, why in bad.items()}))
+        plan = self._plans.plan_for(grads, rebound, self._group_params, self._sharded, self._counts,
+                                    self._layout.counted)
         # Far behind (the GPU, or the completion thread): skip rather than queue more. CPU
         # captures cost the completion thread little, so they get a much larger allowance.
         if self._completion.in_flight() >= (_MAX_IN_FLIGHT if plan.cuda else _MAX_IN_FLIGHT_CPU):
@@ -248,10 +253,10 @@ class Telemetry:
             self._group_params = group_params
             self._flat = tuple(p for ps in group_params for p in ps)
             self._counts = [total_params(ps) for ps in group_params]
-            self._dtensor = any(is_dtensor(p) for p in self._flat)
-            forced = self.options.sharded
-            self._sharded = [forced if forced is not None else any(is_sharded(p) for p in ps)
-                             for ps in group_params]
+            # Sharded groups and what this rank counts of them (placement): each element once.
+            self._layout = layout(group_params, self.options.sharded)
+            self._sharded = self._layout.sharded
+            self._dtensor = self._layout.placements is not None
             self._structural.watch(self._specs)
             return True
         return False

@@ -1,0 +1,172 @@
+"""Which gradient elements this rank counts, so that adding every rank's sums is exact.
+
+DESIGN.md, "Counting each element once": the daemon adds the ranks' sums of squares of a
+sharded group for a step, so each element of each gradient must be counted on exactly one
+rank of the world, whatever the mesh, without a collective in the training process:
+
+- along a ``Shard`` mesh dimension the local squares add (each rank holds other elements);
+- along a ``Replicate`` dimension only the rank at coordinate 0 of that dimension counts;
+- a plain tensor in a group with DTensors is replicated over their mesh: only the rank at
+  coordinate 0 on every dimension counts it;
+- a ``Partial`` gradient is not a gradient yet (its sum over ranks is): the group cannot be
+  measured and is reported as unknown, never as a number.
+
+"The mesh" is the largest mesh among every watched DTensor's (this rank in it). A DTensor
+on a sub-mesh of it (FSDP2 + tensor parallel shards a LayerNorm over the data-parallel
+sub-mesh only) is replicated along the dimensions its sub-mesh does not span, and counts
+only at coordinate 0 of those. Dimensions no DTensor spans (a pipeline stage, plain DDP
+around a DTensor model) are invisible here: they are not corrected for.
+
+Importing ``torch.distributed.tensor`` costs about half a second, so it is never imported
+here: a DTensor cannot exist before something else imported that module.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["Layout", "layout", "local_grads", "is_dtensor", "UnmeasurableGradient", "unmeasurable"]
+
+
+def _dtensor_type() -> Optional[type]:
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+class UnmeasurableGradient(RuntimeError):
+    """Groups whose gradients cannot be measured in this capture (a ``Partial`` DTensor gradient)."""
+
+
+def unmeasurable(reasons: Dict[str, str]) -> UnmeasurableGradient:
+    """The error counted for one capture, naming each group and why; ``reasons`` by group name."""
+    what = "; ".join(f"group {name!r}: {why}" for name, why in reasons.items())
+    return UnmeasurableGradient(f"{what}; reported as unknown (sq None) for this capture, never as a number")
+
+
+class Layout(NamedTuple):
+    """How the watched groups are laid out over the world, as seen from this rank.
+
+    ``sharded``: per group, whether the daemon adds the ranks' values (else takes any one).
+    ``counted``: per flat parameter, whether this rank adds its squares; None when every
+    one is (no mask, the common case). ``placements``: per flat parameter its DTensor
+    placements (None for a plain tensor); None when no parameter is a DTensor.
+    """
+
+    sharded: List[bool]
+    counted: Optional[List[bool]]
+    owner: Tuple[int, ...]
+    placements: Optional[Tuple[Any, ...]]
+
+
+def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: Optional[bool]) -> Layout:
+    """The layout of ``group_params`` (resolved groups, in group order); ``forced``: attach's ``sharded=``.
+
+    A group is sharded when it holds a DTensor, unless ``forced`` says otherwise. A forced
+    sharded group without DTensors holds the user's own shards: every rank counts them. A
+    forced replicated group counts everything: each rank's value is the group's.
+    """
+    flat = [p for ps in group_params for p in ps]
+    owner = tuple(gi for gi, ps in enumerate(group_params) for _ in ps)
+    cls = _dtensor_type()
+    is_dt = [cls is not None and isinstance(p, cls) for p in flat]
+    if not any(is_dt):
+        return Layout([bool(forced)] * len(group_params), None, owner, None)
+    has_dt = [False] * len(group_params)
+    for i, d in enumerate(is_dt):
+        has_dt[owner[i]] = has_dt[owner[i]] or d
+    sharded = [has if forced is None else forced for has in has_dt]
+    space = _MeshSpace([p.device_mesh for p, d in zip(flat, is_dt) if d])
+    counted = []
+    for i, p in enumerate(flat):
+        g = owner[i]
+        if not sharded[g] or not has_dt[g]:   # replicated semantics, or the user's own shards
+            counted.append(True)
+        elif is_dt[i]:
+            counted.append(space.counts(p.device_mesh, p.placements))
+        else:
+            counted.append(space.first())
+    placements = tuple(p.placements if d else None for p, d in zip(flat, is_dt))
+    return Layout(sharded, None if all(counted) else counted, owner, placements)
+
+
+def local_grads(grads: Sequence[Optional[torch.Tensor]], lay: Layout
+                ) -> Tuple[List[Optional[torch.Tensor]], Dict[int, str]]:
+    """The gradients as this rank holds them, and the groups (index: why) not measurable now.
+
+    A DTensor gradient is replaced by its local tensor. One whose placements are not its
+    parameter's (a ``Partial`` one above all) makes its whole group unmeasurable: every
+    gradient of that group is left out (None), so the group reports no number.
+    """
+    cls = _dtensor_type()
+    placements = lay.placements or ()
+    out: List[Optional[torch.Tensor]] = []
+    bad: Dict[int, str] = {}
+    for i, g in enumerate(grads):
+        if g is not None and cls is not None and isinstance(g, cls):
+            got = g.placements
+            # The mask was computed from the parameter's placements: only valid for those.
+            if got != placements[i] and lay.owner[i] not in bad:
+                bad[lay.owner[i]] = _why(got, placements[i])
+            g = g.to_local()
+        out.append(g)
+    if bad:
+        out = [None if lay.owner[i] in bad else g for i, g in enumerate(out)]
+    return out, bad
+
+
+def _why(got: Tuple[Any, ...], expected: Optional[Tuple[Any, ...]]) -> str:
+    if any(p.is_partial() for p in got):
+        return (f"its gradient has placements {got}: Partial, not yet reduced over the mesh "
+                f"(reduce it, e.g. redistribute to Replicate, before capture)")
+    return f"its gradient has placements {got}, its parameter {expected}"
+
+
+class _MeshSpace:
+    """The largest of the watched DTensors' meshes that holds this rank, and where it sits there."""
+
+    def __init__(self, meshes: Sequence[Any]) -> None:
+        unique = list({id(m): m for m in meshes}.values())
+        inside = [m for m in unique if m.get_coordinate() is not None]
+        self.root = max(inside, key=lambda m: m.size()) if inside else None   # first of the largest
+        self.coord: List[int] = list(self.root.get_coordinate()) if self.root is not None else []
+        self._zero: Dict[int, bool] = {}
+
+    def first(self) -> bool:
+        """True on the one rank that counts a tensor replicated over the whole mesh."""
+        return not any(self.coord)
+
+    def counts(self, mesh: Any, placements: Sequence[Any]) -> bool:
+        """True when this rank counts its local part of a DTensor on ``mesh`` with ``placements``."""
+        coord = mesh.get_coordinate()
+        if coord is None:
+            return False   # not in the mesh: this rank holds none of it
+        if any(p.is_replicate() and c != 0 for p, c in zip(placements, coord)):
+            return False
+        zero = self._zero.get(id(mesh))
+        if zero is None:
+            zero = self._zero[id(mesh)] = self._first_copy(mesh)
+        return zero
+
+    def _first_copy(self, mesh: Any) -> bool:
+        """True when this rank's copy of ``mesh`` is at coordinate 0 of the root dimensions it leaves out."""
+        if self.root is None or mesh is self.root:
+            return True
+        ranks = set(mesh.mesh.flatten().tolist())
+        grid = self.root.mesh
+        if not ranks <= set(grid.flatten().tolist()):
+            return True   # not a sub-mesh of the root: nothing known beyond its own placements
+        for d in range(grid.ndim):
+            index: List[Any] = list(self.coord)
+            index[d] = slice(None)
+            line = grid[tuple(index)].tolist()   # the root's ranks along d through this rank
+            if self.coord[d] != 0 and not ranks.issuperset(line):
+                return False
+        return True
