@@ -69,13 +69,14 @@ class Reporter:
             r = GroupResult(spec.name, spec.role, plan.group_params[gi], sq, int(nf_row[gi]), has,
                             plan.sharded[gi], spec.isolated, spec.name in stale)
             results[spec.name] = r
-            wire_sq = sq if sq is None or math.isfinite(sq) else None
+            wire_sq = sq
             wire.append(GroupNorm(spec.name, spec.role, r.params, wire_sq, r.nonfinite, r.sharded, spec.isolated))
         ratios: Dict[str, float] = {}
         if self._host is not None:
             host = results[self._specs[self._host].name]
+            # A local contribution over another is no ratio of the groups' norms: left out.
             ratios = {r.name: seed_ratio(r.sq, r.params, host.sq, host.params)
-                      for r in results.values() if r.role == "seed"}
+                      for r in results.values() if r.role == "seed" and not (r.local or host.local)}
         self._publisher.publish(Norms(self.run, self.rank, time_s, step, skipped, tuple(wire)))
         for r in results.values():
             if r.isolated and r.sq is not None and (r.nonfinite or not r.sq <= self._threshold_sq):

@@ -12,6 +12,12 @@ Semantics (docs/daemon.md has the operator's version):
   latest ``Hello``, or, when the daemon has seen no ``Hello`` (it started after the job),
   the highest rank heard plus one. A step still short after the shard window is dropped
   and counted in ``incomplete_steps``.
+- A group is stale from a ``DeviceMismatch`` of kind ``stale`` for it (its collector can
+  no longer follow it) until a ``moved`` for it (followed again) or a ``Hello`` declaring
+  it (a collector attaching anew). Its captures are still applied, but while it is stale
+  the exporter shows no norm, gradient flag or ratio for it: those numbers mean nothing.
+- Sums of squares are taken as they come, +Inf and NaN included (a group holding
+  non-finite gradients); a sharded sum with one of them is +Inf or NaN too.
 - Every set that input can grow is capped: runs, groups per run, ranks per run, violation
   and device-mismatch kinds, pending sharded steps. What a cap refuses is counted in
   ``DaemonStats.overflow``; what already exists is untouched.
@@ -63,7 +69,7 @@ class Limits:
 
 class _Group:
     __slots__ = ("role", "params", "isolated", "captured", "sq", "step", "rank", "nonfinite",
-                 "violations", "violation_step")
+                 "violations", "violation_step", "stale")
 
     def __init__(self) -> None:
         self.role = "group"
@@ -76,6 +82,7 @@ class _Group:
         self.nonfinite = 0
         self.violations: Dict[str, int] = {}
         self.violation_step = -1
+        self.stale = False  # the collector reported it can no longer follow the group
 
 
 class _Run:
@@ -256,6 +263,7 @@ class Aggregator:
                 group.role = decl.role
                 group.params = decl.params
                 group.isolated = decl.isolated
+                group.stale = False  # a collector attaching anew follows what it declares
         self._log.info("collector hello: run=%s rank=%d world_size=%d host=%s pid=%d "
                        "library=%s torch=%s groups=%d", ev.run, ev.rank, ev.world_size,
                        ev.hostname, ev.pid, ev.library_version, ev.torch_version,
@@ -300,6 +308,16 @@ class Aggregator:
             return
         if not _bump(run.mismatch, ev.kind):
             self._stats.overflow["label_values"] += 1
+        # Like a violation's step, a group's staleness is evidence, not a label value: it
+        # holds even when the kind cap refused to count the event.
+        if ev.kind == "stale" and ev.group:
+            group = self._group(run, ev.group)
+            if group is not None:
+                group.stale = True
+        elif ev.kind == "moved":
+            group = run.groups.get(ev.group)
+            if group is not None:
+                group.stale = False
 
     def _goodbye(self, ev: Goodbye) -> None:
         run = self._runs.get(ev.run)
@@ -328,7 +346,7 @@ class Aggregator:
         for name, run in self._runs.items():
             groups = tuple(
                 GroupSnapshot(gname, g.role, g.params, g.isolated, g.captured, g.sq, g.step,
-                              g.nonfinite, dict(g.violations), g.violation_step)
+                              g.nonfinite, dict(g.violations), g.violation_step, g.stale)
                 for gname, g in run.groups.items()
             )
             collectors = sum(1 for t in run.ranks.values() if t >= cutoff)

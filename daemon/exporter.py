@@ -32,7 +32,7 @@ __all__ = ["EsperCollector", "scrape_registry", "process_registry", "VIOLATION_K
 
 # Kinds the collector is documented to send; created at zero so alerts can use rate().
 VIOLATION_KINDS = ("gradient", "structural")
-MISMATCH_KINDS = ("split", "mixed", "moved")
+MISMATCH_KINDS = ("split", "mixed", "moved", "stale")
 
 
 class EsperCollector(Collector):
@@ -51,11 +51,18 @@ class EsperCollector(Collector):
         grad_norm = GaugeMetricFamily(
             "esper_grad_norm",
             "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
-            "ranks of the latest complete step). Absent while the group has no gradient.",
+            "ranks of the latest complete step); +Inf or NaN when the gradient held Inf or "
+            "NaN. Absent while the group has no gradient or is stale.",
             labels=rg)
         has_grad = GaugeMetricFamily(
             "esper_group_has_gradient",
-            "1 if any parameter of the group had a gradient at its latest capture, else 0.",
+            "1 if any parameter of the group had a gradient at its latest capture (finite or "
+            "not), else 0. Absent while the group is stale.",
+            labels=rg)
+        stale = GaugeMetricFamily(
+            "esper_group_stale",
+            "1 while the collector reports it can no longer follow the group (its module or "
+            "parameters left the model) and its numbers are not exported, else 0.",
             labels=rg)
         params = GaugeMetricFamily(
             "esper_group_parameters", "Scalar parameters in the group.", labels=rg)
@@ -63,7 +70,8 @@ class EsperCollector(Collector):
             "esper_seed_grad_ratio",
             "Parameter-normalized seed/host gradient norm ratio: "
             "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
-            "gradient or a zero norm.",
+            "gradient or a zero norm; +Inf when the seed's gradient holds Inf, NaN when "
+            "either holds NaN. Absent while the seed or the host is stale.",
             labels=["run", "seed"])
         nonfinite = CounterMetricFamily(
             "esper_grad_nonfinite",
@@ -80,7 +88,8 @@ class EsperCollector(Collector):
             labels=rg)
         mismatch = CounterMetricFamily(
             "esper_device_mismatch",
-            "Device conditions reported by the collectors, by kind (split, mixed, moved).",
+            "Device conditions reported by the collectors, by kind (split, mixed, moved, "
+            "stale).",
             labels=["run", "kind"])
         captures = CounterMetricFamily(
             "esper_captures", "Capture events received for the run, one per rank per capture.",
@@ -110,6 +119,8 @@ class EsperCollector(Collector):
                 if g.role == "host" and g.captured:
                     host = g
                     break
+            if host is not None and host.stale:
+                host = None  # a ratio over numbers that mean nothing is no ratio
             for g in run.groups:
                 labels = [r, g.name]
                 if g.params is not None:
@@ -122,7 +133,8 @@ class EsperCollector(Collector):
                             violations.add_metric([r, g.name, kind], 0)
                 for kind, n in g.violations.items():
                     violations.add_metric([r, g.name, kind], n)
-                if g.captured:
+                stale.add_metric(labels, 1 if g.stale else 0)
+                if g.captured and not g.stale:
                     if g.sq is None:
                         has_grad.add_metric(labels, 0)
                     else:
@@ -147,8 +159,8 @@ class EsperCollector(Collector):
             dropped.add_metric(run_l, run.dropped)
             incomplete.add_metric(run_l, run.incomplete_steps)
 
-        yield from (grad_norm, has_grad, params, ratio, nonfinite, violations, iso_ok, mismatch,
-                    captures, last_step, last_ts, collectors, dropped, incomplete)
+        yield from (grad_norm, has_grad, stale, params, ratio, nonfinite, violations, iso_ok,
+                    mismatch, captures, last_step, last_ts, collectors, dropped, incomplete)
         yield from _self_metrics(snap)
 
 

@@ -18,11 +18,12 @@ class GroupSnapshot(NamedTuple):
     params: Optional[int]  # None until a Hello or a capture declared it
     isolated: bool
     captured: bool  # a capture (a complete step, if sharded) has been published
-    sq: Optional[float]  # latest published sum of squares; None: no gradient
+    sq: Optional[float]  # latest published sum of squares (+Inf/NaN kept); None: no gradient
     step: int  # step of the latest published capture, -1 before any
     nonfinite: int  # captures in which the group held NaN or Inf
     violations: Dict[str, int]  # isolation violations by kind
     violation_step: int  # highest step of a violation, -1 before any
+    stale: bool = False  # reported as no longer followed (and not moved back since)
 
 
 class RunSnapshot(NamedTuple):

@@ -14,6 +14,10 @@ other exception. The reasons:
 - ``"version"``: an event without a schema version, or with one this side does not know;
 - ``"schema"``: an unknown event kind, missing or unknown fields, a wrong type;
 - ``"value"``: a number out of range (non-finite, negative where a count or square is).
+
+One number may be non-finite: a group's sum of squares, +Inf or NaN (never -Inf), and only
+when the same group counts non-finite gradients (``nonfinite > 0``). An exploding gradient
+is reported as what it is; a non-finite sum without that count is a broken sender.
 """
 
 from __future__ import annotations
@@ -174,15 +178,20 @@ def _time(value: Any) -> float:
     raise WireError("schema", f"expected a number, got {type(value).__name__}")
 
 
-def _opt_square(value: Any) -> float | None:
-    """A sum of squares: finite and non-negative, or None for 'no gradient'."""
+def _group_square(value: Any, nonfinite: Any) -> float | None:
+    """A group's sum of squares: finite and non-negative, or None for 'no gradient'; +Inf
+    or NaN only when ``nonfinite`` (the group's wire value, checked on its own later) is a
+    positive integer."""
     if value is None:
         return None
     if type(value) is float or type(value) is int:
         value = float(value)
         if value >= 0.0 and value != math.inf:  # NaN fails the first test
             return value
-        raise WireError("value", f"sum of squares out of range: {value}")
+        if (value == math.inf or value != value) and type(nonfinite) is int and nonfinite > 0:
+            return value
+        raise WireError("value", f"sum of squares out of range: {value} "
+                                 f"(non-finite count {nonfinite!r})")
     raise WireError("schema", f"expected a number or nil, got {type(value).__name__}")
 
 
@@ -223,7 +232,8 @@ def _group_norms(
     _maxi: int = _MAX_INT, _inf: float = math.inf, _maxg: int = MAX_GROUPS_PER_EVENT,
 ) -> Tuple[GroupNorm, ...]:
     # One pass of inline type tests per group, falling back to the field checks (for a
-    # precise reason) only when something is wrong.
+    # precise reason, or for a non-finite sum of squares: rare, and judged there against
+    # the group's non-finite count) only when something is unusual.
     if type(value) is not _tuple or len(value) > _maxg:
         _array(value, _maxg)  # raises the precise WireError
     out = []
@@ -243,7 +253,7 @@ def _group_norms(
                 continue
             append(
                 GroupNorm(
-                    _name(name), _role(role), _count(params), _opt_square(sq),
+                    _name(name), _role(role), _count(params), _group_square(sq, nonfinite),
                     _count(nonfinite), _bool(sharded), _bool(isolated),
                 )
             )

@@ -7,6 +7,10 @@ wire (see ``codec``), not in the record, because a decoded record is always curr
 
 Squared norms (``sq``) rather than norms travel because they add: per-device, per-shard and
 per-rank partials combine by plain summation, and a square root is taken only at the end.
+
+Schema version 1, as it stands: a ``GroupNorm``'s ``sq`` may be +Inf or NaN when that
+group's ``nonfinite`` count is above 0 (and only then; never -Inf or negative). msgpack
+carries both natively; a sum over ranks that includes one stays +Inf or NaN.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ class GroupNorm(NamedTuple):
 
     ``sq`` is the sum of squared gradient entries over the parameters this rank holds, or
     ``None`` when no parameter of the group had a gradient (distinct from a zero gradient).
-    ``nonfinite`` counts gradient tensors holding a NaN or an Inf. ``params`` is the group's
+    ``nonfinite`` counts gradient tensors holding a NaN or an Inf. ``sq`` is finite and
+    non-negative, except that it may be ``inf`` or ``nan`` (never ``-inf``) when
+    ``nonfinite > 0``: the sum as computed, so an exploding group never reads as one
+    without gradient (accepted from schema version 1 on; earlier collector releases sent ``None``). ``params`` is the group's
     logical parameter count (the full tensors, also when this rank holds shards).
     ``sharded`` means ``sq`` covers only this rank's shards: the group's square norm is
     the sum over all ranks of the same step. Role and parameters travel with every capture
@@ -97,8 +104,10 @@ class DeviceMismatch(NamedTuple):
     """A device condition worth an operator's eye, reported instead of failing.
 
     ``kind``: ``"split"`` (one group spans devices), ``"mixed"`` (host and seeds live on
-    different devices) or ``"moved"`` (a group's parameters were re-bound, e.g. after
-    ``model.to(device)``). ``devices`` are ``torch.device`` strings.
+    different devices), ``"moved"`` (a group's parameters were re-bound, e.g. after
+    ``model.to(device)``) or ``"stale"`` (the group can no longer be followed: its module or
+    parameters left the model; sent once, with no devices, and a later ``"moved"`` for the
+    same group says it is followed again). ``devices`` are ``torch.device`` strings.
     """
 
     run: str

@@ -20,7 +20,18 @@ def seed_ratio(seed_sq: Optional[float], seed_params: Optional[int],
     seed dominates learning, near 0 it is starved. A seed without gradient (``None``) has
     norm 0. The ratio is 0 when it is undefined: the host has no gradient or a zero norm,
     or either parameter count is zero or unknown.
+
+    Non-finite sums (a gradient holding Inf or NaN) never read as a starved seed: a seed
+    at +Inf gives +Inf (whatever the host, unless the host is non-finite too), NaN on
+    either side gives NaN, and +Inf over +Inf is NaN. A finite seed over a host at +Inf
+    gives 0, as the arithmetic does.
     """
+    seed_nonfinite = seed_sq is not None and not seed_sq < math.inf  # +Inf or NaN
+    host_nonfinite = host_sq is not None and not host_sq < math.inf
+    if seed_nonfinite or (host_nonfinite and host_sq != host_sq):
+        if seed_sq == math.inf and not host_nonfinite:
+            return math.inf
+        return math.nan  # NaN on either side, or Inf over Inf
     if host_sq is None or host_sq <= 0.0 or not host_params or not seed_params:
         return 0.0
     return math.sqrt((seed_sq or 0.0) / host_sq) * math.sqrt(host_params / seed_params)

@@ -61,6 +61,13 @@ NORMS = Norms(
     ),
 )
 NORMS_SKIPPED = NORMS._replace(skipped=True, step=MAX_INT64, groups=())
+# Non-finite sums travel as they are when the group counts non-finite gradients.
+NORMS_NONFINITE = NORMS._replace(groups=(
+    GroupNorm("host", "host", 1_000_000, math.nan, 1, False, False),
+    GroupNorm("seed0", "seed", 1234, math.inf, 3, False, True),
+    GroupNorm("seed1", "seed", 1234, math.inf, 1, True, True),
+    GroupNorm("adapter", "group", 10, 4.0, 2, False, False),  # finite despite a count
+))
 DEVICE = DeviceMismatch("run-1", 3, 2.0, "split", "host", ("cuda:0", "cpu"))
 DEVICE_NO_GROUP = DeviceMismatch("run-1", 3, 2.0, "mixed", "", ())
 VIOLATION = IsolationViolation(
@@ -73,7 +80,7 @@ UNICODE = Goodbye("ran-\u00e9\u00df-\u65e5\u672c", 5, 5.5, "\U0001f600" * MAX_ST
 LONGEST = Goodbye("r" * MAX_STRING_CHARS, 0, 1.0, "x" * MAX_STRING_CHARS)
 
 SINGLES = [
-    HELLO, HELLO_NO_GROUPS, NORMS, NORMS_SKIPPED, DEVICE, DEVICE_NO_GROUP, VIOLATION,
+    HELLO, HELLO_NO_GROUPS, NORMS, NORMS_SKIPPED, NORMS_NONFINITE, DEVICE, DEVICE_NO_GROUP, VIOLATION,
     VIOLATION_NONE, VIOLATION_NEGATIVE, HEARTBEAT, GOODBYE, UNICODE, LONGEST,
 ]
 
@@ -173,6 +180,38 @@ def test_no_gradient_and_zero_gradient_stay_distinct():
     assert got[2].sq == 0.0 and type(got[2].sq) is float
     assert_identical(got[1], none_group)
     assert_identical(got[2], zero_group)
+
+
+@pytest.mark.parametrize("sq", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("nonfinite", [1, 7, MAX_INT64])
+def test_non_finite_sq_is_accepted_only_with_a_non_finite_count(sq, nonfinite):
+    got = decode(pack(edit(NORMS, groups=[group_norm(sq=sq, nonfinite=nonfinite)])))[0]
+    assert got.groups[0].nonfinite == nonfinite
+    assert_identical(got.groups[0].sq, sq)
+    # The same group with a count of 0 is a broken sender: rejected whole, by value.
+    with pytest.raises(WireError) as caught:
+        decode(pack(edit(NORMS, groups=[group_norm(sq=sq, nonfinite=0)])))
+    assert caught.value.reason == "value"
+
+
+def test_non_finite_sq_travels_as_a_msgpack_float():
+    raw = msgpack.unpackb(encode(NORMS_NONFINITE))["groups"]
+    assert math.isnan(raw[0][3]) and raw[1][3] == math.inf and raw[2][3] == math.inf
+
+
+def test_finite_norms_stay_on_the_inline_path(monkeypatch):
+    # The decoder's hottest loop: a valid finite group must not reach the field checks;
+    # only the non-finite sum (rare) does, once per group that holds one.
+    from esper_telemetry import codec
+
+    calls = []
+    real = codec._group_square
+    monkeypatch.setattr(codec, "_group_square",
+                        lambda sq, nonfinite: calls.append(sq) or real(sq, nonfinite))
+    assert_identical(decode(encode(NORMS)), [NORMS])
+    assert calls == []
+    assert_identical(decode(encode(NORMS_NONFINITE)), [NORMS_NONFINITE])
+    assert len(calls) == 3 and all(not c < math.inf for c in calls)
 
 
 def test_decoded_records_are_the_record_types():
@@ -301,8 +340,20 @@ CASES = {
     "empty run name": (pack(edit(GOODBYE, run="")), "schema"),
     "empty group name": (pack(edit(NORMS, groups=[group_norm(name="")])), "schema"),
     # value
-    "NaN sq": (pack(edit(NORMS, groups=[group_norm(sq=math.nan)])), "value"),
-    "Inf sq": (pack(edit(NORMS, groups=[group_norm(sq=math.inf)])), "value"),
+    "NaN sq without a non-finite count": (
+        pack(edit(NORMS, groups=[group_norm(sq=math.nan)])), "value"),
+    "Inf sq without a non-finite count": (
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf)])), "value"),
+    "-Inf sq even with a non-finite count": (
+        pack(edit(NORMS, groups=[group_norm(sq=-math.inf, nonfinite=1)])), "value"),
+    "Inf sq with a negative non-finite count": (
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=-1)])), "value"),
+    "Inf sq with a non-finite count that is a bool": (
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=True)])), "value"),
+    "Inf sq with a non-finite count that is a float": (
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=1.0)])), "value"),
+    "negative sq with a non-finite count": (
+        pack(edit(NORMS, groups=[group_norm(sq=-1.0, nonfinite=1)])), "value"),
     "negative sq": (pack(edit(NORMS, groups=[group_norm(sq=-1.0)])), "value"),
     "negative integer sq": (pack(edit(NORMS, groups=[group_norm(sq=-1)])), "value"),
     "negative count (rank)": (pack(edit(GOODBYE, rank=-1)), "value"),

@@ -67,6 +67,8 @@ def assert_identical(got, want):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert_identical(g, w)
+    elif isinstance(want, float) and want != want:
+        assert got != got, (got, want)  # NaN, which a group's sum of squares may be
     else:
         assert got == want, (got, want)
 
@@ -175,6 +177,18 @@ STRS = st.text(max_size=MAX_STRING_CHARS)
 COUNTS = st.integers(min_value=0, max_value=MAX_INT64)
 TIMES = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
 SQUARES = st.none() | st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def group_norms(draw):
+    """A valid GroupNorm: its sum of squares may be +Inf or NaN when it counts non-finite
+    gradients."""
+    nonfinite = draw(st.integers(0, 3) | COUNTS)
+    sq = draw(SQUARES | st.sampled_from([math.inf, math.nan]) if nonfinite else SQUARES)
+    return GroupNorm(draw(NAMES), draw(st.sampled_from(ROLES)), draw(COUNTS), sq, nonfinite,
+                     draw(st.booleans()), draw(st.booleans()))
+
+
 HEAD = dict(run=NAMES, rank=COUNTS, time=TIMES)
 EVENTS = st.one_of(
     st.builds(Hello, **HEAD, world_size=st.integers(1, MAX_INT64), hostname=STRS, pid=COUNTS,
@@ -182,9 +196,7 @@ EVENTS = st.one_of(
               groups=st.lists(st.builds(GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS,
                                         st.booleans()), max_size=4).map(tuple)),
     st.builds(Norms, **HEAD, step=COUNTS, skipped=st.booleans(),
-              groups=st.lists(st.builds(GroupNorm, NAMES, st.sampled_from(ROLES), COUNTS,
-                                        SQUARES, COUNTS, st.booleans(), st.booleans()),
-                              max_size=4).map(tuple)),
+              groups=st.lists(group_norms(), max_size=4).map(tuple)),
     st.builds(DeviceMismatch, **HEAD, kind=NAMES, group=STRS,
               devices=st.lists(NAMES, max_size=4).map(tuple)),
     st.builds(IsolationViolation, **HEAD, step=COUNTS, group=NAMES, kind=NAMES,
@@ -273,3 +285,25 @@ def test_valid_events_round_trip_exactly(events):
         for value in event:
             if type(value) is float:
                 assert math.isfinite(value)
+
+
+@FUZZ
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(1 << 63), MAX_INT64),
+       st.integers(-3, 3) | st.sampled_from([MAX_INT64, MAX_INT64 + 1, True, 1.0, None]))
+def test_a_group_sum_of_squares_is_accepted_exactly_when_valid(sq, nonfinite):
+    # Finite and non-negative always; +Inf or NaN only beside a positive integer count;
+    # -Inf and negatives never. Whatever fails, fails by value or schema, never else.
+    group = ["g", "seed", 10, sq, nonfinite, False, True]
+    frame = pack({**to_wire(NORMS._replace(groups=())), "groups": [group]})
+    count_ok = type(nonfinite) is int and 0 <= nonfinite <= MAX_INT64
+    finite_ok = float(sq) >= 0.0 and float(sq) != math.inf
+    nonfinite_ok = (sq == math.inf or sq != sq) and count_ok and nonfinite > 0
+    want = "ok" if count_ok and (finite_ok or nonfinite_ok) else None
+    got = check_frame(frame)
+    if want == "ok":
+        assert got == "ok"
+        assert_identical(decode(frame)[0].groups[0].sq, float(sq))
+    else:
+        assert got in ("value", "schema"), got
+        if not (finite_ok or nonfinite_ok):
+            assert got == "value", (sq, nonfinite)  # the sum is checked before the count

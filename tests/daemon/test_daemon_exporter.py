@@ -141,6 +141,11 @@ def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp
                IsolationViolation("r", 0, 1.0, 1, "seed", "structural", "path", None),
                norms(step=2, groups=[gn("shard", 1.0, sharded=True, nonfinite=1)])], clock())
     agg.apply_batch([host_seed(run="other", host_sq=None)], clock())
+    # Non-finite values (+Inf norm and ratio, NaN norm) and a stale group are in it too.
+    agg.apply_batch([norms(run="boom", groups=[gn("host", 4.0, "host", 400),
+                                               gn("seed", math.inf, "seed", 100, nonfinite=1),
+                                               gn("nan", math.nan, nonfinite=1)]),
+                     DeviceMismatch("boom", 0, 1.0, "stale", "gone", ())], clock())
     clock.advance(2.0)
     agg.tick(clock())
     stats.rejected["malformed"] += 1
@@ -150,8 +155,12 @@ def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp
         # Every kind of family is present, so the check covers them all.
         for name in (b"esper_grad_norm", b"esper_seed_grad_ratio", b"esper_isolation_ok",
                      b"esper_daemon_incomplete_steps_total", b"process_cpu_seconds_total",
-                     b"esper_daemon_build_info"):
+                     b"esper_daemon_build_info", b"esper_group_stale"):
             assert name in text
+        values = {ln.rsplit(" ", 1)[1] for ln in text.decode().splitlines()
+                  if ln.startswith(("esper_grad_norm{", "esper_seed_grad_ratio{"))
+                  and 'run="boom"' in ln and ('"seed"' in ln or '"nan"' in ln)}
+        assert values == {"+Inf", "NaN"}, text
         proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                               timeout=30)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -163,7 +172,12 @@ def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
 
     agg, _ = make_agg()
     agg.apply_batch([host_seed(run='q"\\x\n', host_sq=2.0), host_seed(run="b", host_sq=None),
-               IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0)], clock())
+               IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
+               norms(run="inf", groups=[gn("host", 16.0, "host", 400),
+                                        gn("seed", math.inf, "seed", 100, nonfinite=1)]),
+               norms(run="nan", groups=[gn("host", math.nan, "host", 400, nonfinite=1),
+                                        gn("seed", 4.0, "seed", 100)])],
+              clock())
     registry = registry_for(agg, False)
     extra = CollectorRegistry()  # samples the esper collector never makes: created, inf, nan
     Counter("t_events", "c", ["a"], registry=extra).labels("x").inc(3)
@@ -179,6 +193,9 @@ def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
         help_type = lambda t: sorted(ln for ln in t.splitlines() if ln.startswith("#"))
         assert help_type(fast) == help_type(slow)
     assert len(parse(render_text(registry).decode())) > 30
+    fast_s = parse(render_text(registry).decode())
+    assert get(fast_s, "esper_seed_grad_ratio", run="inf", seed="seed") == math.inf
+    assert math.isnan(get(fast_s, "esper_seed_grad_ratio", run="nan", seed="seed"))
 
 
 def test_sqrt_of_large_sums_is_exact_enough(make_agg, clock):

@@ -26,6 +26,7 @@ REQUIRED_METRICS = {
     "esper_device_mismatch_total", "esper_collector_dropped_events_total",
     "esper_daemon_events_total", "esper_daemon_rejected_total", "esper_daemon_overflow_total",
     "esper_daemon_runs", "esper_last_capture_timestamp_seconds", "esper_collectors",
+    "esper_group_stale",
 }
 
 
