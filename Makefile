@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	bash tools/ensure-prometheus.sh
+	bash tools/ensure-tmux.sh
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 bench-daemon: $(VENV)/.installed

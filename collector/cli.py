@@ -1,7 +1,9 @@
-"""``esper-telemetry``: the training-side command line (``demo`` so far).
+"""``esper-telemetry``: the training-side command line: ``demo`` and ``top``.
 
-Exit status: 0 on success, 1 when the demo fails or its extra is not installed (one line on
-stderr says why), 2 for a usage error, 130 when interrupted.
+Exit status: 0 on success, 1 when the demo fails or its extra is not installed, or when
+``top --once`` cannot read the daemon (one line on stderr says why), 2 for a usage error
+(and ``top`` without a terminal), 130 when the demo is interrupted. Starting the CLI imports
+no torch: ``demo`` imports it when it runs, ``top`` never does.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Optional, Sequence
+
+# The standard library and the contract's defaults only: `top` starts fast and runs where
+# torch is absent.
+from . import top
+from .top import DEFAULT_URL
 
 __all__ = ["main"]
 
@@ -35,12 +42,42 @@ def _parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     demo.add_argument("--run", default=None, metavar="NAME",
                       help="run label in the metrics (default: demo-<random>)")
+    top = sub.add_parser(
+        "top", help="live view of a daemon: per run and group, norms, ratios, isolation, drops",
+        description="Watch a running esper-telemetryd from its /metrics: one row per run and group "
+                    "with step, gradient norm, seed/host ratio, non-finite captures, isolation state, "
+                    "device events, dropped events and the age of the latest capture. Violations and "
+                    "non-finite groups are highlighted and sorted on top. Refreshes in place; q quits. "
+                    "Needs neither torch nor Prometheus.")
+    top.add_argument("--url", default=None, metavar="URL",
+                     help=f"the daemon's metrics URL (default: {DEFAULT_URL})")
+    top.add_argument("--run", default=None, metavar="NAME",
+                     help="show only this run (a shell-style pattern: 'exp-*')")
+    top.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                     help="seconds between scrapes (default: %(default)s)")
+    top.add_argument("--once", action="store_true",
+                     help="print one table without colours and exit (scripts, CI logs)")
     return parser
+
+
+def _top(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import math
+
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        parser.error(f"--interval must be a number of seconds > 0, got {args.interval}")
+    url = args.url or DEFAULT_URL
+    if args.once:
+        return top.run_once(url, args.run, timeout_s=max(1.0, min(args.interval, 10.0)),
+                            out=sys.stdout, err=sys.stderr)
+    return top.run_live(url, args.run, args.interval)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``esper-telemetry`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "top":
+        return _top(parser, args)
     if args.steps < 1:
         _parser().error(f"--steps must be >= 1, got {args.steps}")
     # The demo runs a daemon and a training loop: without either side's extra, say which

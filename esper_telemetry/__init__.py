@@ -3,7 +3,8 @@
 ``import esper_telemetry as et; et.attach(...)`` is the training code's entry point. The
 package face also re-exports the wire contract (event records, the codec), which imports
 only the standard library and msgpack, so a daemon never loads torch: ``attach`` (and
-``Telemetry``) are looked up on first use, from ``esper_telemetry.collector``. In an
+``Telemetry``) are looked up on first use, from ``esper_telemetry.collector``, and so is
+``peft_groups`` (the PEFT preset), from ``esper_telemetry.integrations.peft``. In an
 install without the ``collector`` extra, using them raises an ``ImportError`` that says
 what to install.
 """
@@ -31,11 +32,13 @@ from .version import __version__
 if TYPE_CHECKING:  # pragma: no cover - what IDEs and type checkers see
     from .collector.api import attach
     from .collector.telemetry import Telemetry
+    from .integrations.peft import peft_groups
 
 __all__ = [
     "__version__",
     "attach",
     "Telemetry",
+    "peft_groups",
     "encode",
     "decode",
     "WireError",
@@ -52,8 +55,9 @@ __all__ = [
     "Goodbye",
 ]
 
-# Names the collector provides, by the module that defines them.
-_COLLECTOR = {"attach": ".collector.api", "Telemetry": ".collector.telemetry"}
+# Names the training side provides, by the module that defines them (all need torch).
+_COLLECTOR = {"attach": ".collector.api", "Telemetry": ".collector.telemetry",
+              "peft_groups": ".integrations.peft"}
 
 
 def __getattr__(name: str) -> Any:

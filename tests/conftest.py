@@ -1,7 +1,8 @@
 """Suite-wide guard: what the tests import is the installed ``esper_telemetry``.
 
-The source folders ``collector/`` and ``daemon/`` sit at the repository root but install as
-``esper_telemetry.collector`` and ``esper_telemetry.daemon``. With the root on ``sys.path``
+The source folders ``collector/``, ``daemon/`` and ``integrations/`` sit at the repository
+root but install as ``esper_telemetry.collector``, ``esper_telemetry.daemon`` and
+``esper_telemetry.integrations``. With the root on ``sys.path``
 (``python -m pytest`` from the root puts it there) a bare ``import daemon`` would find the
 folder, and a test could pass on an import no user can make; the suite refuses to start.
 """
@@ -28,7 +29,7 @@ def _checkout_folder(name: str):
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for name in ("collector", "daemon"):
+    for name in ("collector", "daemon", "integrations"):
         place = _checkout_folder(name)
         if place is not None:
             raise pytest.UsageError(

@@ -27,7 +27,7 @@ CONTRACT = sorted(p for p in (REPO / "esper_telemetry").glob("*.py") if p.name !
 def _imports(path: Path):
     """(module, names) of every import statement in ``path``, relative ones made absolute."""
     package = {"esper_telemetry": "esper_telemetry", "collector": "esper_telemetry.collector",
-               "daemon": "esper_telemetry.daemon"}[path.parent.name]
+               "daemon": "esper_telemetry.daemon", "integrations": "esper_telemetry.integrations"}[path.parent.name]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -47,21 +47,29 @@ def test_contract_modules_import_only_the_standard_library_and_msgpack():
         for module, _ in _imports(path):
             top = module.split(".")[0]
             assert top in allowed, f"{path.name} imports {module}"
-            assert not module.startswith(("esper_telemetry.collector", "esper_telemetry.daemon")), \
-                f"{path.name} imports {module}"
+            assert not module.startswith(("esper_telemetry.collector", "esper_telemetry.daemon",
+                                          "esper_telemetry.integrations")), f"{path.name} imports {module}"
 
 
-@pytest.mark.parametrize("folder", ["collector", "daemon"])
-def test_collector_and_daemon_import_contract_modules_not_the_face(folder):
+# What each folder must never import: the daemon and the collector never each other, and the
+# trainer integrations (which may use the collector) are imported by neither.
+_FORBIDDEN = {"collector": ("daemon", "integrations"), "daemon": ("collector", "integrations"),
+              "integrations": ("daemon",)}
+
+
+@pytest.mark.parametrize("folder", sorted(_FORBIDDEN))
+def test_collector_daemon_and_integrations_import_contract_modules_not_the_face(folder):
     submodules = {p.stem for p in CONTRACT}
     offenders = []
-    for path in sorted((REPO / folder).glob("*.py")):
+    paths = sorted((REPO / folder).glob("*.py"))
+    assert paths, folder
+    for path in paths:
         for module, names in _imports(path):
             if module == "esper_telemetry":
                 offenders += [f"{path.name}: from esper_telemetry import {n}" for n in names if n not in submodules]
-            other = "daemon" if folder == "collector" else "collector"
-            if module.startswith(f"esper_telemetry.{other}"):
-                offenders.append(f"{path.name}: imports {module}")
+            for other in _FORBIDDEN[folder]:
+                if module.startswith(f"esper_telemetry.{other}"):
+                    offenders.append(f"{path.name}: imports {module}")
     assert offenders == []
 
 

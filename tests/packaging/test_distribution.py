@@ -25,7 +25,7 @@ import pytest
 import esper_telemetry
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "esper_telemetry", "collector", "daemon")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "esper_telemetry", "collector", "daemon", "integrations")
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,9 @@ def test_wheel_installs_one_top_level_package(wheel):
         entry_points.read_string(zf.read(f"{info}/entry_points.txt").decode())
     assert top_level == ["esper_telemetry"]
     assert sorted({n.split("/")[0] for n in names}) == sorted(["esper_telemetry", info])
-    for module in ("collector/api.py", "collector/telemetry.py", "daemon/cli.py", "daemon/__main__.py",
-                   "codec.py", "py.typed"):
+    for module in ("collector/api.py", "collector/telemetry.py", "collector/top.py", "daemon/cli.py",
+                   "daemon/__main__.py", "integrations/__init__.py", "integrations/transformers.py",
+                   "integrations/lightning.py", "integrations/peft.py", "codec.py", "py.typed"):
         assert f"esper_telemetry/{module}" in names, module
     assert dict(entry_points["console_scripts"]) == {
         "esper-telemetryd": "esper_telemetry.daemon.cli:main",
@@ -156,3 +157,12 @@ def test_without_the_collector_extra_attach_and_demo_name_the_extra(daemon_only_
     assert demo.stdout == ""
     assert demo.stderr.splitlines() == [
         "esper-telemetry: the demo needs 'torch', which is not installed: pip install 'esper-telemetry[demo]'"]
+    # The PEFT preset says the same; `top` needs no torch at all.
+    peft = _run([py, "-c", "import esper_telemetry as et\ntry:\n    et.peft_groups\n"
+                 "except ImportError as exc:\n    print(exc)"], cwd=tmp_path, timeout=60)
+    assert peft.stdout.strip() == ("esper_telemetry.peft_groups needs 'torch', which is not installed: "
+                                   "pip install 'esper-telemetry[collector]'"), peft.stderr
+    url = "http://127.0.0.1:9/metrics"   # the discard port: nothing listens there
+    top = _run([daemon_only_env / "esper-telemetry", "top", "--once", "--url", url], cwd=tmp_path, timeout=60)
+    assert top.returncode == 1 and top.stdout == ""
+    assert top.stderr.splitlines() == [f"esper-telemetry top: cannot reach {url}: Connection refused"]

@@ -1,0 +1,444 @@
+"""``esper-telemetry top``: a live terminal view of a daemon's ``/metrics``.
+
+One row per run and group: step, gradient norm, seed/host ratio, non-finite captures,
+isolation state, device events, dropped events and the age of the latest capture; groups
+with an isolation violation are highlighted and sorted on top, then those with non-finite
+gradients or no longer followed (``stale``).
+``--once`` prints one plain table and exits (scripts, CI logs); otherwise the view
+refreshes in place (curses) until ``q``.
+
+It reads the daemon's text exposition over HTTP with the standard library only: no torch,
+no prometheus_client, nothing of the daemon, so it runs anywhere the CLI is installed. A
+daemon that is down or answers something that is not an esper-telemetryd exposition gets
+one line saying so, and the live view keeps retrying.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import IO, Callable, Dict, Iterable, List, Optional, Tuple
+
+from esper_telemetry import defaults
+
+__all__ = ["DEFAULT_URL", "ExpositionError", "FetchError", "Row", "parse_exposition", "build_rows",
+           "format_table", "fetch", "run_once", "run_live"]
+
+DEFAULT_URL = f"http://127.0.0.1:{defaults.DEFAULT_WEB_PORT}{defaults.DEFAULT_WEB_TELEMETRY_PATH}"
+MAX_BODY_BYTES = 64 * 1024 * 1024   # a scrape of 10,000 series is about 1 MB
+
+Labels = Dict[str, str]
+Samples = Dict[str, List[Tuple[Labels, float]]]
+
+
+class ExpositionError(ValueError):
+    """The body is not a Prometheus text exposition (the message says where)."""
+
+
+class FetchError(Exception):
+    """The metrics URL could not be read or did not hold an esper-telemetryd exposition; one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))   # whatever the cause said, on one line
+
+
+# -- the text format ---------------------------------------------------------------------------
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*\"")
+_UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def _labels(line: str, i: int, where: str) -> Tuple[Labels, int]:
+    """The label set starting after ``{`` at ``i``; returns it and the index after ``}``."""
+    labels: Labels = {}
+    while True:
+        while i < len(line) and line[i] in " \t":
+            i += 1
+        if i < len(line) and line[i] == "}":
+            return labels, i + 1
+        m = _LABEL.match(line, i)
+        if m is None:
+            raise ExpositionError(f"{where}: bad label at column {i + 1}")
+        i = m.end()
+        value: List[str] = []
+        while True:
+            if i >= len(line):
+                raise ExpositionError(f"{where}: unterminated label value")
+            c = line[i]
+            if c == "\\":
+                if i + 1 >= len(line) or line[i + 1] not in _UNESCAPE:
+                    raise ExpositionError(f"{where}: bad escape in a label value")
+                value.append(_UNESCAPE[line[i + 1]])
+                i += 2
+            elif c == '"':
+                i += 1
+                break
+            else:
+                value.append(c)
+                i += 1
+        labels[m.group(1)] = "".join(value)
+        while i < len(line) and line[i] in " \t":
+            i += 1
+        if i < len(line) and line[i] == ",":
+            i += 1
+        elif i >= len(line) or line[i] != "}":
+            raise ExpositionError(f"{where}: expected ',' or '}}' at column {i + 1}")
+
+
+def parse_exposition(text: str, prefix: str = "esper_") -> Samples:
+    """``{sample name: [(labels, value), ...]}`` of the samples whose name starts with ``prefix``.
+
+    Every line is checked enough to refuse what is not the text format (an HTML page, a
+    JSON error): ``ExpositionError`` names the first bad line. Other metrics' label sets
+    are not decoded.
+    """
+    out: Samples = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"line {n}"
+        m = _NAME.match(line)
+        if m is None:
+            raise ExpositionError(f"{where}: not a metric sample: {line[:60]!r}")
+        name, i = m.group(), m.end()
+        mine = name.startswith(prefix)
+        labels: Labels = {}
+        if i < len(line) and line[i] == "{":
+            if mine:
+                labels, i = _labels(line, i + 1, where)
+            else:
+                end = line.rfind("}")
+                if end < i:
+                    raise ExpositionError(f"{where}: unterminated label set")
+                i = end + 1
+        rest = line[i:].split()
+        if not 1 <= len(rest) <= 2 or (i < len(line) and line[i] not in " \t"):
+            raise ExpositionError(f"{where}: expected a value after {name!r}")
+        try:
+            value = float(rest[0])
+            if len(rest) == 2:
+                int(rest[1])
+        except ValueError:
+            raise ExpositionError(f"{where}: {rest[0]!r} is not a number") from None
+        if mine:
+            out.setdefault(name, []).append((labels, value))
+    return out
+
+
+# -- rows ----------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One group of one run as the daemon exports it; None where it exports nothing."""
+
+    run: str
+    group: str
+    step: Optional[float]
+    norm: Optional[float]
+    has_gradient: Optional[float]
+    ratio: Optional[float]
+    nonfinite: float
+    isolation_ok: Optional[float]
+    violations: float
+    device_events: float
+    dropped: float
+    last_capture: Optional[float]     # unix time, by the collector's clock
+    stale: bool = False               # the collector can no longer follow the group
+
+    @property
+    def violated(self) -> bool:
+        return self.isolation_ok == 0
+
+    @property
+    def unhealthy(self) -> bool:
+        """A violation, non-finite gradients (now or before), or a group that is no longer followed."""
+        return (self.violated or self.nonfinite > 0 or self.stale
+                or (self.norm is not None and not math.isfinite(self.norm)))
+
+
+def _by(samples: Samples, name: str, *keys: str) -> Dict[Tuple[str, ...], float]:
+    """Series of ``name`` keyed by the values of ``keys``; series sharing a key are summed."""
+    out: Dict[Tuple[str, ...], float] = {}
+    for labels, value in samples.get(name, ()):
+        key = tuple(labels.get(k, "") for k in keys)
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def build_rows(samples: Samples, run: Optional[str] = None) -> List[Row]:
+    """Rows for every group of every run (``run``: a name or shell-style pattern), worst first.
+
+    Worst: an isolation violation, then non-finite gradients (most first) or a stale group;
+    then by run and group name.
+    """
+    rg = ("run", "group")
+    norm = _by(samples, "esper_grad_norm", *rg)
+    has = _by(samples, "esper_group_has_gradient", *rg)
+    params = _by(samples, "esper_group_parameters", *rg)
+    nonfinite = _by(samples, "esper_grad_nonfinite_total", *rg)
+    iso = _by(samples, "esper_isolation_ok", *rg)
+    stale = _by(samples, "esper_group_stale", *rg)
+    violations = _by(samples, "esper_isolation_violations_total", *rg)
+    ratio = _by(samples, "esper_seed_grad_ratio", "run", "seed")
+    step = _by(samples, "esper_last_step", "run")
+    last = _by(samples, "esper_last_capture_timestamp_seconds", "run")
+    device = _by(samples, "esper_device_mismatch_total", "run")
+    dropped = _by(samples, "esper_collector_dropped_events_total", "run")
+    keys = set(norm) | set(has) | set(params) | set(nonfinite) | set(iso)
+    if run is not None:
+        keys = {k for k in keys if fnmatch.fnmatchcase(k[0], run)}
+    rows = [Row(run=r, group=g, step=step.get((r,)), norm=norm.get((r, g)), has_gradient=has.get((r, g)),
+                ratio=ratio.get((r, g)), nonfinite=nonfinite.get((r, g), 0.0), isolation_ok=iso.get((r, g)),
+                violations=violations.get((r, g), 0.0), device_events=device.get((r,), 0.0),
+                dropped=dropped.get((r,), 0.0), last_capture=last.get((r,)), stale=stale.get((r, g), 0.0) > 0)
+            for r, g in keys]
+    rows.sort(key=lambda w: (not w.violated, not w.unhealthy, -w.nonfinite, w.run, w.group))
+    return rows
+
+
+# -- the table -----------------------------------------------------------------------------------
+HEADER = ("RUN", "GROUP", "STEP", "NORM", "RATIO", "NONFINITE", "ISOLATION", "DEVICE", "DROPS", "AGE")
+_RIGHT = {2, 3, 4, 5, 7, 8, 9}
+
+
+def _count(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def _age(last: Optional[float], now: float) -> str:
+    if last is None:
+        return "-"
+    s = max(0.0, now - last)
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def cells(row: Row, now: float) -> Tuple[str, ...]:
+    """The row's table cells, as text without spaces (so a script can split on whitespace)."""
+    if row.stale:
+        norm = "stale"
+    elif row.norm is not None:
+        norm = f"{row.norm:.6g}"
+    elif row.has_gradient == 0:
+        norm = "no-grad"
+    else:
+        norm = "-"
+    if row.isolation_ok is None:
+        isolation = "-" if not row.violations else f"violations={row.violations:.0f}"
+    elif row.violated:
+        isolation = f"VIOLATED({row.violations:.0f})"
+    else:
+        isolation = "ok"
+    return (row.run, row.group, _count(row.step), norm, "-" if row.ratio is None else f"{row.ratio:.4g}",
+            f"{row.nonfinite:.0f}", isolation, f"{row.device_events:.0f}", f"{row.dropped:.0f}",
+            _age(row.last_capture, now))
+
+
+def format_table(rows: Iterable[Row], now: float) -> List[Tuple[str, Optional[str]]]:
+    """The header and one line per row, each with its highlight: "violation", "warning" or None."""
+    body = [(cells(r, now), "violation" if r.violated else "warning" if r.unhealthy else None) for r in rows]
+    widths = [max(len(line[i]) for line in (HEADER, *(b for b, _ in body))) for i in range(len(HEADER))]
+
+    def fmt(line: Tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in _RIGHT else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+
+    return [(fmt(HEADER), "header"), *((fmt(b), style) for b, style in body)]
+
+
+def summary(url: str, samples: Samples, rows: List[Row]) -> str:
+    """One line: where, the daemon's version, how many runs and groups, and how many are unwell."""
+    version = next((labels.get("version", "?") for labels, _ in samples.get("esper_daemon_build_info", ())), "?")
+    runs = len({r.run for r in rows})
+    bad = sum(r.violated for r in rows)
+    warnings = sum(r.unhealthy and not r.violated for r in rows)
+    rejected = sum(v for _, v in samples.get("esper_daemon_rejected_total", ()))
+    return (f"{url}  esper-telemetryd {version}  runs={runs} groups={len(rows)} violated={bad} "
+            f"warnings={warnings} rejected={rejected:.0f}")
+
+
+# -- reading the daemon --------------------------------------------------------------------------
+def fetch(url: str, timeout_s: float) -> Samples:
+    """The esper samples at ``url``; ``FetchError`` with a one-line reason otherwise."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            body = resp.read(MAX_BODY_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise FetchError(f"{url} answered HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise FetchError(f"cannot reach {url}: {getattr(exc.reason, 'strerror', None) or exc.reason}") from None
+    except (OSError, ValueError) as exc:   # timeouts, resets, a malformed URL
+        raise FetchError(f"cannot read {url}: {exc}") from None
+    if len(body) > MAX_BODY_BYTES:
+        raise FetchError(f"{url} answered more than {MAX_BODY_BYTES} bytes: not an esper-telemetryd exposition")
+    try:
+        samples = parse_exposition(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FetchError(f"{url} answered bytes that are not UTF-8 text: not a metrics exposition") from None
+    except ExpositionError as exc:
+        raise FetchError(f"{url} did not answer a metrics exposition ({exc})") from None
+    if "esper_daemon_build_info" not in samples:
+        raise FetchError(f"{url} answered metrics without esper_daemon_build_info: not an esper-telemetryd")
+    return samples
+
+
+def run_once(url: str, run: Optional[str], timeout_s: float, out: IO[str], err: IO[str]) -> int:
+    """Print one table (no colours) and return 0; 1 with one line on ``err`` if the daemon can't be read."""
+    try:
+        samples = fetch(url, timeout_s)
+    except FetchError as exc:
+        print(f"esper-telemetry top: {exc}", file=err)
+        return 1
+    rows = build_rows(samples, run)
+    out.write(summary(url, samples, rows) + "\n")
+    if not rows:
+        out.write("no runs" + (f" matching {run!r}" if run else "") + "\n")
+    else:
+        out.write("\n".join(line for line, _ in format_table(rows, time.time())) + "\n")
+    out.flush()
+    return 0
+
+
+# -- the live view -------------------------------------------------------------------------------
+class Poller:
+    """Fetches in a background thread every ``interval_s``, so a slow daemon never delays ``q``."""
+
+    def __init__(self, url: str, interval_s: float, fetcher: Callable[[str, float], Samples] = fetch) -> None:
+        self.url, self.interval_s, self._fetch = url, interval_s, fetcher
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.samples: Optional[Samples] = None   # the latest good scrape
+        self.good_at: Optional[float] = None     # when it was taken
+        self.error: Optional[str] = None         # why the latest attempt failed, or None
+        self.version = 0                         # bumped after every attempt
+        self._thread = threading.Thread(target=self._loop, name="esper-top-poller", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                samples, error = self._fetch(self.url, max(1.0, min(self.interval_s, 10.0))), None
+            except FetchError as exc:
+                samples, error = None, str(exc)
+            except Exception as exc:  # a bug must not kill the view silently
+                samples, error = None, " ".join(f"{type(exc).__name__}: {exc}".split())
+            with self._lock:
+                if samples is not None:
+                    self.samples, self.good_at = samples, time.time()
+                self.error = error
+                self.version += 1
+            self._stop.wait(self.interval_s)
+
+    def snapshot(self) -> Tuple[int, Optional[Samples], Optional[float], Optional[str]]:
+        with self._lock:
+            return self.version, self.samples, self.good_at, self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_live(url: str, run: Optional[str], interval_s: float) -> int:
+    """The refreshing view until ``q`` (or Ctrl-C); 0, or 2 with one line when there is no terminal."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("esper-telemetry top: not a terminal; use --once to print one table", file=sys.stderr)
+        return 2
+    import curses
+
+    # The terminal's own size: ncurses prefers COLUMNS/LINES when set, and a value exported
+    # earlier (or inherited by a tmux server) would pin the view to it, resizes included.
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
+    poller = Poller(url, interval_s)
+    try:
+        curses.wrapper(_view, poller, url, run, interval_s)
+    except KeyboardInterrupt:
+        pass
+    except curses.error as exc:
+        print(f"esper-telemetry top: the terminal cannot be driven ({exc}); use --once", file=sys.stderr)
+        return 2
+    finally:
+        poller.stop()
+    return 0
+
+
+def _view(screen, poller: Poller, url: str, run: Optional[str], interval_s: float) -> None:
+    import curses
+
+    styles: Dict[Optional[str], int] = {None: curses.A_NORMAL, "header": curses.A_BOLD | curses.A_UNDERLINE,
+                                        "violation": curses.A_BOLD | curses.A_REVERSE,
+                                        "warning": curses.A_BOLD, "error": curses.A_BOLD}
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass
+    if curses.has_colors():
+        curses.start_color()
+        try:
+            curses.use_default_colors()
+            background = -1
+        except curses.error:
+            background = curses.COLOR_BLACK
+        curses.init_pair(1, curses.COLOR_WHITE, curses.COLOR_RED)
+        curses.init_pair(2, curses.COLOR_YELLOW, background)
+        curses.init_pair(3, curses.COLOR_RED, background)
+        styles["violation"] = curses.color_pair(1) | curses.A_BOLD
+        styles["warning"] = curses.color_pair(2) | curses.A_BOLD
+        styles["error"] = curses.color_pair(3) | curses.A_BOLD
+    screen.timeout(100)   # getch waits at most 0.1 s: q is answered at once
+    drawn_at, drawn_version = 0.0, -1
+    while True:
+        key = screen.getch()
+        if key in (ord("q"), ord("Q")):
+            return
+        version, samples, good_at, error = poller.snapshot()
+        now = time.time()
+        # Redraw on news, on a resize, and twice a second (the ages move).
+        if version == drawn_version and key != curses.KEY_RESIZE and now - drawn_at < 0.5:
+            continue
+        drawn_at, drawn_version = now, version
+        _draw(screen, styles, url, run, interval_s, samples, good_at, error, now)
+
+
+def _draw(screen, styles, url, run, interval_s, samples, good_at, error, now) -> None:
+    import curses
+
+    height, width = screen.getmaxyx()
+    lines: List[Tuple[str, Optional[str]]] = []
+    rows = build_rows(samples, run) if samples is not None else []
+    if samples is not None:
+        lines.append((summary(url, samples, rows) + f"  updated {_age(good_at, now)} ago", None))
+    else:
+        lines.append((f"{url}  esper-telemetry top", None))
+    status = (f"{error}; retrying every {interval_s:g}s" if error else
+              f"refresh {interval_s:g}s" + (f"  run={run}" if run else "") + "  q: quit")
+    lines.append((status, "error" if error else None))
+    if samples is not None:
+        if rows:
+            lines.extend(format_table(rows, now))
+        else:
+            lines.append(("no runs" + (f" matching {run!r}" if run else ""), None))
+    elif error is None:
+        lines.append(("waiting for the first scrape...", None))
+    screen.erase()
+    shown = lines[:height]
+    if len(lines) > height and height > 0:
+        shown[-1] = (f"... {len(lines) - height + 1} more rows (enlarge the terminal or use --run)", None)
+    for y, (text, style) in enumerate(shown):
+        try:
+            screen.addnstr(y, 0, text, max(0, width - 1), styles.get(style, curses.A_NORMAL))
+        except curses.error:
+            pass
+    screen.refresh()

@@ -1,0 +1,39 @@
+"""Fixtures for the trainer integrations: a real daemon process; transformers kept quiet.
+
+The models and data are in tests/support/trainer_support.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("prometheus_client")
+
+from live_daemon import LiveDaemon  # noqa: E402
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[LiveDaemon]:
+    d = LiveDaemon(tmp_path / "esper-telemetryd.log")
+    try:
+        yield d
+    finally:
+        code = d.stop()
+    assert code == 0, f"esper-telemetryd exited with {code}:\n{d.log()}"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers() -> Iterator[None]:
+    # The tiny config's token ids are out of its vocabulary: transformers warns on every build.
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+

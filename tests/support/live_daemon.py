@@ -1,0 +1,77 @@
+"""A real ``esper-telemetryd`` process for tests of the trainer integrations and ``top``.
+
+Started through its console script on random loopback ports (its first log line says
+where), its log in a file (a pipe nobody reads could fill and stall it), stopped with
+SIGTERM and a bounded wait. Scrapes are parsed with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+from daemon_process import ROOT, command
+from daemon_support import http_get, parse
+
+Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+
+READY_TIMEOUT_S = 20.0
+
+
+class LiveDaemon:
+    """``esper-telemetryd`` on random loopback ports; ``endpoint`` for collectors, ``url`` for /metrics."""
+
+    def __init__(self, log_path: Path, *args: str, web_port: int = 0) -> None:
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*command(), "--zmq.listen-address=tcp://127.0.0.1:*", f"--web.listen-address=127.0.0.1:{web_port}",
+                 "--shutdown.timeout-seconds=2", *args],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        m = None
+        while m is None:
+            m = re.search(r"zmq=(\S+) web=(\S+)", log_path.read_text(errors="replace"))
+            if m is None:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"esper-telemetryd did not start:\n{self.log()}")
+                time.sleep(0.05)
+        self.endpoint = m.group(1).split(",")[0]
+        self.web = f"http://{m.group(2)}"
+        self.url = f"{self.web}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def scrape(self) -> Samples:
+        status, body, _ = http_get(self.url)
+        assert status == 200, f"/metrics answered {status}; daemon log:\n{self.log()}"
+        return parse(body)
+
+    def scrape_until(self, ok: Callable[[Samples], bool], what: str, timeout_s: float = 10.0) -> Samples:
+        """Scrape until ``ok(samples)``; fails after ``timeout_s`` saying ``what`` was awaited."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            samples = self.scrape()
+            if ok(samples):
+                return samples
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last scrape: "
+                                     f"{ {k: v for k, v in samples.items() if k[0].startswith('esper_') and 'daemon' not in k[0]} }")
+            time.sleep(0.02)
+
+    def stop(self) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
