@@ -1,8 +1,8 @@
-"""``esper-telemetry``: the training-side command line: ``demo`` and ``top``.
+"""``esper-telemetry``: the training-side command line: ``demo``, ``top`` and ``keygen``.
 
 Exit status: 0 on success, 1 when the demo fails or its extra is not installed, or when
 ``top --once`` cannot read the daemon (one line on stderr says why), 2 for a usage error
-(and ``top`` without a terminal), 130 when the demo is interrupted. Starting the CLI imports
+(and ``top`` without a terminal), 1 when ``keygen`` cannot write its files, 130 when the demo is interrupted. Starting the CLI imports
 no torch: ``demo`` imports it when it runs, ``top`` never does.
 """
 
@@ -57,7 +57,28 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between scrapes (default: %(default)s)")
     top.add_argument("--once", action="store_true",
                      help="print one table without colours and exit (scripts, CI logs)")
+    keygen = sub.add_parser(
+        "keygen", help="write a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)",
+        description="Write a ZeroMQ CURVE key pair as certificate files: DIR/NAME.key holds the "
+                    "public key (give it to the other side: a client's goes in the daemon's "
+                    "--zmq.curve.authorized-keys-dir, the daemon's to every collector), "
+                    "DIR/NAME.key_secret the secret key, mode 0600 (keep it). Existing files are "
+                    "never overwritten.")
+    keygen.add_argument("directory", metavar="DIR", help="an existing directory")
+    keygen.add_argument("name", metavar="NAME", help="the files' name, e.g. the host or 'daemon'")
     return parser
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .curve import keygen
+
+    try:
+        public, secret = keygen(args.directory, args.name)
+    except (OSError, ValueError) as exc:
+        print(f"esper-telemetry keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    return 0
 
 
 def _top(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -78,6 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "top":
         return _top(parser, args)
+    if args.command == "keygen":
+        return _keygen(args)
     if args.steps < 1:
         _parser().error(f"--steps must be >= 1, got {args.steps}")
     # The demo runs a daemon and a training loop: without either side's extra, say which

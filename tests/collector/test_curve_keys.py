@@ -1,0 +1,84 @@
+"""CURVE key files: ``esper-telemetry keygen`` and reading keys at attach."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from esper_telemetry.collector.curve import keygen, load_client_keys
+
+SCRIPT = Path(sys.executable).with_name("esper-telemetry")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_keygen_command_writes_a_pair_with_a_private_secret(tmp_path) -> None:
+    result = subprocess.run([str(SCRIPT), "keygen", str(tmp_path), "rank0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    public, secret = tmp_path / "rank0.key", tmp_path / "rank0.key_secret"
+    assert mode(secret) == 0o600 and mode(public) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.key", "rank0.key_secret"]
+    pub, none = zmq.auth.load_certificate(str(public))
+    pub2, sec = zmq.auth.load_certificate(str(secret))
+    assert none is None and pub == pub2 and len(sec) == 40
+    assert zmq.curve_public(sec) == pub   # the pair belongs together
+
+
+def test_keygen_never_overwrites_and_says_so_in_one_line(tmp_path) -> None:
+    keygen(tmp_path, "d")
+    before = (tmp_path / "d.key_secret").read_bytes()
+    result = subprocess.run([str(SCRIPT), "keygen", str(tmp_path), "d"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "not overwriting" in result.stderr
+    assert (tmp_path / "d.key_secret").read_bytes() == before
+
+
+def test_keygen_secret_is_never_readable_by_others_even_with_a_lax_umask(tmp_path) -> None:
+    old = os.umask(0)
+    try:
+        _, secret = keygen(tmp_path, "lax")
+    finally:
+        os.umask(old)
+    assert mode(secret) == 0o600
+
+
+def test_client_keys_are_read_from_certificate_files(tmp_path) -> None:
+    server_public, _ = keygen(tmp_path, "server")
+    _, client_secret = keygen(tmp_path, "client")
+    keys = load_client_keys(server_public, client_secret)
+    assert keys is not None
+    assert keys.server_public == zmq.auth.load_certificate(str(server_public))[0]
+    assert zmq.curve_public(keys.client_secret) == keys.client_public
+    assert load_client_keys(None, None) is None
+
+
+@pytest.mark.parametrize("case, match", [
+    ("only_server", "client_secret_key_file is missing"),
+    ("missing_file", "server_public_key_file='.*nope.key': cannot read"),
+    ("public_as_secret", "client_secret_key_file=.* holds no secret key"),
+    ("not_a_certificate", "client_secret_key_file=.*cannot read"),
+])
+def test_bad_key_files_are_clear_errors_naming_the_argument(tmp_path, case, match) -> None:
+    server_public, _ = keygen(tmp_path, "server")
+    client_public, client_secret = keygen(tmp_path, "client")
+    junk = tmp_path / "junk"
+    junk.write_text("hello\n")
+    args = {
+        "only_server": (server_public, None),
+        "missing_file": (tmp_path / "nope.key", client_secret),
+        "public_as_secret": (server_public, client_public),
+        "not_a_certificate": (server_public, junk),
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        load_client_keys(*args)
