@@ -3,8 +3,16 @@
 Semantics (docs/daemon.md has the operator's version):
 
 - A run exists from its first accepted event until every rank it has heard from said
-  goodbye (ended at once) or until it has been quiet for the TTL (expired). Its counters
-  only go up while it lives; a run that comes back starts again from zero.
+  goodbye (ended) or until it has been quiet for the TTL (expired). An ended run is kept,
+  as it was, for the ended-retention time (so its final values reach a scrape), marked
+  ended; an expired one goes at once. Its counters only go up while it lives; a run that
+  comes back (any event but a goodbye, also during the retention) starts again from zero.
+- Admission: when the run table is full, a new run takes the place of, in this order, the
+  ended run that ended first, the longest-idle run that never sent norms, or the
+  longest-idle run with norms once it has been idle for ``evict_after_s``; each counted in
+  ``DaemonStats.evicted`` by that reason. Only when none of them exists is the new run
+  refused (``overflow["runs"]``): a flood of junk run names cannot lock out a collector
+  that arrives later, nor push out a run that is still sending.
 - Replicated groups (``sharded`` false) take the capture of the highest step, whichever rank
   sent it (a rank going back to a lower step is that rank restarting, and is taken).
 - Sharded groups: a step's sums of squares are added over ranks (``shards.py``) and
@@ -32,7 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict, deque
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from esper_telemetry.events import (
     DeviceMismatch,
@@ -65,6 +74,8 @@ class Limits:
     max_ranks_per_run: int
     ttl_s: float
     shard_window_s: float
+    ended_retention_s: float  # how long an ended run stays exported; 0: gone at once
+    evict_after_s: float  # idle time after which a run with norms may give way to a new one
 
 
 class _Group:
@@ -88,7 +99,7 @@ class _Group:
 class _Run:
     __slots__ = ("groups", "ranks", "max_rank", "world_size", "last_seen", "captures",
                  "last_step", "last_rank", "last_time", "dropped", "dropped_by_rank", "mismatch",
-                 "shards")
+                 "shards", "ended_at")
 
     def __init__(self, now: float, shard_window_s: float) -> None:
         self.groups: Dict[str, _Group] = {}
@@ -104,6 +115,7 @@ class _Run:
         self.dropped_by_rank: Dict[int, int] = {}  # latest cumulative count per rank
         self.mismatch: Dict[str, int] = {}
         self.shards = StepAssembly(shard_window_s)
+        self.ended_at: Optional[float] = None  # when the last rank said goodbye
 
 
 class Aggregator:
@@ -119,6 +131,14 @@ class Aggregator:
         self._stats = stats
         self._log = logger
         self._runs: Dict[str, _Run] = {}
+        # Admission's candidates, oldest first. Runs that never sent norms, reordered each
+        # time one is heard from; ended runs in the order they ended; runs with norms idle
+        # for evict_after_s as of the latest scan (runs that cross the line later are all
+        # younger, so the order holds; each is checked again when its turn comes).
+        self._no_norms: "OrderedDict[str, None]" = OrderedDict()
+        self._ended: "OrderedDict[str, float]" = OrderedDict()
+        self._idle: Deque[Tuple[float, str]] = deque()
+        self._idle_scanned = float("nan")
         self._now = float("-inf")  # the latest time given to apply or tick
         self._handlers: Dict[type, Callable[[Event], None]] = {
             Norms: self._norms,  # type: ignore[dict-item]
@@ -150,10 +170,21 @@ class Aggregator:
     def tick(self, now: float) -> None:
         """Expire quiet runs and ranks, and give up sharded steps past the window."""
         self._now = now
+        ended = self._ended
+        kept_until = now - self._limits.ended_retention_s
+        while ended:
+            name, ended_at = next(iter(ended.items()))
+            if ended_at > kept_until:
+                break
+            del ended[name]
+            del self._runs[name]
         cutoff = now - self._limits.ttl_s
         for name, run in list(self._runs.items()):
+            if run.ended_at is not None:
+                continue
             if run.last_seen < cutoff:
                 del self._runs[name]
+                self._no_norms.pop(name, None)
                 self._stats.expired_runs += 1
                 self._log.info("run expired after %gs without events: %s",
                                self._limits.ttl_s, name)
@@ -170,11 +201,19 @@ class Aggregator:
         """The run, created if there is room, with ``rank`` marked as heard; None if refused."""
         run = self._runs.get(name)
         now = self._now
+        if run is not None and run.ended_at is not None:
+            # Heard from again after it ended: a new run under the same name, from zero.
+            del self._runs[name]
+            del self._ended[name]
+            run = None
         if run is None:
-            if len(self._runs) >= self._limits.max_runs:
+            if len(self._runs) >= self._limits.max_runs and not self._make_room():
                 self._stats.overflow["runs"] += 1
                 return None
             run = self._runs[name] = _Run(now, self._limits.shard_window_s)
+            self._no_norms[name] = None
+        elif not run.captures:
+            self._no_norms.move_to_end(name)
         ranks = run.ranks
         if rank not in ranks:
             if len(ranks) >= self._limits.max_ranks_per_run:
@@ -185,6 +224,41 @@ class Aggregator:
         ranks[rank] = now
         run.last_seen = now
         return run
+
+    def _make_room(self) -> bool:
+        """Evict the first admission candidate (see the module's docstring); False if none."""
+        evicted = self._stats.evicted
+        if self._ended:
+            name, _ = self._ended.popitem(last=False)
+            del self._runs[name]
+            evicted["ended"] += 1
+            return True
+        if self._no_norms:
+            name, _ = self._no_norms.popitem(last=False)
+            del self._runs[name]
+            evicted["no_captures"] += 1
+            self._log.debug("run evicted, table full and no norms from it: %s", name)
+            return True
+        now = self._now
+        cutoff = now - self._limits.evict_after_s
+        idle = self._idle
+        while True:
+            while idle:
+                last_seen, name = idle.popleft()
+                run = self._runs.get(name)
+                if run is not None and run.last_seen == last_seen and last_seen <= cutoff:
+                    del self._runs[name]
+                    evicted["idle"] += 1
+                    self._log.debug("run evicted, table full and idle for %gs: %s",
+                                    now - last_seen, name)
+                    return True
+            if self._idle_scanned == now:
+                return False
+            # At most one scan per ``now`` (the pump gives a whole turn one ``now``), so a
+            # flood that is refused costs one pass over the table per turn, not per event.
+            self._idle_scanned = now
+            idle.extend(sorted((run.last_seen, name) for name, run in self._runs.items()
+                               if run.last_seen <= cutoff))
 
     def _group(self, run: _Run, name: str) -> Optional[_Group]:
         group = run.groups.get(name)
@@ -208,6 +282,8 @@ class Aggregator:
             run = self._run(run_name, rank)
             if run is None:
                 return
+        if not run.captures:
+            self._no_norms.pop(run_name, None)
         run.captures += 1
         if step >= run.last_step or rank == run.last_rank:
             run.last_step = step
@@ -321,13 +397,18 @@ class Aggregator:
 
     def _goodbye(self, ev: Goodbye) -> None:
         run = self._runs.get(ev.run)
-        if run is None:
+        if run is None or run.ended_at is not None:
             return
         run.ranks.pop(ev.rank, None)
         if not run.ranks:
-            del self._runs[ev.run]
             self._stats.ended_runs += 1
             self._log.info("run ended (every rank said goodbye): %s", ev.run)
+            self._no_norms.pop(ev.run, None)
+            if self._limits.ended_retention_s > 0:
+                run.ended_at = self._now
+                self._ended[ev.run] = self._now
+            else:
+                del self._runs[ev.run]
 
     # --- reading -------------------------------------------------------------------------
 
@@ -352,10 +433,10 @@ class Aggregator:
             collectors = sum(1 for t in run.ranks.values() if t >= cutoff)
             runs.append(RunSnapshot(name, run.captures, run.last_step, run.last_time,
                                     collectors, run.dropped, run.shards.incomplete,
-                                    dict(run.mismatch), groups))
+                                    dict(run.mismatch), groups, run.ended_at is not None))
         s = self._stats
         return Snapshot(tuple(runs), s.messages, s.events, dict(s.rejected), dict(s.overflow),
-                        s.expired_runs, s.ended_runs)
+                        s.expired_runs, s.ended_runs, evicted=dict(s.evicted))
 
 
 def _bump(counts: Dict[str, int], key: str) -> bool:

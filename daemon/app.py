@@ -54,7 +54,9 @@ def limits(config: Config) -> Limits:
     """The aggregator's caps and windows, from the configuration."""
     return Limits(max_runs=config.max_runs, max_groups_per_run=config.max_groups_per_run,
                   max_ranks_per_run=config.max_ranks_per_run, ttl_s=config.run_ttl_s,
-                  shard_window_s=config.shard_window_s)
+                  shard_window_s=config.shard_window_s,
+                  ended_retention_s=config.run_ended_retention_s,
+                  evict_after_s=config.run_evict_after_s)
 
 
 class Pump:

@@ -113,10 +113,25 @@ class Config:
         number(minimum=0.001), metavar="SECONDS", unit="seconds",
         help="a run with no event for this long is dropped (and a rank no longer counts as "
              "a collector)")
+    run_ended_retention_s: float = setting(
+        "--run.ended-retention-seconds", d.ENV_RUN_ENDED_RETENTION_SECONDS,
+        d.DEFAULT_RUN_ENDED_RETENTION_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        unit="seconds",
+        help="a run whose every rank said goodbye stays exported this long, as it ended "
+             "(`esper_run_ended` 1), so its final values reach a scrape; 0 drops it at once")
+    run_evict_after_s: float = setting(
+        "--run.evict-after-seconds", d.ENV_RUN_EVICT_AFTER_SECONDS,
+        d.DEFAULT_RUN_EVICT_AFTER_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        unit="seconds",
+        help="with the run table full, a new run takes the place of an ended run, else of "
+             "the longest-idle run that never sent norms, else of the longest-idle run "
+             "idle this long; 0: of the longest-idle run")
     max_runs: int = setting(
         "--limits.max-runs", d.ENV_MAX_RUNS, d.DEFAULT_MAX_RUNS, _counts, metavar="N",
         unit="runs",
-        help="runs held at once; events of further runs are dropped and counted")
+        help="runs held at once (ended runs kept included); a new run beyond it takes an "
+             "idle run's place (`--run.evict-after-seconds`), or its events are dropped and "
+             "counted")
     max_groups_per_run: int = setting(
         "--limits.max-groups-per-run", d.ENV_MAX_GROUPS_PER_RUN, d.DEFAULT_MAX_GROUPS_PER_RUN,
         _counts, metavar="N", unit="groups",

@@ -26,6 +26,7 @@ from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, Snapshot
+from .stats import EVICT_REASONS
 
 __all__ = ["EsperCollector", "scrape_registry", "process_registry", "VIOLATION_KINDS",
            "MISMATCH_KINDS"]
@@ -63,6 +64,11 @@ class EsperCollector(Collector):
             "esper_group_stale",
             "1 while the collector reports it can no longer follow the group (its module or "
             "parameters left the model) and its numbers are not exported, else 0.",
+            labels=rg)
+        group_step = GaugeMetricFamily(
+            "esper_group_last_step",
+            "Training step of the group's latest capture (sharded groups: of the latest "
+            "complete step); pairs esper_grad_norm with a step. Absent before the first.",
             labels=rg)
         params = GaugeMetricFamily(
             "esper_group_parameters", "Scalar parameters in the group.", labels=rg)
@@ -107,6 +113,10 @@ class EsperCollector(Collector):
             "esper_collector_dropped_events",
             "Events the run's collectors dropped before sending (full queue or socket), as "
             "their heartbeats report, summed over ranks.", labels=["run"])
+        ended = GaugeMetricFamily(
+            "esper_run_ended",
+            "1 while the run is kept after every rank said goodbye (its final values, for "
+            "the ended-retention time), 0 while it is live.", labels=["run"])
         incomplete = CounterMetricFamily(
             "esper_daemon_incomplete_steps",
             "Sharded steps given up because not every rank reported within the shard window.",
@@ -134,6 +144,8 @@ class EsperCollector(Collector):
                 for kind, n in g.violations.items():
                     violations.add_metric([r, g.name, kind], n)
                 stale.add_metric(labels, 1 if g.stale else 0)
+                if g.captured and g.step >= 0:
+                    group_step.add_metric(labels, g.step)
                 if g.captured and not g.stale:
                     if g.sq is None:
                         has_grad.add_metric(labels, 0)
@@ -158,9 +170,11 @@ class EsperCollector(Collector):
             collectors.add_metric(run_l, run.collectors)
             dropped.add_metric(run_l, run.dropped)
             incomplete.add_metric(run_l, run.incomplete_steps)
+            ended.add_metric(run_l, 1 if run.ended else 0)
 
-        yield from (grad_norm, has_grad, stale, params, ratio, nonfinite, violations, iso_ok,
-                    mismatch, captures, last_step, last_ts, collectors, dropped, incomplete)
+        yield from (grad_norm, has_grad, group_step, stale, params, ratio, nonfinite, violations, iso_ok,
+                    mismatch, captures, last_step, last_ts, collectors, dropped, incomplete,
+                    ended)
         yield from _self_metrics(snap)
 
 
@@ -184,7 +198,16 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     for what, n in snap.overflow.items():
         overflow.add_metric([what], n)
     yield overflow
-    yield GaugeMetricFamily("esper_daemon_runs", "Runs held.", value=len(snap.runs))
+    yield GaugeMetricFamily("esper_daemon_runs", "Runs held, ended runs kept included.",
+                            value=len(snap.runs))
+    evicted = CounterMetricFamily(
+        "esper_daemon_runs_evicted",
+        "Runs removed from the full run table to admit a new run, by reason: ended (kept "
+        "after its goodbye), no_captures (never sent norms), idle (no event for "
+        "--run.evict-after-seconds).", labels=["reason"])
+    for reason in EVICT_REASONS:
+        evicted.add_metric([reason], (snap.evicted or {}).get(reason, 0))
+    yield evicted
     yield CounterMetricFamily(
         "esper_daemon_expired_runs", "Runs dropped after the TTL without events.",
         value=snap.expired_runs)

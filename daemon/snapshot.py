@@ -36,6 +36,7 @@ class RunSnapshot(NamedTuple):
     incomplete_steps: int
     device_mismatch: Dict[str, int]
     groups: Tuple[GroupSnapshot, ...]
+    ended: bool = False  # every rank said goodbye; kept for the ended-retention time
 
 
 class Snapshot(NamedTuple):
@@ -48,3 +49,4 @@ class Snapshot(NamedTuple):
     ended_runs: int
     queue_length: Optional[int] = None  # None: not known (an aggregator on its own)
     queue_capacity: Optional[int] = None
+    evicted: Optional[Dict[str, int]] = None  # runs that made room for a new one, by reason

@@ -11,7 +11,7 @@ from typing import Dict
 
 from esper_telemetry.codec import REASONS
 
-__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS"]
+__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS"]
 
 # Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
 # receiver-to-aggregator queue had no room for the message's events) and "internal" (a
@@ -22,11 +22,16 @@ REJECT_REASONS = tuple(REASONS) + ("queue_full", "internal")
 # value (violation or device-mismatch kind), a sharded step awaiting its ranks.
 OVERFLOW_KINDS = ("runs", "groups", "ranks", "label_values", "pending_steps")
 
+# Why a run left the full run table to make room for a new one: it had ended (and was
+# kept for the ended-retention time), it never sent norms, it was idle past the limit.
+EVICT_REASONS = ("ended", "no_captures", "idle")
+
 
 class DaemonStats:
     """Counters for the daemon's own health; each only goes up."""
 
-    __slots__ = ("messages", "events", "rejected", "overflow", "expired_runs", "ended_runs")
+    __slots__ = ("messages", "events", "rejected", "overflow", "expired_runs", "ended_runs",
+                 "evicted")
 
     def __init__(self) -> None:
         self.messages = 0  # ZeroMQ frames received, good or bad
@@ -35,6 +40,7 @@ class DaemonStats:
         self.overflow: Dict[str, int] = dict.fromkeys(OVERFLOW_KINDS, 0)
         self.expired_runs = 0  # runs dropped after the TTL
         self.ended_runs = 0  # runs ended by every rank's goodbye
+        self.evicted: Dict[str, int] = dict.fromkeys(EVICT_REASONS, 0)  # in runs
 
     def copy(self) -> "DaemonStats":
         """A detached copy for a scrape snapshot."""
@@ -45,4 +51,5 @@ class DaemonStats:
         other.overflow = dict(self.overflow)
         other.expired_runs = self.expired_runs
         other.ended_runs = self.ended_runs
+        other.evicted = dict(self.evicted)
         return other

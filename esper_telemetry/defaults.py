@@ -22,6 +22,8 @@ __all__ = [
     "ENV_WEB_LISTEN_ADDRESS",
     "ENV_WEB_TELEMETRY_PATH",
     "ENV_RUN_TTL_SECONDS",
+    "ENV_RUN_ENDED_RETENTION_SECONDS",
+    "ENV_RUN_EVICT_AFTER_SECONDS",
     "ENV_MAX_RUNS",
     "ENV_MAX_GROUPS_PER_RUN",
     "ENV_MAX_RANKS_PER_RUN",
@@ -33,6 +35,8 @@ __all__ = [
     "ENV_SHUTDOWN_LINGER_SECONDS",
     "DEFAULT_WEB_TELEMETRY_PATH",
     "DEFAULT_RUN_TTL_SECONDS",
+    "DEFAULT_RUN_ENDED_RETENTION_SECONDS",
+    "DEFAULT_RUN_EVICT_AFTER_SECONDS",
     "DEFAULT_MAX_RUNS",
     "DEFAULT_MAX_GROUPS_PER_RUN",
     "DEFAULT_MAX_RANKS_PER_RUN",
@@ -65,6 +69,8 @@ ENV_ZMQ_LISTEN_ADDRESS = "ESPER_ZMQ_LISTEN_ADDRESS"
 ENV_WEB_LISTEN_ADDRESS = "ESPER_WEB_LISTEN_ADDRESS"
 ENV_WEB_TELEMETRY_PATH = "ESPER_WEB_TELEMETRY_PATH"
 ENV_RUN_TTL_SECONDS = "ESPER_RUN_TTL_SECONDS"
+ENV_RUN_ENDED_RETENTION_SECONDS = "ESPER_RUN_ENDED_RETENTION_SECONDS"
+ENV_RUN_EVICT_AFTER_SECONDS = "ESPER_RUN_EVICT_AFTER_SECONDS"
 ENV_MAX_RUNS = "ESPER_LIMITS_MAX_RUNS"
 ENV_MAX_GROUPS_PER_RUN = "ESPER_LIMITS_MAX_GROUPS_PER_RUN"
 ENV_MAX_RANKS_PER_RUN = "ESPER_LIMITS_MAX_RANKS_PER_RUN"
@@ -80,6 +86,12 @@ DEFAULT_WEB_TELEMETRY_PATH = "/metrics"
 # A run with no event for this long is dropped from the exposition. Collectors send a
 # heartbeat every few seconds, so only a dead or disconnected job goes this quiet.
 DEFAULT_RUN_TTL_SECONDS = 300.0
+# A run whose every rank said goodbye stays exported this long (marked ended), so a short
+# job's final values reach a scrape; 0 drops it at once.
+DEFAULT_RUN_ENDED_RETENTION_SECONDS = 300.0
+# With the run table full, a run that sent norms gives way to a new run only once it has
+# been this long without an event (twelve of the collector's 5 s heartbeats).
+DEFAULT_RUN_EVICT_AFTER_SECONDS = 60.0
 DEFAULT_MAX_RUNS = 100
 DEFAULT_MAX_GROUPS_PER_RUN = 128
 DEFAULT_MAX_RANKS_PER_RUN = 4096

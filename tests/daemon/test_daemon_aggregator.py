@@ -188,7 +188,7 @@ def test_a_run_that_comes_back_after_expiry_starts_from_zero(make_agg, clock):
 
 
 def test_goodbye_ends_the_run_when_its_last_rank_says_goodbye(make_agg, clock):
-    agg, stats = make_agg()
+    agg, stats = make_agg(ended_retention_s=0.0)  # kept for a while: test_daemon_runs.py
     agg.apply_batch([host_seed(rank=0), host_seed(rank=1)], clock())
     agg.apply_batch([goodbye(rank=0)], clock())
     assert run_of(agg).collectors == 1

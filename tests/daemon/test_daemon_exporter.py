@@ -110,7 +110,7 @@ def test_self_metrics_are_precreated_at_zero_for_every_reason(make_agg, clock):
 
 
 def test_ended_and_expired_runs_vanish_from_the_exposition(make_agg, clock):
-    agg, _ = make_agg(ttl_s=10.0)
+    agg, _ = make_agg(ttl_s=10.0, ended_retention_s=5.0)
     agg.apply_batch([host_seed(run="ends"), host_seed(run="expires")], clock())
     assert get(expose(agg), "esper_grad_norm", run="expires", group="host") == 4.0
     agg.apply_batch([goodbye(run="ends")], clock())
