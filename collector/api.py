@@ -35,6 +35,8 @@ def attach(
     heartbeat_s: float = 5.0,
     queue_size: int = 4096,
     close_timeout_s: float = 2.0,
+    server_public_key_file: Optional[str] = None,
+    client_secret_key_file: Optional[str] = None,
 ) -> Telemetry:
     """Watch the gradients of a host, its seeds and any further named parameter groups.
 
@@ -54,6 +56,13 @@ def attach(
     addresses from a table (when Triton is installed), and ``cuda_graphs`` replays the pass
     as a CUDA graph; turn either off to fall back to ``torch._foreach_norm``.
 
+    ``server_public_key_file`` (the daemon's ``.key`` certificate) and
+    ``client_secret_key_file`` (this collector's ``.key_secret``; ``esper-telemetry keygen``
+    writes both kinds) turn on CURVE: encrypted, and admitted only by a daemon that knows
+    this collector's public key. Also ``ESPER_TELEMETRY_SERVER_PUBLIC_KEY_FILE`` and
+    ``ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE``. A collector the daemon refuses never
+    blocks training: its events are dropped and counted, as with no daemon.
+
     Raises ``TypeError``/``ValueError`` naming the argument on misuse, before any thread,
     socket or hook exists; never afterwards (see ``esper_telemetry.collector.options``).
     """
@@ -64,6 +73,7 @@ def attach(
         shared_device=shared_device, optimizer=optimizer, every=every, scaler=scaler,
         isolation_threshold=isolation_threshold, structural=watched, cuda_graphs=cuda_graphs,
         pointer_tables=pointer_tables, heartbeat_s=heartbeat_s, queue_size=queue_size,
-        close_timeout_s=close_timeout_s,
+        close_timeout_s=close_timeout_s, server_public_key_file=server_public_key_file,
+        client_secret_key_file=client_secret_key_file,
     )
     return Telemetry(specs, options)

@@ -18,6 +18,8 @@ import torch
 from esper_telemetry import defaults
 from esper_telemetry.endpoints import check_endpoint
 
+from .curve import CurveKeys, load_client_keys
+
 __all__ = ["Options", "make_options"]
 
 
@@ -39,13 +41,16 @@ class Options(NamedTuple):
     heartbeat_s: float
     queue_size: int
     close_timeout_s: float
+    curve: Optional[CurveKeys] = None  # CURVE keys for the socket; None: plain ZeroMQ
 
 
 def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[int],
                  world_size: Optional[int], sharded: Optional[bool],
                  shared_device: Union[str, torch.device], optimizer: Any, every: int, scaler: Any,
                  isolation_threshold: float, structural: Tuple[str, ...], cuda_graphs: bool, pointer_tables: bool,
-                 heartbeat_s: float, queue_size: int, close_timeout_s: float) -> Options:
+                 heartbeat_s: float, queue_size: int, close_timeout_s: float,
+                 server_public_key_file: Optional[str] = None,
+                 client_secret_key_file: Optional[str] = None) -> Options:
     """Check and normalize ``attach``'s settings; ``TypeError``/``ValueError`` name the argument."""
     _integer("every", every, minimum=1)
     _integer("queue_size", queue_size, minimum=1)
@@ -76,6 +81,8 @@ def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where} {exc}") from None
 
+    curve = _curve_keys(server_public_key_file, client_secret_key_file)
+
     dist_rank, dist_world = _distributed()
     rank = dist_rank if rank is None else rank
     world_size = dist_world if world_size is None else world_size
@@ -88,7 +95,23 @@ def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[
         raise ValueError(f"run id of {len(run)} characters; the wire carries at most {defaults.MAX_STRING_CHARS}")
     return Options(run, endpoint, rank, world_size, sharded, optimizer, every, scaler,
                    float(isolation_threshold), tuple(structural), bool(cuda_graphs), bool(pointer_tables),
-                   float(heartbeat_s), queue_size, float(close_timeout_s))
+                   float(heartbeat_s), queue_size, float(close_timeout_s), curve)
+
+
+def _curve_keys(server_public: Optional[str], client_secret: Optional[str]) -> Optional[CurveKeys]:
+    """Both key files (argument, else variable), read now: an unreadable one fails attach."""
+    paths = []
+    for argument, env, value in (("server_public_key_file=", defaults.ENV_SERVER_PUBLIC_KEY_FILE, server_public),
+                                 ("client_secret_key_file=", defaults.ENV_CLIENT_SECRET_KEY_FILE, client_secret)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{argument} takes a file path, got {type(value).__name__}")
+        found, source = defaults.lookup(env, "", None if value is None else os.fspath(value))
+        paths.append((found or None, env if source == "environment" else argument))
+    try:
+        return load_client_keys(paths[0][0], paths[1][0])
+    except ValueError as exc:
+        named = [where for (path, where) in paths if path is not None and where.startswith("ESPER_")]
+        raise ValueError(f"{exc}" + (f" (from {', '.join(named)})" if named else "")) from None
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:

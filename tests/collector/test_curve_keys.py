@@ -82,3 +82,25 @@ def test_bad_key_files_are_clear_errors_naming_the_argument(tmp_path, case, matc
     }[case]
     with pytest.raises(ValueError, match=match):
         load_client_keys(*args)
+
+
+def test_attach_refuses_unreadable_keys_before_starting_anything(tmp_path, thread_names,
+                                                                 monkeypatch) -> None:
+    import torch.nn as nn
+
+    import esper_telemetry as et
+
+    server_public, _ = keygen(tmp_path, "server")
+    before = thread_names()
+    with pytest.raises(ValueError, match="client_secret_key_file is missing"):
+        et.attach(groups={"g": nn.Linear(1, 1)}, endpoint="tcp://127.0.0.1:9",
+                  server_public_key_file=str(server_public))
+    monkeypatch.setenv("ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE", str(tmp_path / "gone.key_secret"))
+    with pytest.raises(ValueError, match="client_secret_key_file=.*gone.key_secret.*"
+                                         r"\(from ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE\)"):
+        et.attach(groups={"g": nn.Linear(1, 1)}, endpoint="tcp://127.0.0.1:9",
+                  server_public_key_file=str(server_public))
+    with pytest.raises(TypeError, match="server_public_key_file= takes a file path"):
+        et.attach(groups={"g": nn.Linear(1, 1)}, endpoint="tcp://127.0.0.1:9",
+                  server_public_key_file=b"bytes")
+    assert thread_names() == before
