@@ -268,7 +268,8 @@ def promql_metric_names(expr: str) -> Set[str]:
 
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h",
-    "${run}": ".+", "$run": ".+",
+    "${run}": ".+", "$run": ".+", "${group}": ".+", "$group": ".+",
+    "${job}": "esper-telemetryd", "$job": "esper-telemetryd",
 }
 
 
