@@ -53,6 +53,7 @@ from esper_telemetry.events import (
     Norms,
 )
 
+from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DaemonStats
@@ -148,6 +149,9 @@ class Aggregator:
             DeviceMismatch: self._mismatch,  # type: ignore[dict-item]
             Goodbye: self._goodbye,  # type: ignore[dict-item]
         }
+        # Loss accounting (sequence.py): message numbers per run and rank, for held runs.
+        self.sequences = Sequences(lambda run: run in self._runs, limits.max_runs,
+                                   limits.max_ranks_per_run)
 
     # --- input: events and time ----------------------------------------------------------
 
@@ -166,6 +170,7 @@ class Aggregator:
         handlers = self._handlers
         for event in events:
             handlers[type(event)](event)
+        self.sequences.observe(events)  # loss accounting, after the run was admitted
 
     def tick(self, now: float) -> None:
         """Expire quiet runs and ranks, and give up sharded steps past the window."""
@@ -274,7 +279,7 @@ class Aggregator:
     def _norms(self, ev: Norms) -> None:
         # The hot path: tuple unpacking instead of attribute access, and the common case
         # (a known run and rank) inline rather than through _run().
-        run_name, rank, time_, step, _skipped, group_norms = ev
+        run_name, rank, time_, step, _skipped, group_norms, _seq = ev
         run = self._runs.get(run_name)
         if run is not None and rank in run.ranks:
             run.ranks[rank] = run.last_seen = self._now
@@ -436,7 +441,9 @@ class Aggregator:
                                     dict(run.mismatch), groups, run.ended_at is not None))
         s = self._stats
         return Snapshot(tuple(runs), s.messages, s.events, dict(s.rejected), dict(s.overflow),
-                        s.expired_runs, s.ended_runs, evicted=dict(s.evicted))
+                        s.expired_runs, s.ended_runs, evicted=dict(s.evicted),
+                        messages_lost=self.sequences.lost(),  # loss accounting
+                        unsequenced_messages=self.sequences.unsequenced)
 
 
 def _bump(counts: Dict[str, int], key: str) -> bool:

@@ -176,6 +176,28 @@ class EsperCollector(Collector):
                     mismatch, captures, last_step, last_ts, collectors, dropped, incomplete,
                     ended)
         yield from _self_metrics(snap)
+        yield from _loss_metrics(snap)
+
+
+def _loss_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Loss accounting (daemon/sequence.py): gaps in the collectors' message numbers."""
+    if snap.messages_lost is not None:
+        lost = CounterMetricFamily(
+            "esper_messages_lost",
+            "Messages of the collector (run, rank) that never reached the aggregator, "
+            "counted from the gaps in its message numbers, whatever the cause (a reconnect, "
+            "an oversize frame, a full queue, a rejected message). Counted from the first "
+            "message this daemon process saw from it.", labels=["run", "rank"])
+        held = {run.name for run in snap.runs}
+        for (run, rank), n in sorted(snap.messages_lost.items()):
+            if run in held:
+                lost.add_metric([run, str(rank)], n)
+        yield lost
+    if snap.unsequenced_messages is not None:
+        yield CounterMetricFamily(
+            "esper_daemon_unsequenced_messages",
+            "Messages applied that carried no message number (schema 1 senders): their "
+            "losses cannot be counted.", value=snap.unsequenced_messages)
 
 
 def _self_metrics(snap: Snapshot) -> Iterator[Metric]:

@@ -50,3 +50,7 @@ class Snapshot(NamedTuple):
     queue_length: Optional[int] = None  # None: not known (an aggregator on its own)
     queue_capacity: Optional[int] = None
     evicted: Optional[Dict[str, int]] = None  # runs that made room for a new one, by reason
+    # Loss accounting (sequence.py): messages lost per (run, rank) of the runs held,
+    # and messages that carried no number (schema 1 senders).
+    messages_lost: Optional[Dict[Tuple[str, int], int]] = None
+    unsequenced_messages: Optional[int] = None

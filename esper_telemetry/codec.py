@@ -15,6 +15,13 @@ other exception. The reasons:
 - ``"schema"``: an unknown event kind, missing or unknown fields, a wrong type;
 - ``"value"``: a number out of range (non-finite, negative where a count or square is).
 
+Two schema versions are decoded. Version 1 is what senders without message numbers send;
+version 2 adds ``seq``, the number of the carrying message, to every event, and a message
+of version 2 comes from one collector: every event of it carries the same run, rank and
+``seq`` (``"schema"`` otherwise), and a batch never mixes versions (``"version"``).
+``encode`` writes a record whose ``seq`` is ``None`` as version 1 and any other as
+version 2.
+
 One number may be non-finite: a group's sum of squares, +Inf or NaN (never -Inf), and only
 when the same group counts non-finite gradients (``nonfinite > 0``). An exploding gradient
 is reported as what it is; a non-finite sum without that count is a broken sender.
@@ -38,6 +45,7 @@ from .events import (
     KIND_OF,
     ROLES,
     SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
     DeviceMismatch,
     Event,
     GroupDecl,
@@ -54,7 +62,7 @@ __all__ = ["WireError", "encode", "decode", "REASONS"]
 REASONS = ("limit", "malformed", "version", "schema", "value")
 
 _MAX_INT = (1 << 63) - 1
-# Upper bound on any map in a message: the largest event has ten fields.
+# Upper bound on any map in a message: the largest event has eleven keys (seq, v, event).
 _MAX_MAP_LEN = 16
 _MAX_ARRAY_LEN = max(MAX_BATCH_EVENTS, MAX_GROUPS_PER_EVENT, MAX_DEVICES_PER_EVENT)
 
@@ -83,8 +91,12 @@ def _to_wire(event: Event) -> Dict[str, Any]:
     kind = KIND_OF.get(type(event))
     if kind is None:
         raise TypeError(f"not an esper_telemetry event: {type(event).__name__}")
-    wire: Dict[str, Any] = {"v": SCHEMA_VERSION, "event": kind}
-    wire.update(zip(event._fields, event))
+    if event[-1] is None:  # no message number: schema version 1, without the field
+        wire: Dict[str, Any] = {"v": 1, "event": kind}
+        wire.update(zip(event._fields[:-1], event))
+    else:
+        wire = {"v": SCHEMA_VERSION, "event": kind}
+        wire.update(zip(event._fields, event))
     return wire
 
 
@@ -124,7 +136,9 @@ def decode(data: bytes) -> List[Event]:
             raise WireError("malformed", "empty batch")
         if len(obj) > MAX_BATCH_EVENTS:
             raise WireError("limit", f"batch of {len(obj)} events")
-        return [_from_wire(item) for item in obj]
+        events = [_from_wire(item) for item in obj]
+        _one_sender(events)
+        return events
     raise WireError("malformed", f"message is a {type(obj).__name__}, not a map or array")
 
 
@@ -276,10 +290,27 @@ def _devices(value: Any) -> Tuple[str, ...]:
     return tuple(_name(d) for d in _array(value, MAX_DEVICES_PER_EVENT))
 
 
+def _one_sender(events: List[Event]) -> None:
+    """A batch is one version; of version 2, one collector's message: one run, rank, seq."""
+    first = events[0]
+    seq = first[-1]
+    if seq is None:
+        for e in events:
+            if e[-1] is not None:
+                raise WireError("version", "a batch mixes schema versions 1 and 2")
+        return
+    run, rank = first[0], first[1]
+    for e in events:
+        if e[-1] != seq or e[0] != run or e[1] != rank:
+            if e[-1] is None:
+                raise WireError("version", "a batch mixes schema versions 1 and 2")
+            raise WireError("schema", "events of one message differ in run, rank or seq")
+
+
 _Check = Callable[[Any], Any]
 _COMMON: Sequence[Tuple[str, _Check]] = (("run", _name), ("rank", _count), ("time", _time))
 
-_SPECS: Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]] = {
+_SPECS_V1: Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]] = {
     "hello": (Hello, (
         *_COMMON, ("world_size", _positive), ("hostname", _str), ("pid", _count),
         ("library_version", _str), ("torch_version", _str), ("groups", _group_decls),
@@ -300,13 +331,19 @@ _SPECS: Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]] = {
     )),
     "goodbye": (Goodbye, (*_COMMON, ("reason", _str))),
 }
+# Version 2: the same fields, then the carrying message's number.
+_SPECS: Dict[int, Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]]] = {
+    1: _SPECS_V1,
+    2: {kind: (record, (*fields, ("seq", _count))) for kind, (record, fields) in _SPECS_V1.items()},
+}
 
 
 _new_record = tuple.__new__
 _INF = math.inf
 
 
-_NORMS_KEYS = ("v", "event", "run", "rank", "time", "step", "skipped", "groups")
+_NORMS_KEYS = ("v", "event", "run", "rank", "time", "step", "skipped", "groups", "seq")
+_NORMS_KEYS_V1 = _NORMS_KEYS[:-1]
 
 
 def _from_wire(
@@ -314,23 +351,37 @@ def _from_wire(
     # Bound as locals (see _group_norms): this runs once per event received.
     _dict: type = dict, _tuple: type = tuple, _str: type = str, _int: type = int,
     _float: type = float, _bool: type = bool, _keys: tuple = _NORMS_KEYS,
-    _version: int = SCHEMA_VERSION, _maxs: int = MAX_STRING_CHARS, _maxi: int = _MAX_INT,
-    _inf: float = _INF, _norms: type = Norms,
+    _keys_v1: tuple = _NORMS_KEYS_V1, _version: int = SCHEMA_VERSION,
+    _maxs: int = MAX_STRING_CHARS, _maxi: int = _MAX_INT, _inf: float = _INF,
+    _norms: type = Norms,
 ) -> Event:
     # Fast path for the event that dominates the traffic: a Norms map with its keys in the
-    # order ``encode`` writes them. Every test is the same as the field checks'; on any
-    # doubt it falls through to the general path, which raises the precise WireError.
-    if type(obj) is _dict and len(obj) == 8 and _tuple(obj) == _keys:
-        version, event, run, rank, time_, step, skipped, groups = obj.values()
+    # order ``encode`` writes them (either version). Every test is the same as the field
+    # checks'; on any doubt it falls through to the general path, which raises the precise
+    # WireError.
+    if type(obj) is _dict:
+        n = len(obj)
+        if n == 9 and _tuple(obj) == _keys:
+            version, event, run, rank, time_, step, skipped, groups, seq = obj.values()
+            if not (type(seq) is _int and 0 <= seq <= _maxi and version == _version):
+                return _from_wire_checked(obj)
+        elif n == 8 and _tuple(obj) == _keys_v1:
+            version, event, run, rank, time_, step, skipped, groups = obj.values()
+            seq = None
+            if version != 1:
+                return _from_wire_checked(obj)
+        else:
+            return _from_wire_checked(obj)
         if (
-            event == "norms" and type(version) is _int and version == _version
+            event == "norms" and type(version) is _int
             and type(run) is _str and 0 < len(run) <= _maxs
             and type(rank) is _int and 0 <= rank <= _maxi
             and type(time_) is _float and 0.0 <= time_ < _inf
             and type(step) is _int and 0 <= step <= _maxi
             and type(skipped) is _bool
         ):
-            return _new_record(_norms, (run, rank, time_, step, skipped, _group_norms(groups)))
+            return _new_record(_norms, (run, rank, time_, step, skipped, _group_norms(groups),
+                                        seq))
     return _from_wire_checked(obj)
 
 
@@ -338,10 +389,12 @@ def _from_wire_checked(obj: Any) -> Event:
     if type(obj) is not dict:
         raise WireError("malformed", f"an event is a map, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != SCHEMA_VERSION or type(version) is not int:
-        raise WireError("version", f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    if type(version) is not int or version not in SCHEMA_VERSIONS:
+        raise WireError("version", f"schema version {version!r}, expected one of "
+                                   f"{SCHEMA_VERSIONS}")
     kind = obj.get("event")
-    spec = _SPECS.get(kind) if type(kind) is str else None  # a map or array is unhashable
+    specs = _SPECS[version]
+    spec = specs.get(kind) if type(kind) is str else None  # a map or array is unhashable
     if spec is None:
         raise WireError("schema", f"unknown event kind {kind!r}")
     record, fields = spec

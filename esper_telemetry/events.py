@@ -11,6 +11,13 @@ per-rank partials combine by plain summation, and a square root is taken only at
 Schema version 1, as it stands: a ``GroupNorm``'s ``sq`` may be +Inf or NaN when that
 group's ``nonfinite`` count is above 0 (and only then; never -Inf or negative). msgpack
 carries both natively; a sum over ranks that includes one stays +Inf or NaN.
+
+Schema version 2 adds one field to every event, ``seq``: the number of the ZeroMQ message
+that carried it. A collector numbers its messages 0, 1, 2, ... from its ``Hello`` (a
+restarted collector starts again at 0), and every event of one message carries that
+message's number, so the daemon can count the messages that never reached it, whatever
+dropped them. ``seq`` is ``None`` in a record of schema version 1 (a sender without
+message numbers, whose losses nobody can see); the codec writes and reads each version.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SCHEMA_VERSIONS",
     "ROLES",
     "GroupDecl",
     "GroupNorm",
@@ -32,7 +40,9 @@ __all__ = [
     "KIND_OF",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Every version the codec decodes: 1 (no message numbers) and 2 (``seq`` on every event).
+SCHEMA_VERSIONS = (1, 2)
 
 # A group's role: the host network, one of its seeds, or any other named parameter set.
 ROLES = ("host", "seed", "group")
@@ -83,6 +93,7 @@ class Hello(NamedTuple):
     library_version: str
     torch_version: str
     groups: Tuple[GroupDecl, ...]
+    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class Norms(NamedTuple):
@@ -98,6 +109,7 @@ class Norms(NamedTuple):
     step: int
     skipped: bool
     groups: Tuple[GroupNorm, ...]
+    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class DeviceMismatch(NamedTuple):
@@ -116,6 +128,7 @@ class DeviceMismatch(NamedTuple):
     kind: str
     group: str
     devices: Tuple[str, ...]
+    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class IsolationViolation(NamedTuple):
@@ -134,6 +147,7 @@ class IsolationViolation(NamedTuple):
     kind: str
     evidence: str
     value: Optional[float]
+    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class Heartbeat(NamedTuple):
@@ -146,6 +160,7 @@ class Heartbeat(NamedTuple):
     dropped: int
     queue_depth: int
     errors: int
+    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class Goodbye(NamedTuple):
@@ -155,6 +170,7 @@ class Goodbye(NamedTuple):
     rank: int
     time: float
     reason: str
+    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
 
 
 Event = Union[Hello, Norms, DeviceMismatch, IsolationViolation, Heartbeat, Goodbye]

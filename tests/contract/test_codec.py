@@ -1,5 +1,6 @@
-"""The wire contract: every event kind round-trips exactly, every bad message is rejected
-whole with the right ``WireError.reason``.
+"""The wire contract: every event kind round-trips exactly in both schema versions (1:
+no message number, 2: ``seq`` on every event), every bad message is rejected whole with
+the right ``WireError.reason``.
 
 Rejection cases are one table, so the last test can check that the reasons the decoder
 produces are exactly ``esper_telemetry.REASONS``: a reason nobody can trigger, or a
@@ -79,10 +80,13 @@ GOODBYE = Goodbye("run-1", 0, 0.0, "closed")
 UNICODE = Goodbye("ran-\u00e9\u00df-\u65e5\u672c", 5, 5.5, "\U0001f600" * MAX_STRING_CHARS)
 LONGEST = Goodbye("r" * MAX_STRING_CHARS, 0, 1.0, "x" * MAX_STRING_CHARS)
 
-SINGLES = [
+UNNUMBERED = [
     HELLO, HELLO_NO_GROUPS, NORMS, NORMS_SKIPPED, NORMS_NONFINITE, DEVICE, DEVICE_NO_GROUP, VIOLATION,
     VIOLATION_NONE, VIOLATION_NEGATIVE, HEARTBEAT, GOODBYE, UNICODE, LONGEST,
 ]
+# The same events as a numbered (schema 2) sender sends them: 0, a middle value, the max.
+NUMBERED = [e._replace(seq=(0, 12345, MAX_INT64)[i % 3]) for i, e in enumerate(UNNUMBERED)]
+SINGLES = UNNUMBERED + NUMBERED
 
 
 def assert_identical(got, want):
@@ -104,9 +108,12 @@ def pack(obj) -> bytes:
 
 
 def wire(event) -> dict:
-    """The wire map of an event, built by hand (not by ``encode``) so cases can edit it."""
-    out = {"v": SCHEMA_VERSION, "event": KIND_OF[type(event)]}
+    """The wire map of an event, built by hand (not by ``encode``) so cases can edit it:
+    schema 1 without ``seq`` when the record has none, else schema 2 with it."""
+    out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
+        if name == "seq" and value is None:
+            continue
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
         out[name] = value
@@ -133,7 +140,8 @@ def group_norm(**changes) -> list:
 # --- round trips ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("event", SINGLES, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("event", SINGLES,
+                         ids=lambda e: f"{type(e).__name__}-v{1 if e.seq is None else 2}")
 def test_single_event_round_trips_exactly(event):
     data = encode(event)
     got = decode(data)
@@ -155,6 +163,16 @@ def test_batch_round_trips_in_order(maker):
     assert_identical(got, events)
 
 
+@pytest.mark.parametrize("maker", [list, tuple, iter], ids=["list", "tuple", "iterator"])
+def test_numbered_batch_round_trips_in_order(maker):
+    # One collector's message: every event carries its run, rank and the message's number.
+    events = [e._replace(run="run-1", rank=0, seq=41)
+              for e in (NORMS, HELLO, GOODBYE, DEVICE, VIOLATION_NONE, HEARTBEAT)]
+    got = decode(encode(maker(events)))
+    assert_identical(got, events)
+    assert {e.seq for e in got} == {41}
+
+
 def test_batch_of_one_is_an_array_not_a_map():
     data = encode([GOODBYE])
     assert type(msgpack.unpackb(data)) is list
@@ -162,8 +180,14 @@ def test_batch_of_one_is_an_array_not_a_map():
 
 
 def test_single_event_wire_format_is_a_flat_map_with_version_and_kind():
+    assert SCHEMA_VERSION == 2
+    assert msgpack.unpackb(encode(GOODBYE._replace(seq=9))) == {
+        "v": 2, "event": "goodbye",
+        "run": "run-1", "rank": 0, "time": 0.0, "reason": "closed", "seq": 9,
+    }
+    # Without a message number it is what a schema 1 sender sends, byte for byte.
     assert msgpack.unpackb(encode(GOODBYE)) == {
-        "v": SCHEMA_VERSION, "event": "goodbye",
+        "v": 1, "event": "goodbye",
         "run": "run-1", "rank": 0, "time": 0.0, "reason": "closed",
     }
     assert msgpack.unpackb(encode(NORMS))["groups"][0] == [
@@ -209,6 +233,7 @@ def test_finite_norms_stay_on_the_inline_path(monkeypatch):
     monkeypatch.setattr(codec, "_group_square",
                         lambda sq, nonfinite: calls.append(sq) or real(sq, nonfinite))
     assert_identical(decode(encode(NORMS)), [NORMS])
+    assert_identical(decode(encode(NORMS._replace(seq=5))), [NORMS._replace(seq=5)])
     assert calls == []
     assert_identical(decode(encode(NORMS_NONFINITE)), [NORMS_NONFINITE])
     assert len(calls) == 3 and all(not c < math.inf for c in calls)
@@ -299,13 +324,18 @@ CASES = {
     "not bytes at all": ("a str, not bytes", "malformed"),
     # version
     "missing v": (pack(without(GOODBYE, "v")), "version"),
-    "v=2": (pack(edit(GOODBYE, v=2)), "version"),
+    "v=3": (pack(edit(GOODBYE, v=3)), "version"),
+    "v=3 with a seq": (pack(edit(GOODBYE, v=3, seq=1)), "version"),
     "v=0": (pack(edit(GOODBYE, v=0)), "version"),
     "v=True": (pack(edit(GOODBYE, v=True)), "version"),
     "v=1.0": (pack(edit(GOODBYE, v=1.0)), "version"),
     "v='1'": (pack(edit(GOODBYE, v="1")), "version"),
     "v=None": (pack(edit(GOODBYE, v=None)), "version"),
     # schema
+    "numbered batch mixing versions": (
+        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE)]), "version"),
+    "unnumbered batch mixing versions": (
+        pack([wire(GOODBYE), wire(GOODBYE._replace(seq=3))]), "version"),
     "unknown event kind": (pack(edit(GOODBYE, event="farewell")), "schema"),
     "missing event kind": (pack(without(GOODBYE, "event")), "schema"),
     "event kind is a map": (pack(edit(GOODBYE, event={})), "schema"),
@@ -338,6 +368,22 @@ CASES = {
     "group declaration with 5 fields": (
         pack(edit(HELLO, groups=[list(HELLO.groups[0]) + [0]])), "schema"),
     "empty run name": (pack(edit(GOODBYE, run="")), "schema"),
+    "v=2 without seq": (pack(edit(GOODBYE, v=2)), "schema"),
+    "v=2 norms without seq": (pack(edit(NORMS, v=2)), "schema"),
+    "v=1 with a seq": (pack(edit(GOODBYE, seq=1)), "schema"),
+    "v=1 norms with a seq": (pack(edit(NORMS, seq=1)), "schema"),
+    "seq as float": (pack(edit(GOODBYE._replace(seq=1), seq=1.0)), "schema"),
+    "seq as bool": (pack(edit(GOODBYE._replace(seq=1), seq=True)), "schema"),
+    "seq nil in v=2": (pack(edit(GOODBYE._replace(seq=1), seq=None)), "schema"),
+    "norms seq as string": (pack(edit(NORMS._replace(seq=1), seq="1")), "schema"),
+    "numbered batch with two seqs": (
+        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE._replace(seq=4))]), "schema"),
+    "numbered batch with two runs": (
+        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE._replace(seq=3, run="other"))]),
+        "schema"),
+    "numbered batch with two ranks": (
+        pack([wire(NORMS._replace(seq=3, rank=0)), wire(GOODBYE._replace(seq=3, rank=1))]),
+        "schema"),
     "empty group name": (pack(edit(NORMS, groups=[group_norm(name="")])), "schema"),
     # value
     "NaN sq without a non-finite count": (
@@ -357,6 +403,9 @@ CASES = {
     "negative sq": (pack(edit(NORMS, groups=[group_norm(sq=-1.0)])), "value"),
     "negative integer sq": (pack(edit(NORMS, groups=[group_norm(sq=-1)])), "value"),
     "negative count (rank)": (pack(edit(GOODBYE, rank=-1)), "value"),
+    "negative seq": (pack(edit(GOODBYE._replace(seq=1), seq=-1)), "value"),
+    "negative norms seq": (pack(edit(NORMS._replace(seq=1), seq=-1)), "value"),
+    "seq over int64": (pack(edit(NORMS._replace(seq=1), seq=MAX_INT64 + 1)), "value"),
     "negative count (nonfinite)": (pack(edit(NORMS, groups=[group_norm(nonfinite=-1)])),
                                    "value"),
     "negative count (dropped)": (pack(edit(HEARTBEAT, dropped=-3)), "value"),
@@ -392,7 +441,7 @@ def test_message_size_boundary():
 
 @pytest.mark.parametrize("bad, reason", [
     (edit(NORMS, groups=[group_norm(sq=math.nan)]), "value"),
-    (edit(GOODBYE, v=2), "version"),
+    (edit(GOODBYE, v=3), "version"),
     (without(HEARTBEAT, "sent"), "schema"),
     (7, "malformed"),
 ])
@@ -424,10 +473,10 @@ def test_encode_rejects_non_events_with_type_error(thing):
 def test_wire_error_is_a_value_error_with_a_reason():
     assert issubclass(WireError, ValueError)
     with pytest.raises(ValueError) as caught:
-        decode(pack(edit(GOODBYE, v=2)))
+        decode(pack(edit(GOODBYE, v=3)))
     err = caught.value
     assert isinstance(err, WireError)
     assert err.reason == "version"
-    assert "2" in err.detail
+    assert "3" in err.detail
     assert str(err).startswith("version")
     assert WireError("limit").reason == "limit" and str(WireError("limit")) == "limit"

@@ -3,7 +3,8 @@ fed, it returns valid event records or raises ``WireError``, never anything else
 
 Truncated, bit-flipped, spliced and random frames (seeded, so a failure reproduces), and
 hypothesis-generated MessagePack objects, both arbitrary and near-valid (a valid event with
-one field broken). Each frame either decodes to records that re-encode to the same records,
+one field broken), in both schema versions (1 without, 2 with a message number). Each frame
+either decodes to records that re-encode to the same records,
 or raises ``WireError`` with a declared reason. Any other exception fails the test.
 """
 
@@ -58,7 +59,8 @@ BATCH = [
     Heartbeat("run-1", 0, 4.0, 100, 0, 17, 1),
     Goodbye("run-1", 0, 5.0, "closed"),
 ]
-MESSAGES = [encode(HELLO), encode(NORMS), encode(BATCH)]
+MESSAGES = [encode(HELLO), encode(NORMS), encode(BATCH),
+            encode([e._replace(seq=77, rank=0) for e in [NORMS, *BATCH]])]
 
 
 def assert_identical(got, want):
@@ -90,14 +92,14 @@ def check_frame(data) -> str:
 # --- frames derived from valid messages -----------------------------------------------
 
 
-@pytest.mark.parametrize("message", MESSAGES, ids=["hello", "norms", "batch"])
+@pytest.mark.parametrize("message", MESSAGES, ids=["hello", "norms", "batch", "numbered"])
 def test_every_strict_prefix_is_rejected_as_malformed(message):
     assert check_frame(message) == "ok"
     for end in range(len(message)):
         assert check_frame(message[:end]) == "malformed", end
 
 
-@pytest.mark.parametrize("message", MESSAGES, ids=["hello", "norms", "batch"])
+@pytest.mark.parametrize("message", MESSAGES, ids=["hello", "norms", "batch", "numbered"])
 def test_every_single_bit_flip(message):
     seen = Counter()
     for index in range(len(message)):
@@ -190,27 +192,30 @@ def group_norms(draw):
 
 
 HEAD = dict(run=NAMES, rank=COUNTS, time=TIMES)
+TAIL = dict(seq=st.none() | COUNTS)
 EVENTS = st.one_of(
     st.builds(Hello, **HEAD, world_size=st.integers(1, MAX_INT64), hostname=STRS, pid=COUNTS,
               library_version=STRS, torch_version=STRS,
               groups=st.lists(st.builds(GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS,
-                                        st.booleans()), max_size=4).map(tuple)),
+                                        st.booleans()), max_size=4).map(tuple), **TAIL),
     st.builds(Norms, **HEAD, step=COUNTS, skipped=st.booleans(),
-              groups=st.lists(group_norms(), max_size=4).map(tuple)),
+              groups=st.lists(group_norms(), max_size=4).map(tuple), **TAIL),
     st.builds(DeviceMismatch, **HEAD, kind=NAMES, group=STRS,
-              devices=st.lists(NAMES, max_size=4).map(tuple)),
+              devices=st.lists(NAMES, max_size=4).map(tuple), **TAIL),
     st.builds(IsolationViolation, **HEAD, step=COUNTS, group=NAMES, kind=NAMES,
               evidence=STRS,
-              value=st.none() | st.floats(allow_nan=False, allow_infinity=False)),
+              value=st.none() | st.floats(allow_nan=False, allow_infinity=False), **TAIL),
     st.builds(Heartbeat, **HEAD, sent=COUNTS, dropped=COUNTS, queue_depth=COUNTS,
-              errors=COUNTS),
-    st.builds(Goodbye, **HEAD, reason=STRS),
+              errors=COUNTS, **TAIL),
+    st.builds(Goodbye, **HEAD, reason=STRS, **TAIL),
 )
 
 
 def to_wire(event) -> dict:
-    out = {"v": SCHEMA_VERSION, "event": KIND_OF[type(event)]}
+    out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
+        if name == "seq" and value is None:
+            continue  # schema 1 has no such field
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
         out[name] = value
@@ -218,10 +223,11 @@ def to_wire(event) -> dict:
 
 
 @st.composite
-def near_valid(draw):
+def near_valid_with_base(draw):
     """A valid event's wire map with one thing broken: a field replaced, dropped or added,
-    or one entry of a nested array replaced."""
-    wire = to_wire(draw(EVENTS))
+    or one entry of a nested array replaced; and the valid event it was made from."""
+    base = draw(EVENTS)
+    wire = to_wire(base)
     how = draw(st.sampled_from(["replace", "drop", "add", "nested"]))
     key = draw(st.sampled_from(sorted(wire)))
     if how == "replace":
@@ -239,7 +245,11 @@ def near_valid(draw):
                 items[i][draw(st.integers(0, len(items[i]) - 1))] = draw(LEAVES)
             else:
                 items[i] = draw(LEAVES)
-    return wire
+    return wire, base
+
+
+def near_valid():
+    return near_valid_with_base().map(lambda pair: pair[0])
 
 
 def pack(obj) -> bytes:
@@ -265,18 +275,35 @@ def test_near_valid_events(wire):
 
 
 @FUZZ_SMALL
-@given(st.lists(EVENTS, min_size=1, max_size=3), near_valid())
-def test_batch_with_a_near_valid_event_is_all_or_nothing(events, wire):
+@given(st.lists(EVENTS, min_size=1, max_size=3), near_valid_with_base())
+def test_batch_with_a_near_valid_event_is_all_or_nothing(events, pair):
+    wire, base = pair
+    # The valid events come from the same sender as the broken one (one run, rank, seq).
+    events = [e._replace(run=base.run, rank=base.rank, seq=base.seq) for e in events]
     batch = [to_wire(e) for e in events] + [wire]
     result = check_frame(pack(batch))
     alone = check_frame(pack(wire))
-    # The valid events cannot change the outcome: the batch fails exactly when, and with
-    # the reason that, the broken event fails on its own.
+    if alone == "ok":
+        # The break left a valid event; it sinks the batch only if it changed the sender.
+        got = decode(pack(wire))[0]
+        if (got.seq is None) != (base.seq is None):
+            alone = "version"
+        elif got.seq is not None and (got.run, got.rank, got.seq) != (base.run, base.rank,
+                                                                        base.seq):
+            alone = "schema"
+    # The valid events cannot change the outcome otherwise: the batch fails exactly when,
+    # and with the reason that, the broken event fails on its own.
     assert result == alone
 
 
+def one_sender(events):
+    """A batch as one collector sends it: the first event's run, rank and seq on all."""
+    first = events[0]
+    return [e._replace(run=first.run, rank=first.rank, seq=first.seq) for e in events]
+
+
 @FUZZ
-@given(st.one_of(EVENTS, st.lists(EVENTS, min_size=1, max_size=5)))
+@given(st.one_of(EVENTS, st.lists(EVENTS, min_size=1, max_size=5).map(one_sender)))
 def test_valid_events_round_trip_exactly(events):
     expected = [events] if type(events) in KIND_OF else events
     got = decode(encode(events))
@@ -295,6 +322,8 @@ def test_a_group_sum_of_squares_is_accepted_exactly_when_valid(sq, nonfinite):
     # -Inf and negatives never. Whatever fails, fails by value or schema, never else.
     group = ["g", "seed", 10, sq, nonfinite, False, True]
     frame = pack({**to_wire(NORMS._replace(groups=())), "groups": [group]})
+    numbered = pack({**to_wire(NORMS._replace(groups=(), seq=3)), "groups": [group]})
+    assert check_frame(numbered) == check_frame(frame)  # the same rule in both versions
     count_ok = type(nonfinite) is int and 0 <= nonfinite <= MAX_INT64
     finite_ok = float(sq) >= 0.0 and float(sq) != math.inf
     nonfinite_ok = (sq == math.inf or sq != sq) and count_ok and nonfinite > 0

@@ -32,6 +32,7 @@ def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_ag
     agg, _ = make_agg()
     agg.apply_batch([hello(), host_seed(), heartbeat(dropped=1),
                IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1)], clock())
+    agg.apply_batch([heartbeat()._replace(seq=0)], clock())  # a numbered message: losses
     exposition = generate_latest(registry_for(agg, False)).decode()
     # Families by their exposed sample names, less the suffixes the catalog may or may not
     # write (counters are documented with _total).

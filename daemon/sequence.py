@@ -1,0 +1,87 @@
+"""Loss accounting: the gaps in each collector's message numbers.
+
+ZeroMQ PUSH has no acknowledgements, so a collector cannot know what reached the daemon.
+Instead it numbers its messages (schema 2: every event of a message carries the message's
+``seq``; 0, 1, 2, ... from its ``Hello``), and the daemon counts, per run and rank, the
+numbers it never applied. Whatever lost them (libzmq dropping a pipe at a reconnect, an
+oversize frame, a full queue, a rejected message, a daemon restart while the job ran on)
+then shows up as ``esper_messages_lost_total{run,rank}``.
+
+The rules, per (run, rank), message by message in the order they are applied:
+
+- The first message seen sets the baseline: what came before it (sent before this daemon
+  started, or to a previous daemon process) is not known here, so it is not counted.
+- The next number is the expected one; a higher number counts the numbers skipped.
+- A lower number is a new sequence: the collector restarted (its ``Hello`` numbers 0, so a
+  restart whose first message arrives counts nothing; if its first messages were lost, the
+  numbers below the first one seen are counted).
+- Messages without a number (schema 1 senders) are only counted in ``unsequenced``.
+
+State is bounded like the aggregator's: entries exist only for runs the aggregator holds
+(``holds``, asked after the message was applied, so a refused run leaves nothing here),
+at most ``max_ranks_per_run`` ranks per run, and entries of runs it no longer holds are
+forgotten (``forget_gone``, also done by itself whenever more runs than twice
+``max_runs`` are tracked). A run that comes back starts again from zero, as its other
+counters do. Single-threaded, on the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from esper_telemetry.events import Event
+
+__all__ = ["Sequences"]
+
+
+class Sequences:
+    """Per (run, rank): the next message number expected and the messages lost so far."""
+
+    __slots__ = ("_holds", "_max_runs", "_max_ranks", "_runs", "unsequenced")
+
+    def __init__(self, holds: Callable[[str], bool], max_runs: int,
+                 max_ranks_per_run: int) -> None:
+        self._holds = holds
+        self._max_runs = max_runs
+        self._max_ranks = max_ranks_per_run
+        # run -> rank -> [next expected seq, lost]
+        self._runs: Dict[str, Dict[int, List[int]]] = {}
+        self.unsequenced = 0  # messages applied that carried no number (schema 1)
+
+    def observe(self, events: Sequence[Event]) -> None:
+        """Account for one applied message (its events, all from one sender by the codec)."""
+        first = events[0]
+        seq = first[-1]
+        if seq is None:
+            self.unsequenced += 1
+            return
+        ranks = self._runs.get(first[0])
+        if ranks is None:
+            if not self._holds(first[0]):
+                return
+            if len(self._runs) >= 2 * self._max_runs:
+                self.forget_gone()
+            ranks = self._runs[first[0]] = {}
+        entry = ranks.get(first[1])
+        if entry is None:
+            if len(ranks) < self._max_ranks:
+                ranks[first[1]] = [seq + 1, 0]
+            return
+        expected = entry[0]
+        if seq != expected:
+            # Skipped numbers are lost; a lower number is a restart, lost below it.
+            entry[1] += seq - expected if seq > expected else seq
+        entry[0] = seq + 1
+
+    def forget_gone(self) -> None:
+        """Drop the entries of runs the aggregator no longer holds."""
+        holds = self._holds
+        for run in [r for r in self._runs if not holds(r)]:
+            del self._runs[run]
+
+    def lost(self) -> Dict[Tuple[str, int], int]:
+        """Messages lost so far per (run, rank) of every run held, detached."""
+        holds = self._holds
+        return {(run, rank): entry[1]
+                for run, ranks in self._runs.items() if holds(run)
+                for rank, entry in ranks.items()}
