@@ -91,6 +91,33 @@ def telemetry_path(raw: str) -> str:
 _counts = integer(minimum=1)
 
 
+def curve_secret_key_file(raw: str) -> str:
+    """Empty (CURVE off), or a readable ``.key_secret`` certificate holding a key pair."""
+    if raw:
+        from .curve import read_server_keys
+
+        read_server_keys(raw)  # ValueError says what is wrong with it
+    return raw
+
+
+def curve_authorized_keys_dir(raw: str) -> str:
+    """Empty (any CURVE client), or a readable directory of ``*.key`` certificates."""
+    if raw:
+        from .curve import read_authorized_keys
+
+        read_authorized_keys(raw)
+    return raw
+
+
+def web_config_file(raw: str) -> str:
+    """Empty (plain HTTP, no authentication), or a valid exporter-toolkit web config."""
+    if raw:
+        from .webconfig import load_web_config
+
+        load_web_config(raw)  # WebConfigError (a ValueError) names the field
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Validated settings; durations in seconds, sizes in events, counts as given."""
@@ -105,6 +132,23 @@ class Config:
         web_address, metavar="ADDRESS",
         help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` "
              "for IPv6")
+    zmq_curve_secret_key_file: str = setting(
+        "--zmq.curve.secret-key-file", d.ENV_ZMQ_CURVE_SECRET_KEY_FILE, "", curve_secret_key_file,
+        metavar="FILE",
+        help="the daemon's ZeroMQ certificate with its secret key (`esper-telemetry keygen DIR "
+             "NAME` writes `NAME.key_secret`): every ingest socket then takes only CURVE "
+             "clients that know the daemon's public key (`NAME.key`); empty: plain ZeroMQ, "
+             "unauthenticated (said once at startup)")
+    zmq_curve_authorized_keys_dir: str = setting(
+        "--zmq.curve.authorized-keys-dir", d.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR, "",
+        curve_authorized_keys_dir, metavar="DIR",
+        help="with CURVE on, admit only collectors whose public certificate (`*.key`) is in "
+             "this directory, re-read on SIGHUP and when it changes; empty: any CURVE client")
+    web_config_file: str = setting(
+        "--web.config.file", d.ENV_WEB_CONFIG_FILE, "", web_config_file, metavar="FILE",
+        help="TLS and basic authentication for the HTTP side, in the Prometheus exporter "
+             "toolkit's web configuration format (`tls_server_config`, `basic_auth_users`); "
+             "`/-/healthy` and `/-/ready` stay open; empty: plain HTTP")
     telemetry_path: str = setting(
         "--web.telemetry-path", d.ENV_WEB_TELEMETRY_PATH, d.DEFAULT_WEB_TELEMETRY_PATH,
         telemetry_path, metavar="PATH", help="path of the exposition")
@@ -199,4 +243,7 @@ def parse_args(
     """
     ns = vars(build_parser().parse_args(argv))
     values = resolve(SETTINGS, ns, os.environ if environ is None else environ)
+    if values["zmq_curve_authorized_keys_dir"] and not values["zmq_curve_secret_key_file"]:
+        raise ConfigError("--zmq.curve.authorized-keys-dir needs --zmq.curve.secret-key-file: "
+                          "without the daemon's own key there is no CURVE to authorize")
     return Config(**values, check_config=bool(ns["check_config"]))
