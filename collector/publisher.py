@@ -2,8 +2,13 @@
 
 ZeroMQ sockets are not thread safe, so every event reaches the socket through a bounded
 queue fed with ``put_nowait``. Nothing here ever blocks its producers: a full queue, or a
-socket at its high-water mark (no daemon, a slow daemon), drops the event and counts it;
-the counts travel in the next heartbeat. ``linger`` is bounded so a dead daemon never holds
+socket that has no connected daemon with room (none yet, none any more, a slow one) drops
+the event and counts it; the counts travel in the next heartbeat. ``ZMQ_IMMEDIATE`` makes
+libzmq queue only to completed connections, so an event is counted as sent only once a
+connected daemon's pipe took it. Messages are numbered (``seq``, schema 2) from 0, one
+number per message libzmq accepted, so the daemon can count what it never received
+(whatever lost it after this side let go: a reconnect, an oversize frame, its own queue).
+``linger`` is bounded so a dead daemon never holds
 up process exit, and a process forked from this one never touches this context.
 """
 
@@ -27,6 +32,8 @@ __all__ = ["Publisher"]
 log = logging.getLogger("esper_telemetry.collector")
 
 _STOP = object()
+# How long the sender thread waits for a connected daemon with room before it drops.
+_SEND_WAIT_MS = 100
 
 
 class Publisher:
@@ -46,6 +53,7 @@ class Publisher:
         self._linger_ms = linger_ms
         self._pid = os.getpid()
         self.sent = 0
+        self.messages = 0           # messages libzmq accepted: the next message's number
         self.dropped = 0
         self.errors = 0
         self.other_errors = 0       # the collector's own (capture) errors, for the heartbeats
@@ -57,8 +65,9 @@ class Publisher:
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, linger_ms)
-        # No ZMQ_IMMEDIATE: events of a daemon not yet (or no longer) connected wait in the
-        # pipe up to the high-water mark instead of being dropped at once.
+        # Queue only to completed connections: without it, events for a daemon that is not
+        # (or no longer) there wait in a pipe that nobody may ever read, counted as sent.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(endpoint)
         self._thread = threading.Thread(target=self._loop, name="esper-telemetry-sender", daemon=True)
         self._thread.start()
@@ -151,14 +160,23 @@ class Publisher:
 
     def _send(self, batch: List[Event]) -> None:
         try:
-            data = encode(batch)
+            data = encode(batch, seq=self.messages)
             if len(data) > MAX_MESSAGE_BYTES and len(batch) > 1:
                 # The daemon rejects an oversized message whole: send it as two (or more).
                 half = len(batch) // 2
                 self._send(batch[:half])
                 self._send(batch[half:])
                 return
-            self._sock.send(data, zmq.NOBLOCK, copy=False)
+            try:
+                self._sock.send(data, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # No connected daemon with room. Wait a little on this thread (the queue
+                # takes what comes meanwhile): a connection being made, or a daemon that
+                # is catching up, is not yet a loss.
+                if not self._sock.poll(_SEND_WAIT_MS, zmq.POLLOUT):
+                    raise
+                self._sock.send(data, zmq.NOBLOCK, copy=False)
+            self.messages += 1  # a number is used only by what libzmq accepted: no gap
             self.sent += len(batch)
         except zmq.Again:
             self.count(dropped=len(batch))

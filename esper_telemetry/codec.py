@@ -76,22 +76,28 @@ class WireError(ValueError):
         self.detail = detail
 
 
-def encode(events: Event | Iterable[Event]) -> bytes:
+def encode(events: Event | Iterable[Event], seq: int | None = None) -> bytes:
     """Pack one event, or a batch of events, into one message.
 
     A single event packs as a map, a batch (any iterable of events) as an array of maps.
+    ``seq``, when given, is the message's number: every event is written with it (schema
+    2), whatever its record holds; otherwise each record's own ``seq`` is written.
     Raises ``TypeError`` for anything that is not an event record.
     """
     if type(events) in KIND_OF:
-        return msgpack.packb(_to_wire(events), use_bin_type=True)
-    return msgpack.packb([_to_wire(e) for e in events], use_bin_type=True)
+        return msgpack.packb(_to_wire(events, seq), use_bin_type=True)
+    return msgpack.packb([_to_wire(e, seq) for e in events], use_bin_type=True)
 
 
-def _to_wire(event: Event) -> Dict[str, Any]:
+def _to_wire(event: Event, seq: int | None = None) -> Dict[str, Any]:
     kind = KIND_OF.get(type(event))
     if kind is None:
         raise TypeError(f"not an esper_telemetry event: {type(event).__name__}")
-    if event[-1] is None:  # no message number: schema version 1, without the field
+    if seq is not None:
+        wire = {"v": SCHEMA_VERSION, "event": kind}
+        wire.update(zip(event._fields[:-1], event))
+        wire["seq"] = seq
+    elif event[-1] is None:  # no message number: schema version 1, without the field
         wire: Dict[str, Any] = {"v": 1, "event": kind}
         wire.update(zip(event._fields[:-1], event))
     else:

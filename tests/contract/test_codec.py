@@ -173,6 +173,14 @@ def test_numbered_batch_round_trips_in_order(maker):
     assert {e.seq for e in got} == {41}
 
 
+def test_encode_numbers_a_message_whatever_its_records_hold():
+    events = [NORMS._replace(rank=0), GOODBYE._replace(seq=5)]
+    got = decode(encode(events, seq=8))
+    assert_identical(got, [e._replace(seq=8) for e in events])
+    assert msgpack.unpackb(encode(GOODBYE, seq=0))["v"] == 2
+    assert_identical(decode(encode(GOODBYE, seq=0)), [GOODBYE._replace(seq=0)])
+
+
 def test_batch_of_one_is_an_array_not_a_map():
     data = encode([GOODBYE])
     assert type(msgpack.unpackb(data)) is list
