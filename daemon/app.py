@@ -126,7 +126,9 @@ class Daemon:
                          logger.getChild("aggregator"))
         self._context = zmq.asyncio.Context()
         self.receiver = Receiver(self._context, config.zmq_listen_addresses, self.queue,
-                                 self.stats, logger.getChild("receiver"))
+                                 self.stats, logger.getChild("receiver"),
+                                 max_message_bytes=config.zmq_max_message_bytes,
+                                 receive_buffer_bytes=config.zmq_receive_buffer_bytes)
         process = process_registry() if process_metrics else None
         self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
                              config.telemetry_path, self.snapshot,
@@ -197,16 +199,23 @@ class Daemon:
         self._stopped = True
         self._ready = False
         cfg = self.config
+        deadline = time.monotonic() + cfg.shutdown_timeout_s
         if self._receiving is not None:
             self._receiving.cancel()
-        self.receiver.close()
-        deadline = time.monotonic() + cfg.shutdown_timeout_s
+            await asyncio.gather(self._receiving, return_exceptions=True)
+        # What the sockets hold, then what is queued, by the deadline; the rest is counted
+        # as rejected{reason="shutdown"}.
+        left_buffered = await self.receiver.drain(self.pump.drain, deadline)
         while len(self.queue) and time.monotonic() < deadline:
             self.pump.drain(4096)
             await asyncio.sleep(0)
-        left = len(self.queue)
-        if left:
-            self._log.warning("shutdown deadline passed with %d events still queued", left)
+        left_events = len(self.queue)
+        left_queued = self.queue.clear()
+        self.stats.rejected["shutdown"] += left_queued
+        if left_buffered or left_queued:
+            self._log.warning("shutdown deadline passed: %d messages still buffered and %d "
+                              "(%d events) still queued were dropped and counted",
+                              left_buffered, left_queued, left_events)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

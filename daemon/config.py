@@ -91,6 +91,14 @@ def telemetry_path(raw: str) -> str:
 _counts = integer(minimum=1)
 
 
+def message_bytes(raw: str) -> int:
+    """A message size limit: 1 KiB up to the wire's own limit (larger could never decode)."""
+    value = integer(minimum=1024)(raw)
+    if value > d.MAX_MESSAGE_BYTES:
+        raise ValueError(f"{raw!r} must be at most {d.MAX_MESSAGE_BYTES} (the wire's limit)")
+    return value
+
+
 def curve_secret_key_file(raw: str) -> str:
     """Empty (CURVE off), or a readable ``.key_secret`` certificate holding a key pair."""
     if raw:
@@ -132,6 +140,18 @@ class Config:
         web_address, metavar="ADDRESS",
         help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` "
              "for IPv6")
+    zmq_max_message_bytes: int = setting(
+        "--zmq.max-message-bytes", d.ENV_ZMQ_MAX_MESSAGE_BYTES, d.MAX_MESSAGE_BYTES,
+        message_bytes, metavar="BYTES", unit="bytes",
+        help="larger frames are refused by libzmq before they are read (`ZMQ_MAXMSGSIZE`; "
+             "it drops that sender's connection: the loss shows in `esper_messages_lost_total`); "
+             "at most the wire's limit, which collectors split their batches under")
+    zmq_receive_buffer_bytes: int = setting(
+        "--zmq.receive-buffer-bytes", d.ENV_ZMQ_RECEIVE_BUFFER_BYTES,
+        d.DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES, _counts, metavar="BYTES", unit="bytes",
+        help="what libzmq may buffer per connected collector: the receive high-water mark is "
+             "this over `--zmq.max-message-bytes`, in messages (at least 1); beyond it the "
+             "collector's sends fail and it counts them as dropped")
     zmq_curve_secret_key_file: str = setting(
         "--zmq.curve.secret-key-file", d.ENV_ZMQ_CURVE_SECRET_KEY_FILE, "", curve_secret_key_file,
         metavar="FILE",

@@ -209,7 +209,7 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     rejected = CounterMetricFamily(
         "esper_daemon_rejected",
         "Messages rejected whole, by reason: the wire codec's (limit, malformed, version, "
-        "schema, value), queue_full, internal.", labels=["reason"])
+        "schema, value), queue_full, internal, shutdown.", labels=["reason"])
     for reason, n in snap.rejected.items():
         rejected.add_metric([reason], n)
     yield rejected

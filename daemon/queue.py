@@ -52,6 +52,13 @@ class EventQueue:
         self._size -= len(events)
         return events
 
+    def clear(self) -> int:
+        """Drop everything queued; returns how many messages that was."""
+        n = len(self._items)
+        self._items.clear()
+        self._size = 0
+        return n
+
     async def wait(self) -> None:
         """Return once something is queued."""
         while not self._items:

@@ -6,40 +6,53 @@ already buffered with non-blocking receives on a synchronous shadow of the same 
 is one message: decoded whole by ``esper_telemetry.decode`` or rejected whole and counted
 by the ``WireError`` reason. Nothing that arrives can raise out of the pump.
 
-``ZMQ_MAXMSGSIZE`` makes libzmq refuse oversize frames before Python allocates them (it
-drops the sending peer's connection; such frames are not counted here). The receive
-high-water mark bounds what libzmq buffers; beyond it, senders' non-blocking sends fail
-and their collectors count the drop.
+What libzmq buffers is bounded in bytes per connected collector: ``ZMQ_MAXMSGSIZE``
+(``--zmq.max-message-bytes``) refuses a larger frame before Python allocates it (libzmq
+drops that sender's connection, and with it what its pipe held: those messages are not
+counted here, they show up as gaps in the sender's message numbers), and the receive
+high-water mark is ``--zmq.receive-buffer-bytes`` divided by it, in messages, so at most
+that many bytes wait per peer. Beyond it libzmq pushes back on the sender, whose
+non-blocking sends fail and are counted by its collector.
+
+At shutdown ``drain`` takes what the sockets hold until they are quiet or the deadline
+passes, then disconnects every peer and counts what libzmq still held as
+``rejected{reason="shutdown"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import List, Sequence
+import time
+from typing import Callable, List, Sequence
 
 import zmq
 import zmq.asyncio
 
 from esper_telemetry.codec import WireError, decode
-from esper_telemetry.defaults import MAX_MESSAGE_BYTES
+from esper_telemetry.defaults import DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES, MAX_MESSAGE_BYTES
 
 from .queue import EventQueue
 from .stats import DaemonStats
 
-__all__ = ["Receiver", "RECEIVE_HWM"]
+__all__ = ["Receiver", "receive_hwm"]
 
 _log = logging.getLogger(__name__)
 
-# Messages libzmq may buffer per connected collector before pushing back on it (a PULL
-# socket's high-water mark is per peer). A collector's message carries up to 256 events,
-# so this is ample slack while bounding what a stalled daemon holds per collector.
-RECEIVE_HWM = 10_000
-# Per wakeup, at most this many messages or events are handled before yielding to the
-# loop. Bounded in events too: the aggregator must get its turn before the receiver can
-# fill the queue with one burst of large batches.
+# Per wakeup, at most this many messages, events or bytes are handled before yielding to
+# the loop. Bounded in events and bytes too: the aggregator must get its turn before the
+# receiver can fill the queue (and memory) with one burst of large batches.
 _BURST_MESSAGES = 512
 _BURST_EVENTS = 4096
+_BURST_BYTES = 4 << 20
+# At shutdown, the sockets count as drained once nothing arrived for this long.
+_QUIET_S = 0.1
+
+
+def receive_hwm(receive_buffer_bytes: int, max_message_bytes: int) -> int:
+    """The receive high-water mark, in messages, that holds at most ``receive_buffer_bytes``
+    of messages of at most ``max_message_bytes`` per peer (at least 1)."""
+    return max(1, receive_buffer_bytes // max_message_bytes)
 
 
 class Receiver:
@@ -52,7 +65,11 @@ class Receiver:
         queue: EventQueue,
         stats: DaemonStats,
         logger: logging.Logger = _log,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        receive_buffer_bytes: int = DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
     ) -> None:
+        self._max_message_bytes = max_message_bytes
+        self.hwm = receive_hwm(receive_buffer_bytes, max_message_bytes)
         self._context = context
         self._addresses = tuple(addresses)
         self._queue = queue
@@ -66,8 +83,8 @@ class Receiver:
         for address in self._addresses:
             sock = self._context.socket(zmq.PULL)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-            sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+            sock.setsockopt(zmq.RCVHWM, self.hwm)
             sock.setsockopt(zmq.IPV6, 1)  # else libzmq refuses tcp://[ADDR]:PORT endpoints
             try:
                 sock.bind(address)
@@ -83,6 +100,73 @@ class Receiver:
     async def run(self) -> None:
         """Pump every socket until cancelled."""
         await asyncio.gather(*(self._pump(s) for s in self._sockets))
+
+    async def drain(self, apply: Callable[[int], int], deadline: float) -> int:
+        """At shutdown, with ``run`` cancelled: receive what the sockets hold, ``apply``ing the
+        queue (``apply(budget)``) as it goes, until nothing arrived for ``_QUIET_S`` or
+        ``deadline`` (monotonic) passed; then disconnect every peer, count what libzmq still
+        held as ``rejected{reason="shutdown"}``, and close. Returns that count.
+
+        The listeners stay bound while draining: libzmq cannot stop accepting without also
+        dropping the established connections, and with them what the kernel still buffers
+        for them. Collectors that keep sending keep the sockets busy until the deadline.
+        """
+        shadows = [zmq.Socket.shadow(s.underlying) for s in self._sockets]
+        quiet_since = time.monotonic()
+        while shadows:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            got = 0
+            for shadow in shadows:
+                got += self._take(shadow, _BURST_MESSAGES)
+            apply(2 * _BURST_EVENTS)
+            if got:
+                quiet_since = now
+            elif now - quiet_since >= _QUIET_S:
+                break
+            else:
+                await asyncio.sleep(0.005)
+        for sock, endpoint in zip(self._sockets, self.endpoints):
+            try:
+                sock.unbind(endpoint)  # disconnects its peers; their pipes stay readable
+            except zmq.ZMQError:
+                pass
+        left = 0
+        for shadow in shadows:
+            while True:
+                try:
+                    shadow.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                left += 1
+        self._stats.messages += left
+        self._stats.rejected["shutdown"] += left
+        self.close()
+        return left
+
+    def _take(self, shadow: zmq.Socket, most: int) -> int:
+        """Receive, decode and queue up to ``most`` messages already buffered; how many."""
+        n = 0
+        rejected = self._stats.rejected
+        while n < most:
+            try:
+                msg = shadow.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += 1
+            try:
+                events = decode(msg)
+            except WireError as exc:
+                rejected[exc.reason] += 1
+            except Exception:  # a codec bug; the codec promises only WireError
+                rejected["internal"] += 1
+                self._log.exception("internal error decoding a message; it was dropped")
+            else:
+                if not self._queue.put(events):
+                    rejected["queue_full"] += 1
+        self._stats.messages += n
+        return n
 
     def close(self) -> None:
         """Close every socket at once, dropping what libzmq still buffers (linger 0)."""
@@ -104,8 +188,10 @@ class Receiver:
             msg = await sock.recv()
             n = 0
             budget = _BURST_EVENTS
+            size = 0
             while True:
                 n += 1
+                size += len(msg)
                 try:
                     events = decode(msg)
                 except WireError as exc:
@@ -119,7 +205,7 @@ class Receiver:
                     budget -= len(events)
                     if not put(events):
                         rejected["queue_full"] += 1
-                if n >= _BURST_MESSAGES or budget <= 0:
+                if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
                     break
                 try:
                     msg = recv(noblock)

@@ -14,9 +14,10 @@ from esper_telemetry.codec import REASONS
 __all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS"]
 
 # Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
-# receiver-to-aggregator queue had no room for the message's events) and "internal" (a
-# daemon bug while applying it; logged at error level, the daemon stays up).
-REJECT_REASONS = tuple(REASONS) + ("queue_full", "internal")
+# receiver-to-aggregator queue had no room for the message's events), "internal" (a
+# daemon bug while applying it; logged at error level, the daemon stays up) and
+# "shutdown" (still buffered, or still queued, when the shutdown deadline passed).
+REJECT_REASONS = tuple(REASONS) + ("queue_full", "internal", "shutdown")
 
 # What a cap refused: a new run, a new group of a run, a new rank of a run, a new label
 # value (violation or device-mismatch kind), a sharded step awaiting its ranks.
