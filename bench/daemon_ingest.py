@@ -1,6 +1,6 @@
 """Benchmark the daemon's ingest and scrape with real processes on loopback.
 
-    python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--no-write]
+    python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--unnumbered] [--no-write]
 
 Starts ``python -m esper_telemetry.daemon`` as a subprocess, then per trial N sender processes (each one
 collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events as
@@ -8,7 +8,9 @@ fast as the daemon takes them (blocking sends: libzmq's high-water mark pushes b
 every event sent reaches the daemon's socket). Throughput is the events the daemon
 counted as accepted over the wall time from the senders' start until the daemon has
 accounted for every event sent (accepted, or dropped and counted as ``queue_full``).
-Loss is sent minus accounted: anything but 0 is a bug. Then it fills the daemon with about
+Loss is sent minus accounted: anything but 0 is a bug. Messages are numbered (schema 2,
+as collectors send them; the pre-encoded frames cycle, which the daemon reads as a
+restarted sender, never as a gap); ``--unnumbered`` sends schema 1 frames instead. Then it fills the daemon with about
 10,000 series and times scrapes over HTTP. Medians go to bench/RESULTS.md (section
 "## Daemon ingest"; other sections are kept).
 """
@@ -44,7 +46,8 @@ def _norms(run: str, step: int) -> Norms:
     return Norms(run, 0, time.time(), step, False, groups)
 
 
-def _sender(endpoint: str, run: str, batch: int, messages: int, go, out) -> None:
+def _sender(endpoint: str, run: str, batch: int, messages: int, go, out,
+            numbered: bool = True) -> None:
     import zmq
 
     ctx = zmq.Context()
@@ -53,9 +56,10 @@ def _sender(endpoint: str, run: str, batch: int, messages: int, go, out) -> None
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.connect(endpoint)
     if batch == 1:
-        frames = [encode(_norms(run, s)) for s in range(256)]
+        frames = [encode(_norms(run, s), seq=s if numbered else None) for s in range(256)]
     else:
-        frames = [encode([_norms(run, s * batch + i) for i in range(batch)]) for s in range(64)]
+        frames = [encode([_norms(run, s * batch + i) for i in range(batch)],
+                         seq=s if numbered else None) for s in range(64)]
     go.wait()
     send = sock.send
     k = len(frames)
@@ -86,13 +90,14 @@ def _accounted(web: str, batch: int) -> Tuple[float, float]:
 
 
 def _trial(endpoint: str, web: str, senders: int, batch: int, seconds: float,
-           rate_guess: float) -> Dict[str, float]:
+           rate_guess: float, numbered: bool = True) -> Dict[str, float]:
     messages = max(1, int(rate_guess * seconds / senders / batch))
     base_acc, base_drop = _accounted(web, batch)
     go = mp.Event()
     out: mp.Queue = mp.Queue()
     procs = [mp.Process(target=_sender,
-                        args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out))
+                        args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out,
+                              numbered))
              for i in range(senders)]
     for p in procs:
         p.start()
@@ -179,6 +184,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="target length of a trial")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64, help="events per batched message")
+    ap.add_argument("--unnumbered", action="store_true",
+                    help="send schema 1 frames (no message numbers), as older collectors")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -199,10 +206,11 @@ def main() -> int:
 
         results: Dict[str, List[Dict[str, float]]] = {}
         for mode, batch, guess in (("batched", args.batch, 300_000), ("single", 1, 120_000)):
-            _trial(endpoint, web, args.senders, batch, 0.5, guess)  # warm-up
+            numbered = not args.unnumbered
+            _trial(endpoint, web, args.senders, batch, 0.5, guess, numbered)  # warm-up
             runs = []
             for t in range(args.trials):
-                r = _trial(endpoint, web, args.senders, batch, args.seconds, guess)
+                r = _trial(endpoint, web, args.senders, batch, args.seconds, guess, numbered)
                 runs.append(r)
                 print(f"{mode:8s} trial {t}: {r['events_per_s']:>9,.0f} events/s, sent "
                       f"{r['sent']:,.0f}, dropped (counted) {r['dropped_counted']:,.0f}, "

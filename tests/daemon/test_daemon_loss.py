@@ -201,4 +201,5 @@ def test_rss_stays_under_512_mib_under_max_size_frames_from_several_senders(tmp_
         ctx.term()
     assert sum(sent) > 100, sent  # a flood: GBs offered
     assert s[("esper_daemon_rejected_total", (("reason", "malformed"),))] > 0
+    print(f"peak RSS {peak / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB), frames sent {sent}")
     assert peak < limit, f"peak RSS {peak / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB)"
