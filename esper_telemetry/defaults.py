@@ -128,11 +128,10 @@ DEFAULT_SHUTDOWN_LINGER_SECONDS = 0.0
 # oversize frame is dropped by libzmq before Python ever allocates it.
 MAX_MESSAGE_BYTES = 1 << 20
 # What libzmq may buffer per connected collector, in bytes: the receive high-water mark is
-# this over the message size limit (64 messages of 1 MiB), so a flood of max-size frames
+# this over the message size limit (32 messages of 1 MiB), so a flood of max-size frames
 # holds at most this much per sender. A collector splits its batches under the limit.
-# Measured: a high-water mark of 32 messages stalled ingest of small messages (12,000
-# events/s instead of about 150,000: libzmq's flow control at a small pipe), 64 did not.
-DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES = 64 << 20
+# Measured (bench/daemon_ingest.py): no ingest cost against a high-water mark of 10,000.
+DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES = 32 << 20
 MAX_BATCH_EVENTS = 4096
 MAX_STRING_CHARS = 256
 MAX_GROUPS_PER_EVENT = 256
