@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 import zmq
-import zmq.auth
 
 __all__ = ["CurveKeys", "load_client_keys", "keygen"]
 
@@ -29,6 +28,8 @@ class CurveKeys(NamedTuple):
 
 
 def _read(path: os.PathLike, argument: str, want_secret: bool) -> Tuple[bytes, Optional[bytes]]:
+    import zmq.auth  # only with CURVE: it costs ~10 ms of attach otherwise
+
     what = "secret certificate (NAME.key_secret)" if want_secret else "public certificate (NAME.key)"
     try:
         public, secret = zmq.auth.load_certificate(os.fspath(path))
@@ -81,6 +82,8 @@ def keygen(directory: os.PathLike, name: str) -> Tuple[Path, Path]:
     for path in (public_path, secret_path):
         if path.exists():
             raise FileExistsError(f"{os.fspath(path)!r} exists; not overwriting a key")
+    import zmq.auth
+
     with tempfile.TemporaryDirectory(dir=target, prefix=".keygen-") as private:  # mode 0700
         public_tmp, secret_tmp = zmq.auth.create_certificates(private, name)
         os.chmod(secret_tmp, 0o600)

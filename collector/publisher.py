@@ -27,6 +27,8 @@ from esper_telemetry.codec import encode
 from esper_telemetry.events import Event, Heartbeat
 from esper_telemetry.defaults import MAX_MESSAGE_BYTES
 
+from .curve import CurveKeys
+
 __all__ = ["Publisher"]
 
 log = logging.getLogger("esper_telemetry.collector")
@@ -44,7 +46,7 @@ class Publisher:
 
     def __init__(self, endpoint: str, run: str, rank: int, *, queue_size: int = 4096,
                  sndhwm: int = 1000, linger_ms: int = 500, heartbeat_s: float = 5.0,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, curve: Optional[CurveKeys] = None) -> None:
         self.endpoint = endpoint
         self._run, self._rank = run, rank
         self._queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
@@ -68,6 +70,13 @@ class Publisher:
         # Queue only to completed connections: without it, events for a daemon that is not
         # (or no longer) there wait in a pipe that nobody may ever read, counted as sent.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        if curve is not None:
+            # A CURVE client: encrypted, admitted only by a daemon that knows our key. Until
+            # a handshake succeeds there is no completed connection, so (IMMEDIATE) events
+            # are dropped and counted, never queued, never blocking.
+            self._sock.curve_serverkey = curve.server_public
+            self._sock.curve_publickey = curve.client_public
+            self._sock.curve_secretkey = curve.client_secret
         self._sock.connect(endpoint)
         self._thread = threading.Thread(target=self._loop, name="esper-telemetry-sender", daemon=True)
         self._thread.start()

@@ -83,7 +83,8 @@ class Telemetry:
             self._hooks = StepHooks(self, options.optimizer, options.scaler, options.every)
         try:
             self._publisher = Publisher(options.endpoint, options.run, options.rank,
-                                        queue_size=options.queue_size, heartbeat_s=options.heartbeat_s)
+                                        queue_size=options.queue_size, heartbeat_s=options.heartbeat_s,
+                                        curve=options.curve)
         except BaseException:
             self._unhook()
             raise

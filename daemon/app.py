@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from .aggregator import Aggregator, Limits
 from .config import Config
+from .curve import DENY_REASONS, CurveGate, read_server_keys
 from .exporter import process_registry, scrape_registry
 from .queue import EventQueue
 from .receiver import Receiver
@@ -125,10 +126,22 @@ class Daemon:
         self.pump = Pump(self.queue, self.aggregator, self.stats, clock,
                          logger.getChild("aggregator"))
         self._context = zmq.asyncio.Context()
+        # CURVE on the ingest sockets when the daemon has a key (read again here: the file
+        # may have changed since the configuration was checked).
+        self.curve: Optional[CurveGate] = None
+        if config.zmq_curve_secret_key_file:
+            try:
+                keys = read_server_keys(config.zmq_curve_secret_key_file)
+            except ValueError as exc:
+                self._context.term()
+                raise StartupError(f"--zmq.curve.secret-key-file: {exc}") from None
+            self.curve = CurveGate(self._context, keys, config.zmq_curve_authorized_keys_dir or None,
+                                   logger.getChild("curve"))
         self.receiver = Receiver(self._context, config.zmq_listen_addresses, self.queue,
                                  self.stats, logger.getChild("receiver"),
                                  max_message_bytes=config.zmq_max_message_bytes,
-                                 receive_buffer_bytes=config.zmq_receive_buffer_bytes)
+                                 receive_buffer_bytes=config.zmq_receive_buffer_bytes,
+                                 secure=None if self.curve is None else self.curve.secure)
         process = process_registry() if process_metrics else None
         self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
                              config.telemetry_path, self.snapshot,
@@ -157,21 +170,34 @@ class Daemon:
         Call on the loop thread (the web server does, before it renders off the loop).
         """
         return self.aggregator.snapshot()._replace(
-            queue_length=len(self.queue), queue_capacity=self.queue.capacity)
+            queue_length=len(self.queue), queue_capacity=self.queue.capacity,
+            auth_denied=dict(self.curve.denied) if self.curve is not None
+            else dict.fromkeys(DENY_REASONS, 0))
+
+    def reload(self) -> None:
+        """SIGHUP: read the authorized collector keys again (the one thing that reloads)."""
+        if self.curve is not None and self.config.zmq_curve_authorized_keys_dir:
+            self.curve.reload("SIGHUP")
+        else:
+            self._log.info("SIGHUP: nothing to reload (no --zmq.curve.authorized-keys-dir)")
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Bind every socket and the HTTP port, then start the stages; ``StartupError`` if not."""
+        if self.curve is not None:
+            self.curve.start()  # the ZAP handler exists before any socket can handshake
         try:
             endpoints = self.receiver.bind()
         except zmq.ZMQError as exc:
+            self._close_curve()
             self._context.term()
             raise StartupError(str(exc)) from None
         try:
             host, port = await self.web.start()
         except (OSError, ValueError) as exc:  # ValueError: a host IDNA cannot encode
             self.receiver.close()
+            self._close_curve()
             self._context.term()
             raise StartupError(
                 f"cannot listen on {self.config.web_listen_address}: "
@@ -188,6 +214,16 @@ class Daemon:
         self._ready = True
         self._log.info("listening zmq=%s web=%s path=%s", ",".join(endpoints),
                        self.web_address, self.config.telemetry_path)
+        if self.curve is None:
+            # Said once: anyone who reaches these endpoints can send events.
+            self._log.warning("ingest is unauthenticated: any peer that reaches %s can create "
+                              "runs and send events (--zmq.curve.secret-key-file turns CURVE on)",
+                              ",".join(endpoints))
+        else:
+            who = (f"{self.curve.authorized} authorized keys from "
+                   f"{self.config.zmq_curve_authorized_keys_dir}"
+                   if self.config.zmq_curve_authorized_keys_dir else "any CURVE client")
+            self._log.info("ingest requires CURVE: %s", who)
 
     async def shutdown(self) -> None:
         """Stop receiving, drain the queue by the deadline, linger for a last scrape, close.
@@ -226,7 +262,12 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
         await self.web.close()
+        self._close_curve()
         self._context.term()
+
+    def _close_curve(self) -> None:
+        if self.curve is not None:
+            self.curve.close()
 
 
 class Signals:
@@ -255,13 +296,19 @@ class Signals:
 
 async def serve(config: Config, logger: logging.Logger = _log) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit status."""
-    daemon = Daemon(config, logger=logger)
+    try:
+        daemon = Daemon(config, logger=logger)
+    except StartupError as exc:
+        logger.error("%s", exc)
+        return 1
     gc.collect()
     gc.freeze()
     gc.set_threshold(*_GC_THRESHOLDS)
     # Handlers first: a signal that arrives while starting still means a graceful stop.
     stop = asyncio.Event()
-    Signals(stop, logger=logger).install(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    Signals(stop, logger=logger).install(loop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.start()
     except StartupError as exc:

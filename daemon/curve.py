@@ -31,9 +31,10 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from .stats import DENY_REASONS
+
 __all__ = ["CurveKeys", "CurveGate", "DENY_REASONS", "read_server_keys", "read_authorized_keys"]
 
-DENY_REASONS = ("no_curve", "unknown_key", "handshake")
 
 # One ZAP domain for the daemon's sockets; the authenticator's rules apply to every domain.
 _DOMAIN = b"esper-telemetry"
@@ -142,7 +143,7 @@ class CurveGate:
         # the sockets' ZAP domain itself ("*" is not a wildcard there).
         self._auth.certs[_DOMAIN.decode()] = keys
         self._auth.allow_any = False
-        if len(keys) != self.authorized or why != "start":
+        if why != "start":  # at start, the listening line says how many
             self._log.info("authorized CURVE keys (%s): %d from %s", why, len(keys), self._dir)
         self.authorized = len(keys)
         return True

@@ -26,7 +26,7 @@ from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, Snapshot
-from .stats import EVICT_REASONS
+from .stats import DENY_REASONS, EVICT_REASONS
 
 __all__ = ["EsperCollector", "scrape_registry", "process_registry", "VIOLATION_KINDS",
            "MISMATCH_KINDS"]
@@ -230,6 +230,16 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     for reason in EVICT_REASONS:
         evicted.add_metric([reason], (snap.evicted or {}).get(reason, 0))
     yield evicted
+    # Created at 0 whether CURVE is on or not, so rules can use rate() at once.
+    denied = CounterMetricFamily(
+        "esper_daemon_auth_denied",
+        "Collector connections refused at the CURVE handshake, by reason: no_curve (a "
+        "plain ZeroMQ peer), unknown_key (a key not in the authorized-keys directory), "
+        "handshake (a wrong daemon key, a broken peer). Every attempt counts.",
+        labels=["reason"])
+    for reason in DENY_REASONS:
+        denied.add_metric([reason], (snap.auth_denied or {}).get(reason, 0))
+    yield denied
     yield CounterMetricFamily(
         "esper_daemon_expired_runs", "Runs dropped after the TTL without events.",
         value=snap.expired_runs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import zmq
 import zmq.asyncio
@@ -67,7 +67,10 @@ class Receiver:
         logger: logging.Logger = _log,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         receive_buffer_bytes: int = DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
+        secure: Optional[Callable[[zmq.asyncio.Socket], None]] = None,
     ) -> None:
+        # Called on each socket before it binds (daemon.curve: CURVE server and ZAP domain).
+        self._secure = secure
         self._max_message_bytes = max_message_bytes
         self.hwm = receive_hwm(receive_buffer_bytes, max_message_bytes)
         self._context = context
@@ -86,6 +89,8 @@ class Receiver:
             sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
             sock.setsockopt(zmq.RCVHWM, self.hwm)
             sock.setsockopt(zmq.IPV6, 1)  # else libzmq refuses tcp://[ADDR]:PORT endpoints
+            if self._secure is not None:
+                self._secure(sock)
             try:
                 sock.bind(address)
             except zmq.ZMQError as exc:

@@ -54,3 +54,6 @@ class Snapshot(NamedTuple):
     # and messages that carried no number (schema 1 senders).
     messages_lost: Optional[Dict[Tuple[str, int], int]] = None
     unsequenced_messages: Optional[int] = None
+    # CURVE handshakes refused on the ingest sockets, by reason (daemon/curve.py); the
+    # daemon adds them like the queue's figures.
+    auth_denied: Optional[Dict[str, int]] = None

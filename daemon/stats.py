@@ -11,7 +11,7 @@ from typing import Dict
 
 from esper_telemetry.codec import REASONS
 
-__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS"]
+__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS", "DENY_REASONS"]
 
 # Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
 # receiver-to-aggregator queue had no room for the message's events), "internal" (a
@@ -26,6 +26,9 @@ OVERFLOW_KINDS = ("runs", "groups", "ranks", "label_values", "pending_steps")
 # Why a run left the full run table to make room for a new one: it had ended (and was
 # kept for the ended-retention time), it never sent norms, it was idle past the limit.
 EVICT_REASONS = ("ended", "no_captures", "idle")
+
+# Why a collector's CURVE handshake was refused (daemon/curve.py says how each is told).
+DENY_REASONS = ("no_curve", "unknown_key", "handshake")
 
 
 class DaemonStats:
