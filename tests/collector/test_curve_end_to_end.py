@@ -55,3 +55,28 @@ def test_only_the_authorized_collector_is_exported_and_the_refused_one_counts_it
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_sighup_reloads_the_authorized_keys_of_a_running_daemon(tmp_path) -> None:
+    import signal
+
+    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
+    keys.mkdir()
+    authorized.mkdir()
+    for name in ("daemon", "rank0", "rank1"):
+        keygen(keys, name)
+    shutil.copy(keys / "rank0.key", authorized / "rank0.key")
+    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
+                 f"--zmq.curve.secret-key-file={keys / 'daemon.key_secret'}",
+                 f"--zmq.curve.authorized-keys-dir={authorized}")
+    try:
+        started(proc)
+        assert "ingest requires CURVE: 1 authorized keys" in proc.stderr.readline()
+        shutil.copy(keys / "rank1.key", authorized / "rank1.key")
+        proc.send_signal(signal.SIGHUP)
+        line = proc.stderr.readline()   # the SIGHUP reload, or the directory poll's: both reload
+        assert "authorized CURVE keys" in line and ": 2 from" in line, line
+        assert proc.poll() is None   # SIGHUP does not stop the daemon (its default would)
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
