@@ -25,7 +25,7 @@ import zmq
 
 from esper_telemetry.codec import encode
 from esper_telemetry.events import Event, Heartbeat
-from esper_telemetry.defaults import MAX_MESSAGE_BYTES
+from esper_telemetry.defaults import COLLECTOR_MESSAGE_BYTES
 
 from .curve import CurveKeys
 
@@ -170,8 +170,9 @@ class Publisher:
     def _send(self, batch: List[Event]) -> None:
         try:
             data = encode(batch, seq=self.messages)
-            if len(data) > MAX_MESSAGE_BYTES and len(batch) > 1:
-                # The daemon rejects an oversized message whole: send it as two (or more).
+            if len(data) > COLLECTOR_MESSAGE_BYTES and len(batch) > 1:
+                # Under half the daemon's default frame limit (libzmq refuses a larger frame
+                # and drops the connection): send it as two (or more).
                 half = len(batch) // 2
                 self._send(batch[:half])
                 self._send(batch[half:])

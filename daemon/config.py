@@ -141,11 +141,12 @@ class Config:
         help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` "
              "for IPv6")
     zmq_max_message_bytes: int = setting(
-        "--zmq.max-message-bytes", d.ENV_ZMQ_MAX_MESSAGE_BYTES, d.MAX_MESSAGE_BYTES,
+        "--zmq.max-message-bytes", d.ENV_ZMQ_MAX_MESSAGE_BYTES, d.DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
         message_bytes, metavar="BYTES", unit="bytes",
         help="larger frames are refused by libzmq before they are read (`ZMQ_MAXMSGSIZE`; "
              "it drops that sender's connection: the loss shows in `esper_messages_lost_total`); "
-             "at most the wire's limit, which collectors split their batches under")
+             "at most the wire's limit (1048576); collectors split their batches at half the "
+             "default")
     zmq_receive_buffer_bytes: int = setting(
         "--zmq.receive-buffer-bytes", d.ENV_ZMQ_RECEIVE_BUFFER_BYTES,
         d.DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES, _counts, metavar="BYTES", unit="bytes",

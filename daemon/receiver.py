@@ -30,7 +30,10 @@ import zmq
 import zmq.asyncio
 
 from esper_telemetry.codec import WireError, decode
-from esper_telemetry.defaults import DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES, MAX_MESSAGE_BYTES
+from esper_telemetry.defaults import (
+    DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
+    DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
+)
 
 from .queue import EventQueue
 from .stats import DaemonStats
@@ -65,7 +68,7 @@ class Receiver:
         queue: EventQueue,
         stats: DaemonStats,
         logger: logging.Logger = _log,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_message_bytes: int = DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
         receive_buffer_bytes: int = DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
         secure: Optional[Callable[[zmq.asyncio.Socket], None]] = None,
     ) -> None:

@@ -27,6 +27,8 @@ __all__ = [
     "ENV_ZMQ_MAX_MESSAGE_BYTES",
     "ENV_ZMQ_RECEIVE_BUFFER_BYTES",
     "DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES",
+    "DEFAULT_ZMQ_MAX_MESSAGE_BYTES",
+    "COLLECTOR_MESSAGE_BYTES",
     "ENV_WEB_LISTEN_ADDRESS",
     "ENV_WEB_TELEMETRY_PATH",
     "ENV_RUN_TTL_SECONDS",
@@ -127,10 +129,16 @@ DEFAULT_SHUTDOWN_LINGER_SECONDS = 0.0
 # Wire limits. The daemon also sets MAX_MESSAGE_BYTES as the socket's ZMQ_MAXMSGSIZE so an
 # oversize frame is dropped by libzmq before Python ever allocates it.
 MAX_MESSAGE_BYTES = 1 << 20
+# A collector splits a batch that encodes larger than this into smaller messages (an event
+# larger than it goes alone; it takes 256 groups with long multi-byte names to get there).
+COLLECTOR_MESSAGE_BYTES = 128 << 10
+# The daemon's frame limit (ZMQ_MAXMSGSIZE): twice the largest batch a collector sends.
+DEFAULT_ZMQ_MAX_MESSAGE_BYTES = 256 << 10
 # What libzmq may buffer per connected collector, in bytes: the receive high-water mark is
-# this over the message size limit (32 messages of 1 MiB), so a flood of max-size frames
-# holds at most this much per sender. A collector splits its batches under the limit.
-# Measured (bench/daemon_ingest.py): no ingest cost against a high-water mark of 10,000.
+# this over the frame limit (128 messages of 256 KiB), so a flood of max-size frames holds
+# at most this much per sender. Measured (bench/daemon_ingest.py, saturated): at a mark of
+# 32 messages (1 MiB frames) libzmq sometimes resumed a full pipe slowly (10,000-15,000
+# events/s in 4 of 10 trials); at 128 no trial slowed.
 DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES = 32 << 20
 MAX_BATCH_EVENTS = 4096
 MAX_STRING_CHARS = 256

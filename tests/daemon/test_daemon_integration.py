@@ -72,7 +72,8 @@ async def test_a_flood_of_bad_frames_is_counted_and_a_good_collector_is_unharmed
         start_daemon, push):
     # Every frame is sent before the daemon (on this thread's loop) reads one: a receive
     # buffer that holds them all (the default holds 32 messages per sender).
-    d = await start_daemon(zmq_receive_buffer_bytes=8 << 30)
+    d = await start_daemon(zmq_receive_buffer_bytes=8 << 30,
+                           zmq_max_message_bytes=MAX_MESSAGE_BYTES)  # the codec's limits
     rng = random.Random(1234)
     bad, good = push(d.endpoint), push(d.endpoint)
     frames = _bad_frames(rng, 3000)
