@@ -14,20 +14,23 @@ from esper_telemetry import defaults
 from deploy_support import DEPLOY, daemon_command
 
 UNIT = DEPLOY / "systemd" / "esper-telemetryd.service"
+SECURE = DEPLOY / "systemd" / "esper-telemetryd.service.d" / "secure.conf"
+CREDENTIALS = "/run/credentials/esper-telemetryd.service"
 ENV_FILE = DEPLOY / "systemd" / "esper-telemetryd.env"
 # The variables only the training side reads.
-COLLECTOR_ENV = {defaults.ENV_RUN, defaults.ENV_ENDPOINT}
+COLLECTOR_ENV = {defaults.ENV_RUN, defaults.ENV_ENDPOINT, defaults.ENV_SERVER_PUBLIC_KEY_FILE,
+                 defaults.ENV_CLIENT_SECRET_KEY_FILE}
 
 
 def daemon_env_names() -> set:
     return {v for k, v in vars(defaults).items() if k.startswith("ENV_")} - COLLECTOR_ENV
 
 
-def unit() -> Dict[str, Dict[str, List[str]]]:
+def unit(path=UNIT) -> Dict[str, Dict[str, List[str]]]:
     """Section -> key -> values (systemd keys repeat)."""
     out: Dict[str, Dict[str, List[str]]] = {}
     section = None
-    for raw in UNIT.read_text().splitlines():
+    for raw in path.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -98,8 +101,9 @@ def test_env_file_defaults_match_the_code() -> None:
 
 
 def test_env_file_is_accepted_by_the_daemon() -> None:
-    # Uncomment every default and ask the daemon itself: --check-config exits 0.
-    env = {"PATH": "/usr/bin:/bin", **env_file()}
+    # Uncomment every default and ask the daemon itself: --check-config exits 0. The key
+    # and web-config paths name files only an installed service has (checked below).
+    env = {"PATH": "/usr/bin:/bin", **{k: v for k, v in env_file().items() if k not in SECURE_ENV}}
     result = subprocess.run([*daemon_command(), "--check-config"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -117,8 +121,9 @@ def test_systemd_analyze_verify(tmp_path) -> None:
         pytest.skip("systemd-analyze not installed (the static checks above still ran)")
     exe = daemon_command()[0]
     text = UNIT.read_text().replace("/opt/esper-telemetry/bin/esper-telemetryd", exe)
+    # With the secure drop-in's lines too (a repeated [Service] section is what a drop-in is).
     path = tmp_path / UNIT.name
-    path.write_text(text)
+    path.write_text(text + "\n" + SECURE.read_text())
     result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
                             timeout=60)
     problems = [l for l in (result.stdout + result.stderr).splitlines() if UNIT.name in l]
@@ -133,3 +138,74 @@ def test_daemon_reads_every_documented_variable() -> None:
     help_text = " ".join(result.stdout.split())
     for name in env_file():
         assert name in help_text, f"{name} is documented but the daemon does not read it"
+
+
+SECURE_ENV = {defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+              defaults.ENV_WEB_CONFIG_FILE}
+
+
+def secure_env() -> Dict[str, str]:
+    s = unit(SECURE)["Service"]
+    return dict(line.split("=", 1) for line in s.get("Environment", []))
+
+
+def credentials() -> Dict[str, str]:
+    """Credential name -> the root-only file systemd reads it from."""
+    return dict(line.split(":", 1) for line in unit(SECURE)["Service"]["LoadCredential"])
+
+
+def test_unit_reloads_keys_on_sighup() -> None:
+    assert unit()["Service"]["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_secure_dropin_hands_secrets_in_as_credentials() -> None:
+    env, creds = secure_env(), credentials()
+    assert set(env) == SECURE_ENV
+    # The secret key and the web configuration are systemd's copies of credentials.
+    for name in (defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_WEB_CONFIG_FILE):
+        folder, _, cred = env[name].rpartition("/")
+        assert folder == CREDENTIALS and cred in creds, env[name]
+    assert creds["daemon.key_secret"].endswith("/daemon.key_secret")
+    # Everything the web configuration names relatively comes in next to it.
+    assert {"web-config.yml", "tls.crt", "tls.key"} <= set(creds)
+    # Sources outside any world-readable default place, not the env file's folder.
+    for source in creds.values():
+        assert source.startswith("/etc/esper-telemetryd/private/"), source
+    # Public keys: a plain path, re-readable (a credential is copied once at start).
+    keys_dir = env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]
+    assert not keys_dir.startswith("/run/credentials/") and keys_dir not in creds.values()
+    # The env file documents the same paths.
+    documented = env_file()
+    for name in SECURE_ENV:
+        assert documented[name] == env[name], name
+
+
+def test_secure_dropin_settings_pass_the_daemons_check(tmp_path) -> None:
+    """The drop-in's settings, with its credentials and keys made the documented way, are a
+    configuration the daemon accepts; a broken web configuration among them is refused."""
+    from tls_support import bcrypt_hash, make_pki
+    from esper_telemetry.collector.curve import keygen
+
+    creds = tmp_path / "credentials"
+    keys = tmp_path / "authorized-keys"
+    creds.mkdir()
+    keys.mkdir()
+    keygen(str(creds), "daemon")
+    keygen(str(keys), "trainer-0")
+    pki = make_pki(tmp_path / "pki")
+    (creds / "tls.crt").write_bytes(pki.server_cert.read_bytes())
+    (creds / "tls.key").write_bytes(pki.server_key.read_bytes())
+    web = ("tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n"
+           f"basic_auth_users:\n  prometheus: '{bcrypt_hash('s3cret')}'\n")
+    (creds / "web-config.yml").write_text(web)
+    env = {"PATH": "/usr/bin:/bin"}
+    for name, value in secure_env().items():
+        value = value.replace(CREDENTIALS, str(creds))
+        env[name] = value.replace(secure_env()[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR], str(keys))
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    (creds / "web-config.yml").write_text(web.replace("cert_file", "certfile"))
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "certfile" in result.stderr, result.stderr
