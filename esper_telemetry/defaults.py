@@ -136,9 +136,9 @@ COLLECTOR_MESSAGE_BYTES = 128 << 10
 DEFAULT_ZMQ_MAX_MESSAGE_BYTES = 256 << 10
 # What libzmq may buffer per connected collector, in bytes: the receive high-water mark is
 # this over the frame limit (128 messages of 256 KiB), so a flood of max-size frames holds
-# at most this much per sender. Measured (bench/daemon_ingest.py, saturated): at a mark of
-# 32 messages (1 MiB frames) libzmq sometimes resumed a full pipe slowly (10,000-15,000
-# events/s in 4 of 10 trials); at 128 no trial slowed.
+# at most this much per sender. Measured (bench/daemon_ingest.py, saturated): libzmq
+# sometimes resumes a full pipe slowly (a trial at 10,000-15,000 events/s instead of about
+# 180,000): 4 of 10 batched trials at a mark of 32 messages (1 MiB frames), 1 of 10 at 128.
 DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES = 32 << 20
 MAX_BATCH_EVENTS = 4096
 MAX_STRING_CHARS = 256
