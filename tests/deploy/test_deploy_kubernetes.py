@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import shutil
 import subprocess
-from typing import Dict
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Tuple
 
 import pytest
 
 from esper_telemetry import defaults
 
-from deploy_support import DEPLOY, RULES, load_yaml, load_yaml_all
+from deploy_support import DEPLOY, RULES, daemon_command, load_yaml, load_yaml_all, need
 
 K8S = DEPLOY / "kubernetes"
 OPERATOR = K8S / "prometheus-operator"
@@ -118,3 +121,224 @@ def test_kustomize_builds() -> None:
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "kind: " in result.stdout
+
+
+# --- who may connect: the NetworkPolicy -----------------------------------------------------
+
+COLLECTORS_LABEL = {"esper-telemetry/collectors": "true"}
+PROMETHEUS_LABEL = {"esper-telemetry/prometheus": "true"}
+
+
+def test_network_policy_admits_only_labelled_namespaces_on_their_port(base) -> None:
+    policy = base["NetworkPolicy"]["spec"]
+    pod_labels = base["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["podSelector"]["matchLabels"], "an empty selector would take every pod"
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy.get("egress") in ([], None), "the daemon opens no connection"
+    container_ports = {p["name"]: p["containerPort"] for p in container(base)["ports"]}
+    admitted = {}
+    for rule in policy["ingress"]:
+        # A rule without `from` (or with an empty peer) would admit everyone.
+        (peer,) = rule["from"]
+        assert set(peer) == {"namespaceSelector"}, peer
+        (port,) = rule["ports"]
+        assert port["protocol"] == "TCP"
+        labels = tuple(sorted(peer["namespaceSelector"]["matchLabels"].items()))
+        admitted[labels] = container_ports[port["port"]]
+    assert admitted == {
+        tuple(COLLECTORS_LABEL.items()): defaults.DEFAULT_ZMQ_PORT,
+        tuple(PROMETHEUS_LABEL.items()): defaults.DEFAULT_WEB_PORT,
+    }
+
+
+def test_namespace_labels_are_documented() -> None:
+    docs = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    for label in (COLLECTORS_LABEL, PROMETHEUS_LABEL):
+        (key, value), = label.items()
+        assert f"{key}={value}" in docs, key
+
+
+# --- the secure component, built with kustomize from keys made the documented way ----------
+
+SECURE_ENV = (defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+              defaults.ENV_WEB_CONFIG_FILE)
+
+
+def _uncomment_components(kustomization: Path) -> None:
+    text = kustomization.read_text()
+    on = text.replace("# components:\n#   - secure\n", "components:\n  - secure\n")
+    assert on != text, f"{kustomization}: no commented `components: [secure]` to turn on"
+    kustomization.write_text(on)
+
+
+def _kustomize(directory: Path) -> List[dict]:
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    need("kubectl", kubectl is not None, "kubectl kustomize builds the overlays")
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+class SecureBuild(NamedTuple):
+    objects: List[dict]
+    operator: List[dict]
+    files: Path          # the copy of deploy/kubernetes holding the generated files
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory) -> SecureBuild:
+    from esper_telemetry.collector.curve import keygen
+    from tls_support import bcrypt_hash, make_pki
+
+    tree = tmp_path_factory.mktemp("k8s") / "kubernetes"
+    shutil.copytree(K8S, tree)
+    comp = tree / "secure"
+    for sub in ("curve", "web", "authorized-keys"):
+        (comp / sub).mkdir()
+    keygen(comp / "curve", "daemon")
+    keygen(comp / "authorized-keys", "collector")
+    pki = make_pki(tree.parent / "pki")
+    shutil.copy(pki.server_cert, comp / "web" / "tls.crt")
+    shutil.copy(pki.server_key, comp / "web" / "tls.key")
+    example = (comp / "web-config.example.yml").read_text()
+    placeholder = re.search(r"\$2y\$10\$REPLACE\S*", example).group(0)
+    (comp / "web" / "web-config.yml").write_text(
+        example.replace(placeholder, "'" + bcrypt_hash("s3cret") + "'"))
+    _uncomment_components(tree / "kustomization.yaml")
+    scrape = tree / "prometheus-operator" / "secure" / "scrape"
+    scrape.mkdir()
+    shutil.copy(pki.ca, scrape / "ca.crt")
+    (scrape / "username").write_text("prometheus")
+    (scrape / "password").write_text("s3cret")
+    _uncomment_components(tree / "prometheus-operator" / "kustomization.yaml")
+    return SecureBuild(_kustomize(tree), _kustomize(tree / "prometheus-operator"), tree)
+
+
+def _one(objs: List[dict], kind: str, name_prefix: str = "") -> dict:
+    (obj,) = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name_prefix)]
+    return obj
+
+
+def _mounted(build: SecureBuild) -> Dict[str, Tuple[dict, dict, dict]]:
+    """mountPath -> (mount, volume, the Secret or ConfigMap it shows)."""
+    pod = _one(build.objects, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (c,) = pod["containers"]
+    out = {}
+    for m in c["volumeMounts"]:
+        v = volumes[m["name"]]
+        if "secret" in v:
+            source = _one(build.objects, "Secret", v["secret"]["secretName"])
+            assert source["metadata"]["name"] == v["secret"]["secretName"]
+        else:
+            source = _one(build.objects, "ConfigMap", v["configMap"]["name"])
+        out[m["mountPath"]] = (m, v, source)
+    return out
+
+
+def load_yaml_text(data: bytes) -> dict:
+    import yaml
+
+    return yaml.safe_load(data)
+
+
+def _data(source: dict, key: str) -> bytes:
+    if source["kind"] == "Secret":
+        return base64.b64decode(source["data"][key])
+    return source["data"][key].encode()
+
+
+def test_secure_mounts_are_read_only_and_private(secure) -> None:
+    mounted = _mounted(secure)
+    assert len(mounted) == 3
+    pod = _one(secure.objects, "Deployment")["spec"]["template"]["spec"]
+    for path, (mount, volume, source) in mounted.items():
+        assert mount.get("readOnly") is True, path
+        assert "subPath" not in mount, f"{path}: a subPath mount never sees updates"
+        mode = (volume.get("secret") or volume.get("configMap"))["defaultMode"]
+        assert mode & 0o222 == 0, f"{path}: writable mode {mode:o}"
+        if source["kind"] == "Secret":
+            # Root-owned files: only the pod's group (fsGroup) may read them.
+            assert mode & 0o007 == 0 and mode & 0o040, f"{path}: mode {mode:o}"
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        else:
+            assert source["kind"] == "ConfigMap" and all(k.endswith(".key") for k in source["data"])
+    # The daemon's secret key is in a Secret, never in a ConfigMap.
+    for cm in (o for o in secure.objects if o["kind"] == "ConfigMap"):
+        assert not any(k.endswith("key_secret") or k.endswith("tls.key") for k in cm["data"])
+
+
+def test_secure_env_points_into_the_mounts(secure) -> None:
+    c = _one(secure.objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    mounted = _mounted(secure)
+    comp = secure.files / "secure"
+    key_dir, _, key_name = env[defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE].rpartition("/")
+    assert _data(mounted[key_dir][2], key_name) == (comp / "curve" / "daemon.key_secret").read_bytes()
+    keys = mounted[env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]][2]
+    assert keys["kind"] == "ConfigMap"
+    assert _data(keys, "collector.key") == (comp / "authorized-keys" / "collector.key").read_bytes()
+    web_dir, _, web_name = env[defaults.ENV_WEB_CONFIG_FILE].rpartition("/")
+    web = load_yaml_text(_data(mounted[web_dir][2], web_name))
+    # Paths in the web config are relative to its folder: the same Secret holds them.
+    for name in (web["tls_server_config"]["cert_file"], web["tls_server_config"]["key_file"]):
+        assert "/" not in name and _data(mounted[web_dir][2], name)
+
+
+def test_secure_mounts_make_a_configuration_the_daemon_accepts(secure, tmp_path) -> None:
+    """Lay the Secrets and the ConfigMap out as the kubelet would, under a temporary root,
+    and run the daemon's --check-config with the pod's environment."""
+    c = _one(secure.objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    root = tmp_path / "pod"
+    for path, (_m, _v, source) in _mounted(secure).items():
+        folder = root / path.lstrip("/")
+        folder.mkdir(parents=True)
+        for key in source["data"]:
+            (folder / key).write_bytes(_data(source, key))
+    env = {"PATH": "/usr/bin:/bin"}
+    for e in c["env"]:
+        value = e["value"]
+        env[e["name"]] = str(root / value.lstrip("/")) if e["name"] in SECURE_ENV else value
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    # The check reads the mounted files: a web config naming a file the Secret lacks fails.
+    web = Path(env[defaults.ENV_WEB_CONFIG_FILE])
+    web.write_text(web.read_text().replace("cert_file: tls.crt", "cert_file: server.crt"))
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "server.crt" in result.stderr, result.stderr
+
+
+def test_secure_probes_speak_https(secure) -> None:
+    c = _one(secure.objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for probe, path in (("startupProbe", "/-/ready"), ("livenessProbe", "/-/healthy"),
+                        ("readinessProbe", "/-/ready")):
+        assert c[probe]["httpGet"] == {"path": path, "port": "http-metrics", "scheme": "HTTPS"}
+    svc = _one(secure.objects, "Service")
+    assert svc["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    # The rest of the base is still there, NetworkPolicy included.
+    assert {o["kind"] for o in secure.objects} >= {"ServiceAccount", "Deployment", "Service",
+                                                    "NetworkPolicy", "Secret", "ConfigMap"}
+
+
+def test_secure_service_monitor_scrapes_with_tls_and_basic_auth(secure) -> None:
+    sm = _one(secure.operator, "ServiceMonitor")
+    secret = _one(secure.operator, "Secret")
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["port"] == "http-metrics"
+    assert endpoint["path"] == defaults.DEFAULT_WEB_TELEMETRY_PATH
+    refs = [endpoint["tlsConfig"]["ca"]["secret"], endpoint["basicAuth"]["username"],
+            endpoint["basicAuth"]["password"]]
+    for ref in refs:
+        assert ref["name"] == secret["metadata"]["name"], "the operator looks the Secret up by name"
+        assert ref["key"] in secret["data"]
+    assert _data(secret, endpoint["basicAuth"]["password"]["key"]) == b"s3cret"
+    # The certificate's name: the Service's (the documented openssl command puts it in the SAN).
+    assert endpoint["tlsConfig"]["serverName"] == _one(secure.objects, "Service")["metadata"]["name"]
+    assert "DNS:esper-telemetryd," in (K8S / "secure" / "kustomization.yaml").read_text()
+    assert "PrometheusRule" in {o["kind"] for o in secure.operator}
