@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 from typing import List, Tuple
 
+import pytest
 
 from esper_telemetry import defaults
 
-from deploy_support import DEPLOY, ROOT, free_port, load_yaml
+from deploy_support import DEPLOY, ROOT, daemon_command, free_port, load_yaml, stop, wait_until
 
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE = DEPLOY / "docker" / "compose.yaml"
@@ -153,3 +157,166 @@ def test_grafana_provisioning() -> None:
     assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
     (provider,) = load_yaml(prov / "dashboards" / "esper-telemetry.yaml")["providers"]
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards/esper"
+
+
+# --- the secured stack: keys from the one-shot `secrets` service ---------------------------
+
+SECRETS_SH = DEPLOY / "docker" / "secrets.sh"
+PROMETHEUS_UID, DAEMON_UID = 65534, 65532
+
+
+def _volume(spec: str) -> Tuple[str, str, str]:
+    """(source, target, options) of a short volume syntax."""
+    parts = spec.split(":")
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else "rw"
+
+
+def test_compose_daemon_reads_keys_from_read_only_mounts() -> None:
+    services = load_yaml(COMPOSE)["services"]
+    d = services["esper-telemetryd"]
+    env = d["environment"]
+    mounts = {target: (src, opts) for src, target, opts in map(_volume, d["volumes"])}
+    for name in (defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_WEB_CONFIG_FILE,
+                 defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR):
+        path = env[name]
+        (target,) = [t for t in mounts if path == t or path.startswith(t + "/")]
+        assert mounts[target][1] == "ro", f"{name} is under a writable mount"
+    secrets_target = env[defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE].split("/")[1]
+    assert mounts["/" + secrets_target][0] == "secrets"
+    assert "secrets" in load_yaml(COMPOSE)["volumes"]
+    src, _ = mounts[env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]]
+    assert (COMPOSE.parent / src).is_dir(), "the authorized-keys folder ships (empty)"
+    assert d["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
+    assert services["prometheus"]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
+    prom = {target: (src, opts) for src, target, opts in map(_volume, services["prometheus"]["volumes"])}
+    assert prom["/secrets"] == ("secrets", "ro")
+
+
+def test_compose_secrets_service_runs_the_script_with_least_privilege() -> None:
+    s = load_yaml(COMPOSE)["services"]["secrets"]
+    assert s["image"] == load_yaml(COMPOSE)["services"]["esper-telemetryd"]["image"]
+    mounts = {target: (src, opts) for src, target, opts in map(_volume, s["volumes"])}
+    script = s["entrypoint"][-1]
+    assert (COMPOSE.parent / mounts[script][0]).resolve() == SECRETS_SH and mounts[script][1] == "ro"
+    assert mounts["/secrets"] == ("secrets", "rw")
+    assert s["cap_drop"] == ["ALL"] and set(s["cap_add"]) <= {"CHOWN", "FOWNER"}
+    assert s["network_mode"] == "none" and s["read_only"] is True
+    assert s["restart"] == "no"
+
+
+def test_grafana_admin_password_has_no_known_default() -> None:
+    env = load_yaml(COMPOSE)["services"]["grafana"]["environment"]
+    value = env["GF_SECURITY_ADMIN_PASSWORD"]
+    # ${VAR:?message}: compose refuses to start without it (no ${VAR:-admin}).
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", value), value
+
+
+def _run_secrets_sh(root: Path) -> subprocess.CompletedProcess:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SECRETS_DIR": str(root)}
+    return subprocess.run(["/bin/sh", str(SECRETS_SH)], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def made_secrets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compose") / "secrets"
+    result = _run_secrets_sh(root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def test_secrets_script_modes_and_owners(made_secrets) -> None:
+    d, p = made_secrets / "daemon", made_secrets / "prometheus"
+    modes = {f"daemon/{n}": 0o400 for n in ("daemon.key_secret", "tls.key", "web-config.yml")}
+    modes.update({f"daemon/{n}": 0o444 for n in ("daemon.key", "tls.crt")})
+    modes.update({"prometheus/password": 0o400, "prometheus/ca.crt": 0o444,
+                  "daemon": 0o750, "prometheus": 0o750, "ca": 0o700})
+    for name, mode in modes.items():
+        assert stat.S_IMODE((made_secrets / name).stat().st_mode) == mode, name
+    if os.geteuid() == 0:  # the chowns only run as root, as in the container
+        assert {f.stat().st_uid for f in d.iterdir()} == {DAEMON_UID}
+        assert d.stat().st_gid == DAEMON_UID and d.stat().st_uid == 0
+        assert {f.stat().st_uid for f in p.iterdir()} == {PROMETHEUS_UID}
+        assert p.stat().st_gid == PROMETHEUS_UID and p.stat().st_uid == 0
+
+
+def test_secrets_script_never_overwrites(made_secrets) -> None:
+    before = {f: f.read_bytes() for f in made_secrets.rglob("*") if f.is_file()}
+    result = _run_secrets_sh(made_secrets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = {f: f.read_bytes() for f in made_secrets.rglob("*") if f.is_file()}
+    assert after == before
+
+
+def test_secrets_script_output_is_what_the_daemon_and_prometheus_accept(made_secrets, tmp_path) -> None:
+    import bcrypt
+
+    compose = load_yaml(COMPOSE)["services"]
+    d = made_secrets / "daemon"
+    # The password Prometheus sends is the one the daemon's hash admits.
+    web = load_yaml(d / "web-config.yml")
+    (user, hashed), = web["basic_auth_users"].items()
+    scrape = load_yaml(DEPLOY / "docker" / "prometheus.yml")["scrape_configs"][0]
+    assert scrape["scheme"] == "https" and scrape["basic_auth"]["username"] == user
+    password_file = Path(scrape["basic_auth"]["password_file"].replace("/secrets", str(made_secrets)))
+    assert bcrypt.checkpw(password_file.read_bytes(), hashed.encode())
+    # The certificate is signed by the CA Prometheus trusts, for the name it checks.
+    ca_file = scrape["tls_config"]["ca_file"].replace("/secrets", str(made_secrets))
+    verify = subprocess.run(["openssl", "verify", "-CAfile", ca_file,
+                             "-verify_hostname", scrape["tls_config"]["server_name"],
+                             str(d / web["tls_server_config"]["cert_file"])],
+                            capture_output=True, text=True, timeout=30)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert scrape["static_configs"][0]["targets"][0].split(":")[0] == scrape["tls_config"]["server_name"]
+    # The daemon's settings in compose.yaml, on these files, pass its own check.
+    keys = tmp_path / "authorized-keys"
+    keys.mkdir()
+    from esper_telemetry.collector.curve import keygen
+    keygen(keys, "trainer")
+    env = {"PATH": "/usr/bin:/bin"}
+    for name, value in compose["esper-telemetryd"]["environment"].items():
+        env[name] = str(value).replace("/secrets", str(made_secrets)).replace("/authorized-keys", str(keys))
+    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_healthcheck_command_speaks_tls_when_the_web_config_has_it(made_secrets, tmp_path) -> None:
+    """Needs the daemon to serve --web.config.file: /-/healthy over TLS, without a password."""
+    import ssl
+    import urllib.request
+
+    web = tmp_path / "web"
+    shutil.copytree(made_secrets / "daemon", web)
+    for f in web.iterdir():
+        f.chmod(0o600)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
+    proc = subprocess.Popen(
+        [*daemon_command(), f"--zmq.listen-address=tcp://127.0.0.1:{free_port()}",
+         f"--web.listen-address=127.0.0.1:{port}", f"--web.config.file={web / 'web-config.yml'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        context = ssl._create_unverified_context()
+
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/-/healthy", timeout=1,
+                                            context=context) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, 20, "the daemon's /-/healthy over TLS")
+        base_env = {**os.environ, "ESPER_WEB_LISTEN_ADDRESS": f"0.0.0.0:{port}"}
+        with_tls = {**base_env, "ESPER_WEB_CONFIG_FILE": str(web / "web-config.yml")}
+        result = subprocess.run(healthcheck_argv(), env=with_tls, capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        # Plain HTTP against the TLS port fails: the check follows the config.
+        base_env.pop("ESPER_WEB_CONFIG_FILE", None)
+        result = subprocess.run(healthcheck_argv(), env=base_env, capture_output=True, timeout=30)
+        assert result.returncode != 0
+    finally:
+        stop(proc)
