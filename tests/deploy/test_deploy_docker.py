@@ -202,6 +202,9 @@ def test_compose_secrets_service_runs_the_script_with_least_privilege() -> None:
     assert s["cap_drop"] == ["ALL"] and set(s["cap_add"]) <= {"CHOWN", "FOWNER"}
     assert s["network_mode"] == "none" and s["read_only"] is True
     assert s["restart"] == "no"
+    # The image has what the script calls, or its build fails.
+    final_runs = " ".join(arg for word, arg in final_stage() if word == "RUN")
+    assert "command -v openssl" in final_runs and "esper-telemetry keygen" in SECRETS_SH.read_text()
 
 
 def test_grafana_admin_password_has_no_known_default() -> None:
