@@ -146,7 +146,9 @@ class Daemon:
         self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
                              config.telemetry_path, self.snapshot,
                              lambda snap: scrape_registry(snap, process), self.ready,
-                             logger.getChild("web"))
+                             logger.getChild("web"),
+                             write_timeout_s=config.web_write_timeout_s,
+                             max_connections=config.web_max_connections)
         self.web_address = ""
         self._tasks: List[asyncio.Task] = []
         self._receiving: Optional[asyncio.Task] = None

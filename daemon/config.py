@@ -173,6 +173,16 @@ class Config:
     telemetry_path: str = setting(
         "--web.telemetry-path", d.ENV_WEB_TELEMETRY_PATH, d.DEFAULT_WEB_TELEMETRY_PATH,
         telemetry_path, metavar="PATH", help="path of the exposition")
+    web_write_timeout_s: float = setting(
+        "--web.write-timeout-seconds", d.ENV_WEB_WRITE_TIMEOUT_SECONDS,
+        d.DEFAULT_WEB_WRITE_TIMEOUT_SECONDS, number(minimum=0.001), metavar="SECONDS",
+        unit="seconds",
+        help="a response the client has not read whole by then is abandoned and its "
+             "connection closed (a non-reading client holds memory at most this long)")
+    web_max_connections: int = setting(
+        "--web.max-connections", d.ENV_WEB_MAX_CONNECTIONS, d.DEFAULT_WEB_MAX_CONNECTIONS,
+        _counts, metavar="N", unit="connections",
+        help="HTTP connections open at once; further ones get a 503 and are closed")
     run_ttl_s: float = setting(
         "--run.ttl-seconds", d.ENV_RUN_TTL_SECONDS, d.DEFAULT_RUN_TTL_SECONDS,
         number(minimum=0.001), metavar="SECONDS", unit="seconds",

@@ -1,40 +1,101 @@
 """The HTTP endpoint: the telemetry path, ``/-/healthy``, ``/-/ready``, and a landing page.
 
-A small asyncio HTTP/1.1 server (one request per connection, ``Connection: close``) so it
-shares the event loop's lifecycle and needs no extra dependency. A scrape takes the
-snapshot on the loop, in the request's handler (one consistent instant, no locks), then
-renders it on a worker thread, so a large scrape does not stall ingest for its rendering
-time; the worker never waits on the loop.
+Served by aiohttp's low-level server (a maintained HTTP/1.1 parser: keep-alive, pipelining,
+bare-LF requests answered, not waited on). A scrape takes the snapshot on the loop, in the
+request's handler (one consistent instant, no locks), then renders it on a worker thread, so
+a large scrape does not stall ingest; the worker never waits on the loop.
+
+Memory is bounded per connection and in connections: the body is written in 64 KiB
+chunks, each waiting for the peer to read (so a non-reading client holds a reference to one
+body and at most about 64 KiB of buffered copy), the whole write within
+``write_timeout_s`` or the connection is aborted; at most ``max_connections`` are open,
+further ones are answered 503 and closed at once. ``ssl_context`` (TLS, issue 11) is
+handed to the listening socket as is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import gzip
+import html
 import logging
+import ssl
 from typing import Any, Callable, Optional, Tuple
 
+from aiohttp import web
+from aiohttp.web_server import Server
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from esper_telemetry.version import __version__
+
 from .textformat import CONTENT_TYPE, render_text
 
-__all__ = ["WebServer"]
+__all__ = ["WebServer", "accepts_gzip"]
 
 _log = logging.getLogger(__name__)
 
-_MAX_HEADER_BYTES = 16384
-_READ_TIMEOUT_S = 10.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 500: "Internal Server Error", 503: "Service Unavailable"}
+_CHUNK = 1 << 16
+_TEXT = "text/plain; charset=utf-8"
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 33\r\nConnection: close\r\n\r\ntoo many connections, try again\r\n")
+
+
+def accepts_gzip(header: str) -> bool:
+    """Whether an ``Accept-Encoding`` value admits gzip (RFC 9110 q-values; ``*`` counts)."""
+    star: Optional[float] = None
+    for item in header.split(","):
+        name, _, params = item.strip().partition(";")
+        name = name.strip().lower()
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if name in ("gzip", "x-gzip"):
+            return q > 0
+        if name == "*":
+            star = q
+    return star is not None and star > 0
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or nothing elsewhere.
+
+    Abandoned multi-MB bodies are freed into glibc's heaps (its mmap threshold rises past
+    their size after the first free), which keeps them in RSS; trimming returns them.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: (trim(0), None)[1]
+
+
+_TRIM = _malloc_trim()
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap: one 503 and close, nothing read or buffered."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(_BUSY)  # type: ignore[attr-defined]
+        transport.close()
 
 
 class WebServer:
     """Serves the exposition at ``path``; ``ready()`` decides ``/-/ready``.
 
     Per scrape: ``snapshot()`` on the loop thread, then ``registry(snapshot)`` and its
-    rendering on a worker thread.
+    rendering on a worker thread. ``refused`` and ``write_timeouts`` count connections
+    turned away by the cap and responses abandoned by the write timeout.
     """
 
     def __init__(
@@ -46,6 +107,10 @@ class WebServer:
         registry: Callable[[Any], Collector],
         ready: Callable[[], bool],
         logger: logging.Logger = _log,
+        write_timeout_s: float = 10.0,
+        max_connections: int = 64,
+        keepalive_timeout_s: float = 75.0,
+        ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -54,95 +119,126 @@ class WebServer:
         self._registry = registry
         self._ready = ready
         self._log = logger
+        self._write_timeout_s = write_timeout_s
+        self._max_connections = max_connections
+        self._keepalive_timeout_s = keepalive_timeout_s
+        self._ssl = ssl_context
         self._server: Optional[asyncio.base_events.Server] = None
+        self._http: Optional[Server] = None
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scrape")
         self.scraped = asyncio.Event()  # set after each successful scrape
+        self.refused = 0
+        self.write_timeouts = 0
+        self._trim: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now."""
+        return len(self._http.connections) if self._http is not None else 0
 
     async def start(self) -> Tuple[str, int]:
         """Bind and listen; returns the bound (host, port). Raises ``OSError`` on failure."""
-        self._server = await asyncio.start_server(
-            self._handle, self._host or None, self._port, reuse_address=True,
-            limit=_MAX_HEADER_BYTES)
+        self._http = Server(self._handle, access_log=None, max_line_size=8190,
+                            max_field_size=8190, keepalive_timeout=self._keepalive_timeout_s,
+                            handler_cancellation=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self._host or None, self._port, reuse_address=True,
+            ssl=self._ssl, backlog=128)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        assert self._http is not None
+        if len(self._http.connections) >= self._max_connections:
+            self.refused += 1
+            return _Refuse()
+        return self._http()
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish briefly, release the threads."""
         if self._server is not None:
             self._server.close()
+        if self._http is not None:
+            try:
+                await asyncio.wait_for(self._http.shutdown(1.0), 2.0)
+            except asyncio.TimeoutError:
+                pass
+        if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             except asyncio.TimeoutError:
                 pass
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
-            status, ctype, body, extra = await self._respond(reader)
+            return await self._respond(request)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
         except Exception:  # a bug; answer 500 rather than drop the connection silently
             self._log.exception("error answering an HTTP request")
-            status, ctype, body, extra = 500, "text/plain", b"internal error\n", {}
-        head_only = extra.pop("_head", False)
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
-                f"Content-Type: {ctype}", f"Content-Length: {len(body) if body else 0}",
-                "Connection: close"]
-        head += [f"{k}: {v}" for k, v in extra.items()]
-        try:
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-            if body and not head_only:
-                writer.write(body)
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+            return web.Response(status=500, text="internal error\n")
 
-    async def _respond(self, reader: asyncio.StreamReader) -> Tuple[int, str, bytes, dict]:
-        text = "text/plain; charset=utf-8"
-        try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return 408, text, b"request timeout\n", {}
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            return 400, text, b"bad request\n", {}
-        lines = raw.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return 400, text, b"bad request\n", {}
-        method, target = parts[0], parts[1]
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        path = target.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return 405, text, b"method not allowed\n", {"Allow": "GET, HEAD"}
-        extra = {"_head": True} if method == "HEAD" else {}
+    async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="method not allowed\n",
+                                headers={"Allow": "GET, HEAD"})
+        path = request.path
         if path == self._path:
-            snapshot = self._snapshot()
-            body, ctype, enc = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._render, snapshot, headers.get("accept"),
-                headers.get("accept-encoding", ""))
-            if enc:
-                extra["Content-Encoding"] = enc
-            self.scraped.set()
-            return 200, ctype, body, extra
+            return await self._scrape(request)
         if path == "/-/healthy":
-            return 200, text, b"Healthy.\n", extra
+            return web.Response(text="Healthy.\n")
         if path == "/-/ready":
             if self._ready():
-                return 200, text, b"Ready.\n", extra
-            return 503, text, b"Not ready.\n", extra
+                return web.Response(text="Ready.\n")
+            return web.Response(status=503, text="Not ready.\n")
         if path == "/":
+            p = html.escape(self._path, quote=True)
             page = (f"<html><head><title>esper-telemetryd</title></head><body>"
-                    f"<h1>esper-telemetryd</h1><p><a href=\"{self._path}\">Metrics</a></p>"
-                    f"</body></html>\n").encode()
-            return 200, "text/html; charset=utf-8", page, extra
-        return 404, text, b"not found\n", extra
+                    f"<h1>esper-telemetryd</h1><p>Version {html.escape(__version__)}</p><ul>"
+                    f"<li><a href=\"{p}\">Metrics</a></li>"
+                    f"<li><a href=\"/-/healthy\">Health</a></li>"
+                    f"<li><a href=\"/-/ready\">Readiness</a></li></ul></body></html>\n")
+            return web.Response(text=page, content_type="text/html")
+        return web.Response(status=404, text="not found\n")
 
-    def _render(self, snapshot: Any, accept: Optional[str], accept_encoding: str
-                ) -> Tuple[bytes, str, str]:
+    async def _scrape(self, request: web.BaseRequest) -> web.StreamResponse:
+        snapshot = self._snapshot()
+        gz = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        body, ctype = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._render, snapshot, request.headers.get("Accept"), gz)
+        resp = web.StreamResponse(headers={"Content-Type": ctype,
+                                           "Vary": "Accept-Encoding"})
+        if gz:
+            resp.headers["Content-Encoding"] = "gzip"
+        resp.content_length = len(body)
+        try:
+            await asyncio.wait_for(self._send(request, resp, body), self._write_timeout_s)
+        except asyncio.TimeoutError:
+            self.write_timeouts += 1
+            if request.transport is not None:
+                request.transport.abort()  # frees what the transport still buffers
+            if self._trim is None:  # once the abandoned bodies are gone, hand memory back
+                self._trim = asyncio.get_running_loop().call_later(0.5, self._trimmed)
+            raise ConnectionResetError("write timeout") from None
+        self.scraped.set()
+        return resp
+
+    def _trimmed(self) -> None:
+        self._trim = None
+        _TRIM()
+
+    @staticmethod
+    async def _send(request: web.BaseRequest, resp: web.StreamResponse, body: bytes) -> None:
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            view = memoryview(body)
+            for i in range(0, len(view), _CHUNK):
+                await resp.write(view[i:i + _CHUNK])
+        await resp.write_eof()
+
+    def _render(self, snapshot: Any, accept: Optional[str], gz: bool) -> Tuple[bytes, str]:
         """On a worker thread: the exposition of ``snapshot``, encoded as negotiated."""
         registry = self._registry(snapshot)
         encoder, ctype = choose_encoder(accept)
@@ -150,6 +246,6 @@ class WebServer:
             body, ctype = render_text(registry), CONTENT_TYPE
         else:  # OpenMetrics, negotiated: prometheus_client's own encoder
             body = encoder(registry)
-        if "gzip" in accept_encoding:
-            return gzip.compress(body, compresslevel=1), ctype, "gzip"
-        return body, ctype, ""
+        if gz:
+            return gzip.compress(body, compresslevel=1), ctype
+        return body, ctype

@@ -1,0 +1,255 @@
+"""The HTTP server as clients meet it: keep-alive, pipelining, bare-LF requests, gzip by
+q-value with ``Vary``, a landing page with the version, a connection cap; and, on a real
+daemon process, non-reading clients that cannot keep its memory or connections (RSS and
+open descriptors read from /proc)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import os
+import re
+import socket
+import threading
+import time
+
+import pytest
+import zmq
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+
+from esper_telemetry import encode
+from esper_telemetry.daemon.web import WebServer, accepts_gzip
+from esper_telemetry.version import __version__
+from daemon_process import spawn, scrape_until
+from daemon_support import get, gn, norms
+
+
+class _Gauges:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def collect(self):
+        g = GaugeMetricFamily("t_series", "many series", labels=["i"])
+        for i in range(self.n):
+            g.add_metric([str(i)], float(i))
+        yield g
+
+
+def _registry(n: int):
+    def make(_snap):
+        reg = CollectorRegistry()
+        reg.register(_Gauges(n))
+        return reg
+    return make
+
+
+async def _server(n: int = 3, **kw) -> WebServer:
+    web = WebServer("127.0.0.1", 0, "/metrics", lambda: None, _registry(n), lambda: True,
+                    logging.getLogger("test.web"), **kw)
+    web.bound = await web.start()  # type: ignore[attr-defined]
+    return web
+
+
+async def _exchange(addr, data: bytes, responses: int, timeout: float = 3.0) -> bytes:
+    """Send ``data`` on one connection; read until ``responses`` complete answers arrived."""
+    reader, writer = await asyncio.open_connection(*addr)
+    writer.write(data)
+    got = b""
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while got.count(b"HTTP/1.") < responses or not got.endswith((b"\n", b">")):
+            left = deadline - asyncio.get_running_loop().time()
+            chunk = await asyncio.wait_for(reader.read(65536), max(left, 0.01))
+            if not chunk:
+                break
+            got += chunk
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+    return got
+
+
+async def test_pipelined_requests_on_one_connection_are_all_answered_in_order():
+    web = await _server()
+    try:
+        req = (b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = await _exchange(web.bound, req, 3)
+    finally:
+        await web.close()
+    assert got.count(b"HTTP/1.1 200 OK") == 3
+    assert got.index(b"Healthy.") < got.index(b"Ready.") < got.index(b't_series{i="2"} 2.0')
+
+
+async def test_keep_alive_serves_sequential_requests_on_one_connection():
+    web = await _server()
+    try:
+        reader, writer = await asyncio.open_connection(*web.bound)
+        statuses = []
+        for _ in range(3):
+            writer.write(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            assert b"Connection: close" not in head
+            statuses.append(head.split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(len(b"Healthy.\n")), 3)
+        writer.close()
+    finally:
+        await web.close()
+    assert statuses == [b"HTTP/1.1 200 OK"] * 3
+
+
+async def test_a_bare_lf_request_is_answered_at_once_not_waited_on():
+    web = await _server()
+    try:
+        t0 = time.monotonic()
+        got = await _exchange(web.bound, b"GET /-/healthy HTTP/1.1\nHost: x\n\n", 1, timeout=5)
+        took = time.monotonic() - t0
+    finally:
+        await web.close()
+    assert got.startswith(b"HTTP/1.") and took < 1.0, (got[:80], took)
+
+
+@pytest.mark.parametrize("header, gz", [
+    ("gzip", True), ("gzip;q=0.5, identity", True), ("gzip;q=0", False),
+    ("identity;q=1, gzip;q=0.0", False), ("*", True), ("*;q=0", False), ("br", False),
+    ("GZIP;Q=0.3", True), ("*, gzip;q=0", False), ("", False),
+])
+def test_accept_encoding_q_values(header, gz):
+    assert accepts_gzip(header) is gz
+
+
+async def test_gzip_follows_q_values_and_every_scrape_says_vary():
+    web = await _server(n=2000)
+    host, port = web.bound
+    try:
+        async def scrape(enc):
+            req = f"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: {enc}\r\n\r\n".encode()
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(req)
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)).decode().lower()
+            length = int(head.split("content-length:")[1].split("\r\n")[0])
+            body = await asyncio.wait_for(reader.readexactly(length), 3)
+            writer.close()
+            return head, body
+        head, body = await scrape("gzip;q=0")
+        assert "content-encoding" not in head and "vary: accept-encoding" in head
+        assert b't_series{i="1999"} 1999.0' in body
+        head, body = await scrape("identity;q=0.5, gzip;q=0.8")
+        assert "content-encoding: gzip" in head and "vary: accept-encoding" in head
+        assert b't_series{i="1999"} 1999.0' in gzip.decompress(body)
+    finally:
+        await web.close()
+
+
+async def test_landing_page_names_the_version_and_links_every_endpoint():
+    web = await _server()
+    try:
+        got = await _exchange(web.bound, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    finally:
+        await web.close()
+    page = got.decode()
+    assert f"Version {__version__}" in page
+    for link in ('href="/metrics"', 'href="/-/healthy"', 'href="/-/ready"'):
+        assert link in page
+
+
+async def test_connections_past_the_cap_get_503_and_a_slot_frees_when_one_leaves():
+    web = await _server(max_connections=3)
+    try:
+        idle = [await asyncio.open_connection(*web.bound) for _ in range(3)]
+        for _ in range(100):
+            if web.connections == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert web.connections == 3
+        over = await _exchange(web.bound, b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+        assert over.startswith(b"HTTP/1.1 503") and web.refused == 1
+        idle[0][1].close()
+        for _ in range(200):
+            if web.connections < 3:
+                break
+            await asyncio.sleep(0.01)
+        ok = await _exchange(web.bound, b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+        assert ok.startswith(b"HTTP/1.1 200") and web.refused == 1
+        for _, w in idle[1:]:
+            w.close()
+    finally:
+        await web.close()
+
+
+# --- a real daemon process and non-reading clients -----------------------------------------
+
+def _proc_figures(pid: int):
+    with open(f"/proc/{pid}/status") as f:
+        rss_kib = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_kib / 1024, fds
+
+
+@pytest.mark.slow
+def test_non_reading_clients_are_cut_off_by_the_write_timeout_and_memory_comes_back():
+    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
+                 "--web.write-timeout-seconds=1")
+    try:
+        (endpoint,), web = started_or_listening(proc)
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(endpoint)
+        # 40 runs x 100 groups with long names: an exposition of about 20,000 series, ~4 MB.
+        for r in range(40):
+            groups = [gn(f"group-{g:03d}-" + "x" * 60, 1.0 + g, params=10) for g in range(100)]
+            push.send(encode(norms(run=f"run-{r:02d}-" + "y" * 60, groups=groups)))
+        url = f"http://{web}/metrics"
+        s = scrape_until(url, lambda s: get(s, "esper_daemon_runs") == 40, 20)
+        assert get(s, "esper_daemon_runs") == 40
+        base_rss, base_fds = _proc_figures(proc.pid)
+        host, port = web.rsplit(":", 1)
+        clients = []
+        peak = base_rss
+        for _ in range(24):  # never read a byte: each response waits in the daemon
+            c = socket.create_connection((host, int(port)))
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+            peak = max(peak, _proc_figures(proc.pid)[0])
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            peak = max(peak, _proc_figures(proc.pid)[0])
+            time.sleep(0.05)
+        # Past the write timeout, with the clients still connected and still not reading:
+        # the daemon has let go of them (descriptors) and of their responses (RSS).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rss, fds = _proc_figures(proc.pid)
+            peak = max(peak, rss)
+            if fds <= base_fds + 2 and rss < base_rss + 48:
+                break
+            time.sleep(0.1)
+        print(f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}, after {rss:.0f}; fds {base_fds}->{fds}")
+        assert peak < 512, f"peak RSS {peak:.0f} MiB"
+        assert fds <= base_fds + 2, (fds, base_fds)
+        assert rss < base_rss + 48, f"RSS {rss:.0f} MiB after, {base_rss:.0f} before"
+        ok = scrape_until(url, lambda s: get(s, "esper_daemon_runs") == 40, 10)
+        assert get(ok, "esper_daemon_runs") == 40
+        for c in clients:
+            c.close()
+        push.close(0)
+        ctx.term()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def started_or_listening(proc):
+    """Where it listens, from the listening line (a warning may come first)."""
+    for _ in range(5):
+        line = proc.stderr.readline()
+        m = re.search(r"zmq=(\S+) web=(\S+)", line)
+        if m:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it draining
+            return m.group(1).split(","), m.group(2)
+    raise AssertionError(f"no listening line: {line!r}")
