@@ -24,6 +24,7 @@ import zmq.asyncio
 from .aggregator import Aggregator, Limits
 from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
+from .webconfig import WebConfigError, load_web_config
 from .exporter import process_registry, scrape_registry
 from .queue import EventQueue
 from .receiver import Receiver
@@ -143,12 +144,23 @@ class Daemon:
                                  receive_buffer_bytes=config.zmq_receive_buffer_bytes,
                                  secure=None if self.curve is None else self.curve.secure)
         process = process_registry() if process_metrics else None
+        web_config = None
+        if config.web_config_file:
+            try:
+                web_config = load_web_config(config.web_config_file)
+            except WebConfigError as exc:
+                self._close_curve()
+                self._context.term()
+                raise StartupError(f"--web.config.file: {exc}") from None
+        self.web_config = web_config
         self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
                              config.telemetry_path, self.snapshot,
                              lambda snap: scrape_registry(snap, process), self.ready,
                              logger.getChild("web"),
                              write_timeout_s=config.web_write_timeout_s,
-                             max_connections=config.web_max_connections)
+                             max_connections=config.web_max_connections,
+                             ssl_context=None if web_config is None else web_config.ssl_context,
+                             auth=None if web_config is None else web_config.auth)
         self.web_address = ""
         self._tasks: List[asyncio.Task] = []
         self._receiving: Optional[asyncio.Task] = None
@@ -226,6 +238,8 @@ class Daemon:
                    f"{self.config.zmq_curve_authorized_keys_dir}"
                    if self.config.zmq_curve_authorized_keys_dir else "any CURVE client")
             self._log.info("ingest requires CURVE: %s", who)
+        self._log.info("web: %s", "plain HTTP, no authentication" if self.web_config is None
+                       else self.web_config.describe())
 
     async def shutdown(self) -> None:
         """Stop receiving, drain the queue by the deadline, linger for a last scrape, close.

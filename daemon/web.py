@@ -111,6 +111,7 @@ class WebServer:
         max_connections: int = 64,
         keepalive_timeout_s: float = 75.0,
         ssl_context: Optional[ssl.SSLContext] = None,
+        auth: Any = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -123,6 +124,10 @@ class WebServer:
         self._max_connections = max_connections
         self._keepalive_timeout_s = keepalive_timeout_s
         self._ssl = ssl_context
+        # Basic auth (webconfig.BasicAuth, --web.config.file) for every path but the health
+        # checks; None: open. ``unauthorized`` counts requests answered 401.
+        self._auth = auth
+        self.unauthorized = 0
         self._server: Optional[asyncio.base_events.Server] = None
         self._http: Optional[Server] = None
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scrape")
@@ -185,6 +190,11 @@ class WebServer:
             return web.Response(status=405, text="method not allowed\n",
                                 headers={"Allow": "GET, HEAD"})
         path = request.path
+        if self._auth is not None and path not in ("/-/healthy", "/-/ready"):
+            if not await self._authorized(request.headers.get("Authorization")):
+                self.unauthorized += 1
+                return web.Response(status=401, text="unauthorized\n",
+                                    headers={"WWW-Authenticate": 'Basic realm="esper-telemetryd"'})
         if path == self._path:
             return await self._scrape(request)
         if path == "/-/healthy":
@@ -202,6 +212,13 @@ class WebServer:
                     f"<li><a href=\"/-/ready\">Readiness</a></li></ul></body></html>\n")
             return web.Response(text=page, content_type="text/html")
         return web.Response(status=404, text="not found\n")
+
+    async def _authorized(self, header: Optional[str]) -> bool:
+        """Credentials seen before answer at once; new ones take a bcrypt, off the loop."""
+        known = self._auth.known(header)
+        if known is not None:
+            return known
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._auth.check, header)
 
     async def _scrape(self, request: web.BaseRequest) -> web.StreamResponse:
         snapshot = self._snapshot()
