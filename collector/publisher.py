@@ -63,6 +63,11 @@ class Publisher:
         self._inflight = 0          # taken off the queue, not yet sent or dropped
         self._final: Optional[Event] = None
         self._idle = threading.Condition()
+        # Who closes the socket and context: close(), or the sender thread itself when it
+        # outlives close()'s timeout (a context collected with a socket open would block).
+        self._ownership = threading.Lock()
+        self._thread_done = False
+        self._orphaned = False
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
@@ -121,13 +126,27 @@ class Publisher:
         except queue.Full:
             pass
         self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            return  # leave the daemon thread; the interpreter will not wait for it
+        with self._ownership:
+            if not self._thread_done:
+                # Still sending (waiting for an absent daemon): it closes the socket and the
+                # context when it ends, without lingering. The interpreter does not wait.
+                self._orphaned = True
+                return
         self._sock.close(linger=min(self._linger_ms, int(timeout_s * 1000)))
         self._ctx.term()
 
     # -- the sender thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        finally:
+            with self._ownership:
+                self._thread_done = True
+                if self._orphaned:
+                    self._sock.close(linger=0)
+                    self._ctx.term()
+
+    def _run_loop(self) -> None:
         next_heartbeat = time.monotonic() + self._heartbeat_s
         stopping = False
         while not stopping:

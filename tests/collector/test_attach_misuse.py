@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 
 import pytest
 import torch
@@ -163,6 +164,12 @@ def test_inproc_and_ipc_endpoints_are_accepted(tmp_path):
     for endpoint in ("inproc://esper-test", f"ipc://{tmp_path}/esper.sock"):
         with et.attach(model=make_model(), host="host", endpoint=endpoint, close_timeout_s=0.2) as tel:
             assert tel.endpoint == endpoint
+    # Nobody binds these endpoints: close() gives up after 0.2 s while the sender still
+    # waits to drop its last events; the thread then ends on its own, closing its socket.
+    for thread in threading.enumerate():
+        if thread.name == "esper-telemetry-sender":
+            thread.join(5.0)
+            assert not thread.is_alive(), "a sender thread outlived its close by 5 s"
 
 
 def test_a_failure_while_starting_unhooks_the_optimizer(monkeypatch, nothing_left):

@@ -142,10 +142,11 @@ def test_trainer_callback_exports_each_optimizer_steps_final_gradients(daemon, t
     for name, ps in groups.items():
         assert get(last, "esper_group_parameters", run=run, group=name) == sum(p.numel() for p in ps), name
 
-    # Closed on train end: the collector said goodbye, so the daemon ended the run.
+    # Closed on train end: the collector said goodbye, so the daemon ended the run (and
+    # keeps its final values for the ended-run retention, marked ended).
     assert esper.telemetry is None
     daemon.scrape_until(lambda s: get(s, "esper_daemon_ended_runs_total") == 1
-                        and get(s, "esper_last_step", run=run) is None, "the run to end")
+                        and get(s, "esper_run_ended", run=run) == 1, "the run to end")
 
 
 def test_without_clipping_every_second_step_is_captured_unclipped(daemon, tmp_path):
