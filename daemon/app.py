@@ -186,7 +186,10 @@ class Daemon:
         return self.aggregator.snapshot()._replace(
             queue_length=len(self.queue), queue_capacity=self.queue.capacity,
             auth_denied=dict(self.curve.denied) if self.curve is not None
-            else dict.fromkeys(DENY_REASONS, 0))
+            else dict.fromkeys(DENY_REASONS, 0),
+            http_refused={"max_connections": self.web.refused,
+                          "write_timeout": self.web.write_timeouts,
+                          "unauthorized": self.web.unauthorized})
 
     def reload(self) -> None:
         """SIGHUP: read the authorized collector keys again (the one thing that reloads)."""

@@ -26,7 +26,7 @@ from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, Snapshot
-from .stats import DENY_REASONS, EVICT_REASONS
+from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS
 
 __all__ = ["EsperCollector", "scrape_registry", "process_registry", "VIOLATION_KINDS",
            "MISMATCH_KINDS"]
@@ -240,6 +240,14 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     for reason in DENY_REASONS:
         denied.add_metric([reason], (snap.auth_denied or {}).get(reason, 0))
     yield denied
+    http = CounterMetricFamily(
+        "esper_daemon_http_refused",
+        "HTTP clients turned away, by reason: max_connections (503 past "
+        "--web.max-connections), write_timeout (a response not read within "
+        "--web.write-timeout-seconds), unauthorized (401).", labels=["reason"])
+    for reason in HTTP_REFUSAL_REASONS:
+        http.add_metric([reason], (snap.http_refused or {}).get(reason, 0))
+    yield http
     yield CounterMetricFamily(
         "esper_daemon_expired_runs", "Runs dropped after the TTL without events.",
         value=snap.expired_runs)

@@ -57,3 +57,5 @@ class Snapshot(NamedTuple):
     # CURVE handshakes refused on the ingest sockets, by reason (daemon/curve.py); the
     # daemon adds them like the queue's figures.
     auth_denied: Optional[Dict[str, int]] = None
+    # HTTP requests or connections turned away, by reason (web.py); added by the daemon.
+    http_refused: Optional[Dict[str, int]] = None

@@ -11,7 +11,8 @@ from typing import Dict
 
 from esper_telemetry.codec import REASONS
 
-__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS", "DENY_REASONS"]
+__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS", "DENY_REASONS",
+           "HTTP_REFUSAL_REASONS"]
 
 # Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
 # receiver-to-aggregator queue had no room for the message's events), "internal" (a
@@ -29,6 +30,10 @@ EVICT_REASONS = ("ended", "no_captures", "idle")
 
 # Why a collector's CURVE handshake was refused (daemon/curve.py says how each is told).
 DENY_REASONS = ("no_curve", "unknown_key", "handshake")
+
+# Why the HTTP side turned a client away: the connection cap (503), a response it did not
+# read within the write timeout, missing or wrong basic-auth credentials (401).
+HTTP_REFUSAL_REASONS = ("max_connections", "write_timeout", "unauthorized")
 
 
 class DaemonStats:

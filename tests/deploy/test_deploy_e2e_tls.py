@@ -77,6 +77,9 @@ def test_metrics_need_a_verified_client_and_the_password_health_does_not(secured
     assert status == 401
     for path in ("/-/healthy", "/-/ready"):                        # open, for probes
         assert https_get(f"{base}{path}", pki)[0] == 200, path
+    # Every 401 is counted where an operator looks.
+    status, body, _ = https_get(f"{base}/metrics", pki, auth="prometheus:s3cret")
+    assert 'esper_daemon_http_refused_total{reason="unauthorized"} 4.0' in body, body[-2000:]
     # No client certificate: the TLS handshake itself is refused.
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionResetError)):
         https_get(f"{base}/-/healthy", pki, cert=False)
