@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import ipaddress
 import os
-from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from esper_telemetry import defaults as d
 from esper_telemetry.endpoints import check_endpoint
@@ -99,31 +100,21 @@ def message_bytes(raw: str) -> int:
     return value
 
 
-def curve_secret_key_file(raw: str) -> str:
-    """Empty (CURVE off), or a readable ``.key_secret`` certificate holding a key pair."""
-    if raw:
-        from .curve import read_server_keys
-
-        read_server_keys(raw)  # ValueError says what is wrong with it
-    return raw
-
-
-def curve_authorized_keys_dir(raw: str) -> str:
-    """Empty (any CURVE client), or a readable directory of ``*.key`` certificates."""
-    if raw:
-        from .curve import read_authorized_keys
-
-        read_authorized_keys(raw)
-    return raw
+def _readable_by(module: str, reader: str) -> Callable[[str], str]:
+    """A path setting, empty (off) or one that ``module.reader`` reads without a ValueError
+    (the reason names what is wrong); imported only when the setting is used."""
+    def parse(raw: str) -> str:
+        if raw:
+            getattr(importlib.import_module(module, __package__), reader)(raw)
+        return raw
+    return parse
 
 
-def web_config_file(raw: str) -> str:
-    """Empty (plain HTTP, no authentication), or a valid exporter-toolkit web config."""
-    if raw:
-        from .webconfig import load_web_config
-
-        load_web_config(raw)  # WebConfigError (a ValueError) names the field
-    return raw
+# A .key_secret certificate holding a key pair; a directory of *.key certificates; an
+# exporter-toolkit web configuration (WebConfigError is a ValueError naming the field).
+curve_secret_key_file = _readable_by(".curve", "read_server_keys")
+curve_authorized_keys_dir = _readable_by(".curve", "read_authorized_keys")
+web_config_file = _readable_by(".webconfig", "load_web_config")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,23 +7,15 @@ import threading
 from typing import Any, Iterator, List
 
 import pytest
-import zmq
 
 import esper_telemetry as et
-from collector_support import Receiver
+from collector_support import Receiver, pull_receiver
 
 
 @pytest.fixture
 def pull() -> Iterator[Receiver]:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        yield Receiver(sock, f"tcp://127.0.0.1:{port}")
-    finally:
-        sock.close(linger=0)
-        ctx.term()
+    with pull_receiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture

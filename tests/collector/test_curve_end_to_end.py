@@ -13,16 +13,23 @@ from esper_telemetry.collector.curve import keygen
 from daemon_process import scrape_until, spawn, started
 
 
-def test_only_the_authorized_collector_is_exported_and_the_refused_one_counts_its_drops(tmp_path) -> None:
+def curve_daemon(tmp_path, other: str):
+    """Keys for the daemon, rank0 (authorized) and ``other`` (not), and a daemon process
+    requiring CURVE; returns (keys folder, authorized folder, process)."""
     keys, authorized = tmp_path / "keys", tmp_path / "authorized"
     keys.mkdir()
     authorized.mkdir()
-    for name in ("daemon", "rank0", "intruder"):
+    for name in ("daemon", "rank0", other):
         keygen(keys, name)
     shutil.copy(keys / "rank0.key", authorized / "rank0.key")
     proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
                  f"--zmq.curve.secret-key-file={keys / 'daemon.key_secret'}",
                  f"--zmq.curve.authorized-keys-dir={authorized}")
+    return keys, authorized, proc
+
+
+def test_only_the_authorized_collector_is_exported_and_the_refused_one_counts_its_drops(tmp_path) -> None:
+    keys, _, proc = curve_daemon(tmp_path, "intruder")
     try:
         (endpoint,), web = started(proc)
         metrics = f"http://{web}/metrics"
@@ -60,15 +67,7 @@ def test_only_the_authorized_collector_is_exported_and_the_refused_one_counts_it
 def test_sighup_reloads_the_authorized_keys_of_a_running_daemon(tmp_path) -> None:
     import signal
 
-    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
-    keys.mkdir()
-    authorized.mkdir()
-    for name in ("daemon", "rank0", "rank1"):
-        keygen(keys, name)
-    shutil.copy(keys / "rank0.key", authorized / "rank0.key")
-    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
-                 f"--zmq.curve.secret-key-file={keys / 'daemon.key_secret'}",
-                 f"--zmq.curve.authorized-keys-dir={authorized}")
+    keys, authorized, proc = curve_daemon(tmp_path, "rank1")
     try:
         started(proc)
         assert "ingest requires CURVE: 1 authorized keys" in proc.stderr.readline()

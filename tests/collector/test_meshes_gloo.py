@@ -17,9 +17,8 @@ from typing import Dict, Iterator, List
 
 import pytest
 import torch
-import zmq
 
-from collector_support import Receiver, rel_err
+from collector_support import Receiver, pull_receiver, rel_err
 from esper_telemetry import Goodbye, Norms
 from esper_telemetry.collector.norms import group_sums
 from esper_telemetry.ratio import seed_ratio
@@ -31,15 +30,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Receiver]:
     """One PULL socket for the module's jobs: every layout publishes under its own run id."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        yield Receiver(sock, f"tcp://127.0.0.1:{port}")
-    finally:
-        sock.close(linger=0)
-        ctx.term()
+    with pull_receiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("prometheus_client")
 
-from live_daemon import LiveDaemon  # noqa: E402
+from live_daemon import LiveDaemon, live_daemon  # noqa: E402
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[LiveDaemon]:
-    d = LiveDaemon(tmp_path / "esper-telemetryd.log")
-    try:
+    with live_daemon(tmp_path / "esper-telemetryd.log") as d:
         yield d
-    finally:
-        code = d.stop()
-    assert code == 0, f"esper-telemetryd exited with {code}:\n{d.log()}"
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ float64 references, free ports and a bounded subprocess runner."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import zmq
@@ -67,6 +68,20 @@ class Receiver:
 
     def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
+
+
+@contextlib.contextmanager
+def pull_receiver() -> Iterator[Receiver]:
+    """A PULL socket on a random loopback port, wrapped as a ``Receiver``; always closed."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield Receiver(sock, f"tcp://127.0.0.1:{port}")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 class HostSeeds(nn.Module):

@@ -7,12 +7,13 @@ SIGTERM and a bounded wait. Scrapes are parsed with prometheus_client's own pars
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from daemon_process import ROOT, command
 from daemon_support import http_get, parse
@@ -75,3 +76,14 @@ class LiveDaemon:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def live_daemon(log_path: Path, *args: str) -> Iterator[LiveDaemon]:
+    """A ``LiveDaemon`` for a test: stopped after it, and its exit status must be 0."""
+    d = LiveDaemon(log_path, *args)
+    try:
+        yield d
+    finally:
+        code = d.stop()
+    assert code == 0, f"esper-telemetryd exited with {code}:\n{d.log()}"
