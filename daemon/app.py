@@ -26,6 +26,7 @@ from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
 from .webconfig import WebConfigError, load_web_config
 from .exporter import process_registry, scrape_registry
+from .pump import Pump
 from .queue import EventQueue
 from .receiver import Receiver
 from .snapshot import Snapshot
@@ -43,11 +44,6 @@ _log = logging.getLogger("esper_telemetry.daemon")
 _GC_THRESHOLDS = (20_000, 50, 100)
 
 
-# Events applied per turn of the event loop before yielding to the receiver: twice the
-# receiver's burst, so that in steady state the pump empties the queue every turn.
-_TURN_EVENTS = 8192
-
-
 class StartupError(RuntimeError):
     """The daemon could not start (an address in use or invalid); the message is one line."""
 
@@ -59,54 +55,6 @@ def limits(config: Config) -> Limits:
                   shard_window_s=config.shard_window_s,
                   ended_retention_s=config.run_ended_retention_s,
                   evict_after_s=config.run_evict_after_s)
-
-
-class Pump:
-    """Feeds the aggregator: queued messages with the time they are applied, and ticks.
-
-    On the event loop, like both of its ends. A message that makes the aggregator raise (a
-    daemon bug, never bad input: the codec validated it) is dropped, counted as
-    ``rejected{reason="internal"}`` and logged; the daemon stays up.
-    """
-
-    def __init__(self, queue: EventQueue, aggregator: Aggregator, stats: DaemonStats,
-                 clock: Callable[[], float], logger: logging.Logger = _log) -> None:
-        self._queue = queue
-        self._aggregator = aggregator
-        self._stats = stats
-        self._clock = clock
-        self._log = logger
-
-    async def run(self) -> None:
-        """Apply queued messages forever, yielding to the loop between bounded turns."""
-        while True:
-            await self._queue.wait()
-            self.drain(_TURN_EVENTS)
-            await asyncio.sleep(0)
-
-    def drain(self, budget: int) -> int:
-        """Apply queued messages until about ``budget`` events were applied; returns the count."""
-        now = self._clock()
-        get = self._queue.get
-        apply_batch = self._aggregator.apply_batch
-        done = 0
-        while done < budget:
-            events = get()
-            if events is None:
-                break
-            try:
-                apply_batch(events, now)
-            except Exception:
-                self._stats.rejected["internal"] += 1
-                self._log.exception("internal error applying a message; it was dropped")
-            done += len(events)
-        return done
-
-    async def tick_every(self, interval_s: float) -> None:
-        """Move the aggregator's time on every ``interval_s`` seconds, forever."""
-        while True:
-            await asyncio.sleep(interval_s)
-            self._aggregator.tick(self._clock())
 
 
 class Daemon:

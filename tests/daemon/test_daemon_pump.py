@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from esper_telemetry.daemon.aggregator import Aggregator
-from esper_telemetry.daemon.app import Pump
+from esper_telemetry.daemon.pump import Pump
 from esper_telemetry.daemon.queue import EventQueue
 from esper_telemetry.daemon.stats import DaemonStats
 from daemon_support import heartbeat, host_seed, make_limits, wait_for
