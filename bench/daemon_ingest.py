@@ -12,7 +12,14 @@ Loss is sent minus accounted: anything but 0 is a bug. Messages are numbered (sc
 as collectors send them; the pre-encoded frames cycle, which the daemon reads as a
 restarted sender, never as a gap); ``--unnumbered`` sends schema 1 frames instead. Then it fills the daemon with about
 10,000 series and times scrapes over HTTP. Medians go to bench/RESULTS.md (section
-"## Daemon ingest"; other sections are kept).
+"## Daemon ingest"; other sections are kept); ``--no-write`` only prints them.
+
+The floor is measured in the same run: a bare receiver process (one pyzmq PULL socket,
+blocking receives, ``msgpack.unpackb`` with the options of ``esper_telemetry.decode``,
+counting the events; no validation, no queue, no state) fed by the same sender processes
+with the same frames and message counts, trial by trial interleaved with the daemon's (the
+order alternating). The ratio daemon/floor of the medians is what the machine leaves on
+the table: the senders share the machine with whichever receiver runs.
 """
 
 from __future__ import annotations
@@ -70,6 +77,72 @@ def _sender(endpoint: str, run: str, batch: int, messages: int, go, out,
     ctx.term()
 
 
+def _floor_receiver(conn) -> None:
+    """The floor: PULL + ``unpackb`` (the codec's options) + count, nothing else.
+
+    Binds a wildcard tcp port and sends its endpoint on ``conn``; then, per trial, takes
+    the number of events to expect from ``conn``, receives until it has counted them (or
+    nothing came for 60 s) and answers ``(perf_counter at the last event, events counted)``.
+    ``perf_counter`` is CLOCK_MONOTONIC, so the parent can subtract its own start time.
+    """
+    import msgpack
+    import zmq
+
+    from esper_telemetry.codec import _MAX_ARRAY_LEN, _MAX_MAP_LEN
+    from esper_telemetry.defaults import MAX_STRING_CHARS
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    sock.bind("tcp://127.0.0.1:*")
+    conn.send(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    unpackb = msgpack.unpackb
+    recv = sock.recv
+    opts = dict(raw=False, use_list=False, strict_map_key=True,
+                max_str_len=MAX_STRING_CHARS * 4, max_bin_len=0, max_ext_len=0,
+                max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN)
+    while True:
+        expected = conn.recv()
+        if expected is None:
+            break
+        n = 0
+        try:
+            while n < expected:
+                obj = unpackb(recv(), **opts)
+                n += len(obj) if type(obj) is tuple else 1
+        except zmq.Again:
+            pass
+        conn.send((time.perf_counter(), n))
+    sock.close()
+    ctx.term()
+
+
+def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
+                 numbered: bool = True) -> Dict[str, float]:
+    """One trial of the bare receiver, on the same frames and message counts."""
+    expected = messages * senders * batch
+    floor.send(expected)
+    go = mp.Event()
+    out: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_sender,
+                        args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out,
+                              numbered))
+             for i in range(senders)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # as for the daemon: every sender connected and its frames encoded
+    t0 = time.perf_counter()
+    go.set()
+    sent = sum(out.get(timeout=300) for _ in procs)
+    t_end, counted = floor.recv()
+    for p in procs:
+        p.join(10)
+    elapsed = t_end - t0
+    return {"sent": sent, "accepted": counted, "seconds": elapsed,
+            "events_per_s": counted / elapsed}
+
+
 def _scrape(web: str) -> Tuple[str, float]:
     t0 = time.perf_counter()
     with urllib.request.urlopen(f"http://{web}/metrics", timeout=30) as resp:
@@ -89,9 +162,13 @@ def _accounted(web: str, batch: int) -> Tuple[float, float]:
     return accepted, dropped_msgs * batch
 
 
-def _trial(endpoint: str, web: str, senders: int, batch: int, seconds: float,
-           rate_guess: float, numbered: bool = True) -> Dict[str, float]:
-    messages = max(1, int(rate_guess * seconds / senders / batch))
+def _messages(rate_guess: float, seconds: float, senders: int, batch: int) -> int:
+    """Messages per sender for a trial of about ``seconds`` at ``rate_guess`` events/s."""
+    return max(1, int(rate_guess * seconds / senders / batch))
+
+
+def _trial(endpoint: str, web: str, senders: int, batch: int, messages: int,
+           numbered: bool = True) -> Dict[str, float]:
     base_acc, base_drop = _accounted(web, batch)
     go = mp.Event()
     out: mp.Queue = mp.Queue()
@@ -186,8 +263,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64, help="events per batched message")
     ap.add_argument("--unnumbered", action="store_true",
                     help="send schema 1 frames (no message numbers), as older collectors")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print the section, leave bench/RESULTS.md as it is")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the bare receiver (the floor) and the ratio")
     args = ap.parse_args()
+
+    floor = None
+    floor_proc = None
+    floor_endpoint = ""
+    if not args.no_floor:
+        floor, child = mp.Pipe()
+        floor_proc = mp.Process(target=_floor_receiver, args=(child,), daemon=True)
+        floor_proc.start()
+        floor_endpoint = floor.recv()
 
     daemon = subprocess.Popen(
         [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
@@ -205,17 +294,39 @@ def main() -> int:
         threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()
 
         results: Dict[str, List[Dict[str, float]]] = {}
+        floors: Dict[str, List[Dict[str, float]]] = {}
         for mode, batch, guess in (("batched", args.batch, 300_000), ("single", 1, 120_000)):
             numbered = not args.unnumbered
-            _trial(endpoint, web, args.senders, batch, 0.5, guess, numbered)  # warm-up
+            # Warm-up, which also sizes the trials to about --seconds of the daemon's time.
+            w = _trial(endpoint, web, args.senders, batch,
+                       _messages(guess, 0.5, args.senders, batch), numbered)
+            messages = _messages(w["events_per_s"], args.seconds, args.senders, batch)
+            if floor is not None:
+                _floor_trial(floor, floor_endpoint, args.senders, batch,
+                             _messages(guess, 0.5, args.senders, batch), numbered)
             runs = []
+            floor_runs = []
             for t in range(args.trials):
-                r = _trial(endpoint, web, args.senders, batch, args.seconds, guess, numbered)
-                runs.append(r)
-                print(f"{mode:8s} trial {t}: {r['events_per_s']:>9,.0f} events/s, sent "
-                      f"{r['sent']:,.0f}, dropped (counted) {r['dropped_counted']:,.0f}, "
-                      f"lost (uncounted) {r['lost_uncounted']:,.0f}", flush=True)
+                # Interleaved, the order alternating: drift on the shared machine hits both.
+                order = ("daemon", "floor") if t % 2 == 0 else ("floor", "daemon")
+                for who in order:
+                    if who == "floor":
+                        if floor is None:
+                            continue
+                        f = _floor_trial(floor, floor_endpoint, args.senders, batch,
+                                         messages, numbered)
+                        floor_runs.append(f)
+                        print(f"{mode:8s} trial {t}: floor  {f['events_per_s']:>9,.0f} events/s, "
+                              f"counted {f['accepted']:,.0f} of {f['sent']:,.0f}", flush=True)
+                        continue
+                    r = _trial(endpoint, web, args.senders, batch, messages, numbered)
+                    runs.append(r)
+                    print(f"{mode:8s} trial {t}: daemon {r['events_per_s']:>9,.0f} events/s, "
+                          f"sent {r['sent']:,.0f}, dropped (counted) "
+                          f"{r['dropped_counted']:,.0f}, lost (uncounted) "
+                          f"{r['lost_uncounted']:,.0f}", flush=True)
             results[mode] = runs
+            floors[mode] = floor_runs
 
         _fill_series(endpoint, runs=21, groups=100)
         time.sleep(1.0)
@@ -227,13 +338,39 @@ def main() -> int:
     finally:
         daemon.terminate()
         rc = daemon.wait(30)
+        if floor is not None:
+            floor.send(None)
+            floor_proc.join(10)
     print(f"daemon exit status after SIGTERM: {rc}")
 
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
-    def each(mode: str) -> str:
-        return ", ".join(f"{r['events_per_s']:,.0f}" for r in results[mode])
+    def each(mode: str, table: Dict[str, List[Dict[str, float]]] = results) -> str:
+        return ", ".join(f"{r['events_per_s']:,.0f}" for r in table[mode])
+
+    floor_rows = ""
+    floor_note = ""
+    if floor is not None:
+        fmed = {m: statistics.median(r["events_per_s"] for r in floors[m]) for m in floors}
+        ratio = {m: med(m, "events_per_s") / fmed[m] for m in fmed}
+        short = sum(r["sent"] - r["accepted"] for rs in floors.values() for r in rs)
+        for m in fmed:
+            print(f"{m}: daemon {med(m, 'events_per_s'):,.0f} events/s, floor "
+                  f"{fmed[m]:,.0f} events/s, ratio {ratio[m]:.2f}")
+        floor_rows = (
+            f"| floor, batched: bare PULL + `unpackb` on the same frames | "
+            f"{fmed['batched']:,.0f} events/s | - |\n"
+            f"| floor, single-event messages | {fmed['single']:,.0f} events/s | - |\n"
+            f"| daemon / floor, batched | {ratio['batched']:.2f} | >= 0.7 |\n"
+            f"| daemon / floor, single-event messages | {ratio['single']:.2f} | >= 0.7 |\n")
+        floor_note = (
+            f"Floor trials, events/s: batched {each('batched', floors)}; single "
+            f"{each('single', floors)}; events the bare receiver did not count (all trials): "
+            f"{short:,.0f}. The floor is a bare receiver process (one PULL socket, "
+            f"`msgpack.unpackb` with the codec's options, counting events: no validation, no "
+            f"state) fed by the same senders, frames and message counts, interleaved trial by "
+            f"trial with the daemon.\n\n")
 
     lost = sum(r["lost_uncounted"] for rs in results.values() for r in rs)
     dropped = sum(r["dropped_counted"] for rs in results.values() for r in rs)
@@ -251,10 +388,12 @@ def main() -> int:
         f"| events lost and not counted (all trials) | {lost:,.0f} | 0 |\n"
         f"| events dropped and counted as queue_full (all trials) | {dropped:,.0f} | - |\n"
         f"| scrape over HTTP of {series:,} series | {scrape_ms:.1f} ms | <= 100 ms |\n"
+        f"{floor_rows}"
         f"| exit status after SIGTERM | {rc} | 0 |\n\n"
         f"All trials, events/s: batched {each('batched')}; single {each('single')}. "
-        f"The daemon's main thread is CPU-bound (decoding is about 3 us of its about 5 us "
-        f"per event); the machine is shared with other work, so trials vary.\n\n"
+        f"The daemon's main thread is CPU-bound; the machine is shared with other work, so "
+        f"trials vary.\n\n"
+        f"{floor_note}"
     )
     print(section)
     if not args.no_write:
