@@ -1,14 +1,20 @@
 """One run's sharded steps, assembled over ranks: a step's sums of squares added once all ranks reported.
 
 - A step is published when ``expected`` distinct ranks have reported it (the caller knows
-  the world size). A rank that reports a step twice replaces its first report.
+  the world size). A rank's first report of a step counts; a repeat of it (a restarted
+  rank replaying the step) is dropped and counted in ``dropped_reports``.
+- Bounded in bytes whatever the world size: a pending step holds its running sums (one per
+  group) and a bit per rank, never the ranks' reports, so a 4,096-rank job with 128
+  sharded groups and a lagging rank holds kilobytes per step, not the ~9 KB per report
+  (37 MB per step) that keeping the reports took.
 - A group's total is the sum over the ranks that had a gradient; ``None`` (no gradient)
   only if no rank had one.
 - A step still short ``window_s`` after its first report is given up (``expire``), and so
   is the oldest one when ``max_pending`` steps already wait: a partial sum understates the
   norm, and a stale norm is safer than a wrong one. Both count in ``incomplete``.
 - A step published or given up is remembered (the last ``closed_memory`` of them), so a
-  straggler or a duplicate for it is dropped instead of opening a new pending step.
+  straggler or a duplicate for it is dropped (counted in ``dropped_reports``) instead of
+  opening a new pending step.
 
 Pure: no clock (``now`` is passed in, monotonic seconds) and no knowledge of groups beyond
 their keys (the aggregator passes its group records; tests pass names).
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+
+from esper_telemetry.defaults import DEFAULT_MAX_RANKS_PER_RUN
 
 __all__ = ["StepAssembly", "Added", "MAX_PENDING_STEPS", "CLOSED_MEMORY"]
 
@@ -38,27 +46,37 @@ class Added(NamedTuple):
 
 
 class _Pending:
-    __slots__ = ("since", "reports")
+    __slots__ = ("since", "seen", "count", "totals")
 
     def __init__(self, since: float) -> None:
         self.since = since
-        self.reports: Dict[int, Shards] = {}
+        self.seen = 0  # bit i: the rank with index i reported (StepAssembly._index)
+        self.count = 0
+        self.totals: Dict[Any, Optional[float]] = {}
 
 
 class StepAssembly:
     """Pending sharded steps of one run, keyed by step; single-threaded."""
 
-    __slots__ = ("_window_s", "_max_pending", "_closed_memory", "_pending", "_closed",
-                 "incomplete")
+    __slots__ = ("_window_s", "_max_pending", "_closed_memory", "_max_ranks", "_pending",
+                 "_closed", "_index", "incomplete", "dropped_reports")
 
     def __init__(self, window_s: float, max_pending: int = MAX_PENDING_STEPS,
-                 closed_memory: int = CLOSED_MEMORY) -> None:
+                 closed_memory: int = CLOSED_MEMORY,
+                 max_ranks: int = DEFAULT_MAX_RANKS_PER_RUN) -> None:
         self._window_s = window_s
         self._max_pending = max_pending
         self._closed_memory = closed_memory
+        self._max_ranks = max_ranks
         self._pending: Dict[int, _Pending] = {}  # insertion order = age
         self._closed: "OrderedDict[int, None]" = OrderedDict()
+        # A rank's bit in the pending steps' masks; emptied whenever nothing is pending, so
+        # it holds at most the ranks heard from since then (see add).
+        self._index: Dict[int, int] = {}
         self.incomplete = 0  # steps given up, by the window or the cap
+        # Reports dropped: a rank's repeat of a pending step, or any report for a step
+        # already published or given up (a straggler).
+        self.dropped_reports = 0
 
     def __len__(self) -> int:
         """Steps waiting for ranks."""
@@ -70,23 +88,40 @@ class StepAssembly:
         evicted = False
         if pending is None:
             if step in self._closed:
-                return Added(None, False)  # a straggler or duplicate for a closed step
+                self.dropped_reports += 1  # a straggler or a repeat for a closed step
+                return Added(None, False)
             if len(self._pending) >= self._max_pending:
                 self._give_up(next(iter(self._pending)))
                 evicted = True
+            if not self._pending:
+                self._index.clear()
             pending = self._pending[step] = _Pending(now)
-        pending.reports[rank] = shards
-        if len(pending.reports) < expected:
+        index = self._index.get(rank)
+        if index is None:
+            if len(self._index) >= 2 * self._max_ranks:
+                # Only ranks that come and go while steps never complete get here: give up
+                # what waits, this step included (counted), and start the index again.
+                for old in list(self._pending):
+                    self._give_up(old)
+                self._index.clear()
+                return Added(None, True)
+            index = self._index[rank] = len(self._index)
+        bit = 1 << index
+        if pending.seen & bit:
+            self.dropped_reports += 1
+            return Added(None, evicted)
+        pending.seen |= bit
+        pending.count += 1
+        totals = pending.totals
+        for key, sq in shards:
+            if sq is None:
+                totals.setdefault(key, None)
+            else:
+                prev = totals.get(key)
+                totals[key] = sq if prev is None else prev + sq
+        if pending.count < expected:
             return Added(None, evicted)
         self._close(step)
-        totals: Dict[Any, Optional[float]] = {}
-        for report in pending.reports.values():
-            for key, sq in report:
-                if sq is None:
-                    totals.setdefault(key, None)
-                else:
-                    prev = totals.get(key)
-                    totals[key] = sq if prev is None else prev + sq
         return Added(totals, evicted)
 
     def expire(self, now: float) -> List[int]:

@@ -22,11 +22,12 @@ def test_a_group_with_no_gradient_on_any_rank_totals_none():
     assert a.add(1, 1, [("g", None)], expected=2, now=0.0).totals == {"g": None}
 
 
-def test_a_rank_reporting_a_step_twice_replaces_its_first_report():
+def test_a_rank_reporting_a_step_twice_counts_once_and_the_repeat_is_counted_dropped():
     a = StepAssembly(window_s=30.0)
     a.add(1, 0, [("g", 1.0)], expected=2, now=0.0)
     assert a.add(1, 0, [("g", 3.0)], expected=2, now=0.0).totals is None  # still one rank
-    assert a.add(1, 1, [("g", 4.0)], expected=2, now=0.0).totals == {"g": 7.0}
+    assert a.dropped_reports == 1
+    assert a.add(1, 1, [("g", 4.0)], expected=2, now=0.0).totals == {"g": 5.0}
 
 
 def test_steps_are_independent_and_the_expected_count_is_the_latest_one_given():
@@ -54,7 +55,7 @@ def test_a_published_step_is_remembered_so_a_duplicate_does_not_reopen_it():
     a = StepAssembly(window_s=30.0)
     a.add(1, 0, [("g", 1.0)], expected=1, now=0.0)
     assert a.add(1, 0, [("g", 9.0)], expected=1, now=0.0) == (None, False)
-    assert len(a) == 0
+    assert len(a) == 0 and a.dropped_reports == 1
 
 
 def test_pending_steps_are_capped_the_oldest_given_up_first():
@@ -74,3 +75,33 @@ def test_closed_steps_are_remembered_only_up_to_the_memory():
     # Step 1 has been forgotten: a report for it is a new step again; step 3 is remembered.
     assert a.add(1, 0, [("g", 2.0)], expected=1, now=0.0).totals == {"g": 2.0}
     assert a.add(3, 0, [("g", 2.0)], expected=1, now=0.0).totals is None
+
+
+def test_pending_steps_hold_sums_not_reports_so_a_huge_world_with_a_lagging_rank_stays_small():
+    import tracemalloc
+
+    groups = [(f"group-{i:03d}", float(i)) for i in range(128)]
+    a = StepAssembly(window_s=30.0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for step in range(8):  # rank 0 never reports any of them
+            for rank in range(1, 4096):
+                a.add(step, rank, groups, expected=4096, now=0.0)
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(a) == 8 and a.incomplete == 0
+    # 8 x 4,095 reports of 128 groups held 290 MB when the reports were kept (2.3 GB at the
+    # cap of 64 pending steps); now a sum per group and a bit per rank per step.
+    assert held < 1 << 20, f"{held / 2**20:.1f} MiB held by 8 pending steps"
+    totals = a.add(0, 0, groups, expected=4096, now=1.0).totals
+    assert totals == {name: sq * 4096 for name, sq in groups}
+
+
+def test_ranks_that_come_and_go_while_no_step_completes_cannot_grow_the_rank_index():
+    a = StepAssembly(window_s=30.0, max_ranks=8)
+    for rank in range(16):  # twice the cap: the index is full
+        a.add(1, rank, [("g", 1.0)], expected=100, now=0.0)
+    assert a.add(1, 16, [("g", 1.0)], expected=100, now=0.0) == (None, True)
+    assert len(a) == 0 and a.incomplete == 1 and len(a._index) == 0
