@@ -8,6 +8,8 @@ configuration; 1 when startup fails (an address in use or unusable) or a stage f
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import sys
 from typing import Optional, Sequence
 
@@ -29,7 +31,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("esper-telemetryd: configuration is valid", file=sys.stderr)
         return 0
     logger = setup_logging(config.log_level, fmt=config.log_format)
+    raise_fd_limit(logger)
     return asyncio.run(serve(config, logger))
+
+
+def raise_fd_limit(logger: logging.Logger) -> int:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does for
+    Prometheus and its exporters: every collector and every scrape holds a descriptor, and
+    at the limit new ones cannot connect (and libzmq's listener spins on its failed accept).
+    Returns the limit, which the exporter shows as ``process_max_fds``; a failure to raise it
+    is a warning."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
 
 
 if __name__ == "__main__":  # pragma: no cover

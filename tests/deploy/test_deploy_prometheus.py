@@ -33,6 +33,8 @@ REQUIRED_ALERTS = {
     "EsperSeedGradRatioOutOfBand": "esper_seed_grad_ratio",
     "EsperDaemonRejectingMessages": "esper_daemon_rejected_total",
     "EsperDaemonOverflow": "esper_daemon_overflow_total",
+    "EsperMessagesLost": "esper_messages_lost_total",
+    "EsperDaemonFileDescriptorsNearLimit": "process_open_fds",
 }
 
 

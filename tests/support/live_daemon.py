@@ -26,14 +26,16 @@ READY_TIMEOUT_S = 20.0
 class LiveDaemon:
     """``esper-telemetryd`` on random loopback ports; ``endpoint`` for collectors, ``url`` for /metrics."""
 
-    def __init__(self, log_path: Path, *args: str, web_port: int = 0) -> None:
+    def __init__(self, log_path: Path, *args: str, web_port: int = 0,
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [*command(), "--zmq.listen-address=tcp://127.0.0.1:*", f"--web.listen-address=127.0.0.1:{web_port}",
                  "--shutdown.timeout-seconds=2", *args],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=preexec_fn)
         deadline = time.monotonic() + READY_TIMEOUT_S
         m = None
         while m is None:
@@ -49,6 +51,17 @@ class LiveDaemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def rss_bytes(self) -> int:
+        """The daemon process's resident memory now, from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc status")
+
+    def open_fds(self) -> int:
+        """The daemon process's open file descriptors now, from /proc."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def scrape(self) -> Samples:
         status, body, _ = http_get(self.url)
