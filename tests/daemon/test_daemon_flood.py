@@ -10,6 +10,7 @@ captures are exported with the norms it measured, and the evictions are counted 
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -48,10 +49,19 @@ def flood(endpoint: str) -> None:
 def test_a_collector_arriving_after_a_run_name_flood_gets_its_captures_exported(tmp_path):
     daemon = LiveDaemon(tmp_path / "daemon.log", f"--limits.max-runs={MAX_RUNS}")
     try:
-        flood(daemon.endpoint)
+        base_rss = daemon.rss_bytes()
+        flooding = threading.Thread(target=flood, args=(daemon.endpoint,))
+        flooding.start()
+        peak_rss = base_rss
+        while flooding.is_alive():
+            peak_rss = max(peak_rss, daemon.rss_bytes())
+            time.sleep(0.01)
         s = daemon.scrape_until(
             lambda s: (get(s, "esper_daemon_events_total") or 0) >= JUNK, "the flood applied",
             timeout_s=30.0)
+        peak_rss = max(peak_rss, daemon.rss_bytes())
+        print(f"RSS {base_rss / 2**20:.0f} -> peak {peak_rss / 2**20:.0f} MiB under {JUNK} run names")
+        assert peak_rss < 512 << 20
         assert get(s, "esper_daemon_runs") == MAX_RUNS
         evicted_by_flood = get(s, "esper_daemon_runs_evicted_total", reason="no_captures")
 

@@ -53,7 +53,7 @@ def test_sigterm_under_load_from_two_senders_applied_plus_counted_equals_sent(tm
         try:
             for seq, frame in enumerate(frames):
                 if seq == per_sender // 2:
-                    halfway.wait(10)
+                    halfway.wait(60)  # generous: a loaded CI box is slow to build frames
                 try:
                     sock.send(frame)  # blocking, up to 3 s: waits for room, not a loss
                 except zmq.Again:
@@ -66,7 +66,7 @@ def test_sigterm_under_load_from_two_senders_applied_plus_counted_equals_sent(tm
     try:
         for t in threads:
             t.start()
-        halfway.wait(30)
+        halfway.wait(60)
         t_term = time.monotonic()
         d.proc.terminate()  # SIGTERM while both senders are still sending
         for t in threads:
