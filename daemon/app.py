@@ -25,7 +25,7 @@ from .aggregator import Aggregator, Limits
 from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
 from .webconfig import WebConfigError, load_web_config
-from .exporter import process_registry, scrape_registry
+from .exporter import Exposition, process_registry
 from .pump import Pump
 from .queue import EventQueue
 from .receiver import Receiver
@@ -101,9 +101,11 @@ class Daemon:
                 self._context.term()
                 raise StartupError(f"--web.config.file: {exc}") from None
         self.web_config = web_config
+        # The scrape's series cap and fast rendering (exporter.Exposition), off the loop.
+        self.exposition = Exposition(config.web_max_series, process, logger.getChild("web"))
         self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
-                             config.telemetry_path, self.snapshot,
-                             lambda snap: scrape_registry(snap, process), self.ready,
+                             config.telemetry_path, self.snapshot, self.exposition.scrape,
+                             self.ready,
                              logger.getChild("web"),
                              write_timeout_s=config.web_write_timeout_s,
                              max_connections=config.web_max_connections,

@@ -91,6 +91,15 @@ def telemetry_path(raw: str) -> str:
 
 _counts = integer(minimum=1)
 
+# The series cap of one scrape (daemon-only, so declared here rather than in the contract
+# module). 50,000 series render in about 40 ms on the 2-core reference box and make about
+# 3 MB of text with typical names (about 27 MB at the wire's 256-character name limit), so
+# the two scrape threads and a few clients holding bodies stay well under the daemon's
+# 512 MiB RSS target; the default run and group caps alone allow some 300,000 series
+# (150 MB, over a second per scrape). See docs/daemon.md.
+ENV_WEB_MAX_SERIES = "ESPER_WEB_MAX_SERIES"
+DEFAULT_WEB_MAX_SERIES = 50_000
+
 
 def message_bytes(raw: str) -> int:
     """A message size limit: 1 KiB up to the wire's own limit (larger could never decode)."""
@@ -174,6 +183,14 @@ class Config:
         "--web.max-connections", d.ENV_WEB_MAX_CONNECTIONS, d.DEFAULT_WEB_MAX_CONNECTIONS,
         _counts, metavar="N", unit="connections",
         help="HTTP connections open at once; further ones get a 503 and are closed")
+    web_max_series: int = setting(
+        "--web.max-series", ENV_WEB_MAX_SERIES, DEFAULT_WEB_MAX_SERIES, integer(minimum=100),
+        metavar="N", unit="series",
+        help="series one scrape carries at most, the daemon's own included: past it, whole "
+             "runs are left out (live runs with norms kept first, then the runs held longest) "
+             "and counted in `esper_daemon_scrape_omitted_series` and "
+             "`esper_daemon_scrapes_truncated_total`; the daemon's own series are always "
+             "written")
     run_ttl_s: float = setting(
         "--run.ttl-seconds", d.ENV_RUN_TTL_SECONDS, d.DEFAULT_RUN_TTL_SECONDS,
         number(minimum=0.001), metavar="SECONDS", unit="seconds",

@@ -9,8 +9,11 @@ instant, and rendering it may run on any thread. Square roots and the seed/host 
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Iterator, List, Optional
+import threading
+import time
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -25,22 +28,210 @@ from esper_telemetry.events import SCHEMA_VERSION
 from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
-from .snapshot import GroupSnapshot, Snapshot
+from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
+from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
 from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS
 
-__all__ = ["EsperCollector", "scrape_registry", "process_registry", "VIOLATION_KINDS",
+__all__ = ["EsperCollector", "Exposition", "Family", "RUN_FAMILIES", "ScrapeFigures",
+           "run_rows", "run_series", "scrape_registry", "process_registry", "VIOLATION_KINDS",
            "MISMATCH_KINDS"]
+
+_log = logging.getLogger("esper_telemetry.daemon.exporter")
 
 # Kinds the collector is documented to send; created at zero so alerts can use rate().
 VIOLATION_KINDS = ("gradient", "structural")
 MISMATCH_KINDS = ("split", "mixed", "moved", "stale")
 
 
-class EsperCollector(Collector):
-    """Every esper_* family of one ``Snapshot``: build one per scrape."""
+class Family(NamedTuple):
+    """One per-run metric family: its name (a counter's without ``_total``), type, help, labels."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    name: str
+    type: str  # "gauge" or "counter"
+    help: str
+    labels: Tuple[str, ...]
+
+    @property
+    def sample(self) -> str:
+        """The name its samples carry."""
+        return self.name + "_total" if self.type == "counter" else self.name
+
+
+_RG = ("run", "group")
+_R = ("run",)
+
+# Every family a run's series belong to, in the order the exposition writes them.
+RUN_FAMILIES: Tuple[Family, ...] = (
+    Family("esper_grad_norm", "gauge",
+           "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
+           "ranks of the latest complete step); +Inf or NaN when the gradient held Inf or "
+           "NaN. Absent while the group has no gradient or is stale.", _RG),
+    Family("esper_group_has_gradient", "gauge",
+           "1 if any parameter of the group had a gradient at its latest capture (finite or "
+           "not), else 0. Absent while the group is stale.", _RG),
+    Family("esper_group_last_step", "gauge",
+           "Training step of the group's latest capture (sharded groups: of the latest "
+           "complete step); pairs esper_grad_norm with a step. Absent before the first.", _RG),
+    Family("esper_group_stale", "gauge",
+           "1 while the collector reports it can no longer follow the group (its module or "
+           "parameters left the model) and its numbers are not exported, else 0.", _RG),
+    Family("esper_group_parameters", "gauge", "Scalar parameters in the group.", _RG),
+    Family("esper_seed_grad_ratio", "gauge",
+           "Parameter-normalized seed/host gradient norm ratio: "
+           "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
+           "gradient or a zero norm; +Inf when the seed's gradient holds Inf, NaN when "
+           "either holds NaN. Absent while the seed or the host is stale.", ("run", "seed")),
+    Family("esper_grad_nonfinite", "counter",
+           "Captures in which the group's gradient held NaN or Inf (one per rank's capture).",
+           _RG),
+    Family("esper_isolation_violations", "counter",
+           "Gradient isolation violations reported for the group, by kind.",
+           ("run", "group", "kind")),
+    Family("esper_isolation_ok", "gauge",
+           "For isolated and seed groups: 0 if an isolation violation was reported for the "
+           "latest captured step or later, else 1.", _RG),
+    Family("esper_device_mismatch", "counter",
+           "Device conditions reported by the collectors, by kind (split, mixed, moved, "
+           "stale).", ("run", "kind")),
+    Family("esper_captures", "counter",
+           "Capture events received for the run, one per rank per capture.", _R),
+    Family("esper_last_step", "gauge", "Training step of the run's latest capture.", _R),
+    Family("esper_last_capture_timestamp_seconds", "gauge",
+           "Unix time (collector's clock) of the run's latest capture.", _R),
+    Family("esper_collectors", "gauge",
+           "Collectors (ranks) of the run heard from within the TTL that have not said "
+           "goodbye.", _R),
+    Family("esper_collector_dropped_events", "counter",
+           "Events the run's collectors dropped before sending (full queue or socket), as "
+           "their heartbeats report, summed over ranks.", _R),
+    Family("esper_daemon_incomplete_steps", "counter",
+           "Sharded steps given up because not every rank reported within the shard window.",
+           _R),
+    Family("esper_run_ended", "gauge",
+           "1 while the run is kept after every rank said goodbye (its final values, for "
+           "the ended-retention time), 0 while it is live.", _R),
+    Family("esper_messages_lost", "counter",
+           "Messages of the collector (run, rank) that never reached the aggregator, "
+           "counted from the gaps in its message numbers, whatever the cause (a reconnect, "
+           "an oversize frame, a full queue, a rejected message). Counted from the first "
+           "message this daemon process saw from it.", ("run", "rank")),
+)
+_LOST = len(RUN_FAMILIES) - 1  # written only when the snapshot has loss accounting
+
+Row = Tuple[Tuple[str, ...], float]
+
+
+def run_rows(run: RunSnapshot, lost: Sequence[Tuple[int, int]] = ()) -> List[List[Row]]:
+    """The series of one run: per family of ``RUN_FAMILIES``, (label values, value) rows.
+
+    ``lost`` is the run's (rank, messages lost) pairs. The one definition of what a run
+    exports: the ``Collector`` and the fast renderer both write these rows.
+    """
+    rows: List[List[Row]] = [[] for _ in RUN_FAMILIES]
+    (norm, has_grad, group_step, stale, params, ratio, nonfinite, violations, iso_ok,
+     mismatch, captures, last_step, last_ts, collectors, dropped, incomplete, ended,
+     lost_rows) = rows
+    r = run.name
+    host: Optional[GroupSnapshot] = None
+    for g in run.groups:
+        if g.role == "host" and g.captured:
+            host = g
+            break
+    if host is not None and host.stale:
+        host = None  # a ratio over numbers that mean nothing is no ratio
+    for g in run.groups:
+        labels = (r, g.name)
+        if g.params is not None:
+            params.append((labels, g.params))
+        nonfinite.append((labels, g.nonfinite))
+        watched = g.isolated or g.role == "seed" or bool(g.violations)
+        if watched:
+            for kind in VIOLATION_KINDS:
+                if kind not in g.violations:
+                    violations.append(((r, g.name, kind), 0))
+        for kind, n in g.violations.items():
+            violations.append(((r, g.name, kind), n))
+        stale.append((labels, 1 if g.stale else 0))
+        if g.captured and g.step >= 0:
+            group_step.append((labels, g.step))
+        if g.captured and not g.stale:
+            if g.sq is None:
+                has_grad.append((labels, 0))
+            else:
+                has_grad.append((labels, 1))
+                norm.append((labels, math.sqrt(g.sq)))
+            if g.role == "seed" and host is not None:
+                ratio.append((labels, seed_ratio(g.sq, g.params, host.sq, host.params)))
+        if watched and (g.captured or g.violation_step >= 0):
+            ok = 0 if g.violation_step >= 0 and g.violation_step >= g.step else 1
+            iso_ok.append((labels, ok))
+    run_l = (r,)
+    for kind in MISMATCH_KINDS:
+        if kind not in run.device_mismatch:
+            mismatch.append(((r, kind), 0))
+    for kind, n in run.device_mismatch.items():
+        mismatch.append(((r, kind), n))
+    captures.append((run_l, run.captures))
+    if run.last_step >= 0:
+        last_step.append((run_l, run.last_step))
+        last_ts.append((run_l, run.last_capture_time))
+    collectors.append((run_l, run.collectors))
+    dropped.append((run_l, run.dropped))
+    incomplete.append((run_l, run.incomplete_steps))
+    ended.append((run_l, 1 if run.ended else 0))
+    for rank, n in lost:
+        lost_rows.append(((r, str(rank)), n))
+    return rows
+
+
+def run_series(run: RunSnapshot, lost: int = 0) -> int:
+    """How many series ``run_rows(run, lost)`` makes (``lost``: how many ranks), without
+    making them: the cap decides which runs a scrape carries before it renders any."""
+    n = 5 + (2 if run.last_step >= 0 else 0) + lost
+    n += len(run.device_mismatch) + sum(1 for k in MISMATCH_KINDS if k not in run.device_mismatch)
+    host = next((g for g in run.groups if g.role == "host" and g.captured), None)
+    has_host = host is not None and not host.stale
+    for g in run.groups:
+        n += 2 + (g.params is not None) + len(g.violations)
+        watched = g.isolated or g.role == "seed" or bool(g.violations)
+        if watched:
+            n += sum(1 for k in VIOLATION_KINDS if k not in g.violations)
+            n += g.captured or g.violation_step >= 0
+        if g.captured:
+            n += g.step >= 0
+            if not g.stale:
+                n += 1 + (g.sq is not None) + (g.role == "seed" and has_host)
+    return n
+
+
+def lost_by_run(snap: Snapshot) -> Dict[str, List[Tuple[int, int]]]:
+    """The snapshot's message losses as (rank, count) pairs per run, ranks in order."""
+    out: Dict[str, List[Tuple[int, int]]] = {}
+    for (run, rank), n in sorted((snap.messages_lost or {}).items()):
+        out.setdefault(run, []).append((rank, n))
+    return out
+
+
+class ScrapeFigures(NamedTuple):
+    """What the series cap left out of one scrape, and the scrapes truncated so far."""
+
+    omitted_runs: int = 0
+    omitted_series: int = 0
+    truncated_scrapes: int = 0
+
+
+class EsperCollector(Collector):
+    """Every esper_* family of one ``Snapshot``: build one per scrape.
+
+    ``runs``: the runs to show (the series cap's choice), all of the snapshot's if None;
+    ``scrape``: what the cap left out, for the daemon's own metrics.
+    """
+
+    def __init__(self, snapshot: Snapshot, runs: Optional[Sequence[RunSnapshot]] = None,
+                 scrape: ScrapeFigures = ScrapeFigures()) -> None:
         self._snap = snapshot
+        self._runs = snapshot.runs if runs is None else runs
+        self._scrape = scrape
 
     def describe(self) -> List[Metric]:
         # Nothing at registration: collect() is per scrape, and names never clash.
@@ -48,151 +239,26 @@ class EsperCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snap
-        rg = ["run", "group"]
-        grad_norm = GaugeMetricFamily(
-            "esper_grad_norm",
-            "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
-            "ranks of the latest complete step); +Inf or NaN when the gradient held Inf or "
-            "NaN. Absent while the group has no gradient or is stale.",
-            labels=rg)
-        has_grad = GaugeMetricFamily(
-            "esper_group_has_gradient",
-            "1 if any parameter of the group had a gradient at its latest capture (finite or "
-            "not), else 0. Absent while the group is stale.",
-            labels=rg)
-        stale = GaugeMetricFamily(
-            "esper_group_stale",
-            "1 while the collector reports it can no longer follow the group (its module or "
-            "parameters left the model) and its numbers are not exported, else 0.",
-            labels=rg)
-        group_step = GaugeMetricFamily(
-            "esper_group_last_step",
-            "Training step of the group's latest capture (sharded groups: of the latest "
-            "complete step); pairs esper_grad_norm with a step. Absent before the first.",
-            labels=rg)
-        params = GaugeMetricFamily(
-            "esper_group_parameters", "Scalar parameters in the group.", labels=rg)
-        ratio = GaugeMetricFamily(
-            "esper_seed_grad_ratio",
-            "Parameter-normalized seed/host gradient norm ratio: "
-            "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
-            "gradient or a zero norm; +Inf when the seed's gradient holds Inf, NaN when "
-            "either holds NaN. Absent while the seed or the host is stale.",
-            labels=["run", "seed"])
-        nonfinite = CounterMetricFamily(
-            "esper_grad_nonfinite",
-            "Captures in which the group's gradient held NaN or Inf (one per rank's capture).",
-            labels=rg)
-        violations = CounterMetricFamily(
-            "esper_isolation_violations",
-            "Gradient isolation violations reported for the group, by kind.",
-            labels=["run", "group", "kind"])
-        iso_ok = GaugeMetricFamily(
-            "esper_isolation_ok",
-            "For isolated and seed groups: 0 if an isolation violation was reported for the "
-            "latest captured step or later, else 1.",
-            labels=rg)
-        mismatch = CounterMetricFamily(
-            "esper_device_mismatch",
-            "Device conditions reported by the collectors, by kind (split, mixed, moved, "
-            "stale).",
-            labels=["run", "kind"])
-        captures = CounterMetricFamily(
-            "esper_captures", "Capture events received for the run, one per rank per capture.",
-            labels=["run"])
-        last_step = GaugeMetricFamily(
-            "esper_last_step", "Training step of the run's latest capture.", labels=["run"])
-        last_ts = GaugeMetricFamily(
-            "esper_last_capture_timestamp_seconds",
-            "Unix time (collector's clock) of the run's latest capture.", labels=["run"])
-        collectors = GaugeMetricFamily(
-            "esper_collectors",
-            "Collectors (ranks) of the run heard from within the TTL that have not said "
-            "goodbye.", labels=["run"])
-        dropped = CounterMetricFamily(
-            "esper_collector_dropped_events",
-            "Events the run's collectors dropped before sending (full queue or socket), as "
-            "their heartbeats report, summed over ranks.", labels=["run"])
-        ended = GaugeMetricFamily(
-            "esper_run_ended",
-            "1 while the run is kept after every rank said goodbye (its final values, for "
-            "the ended-retention time), 0 while it is live.", labels=["run"])
-        incomplete = CounterMetricFamily(
-            "esper_daemon_incomplete_steps",
-            "Sharded steps given up because not every rank reported within the shard window.",
-            labels=["run"])
-
-        for run in snap.runs:
-            r = run.name
-            host: Optional[GroupSnapshot] = None
-            for g in run.groups:
-                if g.role == "host" and g.captured:
-                    host = g
-                    break
-            if host is not None and host.stale:
-                host = None  # a ratio over numbers that mean nothing is no ratio
-            for g in run.groups:
-                labels = [r, g.name]
-                if g.params is not None:
-                    params.add_metric(labels, g.params)
-                nonfinite.add_metric(labels, g.nonfinite)
-                watched = g.isolated or g.role == "seed" or bool(g.violations)
-                if watched:
-                    for kind in VIOLATION_KINDS:
-                        if kind not in g.violations:
-                            violations.add_metric([r, g.name, kind], 0)
-                for kind, n in g.violations.items():
-                    violations.add_metric([r, g.name, kind], n)
-                stale.add_metric(labels, 1 if g.stale else 0)
-                if g.captured and g.step >= 0:
-                    group_step.add_metric(labels, g.step)
-                if g.captured and not g.stale:
-                    if g.sq is None:
-                        has_grad.add_metric(labels, 0)
-                    else:
-                        has_grad.add_metric(labels, 1)
-                        grad_norm.add_metric(labels, math.sqrt(g.sq))
-                    if g.role == "seed" and host is not None:
-                        ratio.add_metric(labels, seed_ratio(g.sq, g.params, host.sq, host.params))
-                if watched and (g.captured or g.violation_step >= 0):
-                    ok = 0 if g.violation_step >= 0 and g.violation_step >= g.step else 1
-                    iso_ok.add_metric(labels, ok)
-            run_l = [r]
-            for kind in MISMATCH_KINDS:
-                if kind not in run.device_mismatch:
-                    mismatch.add_metric([r, kind], 0)
-            for kind, n in run.device_mismatch.items():
-                mismatch.add_metric([r, kind], n)
-            captures.add_metric(run_l, run.captures)
-            if run.last_step >= 0:
-                last_step.add_metric(run_l, run.last_step)
-                last_ts.add_metric(run_l, run.last_capture_time)
-            collectors.add_metric(run_l, run.collectors)
-            dropped.add_metric(run_l, run.dropped)
-            incomplete.add_metric(run_l, run.incomplete_steps)
-            ended.add_metric(run_l, 1 if run.ended else 0)
-
-        yield from (grad_norm, has_grad, group_step, stale, params, ratio, nonfinite, violations, iso_ok,
-                    mismatch, captures, last_step, last_ts, collectors, dropped, incomplete,
-                    ended)
-        yield from _self_metrics(snap)
-        yield from _loss_metrics(snap)
+        families = [(CounterMetricFamily if f.type == "counter" else GaugeMetricFamily)(
+            f.name, f.help, labels=list(f.labels)) for f in RUN_FAMILIES]
+        lost = lost_by_run(snap)
+        for run in self._runs:
+            for family, rows in zip(families, run_rows(run, lost.get(run.name, ()))):
+                for labels, v in rows:
+                    family.add_metric(list(labels), v)
+        yield from families[:_LOST]
+        yield from _self_metrics(snap, self._scrape)
+        yield from _loss_metrics(snap, families[_LOST])
 
 
-def _loss_metrics(snap: Snapshot) -> Iterator[Metric]:
+def _loss_metrics(snap: Snapshot, lost: Metric) -> Iterator[Metric]:
     """Loss accounting (daemon/sequence.py): gaps in the collectors' message numbers."""
     if snap.messages_lost is not None:
-        lost = CounterMetricFamily(
-            "esper_messages_lost",
-            "Messages of the collector (run, rank) that never reached the aggregator, "
-            "counted from the gaps in its message numbers, whatever the cause (a reconnect, "
-            "an oversize frame, a full queue, a rejected message). Counted from the first "
-            "message this daemon process saw from it.", labels=["run", "rank"])
-        held = {run.name for run in snap.runs}
-        for (run, rank), n in sorted(snap.messages_lost.items()):
-            if run in held:
-                lost.add_metric([run, str(rank)], n)
         yield lost
+    yield from _unsequenced(snap)
+
+
+def _unsequenced(snap: Snapshot) -> Iterator[Metric]:
     if snap.unsequenced_messages is not None:
         yield CounterMetricFamily(
             "esper_daemon_unsequenced_messages",
@@ -200,7 +266,7 @@ def _loss_metrics(snap: Snapshot) -> Iterator[Metric]:
             "losses cannot be counted.", value=snap.unsequenced_messages)
 
 
-def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
+def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "esper_daemon_messages", "ZeroMQ messages received, accepted or not.",
         value=snap.messages)
@@ -248,6 +314,19 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     for reason in HTTP_REFUSAL_REASONS:
         http.add_metric([reason], (snap.http_refused or {}).get(reason, 0))
     yield http
+    yield GaugeMetricFamily(
+        "esper_daemon_scrape_omitted_runs",
+        "Runs left out of this scrape whole because it would have carried more series "
+        "than --web.max-series (the least active first); 0 when every run fit.",
+        value=scrape.omitted_runs)
+    yield GaugeMetricFamily(
+        "esper_daemon_scrape_omitted_series",
+        "Series of the runs left out of this scrape by --web.max-series.",
+        value=scrape.omitted_series)
+    yield CounterMetricFamily(
+        "esper_daemon_scrapes_truncated",
+        "Scrapes that left runs out because of --web.max-series, this one included.",
+        value=scrape.truncated_scrapes)
     yield CounterMetricFamily(
         "esper_daemon_expired_runs", "Runs dropped after the TTL without events.",
         value=snap.expired_runs)
@@ -266,6 +345,156 @@ def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield InfoMetricFamily(
         "esper_daemon_build", "Daemon version and wire schema version.",
         value={"version": __version__, "schema": str(SCHEMA_VERSION)})
+
+
+def _priority(run: RunSnapshot) -> int:
+    """Which runs the series cap keeps first: live runs with norms, then live runs that
+    never sent norms, then runs no rank was heard from within the TTL, then ended runs."""
+    if run.ended:
+        return 3
+    if run.collectors == 0:
+        return 2
+    return 0 if run.captures else 1
+
+
+def _count(metrics: Sequence[Metric]) -> int:
+    return sum(len(m.samples) for m in metrics)
+
+
+def _fragments(rows: List[List[Row]], escaped: Dict[str, str]) -> List[str]:
+    """A run's rows as exposition lines, one string per family (the same in both formats)."""
+    out: List[str] = []
+    labelled: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], str] = {}
+    for family, rs in zip(RUN_FAMILIES, rows):
+        if not rs:
+            out.append("")
+            continue
+        name, names = family.sample, family.labels
+        lines = []
+        for labels, v in rs:
+            key = (names, labels)
+            lab = labelled.get(key)
+            if lab is None:
+                parts = []
+                for k, x in zip(names, labels):
+                    e = escaped.get(x)
+                    if e is None:
+                        e = escaped[x] = escape_label(x)
+                    parts.append(f'{k}="{e}"')
+                lab = labelled[key] = "{" + ",".join(parts) + "} "
+            lines.append(f"{name}{lab}{value(v)}\n")
+        out.append("".join(lines))
+    return out
+
+
+class Scrape(Collector):
+    """One scrape: the runs the series cap kept, the daemon's own families, the process's.
+
+    A ``Collector`` (``generate_latest`` reads it like any), and ``render(fmt)`` writes the
+    same samples faster, in either format (textformat.py), from the run rows directly.
+    """
+
+    def __init__(self, snapshot: Snapshot, runs: Sequence[RunSnapshot], figures: ScrapeFigures,
+                 process: Sequence[Metric]) -> None:
+        self.snapshot = snapshot
+        self.runs = runs
+        self.figures = figures
+        self._process = process
+
+    def collect(self) -> Iterator[Metric]:
+        yield from EsperCollector(self.snapshot, self.runs, self.figures).collect()
+        yield from self._process
+
+    def render(self, fmt: str) -> bytes:
+        """The exposition in ``fmt`` (``textformat.TEXT`` or ``OPENMETRICS``), as bytes."""
+        snap = self.snapshot
+        escaped: Dict[str, str] = {}
+        lost = lost_by_run(snap)
+        frags = [_fragments(run_rows(run, lost.get(run.name, ())), escaped) for run in self.runs]
+        out: List[str] = []
+        for i, family in enumerate(RUN_FAMILIES[:_LOST]):
+            out.append(header(family.name, family.type, family.help, fmt))
+            out.extend(f[i] for f in frags)
+        out.extend(render_families(_self_metrics(snap, self.figures), fmt, escaped))
+        if snap.messages_lost is not None:
+            family = RUN_FAMILIES[_LOST]
+            out.append(header(family.name, family.type, family.help, fmt))
+            out.extend(f[_LOST] for f in frags)
+        out.extend(render_families(_unsequenced(snap), fmt, escaped))
+        out.extend(render_families(self._process, fmt, escaped))
+        if fmt == OPENMETRICS:
+            out.append(EOF)
+        return "".join(out).encode("utf-8")
+
+
+class Exposition:
+    """The daemon's scrapes: at most ``max_series`` series each, overflow counted and logged.
+
+    When the runs' series and the daemon's own would exceed ``max_series``, whole runs are
+    left out (a run is never shown in part), by ``_priority`` and, within a class, the runs
+    held longest kept first, so the same runs stay in from one scrape to the next; a run
+    larger than what is left is skipped and smaller ones after it may still fit. The
+    daemon's own families (and the process's) are always written, and say what was left out.
+    ``scrape`` may run on several threads at once.
+    """
+
+    def __init__(self, max_series: int, process: Optional[CollectorRegistry] = None,
+                 logger: logging.Logger = _log, clock: Callable[[], float] = time.monotonic,
+                 remind_s: float = 300.0) -> None:
+        self.max_series = max_series
+        self._process = process
+        self._log = logger
+        self._clock = clock
+        self._remind_s = remind_s
+        self._lock = threading.Lock()
+        self.truncated = 0  # scrapes that left runs out
+        self._truncating = False
+        self._said = -math.inf
+
+    def scrape(self, snapshot: Snapshot) -> Scrape:
+        """What one scrape of ``snapshot`` carries (the cap applied), ready to render."""
+        process = list(self._process.collect()) if self._process is not None else []
+        own = _count(list(_self_metrics(snapshot, ScrapeFigures()))) + _count(
+            list(_unsequenced(snapshot))) + _count(process)
+        budget = self.max_series - own
+        lost = lost_by_run(snapshot)
+        sized = [(run, run_series(run, len(lost.get(run.name, ())))) for run in snapshot.runs]
+        if sum(n for _, n in sized) <= budget:
+            with self._lock:
+                figures = ScrapeFigures(0, 0, self.truncated)
+                self._settle(False, figures, snapshot)
+            return Scrape(snapshot, snapshot.runs, figures, process)
+        keep = set()
+        omitted_runs = omitted_series = 0
+        for index in sorted(range(len(sized)), key=lambda i: _priority(sized[i][0])):
+            n = sized[index][1]
+            if n <= budget:
+                keep.add(index)
+                budget -= n
+            else:
+                omitted_runs += 1
+                omitted_series += n
+        with self._lock:
+            self.truncated += 1
+            figures = ScrapeFigures(omitted_runs, omitted_series, self.truncated)
+            self._settle(True, figures, snapshot)
+        runs = tuple(run for i, (run, _) in enumerate(sized) if i in keep)
+        return Scrape(snapshot, runs, figures, process)
+
+    def _settle(self, truncating: bool, figures: ScrapeFigures, snapshot: Snapshot) -> None:
+        """Logs a change of state, and a reminder every ``remind_s`` while runs are left out."""
+        now = self._clock()
+        if truncating and (not self._truncating or now - self._said >= self._remind_s):
+            self._said = now
+            self._log.warning(
+                "scrapes leave runs out: %d of %d runs (%d series) over --web.max-series=%d; "
+                "esper_daemon_scrape_omitted_series says how many each scrape leaves out",
+                figures.omitted_runs, len(snapshot.runs), figures.omitted_series,
+                self.max_series)
+        elif not truncating and self._truncating:
+            self._log.info("scrapes carry every run again (%d runs, --web.max-series=%d)",
+                           len(snapshot.runs), self.max_series)
+        self._truncating = truncating
 
 
 def process_registry() -> CollectorRegistry:

@@ -27,12 +27,11 @@ from typing import Any, Callable, Optional, Tuple
 
 from aiohttp import web
 from aiohttp.web_server import Server
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from esper_telemetry.version import __version__
 
-from .textformat import CONTENT_TYPE, render_text
+from .textformat import negotiate, render
 
 __all__ = ["WebServer", "accepts_gzip"]
 
@@ -94,7 +93,9 @@ class WebServer:
     """Serves the exposition at ``path``; ``ready()`` decides ``/-/ready``.
 
     Per scrape: ``snapshot()`` on the loop thread, then ``registry(snapshot)`` and its
-    rendering on a worker thread. ``refused`` and ``write_timeouts`` count connections
+    rendering on a worker thread, in the format the ``Accept`` header prefers by q-value
+    (``textformat.negotiate``: OpenMetrics or text, both on the fast encoders), gzipped
+    when ``Accept-Encoding`` admits it. ``refused`` and ``write_timeouts`` count connections
     turned away by the cap and responses abandoned by the write timeout.
     """
 
@@ -225,8 +226,9 @@ class WebServer:
         gz = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         body, ctype = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._render, snapshot, request.headers.get("Accept"), gz)
+        # The body depends on both headers: caches must key on both.
         resp = web.StreamResponse(headers={"Content-Type": ctype,
-                                           "Vary": "Accept-Encoding"})
+                                           "Vary": "Accept, Accept-Encoding"})
         if gz:
             resp.headers["Content-Encoding"] = "gzip"
         resp.content_length = len(body)
@@ -256,13 +258,15 @@ class WebServer:
         await resp.write_eof()
 
     def _render(self, snapshot: Any, accept: Optional[str], gz: bool) -> Tuple[bytes, str]:
-        """On a worker thread: the exposition of ``snapshot``, encoded as negotiated."""
+        """On a worker thread: the exposition of ``snapshot``, in the negotiated format.
+
+        A collector with a ``render(fmt)`` method (the daemon's ``exporter.Scrape``)
+        renders itself; any other goes through ``textformat.render``.
+        """
         registry = self._registry(snapshot)
-        encoder, ctype = choose_encoder(accept)
-        if ctype.startswith("text/plain"):
-            body, ctype = render_text(registry), CONTENT_TYPE
-        else:  # OpenMetrics, negotiated: prometheus_client's own encoder
-            body = encoder(registry)
+        fmt, ctype = negotiate(accept)
+        own = getattr(registry, "render", None)
+        body = own(fmt) if callable(own) else render(registry, fmt)
         if gz:
             return gzip.compress(body, compresslevel=1), ctype
         return body, ctype
