@@ -11,7 +11,9 @@ OpenMetrics-only ``_created`` sample goes (text makes it a gauge of its own, as
 collector's label order instead of sorting, write floats with Python's ``repr`` (``+Inf``,
 ``-Inf``, ``NaN`` spelled as both formats want), and escape each distinct label value once
 per scrape (a run's name appears in hundreds of series). Tests check that both parse
-identically to prometheus_client's own encoders and pass ``promtool check metrics``.
+identically to prometheus_client's own encoders (OpenMetrics with its strict parser) and
+that the text passes ``promtool check metrics``; promtool 2.42 lints only the text format
+(it reads an OpenMetrics counter family, named without ``_total``, as having no HELP).
 
 ``negotiate`` picks the format from an ``Accept`` header by its q-values.
 """

@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from esper_telemetry.daemon.stats import OVERFLOW_KINDS, REJECT_REASONS
 from esper_telemetry.daemon.textformat import render_text
@@ -204,3 +206,104 @@ def test_sqrt_of_large_sums_is_exact_enough(make_agg, clock):
     s = expose(agg)
     assert math.isclose(get(s, "esper_grad_norm", run="r", group="host"), 1e15)
     assert math.isclose(get(s, "esper_grad_norm", run="r", group="seed"), 1e-15)
+
+
+# --- the fast encoders /metrics serves, against prometheus_client's, in both formats ---------
+
+def _om_samples(text):
+    """(name, type, help, samples) per family, by prometheus_client's strict OpenMetrics
+    parser (it raises on anything the format forbids, a missing ``# EOF`` included)."""
+    out = {}
+    for f in parse_openmetrics(text):
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples
+                   if not s.name.endswith("_created")}
+        out[f.name] = (f.type, f.documentation, samples)
+    return out
+
+
+def _same(a, b):
+    return a == b or (a != a and b != b)
+
+
+def _busy_aggregator(make_agg, clock):
+    agg, stats = make_agg()
+    agg.apply_batch([hello(run='q"\\x\n'), host_seed(run='q"\\x\n', host_sq=2.0),
+                     host_seed(run="b", host_sq=None),
+                     IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
+                     DeviceMismatch("b", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
+                     norms(run="inf", groups=[gn("host", 16.0, "host", 400),
+                                              gn("seed", math.inf, "seed", 100, nonfinite=1)]),
+                     norms(run="nan", groups=[gn("host", math.nan, "host", 400, nonfinite=1),
+                                              gn("seed", 4.0, "seed", 100)]),
+                     norms(run="big", step=10**12, groups=[gn("host", 1e300, "host", 10**15)])],
+                    clock())
+    agg.apply_batch([heartbeat(run="b")._replace(seq=0)], clock())
+    agg.apply_batch([heartbeat(run="b")._replace(seq=3)], clock())  # messages 1 and 2 lost
+    agg.apply_batch([goodbye(run="b")], clock())
+    stats.rejected["malformed"] += 2
+    return agg
+
+
+def _extra_registry():
+    """Families the esper collector never makes: created, info, histogram, summary, inf, nan."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
+
+    reg = CollectorRegistry()
+    Counter("t_events", "c with \\ and \"quotes\"\nand a newline", ["a"], registry=reg).labels('x"\\\n').inc(3)
+    Gauge("t_inf", "g", registry=reg).set(math.inf)
+    Gauge("t_minus_inf", "g", registry=reg).set(-math.inf)
+    Gauge("t_nan", "g", registry=reg).set(math.nan)
+    Gauge("t_tiny", "g", registry=reg).set(1.5e-300)
+    Info("t_build", "i", registry=reg).info({"version": "1"})
+    Histogram("t_seconds", "h", registry=reg).observe(0.3)
+    Summary("t_size_bytes", "s", registry=reg).observe(7)
+    return reg
+
+
+def test_fast_openmetrics_and_text_match_prometheus_clients_own(make_agg, clock):
+    from esper_telemetry.daemon.exporter import Exposition, process_registry
+    from esper_telemetry.daemon.textformat import OPENMETRICS, TEXT, render
+
+    agg = _busy_aggregator(make_agg, clock)
+    scrape = Exposition(10**6, process_registry()).scrape(agg.snapshot())
+    for fast_text, fast_om, reg in (
+            (scrape.render(TEXT), scrape.render(OPENMETRICS), scrape),
+            (render(_extra_registry(), TEXT), render(_extra_registry(), OPENMETRICS),
+             _extra_registry())):
+        fast_text, fast_om = fast_text.decode(), fast_om.decode()
+        slow_text, slow_om = generate_latest(reg).decode(), generate_openmetrics(reg).decode()
+        assert fast_om.endswith("\n# EOF\n") and fast_om.count("# EOF") == 1
+        fast, slow = _om_samples(fast_om), _om_samples(slow_om)
+        assert fast.keys() == slow.keys() and len(fast) > 5
+        for name in slow:
+            (ft, fh, fs), (st, sh, ss) = fast[name], slow[name]
+            assert (ft, fh) == (st, sh), name
+            assert fs.keys() == ss.keys(), name
+            if not name.startswith(("process_", "python_gc")):  # those move between renders
+                assert all(_same(fs[k], ss[k]) for k in ss), name
+        ft, st = parse(fast_text), parse(slow_text)
+        assert ft.keys() == st.keys()
+        assert all(_same(ft[k], st[k]) for k in st  # creation times differ between registries
+                   if not k[0].startswith(("process_", "python_gc")) and "_created" not in k[0])
+        help_type = lambda t: sorted(ln for ln in t.splitlines() if ln.startswith("#"))
+        assert help_type(fast_text) == help_type(slow_text)
+    # Counters' samples end in _total; their family (TYPE line) does not in OpenMetrics.
+    om = scrape.render(OPENMETRICS).decode()
+    assert "# TYPE esper_messages_lost counter\n" in om and 'esper_messages_lost_total{run="b",rank="0"} 2.0' in om
+    assert "# TYPE esper_daemon_build info\n" in om and "esper_daemon_build_info{" in om
+    assert 'esper_grad_norm{run="q\\"\\\\x\\n",group="host"}' in om
+
+
+def test_fast_text_of_a_scrape_passes_promtool_without_warnings(make_agg, clock):
+    from esper_telemetry.daemon.exporter import Exposition, process_registry
+    from esper_telemetry.daemon.textformat import TEXT
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (tools/ensure-prometheus.sh)")
+    agg = _busy_aggregator(make_agg, clock)
+    text = Exposition(10**6, process_registry()).scrape(agg.snapshot()).render(TEXT)
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          timeout=30)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
+        proc.stdout + proc.stderr

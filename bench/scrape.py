@@ -1,0 +1,331 @@
+"""Benchmark scrapes over HTTP: the daemon against prometheus_client's own server, same series.
+
+    python bench/scrape.py [--trials T] [--sizes 10000,100000] [--baseline PYTHONPATH] [--write]
+
+Starts ``esper-telemetryd`` (``python -m esper_telemetry.daemon``) as a subprocess and fills
+it over ZeroMQ with runs of 100 groups (a host, 19 isolated seeds, 80 plain groups) until
+it holds about the requested number of series; starts a second process that applies the
+same events to the same aggregator code and serves them with prometheus_client's own
+``start_http_server`` (a collector that renders a fresh snapshot per scrape, as the
+daemon does, plus the process collectors). Then, per trial, interleaved, every server is
+scraped once in each of four ways on a kept-alive connection:
+
+- ``text``: ``Accept: text/plain;version=0.0.4``, no compression;
+- ``text+gzip``: the same with ``Accept-Encoding: gzip``;
+- ``openmetrics``: the ``Accept`` header Prometheus 2.42 sends (OpenMetrics first);
+- ``prometheus``: that header with gzip, exactly what Prometheus 2.42 asks.
+
+A scrape's time runs from sending the request to the last byte of the body (not
+decompressed: that is the scraper's cost). Medians over the trials, and the ratio of
+prometheus_client's median to the daemon's. ``--baseline PATH`` adds a third server: the
+daemon run with ``PYTHONPATH=PATH`` first (an older tree laid out as the installed
+package, ``esper_telemetry/{,daemon/,collector/}``), for before/after in the same run.
+Prints a markdown section; ``--write`` puts it into bench/RESULTS.md as "## Scrape"
+(other sections kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECTION = "## Scrape"
+GROUPS = 100
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+WAYS = {
+    "text": ("text/plain;version=0.0.4", "identity"),
+    "text+gzip": ("text/plain;version=0.0.4", "gzip"),
+    "openmetrics": (PROMETHEUS_ACCEPT, "identity"),
+    "prometheus": (PROMETHEUS_ACCEPT, "gzip"),
+}
+SERIES_PER_RUN = 687  # runs of GROUPS groups as _events makes them, the run's own included
+
+
+def _events(runs: int):
+    """Per run, a Hello declaring its groups and one capture of every group."""
+    from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms
+
+    for r in range(runs):
+        run = f"bench-run-{r:04d}"
+        decls = tuple(
+            GroupDecl(f"group-{g:03d}", "host" if g == 0 else ("seed" if g <= 19 else "group"),
+                      1000 + g, 0 < g <= 19) for g in range(GROUPS))
+        norms = tuple(GroupNorm(d.name, d.role, d.params, 1.0 + 0.37 * i, 0, False, d.isolated)
+                      for i, d in enumerate(decls))
+        yield [Hello(run, 0, 1.7e9, 1, "bench", 1, "0", "", decls),
+               Norms(run, 0, 1.7e9 + r, 1000 + r, False, norms)]
+
+
+def _fill(endpoint: str, runs: int) -> None:
+    import zmq
+
+    from esper_telemetry import encode
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 10_000)
+    sock.connect(endpoint)
+    for events in _events(runs):
+        sock.send(encode(events))
+    sock.close()
+    ctx.term()
+
+
+def _serve_prometheus_client(runs: int) -> None:
+    """The peer: the same events, the same aggregator, prometheus_client's own server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from esper_telemetry.daemon.aggregator import Aggregator
+    from esper_telemetry.daemon.app import limits
+    from esper_telemetry.daemon.config import Config
+    from esper_telemetry.daemon.exporter import EsperCollector, process_registry
+    from esper_telemetry.daemon.stats import DaemonStats
+
+    agg = Aggregator(limits(Config(max_runs=max(runs, 100), max_groups_per_run=256)),
+                     DaemonStats())
+    for events in _events(runs):
+        agg.apply_batch(events, time.monotonic())
+
+    class Live:
+        def collect(self):  # a fresh snapshot per scrape, as the daemon takes one
+            yield from EsperCollector(agg.snapshot()).collect()
+
+    registry = CollectorRegistry()
+    registry.register(Live())
+    registry.register(process_registry())
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    print(f"listening 127.0.0.1:{server.server_port}", flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+
+
+class Server:
+    """One server under test, a kept-alive connection to it, and its timings."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, web: str) -> None:
+        self.name, self.proc, self.web = name, proc, web
+        host, port = web.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def scrape(self, accept: str, encoding: str) -> Tuple[float, bytes, Dict[str, str]]:
+        t0 = time.perf_counter()
+        try:
+            self.conn.request("GET", "/metrics", headers={"Accept": accept,
+                                                          "Accept-Encoding": encoding})
+            resp = self.conn.getresponse()
+            body = resp.read()
+        except (http.client.HTTPException, ConnectionError):  # a server that closed: once more
+            self.conn.close()
+            t0 = time.perf_counter()
+            self.conn.request("GET", "/metrics", headers={"Accept": accept,
+                                                          "Accept-Encoding": encoding})
+            resp = self.conn.getresponse()
+            body = resp.read()
+        took = time.perf_counter() - t0
+        if resp.status != 200:
+            raise SystemExit(f"{self.name}: /metrics answered {resp.status}")
+        return took, body, {k.lower(): v for k, v in resp.getheaders()}
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _start_daemon(name: str, runs: int, pythonpath: str = "") -> Server:
+    env = dict(os.environ)
+    env = {k: v for k, v in env.items() if not k.startswith("ESPER_")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    args = [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
+            "--web.listen-address=127.0.0.1:0", f"--limits.max-runs={max(runs, 100)}",
+            "--limits.max-groups-per-run=256", "--run.ttl-seconds=3600"]
+    if not pythonpath:
+        args.append("--web.max-series=1000000")
+    proc = subprocess.Popen(args, cwd="/" if pythonpath else ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    m = None
+    for _ in range(5):
+        line = proc.stderr.readline()
+        m = re.search(r"zmq=(\S+) web=(\S+)", line)
+        if m:
+            break
+    if not m:
+        proc.kill()
+        raise SystemExit(f"{name} did not start: {line}")
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    _fill(m.group(1), runs)
+    return Server(name, proc, m.group(2))
+
+
+def _start_peer(runs: int) -> Server:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-prometheus-client", str(runs)],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"listening (\S+)", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"prometheus_client server did not start: {line}")
+    return Server("prometheus_client", proc, m.group(1))
+
+
+def _series(server: Server) -> int:
+    _, body, _ = server.scrape("text/plain;version=0.0.4", "identity")
+    return sum(1 for ln in body.decode().splitlines() if ln and not ln.startswith("#"))
+
+
+def _wait_filled(server: Server, series: int, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n = _series(server)
+        if n >= series or time.monotonic() > deadline:
+            return n
+        time.sleep(0.2)
+
+
+def _check(server: Server) -> None:
+    """What each way negotiated, said once: content type and encoding."""
+    for way, (accept, encoding) in WAYS.items():
+        _, body, headers = server.scrape(accept, encoding)
+        if headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        print(f"  {server.name:18s} {way:12s} -> {headers.get('content-type')}"
+              f"{', gzip' if headers.get('content-encoding') == 'gzip' else ''}, "
+              f"{len(body):,} bytes", flush=True)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
+            f"{platform.python_version()}, prometheus_client {version('prometheus_client')}, "
+            f"aiohttp {version('aiohttp')}")
+
+
+def _write(section: str) -> None:
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=7, help="scrapes per server and way (>= 5)")
+    ap.add_argument("--sizes", default="10000,100000", help="series to hold, comma-separated")
+    ap.add_argument("--baseline", default="",
+                    help="PYTHONPATH of an older tree: its daemon is measured beside this one")
+    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    ap.add_argument("--serve-prometheus-client", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_prometheus_client:
+        _serve_prometheus_client(args.serve_prometheus_client)
+        return 0
+
+    rows: List[str] = []
+    notes: List[str] = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        runs = max(1, round(size / SERIES_PER_RUN))
+        servers = [_start_daemon("esper-telemetryd", runs), _start_peer(runs)]
+        if args.baseline:
+            servers.insert(1, _start_daemon("esper-telemetryd before", runs, args.baseline))
+        try:
+            counts = {s.name: _wait_filled(s, runs * SERIES_PER_RUN) for s in servers}
+            print(f"{runs} runs of {GROUPS} groups: series "
+                  + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
+            for s in servers:
+                _check(s)
+            times: Dict[Tuple[str, str], List[float]] = {}
+            sizes: Dict[Tuple[str, str], int] = {}
+            for s in servers:  # warm-up: one of each
+                for way, (accept, encoding) in WAYS.items():
+                    s.scrape(accept, encoding)
+            for t in range(args.trials):
+                order = servers if t % 2 == 0 else servers[::-1]
+                for way, (accept, encoding) in WAYS.items():
+                    for s in order:
+                        took, body, _ = s.scrape(accept, encoding)
+                        times.setdefault((s.name, way), []).append(took)
+                        sizes[(s.name, way)] = len(body)
+            daemon_series = counts["esper-telemetryd"]
+            for way in WAYS:
+                med = {s.name: statistics.median(times[(s.name, way)]) * 1e3 for s in servers}
+                ours = med["esper-telemetryd"]
+                cells = [f"{daemon_series:,}", way, f"{ours:.1f}",
+                         f"{sizes[('esper-telemetryd', way)] / 1e6:.2f}"]
+                if args.baseline:
+                    before = med["esper-telemetryd before"]
+                    cells += [f"{before:.1f}", f"{before / ours:.2f}x"]
+                peer = med["prometheus_client"]
+                cells += [f"{peer:.1f}", f"{peer / ours:.2f}x"]
+                rows.append("| " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
+                notes.append(f"{daemon_series:,} series, {way}: esper-telemetryd "
+                             + ", ".join(f"{x * 1e3:.1f}" for x in times[("esper-telemetryd", way)])
+                             + " ms")
+        finally:
+            for s in servers:
+                s.close()
+
+    head = ["series", "way", "esper-telemetryd (ms)", "sent (MB)"]
+    if args.baseline:
+        head += ["before (ms)", "before / now"]
+    head += ["prometheus_client (ms)", "prometheus_client / esper-telemetryd"]
+    section = "\n".join([
+        SECTION, "",
+        f"`python bench/scrape.py --trials {args.trials}` ({time.strftime('%Y-%m-%d')}). "
+        f"Machine: {_machine()}.",
+        f"One daemon process (`--web.max-series` raised past the sizes) and, on the same "
+        f"machine, prometheus_client's `start_http_server` serving the same runs (the same "
+        f"events applied to the same aggregator, a fresh snapshot per scrape). Runs of "
+        f"{GROUPS} groups. Each trial scrapes every server once in each way, interleaved, "
+        f"the order alternating; a scrape is timed from the request to the last byte of the "
+        f"body on a kept-alive connection; medians of {args.trials} trials. `prometheus` is "
+        f"what Prometheus 2.42 asks (`Accept: {PROMETHEUS_ACCEPT}`, gzip); the daemon answers "
+        f"it in OpenMetrics, as asked.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---:" if i != 1 else "---" for i in range(len(head))) + "|",
+        *rows, "",
+        "Every trial (ms): " + "; ".join(notes) + ".", "",
+    ])
+    print()
+    print(section)
+    if args.write:
+        _write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
