@@ -39,20 +39,24 @@ the pump that feeds it from the queue is the daemon's wiring (``app.py``). Singl
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import operator
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from esper_telemetry.events import (
     DeviceMismatch,
     Event,
     Goodbye,
+    GroupNorm,
     Heartbeat,
     Hello,
     IsolationViolation,
     Norms,
 )
 
+from .fastdecode import WIRE_NORMS, NormsV1, NormsV2
 from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
@@ -64,6 +68,13 @@ _log = logging.getLogger(__name__)
 
 # Distinct label values kept per group (violation kinds) and per run (mismatch kinds).
 MAX_KINDS = 16
+
+WireNorms = Union[NormsV2, NormsV1]
+_chain = itertools.chain.from_iterable
+_groups_of = operator.attrgetter("groups")
+_step_of = operator.attrgetter("step")
+_name_of = operator.itemgetter(0)
+_group_norm = GroupNorm._make
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +173,16 @@ class Aggregator:
     def apply_batch(self, events: Sequence[Event], now: float) -> None:
         """Apply one message's events, in order, all received at ``now``.
 
-        The events count as applied even if one of them raises (a daemon bug: the codec
+        ``events`` are records (``esper_telemetry.decode``), or the wire structs of one
+        collector's healthy ``Norms`` message (``fastdecode.decode_norms``), applied with the
+        same result without building records. The events count as applied even if one of them raises (a daemon bug: the codec
         validated them); the rest of that message is then not applied.
         """
         self._now = now
         self._stats.events += len(events)
+        if type(events[0]) in WIRE_NORMS:
+            self._wire_norms(events)  # type: ignore[arg-type]
+            return
         handlers = self._handlers
         for event in events:
             handlers[type(event)](event)
@@ -273,6 +289,66 @@ class Aggregator:
                 return None
             group = run.groups[name] = _Group()
         return group
+
+    # --- one collector's Norms message, as the fast decoder gives it --------------------
+
+    def _wire_norms(self, events: Sequence[WireNorms]) -> None:
+        """Apply a ``decode_norms`` message: the same state as its events one by one.
+
+        Every event is from one run and rank, and its groups are replicated with no
+        non-finite gradient (``fastdecode`` vouches for that). In the common case (a known
+        run, rank and groups, every group of the message in its last event, no group
+        going back to an older step from another rank) the last event holds every value
+        that applying them in order leaves, and the others only count: it is applied once.
+        Anything else (a new run, rank or group, a step going back, a group missing from
+        the last event) is applied event by event as records, exactly as ``decode``'s.
+        """
+        first = events[0]
+        last = events[-1]
+        run_name = first.run
+        rank = first.rank
+        run = self._runs.get(run_name)
+        if run is None or rank not in run.ranks:
+            return self._wire_norms_as_records(events)
+        groups = run.groups
+        last_groups = last.groups
+        n = len(events)
+        if n > 1 and len(set(map(_name_of, _chain(map(_groups_of, events))))) != len(
+                set(map(_name_of, last_groups))):
+            return self._wire_norms_as_records(events)
+        step = last.step
+        for g in last_groups:
+            group = groups.get(g[0])
+            if group is None or (step < group.step and rank != group.rank):
+                return self._wire_norms_as_records(events)
+        # From here on nothing is refused: the message is applied whole, once.
+        run.ranks[rank] = run.last_seen = self._now
+        if not run.captures:
+            self._no_norms.pop(run_name, None)
+        run.captures += n
+        if (step >= run.last_step or rank == run.last_rank
+                or (n > 1 and max(map(_step_of, events)) >= run.last_step)):
+            run.last_step = step
+            run.last_rank = rank
+            run.last_time = last.time
+        for name, role, params, sq, _nonfinite, _sharded, isolated in last_groups:
+            group = groups[name]
+            group.role = role
+            group.params = params
+            group.isolated = isolated
+            group.sq = sq
+            group.step = step
+            group.rank = rank
+            group.captured = True
+        self.sequences.observe_message(run_name, rank, first.seq)
+
+    def _wire_norms_as_records(self, events: Sequence[WireNorms]) -> None:
+        norms = self._norms
+        for e in events:
+            norms(Norms(e.run, e.rank, e.time, e.step, e.skipped,
+                        tuple(map(_group_norm, e.groups)), e.seq))
+        first = events[0]
+        self.sequences.observe_message(first.run, first.rank, first.seq)
 
     # --- one handler per event type ------------------------------------------------------
 

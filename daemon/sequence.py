@@ -27,7 +27,7 @@ counters do. Single-threaded, on the event loop.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from esper_telemetry.events import Event
 
@@ -51,21 +51,25 @@ class Sequences:
     def observe(self, events: Sequence[Event]) -> None:
         """Account for one applied message (its events, all from one sender by the codec)."""
         first = events[0]
-        seq = first[-1]
+        self.observe_message(first[0], first[1], first[-1])
+
+    def observe_message(self, run: str, rank: int, seq: Optional[int]) -> None:
+        """Account for one applied message from ``run``'s ``rank``, numbered ``seq`` (None:
+        schema 1)."""
         if seq is None:
             self.unsequenced += 1
             return
-        ranks = self._runs.get(first[0])
+        ranks = self._runs.get(run)
         if ranks is None:
-            if not self._holds(first[0]):
+            if not self._holds(run):
                 return
             if len(self._runs) >= 2 * self._max_runs:
                 self.forget_gone()
-            ranks = self._runs[first[0]] = {}
-        entry = ranks.get(first[1])
+            ranks = self._runs[run] = {}
+        entry = ranks.get(rank)
         if entry is None:
             if len(ranks) < self._max_ranks:
-                ranks[first[1]] = [seq + 1, 0]
+                ranks[rank] = [seq + 1, 0]
             return
         expected = entry[0]
         if seq != expected:

@@ -1,0 +1,413 @@
+"""The daemon's fast ingest path gives exactly what the codec and the record path give.
+
+``fastdecode.decode_norms`` may only answer for messages ``esper_telemetry.decode`` accepts,
+with the same values (anything else it leaves to ``decode``, which gives the reason), and
+the aggregator must reach the same state from its wire structs as from ``decode``'s
+records. Both are checked differentially: on hand-made edge cases, on bit flips of valid
+frames, on hypothesis-made events, and on seeded random traffic through two aggregators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import Counter
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esper_telemetry import (
+    GroupDecl,
+    GroupNorm,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Norms,
+    WireError,
+    decode,
+    encode,
+)
+from esper_telemetry.daemon.aggregator import Aggregator
+from esper_telemetry.daemon.fastdecode import WIRE_NORMS, decode_norms
+from esper_telemetry.daemon.stats import DaemonStats
+from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
+from esper_telemetry.events import ROLES
+from daemon_support import get, make_limits
+
+MAX_INT64 = (1 << 63) - 1
+FUZZ = settings(max_examples=200, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+HEALTHY = Norms("run-1", 3, 1_700_000_001.5, 7, False, (
+    GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
+    GroupNorm("seed0", "seed", 1234, None, 0, False, True),
+    GroupNorm("seed1", "seed", 1234, 0.0, 0, False, True),
+))
+
+
+def records(wire_events):
+    """The fast path's structs as the records ``decode`` gives."""
+    assert type(wire_events) is tuple and wire_events
+    assert all(type(e) in WIRE_NORMS for e in wire_events)
+    return [Norms(e.run, e.rank, e.time, e.step, e.skipped,
+                  tuple(GroupNorm(*g) for g in e.groups), e.seq) for e in wire_events]
+
+
+def assert_identical(got, want):
+    assert type(got) is type(want), (got, want)
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_identical(g, w)
+    elif isinstance(want, float) and want != want:
+        assert got != got, (got, want)
+    else:
+        assert got == want, (got, want)
+
+
+def check(frame) -> str:
+    """The fast path's answer for ``frame`` is ``decode``'s, or it declines: "fast",
+    "declined" (decode accepts) or decode's reason."""
+    fast = decode_norms(frame)
+    try:
+        want = decode(frame)
+    except WireError as err:
+        assert fast is None, (frame, err.reason)
+        return err.reason
+    if fast is None:
+        return "declined"
+    assert_identical(records(fast), want)
+    return "fast"
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def wire(event, seq=None) -> dict:
+    out = {"v": 1 if seq is None else 2, "event": "norms"}
+    out.update((k, [list(g) for g in v] if k == "groups" else v)
+               for k, v in zip(event._fields[:-1], event))
+    if seq is not None:
+        out["seq"] = seq
+    return out
+
+
+# --- what the fast path takes --------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [None, 0, 5, MAX_INT64])
+def test_it_takes_what_collectors_send_single_and_batched(seq):
+    assert check(encode(HEALTHY, seq=seq)) == "fast"
+    batch = [HEALTHY._replace(step=s) for s in range(20)]  # an array 16 header
+    assert check(encode(batch, seq=seq)) == "fast"
+    assert check(encode(batch[:3], seq=seq)) == "fast"  # a fixarray
+
+
+def test_limits_are_inclusive_on_the_fast_path_too():
+    groups = tuple(GroupNorm(f"g{i}", ROLES[i % 3], MAX_INT64, float(i), 0, False, False)
+                   for i in range(MAX_GROUPS_PER_EVENT))
+    big = HEALTHY._replace(run="r" * MAX_STRING_CHARS, rank=MAX_INT64, step=MAX_INT64,
+                           groups=groups)
+    assert check(encode(big, seq=MAX_INT64)) == "fast"
+    assert check(encode(HEALTHY._replace(groups=()), seq=1)) == "fast"
+    edge = HEALTHY._replace(time=0.0, groups=(
+        GroupNorm("é" * MAX_STRING_CHARS, "group", 0, -0.0, 0, False, False),
+        GroupNorm("x", "seed", 0, 1.7976931348623157e308, 0, False, True)))
+    assert check(encode(edge, seq=1)) == "fast"
+
+
+# --- what it leaves to decode --------------------------------------------------------
+
+_17_KEYS_WITH_REPEATS = (
+    b"\xde\x00\x11"  # a map 16 header: 17 entries, 9 distinct keys
+    + b"".join(pack(k) + pack(v) for k, v in wire(HEALTHY, 4).items())
+    + b"".join(pack("run") + pack("run-1") for _ in range(8)))
+
+DECLINED = {
+    # valid, for decode and the record path
+    "sharded group": encode(HEALTHY._replace(groups=(
+        GroupNorm("host", "host", 1, 1.0, 0, True, False),)), seq=1),
+    "non-finite count with a finite sum": encode(HEALTHY._replace(groups=(
+        GroupNorm("host", "host", 1, 1.0, 2, False, False),)), seq=1),
+    "+Inf sum with its count": encode(HEALTHY._replace(groups=(
+        GroupNorm("host", "host", 1, math.inf, 1, False, False),)), seq=1),
+    "NaN sum with its count": encode(HEALTHY._replace(groups=(
+        GroupNorm("host", "host", 1, math.nan, 1, False, False),)), seq=1),
+    "a heartbeat in the batch": encode([HEALTHY, Heartbeat("run-1", 3, 1.0, 1, 0, 0, 0)],
+                                       seq=1),
+    "a hello": encode(Hello("run-1", 0, 1.0, 1, "h", 1, "0", "0",
+                            (GroupDecl("host", "host", 1, False),)), seq=0),
+    "schema 1 batch of two runs": encode([HEALTHY, HEALTHY._replace(run="other")]),
+    "schema 1 batch of two ranks": encode([HEALTHY, HEALTHY._replace(rank=0)]),
+    "integer time (not canonical in a batch)": pack([wire(HEALTHY._replace(time=5), 1)] * 2),
+    "float32 time (not canonical in a batch)":
+        msgpack.packb([wire(HEALTHY, 1)] * 2, use_bin_type=True, use_single_float=True),
+    "keys in another order": pack({**dict(reversed(list(wire(HEALTHY, 1).items())))}),
+    "batch of one map 16 of nine keys": b"\x91\xde\x00\x09" + pack(wire(HEALTHY, 1))[1:],
+    # rejected by decode
+    "a map of 17 entries, keys repeated, in a batch": b"\x92" + pack(wire(HEALTHY, 4))
+                                                      + _17_KEYS_WITH_REPEATS,
+    "a map of 17 entries, keys repeated, alone": _17_KEYS_WITH_REPEATS,
+    "mixed versions": pack([wire(HEALTHY, 1), wire(HEALTHY)]),
+    "mixed versions, the other way": pack([wire(HEALTHY), wire(HEALTHY, 1)]),
+    "two seqs": encode([HEALTHY], seq=1)[:-1] + pack(wire(HEALTHY, 1))
+                + pack(wire(HEALTHY, 2)),
+    "two runs in a numbered batch": pack([wire(HEALTHY, 1),
+                                          wire(HEALTHY._replace(run="x"), 1)]),
+    "two ranks in a numbered batch": pack([wire(HEALTHY, 1),
+                                           wire(HEALTHY._replace(rank=0), 1)]),
+    "NaN sum without a count": encode(HEALTHY._replace(groups=(
+        GroupNorm("host", "host", 1, math.nan, 0, False, False),)), seq=1),
+    "+Inf time": pack(wire(HEALTHY._replace(time=math.inf), 1)),
+    "negative step": pack(wire(HEALTHY._replace(step=-1), 1)),
+    "step over int64": pack(wire(HEALTHY._replace(step=MAX_INT64 + 1), 1)),
+    "run too long": encode(HEALTHY._replace(run="r" * (MAX_STRING_CHARS + 1)), seq=1),
+    "empty run": encode(HEALTHY._replace(run=""), seq=1),
+    "unknown role": pack(wire(HEALTHY._replace(groups=(("a", "boss", 1, 1.0, 0, False,
+                                                          False),)), 1)),
+    "group of 8 fields": pack(wire(HEALTHY._replace(groups=(("a", "host", 1, 1.0, 0, False,
+                                                               False, 0),)), 1)),
+    "too many groups": encode(HEALTHY._replace(groups=HEALTHY.groups[:1]
+                                               * (MAX_GROUPS_PER_EVENT + 1)), seq=1),
+    "bin run": pack({**wire(HEALTHY, 1), "run": b"run-1"}),
+    "extra field": pack({**wire(HEALTHY, 1), "extra": 1}),
+    "v=2 without seq": pack({**wire(HEALTHY), "v": 2}),
+    "v=1 with seq": pack({**wire(HEALTHY, 1), "v": 1}),
+    "trailing byte": encode(HEALTHY, seq=1) + b"\x00",
+    "truncated": encode([HEALTHY] * 2, seq=1)[:-1],
+    "empty batch": pack([]),
+}
+
+
+@pytest.mark.parametrize("frame", list(DECLINED.values()), ids=list(DECLINED))
+def test_it_leaves_the_rest_to_decode(frame):
+    assert decode_norms(frame) is None
+    check(frame)
+
+
+def test_the_cases_reach_both_outcomes_of_decode():
+    outcomes = Counter(check(f) for f in DECLINED.values())
+    assert outcomes["declined"] >= 10 and outcomes["limit"] >= 2, outcomes
+    assert {"schema", "version", "value", "malformed"} <= set(outcomes), outcomes
+
+
+def test_repeated_keys_in_a_fixmap_read_last_wins_in_both():
+    items = list(wire(HEALTHY, 4).items()) + [("step", 9), ("run", "again")]
+    frame = b"\x8b" + b"".join(pack(k) + pack(v) for k, v in items)  # 11 entries
+    assert check(frame) == "fast"
+    assert decode_norms(frame)[0].step == 9 and decode(frame)[0].run == "again"
+
+
+@pytest.mark.parametrize("message", [encode(HEALTHY, seq=2), encode([HEALTHY] * 2, seq=3),
+                                     encode([HEALTHY] * 2)], ids=["single", "batch", "v1"])
+def test_every_single_bit_flip_is_decodes_or_declined(message):
+    seen = Counter()
+    for index in range(len(message)):
+        for bit in range(8):
+            frame = bytearray(message)
+            frame[index] ^= 1 << bit
+            seen[check(bytes(frame))] += 1
+    assert seen["fast"] > 0 and seen["malformed"] > 0 and seen["schema"] > 0, seen
+
+
+def test_seeded_random_splices_of_valid_frames():
+    rng = random.Random(7)
+    frames = [encode(HEALTHY, seq=2), encode([HEALTHY._replace(step=s) for s in range(17)],
+                                             seq=3), encode([HEALTHY] * 3)]
+    seen = Counter()
+    for _ in range(3000):
+        frame = bytearray(rng.choice(frames))
+        at = rng.randrange(len(frame))
+        chunk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
+        how = rng.randrange(3)
+        if how == 0:
+            frame[at:at + len(chunk)] = chunk
+        elif how == 1:
+            frame[at:at] = chunk
+        else:
+            del frame[at:at + len(chunk)]
+        seen[check(bytes(frame))] += 1
+    assert seen["fast"] > 0 and len(seen) >= 3, seen
+
+
+# --- hypothesis: events made to be near the fast path's edges -----------------------
+
+NAMES = st.text(min_size=1, max_size=MAX_STRING_CHARS) | st.sampled_from(["host", "seed0"])
+COUNTS = st.integers(0, 3) | st.integers(0, MAX_INT64)
+FLOATS = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
+SQUARES = st.none() | FLOATS | st.sampled_from([math.inf, math.nan])
+GROUPS = st.builds(
+    lambda name, role, params, sq, nonfinite, sharded, isolated: GroupNorm(
+        name, role, params, sq if nonfinite or sq is None or math.isfinite(sq) else 1.0,
+        nonfinite, sharded, isolated),
+    NAMES, st.sampled_from(ROLES), COUNTS, SQUARES,
+    st.sampled_from([0, 0, 0, 1]), st.sampled_from([False, False, False, True]),
+    st.booleans())
+NORMS = st.builds(Norms, NAMES, COUNTS, FLOATS, COUNTS, st.booleans(),
+                  st.lists(GROUPS, max_size=4).map(tuple), st.none() | COUNTS)
+
+
+@FUZZ
+@given(st.lists(NORMS, min_size=1, max_size=20), st.none() | COUNTS, st.booleans())
+def test_valid_norms_messages_take_the_fast_path_exactly_when_healthy(events, seq, single):
+    # One sender's message, numbered by ``seq`` (None: schema 1).
+    events = [e._replace(run=events[0].run, rank=events[0].rank, seq=None) for e in events]
+    message = events[0] if single else events
+    frame = encode(message, seq=seq)
+    outcome = check(frame)
+    healthy = all(g.nonfinite == 0 and not g.sharded and g.sq is not None or (
+        g.sq is None and g.nonfinite == 0 and not g.sharded)
+        for e in (events[:1] if single else events) for g in e.groups)
+    assert outcome == ("fast" if healthy else "declined")
+
+
+LEAVES = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
+          | st.floats() | st.text(max_size=4) | st.binary(max_size=2)
+          | st.sampled_from(["norms", "host", "seed", 1, 2, MAX_INT64 + 1]))
+
+
+@FUZZ
+@given(NORMS, st.none() | COUNTS, st.sampled_from(["replace", "drop", "add", "group"]),
+       st.data(), st.integers(0, 3))
+def test_near_valid_norms_are_never_taken_unless_decode_agrees(base, seq, how, data, more):
+    w = wire(base, seq)
+    key = data.draw(st.sampled_from(sorted(w)))
+    if how == "replace":
+        w[key] = data.draw(LEAVES)
+    elif how == "drop":
+        del w[key]
+    elif how == "add":
+        w[data.draw(st.sampled_from(["v", "run", "step", "seq", "x"]))] = data.draw(LEAVES)
+    elif w["groups"]:
+        group = w["groups"][data.draw(st.integers(0, len(w["groups"]) - 1))]
+        group[data.draw(st.integers(0, 6))] = data.draw(LEAVES)
+    check(pack(w))
+    healthy = wire(base._replace(groups=()), seq)
+    check(pack([healthy] * more + [w]))
+
+
+# --- the aggregator: the same state from the structs as from the records ------------
+
+
+def _traffic(rng: random.Random, n: int):
+    """Seeded messages as collectors (and some odd senders) send them: encoded frames.
+
+    Mostly healthy replicated captures of a layout that rarely changes, with steps that
+    mostly go up; and now and then a run or rank past the caps, a sharded or non-finite
+    group, a step going back, a changed layout, a hello, heartbeat or goodbye, a gap or a
+    restart in the message numbers, a schema 1 sender.
+    """
+    names = ["host", "s0", "s1", "s2"]
+    layouts = {run: rng.sample(names, 2) for run in "abcd"}
+    steps = Counter()
+    seqs = Counter()
+    for _ in range(n):
+        run = rng.choice("aaabbbccd")
+        rank = rng.choice([0, 0, 0, 0, 0, 1, 1, 2])
+        roll = rng.random()
+        if roll < 0.03:
+            events = [Hello(run, rank, 1.0, rng.choice([1, 2]), "h", 1, "0", "0",
+                            (GroupDecl("host", "host", 5, False),))]
+        elif roll < 0.05:
+            events = [Goodbye(run, rank, 2.0, "closed")]
+        elif roll < 0.07:
+            events = [Heartbeat(run, rank, 2.0, 1, rng.randrange(3), 0, 0)]
+        else:
+            if rng.random() < 0.03:
+                layouts[run] = rng.sample(names, rng.randint(1, 3))
+            odd = rng.random() < 0.1  # a sharded or non-finite group somewhere
+            events = []
+            for i in range(rng.choice([1, 1, 2, 5, 17])):
+                layout = layouts[run]
+                if rng.random() < 0.03:
+                    layout = rng.sample(names, rng.randint(1, 3))
+                groups = tuple(
+                    GroupNorm(name, "seed" if name[0] == "s" else "host", 7,
+                              rng.choice([None, float(rng.randrange(5)), 0.5]),
+                              1 if odd and rng.random() < 0.3 else 0,
+                              odd and rng.random() < 0.3, name != "host")
+                    for name in layout)
+                steps[run] += 1
+                step = steps[run] if rng.random() < 0.97 else rng.randrange(steps[run] + 1)
+                events.append(Norms(run, rank, 1.0 + rng.random(), step, False, groups))
+        seq = None
+        if rng.random() < 0.9:
+            seqs[run, rank] += rng.choice([1] * 20 + [2])
+            seq = seqs[run, rank] if rng.random() < 0.99 else 0
+        yield encode(events if len(events) > 1 or rng.random() < 0.5 else events[0], seq=seq)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed, monkeypatch):
+    limits = make_limits(max_runs=3, max_groups_per_run=3, max_ranks_per_run=2, ttl_s=5.0,
+                         ended_retention_s=1.0, evict_after_s=2.0)
+    fast_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.fast"))
+    ref_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.ref"))
+    taken = Counter()
+    as_records = Aggregator._wire_norms_as_records
+
+    def counted(self, events):
+        taken["records"] += 1
+        return as_records(self, events)
+
+    monkeypatch.setattr(Aggregator, "_wire_norms_as_records", counted)
+    rng = random.Random(seed)
+    now = 1000.0
+    for frame in _traffic(rng, 3000):
+        now += rng.choice([0.0, 0.0, 0.01, 0.1])
+        if rng.random() < 0.05:
+            fast_agg.tick(now)
+            ref_agg.tick(now)
+        fast = decode_norms(frame)
+        taken["fast" if fast is not None else "decode"] += 1
+        fast_agg.apply_batch(fast if fast is not None else decode(frame), now)
+        ref_agg.apply_batch(decode(frame), now)
+        assert repr(fast_agg.snapshot()) == repr(ref_agg.snapshot())
+    snap = ref_agg.snapshot()
+    # The traffic reached every branch: the fast path applied once and as records, the
+    # codec's path, the caps, the loss accounting.
+    assert taken["fast"] - taken["records"] > 400 and taken["records"] > 300, taken
+    assert taken["decode"] > 200, taken
+    assert snap.overflow["groups"] and snap.overflow["runs"] + snap.overflow["ranks"], snap
+    assert sum(snap.messages_lost.values()) > 0 and snap.unsequenced_messages > 0, snap
+
+
+# --- through the daemon's socket -----------------------------------------------------
+
+
+async def test_the_daemon_takes_both_paths_and_rejects_what_decode_rejects(start_daemon,
+                                                                          push):
+    d = await start_daemon()
+    sock = push(d.endpoint)
+    sock.send(encode([HEALTHY._replace(step=s) for s in range(1, 5)], seq=0))
+    sock.send(encode(HEALTHY._replace(step=5, groups=(
+        GroupNorm("host", "host", 1_000_000, math.inf, 3, False, False),)), seq=1))
+    sock.send(b"\x92" + pack(wire(HEALTHY, 2)) + _17_KEYS_WITH_REPEATS)
+    sock.send(encode(HEALTHY._replace(step=6), seq=3))
+
+    samples = {}
+
+    def settled() -> bool:
+        return samples.get("messages") == 4.0
+
+    async def scraped() -> None:
+        while True:
+            s = await d.scrape()
+            samples.update(s=s, messages=get(s, "esper_daemon_messages_total"))
+            if samples["messages"] == 4.0 and get(s, "esper_daemon_events_total") == 6.0:
+                return
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(scraped(), 10.0)
+    s = samples["s"]
+    assert get(s, "esper_daemon_events_total") == 6.0
+    assert get(s, "esper_daemon_rejected_total", reason="limit") == 1.0
+    assert get(s, "esper_daemon_rejected_total", reason="internal") == 0.0
+    assert get(s, "esper_messages_lost_total", run="run-1", rank="3") == 1.0  # seq 2
+    assert get(s, "esper_grad_nonfinite_total", run="run-1", group="host") == 1.0
+    assert get(s, "esper_last_step", run="run-1") == 6.0
