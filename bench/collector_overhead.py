@@ -25,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -256,6 +256,159 @@ def gpu_pass(model, endpoint, reps: int) -> Dict[str, float]:
             "foreach_of_floor": floor_ms / foreach_ms, "graph_replays": stats["graph_replays"]}
 
 
+# --- the CPU comparison: capture() against the original monitor, interleaved -------------
+
+CPU_BYTES = 50 * 1024 * 1024   # fp32 gradients in all, whatever the tensor count
+SEED_TENSORS = 4               # two seeds of two tensors each; the host has the rest
+
+
+def _cpu_model(n_tensors: int) -> nn.Module:
+    """``n_tensors`` fp32 parameters of 50 MB in all, one per module (a model's shape)."""
+    numel = CPU_BYTES // 4 // n_tensors
+
+    def holder() -> nn.Module:
+        m = nn.Module()
+        m.register_parameter("weight", nn.Parameter(torch.zeros(numel)))
+        return m
+
+    root = nn.Module()
+    root.host = nn.ModuleList([holder() for _ in range(n_tensors - SEED_TENSORS)])
+    root.seeds = nn.ModuleDict({f"s{i}": nn.ModuleList([holder() for _ in range(SEED_TENSORS // 2)])
+                                for i in range(2)})
+    return root
+
+
+def cpu_anchor(counts: List[int], rounds: int, calls: int, sets: int, endpoint: str) -> Dict[int, Dict]:
+    """Microseconds of one call, the original monitor against ``capture()``, interleaved.
+
+    The original monitor: per group ``torch._foreach_norm`` + ``stack`` + ``pow(2).sum()``
+    + ``.item()``. Both read the same gradients, in two modes: ``steady`` (the same
+    gradient tensors every call) and ``realloc`` (every call sees new gradient tensors, as
+    after ``zero_grad(set_to_none=True)`` and ``backward()``: ``sets`` gradient sets in
+    turn, more than a plan remembers addresses of). Each round times ``calls`` calls of
+    each variant (order alternating between rounds); a capture is paced (the completion
+    thread finishes it outside the timed call). Medians per round, then over rounds; the
+    ratio is the median of the per-round ratios.
+    """
+    out: Dict[int, Dict] = {}
+    for n in counts:
+        model = _cpu_model(n)
+        params = list(model.parameters())
+        grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
+        groups = [list(model.host.parameters())] + [list(s.parameters()) for s in model.seeds.values()]
+        tel = et.attach(model=model, host="host", seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
+                        run=f"bench-cpu-{n}", endpoint=endpoint)
+
+        def install(k: int) -> None:
+            for p, g in zip(params, grad_sets[k % sets]):
+                p.grad = g
+
+        def anchor() -> float:
+            total = 0.0
+            for ps in groups:
+                total += torch.stack(torch._foreach_norm([p.grad for p in ps])).pow(2).sum().item()
+            return total
+
+        def capture() -> None:
+            tel.capture()
+
+        def settle() -> None:
+            tel._completion.wait_idle(10.0)
+
+        variants = {"anchor": (anchor, lambda: None), "capture": (capture, settle)}
+        res: Dict[str, Dict[str, List[float]]] = {mode: {v: [] for v in variants} for mode in ("steady", "realloc")}
+        k = 0
+        install(0)
+        for _ in range(3):   # warm up: plan built, threads running, caches touched
+            anchor(); capture(); settle()
+        for r in range(rounds):
+            for mode in ("steady", "realloc"):
+                order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+                for name in order:
+                    fn, after = variants[name]
+                    samples = []
+                    for _ in range(calls):
+                        if mode == "realloc":
+                            k += 1
+                            install(k)
+                        t0 = time.perf_counter()
+                        fn()
+                        samples.append(time.perf_counter() - t0)
+                        after()
+                    res[mode][name].append(statistics.median(samples) * 1e6)
+        # The figures must be the same ones: the capture against a float64 reference.
+        install(0)
+        capture()
+        settle()
+        got = tel.latest()
+        ref = [sum(float(p.grad.double().pow(2).sum()) for p in ps) for ps in groups]
+        err = max(abs(got.groups[name].sq - want) / want for name, want in zip(("host", "s0", "s1"), ref))
+        stats = tel.stats()
+        tel.close()
+        row: Dict[str, object] = {"tensors": n, "numel": params[0].numel(), "plans": stats["plans"],
+                                  "errors": stats["errors"], "max_rel_err": err}
+        for mode, v in res.items():
+            ratios = [c / a for c, a in zip(v["capture"], v["anchor"])]
+            row[mode] = {"anchor_us": statistics.median(v["anchor"]), "capture_us": statistics.median(v["capture"]),
+                         "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios]}
+        out[n] = row
+        print(json.dumps(row), flush=True)
+        del grad_sets, model, params
+    return out
+
+
+# --- the first attach, in a fresh process ------------------------------------------------
+
+_FIRST_ATTACH = r"""
+import json, sys, time
+import torch
+from torch import nn
+import esper_telemetry as et
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+t0 = time.perf_counter()
+tel = et.attach(model=model, host="0", seeds={"s": "3"}, run="first", endpoint="tcp://127.0.0.1:9")
+t1 = time.perf_counter()
+tel2 = et.attach(model=model, host="0", seeds={"s": "3"}, run="second", endpoint="tcp://127.0.0.1:9")
+t2 = time.perf_counter()
+dtensor = "torch.distributed.tensor" in sys.modules
+tel2.close(0.2); tel.close(0.2)
+print(json.dumps({"first_ms": (t1 - t0) * 1e3, "second_ms": (t2 - t1) * 1e3, "dtensor_imported": dtensor}))
+"""
+
+
+def first_attach(runs: int) -> Dict[str, object]:
+    """Milliseconds of the first ``attach`` in a fresh process (torch imported before), and a second."""
+    import subprocess
+
+    firsts, seconds, dtensor = [], [], False
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", _FIRST_ATTACH], capture_output=True, text=True,
+                              timeout=120, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        firsts.append(r["first_ms"])
+        seconds.append(r["second_ms"])
+        dtensor = dtensor or r["dtensor_imported"]
+    return {"runs": runs, "first_ms": statistics.median(firsts), "second_ms": statistics.median(seconds),
+            "first_all_ms": [round(x, 1) for x in firsts], "dtensor_imported": dtensor}
+
+
+def render_cpu_anchor(table: Dict[int, Dict], attach: Optional[Dict[str, object]]) -> str:
+    lines = ["| tensors | mode | original monitor (us) | capture() (us) | ratio | per-round ratios |",
+             "|---:|---|---:|---:|---:|---|"]
+    for n, row in table.items():
+        for mode in ("steady", "realloc"):
+            m = row[mode]
+            lines.append(f"| {n:,} | {mode} | {m['anchor_us']:.0f} | {m['capture_us']:.0f} | "
+                         f"{m['ratio']:.2f}x | {' '.join(f'{x:.2f}' for x in m['ratios'])} |")
+    if attach is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"First attach() in a fresh process (torch imported before), median of {attach['runs']}: "
+              f"{attach['first_ms']:.1f} ms (runs: {attach['first_all_ms']}); a second attach in the same "
+              f"process {attach['second_ms']:.1f} ms; torch.distributed.tensor imported: "
+              f"{attach['dtensor_imported']}."]
+    return "\n".join(lines) + "\n"
+
+
 # --- report -----------------------------------------------------------------------------
 
 def write_section(path: str, title: str, body: str) -> None:
@@ -284,7 +437,24 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--json", default=None, help="also write the raw figures here")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
+    ap.add_argument("--cpu-anchor", action="store_true",
+                    help="only the CPU comparison (capture() against the original monitor, 50 MB of fp32 "
+                         "gradients) and the first attach, printed as a table")
+    ap.add_argument("--counts", default="155,2000", help="tensor counts for --cpu-anchor")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds for --cpu-anchor")
+    ap.add_argument("--calls", type=int, default=15, help="calls per variant per round for --cpu-anchor")
+    ap.add_argument("--attach-runs", type=int, default=7, help="fresh processes timing the first attach")
     args = ap.parse_args()
+    if args.cpu_anchor:
+        endpoint = "tcp://127.0.0.1:9"
+        attach = first_attach(args.attach_runs) if args.attach_runs > 0 else None
+        print(json.dumps(attach), flush=True)
+        table = cpu_anchor([int(c) for c in args.counts.split(",")], args.rounds, args.calls, 6, endpoint)
+        print(f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch "
+              f"{torch.__version__}, {CPU_BYTES >> 20} MB of fp32 gradients:")
+        print(render_cpu_anchor(table, attach))
+        return 0
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -321,8 +491,13 @@ def main() -> int:
         results["gpu"] = gpu_pass(model, endpoint, 20)
         print(json.dumps(results["gpu"], indent=1), flush=True)
 
+    results["first_attach"] = first_attach(args.attach_runs)
+    if not cuda:
+        results["cpu_anchor"] = cpu_anchor([155, 2000], 3 if args.quick else args.rounds,
+                                           5 if args.quick else args.calls, 6, endpoint)
     body = render(results, cuda)
-    write_section(args.results, f"Collector overhead ({'GPU' if cuda else 'CPU'})", body)
+    if not args.no_write:
+        write_section(args.results, f"Collector overhead ({'GPU' if cuda else 'CPU'})", body)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
