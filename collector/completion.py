@@ -32,10 +32,12 @@ _IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
 class Pending:
     """One capture in flight: its metadata, device events, staging buffer and held gradients."""
 
-    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums", "device", "amp")
+    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums", "device", "amp",
+                 "finish")
 
     def __init__(self, step: int, time_s: float, skipped: bool, plan: Any, grads: List[Any],
-                 staging: Any, events: List[torch.cuda.Event]) -> None:
+                 staging: Any, events: List[torch.cuda.Event],
+                 finish: Optional[Callable[[], Any]] = None) -> None:
         self.step = step
         self.time = time_s
         self.skipped = skipped
@@ -45,6 +47,8 @@ class Pending:
         self.events = events
         self.sums: Optional[List[List[float]]] = None   # [[sq...], [nonfinite...]] once done
         self.amp: Optional[torch.Tensor] = None   # GradScaler's (found_inf, scale), see hooks
+        # Run here before the rows are read: the CPU slice's per-tensor norms to its row.
+        self.finish = finish
         # A CUDA device of this capture: the thread makes it current before querying, or the
         # runtime would create a context on device 0 for this thread (in every rank).
         self.device: Optional[int] = plan.cuda[0].device.index if getattr(plan, "cuda", None) else None
@@ -122,6 +126,8 @@ class CompletionThread:
             try:
                 if not failed:
                     if head.sums is None:
+                        if head.finish is not None:
+                            head.finish()
                         head.sums = _sum_rows(head.staging.rows)
                     self._on_done(head)
             except Exception as exc:

@@ -18,11 +18,12 @@ launches one graph instead of dozens of kernels:
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import triton_norms
+from .cpu_threads import HelperThreads
 from .norms import group_sums, partials
 from .plan import DeviceSlice, Plan
 
@@ -37,9 +38,11 @@ _MAX_GRAPH_BUILDS = 16
 class DevicePasses:
     """Side streams per CUDA device, the kernel choice and graph policy; training thread only."""
 
-    def __init__(self, use_graphs: bool, pointer_tables: bool = True) -> None:
+    def __init__(self, use_graphs: bool, pointer_tables: bool = True, cpu_helpers: Optional[int] = None) -> None:
         self.use_graphs = use_graphs
         self.pointer_tables = pointer_tables and triton_norms.available()
+        # Threads that take shares of a CPU pass (cpu_threads); None: one fewer than the cores.
+        self.helpers = HelperThreads(cpu_helpers)
         self.graph_builds = 0
         self.graph_replays = 0
         self._address_graphs = 0   # graphs bound to one address set (the _foreach_norm path)
@@ -53,12 +56,23 @@ class DevicePasses:
             self._streams[device] = stream
         return stream
 
-    def run_cpu(self, plan: Plan, grads: Sequence[torch.Tensor], row: torch.Tensor) -> None:
-        """CPU gradients: computed right here, in the caller's thread (nothing to overlap with)."""
+    def run_cpu(self, plan: Plan, grads: Sequence[torch.Tensor], norms: torch.Tensor,
+                row: torch.Tensor) -> Callable[[], None]:
+        """CPU gradients: each tensor's norm into ``norms``, here (with helper threads, see
+        ``cpu_threads``); returns what turns them into the per-group ``row``, for the
+        completion thread (the training thread waits only for the reads of the gradients).
+
+        Raises when a gradient's dtype or device changed in place (see ``plancache``).
+        """
         s = plan.cpu
         assert s is not None
-        row.copy_(partials([grads[i] for i in s.positions], s.buckets, s.group_index, plan.n_groups,
-                           s.counted))
+        tensors = grads if s.identity else list(map(grads.__getitem__, s.positions))
+        self.helpers.norms(tensors, s.shares, norms)
+        n_groups = plan.n_groups
+        return lambda: row.copy_(group_sums(norms * norms, s.group_index, n_groups, s.counted))
+
+    def close(self) -> None:
+        self.helpers.close()
 
     def launch_cuda(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor],
                     row: torch.Tensor, ptr_buf: Optional[torch.Tensor], fence: bool) -> torch.cuda.Event:

@@ -8,6 +8,13 @@ alternates between address sets. The rule, here and nowhere else: at most ``PLAN
 layouts, least recently used dropped; per plan at most ``KEYS`` address sets, oldest
 dropped, and a slice keeps graphs and use counts only for address sets its plan still
 knows. Parameters re-bound (a move, a replaced module) drop every plan.
+
+A plan with no CUDA slice has no graphs, so no address binds it: it is kept while the same
+gradients exist (``grad_presence``, one C-level pass), however often the allocator moves
+them (``zero_grad(set_to_none=True)`` on the CPU gives new addresses every step). A dtype or
+device changed in place (``model.double()``, ``.data`` moved) without a rebinding is not
+looked at per capture: the CPU pass raises on it (``norms.tensor_norms``), and the caller
+then asks again with ``refit=True``, which looks the layout up as for a new address set.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .plan import Plan, build_plan, grad_key, grad_signature
+from .plan import Plan, build_plan, grad_key, grad_presence, grad_signature
 
 __all__ = ["PlanCache", "PLANS", "KEYS"]
 
@@ -32,26 +39,37 @@ class PlanCache:
     other devices (a new plan, or a known one coming back), for device events.
     """
 
-    def __init__(self, on_new_layout: Callable[[Optional[Plan], Plan], None], pointer_tables: bool) -> None:
+    def __init__(self, on_new_layout: Callable[[Optional[Plan], Plan], None], pointer_tables: bool,
+                 cpu_shares: int = 1) -> None:
         self._on_new_layout = on_new_layout
         self._pointer_tables = pointer_tables
+        self._cpu_shares = cpu_shares
         self._plans: "collections.OrderedDict[Tuple[Any, ...], Plan]" = collections.OrderedDict()
         self.current: Optional[Plan] = None
         self.built = 0
 
     def plan_for(self, grads: List[Optional[torch.Tensor]], rebound: bool,
                  group_params: Sequence[Sequence[torch.Tensor]], sharded: List[bool],
-                 counts: List[int], counted: Optional[Sequence[bool]] = None) -> Plan:
-        """The plan for gradients at these addresses: the current one when it fits (the
-        common case, one ``data_ptr`` per tensor), a known one with the same layout, or a new one.
+                 counts: List[int], counted: Optional[Sequence[bool]] = None, refit: bool = False) -> Plan:
+        """The plan for these gradients: the current one when it fits (the common case: one
+        ``data_ptr`` per tensor with CUDA slices, which graphs bind to addresses; which
+        gradients exist, without), a known one with the same layout, or a new one.
 
-        ``sharded`` and ``counted`` (see ``placement``) change only with the parameters, and
-        then ``rebound`` drops every plan: a plan kept is never built from stale ones."""
+        ``refit``: the current plan was found not to fit (see the module's docstring); look
+        it up by layout. ``sharded`` and ``counted`` (see ``placement``) change only with
+        the parameters, and then ``rebound`` drops every plan: a plan kept is never built
+        from stale ones."""
         plan = self.current
+        if plan is not None and not rebound and not refit:
+            if not plan.cuda:
+                if grad_presence(grads) == plan.present:
+                    return plan
+            else:
+                key = grad_key(grads)
+                if key == plan.key or key in plan.known_keys:
+                    plan.key = key
+                    return plan
         key = grad_key(grads)
-        if plan is not None and not rebound and (key == plan.key or key in plan.known_keys):
-            plan.key = key
-            return plan
         signature = grad_signature(grads)
         if rebound:
             self._plans.clear()   # plans of parameters no longer watched
@@ -65,7 +83,7 @@ class PlanCache:
                 self.current = known
                 return known
         new = build_plan(group_params, grads, key, signature, sharded, counts, counted,
-                         pointer_tables=self._pointer_tables)
+                         pointer_tables=self._pointer_tables, cpu_shares=self._cpu_shares)
         self.built += 1
         self._on_new_layout(plan, new)
         self._plans[signature] = new

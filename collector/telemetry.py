@@ -74,7 +74,8 @@ class Telemetry:
         self._pid = os.getpid()
         self._staging = StagingPool()
         self._passes = DevicePasses(use_graphs=options.cuda_graphs, pointer_tables=options.pointer_tables)
-        self._plans = PlanCache(self._on_new_layout, self._passes.pointer_tables)
+        self._plans = PlanCache(self._on_new_layout, self._passes.pointer_tables,
+                                cpu_shares=1 + self._passes.helpers.count)
         self._structural = StructuralCheck(options.structural)
         self._resolve()
         # Hooks, then the threads and the socket, last: whatever fails before leaves nothing.
@@ -146,6 +147,7 @@ class Telemetry:
         self.fence_pending()
         self._completion.wait_idle(max(0.0, deadline - time.monotonic()) / 2)
         self._completion.stop(0.1)
+        self._passes.close()
         goodbye = Goodbye(self.run, self.rank, time.time(), "close")
         self._publisher.close(goodbye, max(0.05, deadline - time.monotonic()))
 
@@ -218,9 +220,23 @@ class Telemetry:
             self._publisher.count(dropped=1)  # a lost Norms event: counted where heartbeats carry it
             return
         staging = self._staging.take(plan)
-        events: List[torch.cuda.Event] = []
+        finish = None
         if plan.cpu is not None:
-            self._passes.run_cpu(plan, grads, staging.rows[plan.cpu.slot])
+            try:
+                finish = self._passes.run_cpu(plan, grads, staging.norms, staging.rows[plan.cpu.slot])
+            except Exception:
+                if plan.cuda or rebound:
+                    raise
+                # A CPU plan is kept by which gradients exist, not by their dtypes and
+                # devices: one changed in place (model.double(), a .data moved) makes the
+                # pass raise. Look the plan up by what they are now, once.
+                self._staging.give(staging)
+                plan = self._plans.plan_for(grads, False, self._group_params, self._sharded, self._counts,
+                                            self._layout.counted, refit=True)
+                staging = self._staging.take(plan)
+                if plan.cpu is not None:
+                    finish = self._passes.run_cpu(plan, grads, staging.norms, staging.rows[plan.cpu.slot])
+        events: List[torch.cuda.Event] = []
         for s in plan.cuda:
             events.append(self._passes.launch_cuda(plan, s, grads, staging.rows[s.slot],
                                                    staging.ptrs.get(s.slot), fence))
@@ -230,7 +246,7 @@ class Telemetry:
         # Holding the gradients keeps the allocator from handing their memory out again
         # (after zero_grad(set_to_none=True)) until the side streams are done reading.
         held = grads if plan.cuda else []
-        pending = Pending(step, time.time(), skipped, plan, held, staging, events)
+        pending = Pending(step, time.time(), skipped, plan, held, staging, events, finish)
         if amp is not None:
             pending.amp = _stage_amp(amp, events)
         self._completion.submit(pending)

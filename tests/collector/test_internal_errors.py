@@ -12,17 +12,17 @@ from esper_telemetry import Norms
 
 
 def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, caplog):
-    import esper_telemetry.collector.passes as passes
+    import esper_telemetry.collector.cpu_threads as passes   # where the CPU pass computes norms
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     tel = attach(model=model, host="host", seeds={"a": "seeds.a"})
-    real = passes.partials
+    real = passes.tensor_norms
 
     def broken(*args, **kwargs):
         raise RuntimeError("norm kernel exploded")
 
-    monkeypatch.setattr(passes, "partials", broken)
+    monkeypatch.setattr(passes, "tensor_norms", broken)
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
         for step in range(3):
             opt.zero_grad()
@@ -32,7 +32,7 @@ def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, capl
     assert tel.stats()["errors"] == 3
     logged = [r for r in caplog.records if "norm kernel exploded" in r.getMessage()]
     assert len(logged) == 1                      # logged once, then only counted
-    monkeypatch.setattr(passes, "partials", real)
+    monkeypatch.setattr(passes, "tensor_norms", real)
     opt.zero_grad()
     train_step(model, seed=3)
     tel.capture(step=3)

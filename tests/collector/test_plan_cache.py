@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from esper_telemetry.collector.plancache import KEYS, PLANS, PlanCache
+from esper_telemetry.collector.plancache import KEYS, PLANS, PlanCache, remember
 
 
 def _cache():
@@ -17,27 +17,45 @@ def _params(n=3):
     return [torch.nn.Parameter(torch.randn(4)) for _ in range(n)]
 
 
-def test_new_addresses_of_one_layout_reuse_the_plan_and_forget_the_oldest():
+def test_a_cpu_plan_is_kept_by_which_gradients_exist_not_by_their_addresses():
     cache, layouts = _cache()
     params = _params()
     groups = [tuple(params)]
-    plans, keys, alive = [], [], []
+    plans, alive = [], []
     for i in range(KEYS + 2):
         grads = [torch.randn(4) for _ in params]   # new tensors: new addresses, same layout
         alive.append(grads)                        # so no address comes back
-        plan = cache.plan_for(grads, False, groups, [False], [12])
-        plans.append(plan)
-        keys.append(plan.key)
+        plans.append(cache.plan_for(grads, False, groups, [False], [12]))
+    assert len({tuple(g.data_ptr() for g in grads) for grads in alive}) == KEYS + 2
+    # one plan, built once, never re-keyed: no address set recorded past the first
+    assert cache.built == 1 and all(p is plans[0] for p in plans)
+    assert len(plans[0].known_keys) == 1 and plans[0].present == (True, True, True)
+    assert len(layouts) == 1 and layouts[0][0] is None   # one new layout, reported once
+    # a gradient gone is another layout (a new plan), and its return finds the first again
+    fewer = cache.plan_for([alive[0][0], None, alive[0][2]], False, groups, [False], [12])
+    assert fewer is not plans[0] and fewer.present == (True, False, True) and cache.built == 2
+    assert fewer.cpu.positions == [0, 2] and not fewer.cpu.identity and plans[0].cpu.identity
+    assert cache.plan_for([torch.randn(4) for _ in params], False, groups, [False], [12]) is plans[0]
+    assert cache.built == 2
+    # refit (the pass found a dtype changed in place) looks the layout up again
+    double = [torch.randn(4, dtype=torch.float64) for _ in params]
+    refit = cache.plan_for(double, False, groups, [False], [12], refit=True)
+    assert refit is not plans[0] and refit.cpu.buckets == [(torch.float64, 0, 3)] and cache.built == 3
+
+
+def test_address_sets_per_plan_forget_the_oldest_with_their_graphs():
+    cache, _ = _cache()
+    params = _params()
+    plan = cache.plan_for([torch.randn(4) for _ in params], False, [tuple(params)], [False], [12])
+    keys = [(i, i + 1, i + 2) for i in range(KEYS + 2)]   # address sets as a CUDA plan sees them
+    for i, key in enumerate(keys):
+        remember(plan, key)
         for s in plan.slices:              # what the passes would leave for this address set
-            s.seen[plan.key] = 1
-            s.graphs[plan.key] = ("graph", i)
-    # a plan built for one address set is found again by its layout: no rebuild
-    assert cache.built == 1 and all(p is plans[0] for p in plans) and len(set(keys)) == KEYS + 2
-    plan = plans[0]
-    assert list(plan.known_keys) == keys[-KEYS:]
+            s.seen[key] = 1
+            s.graphs[key] = ("graph", i)
+    assert list(plan.known_keys) == keys[-KEYS:] and plan.key == keys[-1]
     for s in plan.slices:
         assert set(s.graphs) == set(s.seen) == set(keys[-KEYS:])
-    assert len(layouts) == 1 and layouts[0][0] is None   # one new layout, reported once
 
 
 def test_layouts_beyond_plans_drop_the_least_recently_used():

@@ -1,0 +1,154 @@
+"""Helper threads that compute a share of a CPU norm pass beside the training thread.
+
+Why: with thousands of small gradients, ``_foreach_norm`` on the CPU spends most of its
+time per tensor (dispatch, allocation), one tensor after another on one core, while the
+training thread waits for it inside ``capture()``. Torch releases the GIL inside its
+kernels, so a share of the tensors on a second core shortens that wait (at 2,000 tensors
+of 50 MB in all, on a 2-core machine, by about a third). Below ``plan.MIN_SHARE_TENSORS``
+tensors per share the hand-off costs what it saves, and the pass stays on one thread.
+
+Bounds: at most ``MAX_HELPERS`` threads, one fewer than the cores torch may use (none on
+one core), started on first use. The training thread waits at most ``WAIT_S`` for a
+helper's share; past that it computes the share itself, logs once, and uses no helper
+again, so a stuck helper costs one capture ``WAIT_S`` at most and never a hang. A helper
+computes into its own buffer and hands it over, so one answering late writes nowhere a
+later capture reads. An exception in a helper is raised in the training thread (where
+``capture`` counts it), like one in the training thread's own share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import List, Optional, Sequence
+
+import torch
+
+from .norms import DtypeBucket, tensor_norms
+
+__all__ = ["HelperThreads", "usable_cores", "MAX_HELPERS", "WAIT_S"]
+
+log = logging.getLogger("esper_telemetry.collector")
+
+MAX_HELPERS = 3
+WAIT_S = 1.0
+
+
+def usable_cores() -> int:
+    """Cores this process may run on, at most as many as torch's intra-op threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, torch.get_num_threads()))
+
+
+class _Helper:
+    """One thread, handed one share at a time through two locks (no Python-level condition)."""
+
+    def __init__(self, name: str) -> None:
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._job: Optional[tuple] = None
+        self._result: object = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def start(self, tensors: Sequence[torch.Tensor], share: List[DtypeBucket]) -> None:
+        self._job = (tensors, share)
+        self._go.release()
+
+    def wait(self, timeout_s: float) -> object:
+        """The share's norms (float64, from the share's first tensor on) or its exception; None on timeout."""
+        if not self._done.acquire(timeout=timeout_s):
+            return None
+        result, self._result = self._result, None
+        return result
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._job = None
+            try:
+                self._go.release()
+            except RuntimeError:  # pragma: no cover - a share was handed over and not taken yet
+                pass
+
+    def _loop(self) -> None:
+        with torch.no_grad():   # grad mode is per thread: gradients with history must not grow it
+            while True:
+                self._go.acquire()
+                job, self._job = self._job, None
+                if job is None:
+                    return
+                tensors, share = job
+                try:
+                    lo = share[0][1]
+                    out = torch.empty(share[-1][2] - lo, dtype=torch.float64)
+                    tensor_norms(tensors, share, out, lo)
+                    self._result = out
+                except BaseException as exc:  # handed to the training thread, raised there
+                    self._result = exc
+                self._done.release()
+
+
+class HelperThreads:
+    """Up to ``count`` helpers (None: one fewer than ``usable_cores``); ``norms`` splits one pass
+    over them and the caller. Training thread only."""
+
+    def __init__(self, count: Optional[int] = None) -> None:
+        count = usable_cores() - 1 if count is None else count
+        self.count = max(0, min(count, MAX_HELPERS))
+        self._helpers: List[_Helper] = []
+        self.broken = False
+
+    def norms(self, tensors: Sequence[torch.Tensor], shares: Sequence[List[DtypeBucket]],
+              out: torch.Tensor) -> None:
+        """``tensor_norms`` of every share into ``out``: the first here, the others on helpers."""
+        if self.broken or len(shares) < 2 or self.count == 0:
+            for share in shares:
+                tensor_norms(tensors, share, out)
+            return
+        while len(self._helpers) < min(self.count, len(shares) - 1):
+            self._helpers.append(_Helper(f"esper-telemetry-norms-{len(self._helpers)}"))
+        given = list(zip(self._helpers, shares[1:]))
+        for helper, share in given:
+            helper.start(tensors, share)
+        error: Optional[BaseException] = None
+        try:
+            tensor_norms(tensors, shares[0], out)
+            for share in shares[1 + len(given):]:   # more shares than helpers
+                tensor_norms(tensors, share, out)
+        except BaseException as exc:
+            error = exc
+        # Every helper is waited for, even after an error here: each must be idle again
+        # before it is handed the next share.
+        for helper, share in given:
+            got = helper.wait(WAIT_S)
+            if got is None:
+                self._give_up()
+                if error is None:
+                    tensor_norms(tensors, share, out)
+            elif isinstance(got, BaseException):
+                error = error or got
+            elif error is None:
+                lo, hi = share[0][1], share[-1][2]
+                out[lo:hi].copy_(got)
+        if error is not None:
+            raise error
+
+    def _give_up(self) -> None:
+        if not self.broken:
+            self.broken = True
+            log.warning("esper-telemetry: a norm helper thread did not answer within %.1f s; CPU norm "
+                        "passes run on the training thread only from now on", WAIT_S)
+            self.close()
+
+    def close(self) -> None:
+        for helper in self._helpers:
+            helper.stop()
+        self._helpers = []

@@ -1,0 +1,228 @@
+"""The CPU pass: its plan kept across re-allocated gradients, exact values whatever moves
+underneath it (new addresses, shapes, gradients gained or lost, dtypes changed in place),
+and the helper threads that take shares of it: exact, bounded, never raising into training."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from collector_support import make_model, ref_sq, rel_err, train_step
+import esper_telemetry.collector.cpu_threads as cpu_threads
+from esper_telemetry.collector.plan import MIN_SHARE_TENSORS
+
+
+def _groups(model):
+    return {"host": list(model.host.parameters()),
+            "a": list(model.seeds["a"].parameters()),
+            "b": list(model.seeds["b"].parameters())}
+
+
+def _check(tel, model, step, tol=1e-6):
+    assert tel.flush(5.0)
+    res = tel.latest()
+    assert res is not None and res.step == step
+    for name, ps in _groups(model).items():
+        want = ref_sq(ps)
+        got = res.groups[name]
+        if want is None:
+            assert got.sq is None and got.has_grad is False, name
+        else:
+            assert got.has_grad and rel_err(got.sq, want) <= tol, (name, got.sq, want)
+    return res
+
+
+def test_set_to_none_keeps_one_plan_and_exact_values(attach):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    addresses = set()
+    for step in range(8):
+        opt.zero_grad(set_to_none=True)       # every gradient a new tensor, wherever malloc puts it
+        train_step(model, seed=step)
+        for p in model.parameters():          # and for certain at new addresses
+            p.grad = p.grad.clone()
+        addresses.add(tuple(p.grad.data_ptr() for p in model.parameters()))
+        tel.capture(step=step)
+        _check(tel, model, step)
+        opt.step()
+    assert len(addresses) > 1
+    st = tel.stats()
+    assert st["plans"] == 1 and st["errors"] == 0 and st["completed"] == 8
+
+
+def test_gradients_gained_lost_and_reshaped_are_measured_exactly(attach):
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    train_step(model)
+    tel.capture(step=0)
+    _check(tel, model, 0)
+    model.seeds["b"].zero_grad(set_to_none=True)      # a seed sits out: its gradients are gone
+    tel.capture(step=1)
+    res = _check(tel, model, 1)
+    assert res.groups["b"].has_grad is False and res.groups["a"].has_grad is True
+    train_step(model, seed=1)                         # ... and back
+    tel.capture(step=2)
+    _check(tel, model, 2)
+    assert tel.stats()["plans"] == 2                  # two layouts, the first found again
+    # A parameter's storage replaced by one of another shape (in place, no re-registration):
+    # the plan does not depend on shapes; the values still must be exact.
+    w = next(model.host.parameters())
+    w.data = torch.randn(w.shape[0] + 3, *w.shape[1:])
+    w.grad = torch.randn_like(w)
+    tel.capture(step=3)
+    _check(tel, model, 3)
+    assert tel.stats()["errors"] == 0
+
+
+def test_dtype_changed_in_place_refits_the_plan_exactly(attach):
+    """model.double() rewrites .data and .grad.data of the same objects: no rebinding is seen."""
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    train_step(model)
+    tel.capture(step=0)
+    _check(tel, model, 0)
+    model.double()
+    assert next(model.parameters()).grad.dtype == torch.float64
+    for p in model.parameters():      # values float32 cannot hold: a float32 pass would be off
+        p.grad.add_(1e-9)
+    tel.capture(step=1)
+    _check(tel, model, 1, tol=1e-12)
+    model.float()                     # back: the first plan again
+    tel.capture(step=2)
+    _check(tel, model, 2)
+    st = tel.stats()
+    assert st["errors"] == 0 and st["plans"] == 2
+
+
+def test_a_gradient_moved_to_another_device_in_place_is_not_read_there(attach):
+    """A CPU plan's pass refuses a gradient on another device (meta here: no data to read)."""
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    train_step(model)
+    tel.capture(step=0)
+    _check(tel, model, 0)
+    w = next(model.seeds["a"].parameters())
+    torch.utils.swap_tensors(w, nn.Parameter(torch.empty(w.shape, device="meta")))  # same object
+    w.grad = torch.empty_like(w)
+    tel.capture(step=1)                      # must not raise: counted, and no number made up
+    assert tel.flush(5.0)
+    assert tel.stats()["errors"] == 1 and tel.latest().step == 0
+
+
+class _Many(nn.Module):
+    """``n`` small parameters, each in its own module, in a host and one seed."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.host = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(n - 8)])
+        self.seed = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(8)])
+
+
+def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 3)   # two helpers, whatever this machine has
+    n = 3 * MIN_SHARE_TENSORS + 10
+    model = _Many(n)
+    for i in range(0, n - 8, 97):     # a float64 bucket in the host, beside the float32 one
+        model.host[i].double()
+    for i, p in enumerate(model.parameters()):
+        # each tensor about 1/n of its group: one left out or counted twice shows at 1e-4
+        p.grad = torch.full_like(p, 1 + i % 7)
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    for step in range(3):
+        tel.capture(step=step)
+        assert tel.flush(5.0)
+        res = tel.latest()
+        assert rel_err(res.groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+        assert rel_err(res.groups["s"].sq, ref_sq(model.seed.parameters())) <= 1e-6
+        assert res.groups["host"].nonfinite == 0
+    last = list(model.host.parameters())[-1]      # in the last share: counted as non-finite there
+    last.grad[0, 0] = float("nan")
+    tel.capture(step=3)
+    assert tel.flush(5.0) and tel.latest().groups["host"].nonfinite == 1
+    plan = tel._plans.current
+    assert len(plan.cpu.shares) == 3 and tel._passes.helpers.count == 2
+    assert len(plan.cpu.buckets) == 2     # float32 and float64
+    covered = sorted((a, b) for share in plan.cpu.shares for _, a, b in share)
+    assert covered[0][0] == 0 and covered[-1][1] == n
+    assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:]))   # no gap, no overlap
+    names = thread_names()
+    assert "esper-telemetry-norms-0" in names and "esper-telemetry-norms-1" in names
+    tel.close()
+    for t in threading.enumerate():
+        if t.name.startswith("esper-telemetry-norms"):
+            t.join(2.0)
+    assert not [t for t in thread_names() if t.startswith("esper-telemetry-norms")]
+
+
+def test_a_failing_helper_share_is_counted_not_raised(attach, monkeypatch):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    model = _Many(2 * MIN_SHARE_TENSORS + 8)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    real = cpu_threads.tensor_norms
+    training = threading.get_ident()
+
+    def helper_fails(tensors, buckets, out, offset=0):
+        if threading.get_ident() != training:
+            raise RuntimeError("helper exploded")
+        return real(tensors, buckets, out, offset)
+
+    monkeypatch.setattr(cpu_threads, "tensor_norms", helper_fails)
+    tel.capture(step=0)                                  # must not raise
+    assert tel.flush(5.0) and tel.stats()["errors"] == 1 and tel.latest() is None
+    monkeypatch.setattr(cpu_threads, "tensor_norms", real)
+    tel.capture(step=1)                                  # the helpers still serve
+    assert tel.flush(5.0) and tel.latest().step == 1
+    assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+    assert not tel._passes.helpers.broken
+
+
+def test_a_stuck_helper_costs_one_bounded_wait_then_none_is_used(attach, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu_threads, "WAIT_S", 0.2)
+    model = _Many(2 * MIN_SHARE_TENSORS + 8)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    real = cpu_threads.tensor_norms
+    training = threading.get_ident()
+    release = threading.Event()
+
+    def helper_hangs(tensors, buckets, out, offset=0):
+        if threading.get_ident() != training:
+            release.wait(10.0)
+        return real(tensors, buckets, out, offset)
+
+    monkeypatch.setattr(cpu_threads, "tensor_norms", helper_hangs)
+    with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
+        import time
+        t0 = time.monotonic()
+        tel.capture(step=0)
+        waited = time.monotonic() - t0
+        tel.capture(step=1)                              # no helper any more: no wait
+        second = time.monotonic() - t0 - waited
+    release.set()
+    assert 0.2 <= waited < 2.0 and second < 0.2
+    assert tel._passes.helpers.broken
+    assert tel.flush(5.0) and tel.latest().step == 1 and tel.stats()["errors"] == 0
+    assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+    assert len([r for r in caplog.records if "did not answer" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("cores", [1])
+def test_no_helper_on_one_core(attach, monkeypatch, thread_names, cores):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: cores)
+    model = _Many(4 * MIN_SHARE_TENSORS)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    tel.capture(step=0)
+    assert tel.flush(5.0) and rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+    assert len(tel._plans.current.cpu.shares) == 1
+    assert not [t for t in thread_names() if t.startswith("esper-telemetry-norms")]
