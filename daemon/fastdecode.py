@@ -87,8 +87,13 @@ WIRE_NORMS = (NormsV2, NormsV1)
 
 _Batch2 = Annotated[Tuple[NormsV2, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
 _Batch1 = Annotated[Tuple[NormsV1, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
-_decode_v2 = msgspec.msgpack.Decoder(Union[NormsV2, _Batch2]).decode
-_decode_v1 = msgspec.msgpack.Decoder(Union[NormsV1, _Batch1]).decode
+_single_v2 = msgspec.msgpack.Decoder(NormsV2).decode
+_single_v1 = msgspec.msgpack.Decoder(NormsV1).decode
+_batch_v2 = msgspec.msgpack.Decoder(_Batch2).decode
+_batch_v1 = msgspec.msgpack.Decoder(_Batch1).decode
+# How encode starts a Norms map of each version: a fixmap of 9 (8) keys, "v" first.
+_HEAD_V2 = b"\x89\xa1v\x02"
+_HEAD_V1 = b"\x88\xa1v\x01"
 
 
 class _Canonical:
@@ -112,56 +117,58 @@ class _Canonical:
 _canonical = _Canonical()
 
 
-def decode_norms(data: bytes) -> Optional[Tuple[Union[NormsV2, NormsV1], ...]]:
+def decode_norms(
+    data: bytes,
+    # Bound as locals: this runs once per message received.
+    _max: int = MAX_MESSAGE_BYTES, _v2: bytes = _HEAD_V2, _v1: bytes = _HEAD_V1,
+) -> Optional[Tuple[Union[NormsV2, NormsV1], ...]]:
     """The events of one collector's healthy ``Norms`` message, or ``None``.
 
     ``None`` says nothing about validity: the message is for ``esper_telemetry.decode``.
     Never raises for any input.
     """
-    n = len(data)
-    if n < 4 or n > MAX_MESSAGE_BYTES or type(data) is not bytes:
-        return None
-    head = data[0]
-    # Where the first event's map starts: a single event (a fixmap), or a batch of up to
-    # 15 (fixarray) or of up to 65,535 events (array 16).
-    if 0x80 <= head <= 0x8F:
-        at = 0
-    elif 0x90 <= head <= 0x9F:
-        at = 1
-    elif head == 0xDC:
-        at = 3
-    else:
-        return None
-    # encode writes "v" first: the first event's version picks the decoder; a batch that
-    # mixes versions then fails it and goes to decode, which says "version".
-    if n < at + 4 or data[at + 1:at + 3] != b"\xa1v":
-        return None
-    version = data[at + 3]
+    # The first byte tells a single event from a batch, the first event's header its
+    # version; a batch that mixes versions then fails that version's decoder and goes to
+    # decode, which says "version".
     try:
-        if version == 2:
-            value = _decode_v2(data)
-        elif version == 1:
-            value = _decode_v1(data)
+        if len(data) > _max:
+            return None
+        head = data[0]
+        # A single event as encode writes it: a fixmap of 9 (schema 2) or 8 keys. A fixmap
+        # holds at most 15 entries, so no key can have been repeated past decode's
+        # 16-entry limit (repeats read last-wins in both, and then a field is missing).
+        if head == 0x89:
+            return (_single_v2(data),)
+        if head == 0x88:
+            return (_single_v1(data),)
+        if head == 0xDC:
+            at = 3
+        elif 0x90 <= head <= 0x9F:
+            at = 1
         else:
             return None
-    except Exception:  # msgspec's errors, and UnicodeDecodeError for a bad string
+        if data.startswith(_v2, at):
+            version = 2
+            events = _batch_v2(data)
+        elif data.startswith(_v1, at):
+            version = 1
+            events = _batch_v1(data)
+        else:
+            return None
+    except Exception:  # msgspec's errors, UnicodeDecodeError for a bad string, anything
         return None
-    if type(value) is not tuple:
-        # A single event: a fixmap (checked above), so no key can have been repeated past
-        # decode's 16-entry limit.
-        return (value,) if at == 0 else None
-    if at == 0 or not _canonical.same(value, data):
+    if not _canonical.same(events, data):
         return None
-    first = value[0]
+    first = events[0]
     run = first.run
     rank = first.rank
     if version == 2:
         seq = first.seq
-        for event in value:
+        for event in events:
             if event.seq != seq or event.rank != rank or event.run != run:
                 return None  # decode: "schema" (events of one message differ)
     else:
-        for event in value:
+        for event in events:
             if event.rank != rank or event.run != run:
                 return None  # valid for decode (schema 1 batches may mix senders)
-    return value
+    return events
