@@ -11,9 +11,9 @@ Bounds: at most ``MAX_HELPERS`` threads, one fewer than the cores torch may use 
 one core), started on first use. The training thread waits at most ``WAIT_S`` for a
 helper's share; past that it computes the share itself, logs once, and uses no helper
 again, so a stuck helper costs one capture ``WAIT_S`` at most and never a hang. A helper
-computes into its own buffer and hands it over, so one answering late writes nowhere a
-later capture reads. An exception in a helper is raised in the training thread (where
-``capture`` counts it), like one in the training thread's own share.
+hands over the tensors it made (nothing shared is written), so one answering late touches
+nothing a later capture reads. An exception in a helper is raised in the training thread
+(where ``capture`` counts it), like one in the training thread's own share.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class _Helper:
         self._go.release()
 
     def wait(self, timeout_s: float) -> object:
-        """The share's norms (float64, from the share's first tensor on) or its exception; None on timeout."""
+        """The share's norms (``tensor_norms``' list) or its exception; None on timeout."""
         if not self._done.acquire(timeout=timeout_s):
             return None
         result, self._result = self._result, None
@@ -87,10 +87,7 @@ class _Helper:
                     return
                 tensors, share = job
                 try:
-                    lo = share[0][1]
-                    out = torch.empty(share[-1][2] - lo, dtype=torch.float64)
-                    tensor_norms(tensors, share, out, lo)
-                    self._result = out
+                    self._result = tensor_norms(tensors, share)
                 except BaseException as exc:  # handed to the training thread, raised there
                     self._result = exc
                 self._done.release()
@@ -106,23 +103,21 @@ class HelperThreads:
         self._helpers: List[_Helper] = []
         self.broken = False
 
-    def norms(self, tensors: Sequence[torch.Tensor], shares: Sequence[List[DtypeBucket]],
-              out: torch.Tensor) -> None:
-        """``tensor_norms`` of every share into ``out``: the first here, the others on helpers."""
+    def norms(self, tensors: Sequence[torch.Tensor], shares: Sequence[List[DtypeBucket]]) -> List[torch.Tensor]:
+        """``tensor_norms`` of every share, in order: the first here, the others on helpers."""
         if self.broken or len(shares) < 2 or self.count == 0:
-            for share in shares:
-                tensor_norms(tensors, share, out)
-            return
+            if len(shares) == 1:
+                return tensor_norms(tensors, shares[0])
+            return [n for share in shares for n in tensor_norms(tensors, share)]
         while len(self._helpers) < min(self.count, len(shares) - 1):
             self._helpers.append(_Helper(f"esper-telemetry-norms-{len(self._helpers)}"))
         given = list(zip(self._helpers, shares[1:]))
         for helper, share in given:
             helper.start(tensors, share)
+        parts: List[List[torch.Tensor]] = []
         error: Optional[BaseException] = None
         try:
-            tensor_norms(tensors, shares[0], out)
-            for share in shares[1 + len(given):]:   # more shares than helpers
-                tensor_norms(tensors, share, out)
+            parts.append(tensor_norms(tensors, shares[0]))
         except BaseException as exc:
             error = exc
         # Every helper is waited for, even after an error here: each must be idle again
@@ -132,14 +127,16 @@ class HelperThreads:
             if got is None:
                 self._give_up()
                 if error is None:
-                    tensor_norms(tensors, share, out)
-            elif isinstance(got, BaseException):
+                    got = tensor_norms(tensors, share)
+            if isinstance(got, BaseException):
                 error = error or got
             elif error is None:
-                lo, hi = share[0][1], share[-1][2]
-                out[lo:hi].copy_(got)
+                parts.append(got)  # type: ignore[arg-type]
         if error is not None:
             raise error
+        for share in shares[1 + len(given):]:   # more shares than helpers
+            parts.append(tensor_norms(tensors, share))
+        return [n for part in parts for n in part]
 
     def _give_up(self) -> None:
         if not self.broken:

@@ -93,8 +93,10 @@ class GroupSpec:
         self._last_gen = -1
         self._params: Tuple[nn.Parameter, ...] = ()
         self.module: Optional[nn.Module] = None  # set while the group is one live module
-        self._tree: Tuple[dict, ...] = ()      # the module tree's _parameters and _modules dicts
-        self._entries: Tuple[Any, ...] = ()    # their values when the parameters were listed
+        # Live views of the values of the module tree's _parameters and _modules dicts, and
+        # those values when the parameters were listed (then _END).
+        self._tree: Tuple[Any, ...] = ()
+        self._entries: Tuple[Any, ...] = ()
         # What the user gave was inside the root model at attach: leaving it makes the group stale.
         self.in_model = False
 
@@ -123,8 +125,8 @@ class GroupSpec:
             self.module = obj
             # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
             # dicts of a real model, and filling one without a registration hook is not a swap.
-            self._tree = tuple(d for m in obj.modules() for d in (m._parameters, m._modules) if d)
-            self._entries = tuple(itertools.chain.from_iterable(map(dict.values, self._tree)))
+            self._tree = tuple(d.values() for m in obj.modules() for d in (m._parameters, m._modules) if d)
+            self._entries = (*itertools.chain.from_iterable(self._tree), _END)
         else:
             params = () if obj is None and self._kind == "module" else _as_params(obj, self.name)
             self.module = None
@@ -155,13 +157,18 @@ class GroupSpec:
         return True
 
 
-def _rewritten(tree: Tuple[dict, ...], entries: Tuple[Any, ...]) -> bool:
-    """True if an entry of these ``_parameters``/``_modules`` dicts changed since ``entries``."""
+_END = object()   # ends the entries: one more or one fewer entry shows as a mismatch there
+
+
+def _rewritten(tree: Tuple[Any, ...], entries: Tuple[Any, ...]) -> bool:
+    """True if an entry of these dicts (``tree``: their live value views) is not what it was.
+
+    One pass in C, by identity: a replaced parameter is never compared by value (a tensor
+    comparison would read it, and on a GPU wait for it).
+    """
     if not tree:
         return False
-    if sum(map(len, tree)) != len(entries):
-        return True
-    return any(map(operator.is_not, itertools.chain.from_iterable(map(dict.values, tree)), entries))
+    return any(map(operator.is_not, itertools.chain(itertools.chain.from_iterable(tree), (_END,)), entries))
 
 
 def disjoint(specs: Sequence["GroupSpec"],

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["accumulation_dtype", "partials", "tensor_norms", "group_sums", "DtypeBucket"]
+__all__ = ["accumulation_dtype", "partials", "tensor_norms", "squares", "group_sums", "DtypeBucket"]
 
 # (dtype, start, stop): tensors[start:stop] all have this dtype.
 DtypeBucket = Tuple[torch.dtype, int, int]
@@ -46,23 +46,31 @@ def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
     return group_sums(stacked * stacked, group_index, n_groups, counted)
 
 
-def tensor_norms(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
-                 out: torch.Tensor, offset: int = 0) -> None:
-    """Each CPU tensor's 2-norm into ``out`` (float64): ``tensors[i]``'s at ``out[i - offset]``.
+def tensor_norms(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket]) -> List[torch.Tensor]:
+    """Each CPU tensor's 2-norm, one 1-D tensor per bucket (its accumulation dtype), in order.
 
     One ``_foreach_norm`` per bucket, accumulated as ``accumulation_dtype`` of the bucket's
     dtype. It raises, rather than computing another figure, when a tensor no longer is what
     the bucket says in a way that would change it: a float64 tensor in a bucket accumulated
     in float32 (``_foreach_norm`` refuses to narrow), or a tensor not on the CPU (``stack``
-    refuses mixed devices; all on another device is checked here, before any copy could
+    refuses mixed devices; all on another device is checked here, before anything could
     wait for it). Every other dtype accumulates in float32 either way.
     """
+    out: List[torch.Tensor] = []
+    whole = len(tensors)
     for dtype, start, stop in buckets:
-        # stack(out=) into float64 from float32 takes a slow path (4x a stack): stack, then copy.
-        norms = torch.stack(torch._foreach_norm(tensors[start:stop], 2, dtype=accumulation_dtype(dtype)))
+        part = tensors if start == 0 and stop == whole else tensors[start:stop]
+        norms = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
         if not norms.is_cpu:
             raise RuntimeError(f"gradients on {norms.device} in a CPU pass")
-        out[start - offset:stop - offset].copy_(norms)
+        out.append(norms)
+    return out
+
+
+def squares(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``tensor_norms``' parts as one float64 tensor of squared norms (exact: a float32 squared fits)."""
+    flat = norms[0].to(torch.float64) if len(norms) == 1 else torch.cat([n.to(torch.float64) for n in norms])
+    return flat * flat
 
 
 def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int,

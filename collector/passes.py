@@ -24,7 +24,7 @@ import torch
 
 from . import triton_norms
 from .cpu_threads import HelperThreads
-from .norms import group_sums, partials
+from .norms import group_sums, partials, squares
 from .plan import DeviceSlice, Plan
 
 __all__ = ["DevicePasses"]
@@ -56,9 +56,8 @@ class DevicePasses:
             self._streams[device] = stream
         return stream
 
-    def run_cpu(self, plan: Plan, grads: Sequence[torch.Tensor], norms: torch.Tensor,
-                row: torch.Tensor) -> Callable[[], None]:
-        """CPU gradients: each tensor's norm into ``norms``, here (with helper threads, see
+    def run_cpu(self, plan: Plan, grads: Sequence[torch.Tensor], row: torch.Tensor) -> Callable[[], None]:
+        """CPU gradients: each tensor's norm, computed here (with helper threads, see
         ``cpu_threads``); returns what turns them into the per-group ``row``, for the
         completion thread (the training thread waits only for the reads of the gradients).
 
@@ -67,9 +66,9 @@ class DevicePasses:
         s = plan.cpu
         assert s is not None
         tensors = grads if s.identity else list(map(grads.__getitem__, s.positions))
-        self.helpers.norms(tensors, s.shares, norms)
+        norms = self.helpers.norms(tensors, s.shares)
         n_groups = plan.n_groups
-        return lambda: row.copy_(group_sums(norms * norms, s.group_index, n_groups, s.counted))
+        return lambda: row.copy_(group_sums(squares(norms), s.group_index, n_groups, s.counted))
 
     def close(self) -> None:
         self.helpers.close()

@@ -30,16 +30,13 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Staging:
-    """One capture's buffers: ``rows`` (devices, 2, groups) float64; ``ptrs`` per CUDA slice;
-    ``norms``, each CPU gradient's norm (float64), turned into its row on the completion thread."""
+    """One capture's buffers: ``rows`` (devices, 2, groups) float64; ``ptrs`` per CUDA slice."""
 
-    __slots__ = ("rows", "ptrs", "norms", "shape")
+    __slots__ = ("rows", "ptrs", "shape")
 
-    def __init__(self, rows: torch.Tensor, ptrs: Dict[int, torch.Tensor], norms: torch.Tensor,
-                 shape: Tuple) -> None:
+    def __init__(self, rows: torch.Tensor, ptrs: Dict[int, torch.Tensor], shape: Tuple) -> None:
         self.rows = rows
         self.ptrs = ptrs
-        self.norms = norms
         self.shape = shape
 
 
@@ -53,17 +50,16 @@ class StagingPool:
     def take(self, plan) -> Staging:
         tables = tuple((s.slot, int(s.table.numels.shape[0])) for s in plan.cuda if s.table is not None)
         pin = bool(plan.cuda)
-        cpu = len(plan.cpu.positions) if plan.cpu is not None else 0
         # Pinning is part of the key: a pageable buffer left by a CPU plan would turn this
         # plan's non-blocking device-to-host copy into a synchronous one.
-        shape = (pin, len(plan.slices), plan.n_groups, tables, cpu)
+        shape = (pin, len(plan.slices), plan.n_groups, tables)
         with self._lock:
             free = self._free.get(shape)
             if free:
                 return free.pop()
         rows = torch.zeros((len(plan.slices), 2, plan.n_groups), dtype=torch.float64, pin_memory=pin)
         ptrs = {slot: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for slot, n in tables}
-        return Staging(rows, ptrs, torch.zeros(cpu, dtype=torch.float64), shape)
+        return Staging(rows, ptrs, shape)
 
     def give(self, staging: Staging) -> None:
         with self._lock:

@@ -223,7 +223,7 @@ class Telemetry:
         finish = None
         if plan.cpu is not None:
             try:
-                finish = self._passes.run_cpu(plan, grads, staging.norms, staging.rows[plan.cpu.slot])
+                finish = self._passes.run_cpu(plan, grads, staging.rows[plan.cpu.slot])
             except Exception:
                 if plan.cuda or rebound:
                     raise
@@ -235,7 +235,7 @@ class Telemetry:
                                             self._layout.counted, refit=True)
                 staging = self._staging.take(plan)
                 if plan.cpu is not None:
-                    finish = self._passes.run_cpu(plan, grads, staging.norms, staging.rows[plan.cpu.slot])
+                    finish = self._passes.run_cpu(plan, grads, staging.rows[plan.cpu.slot])
         events: List[torch.cuda.Event] = []
         for s in plan.cuda:
             events.append(self._passes.launch_cuda(plan, s, grads, staging.rows[s.slot],
@@ -249,7 +249,8 @@ class Telemetry:
         pending = Pending(step, time.time(), skipped, plan, held, staging, events, finish)
         if amp is not None:
             pending.amp = _stage_amp(amp, events)
-        self._completion.submit(pending)
+        # A CPU capture is complete: the completion thread may take it at its next look.
+        self._completion.submit(pending, wake=bool(events))
 
     def _resolve(self) -> bool:
         """Re-resolve every group from the live model; True if any group's parameters changed."""

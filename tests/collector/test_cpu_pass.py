@@ -168,10 +168,10 @@ def test_a_failing_helper_share_is_counted_not_raised(attach, monkeypatch):
     real = cpu_threads.tensor_norms
     training = threading.get_ident()
 
-    def helper_fails(tensors, buckets, out, offset=0):
+    def helper_fails(tensors, buckets):
         if threading.get_ident() != training:
             raise RuntimeError("helper exploded")
-        return real(tensors, buckets, out, offset)
+        return real(tensors, buckets)
 
     monkeypatch.setattr(cpu_threads, "tensor_norms", helper_fails)
     tel.capture(step=0)                                  # must not raise
@@ -194,10 +194,10 @@ def test_a_stuck_helper_costs_one_bounded_wait_then_none_is_used(attach, monkeyp
     training = threading.get_ident()
     release = threading.Event()
 
-    def helper_hangs(tensors, buckets, out, offset=0):
+    def helper_hangs(tensors, buckets):
         if threading.get_ident() != training:
             release.wait(10.0)
-        return real(tensors, buckets, out, offset)
+        return real(tensors, buckets)
 
     monkeypatch.setattr(cpu_threads, "tensor_norms", helper_hangs)
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
@@ -226,3 +226,35 @@ def test_no_helper_on_one_core(attach, monkeypatch, thread_names, cores):
     assert tel.flush(5.0) and rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
     assert len(tel._plans.current.cpu.shares) == 1
     assert not [t for t in thread_names() if t.startswith("esper-telemetry-norms")]
+
+
+def test_cpu_results_arrive_without_a_flush_soon_after_each_capture(attach, monkeypatch):
+    """A CPU capture does not wake the completion thread while it polls; it still shows up."""
+    import time
+
+    from esper_telemetry.collector import completion
+
+    monkeypatch.setattr(completion, "_LAZY_WINDOW_S", 0.3)
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    train_step(model)
+
+    def seen(step, within_s):
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            res = tel.latest()
+            if res is not None and res.step == step:
+                return time.monotonic() - (deadline - within_s)
+            time.sleep(0.001)
+        raise AssertionError(f"step {step} not seen within {within_s}s")
+
+    tel.capture(step=0)                    # the thread is idle: woken at once
+    seen(0, 0.2)
+    for step in (1, 2, 3):                 # polling: taken at its next look (10 ms)
+        tel.capture(step=step)
+        assert seen(step, 0.2) < 0.2
+    time.sleep(0.5)                        # past the window: back to waiting, woken again
+    assert not tel._completion._polling
+    tel.capture(step=4)
+    seen(4, 0.2)
+    assert tel.stats()["completed"] == 5 and tel.stats()["errors"] == 0

@@ -68,6 +68,36 @@ def test_accelerate_set_module_tensor_to_device_is_followed(attach, pull):
     assert res["host"].params == sum(p.numel() for p in model.host.parameters())
 
 
+@pytest.mark.parametrize("write", ["replace", "add", "remove", "submodule"])
+def test_dict_writes_without_hooks_are_followed(attach, pull, write):
+    """Entries of ``_parameters``/``_modules`` written directly: replaced, one more, one fewer."""
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a"})
+    train_step(model)
+    first = _capture(tel, 0)
+    # the last module with parameters: its entries end the follow check's list, where one
+    # more or one fewer shifts nothing after it
+    lin = [m for m in model.host.modules() if m._parameters][-1]
+    if write == "replace":     # an equal-valued 1-element tensor would fool a comparison by value
+        lin._parameters["bias"] = nn.Parameter(lin.bias.detach().clone())
+        lin.bias.grad = torch.full_like(lin.bias, 3.0)
+    elif write == "add":
+        lin._parameters["extra"] = nn.Parameter(torch.zeros(2))
+        lin.extra.grad = torch.full((2,), 5.0)
+    elif write == "remove":
+        del lin._parameters["bias"]
+    else:                      # a submodule swapped under the host's tree
+        name = next(n for n, m in model.host.named_modules() if m is lin).rsplit(".", 1)[-1]
+        new = nn.Linear(lin.in_features, lin.out_features)
+        new.weight.grad = torch.full_like(new.weight, 2.0)
+        model.host._modules[name] = new
+    res = _capture(tel, 1)
+    want = ref_sq(model.host.parameters())
+    assert rel_err(res["host"].sq, want) <= 1e-6 and rel_err(res["host"].sq, first["host"].sq) > 1e-3
+    assert res["host"].params == sum(p.numel() for p in model.host.parameters())
+    assert tel.stats()["errors"] == 0
+
+
 def test_a_module_object_replaced_in_the_model_is_reported_stale_once(attach, pull, caplog):
     model = make_model()
     tel = attach(model=model, host="host", seeds={"a": model.seeds["a"], "b": "seeds.b"})
