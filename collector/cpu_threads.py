@@ -1,11 +1,13 @@
 """Helper threads that compute a share of a CPU norm pass beside the training thread.
 
-Why: with thousands of small gradients, ``_foreach_norm`` on the CPU spends most of its
-time per tensor (dispatch, allocation), one tensor after another on one core, while the
-training thread waits for it inside ``capture()``. Torch releases the GIL inside its
-kernels, so a share of the tensors on a second core shortens that wait (at 2,000 tensors
-of 50 MB in all, on a 2-core machine, by about a third). Below ``plan.MIN_SHARE_TENSORS``
-tensors per share the hand-off costs what it saves, and the pass stays on one thread.
+Why: ``_foreach_norm`` on the CPU runs one tensor after another on one core, spending most
+of its time per tensor with thousands of small gradients, while the training thread waits
+for it inside ``capture()``. (Large float32/float64 tensors go to ``torch.dot`` instead,
+which MKL spreads over the cores itself: those stay on the training thread, see
+``plan.split_shares``.) Torch releases the GIL inside its kernels, so a share of the tensors on a
+second core shortens that wait (at 2,000 tensors of 50 MB in all, on a 2-core machine, by
+about a third). Below ``plan.MIN_SHARE_COST`` per share the hand-off costs what it saves,
+and the pass stays on one thread.
 
 Bounds: at most ``MAX_HELPERS`` threads, one fewer than the cores torch may use (none on
 one core), started on first use. The training thread waits at most ``WAIT_S`` for a
@@ -25,7 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .norms import DtypeBucket, tensor_norms
+from .norms import CpuRun, Part, tensor_squares
 
 __all__ = ["HelperThreads", "usable_cores", "MAX_HELPERS", "WAIT_S"]
 
@@ -58,12 +60,12 @@ class _Helper:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def start(self, tensors: Sequence[torch.Tensor], share: List[DtypeBucket]) -> None:
+    def start(self, tensors: Sequence[torch.Tensor], share: List[CpuRun]) -> None:
         self._job = (tensors, share)
         self._go.release()
 
     def wait(self, timeout_s: float) -> object:
-        """The share's norms (``tensor_norms``' list) or its exception; None on timeout."""
+        """The share's ``tensor_squares`` or its exception; None on timeout."""
         if not self._done.acquire(timeout=timeout_s):
             return None
         result, self._result = self._result, None
@@ -87,14 +89,14 @@ class _Helper:
                     return
                 tensors, share = job
                 try:
-                    self._result = tensor_norms(tensors, share)
+                    self._result = tensor_squares(tensors, share)
                 except BaseException as exc:  # handed to the training thread, raised there
                     self._result = exc
                 self._done.release()
 
 
 class HelperThreads:
-    """Up to ``count`` helpers (None: one fewer than ``usable_cores``); ``norms`` splits one pass
+    """Up to ``count`` helpers (None: one fewer than ``usable_cores``); ``squares`` splits one pass
     over them and the caller. Training thread only."""
 
     def __init__(self, count: Optional[int] = None) -> None:
@@ -103,21 +105,22 @@ class HelperThreads:
         self._helpers: List[_Helper] = []
         self.broken = False
 
-    def norms(self, tensors: Sequence[torch.Tensor], shares: Sequence[List[DtypeBucket]]) -> List[torch.Tensor]:
-        """``tensor_norms`` of every share, in order: the first here, the others on helpers."""
+    def squares(self, tensors: Sequence[torch.Tensor],
+                shares: Sequence[List[CpuRun]]) -> List[Part]:
+        """``tensor_squares`` of every share: the first here, the others on helpers."""
         if self.broken or len(shares) < 2 or self.count == 0:
             if len(shares) == 1:
-                return tensor_norms(tensors, shares[0])
-            return [n for share in shares for n in tensor_norms(tensors, share)]
+                return tensor_squares(tensors, shares[0])
+            return [n for share in shares for n in tensor_squares(tensors, share)]
         while len(self._helpers) < min(self.count, len(shares) - 1):
             self._helpers.append(_Helper(f"esper-telemetry-norms-{len(self._helpers)}"))
         given = list(zip(self._helpers, shares[1:]))
         for helper, share in given:
             helper.start(tensors, share)
-        parts: List[List[torch.Tensor]] = []
+        parts: List[List[Part]] = []
         error: Optional[BaseException] = None
         try:
-            parts.append(tensor_norms(tensors, shares[0]))
+            parts.append(tensor_squares(tensors, shares[0]))
         except BaseException as exc:
             error = exc
         # Every helper is waited for, even after an error here: each must be idle again
@@ -127,7 +130,7 @@ class HelperThreads:
             if got is None:
                 self._give_up()
                 if error is None:
-                    got = tensor_norms(tensors, share)
+                    got = tensor_squares(tensors, share)
             if isinstance(got, BaseException):
                 error = error or got
             elif error is None:
@@ -135,7 +138,7 @@ class HelperThreads:
         if error is not None:
             raise error
         for share in shares[1 + len(given):]:   # more shares than helpers
-            parts.append(tensor_norms(tensors, share))
+            parts.append(tensor_squares(tensors, share))
         return [n for part in parts for n in part]
 
     def _give_up(self) -> None:

@@ -15,14 +15,20 @@ every tensor this rank holds.
 
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["accumulation_dtype", "partials", "tensor_norms", "squares", "group_sums", "DtypeBucket"]
+__all__ = ["accumulation_dtype", "partials", "tensor_squares", "squares", "group_sums", "DtypeBucket", "CpuRun", "Part"]
 
 # (dtype, start, stop): tensors[start:stop] all have this dtype.
 DtypeBucket = Tuple[torch.dtype, int, int]
+# (dtype, start, stop, dot): a CPU run, squares by torch.dot (True) or _foreach_norm.
+CpuRun = Tuple[torch.dtype, int, int, bool]
+# (start, values, squared): what a CPU run computed for tensors[start:start + len(values)].
+Part = Tuple[int, torch.Tensor, bool]
+_DTYPE = operator.attrgetter("dtype")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,31 +52,42 @@ def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
     return group_sums(stacked * stacked, group_index, n_groups, counted)
 
 
-def tensor_norms(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket]) -> List[torch.Tensor]:
-    """Each CPU tensor's 2-norm, one 1-D tensor per bucket (its accumulation dtype), in order.
+def tensor_squares(tensors: Sequence[torch.Tensor], runs: Sequence[CpuRun]) -> List[Part]:
+    """Per CPU tensor its sum of squares (``dot`` runs) or its 2-norm (the others), per run:
+    ``(start, values, squared)``; ``squares`` makes them one float64 tensor of squares.
 
-    One ``_foreach_norm`` per bucket, accumulated as ``accumulation_dtype`` of the bucket's
-    dtype. It raises, rather than computing another figure, when a tensor no longer is what
-    the bucket says in a way that would change it: a float64 tensor in a bucket accumulated
-    in float32 (``_foreach_norm`` refuses to narrow), or a tensor not on the CPU (``stack``
-    refuses mixed devices; all on another device is checked here, before anything could
-    wait for it). Every other dtype accumulates in float32 either way.
+    A ``dot`` run takes ``torch.dot`` of each flattened tensor with itself (float32 or
+    float64, as the run's dtype); another run one ``_foreach_norm`` accumulated as
+    ``accumulation_dtype`` of its dtype. It raises, rather than computing another figure,
+    when a tensor no longer is what its run says in a way that would change it: another
+    dtype in a ``dot`` run, a float64 tensor in a run accumulated in float32
+    (``_foreach_norm`` refuses to narrow), or a tensor not on the CPU (``stack`` refuses
+    mixed devices; all on another device is checked here, before anything could wait for
+    it). Every other dtype accumulates in float32 either way.
     """
-    out: List[torch.Tensor] = []
+    out: List[Part] = []
     whole = len(tensors)
-    for dtype, start, stop in buckets:
+    for dtype, start, stop, dot in runs:
         part = tensors if start == 0 and stop == whole else tensors[start:stop]
-        norms = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
-        if not norms.is_cpu:
-            raise RuntimeError(f"gradients on {norms.device} in a CPU pass")
-        out.append(norms)
+        if dot:
+            if set(map(_DTYPE, part)) != {dtype}:
+                raise RuntimeError(f"gradients of another dtype than {dtype} in a torch.dot run")
+            flat = list(map(torch.flatten, part))
+            values = torch.stack(list(map(torch.dot, flat, flat)))
+        else:
+            values = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
+        if not values.is_cpu:
+            raise RuntimeError(f"gradients on {values.device} in a CPU pass")
+        out.append((start, values, dot))
     return out
 
 
-def squares(norms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``tensor_norms``' parts as one float64 tensor of squared norms (exact: a float32 squared fits)."""
-    flat = norms[0].to(torch.float64) if len(norms) == 1 else torch.cat([n.to(torch.float64) for n in norms])
-    return flat * flat
+def squares(parts: Sequence[Part]) -> torch.Tensor:
+    """``tensor_squares``' parts (any order) as one float64 tensor of squares, in tensor order
+    (exact: a float32 squared fits)."""
+    cols = [v.to(torch.float64) if squared else v.to(torch.float64).square()
+            for _, v, squared in sorted(parts, key=lambda part: part[0])]
+    return cols[0] if len(cols) == 1 else torch.cat(cols)
 
 
 def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int,

@@ -57,7 +57,7 @@ class DevicePasses:
         return stream
 
     def run_cpu(self, plan: Plan, grads: Sequence[torch.Tensor], row: torch.Tensor) -> Callable[[], None]:
-        """CPU gradients: each tensor's norm, computed here (with helper threads, see
+        """CPU gradients: each tensor's sum of squares (or norm), computed here (with helper threads, see
         ``cpu_threads``); returns what turns them into the per-group ``row``, for the
         completion thread (the training thread waits only for the reads of the gradients).
 
@@ -66,9 +66,9 @@ class DevicePasses:
         s = plan.cpu
         assert s is not None
         tensors = grads if s.identity else list(map(grads.__getitem__, s.positions))
-        norms = self.helpers.norms(tensors, s.shares)
+        parts = self.helpers.squares(tensors, s.shares)
         n_groups = plan.n_groups
-        return lambda: row.copy_(group_sums(squares(norms), s.group_index, n_groups, s.counted))
+        return lambda: row.copy_(group_sums(squares(parts), s.group_index, n_groups, s.counted))
 
     def close(self) -> None:
         self.helpers.close()

@@ -4,8 +4,11 @@ A plan is built from the live parameters and their gradients and reused while bo
 put. Rebuilding costs more than a capture (it inspects every tensor's device and dtype and
 uploads index tensors); ``plancache`` decides when a plan still fits.
 
-A CPU slice is also split into shares, one per thread that computes part of its norms
-(``cpu_threads``): balanced by elements plus a per-tensor cost, never across a dtype bucket.
+A CPU slice is cut into runs (``norms.CpuRun``): within each dtype, float32 and float64
+tensors of at least ``DOT_MIN_ELEMENTS`` first (their squares by ``torch.dot``, about 1.5x
+faster than ``_foreach_norm`` there, and closer to float64), then the rest. The runs are
+split into shares, one per thread that computes part of the pass (``cpu_threads``),
+balanced by elements plus a per-tensor cost.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .norms import DtypeBucket
+from .norms import CpuRun, DtypeBucket
 from .staging import upload
 
 __all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key", "grad_presence"]
 
-# A share of a CPU pass is worth a thread from this many tensors on: below it, the hand-off
-# costs about what it saves (at 155 tensors of 50 MB in all, the pass is bound by memory
-# bandwidth, and a second thread did not shorten it).
-MIN_SHARE_TENSORS = 384
-# What one more tensor costs ``_foreach_norm`` on the CPU, in elements read (about 1 us).
+# What one more tensor costs a CPU pass, in elements read (about 1 us of dispatch).
 TENSOR_COST_ELEMENTS = 4096
+# A share of a CPU pass is worth a thread from this cost on (elements plus the per-tensor
+# cost; about 0.3 ms of work): below it, the hand-off costs about what it saves.
+MIN_SHARE_COST = 1 << 21
+# CPU float32/float64 tensors this large get their squares from one ``torch.dot`` each;
+# smaller ones from ``_foreach_norm`` (cheaper per tensor).
+DOT_MIN_ELEMENTS = 1 << 15
 
 
 def grad_key(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[int, ...]:
@@ -69,9 +74,9 @@ class DeviceSlice:
     table: Any = None
     table_graph: Optional[Tuple[Any, torch.Tensor]] = None
     table_uses: int = 0
-    # CPU slices: the buckets cut into shares, one per thread (the first is the caller's);
-    # each share is a list of (dtype, start, stop) over ``positions``.
-    shares: List[List[DtypeBucket]] = field(default_factory=list)
+    # CPU slices: the runs (see the module's docstring) cut into shares, one per thread
+    # (the first is the caller's); each share is a list of runs over ``positions``.
+    shares: List[List[CpuRun]] = field(default_factory=list)
 
 
 @dataclass
@@ -129,8 +134,19 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
     for slot, device in enumerate(sorted(by_device, key=lambda d: (d.type != "cpu", str(d)))):
         positions: List[int] = []
         buckets: List[DtypeBucket] = []
+        runs: List[CpuRun] = []
         for dtype, idx in by_device[device].items():
-            buckets.append((dtype, len(positions), len(positions) + len(idx)))
+            start = len(positions)
+            big: List[int] = []
+            if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+                big = [i for i in idx if grads[i].numel() >= DOT_MIN_ELEMENTS]  # type: ignore[union-attr]
+                if big:
+                    chosen = set(big)
+                    idx = big + [i for i in idx if i not in chosen]
+                    runs.append((dtype, start, start + len(big), True))
+            if len(idx) > len(big):
+                runs.append((dtype, start + len(big), start + len(idx), False))
+            buckets.append((dtype, start, start + len(idx)))
             positions.extend(idx)
         index = upload(torch.tensor([owner[i] for i in positions], dtype=torch.int64), device)
         flags = None if counted is None else [counted[i] for i in positions]
@@ -140,7 +156,7 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         if pointer_tables and device.type == "cuda":
             _add_table(s, [grads[i] for i in positions])  # type: ignore[misc]
         if device.type == "cpu":
-            s.shares = split_shares([grads[i].numel() for i in positions], buckets, cpu_shares)  # type: ignore[union-attr]
+            s.shares = split_shares([grads[i].numel() for i in positions], runs, cpu_shares)  # type: ignore[union-attr]
         slices.append(s)
     plan = Plan(
         params=tuple(params), owner=owner, key=key, signature=signature, slices=slices,
@@ -158,28 +174,40 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
     return plan
 
 
-def split_shares(numels: Sequence[int], buckets: Sequence[DtypeBucket], shares: int) -> List[List[DtypeBucket]]:
-    """The buckets cut into at most ``shares`` runs of about equal cost, each a list of buckets.
+def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> List[List[CpuRun]]:
+    """The runs cut into at most ``shares`` shares of about equal cost; the first is the caller's.
 
-    Cost: elements plus ``TENSOR_COST_ELEMENTS`` per tensor; a share gets at least
-    ``MIN_SHARE_TENSORS`` tensors. Runs are contiguous in the slice's order.
+    ``torch.dot`` runs stay in the first share: ``dot`` goes to MKL, whose OpenMP threads,
+    started again from a second calling thread, fight the first one's (a pass took 3 to 7
+    times as long); MKL spreads a large ``dot`` over the cores by itself (counted here at
+    half its elements). ``_foreach_norm`` runs (tensors below ``DOT_MIN_ELEMENTS``, too
+    small for torch to spread) are cut between the shares. Cost: elements plus
+    ``TENSOR_COST_ELEMENTS`` per tensor; each share costs at least ``MIN_SHARE_COST``.
     """
-    shares = max(1, min(shares, len(numels) // MIN_SHARE_TENSORS))
-    if shares == 1:
-        return [list(buckets)]
-    costs = [n + TENSOR_COST_ELEMENTS for n in numels]
-    total = sum(costs)
-    cuts, acc, want = [], 0, 1   # tensor indices where a new share starts
-    for i, c in enumerate(costs):
+    dots = [run for run in runs if run[3]]
+    small = [(i, run) for run in runs if not run[3] for i in range(run[1], run[2])]
+    fixed = sum(numels[i] // 2 + TENSOR_COST_ELEMENTS for run in dots for i in range(run[1], run[2]))
+    costs = [numels[i] + TENSOR_COST_ELEMENTS for i, _ in small]
+    total = fixed + sum(costs)
+    shares = max(1, min(shares, total // MIN_SHARE_COST))
+    if shares == 1 or not small:
+        return [list(runs)]
+    cuts, acc, want = [], fixed, 1   # indices into ``small`` where a new share starts
+    for k, c in enumerate(costs):
         if acc >= total * want / shares and len(cuts) < shares - 1:
-            cuts.append(i)
+            cuts.append(k)
             want += 1
         acc += c
-    bounds = [0, *cuts, len(numels)]
-    out: List[List[DtypeBucket]] = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        out.append([(dtype, max(start, lo), min(stop, hi)) for dtype, start, stop in buckets
-                    if max(start, lo) < min(stop, hi)])
+    bounds = [0, *cuts, len(small)]
+    out: List[List[CpuRun]] = []
+    for n, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        share: List[CpuRun] = list(dots) if n == 0 else []
+        for i, run in small[lo:hi]:   # consecutive tensors of one run make one run again
+            if share and not share[-1][3] and share[-1][2] == i and share[-1][0] == run[0]:
+                share[-1] = (run[0], share[-1][1], i + 1, False)
+            else:
+                share.append((run[0], i, i + 1, False))
+        out.append(share)
     return [share for share in out if share]
 
 

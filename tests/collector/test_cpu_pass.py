@@ -13,7 +13,10 @@ from torch import nn
 
 from collector_support import make_model, ref_sq, rel_err, train_step
 import esper_telemetry.collector.cpu_threads as cpu_threads
-from esper_telemetry.collector.plan import MIN_SHARE_TENSORS
+from esper_telemetry.collector.plan import DOT_MIN_ELEMENTS, MIN_SHARE_COST, TENSOR_COST_ELEMENTS
+
+# tensors of 6 elements: this many make one share's worth of work
+SHARE = MIN_SHARE_COST // (TENSOR_COST_ELEMENTS + 6) + 1
 
 
 def _groups(model):
@@ -115,20 +118,23 @@ def test_a_gradient_moved_to_another_device_in_place_is_not_read_there(attach):
 
 
 class _Many(nn.Module):
-    """``n`` small parameters, each in its own module, in a host and one seed."""
+    """``n`` small parameters, each in its own module, in a host and one seed; ``big`` more
+    in the host large enough for a ``torch.dot`` run (after the small ones)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, big: int = 0) -> None:
         super().__init__()
-        self.host = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(n - 8)])
+        self.host = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(n - 8)]
+                                  + [nn.Linear(256, DOT_MIN_ELEMENTS // 256, bias=False) for _ in range(big)])
         self.seed = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(8)])
 
 
 def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 3)   # two helpers, whatever this machine has
-    n = 3 * MIN_SHARE_TENSORS + 10
-    model = _Many(n)
+    n = 3 * SHARE + 10
+    model = _Many(n, big=3)
     for i in range(0, n - 8, 97):     # a float64 bucket in the host, beside the float32 one
         model.host[i].double()
+    model.host[-1].double()           # and a float64 torch.dot run
     for i, p in enumerate(model.parameters()):
         # each tensor about 1/n of its group: one left out or counted twice shows at 1e-4
         p.grad = torch.full_like(p, 1 + i % 7)
@@ -147,8 +153,12 @@ def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names
     plan = tel._plans.current
     assert len(plan.cpu.shares) == 3 and tel._passes.helpers.count == 2
     assert len(plan.cpu.buckets) == 2     # float32 and float64
-    covered = sorted((a, b) for share in plan.cpu.shares for _, a, b in share)
-    assert covered[0][0] == 0 and covered[-1][1] == n
+    runs = [(dtype, dot) for share in plan.cpu.shares for dtype, _, _, dot in share]
+    assert (torch.float32, True) in runs and (torch.float64, True) in runs and (torch.float32, False) in runs
+    # torch.dot runs stay with the training thread (MKL's threads from a helper thread fight its own)
+    assert all(not dot for share in plan.cpu.shares[1:] for _, _, _, dot in share)
+    covered = sorted((a, b) for share in plan.cpu.shares for _, a, b, _ in share)
+    assert covered[0][0] == 0 and covered[-1][1] == n + 3
     assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:]))   # no gap, no overlap
     names = thread_names()
     assert "esper-telemetry-norms-0" in names and "esper-telemetry-norms-1" in names
@@ -161,11 +171,11 @@ def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names
 
 def test_a_failing_helper_share_is_counted_not_raised(attach, monkeypatch):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
-    model = _Many(2 * MIN_SHARE_TENSORS + 8)
+    model = _Many(2 * SHARE + 8)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     tel = attach(model=model, host="host", seeds={"s": "seed"})
-    real = cpu_threads.tensor_norms
+    real = cpu_threads.tensor_squares
     training = threading.get_ident()
 
     def helper_fails(tensors, buckets):
@@ -173,10 +183,10 @@ def test_a_failing_helper_share_is_counted_not_raised(attach, monkeypatch):
             raise RuntimeError("helper exploded")
         return real(tensors, buckets)
 
-    monkeypatch.setattr(cpu_threads, "tensor_norms", helper_fails)
+    monkeypatch.setattr(cpu_threads, "tensor_squares", helper_fails)
     tel.capture(step=0)                                  # must not raise
     assert tel.flush(5.0) and tel.stats()["errors"] == 1 and tel.latest() is None
-    monkeypatch.setattr(cpu_threads, "tensor_norms", real)
+    monkeypatch.setattr(cpu_threads, "tensor_squares", real)
     tel.capture(step=1)                                  # the helpers still serve
     assert tel.flush(5.0) and tel.latest().step == 1
     assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
@@ -186,11 +196,11 @@ def test_a_failing_helper_share_is_counted_not_raised(attach, monkeypatch):
 def test_a_stuck_helper_costs_one_bounded_wait_then_none_is_used(attach, monkeypatch, caplog):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(cpu_threads, "WAIT_S", 0.2)
-    model = _Many(2 * MIN_SHARE_TENSORS + 8)
+    model = _Many(2 * SHARE + 8)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     tel = attach(model=model, host="host", seeds={"s": "seed"})
-    real = cpu_threads.tensor_norms
+    real = cpu_threads.tensor_squares
     training = threading.get_ident()
     release = threading.Event()
 
@@ -199,7 +209,7 @@ def test_a_stuck_helper_costs_one_bounded_wait_then_none_is_used(attach, monkeyp
             release.wait(10.0)
         return real(tensors, buckets)
 
-    monkeypatch.setattr(cpu_threads, "tensor_norms", helper_hangs)
+    monkeypatch.setattr(cpu_threads, "tensor_squares", helper_hangs)
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
         import time
         t0 = time.monotonic()
@@ -218,7 +228,7 @@ def test_a_stuck_helper_costs_one_bounded_wait_then_none_is_used(attach, monkeyp
 @pytest.mark.parametrize("cores", [1])
 def test_no_helper_on_one_core(attach, monkeypatch, thread_names, cores):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: cores)
-    model = _Many(4 * MIN_SHARE_TENSORS)
+    model = _Many(4 * SHARE)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     tel = attach(model=model, host="host", seeds={"s": "seed"})
@@ -258,3 +268,25 @@ def test_cpu_results_arrive_without_a_flush_soon_after_each_capture(attach, monk
     tel.capture(step=4)
     seen(4, 0.2)
     assert tel.stats()["completed"] == 5 and tel.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("to", [torch.float64, torch.bfloat16])
+def test_large_tensors_by_dot_follow_a_dtype_changed_in_place(attach, to):
+    """A torch.dot run refuses another dtype (it would accumulate in it): the plan is refit."""
+    model = _Many(16, big=2)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, 1 + i % 5) / 3
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    tel.capture(step=0)
+    assert tel.flush(5.0)
+    assert any(dot for _, _, _, dot in tel._plans.current.cpu.shares[0])
+    # float32 accumulation of 32,768 equal values (torch.dot's error is a tenth of _foreach_norm's)
+    assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-5
+    model.to(to)                       # .data and .grad.data of the same objects
+    for p in model.parameters():
+        p.grad.mul_(1 + 1e-9)
+    tel.capture(step=1)
+    assert tel.flush(5.0) and tel.latest().step == 1
+    tol = 1e-12 if to == torch.float64 else 1e-5
+    assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= tol
+    assert tel.stats()["errors"] == 0 and tel.stats()["plans"] == 2

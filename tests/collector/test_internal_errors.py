@@ -17,12 +17,12 @@ def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, capl
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     tel = attach(model=model, host="host", seeds={"a": "seeds.a"})
-    real = passes.tensor_norms
+    real = passes.tensor_squares
 
     def broken(*args, **kwargs):
         raise RuntimeError("norm kernel exploded")
 
-    monkeypatch.setattr(passes, "tensor_norms", broken)
+    monkeypatch.setattr(passes, "tensor_squares", broken)
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
         for step in range(3):
             opt.zero_grad()
@@ -32,7 +32,7 @@ def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, capl
     assert tel.stats()["errors"] == 3
     logged = [r for r in caplog.records if "norm kernel exploded" in r.getMessage()]
     assert len(logged) == 1                      # logged once, then only counted
-    monkeypatch.setattr(passes, "tensor_norms", real)
+    monkeypatch.setattr(passes, "tensor_squares", real)
     opt.zero_grad()
     train_step(model, seed=3)
     tel.capture(step=3)
