@@ -4,9 +4,9 @@ A plan is built from the live parameters and their gradients and reused while bo
 put. Rebuilding costs more than a capture (it inspects every tensor's device and dtype and
 uploads index tensors); ``plancache`` decides when a plan still fits.
 
-A CPU slice is cut into runs (``norms.CpuRun``): within each dtype, float32 and float64
-tensors of at least ``DOT_MIN_ELEMENTS`` first (their squares by ``torch.dot``, about 1.5x
-faster than ``_foreach_norm`` there, and closer to float64), then the rest. The runs are
+A CPU slice is cut into runs (``norms.CpuRun``): within each dtype, tensors of at least
+``DOT_MIN_ELEMENTS`` first (float32 and float64 ones get their squares by ``torch.dot``,
+about 1.5x faster than ``_foreach_norm`` there, and closer to float64), then the rest. The runs are
 split into shares, one per thread that computes part of the pass (``cpu_threads``),
 balanced by elements plus a per-tensor cost.
 """
@@ -138,12 +138,12 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         for dtype, idx in by_device[device].items():
             start = len(positions)
             big: List[int] = []
-            if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            if device.type == "cpu":
                 big = [i for i in idx if grads[i].numel() >= DOT_MIN_ELEMENTS]  # type: ignore[union-attr]
                 if big:
                     chosen = set(big)
                     idx = big + [i for i in idx if i not in chosen]
-                    runs.append((dtype, start, start + len(big), True))
+                    runs.append((dtype, start, start + len(big), dtype in (torch.float32, torch.float64)))
             if len(idx) > len(big):
                 runs.append((dtype, start + len(big), start + len(idx), False))
             buckets.append((dtype, start, start + len(idx)))
@@ -177,16 +177,18 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
 def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> List[List[CpuRun]]:
     """The runs cut into at most ``shares`` shares of about equal cost; the first is the caller's.
 
-    ``torch.dot`` runs stay in the first share: ``dot`` goes to MKL, whose OpenMP threads,
-    started again from a second calling thread, fight the first one's (a pass took 3 to 7
-    times as long); MKL spreads a large ``dot`` over the cores by itself (counted here at
-    half its elements). ``_foreach_norm`` runs (tensors below ``DOT_MIN_ELEMENTS``, too
-    small for torch to spread) are cut between the shares. Cost: elements plus
+    Runs of tensors of ``DOT_MIN_ELEMENTS`` or more stay in the first share: ``torch.dot``
+    goes to MKL, whose OpenMP threads, started again from a second calling thread, fight
+    the first one's (a pass took 3 to 7 times as long), and torch may spread a large
+    reduction over OpenMP threads too. MKL spreads a large ``dot`` over the cores by itself
+    (counted here at half its elements). Runs of smaller tensors (``_foreach_norm``, below
+    torch's grain size) are cut between the shares. Cost: elements plus
     ``TENSOR_COST_ELEMENTS`` per tensor; each share costs at least ``MIN_SHARE_COST``.
     """
-    dots = [run for run in runs if run[3]]
-    small = [(i, run) for run in runs if not run[3] for i in range(run[1], run[2])]
-    fixed = sum(numels[i] // 2 + TENSOR_COST_ELEMENTS for run in dots for i in range(run[1], run[2]))
+    dots = [run for run in runs if run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS]
+    small = [(i, run) for run in runs if run not in dots for i in range(run[1], run[2])]
+    fixed = sum(numels[i] // (2 if run[3] else 1) + TENSOR_COST_ELEMENTS
+                for run in dots for i in range(run[1], run[2]))
     costs = [numels[i] + TENSOR_COST_ELEMENTS for i, _ in small]
     total = fixed + sum(costs)
     shares = max(1, min(shares, total // MIN_SHARE_COST))

@@ -290,3 +290,26 @@ def test_large_tensors_by_dot_follow_a_dtype_changed_in_place(attach, to):
     tol = 1e-12 if to == torch.float64 else 1e-5
     assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= tol
     assert tel.stats()["errors"] == 0 and tel.stats()["plans"] == 2
+
+
+def test_shares_keep_large_tensors_on_the_training_thread_and_cover_every_tensor():
+    from esper_telemetry.collector.plan import split_shares
+
+    big, small = DOT_MIN_ELEMENTS, 100
+    # float32: 2 large (dot) then 1000 small; bfloat16: 1 large (no dot) then 1000 small
+    numels = [big] * 2 + [small] * 1000 + [big] + [small] * 1000
+    runs = [(torch.float32, 0, 2, True), (torch.float32, 2, 1002, False),
+            (torch.bfloat16, 1002, 1003, False), (torch.bfloat16, 1003, 2003, False)]
+    shares = split_shares(numels, runs, 3)
+    assert len(shares) == 3
+    first = shares[0]
+    assert (torch.float32, 0, 2, True) in first and (torch.bfloat16, 1002, 1003, False) in first
+    for share in shares[1:]:
+        assert all(not dot and numels[a] < big for _, a, _, dot in share)
+    covered = sorted((a, b) for share in shares for _, a, b, _ in share)
+    assert covered[0][0] == 0 and covered[-1][1] == len(numels)
+    assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:]))
+    for share in shares:   # a run never mixes dtypes
+        for dtype, a, b, _ in share:
+            assert all((i < 1002) == (dtype == torch.float32) for i in range(a, b))
+    assert split_shares([small] * 10, [(torch.float32, 0, 10, False)], 3) == [[(torch.float32, 0, 10, False)]]
