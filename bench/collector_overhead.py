@@ -9,11 +9,15 @@ Anchors (each run here, interleaved with the collector, never quoted from elsewh
 
 Reported: added step time per variant (median over interleaved rounds, as a ratio to the
 no-telemetry baseline measured in the same rounds), host time of one ``capture()`` call as
-the tensor count grows, and the GPU time of the norm pass against the read-bandwidth floor.
-Writes a section of ``bench/RESULTS.md``. On a machine without CUDA it measures the CPU
-path with a smaller model and says so.
+the tensor count grows, the GPU time of the norm pass against the read-bandwidth floor,
+and the first ``attach()`` in fresh processes against a second one in the same process.
+Writes a section of ``bench/RESULTS.md`` (not with ``--no-write``). On a machine without
+CUDA it measures the CPU path with a smaller model and says so, and adds the CPU
+comparison (``cpu_anchor``): ``capture()`` against the original monitor at 155 and 2,000
+tensors of 50 MB of fp32 gradients in all, interleaved.
 
-    python bench/collector_overhead.py [--quick] [--results bench/RESULTS.md]
+    python bench/collector_overhead.py [--quick] [--results bench/RESULTS.md] [--no-write]
+    python bench/collector_overhead.py --cpu-anchor [--counts 155,2000] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -549,6 +553,15 @@ def render(r: Dict, cuda: bool) -> str:
         lines += ["", "On the CPU the norms are computed inside `capture()` itself, so its host time is the "
                   "whole cost; on a shared 2-core machine the step figures move by a few percent "
                   "between runs, so read them as the same order, not as a ranking."]
+    if "cpu_anchor" in r:
+        lines += ["", f"CPU `capture()` against the original monitor (per group `_foreach_norm` + stack + sum "
+                  f"+ `.item()`), {CPU_BYTES >> 20} MB of fp32 gradients, interleaved, median of per-round "
+                  "ratios; `realloc`: new gradient tensors every call, as after `zero_grad(set_to_none=True)`:",
+                  "", render_cpu_anchor(r["cpu_anchor"], r.get("first_attach")).rstrip("\n")]
+    elif "first_attach" in r:
+        a = r["first_attach"]
+        lines += ["", f"First attach() in a fresh process (torch imported before), median of {a['runs']}: "
+                  f"{a['first_ms']:.1f} ms; a second attach {a['second_ms']:.1f} ms."]
     c = step.get("_collector", {})
     lines += ["", f"Collector counters in the step runs: {int(c.get('captures', 0))} captures, "
               f"{int(c.get('errors', 0))} errors, {int(c.get('plans', 0))} plans built, "
