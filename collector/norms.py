@@ -11,6 +11,12 @@ its norm is (NaN/Inf entries, or a sum of squares past the accumulation type's r
 ``counted`` (a bool per tensor, on the device; None: all) leaves tensors out of row 0 that
 another rank counts (``placement``: each element once over the world); row 1 still counts
 every tensor this rank holds.
+
+On the CPU the training thread only reads the gradients (``tensor_squares``, per run of
+the plan, possibly on helper threads: ``cpu_threads``), and the completion thread makes
+the ``(2, n_groups)`` result from what it read (``squares``, then ``group_sums``). Large
+float32/float64 tensors take ``torch.dot`` there: faster than ``_foreach_norm`` on the
+CPU, and its float32 error is about a tenth of it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["accumulation_dtype", "partials", "tensor_squares", "squares", "group_sums", "DtypeBucket", "CpuRun", "Part"]
+__all__ = ["accumulation_dtype", "partials", "tensor_squares", "squares", "group_sums",
+           "DtypeBucket", "CpuRun", "Part"]
 
 # (dtype, start, stop): tensors[start:stop] all have this dtype.
 DtypeBucket = Tuple[torch.dtype, int, int]
