@@ -12,7 +12,8 @@ and the pass stays on one thread.
 Bounds: at most ``MAX_HELPERS`` threads, one fewer than the cores torch may use (none on
 one core), started on first use. The training thread waits at most ``WAIT_S`` for a
 helper's share; past that it computes the share itself, logs once, and uses no helper
-again, so a stuck helper costs one capture ``WAIT_S`` at most and never a hang. A helper
+again, so a stuck helper costs one capture ``WAIT_S`` at most and never a hang (a helper
+that cannot be started: none is used, and the pass runs on the training thread). A helper
 hands over the tensors it made (nothing shared is written), so one answering late touches
 nothing a later capture reads. An exception in a helper is raised in the training thread
 (where ``capture`` counts it), like one in the training thread's own share.
@@ -112,8 +113,12 @@ class HelperThreads:
             if len(shares) == 1:
                 return tensor_squares(tensors, shares[0])
             return [n for share in shares for n in tensor_squares(tensors, share)]
-        while len(self._helpers) < min(self.count, len(shares) - 1):
-            self._helpers.append(_Helper(f"esper-telemetry-norms-{len(self._helpers)}"))
+        try:
+            while len(self._helpers) < min(self.count, len(shares) - 1):
+                self._helpers.append(_Helper(f"esper-telemetry-norms-{len(self._helpers)}"))
+        except RuntimeError as exc:   # no thread to be had (a process or container limit)
+            self._give_up(f"could not start a norm helper thread ({exc})")
+            return self.squares(tensors, shares)
         given = list(zip(self._helpers, shares[1:]))
         for helper, share in given:
             helper.start(tensors, share)
@@ -128,7 +133,7 @@ class HelperThreads:
         for helper, share in given:
             got = helper.wait(WAIT_S)
             if got is None:
-                self._give_up()
+                self._give_up(f"a norm helper thread did not answer within {WAIT_S:.1f} s")
                 if error is None:
                     got = tensor_squares(tensors, share)
             if isinstance(got, BaseException):
@@ -141,11 +146,11 @@ class HelperThreads:
             parts.append(tensor_squares(tensors, share))
         return [n for part in parts for n in part]
 
-    def _give_up(self) -> None:
+    def _give_up(self, why: str) -> None:
         if not self.broken:
             self.broken = True
-            log.warning("esper-telemetry: a norm helper thread did not answer within %.1f s; CPU norm "
-                        "passes run on the training thread only from now on", WAIT_S)
+            log.warning("esper-telemetry: %s; CPU norm passes run on the training thread only from now on",
+                        why)
             self.close()
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ them (``zero_grad(set_to_none=True)`` on the CPU gives new addresses every step)
 device changed in place (``model.double()``, ``.data`` moved) without a rebinding is not
 looked at per capture: the CPU pass raises on it (``norms.tensor_norms``), and the caller
 then asks again with ``refit=True``, which looks the layout up as for a new address set.
+CPU-only plans are also found by which gradients exist, so a seed whose gradients come and
+go every other step switches between two plans without reading every gradient's layout.
 """
 
 from __future__ import annotations
@@ -62,8 +64,16 @@ class PlanCache:
         plan = self.current
         if plan is not None and not rebound and not refit:
             if not plan.cuda:
-                if grad_presence(grads) == plan.present:
+                present = grad_presence(grads)
+                if present == plan.present:
                     return plan
+                known = next((p for p in self._plans.values() if not p.cuda and p.present == present), None)
+                if known is not None:
+                    self._plans.move_to_end(known.signature)
+                    if known.group_devices != plan.group_devices:
+                        self._on_new_layout(plan, known)
+                    self.current = known
+                    return known
             else:
                 key = grad_key(grads)
                 if key == plan.key or key in plan.known_keys:

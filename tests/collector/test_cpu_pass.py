@@ -313,3 +313,44 @@ def test_shares_keep_large_tensors_on_the_training_thread_and_cover_every_tensor
         for dtype, a, b, _ in share:
             assert all((i < 1002) == (dtype == torch.float32) for i in range(a, b))
     assert split_shares([small] * 10, [(torch.float32, 0, 10, False)], 3) == [[(torch.float32, 0, 10, False)]]
+
+
+def test_no_thread_to_be_had_means_no_helper_not_an_error(attach, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    model = _Many(2 * SHARE + 8)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    monkeypatch.setattr(cpu_threads.threading, "Thread", NoThread)   # the helpers start at the first capture
+    with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
+        for step in range(2):
+            tel.capture(step=step)
+    assert tel.flush(5.0) and tel.latest().step == 1 and tel.stats()["errors"] == 0
+    assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+    assert tel._passes.helpers.broken
+    assert len([r for r in caplog.records if "could not start a norm helper" in r.getMessage()]) == 1
+
+
+def test_a_seed_sitting_out_every_other_step_switches_plans_without_reading_layouts(attach, monkeypatch):
+    import esper_telemetry.collector.plancache as plancache
+
+    calls = []
+    real = plancache.grad_signature
+    monkeypatch.setattr(plancache, "grad_signature", lambda grads: calls.append(1) or real(grads))
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
+    for step in range(8):
+        opt.zero_grad(set_to_none=True)
+        train_step(model, seed=step)
+        if step % 2:
+            model.seeds["b"].zero_grad(set_to_none=True)    # b sits this step out
+        tel.capture(step=step)
+        res = _check(tel, model, step)
+        assert res.groups["b"].has_grad is (step % 2 == 0)
+    assert len(calls) == 2 and tel.stats()["plans"] == 2 and tel.stats()["errors"] == 0
