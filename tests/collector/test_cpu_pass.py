@@ -5,6 +5,7 @@ and the helper threads that take shares of it: exact, bounded, never raising int
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import pytest
@@ -354,3 +355,21 @@ def test_a_seed_sitting_out_every_other_step_switches_plans_without_reading_layo
         res = _check(tel, model, step)
         assert res.groups["b"].has_grad is (step % 2 == 0)
     assert len(calls) == 2 and tel.stats()["plans"] == 2 and tel.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e19])
+def test_non_finite_large_tensors_are_counted_by_dot(attach, bad):
+    """NaN, Inf, and a sum of squares past float32's range (the accumulation type) count as non-finite."""
+    model = _Many(16, big=2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    tel.capture(step=0)
+    assert tel.flush(5.0) and tel.latest().groups["host"].nonfinite == 0
+    assert any(dot for _, _, _, dot in tel._plans.current.cpu.shares[0])
+    model.host[-1].weight.grad[0, 0] = bad
+    tel.capture(step=1)
+    assert tel.flush(5.0)
+    host = tel.latest().groups["host"]
+    assert host.nonfinite == 1 and not math.isfinite(host.sq)
+    assert tel.latest().groups["s"].nonfinite == 0
