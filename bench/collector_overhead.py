@@ -17,7 +17,7 @@ comparison (``cpu_anchor``): ``capture()`` against the original monitor at 155 a
 tensors of 50 MB of fp32 gradients in all, interleaved.
 
     python bench/collector_overhead.py [--quick] [--results bench/RESULTS.md] [--no-write]
-    python bench/collector_overhead.py --cpu-anchor [--counts 155,2000] [--rounds 7]
+    python bench/collector_overhead.py --cpu-anchor [--counts 155,2000] [--rounds 7] [--helpers N]
 """
 
 from __future__ import annotations
@@ -468,7 +468,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds for --cpu-anchor")
     ap.add_argument("--calls", type=int, default=15, help="calls per variant per round for --cpu-anchor")
     ap.add_argument("--attach-runs", type=int, default=7, help="fresh processes timing the first attach")
+    ap.add_argument("--helpers", type=int, default=None,
+                    help="CPU helper threads per collector (default: one fewer than the cores)")
     args = ap.parse_args()
+    if args.helpers is not None:
+        from esper_telemetry.collector import cpu_threads
+        cpu_threads.usable_cores = lambda: args.helpers + 1
     if args.cpu_anchor:
         endpoint = "tcp://127.0.0.1:9"
         attach = first_attach(args.attach_runs) if args.attach_runs > 0 else None
