@@ -74,19 +74,24 @@ def tensor_squares(tensors: Sequence[torch.Tensor], runs: Sequence[CpuRun]) -> L
     """
     out: List[Part] = []
     whole = len(tensors)
-    for dtype, start, stop, dot in runs:
-        part = tensors if start == 0 and stop == whole else tensors[start:stop]
-        if dot:
-            if set(map(_DTYPE, part)) != {dtype}:
-                raise RuntimeError(f"gradients of another dtype than {dtype} in a torch.dot run")
-            flat = list(map(torch.flatten, part))
-            values = torch.stack(list(map(torch.dot, flat, flat)))
-        else:
-            values = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
-        if not values.is_cpu:
-            raise RuntimeError(f"gradients on {values.device} in a CPU pass")
-        out.append((start, values, dot))
+    with torch.inference_mode():   # no autograd dispatch per tensor: 8% of _foreach_norm at 2,000
+        for dtype, start, stop, dot in runs:
+            out.append(_run_squares(tensors if start == 0 and stop == whole else tensors[start:stop],
+                                    dtype, start, dot))
     return out
+
+
+def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, dot: bool) -> Part:
+    if dot:
+        if set(map(_DTYPE, part)) != {dtype}:
+            raise RuntimeError(f"gradients of another dtype than {dtype} in a torch.dot run")
+        flat = list(map(torch.flatten, part))
+        values = torch.stack(list(map(torch.dot, flat, flat)))
+    else:
+        values = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
+    if not values.is_cpu:
+        raise RuntimeError(f"gradients on {values.device} in a CPU pass")
+    return start, values, dot
 
 
 def squares(parts: Sequence[Part]) -> torch.Tensor:
