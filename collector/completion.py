@@ -27,10 +27,10 @@ log = logging.getLogger("esper_telemetry.collector")
 _POLL_MIN_S = 0.0005
 _POLL_MAX_S = 0.004
 _IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
-# While captures keep coming (one completed in the last _LAZY_WINDOW_S), the idle thread
-# looks for work every _LAZY_POLL_S instead of being woken: waking a thread blocked on a
-# lock cost the training thread about 50 us per capture (a third of what a CPU capture at
-# 155 tensors adds to its own norm pass), a poll costs the other core a few us.
+# While CPU captures keep coming (one completed in the last _LAZY_WINDOW_S), the idle
+# thread looks for work every _LAZY_POLL_S instead of being woken by each: waking a thread
+# blocked on a lock cost the training thread about 50 us per capture on a 2-core machine;
+# a look that finds nothing costs the other core a few us.
 _LAZY_POLL_S = 0.01
 _LAZY_WINDOW_S = 1.0
 
@@ -53,7 +53,7 @@ class Pending:
         self.events = events
         self.sums: Optional[List[List[float]]] = None   # [[sq...], [nonfinite...]] once done
         self.amp: Optional[torch.Tensor] = None   # GradScaler's (found_inf, scale), see hooks
-        # Run here before the rows are read: the CPU slice's per-tensor norms to its row.
+        # Run here before the rows are read: what the CPU pass read, made into its row.
         self.finish = finish
         # A CUDA device of this capture: the thread makes it current before querying, or the
         # runtime would create a context on device 0 for this thread (in every rank).

@@ -13,7 +13,7 @@ A plan with no CUDA slice has no graphs, so no address binds it: it is kept whil
 gradients exist (``grad_presence``, one C-level pass), however often the allocator moves
 them (``zero_grad(set_to_none=True)`` on the CPU gives new addresses every step). A dtype or
 device changed in place (``model.double()``, ``.data`` moved) without a rebinding is not
-looked at per capture: the CPU pass raises on it (``norms.tensor_norms``), and the caller
+looked at per capture: the CPU pass raises on it (``norms.tensor_squares``), and the caller
 then asks again with ``refit=True``, which looks the layout up as for a new address set.
 CPU-only plans are also found by which gradients exist, so a seed whose gradients come and
 go every other step switches between two plans without reading every gradient's layout.
@@ -62,6 +62,7 @@ class PlanCache:
         the parameters, and then ``rebound`` drops every plan: a plan kept is never built
         from stale ones."""
         plan = self.current
+        key = None
         if plan is not None and not rebound and not refit:
             if not plan.cuda:
                 present = grad_presence(grads)
@@ -79,7 +80,8 @@ class PlanCache:
                 if key == plan.key or key in plan.known_keys:
                     plan.key = key
                     return plan
-        key = grad_key(grads)
+        if key is None:
+            key = grad_key(grads)
         signature = grad_signature(grads)
         if rebound:
             self._plans.clear()   # plans of parameters no longer watched
