@@ -152,6 +152,7 @@ class Row:
     dropped: float
     last_capture: Optional[float]     # unix time, by the collector's clock
     stale: bool = False               # the collector can no longer follow the group
+    ended: bool = False               # every rank of the run said goodbye: final values
 
     @property
     def violated(self) -> bool:
@@ -192,13 +193,15 @@ def build_rows(samples: Samples, run: Optional[str] = None) -> List[Row]:
     last = _by(samples, "esper_last_capture_timestamp_seconds", "run")
     device = _by(samples, "esper_device_mismatch_total", "run")
     dropped = _by(samples, "esper_collector_dropped_events_total", "run")
+    ended = _by(samples, "esper_run_ended", "run")
     keys = set(norm) | set(has) | set(params) | set(nonfinite) | set(iso)
     if run is not None:
         keys = {k for k in keys if fnmatch.fnmatchcase(k[0], run)}
     rows = [Row(run=r, group=g, step=step.get((r,)), norm=norm.get((r, g)), has_gradient=has.get((r, g)),
                 ratio=ratio.get((r, g)), nonfinite=nonfinite.get((r, g), 0.0), isolation_ok=iso.get((r, g)),
                 violations=violations.get((r, g), 0.0), device_events=device.get((r,), 0.0),
-                dropped=dropped.get((r,), 0.0), last_capture=last.get((r,)), stale=stale.get((r, g), 0.0) > 0)
+                dropped=dropped.get((r,), 0.0), last_capture=last.get((r,)), stale=stale.get((r, g), 0.0) > 0,
+                ended=ended.get((r,), 0.0) > 0)
             for r, g in keys]
     rows.sort(key=lambda w: (not w.violated, not w.unhealthy, -w.nonfinite, w.run, w.group))
     return rows
@@ -244,7 +247,7 @@ def cells(row: Row, now: float) -> Tuple[str, ...]:
         isolation = "ok"
     return (row.run, row.group, _count(row.step), norm, "-" if row.ratio is None else f"{row.ratio:.4g}",
             f"{row.nonfinite:.0f}", isolation, f"{row.device_events:.0f}", f"{row.dropped:.0f}",
-            _age(row.last_capture, now))
+            f"ended({_age(row.last_capture, now)})" if row.ended else _age(row.last_capture, now))
 
 
 def format_table(rows: Iterable[Row], now: float) -> List[Tuple[str, Optional[str]]]:

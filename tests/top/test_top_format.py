@@ -26,7 +26,7 @@ from esper_telemetry.collector import top  # noqa: E402
 from esper_telemetry.daemon.aggregator import Aggregator  # noqa: E402
 from esper_telemetry.daemon.stats import DaemonStats  # noqa: E402
 from esper_telemetry.daemon.textformat import render_text  # noqa: E402
-from daemon_support import gn, heartbeat, hello, make_limits, norms, registry_for  # noqa: E402
+from daemon_support import gn, goodbye, heartbeat, hello, make_limits, norms, registry_for  # noqa: E402
 
 NOW = 1_700_000_000.0
 WEIRD = 'exp "7"\\ with\nnewline'
@@ -91,6 +91,20 @@ def test_rows_put_violations_then_nonfinite_on_top_with_every_column():
     lines = top.format_table(rows, NOW)
     assert lines[0][1] == "header" and lines[0][0].split() == list(top.HEADER)
     assert [style for _, style in lines[1:5]] == ["violation", "warning", "warning", None]
+
+
+def test_a_run_whose_ranks_all_said_goodbye_reads_ended_with_its_final_values():
+    agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.top"))
+    agg.apply_batch([hello(run="short"), hello(run="long")], 1.0)
+    for run in ("short", "long"):
+        agg.apply_batch([norms(run, step=7, groups=[gn("host", 9.0, "host", 400)], time_=NOW - 12)], 1.0)
+    agg.apply_batch([goodbye(run="short")], 2.0)
+    rows = {(r.run, r.group): r for r in top.build_rows(top.parse_exposition(
+        render_text(registry_for(agg, process_metrics=False)).decode()))}
+    assert rows[("short", "host")].ended and not rows[("long", "host")].ended
+    assert top.cells(rows[("short", "host")], NOW)[2:4] == ("7", "3")  # the final values stay
+    assert top.cells(rows[("short", "host")], NOW)[-1] == "ended(12s)"
+    assert top.cells(rows[("long", "host")], NOW)[-1] == "12s"
 
 
 def test_run_filter_takes_a_name_or_a_pattern():
