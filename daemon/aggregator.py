@@ -317,11 +317,19 @@ class Aggregator:
                 set(map(_name_of, last_groups))):
             return self._wire_norms_as_records(events)
         step = last.step
-        for g in last_groups:
-            group = groups.get(g[0])
+        for name, role, params, sq, _nonfinite, _sharded, isolated in last_groups:
+            group = groups.get(name)
             if group is None or (step < group.step and rank != group.rank):
+                # The groups already set hold the last event's values with this rank,
+                # which is also where applying the events in order leaves them.
                 return self._wire_norms_as_records(events)
-        # From here on nothing is refused: the message is applied whole, once.
+            group.role = role
+            group.params = params
+            group.isolated = isolated
+            group.sq = sq
+            group.step = step
+            group.rank = rank
+            group.captured = True
         run.ranks[rank] = run.last_seen = self._now
         if not run.captures:
             self._no_norms.pop(run_name, None)
@@ -331,15 +339,6 @@ class Aggregator:
             run.last_step = step
             run.last_rank = rank
             run.last_time = last.time
-        for name, role, params, sq, _nonfinite, _sharded, isolated in last_groups:
-            group = groups[name]
-            group.role = role
-            group.params = params
-            group.isolated = isolated
-            group.sq = sq
-            group.step = step
-            group.rank = rank
-            group.captured = True
         self.sequences.observe_message(run_name, rank, first.seq)
 
     def _wire_norms_as_records(self, events: Sequence[WireNorms]) -> None:

@@ -49,13 +49,9 @@ class Pump:
     def drain(self, budget: int) -> int:
         """Apply queued messages until about ``budget`` events were applied; returns the count."""
         now = self._clock()
-        get = self._queue.get
         apply_batch = self._aggregator.apply_batch
         done = 0
-        while done < budget:
-            events = get()
-            if events is None:
-                break
+        for events in self._queue.take(budget):
             try:
                 apply_batch(events, now)
             except Exception:

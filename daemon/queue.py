@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Deque, List, Optional
+from typing import Deque, List, Optional, Sequence
 
 from esper_telemetry.events import Event
 
@@ -20,13 +20,14 @@ __all__ = ["EventQueue"]
 
 
 class EventQueue:
-    """FIFO of decoded messages (lists of events), at most ``capacity`` events in all."""
+    """FIFO of decoded messages (each a sequence of events: ``decode``'s records, or the
+    fast decoder's structs), at most ``capacity`` events in all."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._items: Deque[List[Event]] = deque()
+        self._items: Deque[Sequence[Event]] = deque()
         self._size = 0
         self._ready = asyncio.Event()
 
@@ -34,23 +35,45 @@ class EventQueue:
         """Events queued."""
         return self._size
 
-    def put(self, events: List[Event]) -> bool:
+    def put(self, events: Sequence[Event]) -> bool:
         """Queue one message's events; False (nothing queued) when they do not fit."""
         size = self._size + len(events)
         if size > self.capacity:
             return False
-        self._items.append(events)
+        items = self._items
+        if not items:
+            # Only a waiter on an empty queue needs waking (``wait`` clears the flag only
+            # when it finds the queue empty): one set per refill, not one per message.
+            self._ready.set()
+        items.append(events)
         self._size = size
-        self._ready.set()
         return True
 
-    def get(self) -> Optional[List[Event]]:
+    def get(self) -> Optional[Sequence[Event]]:
         """The oldest message's events, or None when empty."""
         if not self._items:
             return None
         events = self._items.popleft()
         self._size -= len(events)
         return events
+
+    def take(self, budget: int) -> List[Sequence[Event]]:
+        """The oldest messages, whole, until they hold ``budget`` events or more (or the
+        queue is empty), oldest first; the same as ``get`` until then, in one call."""
+        items = self._items
+        if self._size <= budget:
+            taken = list(items)
+            items.clear()
+            self._size = 0
+            return taken
+        taken = []
+        size = 0
+        while items and size < budget:
+            events = items.popleft()
+            size += len(events)
+            taken.append(events)
+        self._size -= size
+        return taken
 
     def clear(self) -> int:
         """Drop everything queued; returns how many messages that was."""

@@ -384,6 +384,44 @@ def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed
     assert sum(snap.messages_lost.values()) > 0 and snap.unsequenced_messages > 0, snap
 
 
+def _both(frames, now=1000.0):
+    """Two aggregators fed ``frames``: one the fast path's structs, one decode's records."""
+    fast_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.fast"))
+    ref_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.ref"))
+    for frame in frames:
+        fast = decode_norms(frame)
+        fast_agg.apply_batch(fast if fast is not None else decode(frame), now)
+        ref_agg.apply_batch(decode(frame), now)
+    assert repr(fast_agg.snapshot()) == repr(ref_agg.snapshot())
+    return ref_agg.snapshot()
+
+
+def test_a_message_that_passes_the_runs_latest_step_and_then_goes_back_lands_on_its_last():
+    g = (GroupNorm("g", "host", 1, 1.0, 0, False, False),)
+    snap = _both([
+        encode(Norms("r", 1, 1.0, 20, False, g), seq=0),
+        encode(Norms("r", 0, 2.0, 30, False, ()), seq=0),  # rank 0 moves the run to 30
+        # Rank 1's message passes 30, then steps back (a restart): in order, the run's
+        # latest capture is its last event, step 21.
+        encode([Norms("r", 1, 3.0, 31, False, g), Norms("r", 1, 4.0, 21, False, g)], seq=1),
+    ])
+    (run,) = snap.runs
+    assert (run.last_step, run.last_capture_time, run.captures) == (21, 4.0, 4)
+
+
+def test_a_group_behind_another_ranks_step_is_applied_as_records():
+    h = (GroupNorm("h", "host", 1, 1.0, 0, False, False),
+         GroupNorm("g", "host", 1, 2.0, 0, False, False))
+    snap = _both([
+        encode(Norms("r", 0, 1.0, 5, False, h), seq=0),
+        encode(Norms("r", 1, 1.0, 9, False, h[1:]), seq=0),  # g at step 9 from rank 1
+        encode(Norms("r", 0, 1.0, 6, False, (h[0]._replace(sq=3.0), h[1]._replace(sq=4.0))),
+               seq=1),  # h moves on; g stays at rank 1's step 9
+    ])
+    groups = {g.name: (g.sq, g.step) for g in snap.runs[0].groups}
+    assert groups == {"h": (3.0, 6), "g": (2.0, 9)}
+
+
 # --- through the daemon's socket -----------------------------------------------------
 
 
