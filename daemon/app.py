@@ -139,7 +139,8 @@ class Daemon:
             else dict.fromkeys(DENY_REASONS, 0),
             http_refused={"max_connections": self.web.refused,
                           "write_timeout": self.web.write_timeouts,
-                          "unauthorized": self.web.unauthorized})
+                          "unauthorized": self.web.unauthorized,
+                          "busy": self.web.busy})
 
     def reload(self) -> None:
         """SIGHUP: read the authorized collector keys again (the one thing that reloads)."""

@@ -94,9 +94,10 @@ _counts = integer(minimum=1)
 # The series cap of one scrape (daemon-only, so declared here rather than in the contract
 # module). 50,000 series render in about 40 ms on the 2-core reference box and make about
 # 3 MB of text with typical names (about 27 MB at the wire's 256-character name limit), so
-# the two scrape threads and a few clients holding bodies stay well under the daemon's
-# 512 MiB RSS target; the default run and group caps alone allow some 300,000 series
-# (150 MB, over a second per scrape). See docs/daemon.md.
+# the render threads and the bodies in flight (bounded to 128 MiB, web.py) stay well under
+# the daemon's 512 MiB RSS target (318 MiB peak measured with long names and 24 clients
+# that never read); the default run and group caps alone allow about 130,000 series with
+# long names (70 MB), and the issue measured 310,000 (150 MB, 1.3 s). See docs/daemon.md.
 ENV_WEB_MAX_SERIES = "ESPER_WEB_MAX_SERIES"
 DEFAULT_WEB_MAX_SERIES = 50_000
 

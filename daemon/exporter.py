@@ -310,9 +310,12 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "esper_daemon_http_refused",
         "HTTP clients turned away, by reason: max_connections (503 past "
         "--web.max-connections), write_timeout (a response not read within "
-        "--web.write-timeout-seconds), unauthorized (401).", labels=["reason"])
-    for reason in HTTP_REFUSAL_REASONS:
-        http.add_metric([reason], (snap.http_refused or {}).get(reason, 0))
+        "--web.write-timeout-seconds), unauthorized (401), busy (503: the response "
+        "bodies being rendered or written would pass 128 MiB, or four scrapes were "
+        "already rendering).", labels=["reason"])
+    refused = snap.http_refused or {}
+    for reason in (*HTTP_REFUSAL_REASONS, *(r for r in refused if r not in HTTP_REFUSAL_REASONS)):
+        http.add_metric([reason], refused.get(reason, 0))
     yield http
     yield GaugeMetricFamily(
         "esper_daemon_scrape_omitted_runs",

@@ -9,7 +9,12 @@ Memory is bounded per connection and in connections: the body is written in 64 K
 chunks, each waiting for the peer to read (so a non-reading client holds a reference to one
 body and at most about 64 KiB of buffered copy), the whole write within
 ``write_timeout_s`` or the connection is aborted; at most ``max_connections`` are open,
-further ones are answered 503 and closed at once. ``ssl_context`` (TLS, issue 11) is
+further ones are answered 503 and closed at once. The bodies themselves are bounded in
+bytes: those being rendered or written hold at most ``max_body_bytes`` together (one is
+always let through), and at most four scrapes render or wait for a render thread at once;
+a scrape past either is answered 503 with ``Retry-After`` and counted in ``busy``, so
+clients that ask and never read cannot multiply the exposition's size in memory (the
+series cap, --web.max-series, bounds one body). ``ssl_context`` (TLS, issue 11) is
 handed to the listening socket as is.
 """
 
@@ -23,7 +28,7 @@ import gzip
 import html
 import logging
 import ssl
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from aiohttp import web
 from aiohttp.web_server import Server
@@ -38,6 +43,7 @@ __all__ = ["WebServer", "accepts_gzip"]
 _log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
+_MAX_RENDERING = 4  # scrapes rendering or waiting for a render thread; more get a 503
 _TEXT = "text/plain; charset=utf-8"
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
          b"Content-Length: 33\r\nConnection: close\r\n\r\ntoo many connections, try again\r\n")
@@ -95,8 +101,9 @@ class WebServer:
     Per scrape: ``snapshot()`` on the loop thread, then ``registry(snapshot)`` and its
     rendering on a worker thread, in the format the ``Accept`` header prefers by q-value
     (``textformat.negotiate``: OpenMetrics or text, both on the fast encoders), gzipped
-    when ``Accept-Encoding`` admits it. ``refused`` and ``write_timeouts`` count connections
-    turned away by the cap and responses abandoned by the write timeout.
+    when ``Accept-Encoding`` admits it. ``refused``, ``write_timeouts`` and ``busy`` count
+    connections turned away by the cap, responses abandoned by the write timeout, and
+    scrapes turned away because bodies in flight would pass ``max_body_bytes``.
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class WebServer:
         keepalive_timeout_s: float = 75.0,
         ssl_context: Optional[ssl.SSLContext] = None,
         auth: Any = None,
+        max_body_bytes: int = 128 << 20,
     ) -> None:
         self._host = host
         self._port = port
@@ -135,6 +143,13 @@ class WebServer:
         self.scraped = asyncio.Event()  # set after each successful scrape
         self.refused = 0
         self.write_timeouts = 0
+        # Scrapes answered 503 because bodies in flight would pass max_body_bytes, or
+        # _MAX_RENDERING renders were already under way.
+        self.busy = 0
+        self._max_body_bytes = max_body_bytes
+        self._held = 0  # bytes of bodies being rendered (guessed) or written
+        self._rendering = 0
+        self._sizes: Dict[Tuple[str, bool], int] = {}  # last body size by (format, gzip)
         self._trim: Optional[asyncio.TimerHandle] = None
 
     @property
@@ -222,10 +237,43 @@ class WebServer:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._auth.check, header)
 
     async def _scrape(self, request: web.BaseRequest) -> web.StreamResponse:
-        snapshot = self._snapshot()
         gz = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-        body, ctype = await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._render, snapshot, request.headers.get("Accept"), gz)
+        accept = request.headers.get("Accept")
+        kind = (negotiate(accept)[0], gz)
+        # What this response will hold, guessed from the last body of its kind (or the
+        # largest seen), reserved before rendering: bodies being rendered or written stay
+        # within max_body_bytes (one is always let through), and a crowd of clients that
+        # do not read cannot multiply the exposition's size in memory.
+        guess = self._sizes.get(kind) or max(self._sizes.values(), default=0)
+        if self._rendering >= _MAX_RENDERING or (
+                self._held and self._held + guess > self._max_body_bytes):
+            self.busy += 1
+            resp = web.Response(status=503, text="busy: too many scrapes in flight, try again\n",
+                                headers={"Retry-After": "1"})
+            resp.force_close()  # a client that asks and never reads keeps nothing open
+            return resp
+        self._held += guess
+        held = guess
+        self._rendering += 1
+        try:
+            snapshot = self._snapshot()
+            body, ctype = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._render, snapshot, accept, gz)
+        except BaseException:
+            self._held -= held
+            raise
+        finally:
+            self._rendering -= 1
+        self._sizes[kind] = len(body)
+        self._held += len(body) - held
+        held = len(body)
+        try:
+            return await self._answer(request, body, ctype, gz)
+        finally:
+            self._held -= held
+
+    async def _answer(self, request: web.BaseRequest, body: bytes, ctype: str,
+                      gz: bool) -> web.StreamResponse:
         # The body depends on both headers: caches must key on both.
         resp = web.StreamResponse(headers={"Content-Type": ctype,
                                            "Vary": "Accept, Accept-Encoding"})

@@ -23,30 +23,31 @@ from esper_telemetry import encode
 from esper_telemetry.daemon.web import WebServer, accepts_gzip
 from esper_telemetry.version import __version__
 from daemon_process import spawn, scrape_until
-from daemon_support import get, gn, norms
+from daemon_support import get, gn, hello, norms, wait_for
 
 
 class _Gauges:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, pad: str = "") -> None:
         self.n = n
+        self.pad = pad
 
     def collect(self):
         g = GaugeMetricFamily("t_series", "many series", labels=["i"])
         for i in range(self.n):
-            g.add_metric([str(i)], float(i))
+            g.add_metric([f"{self.pad}{i}"], float(i))
         yield g
 
 
-def _registry(n: int):
+def _registry(n: int, pad: str = ""):
     def make(_snap):
         reg = CollectorRegistry()
-        reg.register(_Gauges(n))
+        reg.register(_Gauges(n, pad))
         return reg
     return make
 
 
-async def _server(n: int = 3, **kw) -> WebServer:
-    web = WebServer("127.0.0.1", 0, "/metrics", lambda: None, _registry(n), lambda: True,
+async def _server(n: int = 3, pad: str = "", **kw) -> WebServer:
+    web = WebServer("127.0.0.1", 0, "/metrics", lambda: None, _registry(n, pad), lambda: True,
                     logging.getLogger("test.web"), **kw)
     web.bound = await web.start()  # type: ignore[attr-defined]
     return web
@@ -253,3 +254,97 @@ def started_or_listening(proc):
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it draining
             return m.group(1).split(","), m.group(2)
     raise AssertionError(f"no listening line: {line!r}")
+
+
+async def test_scrapes_past_the_bytes_of_bodies_in_flight_get_a_503_and_are_counted():
+    # A body of about 10 MB (more than loopback's socket buffers take); bodies in flight
+    # may hold 15 MB: one non-reading client's response is held, the next would pass it.
+    web = await _server(n=40_000, pad="p" * 230, max_body_bytes=15_000_000, write_timeout_s=2.0)
+    host, port = web.bound
+    try:
+        status, body = await asyncio.to_thread(_get, host, port)
+        assert status == 200 and len(body) > 8_000_000 and web.busy == 0
+        hog = socket.create_connection((host, port))
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        await wait_for(lambda: web._held > 0, 10, "the hog's body rendered")
+        status, _ = await asyncio.to_thread(_get, host, port)
+        assert status == 503 and web.busy == 1
+        # Once the write timeout has let the hog go, scrapes are answered again.
+        await wait_for_status(host, port, 200, 5.0)
+        assert web.write_timeouts == 1 and web.busy >= 1
+        hog.close()
+    finally:
+        await web.close()
+
+
+def _get(host, port):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=20) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def wait_for_status(host, port, status, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        got, _ = await asyncio.to_thread(_get, host, port)
+        if got == status:
+            return
+        assert time.monotonic() < deadline, f"still {got} after {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_long_names_at_the_default_caps_and_non_reading_clients_stay_under_512_mib():
+    """A run and group flood at the default caps, every name 250 characters long (about
+    129,000 series, a 70 MB exposition without the series cap), then 24 clients that ask
+    for a scrape and never read: the daemon's RSS stays under 512 MiB (880 MiB measured
+    with the cap but without the bound on bodies in flight)."""
+    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
+                 "--web.write-timeout-seconds=2")
+    try:
+        (endpoint,), web = started_or_listening(proc)
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 5000)
+        push.connect(endpoint)
+        long = "x" * 240
+        for r in range(100):
+            run = f"{long}-run-{r:03d}"
+            decls = [(f"{long}-g{g:03d}", "seed" if g else "host", 100, bool(g)) for g in range(128)]
+            push.send(encode([hello(run=run, decls=decls), norms(run=run, groups=[
+                gn(name, 1.0 + i, role, 100, isolated=iso)
+                for i, (name, role, _, iso) in enumerate(decls)])]))
+        url = f"http://{web}/metrics"
+        s = scrape_until(url, lambda s: get(s, "esper_daemon_runs") == 100, 60)
+        assert get(s, "esper_daemon_runs") == 100
+        assert len(s) <= 50_000 and get(s, "esper_daemon_scrape_omitted_series") > 70_000
+        base_rss, _ = _proc_figures(proc.pid)
+        host, port = web.rsplit(":", 1)
+        clients, peak = [], base_rss
+        for _ in range(24):
+            c = socket.create_connection((host, int(port)))
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+            peak = max(peak, _proc_figures(proc.pid)[0])
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            peak = max(peak, _proc_figures(proc.pid)[0])
+            time.sleep(0.05)
+        print(f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}")
+        assert peak < 512, f"peak RSS {peak:.0f} MiB"
+        s = scrape_until(url, lambda s: (get(s, "esper_daemon_http_refused_total", reason="busy") or 0) > 0, 20)
+        assert get(s, "esper_daemon_http_refused_total", reason="busy") > 0
+        for c in clients:
+            c.close()
+        push.close(0)
+        ctx.term()
+    finally:
+        proc.terminate()
+        proc.wait(15)
