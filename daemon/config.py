@@ -91,17 +91,6 @@ def telemetry_path(raw: str) -> str:
 
 _counts = integer(minimum=1)
 
-# The series cap of one scrape (daemon-only, so declared here rather than in the contract
-# module). 50,000 series render in about 40 ms on the 2-core reference box and make about
-# 3 MB of text with typical names (about 27 MB at the wire's 256-character name limit), so
-# the render threads and the bodies in flight (bounded to 128 MiB, web.py) stay well under
-# the daemon's 512 MiB RSS target (318 MiB peak measured with long names and 24 clients
-# that never read); the default run and group caps alone allow about 130,000 series with
-# long names (70 MB), and the issue measured 310,000 (150 MB, 1.3 s). See docs/daemon.md.
-ENV_WEB_MAX_SERIES = "ESPER_WEB_MAX_SERIES"
-DEFAULT_WEB_MAX_SERIES = 50_000
-
-
 def message_bytes(raw: str) -> int:
     """A message size limit: 1 KiB up to the wire's own limit (larger could never decode)."""
     value = integer(minimum=1024)(raw)
@@ -185,7 +174,7 @@ class Config:
         _counts, metavar="N", unit="connections",
         help="HTTP connections open at once; further ones get a 503 and are closed")
     web_max_series: int = setting(
-        "--web.max-series", ENV_WEB_MAX_SERIES, DEFAULT_WEB_MAX_SERIES, integer(minimum=100),
+        "--web.max-series", d.ENV_WEB_MAX_SERIES, d.DEFAULT_WEB_MAX_SERIES, integer(minimum=100),
         metavar="N", unit="series",
         help="series one scrape carries at most, the daemon's own included: past it, whole "
              "runs are left out (live runs with norms kept first, then the runs held longest) "

@@ -25,8 +25,10 @@ __all__ = [
     "ENV_WEB_CONFIG_FILE",
     "ENV_WEB_WRITE_TIMEOUT_SECONDS",
     "ENV_WEB_MAX_CONNECTIONS",
+    "ENV_WEB_MAX_SERIES",
     "DEFAULT_WEB_WRITE_TIMEOUT_SECONDS",
     "DEFAULT_WEB_MAX_CONNECTIONS",
+    "DEFAULT_WEB_MAX_SERIES",
     "ENV_ZMQ_LISTEN_ADDRESS",
     "ENV_ZMQ_MAX_MESSAGE_BYTES",
     "ENV_ZMQ_RECEIVE_BUFFER_BYTES",
@@ -89,6 +91,7 @@ ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR = "ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR"
 ENV_WEB_CONFIG_FILE = "ESPER_WEB_CONFIG_FILE"
 ENV_WEB_WRITE_TIMEOUT_SECONDS = "ESPER_WEB_WRITE_TIMEOUT_SECONDS"
 ENV_WEB_MAX_CONNECTIONS = "ESPER_WEB_MAX_CONNECTIONS"
+ENV_WEB_MAX_SERIES = "ESPER_WEB_MAX_SERIES"
 ENV_ZMQ_LISTEN_ADDRESS = "ESPER_ZMQ_LISTEN_ADDRESS"
 ENV_ZMQ_MAX_MESSAGE_BYTES = "ESPER_ZMQ_MAX_MESSAGE_BYTES"
 ENV_ZMQ_RECEIVE_BUFFER_BYTES = "ESPER_ZMQ_RECEIVE_BUFFER_BYTES"
@@ -113,6 +116,14 @@ DEFAULT_WEB_TELEMETRY_PATH = "/metrics"
 # connections past the cap get a 503 and are closed.
 DEFAULT_WEB_WRITE_TIMEOUT_SECONDS = 10.0
 DEFAULT_WEB_MAX_CONNECTIONS = 64
+# The series one scrape carries, the daemon's own included; past it whole runs are left out
+# (counted). 50,000 series render in about 40 ms on the 2-core reference box and make about
+# 3 MB of text with typical names (about 27 MB at the wire's 256-character name limit), so
+# the render threads and the bodies in flight (at most 128 MiB, daemon/web.py) stay well
+# under the daemon's 512 MiB RSS target (318 MiB peak measured with long names and 24
+# clients that never read); the default run and group caps alone allow about 130,000
+# series with long names (70 MB). See docs/daemon.md.
+DEFAULT_WEB_MAX_SERIES = 50_000
 # A run with no event for this long is dropped from the exposition. Collectors send a
 # heartbeat every few seconds, so only a dead or disconnected job goes this quiet.
 DEFAULT_RUN_TTL_SECONDS = 300.0

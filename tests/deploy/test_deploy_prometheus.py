@@ -35,6 +35,7 @@ REQUIRED_ALERTS = {
     "EsperDaemonOverflow": "esper_daemon_overflow_total",
     "EsperMessagesLost": "esper_messages_lost_total",
     "EsperDaemonFileDescriptorsNearLimit": "process_open_fds",
+    "EsperDaemonScrapeTruncated": "esper_daemon_scrape_omitted_series",
 }
 
 
