@@ -513,7 +513,8 @@ class Aggregator:
             collectors = sum(1 for t in run.ranks.values() if t >= cutoff)
             runs.append(RunSnapshot(name, run.captures, run.last_step, run.last_time,
                                     collectors, run.dropped, run.shards.incomplete,
-                                    dict(run.mismatch), groups, run.ended_at is not None))
+                                    dict(run.mismatch), groups, run.ended_at is not None,
+                                    run.shards.dropped_reports))
         s = self._stats
         return Snapshot(tuple(runs), s.messages, s.events, dict(s.rejected), dict(s.overflow),
                         s.expired_runs, s.ended_runs, evicted=dict(s.evicted),

@@ -107,6 +107,9 @@ RUN_FAMILIES: Tuple[Family, ...] = (
     Family("esper_daemon_incomplete_steps", "counter",
            "Sharded steps given up because not every rank reported within the shard window.",
            _R),
+    Family("esper_daemon_dropped_shard_reports", "counter",
+           "Sharded reports not added to a step: a rank's repeat of a step it already "
+           "reported, or a report for a step already published or given up.", _R),
     Family("esper_run_ended", "gauge",
            "1 while the run is kept after every rank said goodbye (its final values, for "
            "the ended-retention time), 0 while it is live.", _R),
@@ -129,8 +132,8 @@ def run_rows(run: RunSnapshot, lost: Sequence[Tuple[int, int]] = ()) -> List[Lis
     """
     rows: List[List[Row]] = [[] for _ in RUN_FAMILIES]
     (norm, has_grad, group_step, stale, params, ratio, nonfinite, violations, iso_ok,
-     mismatch, captures, last_step, last_ts, collectors, dropped, incomplete, ended,
-     lost_rows) = rows
+     mismatch, captures, last_step, last_ts, collectors, dropped, incomplete, dropped_shards,
+     ended, lost_rows) = rows
     r = run.name
     host: Optional[GroupSnapshot] = None
     for g in run.groups:
@@ -178,6 +181,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[Tuple[int, int]] = ()) -> List[Lis
     collectors.append((run_l, run.collectors))
     dropped.append((run_l, run.dropped))
     incomplete.append((run_l, run.incomplete_steps))
+    dropped_shards.append((run_l, run.dropped_shard_reports))
     ended.append((run_l, 1 if run.ended else 0))
     for rank, n in lost:
         lost_rows.append(((r, str(rank)), n))
@@ -187,7 +191,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[Tuple[int, int]] = ()) -> List[Lis
 def run_series(run: RunSnapshot, lost: int = 0) -> int:
     """How many series ``run_rows(run, lost)`` makes (``lost``: how many ranks), without
     making them: the cap decides which runs a scrape carries before it renders any."""
-    n = 5 + (2 if run.last_step >= 0 else 0) + lost
+    n = 6 + (2 if run.last_step >= 0 else 0) + lost
     n += len(run.device_mismatch) + sum(1 for k in MISMATCH_KINDS if k not in run.device_mismatch)
     host = next((g for g in run.groups if g.role == "host" and g.captured), None)
     has_host = host is not None and not host.stale

@@ -37,6 +37,7 @@ class RunSnapshot(NamedTuple):
     device_mismatch: Dict[str, int]
     groups: Tuple[GroupSnapshot, ...]
     ended: bool = False  # every rank said goodbye; kept for the ended-retention time
+    dropped_shard_reports: int = 0  # sharded reports repeated or late (shards.StepAssembly)
 
 
 class Snapshot(NamedTuple):
