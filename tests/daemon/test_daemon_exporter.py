@@ -307,3 +307,16 @@ def test_fast_text_of_a_scrape_passes_promtool_without_warnings(make_agg, clock)
                           timeout=30)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
         proc.stdout + proc.stderr
+
+
+def test_repeated_and_late_sharded_reports_are_counted_per_run(make_agg, clock):
+    agg, _ = make_agg(shard_window_s=30.0)
+    agg.apply_batch([hello(world_size=2)], clock())
+    agg.apply_batch([host_seed(rank=0, step=1, host_sq=1.0, sharded=True)], clock())
+    agg.apply_batch([host_seed(rank=0, step=1, host_sq=3.0, sharded=True)], clock())  # a repeat
+    agg.apply_batch([host_seed(rank=1, step=1, host_sq=4.0, sharded=True)], clock())  # publishes
+    agg.apply_batch([host_seed(rank=1, step=1, host_sq=4.0, sharded=True)], clock())  # late
+    s = expose(agg)
+    assert get(s, "esper_grad_norm", run="r", group="host") == math.sqrt(5.0)
+    assert get(s, "esper_daemon_dropped_shard_reports_total", run="r") == 2
+    assert get(s, "esper_daemon_incomplete_steps_total", run="r") == 0
