@@ -1,6 +1,7 @@
 """Benchmark the daemon's ingest and scrape with real processes on loopback.
 
-    python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--unnumbered] [--no-write]
+    python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--unnumbered]
+                                  [--no-write] [--no-floor] [--baseline TREE]
 
 Starts ``python -m esper_telemetry.daemon`` as a subprocess, then per trial N sender processes (each one
 collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events as
@@ -19,7 +20,9 @@ blocking receives, ``msgpack.unpackb`` with the options of ``esper_telemetry.dec
 counting the events; no validation, no queue, no state) fed by the same sender processes
 with the same frames and message counts, trial by trial interleaved with the daemon's (the
 order alternating). The ratio daemon/floor of the medians is what the machine leaves on
-the table: the senders share the machine with whichever receiver runs.
+the table: the senders share the machine with whichever receiver runs. ``--baseline TREE`` measures the daemon of another
+source tree (``git archive COMMIT | tar -x -C TREE``) in the same interleaving, so a change is
+compared before and after in one run; its figures are printed beside the floor's.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +62,9 @@ def _sender(endpoint: str, run: str, batch: int, messages: int, go, out,
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 5000)
+    # Long enough for a slow receiver to take everything queued here: a sender that gave
+    # up after a few seconds would drop the tail of its trial (counted as lost).
+    sock.setsockopt(zmq.LINGER, 120_000)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.connect(endpoint)
     if batch == 1:
@@ -141,6 +146,49 @@ def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
     elapsed = t_end - t0
     return {"sent": sent, "accepted": counted, "seconds": elapsed,
             "events_per_s": counted / elapsed}
+
+
+def _start_daemon(env: Optional[Dict[str, str]] = None,
+                  cwd: Path = ROOT) -> Tuple[subprocess.Popen, str, str]:
+    """``python -m esper_telemetry.daemon`` on wildcard loopback ports: (process, zmq
+    endpoint, web address); its log is drained so its pipe never fills."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
+         "--web.listen-address=127.0.0.1:0", "--limits.max-runs=1000",
+         "--limits.max-groups-per-run=256", "--log.level=info"],
+        cwd=cwd, stderr=subprocess.PIPE, text=True, env=env)
+    line = daemon.stderr.readline()
+    m = re.search(r"zmq=(\S+) web=(\S+)", line)
+    if not m:
+        daemon.kill()
+        raise SystemExit(f"daemon did not start: {line}")
+    import threading
+    threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()
+    return daemon, m.group(1), m.group(2)
+
+
+def _baseline_env(tree: Path) -> Tuple[Dict[str, str], Path]:
+    """An environment, and a working directory, whose ``esper_telemetry`` is ``tree``'s (a
+    checkout of another commit) laid out as the package installs it, first on
+    ``PYTHONPATH`` (not the repository root: ``-m`` puts the working directory first)."""
+    import shutil
+    import tempfile
+
+    site = Path(tempfile.mkdtemp(prefix="esper-baseline-"))
+    package = site / "esper_telemetry"
+    shutil.copytree(tree / "esper_telemetry", package)
+    for sub in ("daemon", "collector", "integrations"):
+        if (tree / sub).is_dir():
+            shutil.copytree(tree / sub, package / sub)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    where = subprocess.run(
+        [sys.executable, "-c", "import esper_telemetry.daemon as d; print(d.__file__)"],
+        env=env, cwd=site, capture_output=True, text=True, check=True).stdout.strip()
+    if not where.startswith(str(site)):
+        raise SystemExit(f"the baseline daemon would not run from {tree}: {where}")
+    return env, site
 
 
 def _scrape(web: str) -> Tuple[str, float]:
@@ -267,6 +315,11 @@ def main() -> int:
                     help="print the section, leave bench/RESULTS.md as it is")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the bare receiver (the floor) and the ratio")
+    ap.add_argument("--baseline", metavar="TREE",
+                    help="also measure the daemon of another source tree (a checkout of "
+                         "another commit, e.g. from `git worktree add`), interleaved with "
+                         "this one's: before and after a change from one run (printed, "
+                         "not written)")
     args = ap.parse_args()
 
     floor = None
@@ -278,55 +331,56 @@ def main() -> int:
         floor_proc.start()
         floor_endpoint = floor.recv()
 
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
-         "--web.listen-address=127.0.0.1:0", "--limits.max-runs=1000",
-         "--limits.max-groups-per-run=256", "--log.level=info"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    daemon, endpoint, web = _start_daemon()
+    baseline = None
+    if args.baseline:
+        baseline = _start_daemon(*_baseline_env(Path(args.baseline)))
     try:
-        line = daemon.stderr.readline()
-        m = re.search(r"zmq=(\S+) web=(\S+)", line)
-        if not m:
-            raise SystemExit(f"daemon did not start: {line}")
-        endpoint, web = m.group(1), m.group(2)
-        # Drain the daemon's log so its pipe never fills.
-        import threading
-        threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()
-
         results: Dict[str, List[Dict[str, float]]] = {}
         floors: Dict[str, List[Dict[str, float]]] = {}
+        baselines: Dict[str, List[Dict[str, float]]] = {}
         for mode, batch, guess in (("batched", args.batch, 300_000), ("single", 1, 120_000)):
             numbered = not args.unnumbered
-            # Warm-up, which also sizes the trials to about --seconds of the daemon's time.
-            w = _trial(endpoint, web, args.senders, batch,
-                       _messages(guess, 0.5, args.senders, batch), numbered)
-            messages = _messages(w["events_per_s"], args.seconds, args.senders, batch)
+            # Warm-up, twice (a daemon's first trial of a mode runs cold); the second sizes
+            # the trials to about --seconds of the daemon's time.
+            for _ in range(2):
+                w = _trial(endpoint, web, args.senders, batch,
+                           _messages(guess, 0.5, args.senders, batch), numbered)
+            messages = _messages(max(w["events_per_s"], guess), args.seconds, args.senders,
+                                 batch)
             if floor is not None:
                 _floor_trial(floor, floor_endpoint, args.senders, batch,
                              _messages(guess, 0.5, args.senders, batch), numbered)
-            runs = []
-            floor_runs = []
+            if baseline is not None:
+                _trial(baseline[1], baseline[2], args.senders, batch,
+                       _messages(guess, 0.5, args.senders, batch), numbered)
+            runs: List[Dict[str, float]] = []
+            floor_runs: List[Dict[str, float]] = []
+            base_runs: List[Dict[str, float]] = []
+            who_all = ["daemon"] + (["floor"] if floor is not None else []) + (
+                ["baseline"] if baseline is not None else [])
             for t in range(args.trials):
-                # Interleaved, the order alternating: drift on the shared machine hits both.
-                order = ("daemon", "floor") if t % 2 == 0 else ("floor", "daemon")
+                # Interleaved, the order rotating: drift on the shared machine hits all.
+                order = who_all[t % len(who_all):] + who_all[:t % len(who_all)]
                 for who in order:
                     if who == "floor":
-                        if floor is None:
-                            continue
                         f = _floor_trial(floor, floor_endpoint, args.senders, batch,
                                          messages, numbered)
                         floor_runs.append(f)
-                        print(f"{mode:8s} trial {t}: floor  {f['events_per_s']:>9,.0f} events/s, "
-                              f"counted {f['accepted']:,.0f} of {f['sent']:,.0f}", flush=True)
+                        print(f"{mode:8s} trial {t}: floor    {f['events_per_s']:>9,.0f} "
+                              f"events/s, counted {f['accepted']:,.0f} of {f['sent']:,.0f}",
+                              flush=True)
                         continue
-                    r = _trial(endpoint, web, args.senders, batch, messages, numbered)
-                    runs.append(r)
-                    print(f"{mode:8s} trial {t}: daemon {r['events_per_s']:>9,.0f} events/s, "
+                    at = (endpoint, web) if who == "daemon" else baseline[1:]
+                    r = _trial(at[0], at[1], args.senders, batch, messages, numbered)
+                    (runs if who == "daemon" else base_runs).append(r)
+                    print(f"{mode:8s} trial {t}: {who:8s} {r['events_per_s']:>9,.0f} events/s, "
                           f"sent {r['sent']:,.0f}, dropped (counted) "
                           f"{r['dropped_counted']:,.0f}, lost (uncounted) "
                           f"{r['lost_uncounted']:,.0f}", flush=True)
             results[mode] = runs
             floors[mode] = floor_runs
+            baselines[mode] = base_runs
 
         _fill_series(endpoint, runs=21, groups=100)
         time.sleep(1.0)
@@ -338,6 +392,9 @@ def main() -> int:
     finally:
         daemon.terminate()
         rc = daemon.wait(30)
+        if baseline is not None:
+            baseline[0].terminate()
+            baseline[0].wait(30)
         if floor is not None:
             floor.send(None)
             floor_proc.join(10)
@@ -358,6 +415,10 @@ def main() -> int:
         for m in fmed:
             print(f"{m}: daemon {med(m, 'events_per_s'):,.0f} events/s, floor "
                   f"{fmed[m]:,.0f} events/s, ratio {ratio[m]:.2f}")
+            if baselines.get(m):
+                bmed = statistics.median(r["events_per_s"] for r in baselines[m])
+                print(f"{m}: baseline daemon ({args.baseline}) {bmed:,.0f} events/s, ratio "
+                      f"{bmed / fmed[m]:.2f}; all trials {each(m, baselines)}")
         floor_rows = (
             f"| floor, batched: bare PULL + `unpackb` on the same frames | "
             f"{fmed['batched']:,.0f} events/s | - |\n"
