@@ -97,7 +97,10 @@ _HEAD_V1 = b"\x88\xa1v\x01"
 
 
 class _Canonical:
-    """Re-encodes a decoded batch into one reused buffer, to compare it with the frame."""
+    """Re-encodes a decoded batch into one reused buffer, to compare it with the frame.
+
+    One buffer for the process: the daemon decodes on its event loop's thread only.
+    """
 
     __slots__ = ("encode_into", "buffer")
 
