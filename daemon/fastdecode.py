@@ -160,6 +160,10 @@ def decode_norms(
             return None
     except Exception:  # msgspec's errors, UnicodeDecodeError for a bad string, anything
         return None
+    if head == 0x91:
+        # A batch of one, as a collector sends a lone event: its only map is the fixmap
+        # checked above, and one event is one sender.
+        return events
     if not _canonical.same(events, data):
         return None
     first = events[0]

@@ -108,6 +108,14 @@ def test_it_takes_what_collectors_send_single_and_batched(seq):
     assert check(encode(batch[:3], seq=seq)) == "fast"  # a fixarray
 
 
+def test_a_batch_of_one_is_taken_without_the_canonical_check_only_from_a_fixmap():
+    assert check(encode([HEALTHY], seq=1)) == "fast"
+    assert check(encode([HEALTHY])) == "fast"
+    assert check(pack([dict(reversed(list(wire(HEALTHY, 1).items())))])) == "declined"
+    assert check(b"\x91" + _17_KEYS_WITH_REPEATS) == "limit"
+    assert check(b"\x91\xde\x00\x09" + pack(wire(HEALTHY, 1))[1:]) == "declined"
+
+
 def test_a_single_event_may_have_its_keys_in_any_order():
     assert check(pack(dict(reversed(list(wire(HEALTHY, 1).items()))))) == "fast"
     assert check(pack(dict(sorted(wire(HEALTHY).items())))) == "fast"
