@@ -175,6 +175,8 @@ def _baseline_env(tree: Path) -> Tuple[Dict[str, str], Path]:
     import tempfile
 
     site = Path(tempfile.mkdtemp(prefix="esper-baseline-"))
+    import atexit
+    atexit.register(shutil.rmtree, site, ignore_errors=True)
     package = site / "esper_telemetry"
     shutil.copytree(tree / "esper_telemetry", package)
     for sub in ("daemon", "collector", "integrations"):
