@@ -333,11 +333,12 @@ def main() -> int:
         floor_proc.start()
         floor_endpoint = floor.recv()
 
+    base_env = _baseline_env(Path(args.baseline)) if args.baseline else None
     daemon, endpoint, web = _start_daemon()
     baseline = None
-    if args.baseline:
-        baseline = _start_daemon(*_baseline_env(Path(args.baseline)))
     try:
+        if base_env is not None:
+            baseline = _start_daemon(*base_env)
         results: Dict[str, List[Dict[str, float]]] = {}
         floors: Dict[str, List[Dict[str, float]]] = {}
         baselines: Dict[str, List[Dict[str, float]]] = {}
