@@ -24,8 +24,11 @@ import torch
 
 from . import triton_norms
 from .cpu_threads import HelperThreads
-from .norms import group_sums, partials, squares
+from .norms import group_sums, group_sums_list, partials, squares
 from .plan import DeviceSlice, Plan
+
+# Up to this many CPU tensors the completion thread sums in Python (norms.group_sums_list).
+_LIST_SUMS_MAX = 256
 
 __all__ = ["DevicePasses"]
 
@@ -68,6 +71,9 @@ class DevicePasses:
         tensors = grads if s.identity else list(map(grads.__getitem__, s.positions))
         parts = self.helpers.squares(tensors, s.shares)
         n_groups = plan.n_groups
+        if len(tensors) <= _LIST_SUMS_MAX:
+            return lambda: row.copy_(torch.tensor(
+                group_sums_list(parts, s.owners, n_groups, s.counted_list), dtype=torch.float64))
         return lambda: row.copy_(group_sums(squares(parts), s.group_index, n_groups, s.counted))
 
     def close(self) -> None:

@@ -67,6 +67,10 @@ class DeviceSlice:
     # while a capture still holds the previous ones alternates between address sets.
     graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor]] = field(default_factory=dict)
     seen: Dict[Tuple[int, ...], int] = field(default_factory=dict)
+    # CPU slices: group_index and counted as Python lists, for the completion thread's sums
+    # of small passes (norms.py: fewer torch calls, each of which gives up the GIL).
+    owners: List[int] = field(default_factory=list)
+    counted_list: Optional[List[bool]] = None
     # Whether positions are simply 0..n-1: the flat gradient list (and the key) as is.
     identity: bool = False
     # The pointer-table pass (esper_telemetry.collector.triton_norms), when this slice can use it: its
@@ -156,6 +160,8 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
         if pointer_tables and device.type == "cuda":
             _add_table(s, [grads[i] for i in positions])  # type: ignore[misc]
         if device.type == "cpu":
+            s.owners = [owner[i] for i in positions]
+            s.counted_list = None if mask is None else flags
             s.shares = split_shares([grads[i].numel() for i in positions], runs, cpu_shares)  # type: ignore[union-attr]
         slices.append(s)
     plan = Plan(

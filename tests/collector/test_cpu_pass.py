@@ -373,3 +373,27 @@ def test_non_finite_large_tensors_are_counted_by_dot(attach, bad):
     host = tel.latest().groups["host"]
     assert host.nonfinite == 1 and not math.isfinite(host.sq)
     assert tel.latest().groups["s"].nonfinite == 0
+
+
+@pytest.mark.parametrize("with_counted", [False, True])
+def test_small_passes_sum_in_python_to_the_same_float64_figures_as_the_torch_sums(with_counted):
+    # The completion thread sums small CPU passes in Python (fewer torch calls, each of which
+    # waits for the GIL beside a busy training thread): the same numbers, bit for bit.
+    from esper_telemetry.collector.norms import group_sums, group_sums_list, squares
+
+    g = torch.Generator().manual_seed(3)
+    n, n_groups = 40, 5
+    norms32 = torch.rand(20, generator=g) * 3
+    norms32[4] = float("nan")
+    norms32[7] = float("inf")
+    dots64 = torch.rand(20, generator=g, dtype=torch.float64) * 1e6
+    dots64[2] = float("inf")
+    parts = [(20, dots64, True), (0, norms32, False)]  # any order, as the shares come back
+    owners = torch.randint(0, n_groups, (n,), generator=g)
+    counted = (torch.rand(n, generator=g) > 0.3) if with_counted else None
+    want = group_sums(squares(parts), owners, n_groups, counted)
+    got = group_sums_list(parts, owners.tolist(), n_groups,
+                          None if counted is None else counted.tolist())
+    got_t = torch.tensor(got, dtype=torch.float64)
+    assert torch.equal(got_t.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got_t, nan=-1.0), torch.nan_to_num(want, nan=-1.0))
