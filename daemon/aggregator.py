@@ -161,7 +161,7 @@ class Aggregator:
             Goodbye: self._goodbye,  # type: ignore[dict-item]
         }
         # Loss accounting (sequence.py): message numbers per run and rank, for held runs.
-        self.sequences = Sequences(lambda run: run in self._runs, limits.max_runs,
+        self.sequences = Sequences(self._holds, limits.max_runs,
                                    limits.max_ranks_per_run)
 
     # --- input: events and time ----------------------------------------------------------
@@ -218,6 +218,12 @@ class Aggregator:
 
     # --- the run, its ranks, its groups ---------------------------------------------------
 
+    def _holds(self, name: str, rank: Optional[int]) -> bool:
+        """Whether the run (and, given one, that rank of it) is held: loss accounting's
+        view of what exists."""
+        run = self._runs.get(name)
+        return run is not None and (rank is None or rank in run.ranks)
+
     def _run(self, name: str, rank: int) -> Optional[_Run]:
         """The run, created if there is room, with ``rank`` marked as heard; None if refused."""
         run = self._runs.get(name)
@@ -233,6 +239,7 @@ class Aggregator:
                 return None
             run = self._runs[name] = _Run(now, self._limits.shard_window_s)
             self._no_norms[name] = None
+            self.sequences.forget(name)  # a run created anew counts its losses from zero
         elif not run.captures:
             self._no_norms.move_to_end(name)
         ranks = run.ranks

@@ -17,12 +17,14 @@ The rules, per (run, rank), message by message in the order they are applied:
   numbers below the first one seen are counted).
 - Messages without a number (schema 1 senders) are only counted in ``unsequenced``.
 
-State is bounded like the aggregator's: entries exist only for runs the aggregator holds
-(``holds``, asked after the message was applied, so a refused run leaves nothing here),
-at most ``max_ranks_per_run`` ranks per run, and entries of runs it no longer holds are
-forgotten (``forget_gone``, also done by itself whenever more runs than twice
-``max_runs`` are tracked). A run that comes back starts again from zero, as its other
-counters do. Single-threaded, on the event loop.
+State is bounded like the aggregator's: entries exist only for ranks of runs the aggregator
+holds (``holds(run, rank)``, asked after the message was applied, so a refused run or rank
+leaves nothing here), at most ``max_ranks_per_run`` ranks per run (at the cap, the entries
+of ranks the run no longer holds make room), and entries of runs it no longer holds are
+forgotten (``forget_gone``, also done by itself whenever more runs than twice ``max_runs``
+are tracked). A run the aggregator creates anew (after it expired, was evicted or ended)
+starts again from zero, as its other counters do: the aggregator calls ``forget`` then.
+Single-threaded, on the event loop.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class Sequences:
 
     __slots__ = ("_holds", "_max_runs", "_max_ranks", "_runs", "unsequenced")
 
-    def __init__(self, holds: Callable[[str], bool], max_runs: int,
+    def __init__(self, holds: Callable[[str, Optional[int]], bool], max_runs: int,
                  max_ranks_per_run: int) -> None:
+        # holds(run, None): the aggregator holds the run; holds(run, rank): and that rank.
         self._holds = holds
         self._max_runs = max_runs
         self._max_ranks = max_ranks_per_run
@@ -60,14 +63,18 @@ class Sequences:
             self.unsequenced += 1
             return
         ranks = self._runs.get(run)
-        if ranks is None:
-            if not self._holds(run):
-                return
-            if len(self._runs) >= 2 * self._max_runs:
-                self.forget_gone()
-            ranks = self._runs[run] = {}
-        entry = ranks.get(rank)
+        entry = None if ranks is None else ranks.get(rank)
         if entry is None:
+            holds = self._holds
+            if not holds(run, rank):
+                return
+            if ranks is None:
+                if len(self._runs) >= 2 * self._max_runs:
+                    self.forget_gone()
+                ranks = self._runs[run] = {}
+            if len(ranks) >= self._max_ranks:
+                for gone in [r for r in ranks if not holds(run, r)]:
+                    del ranks[gone]
             if len(ranks) < self._max_ranks:
                 ranks[rank] = [seq + 1, 0]
             return
@@ -77,15 +84,19 @@ class Sequences:
             entry[1] += seq - expected if seq > expected else seq
         entry[0] = seq + 1
 
+    def forget(self, run: str) -> None:
+        """Drop ``run``'s entries: the aggregator created it anew, so it counts from zero."""
+        self._runs.pop(run, None)
+
     def forget_gone(self) -> None:
         """Drop the entries of runs the aggregator no longer holds."""
         holds = self._holds
-        for run in [r for r in self._runs if not holds(r)]:
+        for run in [r for r in self._runs if not holds(r, None)]:
             del self._runs[run]
 
     def lost(self) -> Dict[Tuple[str, int], int]:
         """Messages lost so far per (run, rank) of every run held, detached."""
         holds = self._holds
         return {(run, rank): entry[1]
-                for run, ranks in self._runs.items() if holds(run)
+                for run, ranks in self._runs.items() if holds(run, None)
                 for rank, entry in ranks.items()}

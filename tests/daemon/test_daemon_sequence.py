@@ -78,8 +78,50 @@ def test_refused_runs_leave_no_state_and_gone_runs_are_forgotten(make_agg, clock
 
 
 def test_ranks_are_capped():
-    seq = Sequences(lambda run: True, max_runs=1, max_ranks_per_run=3)
+    seq = Sequences(lambda run, rank: True, max_runs=1, max_ranks_per_run=3)
     for rank in range(10):
         seq.observe([numbered(heartbeat(rank=rank), 5)])
         seq.observe([numbered(heartbeat(rank=rank), 7)])
     assert seq.lost() == {("r", 0): 1, ("r", 1): 1, ("r", 2): 1}
+
+
+def test_a_run_that_expired_and_comes_back_counts_its_losses_from_zero(make_agg, clock):
+    agg, _ = make_agg(ttl_s=5.0)
+    agg.apply_batch([numbered(host_seed(step=0), 0)], clock())
+    agg.apply_batch([numbered(host_seed(step=5), 5)], clock())  # 1..4 never came
+    assert lost_of(agg) == {"r/0": 4}
+    clock.advance(100.0)
+    agg.tick(clock())  # the run expires
+    assert lost_of(agg) == {}
+    # The same name again (a job restarted under a fixed run name): its first message is
+    # the baseline, as for any run this daemon sees first; before, 94 "lost" were counted.
+    agg.apply_batch([numbered(host_seed(step=100), 100)], clock())
+    assert lost_of(agg) == {"r/0": 0}
+
+
+def test_an_evicted_run_that_comes_back_counts_from_zero(make_agg, clock):
+    agg, _ = make_agg(max_runs=1, evict_after_s=0.0)
+    agg.apply_batch([numbered(host_seed(run="a"), 0)], clock())
+    agg.apply_batch([numbered(host_seed(run="a", step=2), 2)], clock())  # 1 lost
+    clock.advance(1.0)
+    agg.apply_batch([numbered(host_seed(run="b"), 0)], clock())  # takes a's place
+    clock.advance(1.0)
+    agg.apply_batch([numbered(host_seed(run="a", step=9), 9)], clock())  # takes b's
+    assert lost_of(agg) == {"a/0": 0}
+
+
+def test_a_rank_the_run_dropped_makes_room_for_a_new_one_and_a_refused_rank_leaves_nothing(make_agg, clock):
+    agg, stats = make_agg(max_ranks_per_run=2, ttl_s=10.0)
+    agg.apply_batch([numbered(host_seed(rank=0), 0)], clock())
+    agg.apply_batch([numbered(host_seed(rank=1), 0)], clock())
+    agg.apply_batch([numbered(host_seed(rank=3), 0)], clock())  # refused: the run has 2 ranks
+    assert stats.overflow["ranks"] == 1
+    assert lost_of(agg) == {"r/0": 0, "r/1": 0}
+    clock.advance(8.0)
+    agg.apply_batch([numbered(host_seed(rank=0, step=2), 1)], clock())
+    clock.advance(7.0)
+    agg.tick(clock())  # rank 1 quiet past the TTL: the run lets it go
+    agg.apply_batch([numbered(host_seed(rank=2), 0)], clock())
+    agg.apply_batch([numbered(host_seed(rank=2, step=6), 5)], clock())  # 1..4 never came
+    assert lost_of(agg)["r/2"] == 4  # before: rank 1's stale entry kept rank 2 unaccounted
+    assert "r/3" not in lost_of(agg)
