@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -43,6 +42,15 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 
 from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
+from report import machine, write_section
+
+
+def _machine() -> str:
+    from importlib.metadata import version
+
+    import zmq
+    return machine(f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})",
+                   f"msgpack {version('msgpack')}", f"prometheus_client {version('prometheus_client')}")
 
 SECTION = "## Daemon ingest"
 
@@ -275,36 +283,6 @@ def _fill_series(endpoint: str, runs: int, groups: int) -> None:
     ctx.term()
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from importlib.metadata import version
-
-    import zmq
-    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, pyzmq {zmq.__version__} (libzmq "
-            f"{zmq.zmq_version()}), msgpack {version('msgpack')}, "
-            f"prometheus_client {version('prometheus_client')}")
-
-
-def _write(section: str) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    # Replace our section (up to the next "## " heading), keep every other section.
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--senders", type=int, default=2)
@@ -461,7 +439,7 @@ def main() -> int:
     )
     print(section)
     if not args.no_write:
-        _write(section)
+        write_section(SECTION, section)
     return 0 if lost == 0 else 1
 
 

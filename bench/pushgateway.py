@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
-import platform
 import re
 import shutil
 import socket
@@ -35,6 +33,7 @@ import zmq
 
 import esper_telemetry as et
 from esper_telemetry import GroupNorm, Hello, Norms, encode
+from report import machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Pushgateway"
@@ -201,18 +200,6 @@ def esper_trial(daemon: Daemon, seconds: float, trial: int) -> Tuple[float, int]
     return got / elapsed, int(dropped)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0)
@@ -255,7 +242,7 @@ def main() -> int:
     rows = [f"| {name} | {statistics.median(r):,.0f} | {drops[name]} |" for name, r in rates.items()]
     section = "\n".join([
         SECTION, "",
-        f"`python bench/pushgateway.py` ({time.strftime('%Y-%m-%d')}). Machine: {_machine()}; "
+        f"`python bench/pushgateway.py` ({time.strftime('%Y-%m-%d')}). Machine: {machine()}; "
         "Pushgateway " + _pgw_version() + ". Telemetry of one training step (three groups' norms), "
         "back to back; medians of "
         f"{args.trials} interleaved trials of {args.seconds:g} s after an untimed one. Pushgateway: one HTTP PUT per step "
@@ -270,7 +257,7 @@ def main() -> int:
                                    for k, r in rates.items()) + ".", ""])
     print(section)
     if args.write:
-        _write(section)
+        write_section(SECTION, section)
     return 0
 
 
@@ -280,14 +267,6 @@ def _pgw_version() -> str:
     out = done.stdout + done.stderr
     m = re.search(r"version (\S+)", out)
     return m.group(1) if m else "(version unknown)"
-
-
-def _write(section: str) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    parts = re.split(r"(?m)^(?=## )", text)
-    kept = [p for p in parts if not p.startswith(SECTION)]
-    path.write_text("".join(kept).rstrip("\n") + "\n\n" + section)
 
 
 if __name__ == "__main__":

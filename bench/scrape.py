@@ -30,7 +30,6 @@ import argparse
 import gzip
 import http.client
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -42,6 +41,8 @@ from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from report import machine, write_section  # noqa: E402
 
 SECTION = "## Scrape"
 GROUPS = 100
@@ -214,30 +215,9 @@ def _check(server: Server) -> None:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from importlib.metadata import version
 
-    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, prometheus_client {version('prometheus_client')}, "
-            f"aiohttp {version('aiohttp')}")
-
-
-def _write(section: str) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    return machine(f"prometheus_client {version('prometheus_client')}", f"aiohttp {version('aiohttp')}")
 
 
 def main() -> int:
@@ -323,7 +303,7 @@ def main() -> int:
     print()
     print(section)
     if args.write:
-        _write(section)
+        write_section(SECTION, section)
     return 0
 
 
