@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import os
 import re
 import socket
 import threading
@@ -22,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from esper_telemetry import encode
 from esper_telemetry.daemon.web import WebServer, accepts_gzip
 from esper_telemetry.version import __version__
+import procfs
 from daemon_process import spawn, scrape_until
 from daemon_support import get, gn, hello, norms, wait_for
 
@@ -184,10 +184,26 @@ async def test_connections_past_the_cap_get_503_and_a_slot_frees_when_one_leaves
 # --- a real daemon process and non-reading clients -----------------------------------------
 
 def _proc_figures(pid: int):
-    with open(f"/proc/{pid}/status") as f:
-        rss_kib = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return rss_kib / 1024, fds
+    """RSS in MiB and open descriptors of ``pid``."""
+    return procfs.rss_bytes(pid) / 2**20, procfs.open_fds(pid)
+
+
+def _non_reading_clients(pid: int, web: str, n: int, seconds: float, peak: float):
+    """``n`` clients that ask for a scrape and never read a byte (each response waits in the
+    daemon), held ``seconds``; the clients and the daemon's peak RSS (MiB) meanwhile."""
+    host, port = web.rsplit(":", 1)
+    clients = []
+    for _ in range(n):
+        c = socket.create_connection((host, int(port)))
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients.append(c)
+        peak = max(peak, _proc_figures(pid)[0])
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        peak = max(peak, _proc_figures(pid)[0])
+        time.sleep(0.05)
+    return clients, peak
 
 
 @pytest.mark.slow
@@ -208,19 +224,7 @@ def test_non_reading_clients_are_cut_off_by_the_write_timeout_and_memory_comes_b
         s = scrape_until(url, lambda s: get(s, "esper_daemon_runs") == 40, 20)
         assert get(s, "esper_daemon_runs") == 40
         base_rss, base_fds = _proc_figures(proc.pid)
-        host, port = web.rsplit(":", 1)
-        clients = []
-        peak = base_rss
-        for _ in range(24):  # never read a byte: each response waits in the daemon
-            c = socket.create_connection((host, int(port)))
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            clients.append(c)
-            peak = max(peak, _proc_figures(proc.pid)[0])
-        deadline = time.monotonic() + 0.8
-        while time.monotonic() < deadline:
-            peak = max(peak, _proc_figures(proc.pid)[0])
-            time.sleep(0.05)
+        clients, peak = _non_reading_clients(proc.pid, web, 24, 0.8, base_rss)
         # Past the write timeout, with the clients still connected and still not reading:
         # the daemon has let go of them (descriptors) and of their responses (RSS).
         deadline = time.monotonic() + 10
@@ -325,18 +329,7 @@ def test_long_names_at_the_default_caps_and_non_reading_clients_stay_under_512_m
         assert get(s, "esper_daemon_runs") == 100
         assert len(s) <= 50_000 and get(s, "esper_daemon_scrape_omitted_series") > 70_000
         base_rss, _ = _proc_figures(proc.pid)
-        host, port = web.rsplit(":", 1)
-        clients, peak = [], base_rss
-        for _ in range(24):
-            c = socket.create_connection((host, int(port)))
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            clients.append(c)
-            peak = max(peak, _proc_figures(proc.pid)[0])
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline:
-            peak = max(peak, _proc_figures(proc.pid)[0])
-            time.sleep(0.05)
+        clients, peak = _non_reading_clients(proc.pid, web, 24, 4, base_rss)
         print(f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}")
         assert peak < 512, f"peak RSS {peak:.0f} MiB"
         s = scrape_until(url, lambda s: (get(s, "esper_daemon_http_refused_total", reason="busy") or 0) > 0, 20)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from pathlib import Path
 from typing import List
 
 import pytest
@@ -139,13 +138,6 @@ def test_oversize_frames_show_up_as_gaps_and_lost_plus_arrived_equals_produced(t
         ctx.term()
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _max_size_valid_frame(run: str) -> bytes:
     """A valid numbered batch as close to the wire's limit as it gets: many large Norms."""
     groups = tuple(GroupNorm(f"{'g' * 240}{i:03d}", "group", 1, 1.0, 0, False, False)
@@ -184,12 +176,12 @@ def test_rss_stays_under_512_mib_under_max_size_frames_from_several_senders(tmp_
     peak = 0
     limit = 512 << 20
     try:
-        base = _rss_bytes(d.proc.pid)
+        base = d.rss_bytes()
         for t in threads:
             t.start()
         deadline = time.monotonic() + 6.0
         while time.monotonic() < deadline and peak <= limit:
-            peak = max(peak, _rss_bytes(d.proc.pid))
+            peak = max(peak, d.rss_bytes())
             time.sleep(0.02)
         stop.set()
         for t in threads:

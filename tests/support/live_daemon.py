@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
+import procfs
 from daemon_process import ROOT, command
 from daemon_support import http_get, parse
 
@@ -54,14 +55,11 @@ class LiveDaemon:
 
     def rss_bytes(self) -> int:
         """The daemon process's resident memory now, from /proc."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS in /proc status")
+        return procfs.rss_bytes(self.proc.pid)
 
     def open_fds(self) -> int:
         """The daemon process's open file descriptors now, from /proc."""
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return procfs.open_fds(self.proc.pid)
 
     def scrape(self) -> Samples:
         status, body, _ = http_get(self.url)
