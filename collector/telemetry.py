@@ -45,6 +45,18 @@ log = logging.getLogger("esper_telemetry.collector")
 
 _MAX_IN_FLIGHT = 64
 _MAX_IN_FLIGHT_CPU = 4096
+# What CPU captures waiting for the completion thread may hold together: each keeps a
+# figure per tensor (8 bytes at most) and its staging rows, plus its objects (estimated).
+_CPU_BACKLOG_BYTES = 8 << 20
+_PENDING_OBJECT_BYTES = 1024
+
+
+def cpu_backlog(plan: Plan) -> int:
+    """How many captures of a CPU-only ``plan`` may wait: ``_MAX_IN_FLIGHT_CPU``, fewer when
+    that many would hold more than ``_CPU_BACKLOG_BYTES`` (about 490 at 2,000 tensors)."""
+    tensors = 0 if plan.cpu is None else len(plan.cpu.positions)  # None: no gradient at all
+    each = _PENDING_OBJECT_BYTES + 8 * (tensors + 2 * plan.n_groups)
+    return max(1, min(_MAX_IN_FLIGHT_CPU, _CPU_BACKLOG_BYTES // each))
 _live: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
 
 
@@ -215,8 +227,9 @@ class Telemetry:
         plan = self._plans.plan_for(grads, rebound, self._group_params, self._sharded, self._counts,
                                     self._layout.counted)
         # Far behind (the GPU, or the completion thread): skip rather than queue more. CPU
-        # captures cost the completion thread little, so they get a much larger allowance.
-        if self._completion.in_flight() >= (_MAX_IN_FLIGHT if plan.cuda else _MAX_IN_FLIGHT_CPU):
+        # captures cost the completion thread little, so they get a much larger allowance,
+        # bounded in bytes too.
+        if self._completion.in_flight() >= (_MAX_IN_FLIGHT if plan.cuda else cpu_backlog(plan)):
             self._publisher.count(dropped=1)  # a lost Norms event: counted where heartbeats carry it
             return
         staging = self._staging.take(plan)

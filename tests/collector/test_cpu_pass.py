@@ -397,3 +397,36 @@ def test_small_passes_sum_in_python_to_the_same_float64_figures_as_the_torch_sum
     got_t = torch.tensor(got, dtype=torch.float64)
     assert torch.equal(got_t.isnan(), want.isnan())
     assert torch.equal(torch.nan_to_num(got_t, nan=-1.0), torch.nan_to_num(want, nan=-1.0))
+
+
+def test_cpu_captures_waiting_for_the_completion_thread_are_bounded_in_bytes(attach):
+    # 2,000 gradient tensors: 4,096 waiting captures would hold 4,096 figures of 2,000
+    # tensors (about 64 MB); the allowance is what fits in 8 MiB, past it captures are
+    # skipped and counted as dropped.
+    from esper_telemetry.collector.telemetry import _CPU_BACKLOG_BYTES, cpu_backlog
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"host": nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(1990)]),
+                           "seed": nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(10)])})
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    tel = attach(model=model, host="host", seeds={"seed": "seed"})
+    gate = threading.Event()
+    tel.capture(step=0)
+    assert tel.flush(5.0)
+    plan = tel._plans.current
+    bound = cpu_backlog(plan)
+    assert bound < 4096 and bound * 8 * 2000 <= _CPU_BACKLOG_BYTES
+    held = tel._completion._on_done
+    tel._completion._on_done = lambda pending: (gate.wait(30), held(pending))
+    try:
+        tries = bound + 300
+        for step in range(1, tries + 1):
+            tel.capture(step=step)
+        # The first may already be taken by the (stopped) completion thread.
+        assert bound <= tel._completion.in_flight() + 1 <= bound + 1
+        assert tel.stats()["dropped"] >= tries - bound - 1
+    finally:
+        gate.set()
+    assert tel.flush(30.0)
+    assert tel.stats()["errors"] == 0
