@@ -250,7 +250,7 @@ def main() -> int:
         "model), counted when the daemon's scrape shows it.", "",
         "| target | steps/s (median) | dropped (all trials) |", "|---|---:|---:|", *rows, "",
         "Dropped: captures the collector skipped and counted because its completion thread was "
-        "behind (at most 4,096 CPU captures wait). A loop that does nothing but call `capture()` "
+        "behind (at most 4,096 CPU captures, or 8 MiB of them, wait). A loop that does nothing but call `capture()` "
         "holds the GIL and starves that thread; a training step spends its time in torch ops "
         "that release it. Pushgateway's pushes block the loop instead of dropping.", "",
         "All trials: " + "; ".join(f"{k}: " + ", ".join(f"{v:,.0f}" for v in r)
