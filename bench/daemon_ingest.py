@@ -131,11 +131,10 @@ def _floor_receiver(conn) -> None:
     ctx.term()
 
 
-def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
-                 numbered: bool = True) -> Dict[str, float]:
-    """One trial of the bare receiver, on the same frames and message counts."""
-    expected = messages * senders * batch
-    floor.send(expected)
+def _start_senders(endpoint: str, senders: int, batch: int, messages: int,
+                   numbered: bool) -> Tuple[List[mp.Process], "mp.Queue", float]:
+    """Sender processes, released together once each has connected and encoded its frames:
+    the processes, the queue each puts its count of sent events on, and the start time."""
     go = mp.Event()
     out: mp.Queue = mp.Queue()
     procs = [mp.Process(target=_sender,
@@ -144,9 +143,18 @@ def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
              for i in range(senders)]
     for p in procs:
         p.start()
-    time.sleep(0.5)  # as for the daemon: every sender connected and its frames encoded
+    time.sleep(0.5)
     t0 = time.perf_counter()
     go.set()
+    return procs, out, t0
+
+
+def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
+                 numbered: bool = True) -> Dict[str, float]:
+    """One trial of the bare receiver, on the same frames and message counts."""
+    expected = messages * senders * batch
+    floor.send(expected)
+    procs, out, t0 = _start_senders(endpoint, senders, batch, messages, numbered)
     sent = sum(out.get(timeout=300) for _ in procs)
     t_end, counted = floor.recv()
     for p in procs:
@@ -228,17 +236,7 @@ def _messages(rate_guess: float, seconds: float, senders: int, batch: int) -> in
 def _trial(endpoint: str, web: str, senders: int, batch: int, messages: int,
            numbered: bool = True) -> Dict[str, float]:
     base_acc, base_drop = _accounted(web, batch)
-    go = mp.Event()
-    out: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_sender,
-                        args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out,
-                              numbered))
-             for i in range(senders)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)  # let every sender connect and pre-encode
-    t0 = time.perf_counter()
-    go.set()
+    procs, out, t0 = _start_senders(endpoint, senders, batch, messages, numbered)
     # Scrape as little as possible while the daemon ingests: a scrape costs it CPU time.
     # The senders' sends only block at the high-water marks, so they may finish long
     # before the daemon has taken everything: poll at intervals sized to the work left at
