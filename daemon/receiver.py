@@ -133,7 +133,9 @@ class Receiver:
                 got += self._take(shadow, _BURST_MESSAGES)
             apply(2 * _BURST_EVENTS)
             if got:
-                quiet_since = now
+                # Quiet is measured from the end of this turn: a turn that took longer than
+                # _QUIET_S (a loaded machine) must not make the next empty look the last.
+                quiet_since = time.monotonic()
             elif now - quiet_since >= _QUIET_S:
                 break
             else:

@@ -195,3 +195,56 @@ def test_rss_stays_under_512_mib_under_max_size_frames_from_several_senders(tmp_
     assert s[("esper_daemon_rejected_total", (("reason", "malformed"),))] > 0
     print(f"peak RSS {peak / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB), frames sent {sent}")
     assert peak < limit, f"peak RSS {peak / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB)"
+
+
+def test_drain_measures_quiet_from_the_end_of_a_slow_turn_not_its_start():
+    # On a loaded box one turn of the drain (taking and applying what arrived) can take
+    # longer than the quiet window. The pipe refills a moment later; measured from the
+    # turn's start, that first empty look ended the drain and dropped what the collectors
+    # still had in flight, counted nowhere (tests/daemon: 34,130 of 80,000 once in CI).
+    import asyncio
+
+    import zmq.asyncio
+
+    from esper_telemetry.daemon.queue import EventQueue
+    from esper_telemetry.daemon.receiver import Receiver
+    from esper_telemetry.daemon.stats import DaemonStats
+
+    async def run() -> tuple:
+        ctx = zmq.asyncio.Context()
+        stats = DaemonStats()
+        queue = EventQueue(100_000)
+        receiver = Receiver(ctx, ["inproc://drain"], queue, stats)
+        receiver.bind()
+        push = zmq.Context.shadow(ctx.underlying).socket(zmq.PUSH)
+        push.connect("inproc://drain")
+        for seq in range(10):
+            push.send(heartbeat("slow", seq))
+        applied = []
+        def rest() -> None:
+            for seq in range(10, 20):
+                try:
+                    push.send(heartbeat("slow", seq), zmq.NOBLOCK)
+                except zmq.Again:  # the drain already let go: these are the lost ones
+                    pass
+
+        later = threading.Timer(0.35, rest)
+
+        def apply(budget: int) -> int:
+            batches = 0
+            while (batch := queue.get()) is not None:
+                batches += 1
+                applied.append(batch)
+            if batches and not later.is_alive() and not later.finished.is_set():
+                later.start()      # the rest arrives 50 ms after this slow turn ends
+                time.sleep(0.3)    # a turn longer than the quiet window (0.1 s)
+            return batches
+
+        left = await receiver.drain(apply, time.monotonic() + 5.0)
+        later.join()
+        push.close(linger=0)
+        ctx.term()
+        return len(applied), left, stats.messages
+
+    applied, left, messages = asyncio.run(run())
+    assert (applied, left, messages) == (20, 0, 20)
