@@ -37,20 +37,25 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
 from report import machine, write_section
+
+from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
 
 
 def _machine() -> str:
     from importlib.metadata import version
 
     import zmq
-    return machine(f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})",
-                   f"msgpack {version('msgpack')}", f"prometheus_client {version('prometheus_client')}")
+
+    return machine(
+        f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})",
+        f"msgpack {version('msgpack')}",
+        f"prometheus_client {version('prometheus_client')}",
+    )
+
 
 SECTION = "## Daemon ingest"
 
@@ -64,8 +69,9 @@ def _norms(run: str, step: int) -> Norms:
     return Norms(run, 0, time.time(), step, False, groups)
 
 
-def _sender(endpoint: str, run: str, batch: int, messages: int, go, out,
-            numbered: bool = True) -> None:
+def _sender(
+    endpoint: str, run: str, batch: int, messages: int, go, out, numbered: bool = True
+) -> None:
     import zmq
 
     ctx = zmq.Context()
@@ -78,8 +84,10 @@ def _sender(endpoint: str, run: str, batch: int, messages: int, go, out,
     if batch == 1:
         frames = [encode(_norms(run, s), seq=s if numbered else None) for s in range(256)]
     else:
-        frames = [encode([_norms(run, s * batch + i) for i in range(batch)],
-                         seq=s if numbered else None) for s in range(64)]
+        frames = [
+            encode([_norms(run, s * batch + i) for i in range(batch)], seq=s if numbered else None)
+            for s in range(64)
+        ]
     go.wait()
     send = sock.send
     k = len(frames)
@@ -112,9 +120,16 @@ def _floor_receiver(conn) -> None:
     conn.send(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     unpackb = msgpack.unpackb
     recv = sock.recv
-    opts = dict(raw=False, use_list=False, strict_map_key=True,
-                max_str_len=MAX_STRING_CHARS * 4, max_bin_len=0, max_ext_len=0,
-                max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN)
+    opts = dict(
+        raw=False,
+        use_list=False,
+        strict_map_key=True,
+        max_str_len=MAX_STRING_CHARS * 4,
+        max_bin_len=0,
+        max_ext_len=0,
+        max_array_len=_MAX_ARRAY_LEN,
+        max_map_len=_MAX_MAP_LEN,
+    )
     while True:
         expected = conn.recv()
         if expected is None:
@@ -131,16 +146,20 @@ def _floor_receiver(conn) -> None:
     ctx.term()
 
 
-def _start_senders(endpoint: str, senders: int, batch: int, messages: int,
-                   numbered: bool) -> Tuple[List[mp.Process], "mp.Queue", float]:
+def _start_senders(
+    endpoint: str, senders: int, batch: int, messages: int, numbered: bool
+) -> tuple[list[mp.Process], mp.Queue, float]:
     """Sender processes, released together once each has connected and encoded its frames:
     the processes, the queue each puts its count of sent events on, and the start time."""
     go = mp.Event()
     out: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_sender,
-                        args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out,
-                              numbered))
-             for i in range(senders)]
+    procs = [
+        mp.Process(
+            target=_sender,
+            args=(endpoint, f"bench-{batch}-{i}", batch, messages, go, out, numbered),
+        )
+        for i in range(senders)
+    ]
     for p in procs:
         p.start()
     time.sleep(0.5)
@@ -149,8 +168,9 @@ def _start_senders(endpoint: str, senders: int, batch: int, messages: int,
     return procs, out, t0
 
 
-def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
-                 numbered: bool = True) -> Dict[str, float]:
+def _floor_trial(
+    floor, endpoint: str, senders: int, batch: int, messages: int, numbered: bool = True
+) -> dict[str, float]:
     """One trial of the bare receiver, on the same frames and message counts."""
     expected = messages * senders * batch
     floor.send(expected)
@@ -160,30 +180,47 @@ def _floor_trial(floor, endpoint: str, senders: int, batch: int, messages: int,
     for p in procs:
         p.join(10)
     elapsed = t_end - t0
-    return {"sent": sent, "accepted": counted, "seconds": elapsed,
-            "events_per_s": counted / elapsed}
+    return {
+        "sent": sent,
+        "accepted": counted,
+        "seconds": elapsed,
+        "events_per_s": counted / elapsed,
+    }
 
 
-def _start_daemon(env: Optional[Dict[str, str]] = None,
-                  cwd: Path = ROOT) -> Tuple[subprocess.Popen, str, str]:
+def _start_daemon(
+    env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> tuple[subprocess.Popen, str, str]:
     """``python -m esper_telemetry.daemon`` on wildcard loopback ports: (process, zmq
     endpoint, web address); its log is drained so its pipe never fills."""
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
-         "--web.listen-address=127.0.0.1:0", "--limits.max-runs=1000",
-         "--limits.max-groups-per-run=256", "--log.level=info"],
-        cwd=cwd, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "esper_telemetry.daemon",
+            "--zmq.listen-address=tcp://127.0.0.1:*",
+            "--web.listen-address=127.0.0.1:0",
+            "--limits.max-runs=1000",
+            "--limits.max-groups-per-run=256",
+            "--log.level=info",
+        ],
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = daemon.stderr.readline()
     m = re.search(r"zmq=(\S+) web=(\S+)", line)
     if not m:
         daemon.kill()
         raise SystemExit(f"daemon did not start: {line}")
     import threading
+
     threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()
     return daemon, m.group(1), m.group(2)
 
 
-def _baseline_env(tree: Path) -> Tuple[Dict[str, str], Path]:
+def _baseline_env(tree: Path) -> tuple[dict[str, str], Path]:
     """An environment, and a working directory, whose ``esper_telemetry`` is ``tree``'s (a
     checkout of another commit) laid out as the package installs it, first on
     ``PYTHONPATH`` (not the repository root: ``-m`` puts the working directory first)."""
@@ -192,6 +229,7 @@ def _baseline_env(tree: Path) -> Tuple[Dict[str, str], Path]:
 
     site = Path(tempfile.mkdtemp(prefix="esper-baseline-"))
     import atexit
+
     atexit.register(shutil.rmtree, site, ignore_errors=True)
     package = site / "esper_telemetry"
     shutil.copytree(tree / "esper_telemetry", package)
@@ -200,16 +238,22 @@ def _baseline_env(tree: Path) -> Tuple[Dict[str, str], Path]:
             shutil.copytree(tree / sub, package / sub)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     where = subprocess.run(
         [sys.executable, "-c", "import esper_telemetry.daemon as d; print(d.__file__)"],
-        env=env, cwd=site, capture_output=True, text=True, check=True).stdout.strip()
+        env=env,
+        cwd=site,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not where.startswith(str(site)):
         raise SystemExit(f"the baseline daemon would not run from {tree}: {where}")
     return env, site
 
 
-def _scrape(web: str) -> Tuple[str, float]:
+def _scrape(web: str) -> tuple[str, float]:
     t0 = time.perf_counter()
     with urllib.request.urlopen(f"http://{web}/metrics", timeout=30) as resp:
         body = resp.read().decode()
@@ -221,7 +265,7 @@ def _value(body: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _accounted(web: str, batch: int) -> Tuple[float, float]:
+def _accounted(web: str, batch: int) -> tuple[float, float]:
     body, _ = _scrape(web)
     accepted = _value(body, "esper_daemon_events_total")
     dropped_msgs = _value(body, "esper_daemon_rejected_total", '{reason="queue_full"}')
@@ -233,8 +277,9 @@ def _messages(rate_guess: float, seconds: float, senders: int, batch: int) -> in
     return max(1, int(rate_guess * seconds / senders / batch))
 
 
-def _trial(endpoint: str, web: str, senders: int, batch: int, messages: int,
-           numbered: bool = True) -> Dict[str, float]:
+def _trial(
+    endpoint: str, web: str, senders: int, batch: int, messages: int, numbered: bool = True
+) -> dict[str, float]:
     base_acc, base_drop = _accounted(web, batch)
     procs, out, t0 = _start_senders(endpoint, senders, batch, messages, numbered)
     # Scrape as little as possible while the daemon ingests: a scrape costs it CPU time.
@@ -256,9 +301,14 @@ def _trial(endpoint: str, web: str, senders: int, batch: int, messages: int,
     elapsed = time.perf_counter() - t0
     for p in procs:
         p.join(10)
-    return {"sent": sent, "accepted": acc, "dropped_counted": drop,
-            "lost_uncounted": sent - acc - drop, "seconds": elapsed,
-            "events_per_s": acc / elapsed}
+    return {
+        "sent": sent,
+        "accepted": acc,
+        "dropped_counted": drop,
+        "lost_uncounted": sent - acc - drop,
+        "seconds": elapsed,
+        "events_per_s": acc / elapsed,
+    }
 
 
 def _fill_series(endpoint: str, runs: int, groups: int) -> None:
@@ -271,11 +321,19 @@ def _fill_series(endpoint: str, runs: int, groups: int) -> None:
     for r in range(runs):
         run = f"scrape-{r}"
         decls = tuple(
-            GroupDecl(f"g{g:03d}", "host" if g == 0 else ("seed" if g <= 19 else "group"),
-                      1000 + g, 0 < g <= 19) for g in range(groups))
+            GroupDecl(
+                f"g{g:03d}",
+                "host" if g == 0 else ("seed" if g <= 19 else "group"),
+                1000 + g,
+                0 < g <= 19,
+            )
+            for g in range(groups)
+        )
         sock.send(encode(Hello(run, 0, time.time(), 1, "bench", os.getpid(), "0", "", decls)))
-        gn = tuple(GroupNorm(d.name, d.role, d.params, 1.0 + i, 0, False, d.isolated)
-                   for i, d in enumerate(decls))
+        gn = tuple(
+            GroupNorm(d.name, d.role, d.params, 1.0 + i, 0, False, d.isolated)
+            for i, d in enumerate(decls)
+        )
         sock.send(encode(Norms(run, 0, time.time(), 1, False, gn)))
     sock.close()
     ctx.term()
@@ -287,17 +345,25 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="target length of a trial")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64, help="events per batched message")
-    ap.add_argument("--unnumbered", action="store_true",
-                    help="send schema 1 frames (no message numbers), as older collectors")
-    ap.add_argument("--no-write", action="store_true",
-                    help="print the section, leave bench/RESULTS.md as it is")
-    ap.add_argument("--no-floor", action="store_true",
-                    help="skip the bare receiver (the floor) and the ratio")
-    ap.add_argument("--baseline", metavar="TREE",
-                    help="also measure the daemon of another source tree (a checkout of "
-                         "another commit, e.g. from `git worktree add`), interleaved with "
-                         "this one's: before and after a change from one run (printed, "
-                         "not written)")
+    ap.add_argument(
+        "--unnumbered",
+        action="store_true",
+        help="send schema 1 frames (no message numbers), as older collectors",
+    )
+    ap.add_argument(
+        "--no-write", action="store_true", help="print the section, leave bench/RESULTS.md as it is"
+    )
+    ap.add_argument(
+        "--no-floor", action="store_true", help="skip the bare receiver (the floor) and the ratio"
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also measure the daemon of another source tree (a checkout of "
+        "another commit, e.g. from `git worktree add`), interleaved with "
+        "this one's: before and after a change from one run (printed, "
+        "not written)",
+    )
     args = ap.parse_args()
 
     floor = None
@@ -315,48 +381,74 @@ def main() -> int:
     try:
         if base_env is not None:
             baseline = _start_daemon(*base_env)
-        results: Dict[str, List[Dict[str, float]]] = {}
-        floors: Dict[str, List[Dict[str, float]]] = {}
-        baselines: Dict[str, List[Dict[str, float]]] = {}
+        results: dict[str, list[dict[str, float]]] = {}
+        floors: dict[str, list[dict[str, float]]] = {}
+        baselines: dict[str, list[dict[str, float]]] = {}
         for mode, batch, guess in (("batched", args.batch, 300_000), ("single", 1, 120_000)):
             numbered = not args.unnumbered
             # Warm-up, twice (a daemon's first trial of a mode runs cold); the second sizes
             # the trials to about --seconds of the daemon's time.
             for _ in range(2):
-                w = _trial(endpoint, web, args.senders, batch,
-                           _messages(guess, 0.5, args.senders, batch), numbered)
-            messages = _messages(max(w["events_per_s"], guess), args.seconds, args.senders,
-                                 batch)
+                w = _trial(
+                    endpoint,
+                    web,
+                    args.senders,
+                    batch,
+                    _messages(guess, 0.5, args.senders, batch),
+                    numbered,
+                )
+            messages = _messages(max(w["events_per_s"], guess), args.seconds, args.senders, batch)
             if floor is not None:
-                _floor_trial(floor, floor_endpoint, args.senders, batch,
-                             _messages(guess, 0.5, args.senders, batch), numbered)
+                _floor_trial(
+                    floor,
+                    floor_endpoint,
+                    args.senders,
+                    batch,
+                    _messages(guess, 0.5, args.senders, batch),
+                    numbered,
+                )
             if baseline is not None:
-                _trial(baseline[1], baseline[2], args.senders, batch,
-                       _messages(guess, 0.5, args.senders, batch), numbered)
-            runs: List[Dict[str, float]] = []
-            floor_runs: List[Dict[str, float]] = []
-            base_runs: List[Dict[str, float]] = []
-            who_all = ["daemon"] + (["floor"] if floor is not None else []) + (
-                ["baseline"] if baseline is not None else [])
+                _trial(
+                    baseline[1],
+                    baseline[2],
+                    args.senders,
+                    batch,
+                    _messages(guess, 0.5, args.senders, batch),
+                    numbered,
+                )
+            runs: list[dict[str, float]] = []
+            floor_runs: list[dict[str, float]] = []
+            base_runs: list[dict[str, float]] = []
+            who_all = (
+                ["daemon"]
+                + (["floor"] if floor is not None else [])
+                + (["baseline"] if baseline is not None else [])
+            )
             for t in range(args.trials):
                 # Interleaved, the order rotating: drift on the shared machine hits all.
-                order = who_all[t % len(who_all):] + who_all[:t % len(who_all)]
+                order = who_all[t % len(who_all) :] + who_all[: t % len(who_all)]
                 for who in order:
                     if who == "floor":
-                        f = _floor_trial(floor, floor_endpoint, args.senders, batch,
-                                         messages, numbered)
+                        f = _floor_trial(
+                            floor, floor_endpoint, args.senders, batch, messages, numbered
+                        )
                         floor_runs.append(f)
-                        print(f"{mode:8s} trial {t}: floor    {f['events_per_s']:>9,.0f} "
-                              f"events/s, counted {f['accepted']:,.0f} of {f['sent']:,.0f}",
-                              flush=True)
+                        print(
+                            f"{mode:8s} trial {t}: floor    {f['events_per_s']:>9,.0f} "
+                            f"events/s, counted {f['accepted']:,.0f} of {f['sent']:,.0f}",
+                            flush=True,
+                        )
                         continue
                     at = (endpoint, web) if who == "daemon" else baseline[1:]
                     r = _trial(at[0], at[1], args.senders, batch, messages, numbered)
                     (runs if who == "daemon" else base_runs).append(r)
-                    print(f"{mode:8s} trial {t}: {who:8s} {r['events_per_s']:>9,.0f} events/s, "
-                          f"sent {r['sent']:,.0f}, dropped (counted) "
-                          f"{r['dropped_counted']:,.0f}, lost (uncounted) "
-                          f"{r['lost_uncounted']:,.0f}", flush=True)
+                    print(
+                        f"{mode:8s} trial {t}: {who:8s} {r['events_per_s']:>9,.0f} events/s, "
+                        f"sent {r['sent']:,.0f}, dropped (counted) "
+                        f"{r['dropped_counted']:,.0f}, lost (uncounted) "
+                        f"{r['lost_uncounted']:,.0f}",
+                        flush=True,
+                    )
             results[mode] = runs
             floors[mode] = floor_runs
             baselines[mode] = base_runs
@@ -367,7 +459,7 @@ def main() -> int:
         series = sum(1 for ln in body.splitlines() if ln and not ln.startswith("#"))
         times = [_scrape(web)[1] for _ in range(20)]
         scrape_ms = statistics.median(times) * 1e3
-        print(f"scrape: {series} series, median {scrape_ms:.1f} ms (min {min(times)*1e3:.1f})")
+        print(f"scrape: {series} series, median {scrape_ms:.1f} ms (min {min(times) * 1e3:.1f})")
     finally:
         daemon.terminate()
         rc = daemon.wait(30)
@@ -382,7 +474,7 @@ def main() -> int:
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
-    def each(mode: str, table: Dict[str, List[Dict[str, float]]] = results) -> str:
+    def each(mode: str, table: dict[str, list[dict[str, float]]] = results) -> str:
         return ", ".join(f"{r['events_per_s']:,.0f}" for r in table[mode])
 
     floor_rows = ""
@@ -392,25 +484,31 @@ def main() -> int:
         ratio = {m: med(m, "events_per_s") / fmed[m] for m in fmed}
         short = sum(r["sent"] - r["accepted"] for rs in floors.values() for r in rs)
         for m in fmed:
-            print(f"{m}: daemon {med(m, 'events_per_s'):,.0f} events/s, floor "
-                  f"{fmed[m]:,.0f} events/s, ratio {ratio[m]:.2f}")
+            print(
+                f"{m}: daemon {med(m, 'events_per_s'):,.0f} events/s, floor "
+                f"{fmed[m]:,.0f} events/s, ratio {ratio[m]:.2f}"
+            )
             if baselines.get(m):
                 bmed = statistics.median(r["events_per_s"] for r in baselines[m])
-                print(f"{m}: baseline daemon ({args.baseline}) {bmed:,.0f} events/s, ratio "
-                      f"{bmed / fmed[m]:.2f}; all trials {each(m, baselines)}")
+                print(
+                    f"{m}: baseline daemon ({args.baseline}) {bmed:,.0f} events/s, ratio "
+                    f"{bmed / fmed[m]:.2f}; all trials {each(m, baselines)}"
+                )
         floor_rows = (
             f"| floor, batched: bare PULL + `unpackb` on the same frames | "
             f"{fmed['batched']:,.0f} events/s | - |\n"
             f"| floor, single-event messages | {fmed['single']:,.0f} events/s | - |\n"
             f"| daemon / floor, batched | {ratio['batched']:.2f} | >= 0.7 |\n"
-            f"| daemon / floor, single-event messages | {ratio['single']:.2f} | >= 0.7 |\n")
+            f"| daemon / floor, single-event messages | {ratio['single']:.2f} | >= 0.7 |\n"
+        )
         floor_note = (
             f"Floor trials, events/s: batched {each('batched', floors)}; single "
             f"{each('single', floors)}; events the bare receiver did not count (all trials): "
             f"{short:,.0f}. The floor is a bare receiver process (one PULL socket, "
             f"`msgpack.unpackb` with the codec's options, counting events: no validation, no "
             f"state) fed by the same senders, frames and message counts, interleaved trial by "
-            f"trial with the daemon.\n\n")
+            f"trial with the daemon.\n\n"
+        )
 
     lost = sum(r["lost_uncounted"] for rs in results.values() for r in rs)
     dropped = sum(r["dropped_counted"] for rs in results.values() for r in rs)

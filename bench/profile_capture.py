@@ -28,18 +28,28 @@ def main() -> int:
     ap.add_argument("--tensors", type=int, default=155)
     ap.add_argument("--numel", type=int, default=1 << 16)
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--realloc", action="store_true", help="new gradient tensors before every capture")
-    ap.add_argument("--helpers", type=int, default=None, help="CPU helper threads (default: cores - 1)")
+    ap.add_argument(
+        "--realloc", action="store_true", help="new gradient tensors before every capture"
+    )
+    ap.add_argument(
+        "--helpers", type=int, default=None, help="CPU helper threads (default: cores - 1)"
+    )
     args = ap.parse_args()
     if args.helpers is not None:
         from esper_telemetry.collector import cpu_threads
+
         cpu_threads.usable_cores = lambda: args.helpers + 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = torch.nn.Module()
     model.host = torch.nn.ParameterList(
-        [torch.nn.Parameter(torch.zeros(args.numel, device=device)) for _ in range(args.tensors - 4)])
+        [
+            torch.nn.Parameter(torch.zeros(args.numel, device=device))
+            for _ in range(args.tensors - 4)
+        ]
+    )
     model.seed = torch.nn.ParameterList(
-        [torch.nn.Parameter(torch.zeros(args.numel, device=device)) for _ in range(4)])
+        [torch.nn.Parameter(torch.zeros(args.numel, device=device)) for _ in range(4)]
+    )
     params = list(model.parameters())
     sets = [[torch.randn_like(p) for p in params] for _ in range(6 if args.realloc else 1)]
     turn = [0]
@@ -50,8 +60,13 @@ def main() -> int:
             p.grad = g
 
     install()
-    tel = et.attach(model=model, host="host", seeds={"seed": "seed"}, run="profile",
-                    endpoint="tcp://127.0.0.1:9")
+    tel = et.attach(
+        model=model,
+        host="host",
+        seeds={"seed": "seed"},
+        run="profile",
+        endpoint="tcp://127.0.0.1:9",
+    )
     for _ in range(10):
         tel.capture()
     tel.flush(10)
@@ -68,8 +83,10 @@ def main() -> int:
         return samples
 
     samples = paced(args.calls)
-    print(f"{device}: capture() of {args.tensors} tensors, paced: median "
-          f"{statistics.median(samples) * 1e6:.0f} us, p90 {sorted(samples)[int(len(samples) * .9)] * 1e6:.0f} us")
+    print(
+        f"{device}: capture() of {args.tensors} tensors, paced: median "
+        f"{statistics.median(samples) * 1e6:.0f} us, p90 {sorted(samples)[int(len(samples) * 0.9)] * 1e6:.0f} us"
+    )
     prof = cProfile.Profile()
     prof.enable()
     paced(args.calls)

@@ -26,14 +26,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
 
 import zmq
+from report import machine, write_section
 
 import esper_telemetry as et
 from esper_telemetry import GroupNorm, Hello, Norms, encode
-from report import machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Pushgateway"
@@ -64,12 +64,19 @@ class Gateway:
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
         if binary is None:
-            raise SystemExit("needs prometheus-pushgateway (apt-get install prometheus-pushgateway)")
+            raise SystemExit(
+                "needs prometheus-pushgateway (apt-get install prometheus-pushgateway)"
+            )
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [binary, f"--web.listen-address=127.0.0.1:{self.port}",
-             f"--persistence.file={workdir / f'pgw-{self.port}.db'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--persistence.file={workdir / f'pgw-{self.port}.db'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_http(f"http://127.0.0.1:{self.port}/-/ready")
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
 
@@ -99,7 +106,7 @@ def _step_body(step: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def pushgateway_trial(gw: Gateway, seconds: float) -> Tuple[float, int]:
+def pushgateway_trial(gw: Gateway, seconds: float) -> tuple[float, int]:
     """Pushes per second, back to back, for ``seconds``."""
     n = 0
     t0 = time.perf_counter()
@@ -116,9 +123,17 @@ class Daemon:
         self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "esper_telemetry.daemon",
-                 "--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "esper_telemetry.daemon",
+                    "--zmq.listen-address=tcp://127.0.0.1:*",
+                    "--web.listen-address=127.0.0.1:0",
+                ],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 20
         while True:
             m = re.search(r"zmq=(\S+) web=(\S+)", self.log.read_text())
@@ -134,7 +149,9 @@ class Daemon:
         return urllib.request.urlopen(self.url, timeout=30).read().decode()
 
     def captures(self, run: str) -> float:
-        m = re.search(rf'^esper_captures_total{{run="{re.escape(run)}"}} (\S+)$', self.scrape(), re.M)
+        m = re.search(
+            rf'^esper_captures_total{{run="{re.escape(run)}"}} (\S+)$', self.scrape(), re.M
+        )
         return float(m.group(1)) if m else 0.0
 
     def fill(self, series: int) -> int:
@@ -143,7 +160,9 @@ class Daemon:
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 5000)
         sock.connect(self.endpoint)
-        groups = tuple(GroupNorm(f"g{i:02d}", "group", 100, 1.0, 0, False, False) for i in range(50))
+        groups = tuple(
+            GroupNorm(f"g{i:02d}", "group", 100, 1.0, 0, False, False) for i in range(50)
+        )
         r = 0
         count = 0
         while count < series:
@@ -174,12 +193,17 @@ def _model():
     return net
 
 
-def esper_trial(daemon: Daemon, seconds: float, trial: int) -> Tuple[float, int]:
+def esper_trial(daemon: Daemon, seconds: float, trial: int) -> tuple[float, int]:
     """Captures per second, counted once the daemon shows them; and the collector's drops."""
     net = _model()
     run = f"bench-{trial}-{time.monotonic_ns()}"
-    tel = et.attach(model=net, host="host", seeds={"seed0": "seed0", "seed1": "seed1"},
-                    run=run, endpoint=daemon.endpoint)
+    tel = et.attach(
+        model=net,
+        host="host",
+        seeds={"seed0": "seed0", "seed1": "seed1"},
+        run=run,
+        endpoint=daemon.endpoint,
+    )
     try:
         n = 0
         t0 = time.perf_counter()
@@ -209,52 +233,74 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="esper-pgw-"))
-    started: List = []
+    started: list = []
     try:
         for make in (Gateway, Gateway, Daemon, Daemon):
             started.append(make(work))
         gw_empty, gw_full, d_empty, d_full = started
         gw_full.fill(args.resident)
         resident = d_full.fill(args.resident)
-        targets: Dict[str, Callable[[int], Tuple[float, int]]] = {
+        targets: dict[str, Callable[[int], tuple[float, int]]] = {
             "pushgateway, empty": lambda t: pushgateway_trial(gw_empty, args.seconds),
-            f"pushgateway, {args.resident:,} series resident": lambda t: pushgateway_trial(gw_full, args.seconds),
+            f"pushgateway, {args.resident:,} series resident": lambda t: pushgateway_trial(
+                gw_full, args.seconds
+            ),
             "esper-telemetry, empty": lambda t: esper_trial(d_empty, args.seconds, t),
-            f"esper-telemetry, {resident:,} series resident": lambda t: esper_trial(d_full, args.seconds, t),
+            f"esper-telemetry, {resident:,} series resident": lambda t: esper_trial(
+                d_full, args.seconds, t
+            ),
         }
         for name in targets:  # warm-up, untimed: first attach, first plan, first connection
             targets[name](-1)
-        rates: Dict[str, List[float]] = {k: [] for k in targets}
-        drops: Dict[str, int] = {k: 0 for k in targets}
+        rates: dict[str, list[float]] = {k: [] for k in targets}
+        drops: dict[str, int] = {k: 0 for k in targets}
         for t in range(args.trials):
             order = list(targets) if t % 2 == 0 else list(reversed(targets))
             for name in order:
                 rate, dropped = targets[name](t)
                 rates[name].append(rate)
                 drops[name] += dropped
-                print(f"trial {t}: {name}: {rate:,.0f}/s" + (f" ({dropped} dropped)" if dropped else ""),
-                      flush=True)
+                print(
+                    f"trial {t}: {name}: {rate:,.0f}/s"
+                    + (f" ({dropped} dropped)" if dropped else ""),
+                    flush=True,
+                )
     finally:
         for p in started:
             p.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = [f"| {name} | {statistics.median(r):,.0f} | {drops[name]} |" for name, r in rates.items()]
-    section = "\n".join([
-        SECTION, "",
-        f"`python bench/pushgateway.py` ({time.strftime('%Y-%m-%d')}). Machine: {machine()}; "
-        "Pushgateway " + _pgw_version() + ". Telemetry of one training step (three groups' norms), "
-        "back to back; medians of "
-        f"{args.trials} interleaved trials of {args.seconds:g} s after an untimed one. Pushgateway: one HTTP PUT per step "
-        "over a keep-alive connection. esper-telemetry: one `capture()` per step (CPU, small "
-        "model), counted when the daemon's scrape shows it.", "",
-        "| target | steps/s (median) | dropped (all trials) |", "|---|---:|---:|", *rows, "",
-        "Dropped: captures the collector skipped and counted because its completion thread was "
-        "behind (at most 4,096 CPU captures, or 8 MiB of them, wait). A loop that does nothing but call `capture()` "
-        "holds the GIL and starves that thread; a training step spends its time in torch ops "
-        "that release it. Pushgateway's pushes block the loop instead of dropping.", "",
-        "All trials: " + "; ".join(f"{k}: " + ", ".join(f"{v:,.0f}" for v in r)
-                                   for k, r in rates.items()) + ".", ""])
+    rows = [
+        f"| {name} | {statistics.median(r):,.0f} | {drops[name]} |" for name, r in rates.items()
+    ]
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`python bench/pushgateway.py` ({time.strftime('%Y-%m-%d')}). Machine: {machine()}; "
+            "Pushgateway "
+            + _pgw_version()
+            + ". Telemetry of one training step (three groups' norms), "
+            "back to back; medians of "
+            f"{args.trials} interleaved trials of {args.seconds:g} s after an untimed one. Pushgateway: one HTTP PUT per step "
+            "over a keep-alive connection. esper-telemetry: one `capture()` per step (CPU, small "
+            "model), counted when the daemon's scrape shows it.",
+            "",
+            "| target | steps/s (median) | dropped (all trials) |",
+            "|---|---:|---:|",
+            *rows,
+            "",
+            "Dropped: captures the collector skipped and counted because its completion thread was "
+            "behind (at most 4,096 CPU captures, or 8 MiB of them, wait). A loop that does nothing but call `capture()` "
+            "holds the GIL and starves that thread; a training step spends its time in torch ops "
+            "that release it. Pushgateway's pushes block the loop instead of dropping.",
+            "",
+            "All trials: "
+            + "; ".join(f"{k}: " + ", ".join(f"{v:,.0f}" for v in r) for k, r in rates.items())
+            + ".",
+            "",
+        ]
+    )
     print(section)
     if args.write:
         write_section(SECTION, section)

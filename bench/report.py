@@ -20,8 +20,13 @@ def machine(*software: str) -> str:
                 break
     except OSError:
         pass
-    return ", ".join([f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, "
-                      f"Python {platform.python_version()}", *software])
+    return ", ".join(
+        [
+            f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, "
+            f"Python {platform.python_version()}",
+            *software,
+        ]
+    )
 
 
 def write_section(heading: str, section: str, path: Path = RESULTS) -> None:

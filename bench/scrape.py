@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,8 +45,10 @@ from report import machine, write_section  # noqa: E402
 
 SECTION = "## Scrape"
 GROUPS = 100
-PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
-                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
 WAYS = {
     "text": ("text/plain;version=0.0.4", "identity"),
     "text+gzip": ("text/plain;version=0.0.4", "gzip"),
@@ -64,12 +65,22 @@ def _events(runs: int):
     for r in range(runs):
         run = f"bench-run-{r:04d}"
         decls = tuple(
-            GroupDecl(f"group-{g:03d}", "host" if g == 0 else ("seed" if g <= 19 else "group"),
-                      1000 + g, 0 < g <= 19) for g in range(GROUPS))
-        norms = tuple(GroupNorm(d.name, d.role, d.params, 1.0 + 0.37 * i, 0, False, d.isolated)
-                      for i, d in enumerate(decls))
-        yield [Hello(run, 0, 1.7e9, 1, "bench", 1, "0", "", decls),
-               Norms(run, 0, 1.7e9 + r, 1000 + r, False, norms)]
+            GroupDecl(
+                f"group-{g:03d}",
+                "host" if g == 0 else ("seed" if g <= 19 else "group"),
+                1000 + g,
+                0 < g <= 19,
+            )
+            for g in range(GROUPS)
+        )
+        norms = tuple(
+            GroupNorm(d.name, d.role, d.params, 1.0 + 0.37 * i, 0, False, d.isolated)
+            for i, d in enumerate(decls)
+        )
+        yield [
+            Hello(run, 0, 1.7e9, 1, "bench", 1, "0", "", decls),
+            Norms(run, 0, 1.7e9 + r, 1000 + r, False, norms),
+        ]
 
 
 def _fill(endpoint: str, runs: int) -> None:
@@ -97,8 +108,7 @@ def _serve_prometheus_client(runs: int) -> None:
     from esper_telemetry.daemon.exporter import EsperCollector, process_registry
     from esper_telemetry.daemon.stats import DaemonStats
 
-    agg = Aggregator(limits(Config(max_runs=max(runs, 100), max_groups_per_run=256)),
-                     DaemonStats())
+    agg = Aggregator(limits(Config(max_runs=max(runs, 100), max_groups_per_run=256)), DaemonStats())
     for events in _events(runs):
         agg.apply_batch(events, time.monotonic())
 
@@ -122,18 +132,20 @@ class Server:
         host, port = web.rsplit(":", 1)
         self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
 
-    def scrape(self, accept: str, encoding: str) -> Tuple[float, bytes, Dict[str, str]]:
+    def scrape(self, accept: str, encoding: str) -> tuple[float, bytes, dict[str, str]]:
         t0 = time.perf_counter()
         try:
-            self.conn.request("GET", "/metrics", headers={"Accept": accept,
-                                                          "Accept-Encoding": encoding})
+            self.conn.request(
+                "GET", "/metrics", headers={"Accept": accept, "Accept-Encoding": encoding}
+            )
             resp = self.conn.getresponse()
             body = resp.read()
         except (http.client.HTTPException, ConnectionError):  # a server that closed: once more
             self.conn.close()
             t0 = time.perf_counter()
-            self.conn.request("GET", "/metrics", headers={"Accept": accept,
-                                                          "Accept-Encoding": encoding})
+            self.conn.request(
+                "GET", "/metrics", headers={"Accept": accept, "Accept-Encoding": encoding}
+            )
             resp = self.conn.getresponse()
             body = resp.read()
         took = time.perf_counter() - t0
@@ -157,13 +169,21 @@ def _start_daemon(name: str, runs: int, pythonpath: str = "") -> Server:
     env = {k: v for k, v in env.items() if not k.startswith("ESPER_")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, "-m", "esper_telemetry.daemon", "--zmq.listen-address=tcp://127.0.0.1:*",
-            "--web.listen-address=127.0.0.1:0", f"--limits.max-runs={max(runs, 100)}",
-            "--limits.max-groups-per-run=256", "--run.ttl-seconds=3600"]
+    args = [
+        sys.executable,
+        "-m",
+        "esper_telemetry.daemon",
+        "--zmq.listen-address=tcp://127.0.0.1:*",
+        "--web.listen-address=127.0.0.1:0",
+        f"--limits.max-runs={max(runs, 100)}",
+        "--limits.max-groups-per-run=256",
+        "--run.ttl-seconds=3600",
+    ]
     if not pythonpath:
         args.append("--web.max-series=1000000")
-    proc = subprocess.Popen(args, cwd="/" if pythonpath else ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, cwd="/" if pythonpath else ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
     m = None
     for _ in range(5):
         line = proc.stderr.readline()
@@ -179,8 +199,13 @@ def _start_daemon(name: str, runs: int, pythonpath: str = "") -> Server:
 
 
 def _start_peer(runs: int) -> Server:
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-prometheus-client", str(runs)],
-                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-prometheus-client", str(runs)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     m = re.search(r"listening (\S+)", line)
     if not m:
@@ -209,23 +234,31 @@ def _check(server: Server) -> None:
         _, body, headers = server.scrape(accept, encoding)
         if headers.get("content-encoding") == "gzip":
             body = gzip.decompress(body)
-        print(f"  {server.name:18s} {way:12s} -> {headers.get('content-type')}"
-              f"{', gzip' if headers.get('content-encoding') == 'gzip' else ''}, "
-              f"{len(body):,} bytes", flush=True)
+        print(
+            f"  {server.name:18s} {way:12s} -> {headers.get('content-type')}"
+            f"{', gzip' if headers.get('content-encoding') == 'gzip' else ''}, "
+            f"{len(body):,} bytes",
+            flush=True,
+        )
 
 
 def _machine() -> str:
     from importlib.metadata import version
 
-    return machine(f"prometheus_client {version('prometheus_client')}", f"aiohttp {version('aiohttp')}")
+    return machine(
+        f"prometheus_client {version('prometheus_client')}", f"aiohttp {version('aiohttp')}"
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=7, help="scrapes per server and way (>= 5)")
     ap.add_argument("--sizes", default="10000,100000", help="series to hold, comma-separated")
-    ap.add_argument("--baseline", default="",
-                    help="PYTHONPATH of an older tree: its daemon is measured beside this one")
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="PYTHONPATH of an older tree: its daemon is measured beside this one",
+    )
     ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     ap.add_argument("--serve-prometheus-client", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -233,8 +266,8 @@ def main() -> int:
         _serve_prometheus_client(args.serve_prometheus_client)
         return 0
 
-    rows: List[str] = []
-    notes: List[str] = []
+    rows: list[str] = []
+    notes: list[str] = []
     for size in (int(s) for s in args.sizes.split(",")):
         runs = max(1, round(size / SERIES_PER_RUN))
         servers = [_start_daemon("esper-telemetryd", runs), _start_peer(runs)]
@@ -242,12 +275,15 @@ def main() -> int:
             servers.insert(1, _start_daemon("esper-telemetryd before", runs, args.baseline))
         try:
             counts = {s.name: _wait_filled(s, runs * SERIES_PER_RUN) for s in servers}
-            print(f"{runs} runs of {GROUPS} groups: series "
-                  + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
+            print(
+                f"{runs} runs of {GROUPS} groups: series "
+                + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+                flush=True,
+            )
             for s in servers:
                 _check(s)
-            times: Dict[Tuple[str, str], List[float]] = {}
-            sizes: Dict[Tuple[str, str], int] = {}
+            times: dict[tuple[str, str], list[float]] = {}
+            sizes: dict[tuple[str, str], int] = {}
             for s in servers:  # warm-up: one of each
                 for way, (accept, encoding) in WAYS.items():
                     s.scrape(accept, encoding)
@@ -262,8 +298,12 @@ def main() -> int:
             for way in WAYS:
                 med = {s.name: statistics.median(times[(s.name, way)]) * 1e3 for s in servers}
                 ours = med["esper-telemetryd"]
-                cells = [f"{daemon_series:,}", way, f"{ours:.1f}",
-                         f"{sizes[('esper-telemetryd', way)] / 1e6:.2f}"]
+                cells = [
+                    f"{daemon_series:,}",
+                    way,
+                    f"{ours:.1f}",
+                    f"{sizes[('esper-telemetryd', way)] / 1e6:.2f}",
+                ]
                 if args.baseline:
                     before = med["esper-telemetryd before"]
                     cells += [f"{before:.1f}", f"{before / ours:.2f}x"]
@@ -271,9 +311,11 @@ def main() -> int:
                 cells += [f"{peer:.1f}", f"{peer / ours:.2f}x"]
                 rows.append("| " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)
-                notes.append(f"{daemon_series:,} series, {way}: esper-telemetryd "
-                             + ", ".join(f"{x * 1e3:.1f}" for x in times[("esper-telemetryd", way)])
-                             + " ms")
+                notes.append(
+                    f"{daemon_series:,} series, {way}: esper-telemetryd "
+                    + ", ".join(f"{x * 1e3:.1f}" for x in times[("esper-telemetryd", way)])
+                    + " ms"
+                )
         finally:
             for s in servers:
                 s.close()
@@ -282,24 +324,29 @@ def main() -> int:
     if args.baseline:
         head += ["before (ms)", "before / now"]
     head += ["prometheus_client (ms)", "prometheus_client / esper-telemetryd"]
-    section = "\n".join([
-        SECTION, "",
-        f"`python bench/scrape.py --trials {args.trials}` ({time.strftime('%Y-%m-%d')}). "
-        f"Machine: {_machine()}.",
-        f"One daemon process (`--web.max-series` raised past the sizes) and, on the same "
-        f"machine, prometheus_client's `start_http_server` serving the same runs (the same "
-        f"events applied to the same aggregator, a fresh snapshot per scrape). Runs of "
-        f"{GROUPS} groups. Each trial scrapes every server once in each way, interleaved, "
-        f"the order alternating; a scrape is timed from the request to the last byte of the "
-        f"body on a kept-alive connection; medians of {args.trials} trials. `prometheus` is "
-        f"what Prometheus 2.42 asks (`Accept: {PROMETHEUS_ACCEPT}`, gzip); the daemon answers "
-        f"it in OpenMetrics, as asked.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---:" if i != 1 else "---" for i in range(len(head))) + "|",
-        *rows, "",
-        "Every trial (ms): " + "; ".join(notes) + ".", "",
-    ])
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`python bench/scrape.py --trials {args.trials}` ({time.strftime('%Y-%m-%d')}). "
+            f"Machine: {_machine()}.",
+            f"One daemon process (`--web.max-series` raised past the sizes) and, on the same "
+            f"machine, prometheus_client's `start_http_server` serving the same runs (the same "
+            f"events applied to the same aggregator, a fresh snapshot per scrape). Runs of "
+            f"{GROUPS} groups. Each trial scrapes every server once in each way, interleaved, "
+            f"the order alternating; a scrape is timed from the request to the last byte of the "
+            f"body on a kept-alive connection; medians of {args.trials} trials. `prometheus` is "
+            f"what Prometheus 2.42 asks (`Accept: {PROMETHEUS_ACCEPT}`, gzip); the daemon answers "
+            f"it in OpenMetrics, as asked.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---:" if i != 1 else "---" for i in range(len(head))) + "|",
+            *rows,
+            "",
+            "Every trial (ms): " + "; ".join(notes) + ".",
+            "",
+        ]
+    )
     print()
     print(section)
     if args.write:

@@ -16,8 +16,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["attach", "Telemetry", "CaptureResult", "GroupResult"]
 
-_WHERE = {"attach": ".api", "Telemetry": ".telemetry", "CaptureResult": ".results",
-          "GroupResult": ".results"}
+_WHERE = {
+    "attach": ".api",
+    "Telemetry": ".telemetry",
+    "CaptureResult": ".results",
+    "GroupResult": ".results",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -14,29 +15,29 @@ __all__ = ["attach"]
 
 
 def attach(
-    model: Optional[torch.nn.Module] = None,
+    model: torch.nn.Module | None = None,
     host: Any = None,
-    seeds: Optional[Dict[str, Any]] = None,
-    groups: Optional[Dict[str, Any]] = None,
-    run: Optional[str] = None,
-    endpoint: Optional[str] = None,
-    rank: Optional[int] = None,
-    world_size: Optional[int] = None,
-    sharded: Optional[bool] = None,
+    seeds: dict[str, Any] | None = None,
+    groups: dict[str, Any] | None = None,
+    run: str | None = None,
+    endpoint: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    sharded: bool | None = None,
     isolated: Iterable[str] = (),
-    shared_device: Union[str, torch.device] = "cpu",
-    optimizer: Optional[torch.optim.Optimizer] = None,
+    shared_device: str | torch.device = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
     every: int = 1,
     scaler: Any = None,
     isolation_threshold: float = 1e-8,
-    structural: Union[bool, Iterable[str]] = (),
+    structural: bool | Iterable[str] = (),
     cuda_graphs: bool = True,
     pointer_tables: bool = True,
     heartbeat_s: float = 5.0,
     queue_size: int = 4096,
     close_timeout_s: float = 2.0,
-    server_public_key_file: Optional[str] = None,
-    client_secret_key_file: Optional[str] = None,
+    server_public_key_file: str | None = None,
+    client_secret_key_file: str | None = None,
 ) -> Telemetry:
     """Watch the gradients of a host, its seeds and any further named parameter groups.
 
@@ -69,11 +70,23 @@ def attach(
     specs = build_specs(model, host, seeds, groups, isolated)
     watched = structural_names(structural, specs)
     options = make_options(
-        run=run, endpoint=endpoint, rank=rank, world_size=world_size, sharded=sharded,
-        shared_device=shared_device, optimizer=optimizer, every=every, scaler=scaler,
-        isolation_threshold=isolation_threshold, structural=watched, cuda_graphs=cuda_graphs,
-        pointer_tables=pointer_tables, heartbeat_s=heartbeat_s, queue_size=queue_size,
-        close_timeout_s=close_timeout_s, server_public_key_file=server_public_key_file,
+        run=run,
+        endpoint=endpoint,
+        rank=rank,
+        world_size=world_size,
+        sharded=sharded,
+        shared_device=shared_device,
+        optimizer=optimizer,
+        every=every,
+        scaler=scaler,
+        isolation_threshold=isolation_threshold,
+        structural=watched,
+        cuda_graphs=cuda_graphs,
+        pointer_tables=pointer_tables,
+        heartbeat_s=heartbeat_s,
+        queue_size=queue_size,
+        close_timeout_s=close_timeout_s,
+        server_public_key_file=server_public_key_file,
         client_secret_key_file=client_secret_key_file,
     )
     return Telemetry(specs, options)

@@ -14,7 +14,8 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Deque, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ log = logging.getLogger("esper_telemetry.collector")
 # wake-up takes the GIL from the training thread, and results are not urgent.
 _POLL_MIN_S = 0.0005
 _POLL_MAX_S = 0.004
-_IDLE_WAIT_S = 0.5     # with nothing in flight (woken by submit)
+_IDLE_WAIT_S = 0.5  # with nothing in flight (woken by submit)
 # While CPU captures keep coming (one completed in the last _LAZY_WINDOW_S), the idle
 # thread looks for work every _LAZY_POLL_S instead of being woken by each: waking a thread
 # blocked on a lock cost the training thread about 50 us per capture on a 2-core machine;
@@ -38,26 +39,47 @@ _LAZY_WINDOW_S = 1.0
 class Pending:
     """One capture in flight: its metadata, device events, staging buffer and held gradients."""
 
-    __slots__ = ("step", "time", "skipped", "plan", "grads", "staging", "events", "sums", "device", "amp",
-                 "finish")
+    __slots__ = (
+        "step",
+        "time",
+        "skipped",
+        "plan",
+        "grads",
+        "staging",
+        "events",
+        "sums",
+        "device",
+        "amp",
+        "finish",
+    )
 
-    def __init__(self, step: int, time_s: float, skipped: bool, plan: Any, grads: List[Any],
-                 staging: Any, events: List[torch.cuda.Event],
-                 finish: Optional[Callable[[], Any]] = None) -> None:
+    def __init__(
+        self,
+        step: int,
+        time_s: float,
+        skipped: bool,
+        plan: Any,
+        grads: list[Any],
+        staging: Any,
+        events: list[torch.cuda.Event],
+        finish: Callable[[], Any] | None = None,
+    ) -> None:
         self.step = step
         self.time = time_s
         self.skipped = skipped
         self.plan = plan
-        self.grads: Optional[List[Any]] = grads
+        self.grads: list[Any] | None = grads
         self.staging = staging
         self.events = events
-        self.sums: Optional[List[List[float]]] = None   # [[sq...], [nonfinite...]] once done
-        self.amp: Optional[torch.Tensor] = None   # GradScaler's (found_inf, scale), see hooks
+        self.sums: list[list[float]] | None = None  # [[sq...], [nonfinite...]] once done
+        self.amp: torch.Tensor | None = None  # GradScaler's (found_inf, scale), see hooks
         # Run here before the rows are read: what the CPU pass read, made into its row.
         self.finish = finish
         # A CUDA device of this capture: the thread makes it current before querying, or the
         # runtime would create a context on device 0 for this thread (in every rank).
-        self.device: Optional[int] = plan.cuda[0].device.index if getattr(plan, "cuda", None) else None
+        self.device: int | None = (
+            plan.cuda[0].device.index if getattr(plan, "cuda", None) else None
+        )
 
     def done(self) -> bool:
         return all(e.query() for e in self.events)
@@ -66,16 +88,20 @@ class Pending:
 class CompletionThread:
     """Polls pending captures in order and calls ``on_done(pending)`` from its own thread."""
 
-    def __init__(self, on_done: Callable[[Pending], None], on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self, on_done: Callable[[Pending], None], on_error: Callable[[BaseException], None]
+    ) -> None:
         self._on_done = on_done
         self._on_error = on_error
-        self._pending: Deque[Pending] = collections.deque()
+        self._pending: collections.deque[Pending] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
         self.completed = 0
         self.submitted = 0
-        self._polling = False       # the idle thread looks every _LAZY_POLL_S (see there)
-        self._thread = threading.Thread(target=self._loop, name="esper-telemetry-completion", daemon=True)
+        self._polling = False  # the idle thread looks every _LAZY_POLL_S (see there)
+        self._thread = threading.Thread(
+            target=self._loop, name="esper-telemetry-completion", daemon=True
+        )
         self._thread.start()
 
     def submit(self, pending: Pending, wake: bool = True) -> None:
@@ -94,7 +120,7 @@ class CompletionThread:
         """Wait until every submitted capture was handed on; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            self._cond.notify_all()   # a polling thread looks now
+            self._cond.notify_all()  # a polling thread looks now
             while self.completed < self.submitted:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
@@ -110,13 +136,13 @@ class CompletionThread:
 
     def _loop(self) -> None:
         poll = _POLL_MIN_S
-        current_device: Optional[int] = None
+        current_device: int | None = None
         last_done = 0.0
         while True:
             with self._cond:
                 while not self._pending and not self._stop:
                     if self._polling and time.monotonic() - last_done > _LAZY_WINDOW_S:
-                        self._polling = False   # submit wakes us again from now on
+                        self._polling = False  # submit wakes us again from now on
                     self._cond.wait(_LAZY_POLL_S if self._polling else _IDLE_WAIT_S)
                 if not self._pending:
                     return
@@ -151,12 +177,12 @@ class CompletionThread:
                 with self._cond:
                     self._pending.popleft()
                     self.completed += 1
-                    if not head.events:   # a CPU capture: more may come without a wake-up
+                    if not head.events:  # a CPU capture: more may come without a wake-up
                         self._polling = True
                         last_done = time.monotonic()
                     self._cond.notify_all()
 
 
-def _sum_rows(staging: torch.Tensor) -> List[List[float]]:
+def _sum_rows(staging: torch.Tensor) -> list[list[float]]:
     """Add the per-device partial rows (shape ``(devices, 2, groups)``) on the host."""
     return staging.sum(dim=0).tolist()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -55,13 +55,13 @@ class _Helper:
         self._go.acquire()
         self._done = threading.Lock()
         self._done.acquire()
-        self._job: Optional[tuple] = None
+        self._job: tuple | None = None
         self._result: object = None
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def start(self, tensors: Sequence[torch.Tensor], share: List[CpuRun]) -> None:
+    def start(self, tensors: Sequence[torch.Tensor], share: list[CpuRun]) -> None:
         self._job = (tensors, share)
         self._go.release()
 
@@ -82,7 +82,7 @@ class _Helper:
                 pass
 
     def _loop(self) -> None:
-        with torch.no_grad():   # grad mode is per thread: gradients with history must not grow it
+        with torch.no_grad():  # grad mode is per thread: gradients with history must not grow it
             while True:
                 self._go.acquire()
                 job, self._job = self._job, None
@@ -100,14 +100,15 @@ class HelperThreads:
     """Up to ``count`` helpers (None: one fewer than ``usable_cores``); ``squares`` splits one pass
     over them and the caller. Training thread only."""
 
-    def __init__(self, count: Optional[int] = None) -> None:
+    def __init__(self, count: int | None = None) -> None:
         count = usable_cores() - 1 if count is None else count
         self.count = max(0, min(count, MAX_HELPERS))
-        self._helpers: List[_Helper] = []
+        self._helpers: list[_Helper] = []
         self.broken = False
 
-    def squares(self, tensors: Sequence[torch.Tensor],
-                shares: Sequence[List[CpuRun]]) -> List[Part]:
+    def squares(
+        self, tensors: Sequence[torch.Tensor], shares: Sequence[list[CpuRun]]
+    ) -> list[Part]:
         """``tensor_squares`` of every share: the first here, the others on helpers."""
         if self.broken or len(shares) < 2 or self.count == 0:
             if len(shares) == 1:
@@ -116,14 +117,14 @@ class HelperThreads:
         try:
             while len(self._helpers) < min(self.count, len(shares) - 1):
                 self._helpers.append(_Helper(f"esper-telemetry-norms-{len(self._helpers)}"))
-        except RuntimeError as exc:   # no thread to be had (a process or container limit)
+        except RuntimeError as exc:  # no thread to be had (a process or container limit)
             self._give_up(f"could not start a norm helper thread ({exc})")
             return self.squares(tensors, shares)
         given = list(zip(self._helpers, shares[1:]))
         for helper, share in given:
             helper.start(tensors, share)
-        parts: List[List[Part]] = []
-        error: Optional[BaseException] = None
+        parts: list[list[Part]] = []
+        error: BaseException | None = None
         try:
             parts.append(tensor_squares(tensors, shares[0]))
         except BaseException as exc:
@@ -142,15 +143,17 @@ class HelperThreads:
                 parts.append(got)  # type: ignore[arg-type]
         if error is not None:
             raise error
-        for share in shares[1 + len(given):]:   # more shares than helpers
+        for share in shares[1 + len(given) :]:  # more shares than helpers
             parts.append(tensor_squares(tensors, share))
         return [n for part in parts for n in part]
 
     def _give_up(self, why: str) -> None:
         if not self.broken:
             self.broken = True
-            log.warning("esper-telemetry: %s; CPU norm passes run on the training thread only from now on",
-                        why)
+            log.warning(
+                "esper-telemetry: %s; CPU norm passes run on the training thread only from now on",
+                why,
+            )
             self.close()
 
     def close(self) -> None:

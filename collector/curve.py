@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import zmq
 
@@ -27,25 +27,32 @@ class CurveKeys(NamedTuple):
     client_secret: bytes
 
 
-def _read(path: os.PathLike, argument: str, want_secret: bool) -> Tuple[bytes, Optional[bytes]]:
+def _read(path: os.PathLike, argument: str, want_secret: bool) -> tuple[bytes, bytes | None]:
     import zmq.auth  # only with CURVE: it costs ~10 ms of attach otherwise
 
-    what = "secret certificate (NAME.key_secret)" if want_secret else "public certificate (NAME.key)"
+    what = (
+        "secret certificate (NAME.key_secret)" if want_secret else "public certificate (NAME.key)"
+    )
     try:
         public, secret = zmq.auth.load_certificate(os.fspath(path))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{argument}={os.fspath(path)!r}: cannot read a ZeroMQ {what}: {exc}") from None
+        raise ValueError(
+            f"{argument}={os.fspath(path)!r}: cannot read a ZeroMQ {what}: {exc}"
+        ) from None
     if want_secret and secret is None:
-        raise ValueError(f"{argument}={os.fspath(path)!r} holds no secret key: give the client's "
-                         f".key_secret file, not its public .key")
+        raise ValueError(
+            f"{argument}={os.fspath(path)!r} holds no secret key: give the client's "
+            f".key_secret file, not its public .key"
+        )
     for key in (public, secret):
         if key is not None and len(key) != 40:
             raise ValueError(f"{argument}={os.fspath(path)!r}: a key is not 40 Z85 characters")
     return public, secret
 
 
-def load_client_keys(server_public_key_file: Optional[os.PathLike],
-                     client_secret_key_file: Optional[os.PathLike]) -> Optional[CurveKeys]:
+def load_client_keys(
+    server_public_key_file: os.PathLike | None, client_secret_key_file: os.PathLike | None
+) -> CurveKeys | None:
     """The keys for a CURVE client, or None when neither file is given (plain ZeroMQ).
 
     Raises ValueError naming the argument when only one file is given, when a file cannot be
@@ -54,19 +61,24 @@ def load_client_keys(server_public_key_file: Optional[os.PathLike],
     if server_public_key_file is None and client_secret_key_file is None:
         return None
     if server_public_key_file is None or client_secret_key_file is None:
-        missing = "server_public_key_file" if server_public_key_file is None else "client_secret_key_file"
-        raise ValueError(f"CURVE needs both server_public_key_file and client_secret_key_file; "
-                         f"{missing} is missing")
+        missing = (
+            "server_public_key_file" if server_public_key_file is None else "client_secret_key_file"
+        )
+        raise ValueError(
+            f"CURVE needs both server_public_key_file and client_secret_key_file; "
+            f"{missing} is missing"
+        )
     if not zmq.has("curve"):
         raise ValueError("this libzmq was built without CURVE support (zmq.has('curve') is False)")
     server_public, _ = _read(server_public_key_file, "server_public_key_file", want_secret=False)
-    client_public, client_secret = _read(client_secret_key_file, "client_secret_key_file",
-                                         want_secret=True)
+    client_public, client_secret = _read(
+        client_secret_key_file, "client_secret_key_file", want_secret=True
+    )
     assert client_secret is not None
     return CurveKeys(server_public, client_public, client_secret)
 
 
-def keygen(directory: os.PathLike, name: str) -> Tuple[Path, Path]:
+def keygen(directory: os.PathLike, name: str) -> tuple[Path, Path]:
     """Write ``DIR/NAME.key`` (public, mode 0644) and ``DIR/NAME.key_secret`` (mode 0600).
 
     The secret file is never readable by others, not even for an instant: both are written

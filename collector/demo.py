@@ -20,16 +20,26 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Dict, List, Optional, TypeVar
+from typing import IO, TypeVar
 
 import torch
 from torch import nn
 
 from . import attach
 
-__all__ = ["DemoError", "DaemonProcess", "HostNet", "DemoNet", "run_demo", "GroupRow", "read_rows", "format_table"]
+__all__ = [
+    "DemoError",
+    "DaemonProcess",
+    "HostNet",
+    "DemoNet",
+    "run_demo",
+    "GroupRow",
+    "read_rows",
+    "format_table",
+]
 
 _T = TypeVar("_T")
 
@@ -52,7 +62,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def console_script(name: str, module: str) -> List[str]:
+def console_script(name: str, module: str) -> list[str]:
     """The console script ``name`` next to this interpreter, else on PATH, else ``python -m module``."""
     script = Path(sys.executable).with_name(name)
     if script.exists():
@@ -61,7 +71,7 @@ def console_script(name: str, module: str) -> List[str]:
     return [found] if found else [sys.executable, "-m", module]
 
 
-def daemon_command() -> List[str]:
+def daemon_command() -> list[str]:
     return console_script("esper-telemetryd", "esper_telemetry.daemon")
 
 
@@ -76,8 +86,9 @@ def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple:
         return 0, ""
 
 
-def wait_for(predicate: Callable[[], Optional[_T]], timeout_s: float, what: str,
-             interval_s: float = 0.05) -> _T:
+def wait_for(
+    predicate: Callable[[], _T | None], timeout_s: float, what: str, interval_s: float = 0.05
+) -> _T:
     """Poll ``predicate`` until it returns something other than None; DemoError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -107,19 +118,28 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
         try:
             self.proc = subprocess.Popen(
-                [*daemon_command(), f"--zmq.listen-address={self.endpoint}",
-                 f"--web.listen-address=127.0.0.1:{self.web_port}",
-                 "--shutdown.timeout-seconds=2"],
-                env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+                [
+                    *daemon_command(),
+                    f"--zmq.listen-address={self.endpoint}",
+                    f"--web.listen-address=127.0.0.1:{self.web_port}",
+                    "--shutdown.timeout-seconds=2",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
         except OSError as exc:
             self._log.close()
             raise DemoError(f"could not start esper-telemetryd: {exc}") from None
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        def ready() -> Optional[bool]:
+        def ready() -> bool | None:
             if self.proc.poll() is not None:
-                raise DemoError(f"esper-telemetryd exited with status {self.proc.returncode}: "
-                                f"{self.last_log_line()}")
+                raise DemoError(
+                    f"esper-telemetryd exited with status {self.proc.returncode}: "
+                    f"{self.last_log_line()}"
+                )
             return True if http_get(f"{self.web}/-/ready", 0.5)[0] == 200 else None
 
         wait_for(ready, timeout_s, "esper-telemetryd to become ready")
@@ -134,12 +154,14 @@ class DaemonProcess:
         try:
             self._log.flush()
             self._log.seek(0)
-            lines = [ln for ln in self._log.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            lines = [
+                ln for ln in self._log.read().decode("utf-8", "replace").splitlines() if ln.strip()
+            ]
         except (OSError, ValueError):
             return "(no log)"
         return lines[-1] if lines else "(no output)"
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> Optional[int]:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the exit status."""
         proc = self.proc
         if proc.poll() is None:
@@ -160,8 +182,9 @@ class HostNet(nn.Module):
 
     def __init__(self, d_in: int, d_hidden: int, n_classes: int) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(),
-                                   nn.Linear(d_hidden, d_hidden), nn.Tanh())
+        self.trunk = nn.Sequential(
+            nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_hidden), nn.Tanh()
+        )
         self.head = nn.Linear(d_hidden, n_classes)
 
     def forward(self, x: torch.Tensor) -> tuple:
@@ -180,10 +203,14 @@ class DemoNet(nn.Module):
         super().__init__()
         self.d_in, self.n_classes = d_in, n_classes
         self.host = HostNet(d_in, d_hidden, n_classes)
-        self.seeds = nn.ModuleDict({
-            SEED_NAMES[0]: nn.Linear(d_hidden, n_classes),
-            SEED_NAMES[1]: nn.Sequential(nn.Linear(d_hidden, 16), nn.ReLU(), nn.Linear(16, n_classes)),
-        })
+        self.seeds = nn.ModuleDict(
+            {
+                SEED_NAMES[0]: nn.Linear(d_hidden, n_classes),
+                SEED_NAMES[1]: nn.Sequential(
+                    nn.Linear(d_hidden, 16), nn.ReLU(), nn.Linear(16, n_classes)
+                ),
+            }
+        )
 
     def forward(self, x: torch.Tensor) -> tuple:
         logits, features = self.host(x)
@@ -191,8 +218,9 @@ class DemoNet(nn.Module):
         return logits, {name: seed(detached) for name, seed in self.seeds.items()}
 
 
-def make_data(n: int, d_in: int, n_classes: int, device: torch.device,
-              generator: torch.Generator) -> tuple:
+def make_data(
+    n: int, d_in: int, n_classes: int, device: torch.device, generator: torch.Generator
+) -> tuple:
     """A fixed synthetic classification set: labels from a random linear teacher."""
     x = torch.randn(n, d_in, generator=generator)
     teacher = torch.randn(d_in, n_classes, generator=generator)
@@ -259,46 +287,52 @@ class GroupRow:
 
     group: str
     role: str
-    params: Optional[float]
-    norm: Optional[float]
-    ratio: Optional[float]
-    isolation_ok: Optional[float]
+    params: float | None
+    norm: float | None
+    ratio: float | None
+    isolation_ok: float | None
     violations: float
 
 
-def parse_samples(text: str) -> Dict[str, List[tuple]]:
+def parse_samples(text: str) -> dict[str, list[tuple]]:
     """``{sample name: [(labels, value), ...]}`` from a text exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: Dict[str, List[tuple]] = {}
+    out: dict[str, list[tuple]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out.setdefault(s.name, []).append((s.labels, s.value))
     return out
 
 
-def _value(samples: Dict[str, List[tuple]], name: str, **labels: str) -> Optional[float]:
+def _value(samples: dict[str, list[tuple]], name: str, **labels: str) -> float | None:
     for got, value in samples.get(name, ()):
         if all(got.get(k) == v for k, v in labels.items()):
             return value
     return None
 
 
-def read_rows(text: str, run: str, roles: Dict[str, str]) -> List[GroupRow]:
+def read_rows(text: str, run: str, roles: dict[str, str]) -> list[GroupRow]:
     """The table's rows for ``run``, in the order of ``roles`` (group name -> role)."""
     s = parse_samples(text)
     rows = []
     for group, role in roles.items():
-        violations = sum(v for labels, v in s.get("esper_isolation_violations_total", ())
-                         if labels.get("run") == run and labels.get("group") == group)
-        rows.append(GroupRow(
-            group=group, role=role,
-            params=_value(s, "esper_group_parameters", run=run, group=group),
-            norm=_value(s, "esper_grad_norm", run=run, group=group),
-            ratio=_value(s, "esper_seed_grad_ratio", run=run, seed=group),
-            isolation_ok=_value(s, "esper_isolation_ok", run=run, group=group),
-            violations=violations,
-        ))
+        violations = sum(
+            v
+            for labels, v in s.get("esper_isolation_violations_total", ())
+            if labels.get("run") == run and labels.get("group") == group
+        )
+        rows.append(
+            GroupRow(
+                group=group,
+                role=role,
+                params=_value(s, "esper_group_parameters", run=run, group=group),
+                norm=_value(s, "esper_grad_norm", run=run, group=group),
+                ratio=_value(s, "esper_seed_grad_ratio", run=run, seed=group),
+                isolation_ok=_value(s, "esper_isolation_ok", run=run, group=group),
+                violations=violations,
+            )
+        )
     return rows
 
 
@@ -310,22 +344,27 @@ def _isolation(row: GroupRow) -> str:
     return "ok" if not row.violations else f"ok now ({row.violations:.0f} earlier)"
 
 
-def format_table(rows: List[GroupRow]) -> str:
+def format_table(rows: list[GroupRow]) -> str:
     """A fixed-width table: group, role, params, grad norm, seed/host ratio, isolation."""
     header = ("group", "role", "params", "grad norm", "seed/host ratio", "isolation")
-    body = [(
-        r.group, r.role,
-        "-" if r.params is None else f"{r.params:.0f}",
-        "no gradient" if r.norm is None else f"{r.norm:.6g}",
-        "-" if r.ratio is None else f"{r.ratio:.4f}",
-        _isolation(r),
-    ) for r in rows]
+    body = [
+        (
+            r.group,
+            r.role,
+            "-" if r.params is None else f"{r.params:.0f}",
+            "no gradient" if r.norm is None else f"{r.norm:.6g}",
+            "-" if r.ratio is None else f"{r.ratio:.4f}",
+            _isolation(r),
+        )
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
     numeric = {2, 3, 4}
 
     def fmt(line: tuple) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
@@ -341,8 +380,13 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def run_demo(steps: int = 200, device: str = "auto", run: Optional[str] = None,
-             out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
+def run_demo(
+    steps: int = 200,
+    device: str = "auto",
+    run: str | None = None,
+    out: IO[str] = sys.stdout,
+    err: IO[str] = sys.stderr,
+) -> int:
     """Run the demo end to end; returns 0, or raises DemoError with a one-line reason."""
     if steps < 1:
         raise DemoError(f"--steps must be >= 1, got {steps}")
@@ -351,13 +395,19 @@ def run_demo(steps: int = 200, device: str = "auto", run: Optional[str] = None,
     daemon = DaemonProcess()
     try:
         daemon.wait_ready()
-        err.write(f"esper-telemetryd ready: events {daemon.endpoint}, metrics {daemon.web}/metrics\n")
+        err.write(
+            f"esper-telemetryd ready: events {daemon.endpoint}, metrics {daemon.web}/metrics\n"
+        )
         torch.manual_seed(0)
         net = DemoNet().to(dev)
         groups = {"host": "host", **{name: "seed" for name in SEED_NAMES}}
-        tel = attach(model=net, host=net.host,
-                     seeds={name: f"seeds.{name}" for name in SEED_NAMES},
-                     run=run, endpoint=daemon.endpoint)
+        tel = attach(
+            model=net,
+            host=net.host,
+            seeds={name: f"seeds.{name}" for name in SEED_NAMES},
+            run=run,
+            endpoint=daemon.endpoint,
+        )
         try:
             err.write(f"run {run}: training {steps} steps on {dev}\n")
             started = time.monotonic()
@@ -368,12 +418,14 @@ def run_demo(steps: int = 200, device: str = "auto", run: Optional[str] = None,
 
             # Scrape once the daemon has applied the last capture, before close() says
             # goodbye (a run whose every rank said goodbye leaves the exposition).
-            def settled() -> Optional[str]:
+            def settled() -> str | None:
                 text = daemon.metrics()
                 got = _value(parse_samples(text), "esper_last_step", run=run)
                 return text if got is not None and got >= last_step else None
 
-            text = wait_for(settled, SETTLE_TIMEOUT_S, f"the daemon to export step {last_step} of run {run}")
+            text = wait_for(
+                settled, SETTLE_TIMEOUT_S, f"the daemon to export step {last_step} of run {run}"
+            )
             stats = tel.stats()
         finally:
             tel.close()
@@ -381,13 +433,17 @@ def run_demo(steps: int = 200, device: str = "auto", run: Optional[str] = None,
         samples = parse_samples(text)
         received = _value(samples, "esper_captures_total", run=run)
         dropped = _value(samples, "esper_collector_dropped_events_total", run=run)
-        out.write(f"\nrun {run}: {steps} steps on {dev} in {elapsed:.1f} s; "
-                  f"metrics scraped from {daemon.web}/metrics at step {last_step}\n\n")
+        out.write(
+            f"\nrun {run}: {steps} steps on {dev} in {elapsed:.1f} s; "
+            f"metrics scraped from {daemon.web}/metrics at step {last_step}\n\n"
+        )
         out.write(format_table(rows) + "\n\n")
-        out.write(f"collector: captures={stats['captures']} sent={stats['sent']} "
-                  f"dropped={stats['dropped']} errors={stats['errors']}; "
-                  f"daemon: captures={received if received is None else int(received)} "
-                  f"reported dropped={dropped if dropped is None else int(dropped)}\n")
+        out.write(
+            f"collector: captures={stats['captures']} sent={stats['sent']} "
+            f"dropped={stats['dropped']} errors={stats['errors']}; "
+            f"daemon: captures={received if received is None else int(received)} "
+            f"reported dropped={dropped if dropped is None else int(dropped)}\n"
+        )
         out.flush()
         missing = [r.group for r in rows if r.norm is None]
         if missing:

@@ -11,13 +11,14 @@ eagerly at run time, every time. Outside a trace the call is direct, and ``torch
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 __all__ = ["eager"]
 
-_disabled: Dict[Callable[..., Any], Callable[..., Any]] = {}
+_disabled: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 def eager(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -32,15 +32,23 @@ import itertools
 import logging
 import operator
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 
-__all__ = ["GroupSpec", "make_spec", "build_specs", "structural_names", "registration_generation",
-           "disjoint", "stale_groups"]
+__all__ = [
+    "GroupSpec",
+    "make_spec",
+    "build_specs",
+    "structural_names",
+    "registration_generation",
+    "disjoint",
+    "stale_groups",
+]
 
 log = logging.getLogger("esper_telemetry.collector")
 
@@ -78,31 +86,51 @@ class GroupSpec:
     parameters, ``changed`` says whether they differ from the previous call's.
     """
 
-    __slots__ = ("name", "role", "isolated", "_target", "_kind", "_root", "_last_obj",
-                 "_last_gen", "_params", "module", "_tree", "_entries", "in_model")
+    __slots__ = (
+        "name",
+        "role",
+        "isolated",
+        "_target",
+        "_kind",
+        "_root",
+        "_last_obj",
+        "_last_gen",
+        "_params",
+        "module",
+        "_tree",
+        "_entries",
+        "in_model",
+    )
 
-    def __init__(self, name: str, role: str, isolated: bool, target: Any, kind: str,
-                 root: Optional[Callable[[], Any]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        isolated: bool,
+        target: Any,
+        kind: str,
+        root: Callable[[], Any] | None,
+    ) -> None:
         self.name = name
         self.role = role
         self.isolated = isolated
         self._target = target
         self._kind = kind
         self._root = root
-        self._last_obj: Optional[Callable[[], Any]] = None
+        self._last_obj: Callable[[], Any] | None = None
         self._last_gen = -1
-        self._params: Tuple[nn.Parameter, ...] = ()
-        self.module: Optional[nn.Module] = None  # set while the group is one live module
+        self._params: tuple[nn.Parameter, ...] = ()
+        self.module: nn.Module | None = None  # set while the group is one live module
         # Live views of the values of the module tree's _parameters and _modules dicts, and
         # those values when the parameters were listed (then _END).
-        self._tree: Tuple[Any, ...] = ()
-        self._entries: Tuple[Any, ...] = ()
+        self._tree: tuple[Any, ...] = ()
+        self._entries: tuple[Any, ...] = ()
         # What the user gave was inside the root model at attach: leaving it makes the group stale.
         self.in_model = False
 
     def _current(self) -> Any:
         if self._kind == "module":
-            return self._target()   # None once the module is gone: stale, no parameters
+            return self._target()  # None once the module is gone: stale, no parameters
         if self._kind == "path":
             root = self._root() if self._root is not None else None
             if root is None:
@@ -113,7 +141,7 @@ class GroupSpec:
         # "params": weak references to fixed parameter objects
         return tuple(p for p in (r() for r in self._target) if p is not None)
 
-    def resolve(self) -> Tuple[Tuple[nn.Parameter, ...], bool]:
+    def resolve(self) -> tuple[tuple[nn.Parameter, ...], bool]:
         obj = self._current()
         gen = registration_generation()
         last = self._last_obj() if self._last_obj is not None else None
@@ -125,7 +153,9 @@ class GroupSpec:
             self.module = obj
             # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
             # dicts of a real model, and filling one without a registration hook is not a swap.
-            self._tree = tuple(d.values() for m in obj.modules() for d in (m._parameters, m._modules) if d)
+            self._tree = tuple(
+                d.values() for m in obj.modules() for d in (m._parameters, m._modules) if d
+            )
             self._entries = (*itertools.chain.from_iterable(self._tree), _END)
         else:
             params = () if obj is None and self._kind == "module" else _as_params(obj, self.name)
@@ -133,11 +163,13 @@ class GroupSpec:
             self._tree = self._entries = ()
         self._last_obj = _ref(obj) if isinstance(obj, nn.Module) else None
         self._last_gen = gen
-        changed = len(params) != len(self._params) or any(map(operator.is_not, params, self._params))
+        changed = len(params) != len(self._params) or any(
+            map(operator.is_not, params, self._params)
+        )
         self._params = params
         return params, changed
 
-    def followed(self, modules: Optional[set], params: Optional[set]) -> bool:
+    def followed(self, modules: set | None, params: set | None) -> bool:
         """False when what the user gave directly is gone, or no longer in the model.
 
         ``modules`` and ``params``: ids of the root model's modules and parameters (None
@@ -145,7 +177,7 @@ class GroupSpec:
         """
         return self.inside(modules, params, check=self.in_model)
 
-    def inside(self, modules: Optional[set], params: Optional[set], check: bool = True) -> bool:
+    def inside(self, modules: set | None, params: set | None, check: bool = True) -> bool:
         """True while what the user gave is alive and (with ``check``) in the model."""
         check = check and modules is not None and params is not None
         if self._kind == "module":
@@ -157,10 +189,10 @@ class GroupSpec:
         return True
 
 
-_END = object()   # ends the entries: one more or one fewer entry shows as a mismatch there
+_END = object()  # ends the entries: one more or one fewer entry shows as a mismatch there
 
 
-def _rewritten(tree: Tuple[Any, ...], entries: Tuple[Any, ...]) -> bool:
+def _rewritten(tree: tuple[Any, ...], entries: tuple[Any, ...]) -> bool:
     """True if an entry of these dicts (``tree``: their live value views) is not what it was.
 
     One pass in C, by identity: a replaced parameter is never compared by value (a tensor
@@ -168,11 +200,14 @@ def _rewritten(tree: Tuple[Any, ...], entries: Tuple[Any, ...]) -> bool:
     """
     if not tree:
         return False
-    return any(map(operator.is_not, itertools.chain(itertools.chain.from_iterable(tree), (_END,)), entries))
+    return any(
+        map(operator.is_not, itertools.chain(itertools.chain.from_iterable(tree), (_END,)), entries)
+    )
 
 
-def disjoint(specs: Sequence["GroupSpec"],
-             group_params: Sequence[Tuple[torch.Tensor, ...]]) -> Tuple[List[Tuple[torch.Tensor, ...]], List[str]]:
+def disjoint(
+    specs: Sequence[GroupSpec], group_params: Sequence[tuple[torch.Tensor, ...]]
+) -> tuple[list[tuple[torch.Tensor, ...]], list[str]]:
     """The groups' parameters with every other group's left out of the host; and those groups.
 
     Seeds and named groups are usually inside the host module (adapters inside the base
@@ -192,7 +227,7 @@ def disjoint(specs: Sequence["GroupSpec"],
     return out, inside
 
 
-def _members(specs: Sequence["GroupSpec"]) -> Tuple[Optional[set], Optional[set]]:
+def _members(specs: Sequence[GroupSpec]) -> tuple[set | None, set | None]:
     """Ids of the root model's modules and parameters (None, None without a root)."""
     roots = {id(r): r for r in (s._root() for s in specs if s._root is not None) if r is not None}
     if len(roots) != 1:
@@ -201,13 +236,13 @@ def _members(specs: Sequence["GroupSpec"]) -> Tuple[Optional[set], Optional[set]
     return {id(m) for m in root.modules()}, {id(p) for p in root.parameters()}
 
 
-def stale_groups(specs: Sequence["GroupSpec"]) -> List[str]:
+def stale_groups(specs: Sequence[GroupSpec]) -> list[str]:
     """Names of the groups that can no longer be followed (see ``GroupSpec.followed``)."""
     modules, params = _members(specs)
     return [s.name for s in specs if not s.followed(modules, params)]
 
 
-def _as_params(obj: Any, name: str) -> Tuple[nn.Parameter, ...]:
+def _as_params(obj: Any, name: str) -> tuple[nn.Parameter, ...]:
     if isinstance(obj, torch.Tensor):
         return (obj,)  # type: ignore[return-value]
     try:
@@ -219,13 +254,21 @@ def _as_params(obj: Any, name: str) -> Tuple[nn.Parameter, ...]:
         ) from None
     for item in items:
         if not isinstance(item, torch.Tensor):
-            raise TypeError(f"group {name!r}: {type(item).__name__} is not a parameter (a group is a module, "
-                            f"parameters, a callable returning either, or a dotted path)")
+            raise TypeError(
+                f"group {name!r}: {type(item).__name__} is not a parameter (a group is a module, "
+                f"parameters, a callable returning either, or a dotted path)"
+            )
     return items  # type: ignore[return-value]
 
 
-def make_spec(name: str, role: str, isolated: bool, value: Any,
-              model: Optional[nn.Module], allow_empty: bool = False) -> GroupSpec:
+def make_spec(
+    name: str,
+    role: str,
+    isolated: bool,
+    value: Any,
+    model: nn.Module | None,
+    allow_empty: bool = False,
+) -> GroupSpec:
     """Normalize one user-given group spec; misuse raises at once with the group's name."""
     root = _ref(model) if model is not None else None
     if isinstance(value, nn.Module):
@@ -236,7 +279,9 @@ def make_spec(name: str, role: str, isolated: bool, value: Any,
         try:
             model.get_submodule(value)
         except AttributeError as exc:
-            raise ValueError(f"group {name!r}: no submodule {value!r} under the model: {exc}") from None
+            raise ValueError(
+                f"group {name!r}: no submodule {value!r} under the model: {exc}"
+            ) from None
         spec = GroupSpec(name, role, isolated, value, "path", root)
     elif callable(value):
         spec = GroupSpec(name, role, isolated, value, "callable", root)
@@ -249,27 +294,38 @@ def make_spec(name: str, role: str, isolated: bool, value: Any,
     return spec
 
 
-def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str, Any]],
-                groups: Optional[Dict[str, Any]], isolated: Iterable[str]) -> List[GroupSpec]:
+def build_specs(
+    model: nn.Module | None,
+    host: Any,
+    seeds: dict[str, Any] | None,
+    groups: dict[str, Any] | None,
+    isolated: Iterable[str],
+) -> list[GroupSpec]:
     """All groups of one ``attach`` call, host first; raises on unknown or duplicate names."""
     if isinstance(isolated, (str, bytes)):
-        raise TypeError(f"isolated= takes a collection of group names, not the string {isolated!r}: "
-                        f"write isolated=({isolated!r},)")
+        raise TypeError(
+            f"isolated= takes a collection of group names, not the string {isolated!r}: "
+            f"write isolated=({isolated!r},)"
+        )
     try:
         isolated = set(isolated or ())
     except TypeError:
-        raise TypeError(f"isolated= takes a collection of group names, got {type(isolated).__name__}") from None
+        raise TypeError(
+            f"isolated= takes a collection of group names, got {type(isolated).__name__}"
+        ) from None
     if not all(isinstance(n, str) for n in isolated):
         raise TypeError(f"isolated= takes group names (strings), got {sorted(map(repr, isolated))}")
-    named: List[Tuple[str, str, Any]] = []
+    named: list[tuple[str, str, Any]] = []
     # With a model and no host, the host is "everything not in another group".
     auto_host = host is None and model is not None
     if host is not None or auto_host:
         named.append(("host", "host", model if auto_host else host))
     for role, argument, mapping in (("seed", "seeds", seeds), ("group", "groups", groups)):
         if mapping is not None and not isinstance(mapping, Mapping):
-            raise TypeError(f"{argument}= takes a mapping of group name to group (a module, parameters, "
-                            f"a callable or a dotted path), got {type(mapping).__name__}")
+            raise TypeError(
+                f"{argument}= takes a mapping of group name to group (a module, parameters, "
+                f"a callable or a dotted path), got {type(mapping).__name__}"
+            )
         for name, value in (mapping or {}).items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"group names are non-empty strings, got {name!r}")
@@ -280,41 +336,51 @@ def build_specs(model: Optional[nn.Module], host: Any, seeds: Optional[Dict[str,
     # The daemon rejects a whole message that breaks a wire limit: refuse here, not later.
     too_long = [n for n in names if len(n) > MAX_STRING_CHARS]
     if too_long:
-        raise ValueError(f"group names are at most {MAX_STRING_CHARS} characters; "
-                         f"got one of {len(too_long[0])}: {too_long[0][:40]!r}...")
+        raise ValueError(
+            f"group names are at most {MAX_STRING_CHARS} characters; "
+            f"got one of {len(too_long[0])}: {too_long[0][:40]!r}..."
+        )
     if len(names) > MAX_GROUPS_PER_EVENT:
-        raise ValueError(f"at most {MAX_GROUPS_PER_EVENT} groups per collector, got {len(names)} groups")
+        raise ValueError(
+            f"at most {MAX_GROUPS_PER_EVENT} groups per collector, got {len(names)} groups"
+        )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"duplicate group names: {dupes}")
     unknown = sorted(isolated - set(names))
     if unknown:
         raise ValueError(f"isolated names unknown groups: {unknown}; groups are {names}")
-    specs = [make_spec(n, r, n in isolated, v, model, allow_empty=auto_host and r == "host")
-             for n, r, v in named]
+    specs = [
+        make_spec(n, r, n in isolated, v, model, allow_empty=auto_host and r == "host")
+        for n, r, v in named
+    ]
     params = [spec.resolve()[0] for spec in specs]
     modules, members = _members(specs)
-    for spec in specs:   # given inside the model: leaving it later makes the group stale
+    for spec in specs:  # given inside the model: leaving it later makes the group stale
         spec.in_model = modules is not None and spec.inside(modules, members)
-    owner: Dict[int, str] = {}
+    owner: dict[int, str] = {}
     for spec, ps in zip(specs, params):
         if spec.role == "host":
             continue
         for p in ps:
             other = owner.setdefault(id(p), spec.name)
             if other != spec.name:
-                raise ValueError(f"groups {other!r} and {spec.name!r} share a parameter of shape "
-                                 f"{tuple(p.shape)}: groups other than the host must be disjoint")
+                raise ValueError(
+                    f"groups {other!r} and {spec.name!r} share a parameter of shape "
+                    f"{tuple(p.shape)}: groups other than the host must be disjoint"
+                )
     kept, inside = disjoint(specs, params)
     if auto_host and not kept[0]:
         if len(specs) == 1:
             raise ValueError("attach needs at least one group with parameters: the model has none")
-        return specs[1:]   # every parameter of the model is in a named group: no host
+        return specs[1:]  # every parameter of the model is in a named group: no host
     if specs[0].role == "host" and not kept[0]:
         raise ValueError("group 'host' has no parameters of its own: every one is in another group")
     if inside:
-        log.info("host contains the parameters of %s: each is counted in its own group only",
-                 ", ".join(repr(n) for n in inside))
+        log.info(
+            "host contains the parameters of %s: each is counted in its own group only",
+            ", ".join(repr(n) for n in inside),
+        )
     return specs
 
 
@@ -323,7 +389,7 @@ def total_params(params: Sequence[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 
-def structural_names(structural: Any, specs: Sequence[GroupSpec]) -> Tuple[str, ...]:
+def structural_names(structural: Any, specs: Sequence[GroupSpec]) -> tuple[str, ...]:
     """The groups the structural check watches: ``True`` for every seed, else the names given.
 
     Each must name a group that is a module (the check is a forward pre-hook on it).
@@ -333,19 +399,27 @@ def structural_names(structural: Any, specs: Sequence[GroupSpec]) -> Tuple[str, 
     if structural is False or structural is None:
         return ()
     if isinstance(structural, (str, bytes)):
-        raise TypeError(f"structural= takes True or a collection of group names, not the string "
-                        f"{structural!r}: write structural=({structural!r},)")
+        raise TypeError(
+            f"structural= takes True or a collection of group names, not the string "
+            f"{structural!r}: write structural=({structural!r},)"
+        )
     try:
         names = tuple(structural)
     except TypeError:
-        raise TypeError(f"structural= takes True or a collection of group names, "
-                        f"got {type(structural).__name__}") from None
+        raise TypeError(
+            f"structural= takes True or a collection of group names, "
+            f"got {type(structural).__name__}"
+        ) from None
     by_name = {s.name: s for s in specs}
     for name in names:
         spec = by_name.get(name) if isinstance(name, str) else None
         if spec is None:
-            raise ValueError(f"structural= names unknown group {name!r}; groups are {list(by_name)}")
+            raise ValueError(
+                f"structural= names unknown group {name!r}; groups are {list(by_name)}"
+            )
         if spec.module is None:
-            raise ValueError(f"structural= names {name!r}, which is not a module: the check hooks "
-                             f"the module's forward")
+            raise ValueError(
+                f"structural= names {name!r}, which is not a module: the check hooks "
+                f"the module's forward"
+            )
     return names

@@ -18,7 +18,8 @@ again. GradScaler changes two things:
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from .eager import eager
 
@@ -26,16 +27,17 @@ __all__ = ["StepHooks", "Driver", "Amp"]
 
 # (found_inf, grad_scale or None): the tensors GradScaler hands a fused optimizer; the scale
 # is given only when the captured gradients are still scaled on a skipped step.
-Amp = Tuple[Any, Optional[Any]]
+Amp = tuple[Any, Any | None]
 
 
 class Driver:
     """What the hooks need from the collector; ``Telemetry`` implements it."""
 
-    step: int    # the step the next capture is
+    step: int  # the step the next capture is
 
-    def capture_step(self, step: int, fence: bool, skipped: bool,
-                     amp: Optional[Amp] = None) -> None: ...  # pragma: no cover
+    def capture_step(
+        self, step: int, fence: bool, skipped: bool, amp: Amp | None = None
+    ) -> None: ...  # pragma: no cover
 
     def fence_pending(self) -> None: ...  # pragma: no cover
 
@@ -46,14 +48,14 @@ class StepHooks:
     """The optimizer's pre/post step hooks and the scaler's ``update`` wrapper, every ``every`` steps."""
 
     def __init__(self, driver: Driver, optimizer: Any, scaler: Any, every: int) -> None:
-        self._driver: Callable[[], Optional[Driver]] = weakref.ref(driver)  # type: ignore[assignment]
+        self._driver: Callable[[], Driver | None] = weakref.ref(driver)  # type: ignore[assignment]
         self._every = every
-        self._stepped = False                # optimizer.step() ran since the last scaler.update()
-        self._deferred: Optional[Tuple[int, Amp]] = None  # a capture moved to the post-hook
+        self._stepped = False  # optimizer.step() ran since the last scaler.update()
+        self._deferred: tuple[int, Amp] | None = None  # a capture moved to the post-hook
         self._scaler = scaler
         pre = lambda opt, args, kwargs: eager(StepHooks._pre_step, self, opt, args, kwargs)  # noqa: E731
         post = lambda opt, args, kwargs: eager(StepHooks._post_step, self, opt, args, kwargs)  # noqa: E731
-        self._handles: List[Any] = [optimizer.register_step_pre_hook(pre)]
+        self._handles: list[Any] = [optimizer.register_step_pre_hook(pre)]
         try:
             self._handles.append(optimizer.register_step_post_hook(post))
             if scaler is not None:
@@ -71,7 +73,7 @@ class StepHooks:
             del self._scaler.update
         self._scaler = None
 
-    def _due(self, driver: Driver) -> Optional[int]:
+    def _due(self, driver: Driver) -> int | None:
         """This optimizer step's number when a capture is due; else the step is counted and None."""
         step = driver.step
         if step % self._every != 0:
@@ -90,10 +92,14 @@ class StepHooks:
         found_inf = getattr(optimizer, "found_inf", None)
         grad_scale = getattr(optimizer, "grad_scale", None)
         if found_inf is not None and grad_scale is not None:
-            self._deferred = (step, (found_inf, grad_scale))   # unscaled in place by the step
+            self._deferred = (step, (found_inf, grad_scale))  # unscaled in place by the step
         else:
-            driver.capture_step(step, fence=False, skipped=False,
-                                amp=None if found_inf is None else (found_inf, None))
+            driver.capture_step(
+                step,
+                fence=False,
+                skipped=False,
+                amp=None if found_inf is None else (found_inf, None),
+            )
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         driver = self._driver()
@@ -118,7 +124,7 @@ class StepHooks:
         scaler.update = update
 
 
-def _before_update(hooks: Optional[StepHooks]) -> None:
+def _before_update(hooks: StepHooks | None) -> None:
     """A step GradScaler skipped never reached the optimizer: capture it, marked skipped."""
     driver = hooks._driver() if hooks is not None else None
     if hooks is None or driver is None:

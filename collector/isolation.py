@@ -15,7 +15,8 @@ passes costs one event per seed per capture.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,9 +30,9 @@ class StructuralCheck:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = frozenset(names)
-        self._handles: Dict[str, Any] = {}
-        self._modules: Dict[str, Any] = {}
-        self._seen: Dict[str, Tuple[List[str], int]] = {}   # name -> (inputs, forward passes)
+        self._handles: dict[str, Any] = {}
+        self._modules: dict[str, Any] = {}
+        self._seen: dict[str, tuple[list[str], int]] = {}  # name -> (inputs, forward passes)
 
     def watch(self, specs: Sequence[Any]) -> None:
         """(Re)attach hooks to the named groups' current modules."""
@@ -47,7 +48,8 @@ class StructuralCheck:
             self._modules[spec.name] = module
             if module is not None:
                 self._handles[spec.name] = module.register_forward_pre_hook(
-                    self._hook(spec.name), with_kwargs=True)
+                    self._hook(spec.name), with_kwargs=True
+                )
 
     def remove(self) -> None:
         for handle in self._handles.values():
@@ -55,15 +57,19 @@ class StructuralCheck:
         self._handles.clear()
         self._modules.clear()
 
-    def take(self) -> List[Tuple[str, str]]:
+    def take(self) -> list[tuple[str, str]]:
         """(group, evidence) for every group that leaked since the last call; clears them."""
         seen, self._seen = self._seen, {}
         out = []
         for name, (inputs, passes) in seen.items():
-            evidence = (f"seed input {', '.join(inputs)} requires grad: its backward flows into the host"
-                        f" ({passes} forward pass{'es' if passes != 1 else ''} since the last capture)")
-            if len(evidence) > MAX_STRING_CHARS:  # the daemon rejects a longer string, and its batch
-                evidence = evidence[:MAX_STRING_CHARS - 3] + "..."
+            evidence = (
+                f"seed input {', '.join(inputs)} requires grad: its backward flows into the host"
+                f" ({passes} forward pass{'es' if passes != 1 else ''} since the last capture)"
+            )
+            if (
+                len(evidence) > MAX_STRING_CHARS
+            ):  # the daemon rejects a longer string, and its batch
+                evidence = evidence[: MAX_STRING_CHARS - 3] + "..."
             out.append((name, evidence))
         return out
 
@@ -73,9 +79,18 @@ class StructuralCheck:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
             if not torch.is_grad_enabled():
                 return
-            leaking = [f"arg {i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-            leaking += [f"{k}=" for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+            leaking = [
+                f"arg {i}"
+                for i, a in enumerate(args)
+                if isinstance(a, torch.Tensor) and a.requires_grad
+            ]
+            leaking += [
+                f"{k}="
+                for k, v in kwargs.items()
+                if isinstance(v, torch.Tensor) and v.requires_grad
+            ]
             if leaking:
                 before = seen._seen.get(name)
                 seen._seen[name] = (leaking, 1 if before is None else before[1] + 1)
+
         return hook

@@ -23,19 +23,28 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["accumulation_dtype", "partials", "tensor_squares", "squares", "group_sums", "group_sums_list",
-           "DtypeBucket", "CpuRun", "Part"]
+__all__ = [
+    "accumulation_dtype",
+    "partials",
+    "tensor_squares",
+    "squares",
+    "group_sums",
+    "group_sums_list",
+    "DtypeBucket",
+    "CpuRun",
+    "Part",
+]
 
 # (dtype, start, stop): tensors[start:stop] all have this dtype.
-DtypeBucket = Tuple[torch.dtype, int, int]
+DtypeBucket = tuple[torch.dtype, int, int]
 # (dtype, start, stop, dot): a CPU run, squares by torch.dot (True) or _foreach_norm.
-CpuRun = Tuple[torch.dtype, int, int, bool]
+CpuRun = tuple[torch.dtype, int, int, bool]
 # (start, values, squared): what a CPU run computed for tensors[start:start + len(values)].
-Part = Tuple[int, torch.Tensor, bool]
+Part = tuple[int, torch.Tensor, bool]
 _DTYPE = operator.attrgetter("dtype")
 
 
@@ -44,23 +53,30 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def partials(tensors: Sequence[torch.Tensor], buckets: Sequence[DtypeBucket],
-             group_index: torch.Tensor, n_groups: int,
-             counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+def partials(
+    tensors: Sequence[torch.Tensor],
+    buckets: Sequence[DtypeBucket],
+    group_index: torch.Tensor,
+    n_groups: int,
+    counted: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sum squares and count non-finite tensors per group, for tensors on one device.
 
     ``group_index[i]`` is the group of ``tensors[i]`` (an int64 tensor on the same device);
     ``buckets`` cover ``tensors`` in order. Runs on whatever stream is current.
     """
-    norms: List[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
     for dtype, start, stop in buckets:
         norms.extend(torch._foreach_norm(tensors[start:stop], 2, dtype=accumulation_dtype(dtype)))
-    stacked = torch.stack([n.to(torch.float64) for n in norms]) if len(buckets) > 1 \
+    stacked = (
+        torch.stack([n.to(torch.float64) for n in norms])
+        if len(buckets) > 1
         else torch.stack(norms).to(torch.float64)
+    )
     return group_sums(stacked * stacked, group_index, n_groups, counted)
 
 
-def tensor_squares(tensors: Sequence[torch.Tensor], runs: Sequence[CpuRun]) -> List[Part]:
+def tensor_squares(tensors: Sequence[torch.Tensor], runs: Sequence[CpuRun]) -> list[Part]:
     """Per CPU tensor its sum of squares (``dot`` runs) or its 2-norm (the others), per run:
     ``(start, values, squared)``; ``squares`` makes them one float64 tensor of squares.
 
@@ -73,12 +89,18 @@ def tensor_squares(tensors: Sequence[torch.Tensor], runs: Sequence[CpuRun]) -> L
     mixed devices; all on another device is checked here, before anything could wait for
     it). Every other dtype accumulates in float32 either way.
     """
-    out: List[Part] = []
+    out: list[Part] = []
     whole = len(tensors)
-    with torch.inference_mode():   # no autograd dispatch per tensor: 8% of _foreach_norm at 2,000
+    with torch.inference_mode():  # no autograd dispatch per tensor: 8% of _foreach_norm at 2,000
         for dtype, start, stop, dot in runs:
-            out.append(_run_squares(tensors if start == 0 and stop == whole else tensors[start:stop],
-                                    dtype, start, dot))
+            out.append(
+                _run_squares(
+                    tensors if start == 0 and stop == whole else tensors[start:stop],
+                    dtype,
+                    start,
+                    dot,
+                )
+            )
     return out
 
 
@@ -98,13 +120,19 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, d
 def squares(parts: Sequence[Part]) -> torch.Tensor:
     """``tensor_squares``' parts (any order) as one float64 tensor of squares, in tensor order
     (exact: a float32 squared fits)."""
-    cols = [v.to(torch.float64) if squared else v.to(torch.float64).square()
-            for _, v, squared in sorted(parts, key=lambda part: part[0])]
+    cols = [
+        v.to(torch.float64) if squared else v.to(torch.float64).square()
+        for _, v, squared in sorted(parts, key=lambda part: part[0])
+    ]
     return cols[0] if len(cols) == 1 else torch.cat(cols)
 
 
-def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int,
-               counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+def group_sums(
+    squares: torch.Tensor,
+    group_index: torch.Tensor,
+    n_groups: int,
+    counted: torch.Tensor | None = None,
+) -> torch.Tensor:
     """From per-tensor float64 sums of squares to the ``(2, n_groups)`` result."""
     out = torch.zeros((2, n_groups), dtype=torch.float64, device=squares.device)
     out[1].index_add_(0, group_index, (~torch.isfinite(squares)).to(torch.float64))
@@ -115,13 +143,17 @@ def group_sums(squares: torch.Tensor, group_index: torch.Tensor, n_groups: int,
     return out
 
 
-def group_sums_list(parts: Sequence[Part], owners: Sequence[int], n_groups: int,
-                    counted: Optional[Sequence[bool]] = None) -> List[List[float]]:
+def group_sums_list(
+    parts: Sequence[Part],
+    owners: Sequence[int],
+    n_groups: int,
+    counted: Sequence[bool] | None = None,
+) -> list[list[float]]:
     """``group_sums(squares(parts), ...)`` in Python floats, for small passes: one ``tolist``
     per part instead of about ten torch calls, each of which gives up the GIL and, beside a
     busy training thread, waits to get it back. The same float64 figures, added in the same
     order (a float32 norm squared in float64 is exact either way)."""
-    values: List[float] = []
+    values: list[float] = []
     for _, v, squared in sorted(parts, key=lambda part: part[0]):
         got = v.tolist()
         values.extend(got if squared else [x * x for x in got])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,27 +30,41 @@ class Options(NamedTuple):
     endpoint: str
     rank: int
     world_size: int
-    sharded: Optional[bool]          # None: from the parameters' placements
-    optimizer: Any                   # a torch.optim.Optimizer, or None
-    every: int                       # optimizer steps per capture
-    scaler: Any                      # a GradScaler, or None
+    sharded: bool | None  # None: from the parameters' placements
+    optimizer: Any  # a torch.optim.Optimizer, or None
+    every: int  # optimizer steps per capture
+    scaler: Any  # a GradScaler, or None
     isolation_threshold: float
-    structural: Tuple[str, ...]      # groups whose forward input must not require grad
+    structural: tuple[str, ...]  # groups whose forward input must not require grad
     cuda_graphs: bool
     pointer_tables: bool
     heartbeat_s: float
     queue_size: int
     close_timeout_s: float
-    curve: Optional[CurveKeys] = None  # CURVE keys for the socket; None: plain ZeroMQ
+    curve: CurveKeys | None = None  # CURVE keys for the socket; None: plain ZeroMQ
 
 
-def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[int],
-                 world_size: Optional[int], sharded: Optional[bool],
-                 shared_device: Union[str, torch.device], optimizer: Any, every: int, scaler: Any,
-                 isolation_threshold: float, structural: Tuple[str, ...], cuda_graphs: bool, pointer_tables: bool,
-                 heartbeat_s: float, queue_size: int, close_timeout_s: float,
-                 server_public_key_file: Optional[str] = None,
-                 client_secret_key_file: Optional[str] = None) -> Options:
+def make_options(
+    *,
+    run: str | None,
+    endpoint: str | None,
+    rank: int | None,
+    world_size: int | None,
+    sharded: bool | None,
+    shared_device: str | torch.device,
+    optimizer: Any,
+    every: int,
+    scaler: Any,
+    isolation_threshold: float,
+    structural: tuple[str, ...],
+    cuda_graphs: bool,
+    pointer_tables: bool,
+    heartbeat_s: float,
+    queue_size: int,
+    close_timeout_s: float,
+    server_public_key_file: str | None = None,
+    client_secret_key_file: str | None = None,
+) -> Options:
     """Check and normalize ``attach``'s settings; ``TypeError``/``ValueError`` name the argument."""
     _integer("every", every, minimum=1)
     _integer("queue_size", queue_size, minimum=1)
@@ -64,9 +78,13 @@ def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"shared_device={shared_device!r} is not a device: {exc}") from None
     if device.type != "cpu":
-        raise ValueError(f"shared_device={shared_device!r}: only 'cpu' (pinned host memory) is supported")
-    if optimizer is not None and not all(callable(getattr(optimizer, hook, None)) for hook in
-                                         ("register_step_pre_hook", "register_step_post_hook")):
+        raise ValueError(
+            f"shared_device={shared_device!r}: only 'cpu' (pinned host memory) is supported"
+        )
+    if optimizer is not None and not all(
+        callable(getattr(optimizer, hook, None))
+        for hook in ("register_step_pre_hook", "register_step_post_hook")
+    ):
         raise TypeError(f"optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if scaler is not None:
         if optimizer is None:
@@ -92,17 +110,36 @@ def make_options(*, run: Optional[str], endpoint: Optional[str], rank: Optional[
         raise ValueError(f"rank {rank} is not within world_size {world_size}")
     run = _run_id(run)
     if len(run) > defaults.MAX_STRING_CHARS:
-        raise ValueError(f"run id of {len(run)} characters; the wire carries at most {defaults.MAX_STRING_CHARS}")
-    return Options(run, endpoint, rank, world_size, sharded, optimizer, every, scaler,
-                   float(isolation_threshold), tuple(structural), bool(cuda_graphs), bool(pointer_tables),
-                   float(heartbeat_s), queue_size, float(close_timeout_s), curve)
+        raise ValueError(
+            f"run id of {len(run)} characters; the wire carries at most {defaults.MAX_STRING_CHARS}"
+        )
+    return Options(
+        run,
+        endpoint,
+        rank,
+        world_size,
+        sharded,
+        optimizer,
+        every,
+        scaler,
+        float(isolation_threshold),
+        tuple(structural),
+        bool(cuda_graphs),
+        bool(pointer_tables),
+        float(heartbeat_s),
+        queue_size,
+        float(close_timeout_s),
+        curve,
+    )
 
 
-def _curve_keys(server_public: Optional[str], client_secret: Optional[str]) -> Optional[CurveKeys]:
+def _curve_keys(server_public: str | None, client_secret: str | None) -> CurveKeys | None:
     """Both key files (argument, else variable), read now: an unreadable one fails attach."""
     paths = []
-    for argument, env, value in (("server_public_key_file=", defaults.ENV_SERVER_PUBLIC_KEY_FILE, server_public),
-                                 ("client_secret_key_file=", defaults.ENV_CLIENT_SECRET_KEY_FILE, client_secret)):
+    for argument, env, value in (
+        ("server_public_key_file=", defaults.ENV_SERVER_PUBLIC_KEY_FILE, server_public),
+        ("client_secret_key_file=", defaults.ENV_CLIENT_SECRET_KEY_FILE, client_secret),
+    ):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise TypeError(f"{argument} takes a file path, got {type(value).__name__}")
         found, source = defaults.lookup(env, "", None if value is None else os.fspath(value))
@@ -110,7 +147,9 @@ def _curve_keys(server_public: Optional[str], client_secret: Optional[str]) -> O
     try:
         return load_client_keys(paths[0][0], paths[1][0])
     except ValueError as exc:
-        named = [where for (path, where) in paths if path is not None and where.startswith("ESPER_")]
+        named = [
+            where for (path, where) in paths if path is not None and where.startswith("ESPER_")
+        ]
         raise ValueError(f"{exc}" + (f" (from {', '.join(named)})" if named else "")) from None
 
 
@@ -125,7 +164,9 @@ def _number(name: str, value: Any, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}= takes a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}"
+        )
 
 
 def _distributed() -> tuple:
@@ -135,7 +176,7 @@ def _distributed() -> tuple:
     return 0, 1
 
 
-def _run_id(run: Optional[str]) -> str:
+def _run_id(run: str | None) -> str:
     """Explicit, else ESPER_RUN, else the launcher's job id (same on every rank), else random."""
     if run is not None and not isinstance(run, str):
         raise TypeError(f"run= takes a string, got {type(run).__name__}")

@@ -18,7 +18,7 @@ launches one graph instead of dozens of kernels:
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,16 +41,18 @@ _MAX_GRAPH_BUILDS = 16
 class DevicePasses:
     """Side streams per CUDA device, the kernel choice and graph policy; training thread only."""
 
-    def __init__(self, use_graphs: bool, pointer_tables: bool = True, cpu_helpers: Optional[int] = None) -> None:
+    def __init__(
+        self, use_graphs: bool, pointer_tables: bool = True, cpu_helpers: int | None = None
+    ) -> None:
         self.use_graphs = use_graphs
         self.pointer_tables = pointer_tables and triton_norms.available()
         # Threads that take shares of a CPU pass (cpu_threads); None: one fewer than the cores.
         self.helpers = HelperThreads(cpu_helpers)
         self.graph_builds = 0
         self.graph_replays = 0
-        self._address_graphs = 0   # graphs bound to one address set (the _foreach_norm path)
-        self._streams: Dict[torch.device, torch.cuda.Stream] = {}
-        self._ready: Dict[torch.device, torch.cuda.Event] = {}
+        self._address_graphs = 0  # graphs bound to one address set (the _foreach_norm path)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._ready: dict[torch.device, torch.cuda.Event] = {}
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)
@@ -59,7 +61,9 @@ class DevicePasses:
             self._streams[device] = stream
         return stream
 
-    def run_cpu(self, plan: Plan, grads: Sequence[torch.Tensor], row: torch.Tensor) -> Callable[[], None]:
+    def run_cpu(
+        self, plan: Plan, grads: Sequence[torch.Tensor], row: torch.Tensor
+    ) -> Callable[[], None]:
         """CPU gradients: each tensor's sum of squares (or norm), computed here (with helper threads, see
         ``cpu_threads``); returns what turns them into the per-group ``row``, for the
         completion thread (the training thread waits only for the reads of the gradients).
@@ -72,15 +76,25 @@ class DevicePasses:
         parts = self.helpers.squares(tensors, s.shares)
         n_groups = plan.n_groups
         if len(tensors) <= _LIST_SUMS_MAX:
-            return lambda: row.copy_(torch.tensor(
-                group_sums_list(parts, s.owners, n_groups, s.counted_list), dtype=torch.float64))
+            return lambda: row.copy_(
+                torch.tensor(
+                    group_sums_list(parts, s.owners, n_groups, s.counted_list), dtype=torch.float64
+                )
+            )
         return lambda: row.copy_(group_sums(squares(parts), s.group_index, n_groups, s.counted))
 
     def close(self) -> None:
         self.helpers.close()
 
-    def launch_cuda(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor],
-                    row: torch.Tensor, ptr_buf: Optional[torch.Tensor], fence: bool) -> torch.cuda.Event:
+    def launch_cuda(
+        self,
+        plan: Plan,
+        s: DeviceSlice,
+        grads: Sequence[torch.Tensor],
+        row: torch.Tensor,
+        ptr_buf: torch.Tensor | None,
+        fence: bool,
+    ) -> torch.cuda.Event:
         """Queue one device's pass on its side stream; returns the event that marks it done.
 
         ``row`` (pinned) receives the partials; ``ptr_buf`` (pinned) stages the addresses
@@ -99,24 +113,39 @@ class DevicePasses:
         ready.record(training)
         use_table = s.table is not None and self.pointer_tables and ptr_buf is not None
         if use_table:
-            ptr_buf.copy_(torch.as_tensor(plan.key if s.identity else [plan.key[i] for i in s.positions],
-                                          dtype=torch.int64))
+            ptr_buf.copy_(
+                torch.as_tensor(
+                    plan.key if s.identity else [plan.key[i] for i in s.positions],
+                    dtype=torch.int64,
+                )
+            )
         if simple:
             torch.cuda.set_stream(side)
             try:
-                done = self._enqueue(plan, s, grads, row, ptr_buf if use_table else None, side, ready)
+                done = self._enqueue(
+                    plan, s, grads, row, ptr_buf if use_table else None, side, ready
+                )
             finally:
                 torch.cuda.set_stream(training)
         else:
             with torch.cuda.device(s.device), torch.cuda.stream(side):
-                done = self._enqueue(plan, s, grads, row, ptr_buf if use_table else None, side, ready)
+                done = self._enqueue(
+                    plan, s, grads, row, ptr_buf if use_table else None, side, ready
+                )
         if fence:
             training.wait_event(done)
         return done
 
-    def _enqueue(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor], row: torch.Tensor,
-                 ptr_buf: Optional[torch.Tensor], side: torch.cuda.Stream,
-                 ready: torch.cuda.Event) -> torch.cuda.Event:
+    def _enqueue(
+        self,
+        plan: Plan,
+        s: DeviceSlice,
+        grads: Sequence[torch.Tensor],
+        row: torch.Tensor,
+        ptr_buf: torch.Tensor | None,
+        side: torch.cuda.Stream,
+        ready: torch.cuda.Event,
+    ) -> torch.cuda.Event:
         """The side stream's work for one capture; the side stream is current here."""
         side.wait_event(ready)
         out = None
@@ -131,7 +160,7 @@ class DevicePasses:
         return done
 
     # -- pointer-table pass -------------------------------------------------------------
-    def _table_partials(self, plan: Plan, s: DeviceSlice) -> Optional[torch.Tensor]:
+    def _table_partials(self, plan: Plan, s: DeviceSlice) -> torch.Tensor | None:
         if s.table_graph is not None:
             self.graph_replays += 1
             s.table_graph[0].replay()
@@ -140,22 +169,31 @@ class DevicePasses:
         try:
             # The first use runs eagerly (Triton compiles its kernel then); later ones capture.
             if self.use_graphs and s.table_uses >= 2:  # one graph per slice, whatever the addresses
-                out = self._capture(lambda: group_sums(triton_norms.tensor_squares(s.table),
-                                                       s.group_index, plan.n_groups, s.counted))
+                out = self._capture(
+                    lambda: group_sums(
+                        triton_norms.tensor_squares(s.table),
+                        s.group_index,
+                        plan.n_groups,
+                        s.counted,
+                    )
+                )
                 if out is not None:
                     s.table_graph = out
                     self.graph_replays += 1
                     out[0].replay()
                     return out[1]
-            return group_sums(triton_norms.tensor_squares(s.table), s.group_index, plan.n_groups,
-                              s.counted)
+            return group_sums(
+                triton_norms.tensor_squares(s.table), s.group_index, plan.n_groups, s.counted
+            )
         except Exception as exc:
             self.pointer_tables = False
             log.warning("pointer-table norm pass failed, using _foreach_norm: %s", exc)
             return None
 
     # -- _foreach_norm pass -------------------------------------------------------------
-    def _foreach_partials(self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _foreach_partials(
+        self, plan: Plan, s: DeviceSlice, grads: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         cached = s.graphs.get(plan.key)
         if cached is not None:
             self.graph_replays += 1
@@ -168,8 +206,9 @@ class DevicePasses:
         # allocator moved the gradients) never pay for a graph.
         if self.use_graphs and seen >= 2 and self._address_graphs < _MAX_GRAPH_BUILDS:
             self._address_graphs += 1
-            out = self._capture(lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups,
-                                                 s.counted))
+            out = self._capture(
+                lambda: partials(tensors, s.buckets, s.group_index, plan.n_groups, s.counted)
+            )
             if out is not None:
                 s.graphs[plan.key] = out
                 self.graph_replays += 1
@@ -177,7 +216,7 @@ class DevicePasses:
                 return out[1]
         return partials(tensors, s.buckets, s.group_index, plan.n_groups, s.counted)
 
-    def _capture(self, compute) -> Optional[Tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    def _capture(self, compute) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """Capture ``compute()`` on the current (side) stream; the graph is not run yet."""
         self.graph_builds += 1
         graph = torch.cuda.CUDAGraph()

@@ -24,14 +24,15 @@ here: a DTensor cannot exist before something else imported that module.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = ["Layout", "layout", "local_grads", "is_dtensor", "UnmeasurableGradient", "unmeasurable"]
 
 
-def _dtensor_type() -> Optional[type]:
+def _dtensor_type() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
@@ -45,10 +46,12 @@ class UnmeasurableGradient(RuntimeError):
     """Groups whose gradients cannot be measured in this capture (a ``Partial`` DTensor gradient)."""
 
 
-def unmeasurable(reasons: Dict[str, str]) -> UnmeasurableGradient:
+def unmeasurable(reasons: dict[str, str]) -> UnmeasurableGradient:
     """The error counted for one capture, naming each group and why; ``reasons`` by group name."""
     what = "; ".join(f"group {name!r}: {why}" for name, why in reasons.items())
-    return UnmeasurableGradient(f"{what}; reported as unknown (sq None) for this capture, never as a number")
+    return UnmeasurableGradient(
+        f"{what}; reported as unknown (sq None) for this capture, never as a number"
+    )
 
 
 class Layout(NamedTuple):
@@ -60,13 +63,13 @@ class Layout(NamedTuple):
     placements (None for a plain tensor); None when no parameter is a DTensor.
     """
 
-    sharded: List[bool]
-    counted: Optional[List[bool]]
-    owner: Tuple[int, ...]
-    placements: Optional[Tuple[Any, ...]]
+    sharded: list[bool]
+    counted: list[bool] | None
+    owner: tuple[int, ...]
+    placements: tuple[Any, ...] | None
 
 
-def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: Optional[bool]) -> Layout:
+def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: bool | None) -> Layout:
     """The layout of ``group_params`` (resolved groups, in group order); ``forced``: attach's ``sharded=``.
 
     A group is sharded when it holds a DTensor, unless ``forced`` says otherwise. A forced
@@ -87,7 +90,7 @@ def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: Optional[bool
     counted = []
     for i, p in enumerate(flat):
         g = owner[i]
-        if not sharded[g] or not has_dt[g]:   # replicated semantics, or the user's own shards
+        if not sharded[g] or not has_dt[g]:  # replicated semantics, or the user's own shards
             counted.append(True)
         elif is_dt[i]:
             counted.append(space.counts(p.device_mesh, p.placements))
@@ -97,8 +100,9 @@ def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: Optional[bool
     return Layout(sharded, None if all(counted) else counted, owner, placements)
 
 
-def local_grads(grads: Sequence[Optional[torch.Tensor]], lay: Layout
-                ) -> Tuple[List[Optional[torch.Tensor]], Dict[int, str]]:
+def local_grads(
+    grads: Sequence[torch.Tensor | None], lay: Layout
+) -> tuple[list[torch.Tensor | None], dict[int, str]]:
     """The gradients as this rank holds them, and the groups (index: why) not measurable now.
 
     A DTensor gradient is replaced by its local tensor. One whose placements are not its
@@ -107,8 +111,8 @@ def local_grads(grads: Sequence[Optional[torch.Tensor]], lay: Layout
     """
     cls = _dtensor_type()
     placements = lay.placements or ()
-    out: List[Optional[torch.Tensor]] = []
-    bad: Dict[int, str] = {}
+    out: list[torch.Tensor | None] = []
+    bad: dict[int, str] = {}
     for i, g in enumerate(grads):
         if g is not None and cls is not None and isinstance(g, cls):
             got = g.placements
@@ -122,10 +126,12 @@ def local_grads(grads: Sequence[Optional[torch.Tensor]], lay: Layout
     return out, bad
 
 
-def _why(got: Tuple[Any, ...], expected: Optional[Tuple[Any, ...]]) -> str:
+def _why(got: tuple[Any, ...], expected: tuple[Any, ...] | None) -> str:
     if any(p.is_partial() for p in got):
-        return (f"its gradient has placements {got}: Partial, not yet reduced over the mesh "
-                f"(reduce it, e.g. redistribute to Replicate, before capture)")
+        return (
+            f"its gradient has placements {got}: Partial, not yet reduced over the mesh "
+            f"(reduce it, e.g. redistribute to Replicate, before capture)"
+        )
     return f"its gradient has placements {got}, its parameter {expected}"
 
 
@@ -135,9 +141,9 @@ class _MeshSpace:
     def __init__(self, meshes: Sequence[Any]) -> None:
         unique = list({id(m): m for m in meshes}.values())
         inside = [m for m in unique if m.get_coordinate() is not None]
-        self.root = max(inside, key=lambda m: m.size()) if inside else None   # first of the largest
-        self.coord: List[int] = list(self.root.get_coordinate()) if self.root is not None else []
-        self._zero: Dict[int, bool] = {}
+        self.root = max(inside, key=lambda m: m.size()) if inside else None  # first of the largest
+        self.coord: list[int] = list(self.root.get_coordinate()) if self.root is not None else []
+        self._zero: dict[int, bool] = {}
 
     def first(self) -> bool:
         """True on the one rank that counts a tensor replicated over the whole mesh."""
@@ -147,7 +153,7 @@ class _MeshSpace:
         """True when this rank counts its local part of a DTensor on ``mesh`` with ``placements``."""
         coord = mesh.get_coordinate()
         if coord is None:
-            return False   # not in the mesh: this rank holds none of it
+            return False  # not in the mesh: this rank holds none of it
         if any(p.is_replicate() and c != 0 for p, c in zip(placements, coord)):
             return False
         zero = self._zero.get(id(mesh))
@@ -162,11 +168,11 @@ class _MeshSpace:
         ranks = set(mesh.mesh.flatten().tolist())
         grid = self.root.mesh
         if not ranks <= set(grid.flatten().tolist()):
-            return True   # not a sub-mesh of the root: nothing known beyond its own placements
+            return True  # not a sub-mesh of the root: nothing known beyond its own placements
         for d in range(grid.ndim):
-            index: List[Any] = list(self.coord)
+            index: list[Any] = list(self.coord)
             index[d] = slice(None)
-            line = grid[tuple(index)].tolist()   # the root's ranks along d through this rank
+            line = grid[tuple(index)].tolist()  # the root's ranks along d through this rank
             if self.coord[d] != 0 and not ranks.issuperset(line):
                 return False
         return True

@@ -14,9 +14,10 @@ balanced by elements plus a per-tensor cost.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -35,17 +36,17 @@ MIN_SHARE_COST = 1 << 21
 DOT_MIN_ELEMENTS = 1 << 15
 
 
-def grad_key(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[int, ...]:
+def grad_key(grads: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
     """Addresses of the gradients (0 for none): equal keys mean a plan (and graph) still fits."""
     return tuple([0 if g is None else g.data_ptr() for g in grads])
 
 
-def grad_presence(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[bool, ...]:
+def grad_presence(grads: Sequence[torch.Tensor | None]) -> tuple[bool, ...]:
     """Which gradients exist: all a CPU plan checks per capture (one C-level pass, no per-tensor Python)."""
     return tuple(map(operator.is_not, grads, repeat(None)))
 
 
-def grad_signature(grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Any, ...]:
+def grad_signature(grads: Sequence[torch.Tensor | None]) -> tuple[Any, ...]:
     """What a plan depends on besides addresses: each gradient's device, dtype and contiguity."""
     return tuple([None if g is None else (g.device, g.dtype, g.is_contiguous()) for g in grads])
 
@@ -55,106 +56,119 @@ class DeviceSlice:
     """The tensors of one device, ordered by dtype, and the group each belongs to."""
 
     device: torch.device
-    positions: List[int]            # indices into the plan's flat gradient list
-    buckets: List[DtypeBucket]
-    group_index: torch.Tensor       # int64, on ``device``
-    slot: int                       # row of the staging buffer this device fills
+    positions: list[int]  # indices into the plan's flat gradient list
+    buckets: list[DtypeBucket]
+    group_index: torch.Tensor  # int64, on ``device``
+    slot: int  # row of the staging buffer this device fills
     # bool per tensor, on ``device``: whether this rank adds its squares (see placement);
     # None when it adds all of them, so the common case pays no extra kernel.
-    counted: Optional[torch.Tensor] = None
+    counted: torch.Tensor | None = None
     # Captured CUDA graphs by the gradients' addresses (the plan's key), and how often each
     # key was seen. Several, because a job that frees gradients (zero_grad(set_to_none=True))
     # while a capture still holds the previous ones alternates between address sets.
-    graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor]] = field(default_factory=dict)
-    seen: Dict[Tuple[int, ...], int] = field(default_factory=dict)
+    graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor]] = field(default_factory=dict)
+    seen: dict[tuple[int, ...], int] = field(default_factory=dict)
     # CPU slices: group_index and counted as Python lists, for the completion thread's sums
     # of small passes (norms.py: fewer torch calls, each of which gives up the GIL).
-    owners: List[int] = field(default_factory=list)
-    counted_list: Optional[List[bool]] = None
+    owners: list[int] = field(default_factory=list)
+    counted_list: list[bool] | None = None
     # Whether positions are simply 0..n-1: the flat gradient list (and the key) as is.
     identity: bool = False
     # The pointer-table pass (esper_telemetry.collector.triton_norms), when this slice can use it: its
     # block table and its graph once captured (address-independent, so one per slice).
     table: Any = None
-    table_graph: Optional[Tuple[Any, torch.Tensor]] = None
+    table_graph: tuple[Any, torch.Tensor] | None = None
     table_uses: int = 0
     # CPU slices: the runs (see the module's docstring) cut into shares, one per thread
     # (the first is the caller's); each share is a list of runs over ``positions``.
-    shares: List[List[CpuRun]] = field(default_factory=list)
+    shares: list[list[CpuRun]] = field(default_factory=list)
 
 
 @dataclass
 class Plan:
     """Everything one capture needs, derived from the live groups and their gradients."""
 
-    params: Tuple[torch.Tensor, ...]          # flat over groups, in group order
-    owner: List[int]                          # group index of each flat entry
-    key: Tuple[int, ...]
-    signature: Tuple[Any, ...]
-    slices: List[DeviceSlice]
-    has_grad: List[bool]
-    sharded: List[bool]
-    group_devices: List[Tuple[str, ...]]   # where each group's parameters live
-    group_params: List[int]
+    params: tuple[torch.Tensor, ...]  # flat over groups, in group order
+    owner: list[int]  # group index of each flat entry
+    key: tuple[int, ...]
+    signature: tuple[Any, ...]
+    slices: list[DeviceSlice]
+    has_grad: list[bool]
+    sharded: list[bool]
+    group_devices: list[tuple[str, ...]]  # where each group's parameters live
+    group_params: list[int]
     n_groups: int
-    cuda: List[DeviceSlice] = field(default_factory=list)
-    cpu: Optional[DeviceSlice] = None
+    cuda: list[DeviceSlice] = field(default_factory=list)
+    cpu: DeviceSlice | None = None
     # Address sets checked against this plan (esper_telemetry.collector.plancache keeps it bounded).
-    known_keys: Dict[Tuple[int, ...], None] = field(default_factory=dict)
+    known_keys: dict[tuple[int, ...], None] = field(default_factory=dict)
     # Which gradients existed when it was built (``grad_presence``): what a CPU-only plan,
     # which no address binds, is checked by.
-    present: Tuple[bool, ...] = ()
+    present: tuple[bool, ...] = ()
 
 
-def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optional[torch.Tensor]],
-               key: Tuple[int, ...], signature: Tuple[Any, ...], sharded: List[bool],
-               counts: List[int], counted: Optional[Sequence[bool]] = None,
-               pointer_tables: bool = False, cpu_shares: int = 1) -> Plan:
+def build_plan(
+    group_params: Sequence[Sequence[torch.Tensor]],
+    grads: list[torch.Tensor | None],
+    key: tuple[int, ...],
+    signature: tuple[Any, ...],
+    sharded: list[bool],
+    counts: list[int],
+    counted: Sequence[bool] | None = None,
+    pointer_tables: bool = False,
+    cpu_shares: int = 1,
+) -> Plan:
     """Group the present gradients by device, then dtype, and upload the group index per device.
 
     ``grads`` are the tensors this rank holds (DTensor gradients already made local);
     ``counted`` says per flat entry whether this rank adds its squares (None: all do);
     ``cpu_shares``: at most how many threads may share the CPU slice's pass.
     """
-    params: List[torch.Tensor] = []
-    owner: List[int] = []
+    params: list[torch.Tensor] = []
+    owner: list[int] = []
     for gi, ps in enumerate(group_params):
         params.extend(ps)
         owner.extend([gi] * len(ps))
     n_groups = len(group_params)
     has_grad = [False] * n_groups
-    devices: List[set] = [set() for _ in range(n_groups)]
+    devices: list[set] = [set() for _ in range(n_groups)]
     for gi, ps in enumerate(group_params):
         devices[gi].update(p.device for p in ps)
-    by_device: Dict[torch.device, Dict[torch.dtype, List[int]]] = {}
+    by_device: dict[torch.device, dict[torch.dtype, list[int]]] = {}
     for i, g in enumerate(grads):
         if g is None:
             continue
         has_grad[owner[i]] = True
         by_device.setdefault(g.device, {}).setdefault(g.dtype, []).append(i)
 
-    slices: List[DeviceSlice] = []
+    slices: list[DeviceSlice] = []
     # CPU first so its slot is stable; CUDA devices by index.
     for slot, device in enumerate(sorted(by_device, key=lambda d: (d.type != "cpu", str(d)))):
-        positions: List[int] = []
-        buckets: List[DtypeBucket] = []
-        runs: List[CpuRun] = []
+        positions: list[int] = []
+        buckets: list[DtypeBucket] = []
+        runs: list[CpuRun] = []
         for dtype, idx in by_device[device].items():
             start = len(positions)
-            big: List[int] = []
+            big: list[int] = []
             if device.type == "cpu":
                 big = [i for i in idx if grads[i].numel() >= DOT_MIN_ELEMENTS]  # type: ignore[union-attr]
                 if big:
                     chosen = set(big)
                     idx = big + [i for i in idx if i not in chosen]
-                    runs.append((dtype, start, start + len(big), dtype in (torch.float32, torch.float64)))
+                    runs.append(
+                        (dtype, start, start + len(big), dtype in (torch.float32, torch.float64))
+                    )
             if len(idx) > len(big):
                 runs.append((dtype, start + len(big), start + len(idx), False))
             buckets.append((dtype, start, start + len(idx)))
             positions.extend(idx)
         index = upload(torch.tensor([owner[i] for i in positions], dtype=torch.int64), device)
         flags = None if counted is None else [counted[i] for i in positions]
-        mask = None if flags is None or all(flags) else upload(torch.tensor(flags, dtype=torch.bool), device)
+        mask = (
+            None
+            if flags is None or all(flags)
+            else upload(torch.tensor(flags, dtype=torch.bool), device)
+        )
         s = DeviceSlice(device, positions, buckets, index, slot, mask)
         s.identity = positions == list(range(len(grads)))
         if pointer_tables and device.type == "cuda":
@@ -165,10 +179,16 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
             s.shares = split_shares([grads[i].numel() for i in positions], runs, cpu_shares)  # type: ignore[union-attr]
         slices.append(s)
     plan = Plan(
-        params=tuple(params), owner=owner, key=key, signature=signature, slices=slices,
-        has_grad=has_grad, sharded=sharded,
+        params=tuple(params),
+        owner=owner,
+        key=key,
+        signature=signature,
+        slices=slices,
+        has_grad=has_grad,
+        sharded=sharded,
         group_devices=[tuple(sorted(str(d) for d in ds)) for ds in devices],
-        group_params=counts, n_groups=n_groups,
+        group_params=counts,
+        n_groups=n_groups,
     )
     plan.known_keys[key] = None
     plan.present = grad_presence(grads)
@@ -180,7 +200,7 @@ def build_plan(group_params: Sequence[Sequence[torch.Tensor]], grads: List[Optio
     return plan
 
 
-def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> List[List[CpuRun]]:
+def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> list[list[CpuRun]]:
     """The runs cut into at most ``shares`` shares of about equal cost; the first is the caller's.
 
     Runs of tensors of ``DOT_MIN_ELEMENTS`` or more stay in the first share: ``torch.dot``
@@ -193,24 +213,27 @@ def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> 
     """
     dots = [run for run in runs if run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS]
     small = [(i, run) for run in runs if run not in dots for i in range(run[1], run[2])]
-    fixed = sum(numels[i] // (2 if run[3] else 1) + TENSOR_COST_ELEMENTS
-                for run in dots for i in range(run[1], run[2]))
+    fixed = sum(
+        numels[i] // (2 if run[3] else 1) + TENSOR_COST_ELEMENTS
+        for run in dots
+        for i in range(run[1], run[2])
+    )
     costs = [numels[i] + TENSOR_COST_ELEMENTS for i, _ in small]
     total = fixed + sum(costs)
     shares = max(1, min(shares, total // MIN_SHARE_COST))
     if shares == 1 or not small:
         return [list(runs)]
-    cuts, acc, want = [], fixed, 1   # indices into ``small`` where a new share starts
+    cuts, acc, want = [], fixed, 1  # indices into ``small`` where a new share starts
     for k, c in enumerate(costs):
         if acc >= total * want / shares and len(cuts) < shares - 1:
             cuts.append(k)
             want += 1
         acc += c
     bounds = [0, *cuts, len(small)]
-    out: List[List[CpuRun]] = []
+    out: list[list[CpuRun]] = []
     for n, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        share: List[CpuRun] = list(dots) if n == 0 else []
-        for i, run in small[lo:hi]:   # consecutive tensors of one run make one run again
+        share: list[CpuRun] = list(dots) if n == 0 else []
+        for i, run in small[lo:hi]:  # consecutive tensors of one run make one run again
             if share and not share[-1][3] and share[-1][2] == i and share[-1][0] == run[0]:
                 share[-1] = (run[0], share[-1][1], i + 1, False)
             else:
@@ -219,7 +242,7 @@ def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> 
     return [share for share in out if share]
 
 
-def _add_table(s: DeviceSlice, tensors: List[torch.Tensor]) -> None:
+def _add_table(s: DeviceSlice, tensors: list[torch.Tensor]) -> None:
     """Give the slice a pointer table when every tensor is dense with a supported dtype."""
     from . import triton_norms
 

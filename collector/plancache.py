@@ -22,7 +22,8 @@ go every other step switches between two plans without reading every gradient's 
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,18 +42,29 @@ class PlanCache:
     other devices (a new plan, or a known one coming back), for device events.
     """
 
-    def __init__(self, on_new_layout: Callable[[Optional[Plan], Plan], None], pointer_tables: bool,
-                 cpu_shares: int = 1) -> None:
+    def __init__(
+        self,
+        on_new_layout: Callable[[Plan | None, Plan], None],
+        pointer_tables: bool,
+        cpu_shares: int = 1,
+    ) -> None:
         self._on_new_layout = on_new_layout
         self._pointer_tables = pointer_tables
         self._cpu_shares = cpu_shares
-        self._plans: "collections.OrderedDict[Tuple[Any, ...], Plan]" = collections.OrderedDict()
-        self.current: Optional[Plan] = None
+        self._plans: collections.OrderedDict[tuple[Any, ...], Plan] = collections.OrderedDict()
+        self.current: Plan | None = None
         self.built = 0
 
-    def plan_for(self, grads: List[Optional[torch.Tensor]], rebound: bool,
-                 group_params: Sequence[Sequence[torch.Tensor]], sharded: List[bool],
-                 counts: List[int], counted: Optional[Sequence[bool]] = None, refit: bool = False) -> Plan:
+    def plan_for(
+        self,
+        grads: list[torch.Tensor | None],
+        rebound: bool,
+        group_params: Sequence[Sequence[torch.Tensor]],
+        sharded: list[bool],
+        counts: list[int],
+        counted: Sequence[bool] | None = None,
+        refit: bool = False,
+    ) -> Plan:
         """The plan for these gradients: the current one when it fits (the common case: one
         ``data_ptr`` per tensor with CUDA slices, which graphs bind to addresses; which
         gradients exist, without), a known one with the same layout, or a new one.
@@ -68,7 +80,9 @@ class PlanCache:
                 present = grad_presence(grads)
                 if present == plan.present:
                     return plan
-                known = next((p for p in self._plans.values() if not p.cuda and p.present == present), None)
+                known = next(
+                    (p for p in self._plans.values() if not p.cuda and p.present == present), None
+                )
                 if known is not None:
                     self._plans.move_to_end(known.signature)
                     if known.group_devices != plan.group_devices:
@@ -84,18 +98,27 @@ class PlanCache:
             key = grad_key(grads)
         signature = grad_signature(grads)
         if rebound:
-            self._plans.clear()   # plans of parameters no longer watched
+            self._plans.clear()  # plans of parameters no longer watched
         else:
             known = self._plans.get(signature)
             if known is not None:
                 remember(known, key)
                 self._plans.move_to_end(signature)
                 if plan is not None and known.group_devices != plan.group_devices:
-                    self._on_new_layout(plan, known)   # moved back to where it was before
+                    self._on_new_layout(plan, known)  # moved back to where it was before
                 self.current = known
                 return known
-        new = build_plan(group_params, grads, key, signature, sharded, counts, counted,
-                         pointer_tables=self._pointer_tables, cpu_shares=self._cpu_shares)
+        new = build_plan(
+            group_params,
+            grads,
+            key,
+            signature,
+            sharded,
+            counts,
+            counted,
+            pointer_tables=self._pointer_tables,
+            cpu_shares=self._cpu_shares,
+        )
         self.built += 1
         self._on_new_layout(plan, new)
         self._plans[signature] = new
@@ -105,7 +128,7 @@ class PlanCache:
         return new
 
 
-def remember(plan: Plan, key: Tuple[int, ...]) -> None:
+def remember(plan: Plan, key: tuple[int, ...]) -> None:
     """Make ``key`` the plan's current address set, forgetting the oldest beyond ``KEYS``."""
     if key not in plan.known_keys and len(plan.known_keys) >= KEYS:
         forget = next(iter(plan.known_keys))

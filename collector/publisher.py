@@ -19,13 +19,12 @@ import os
 import queue
 import threading
 import time
-from typing import List, Optional
 
 import zmq
 
 from esper_telemetry.codec import encode
-from esper_telemetry.events import Event, Heartbeat
 from esper_telemetry.defaults import COLLECTOR_MESSAGE_BYTES
+from esper_telemetry.events import Event, Heartbeat
 
 from .curve import CurveKeys
 
@@ -44,24 +43,34 @@ class Publisher:
     ``heartbeat_s`` is the interval of heartbeats; ``run`` and ``rank`` label them.
     """
 
-    def __init__(self, endpoint: str, run: str, rank: int, *, queue_size: int = 4096,
-                 sndhwm: int = 1000, linger_ms: int = 500, heartbeat_s: float = 5.0,
-                 max_batch: int = 256, curve: Optional[CurveKeys] = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        run: str,
+        rank: int,
+        *,
+        queue_size: int = 4096,
+        sndhwm: int = 1000,
+        linger_ms: int = 500,
+        heartbeat_s: float = 5.0,
+        max_batch: int = 256,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self._run, self._rank = run, rank
-        self._queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._heartbeat_s = heartbeat_s
         self._max_batch = max_batch
         self._linger_ms = linger_ms
         self._pid = os.getpid()
         self.sent = 0
-        self.messages = 0           # messages libzmq accepted: the next message's number
+        self.messages = 0  # messages libzmq accepted: the next message's number
         self.dropped = 0
         self.errors = 0
-        self.other_errors = 0       # the collector's own (capture) errors, for the heartbeats
+        self.other_errors = 0  # the collector's own (capture) errors, for the heartbeats
         self._counts = threading.Lock()  # counters are bumped from several threads
-        self._inflight = 0          # taken off the queue, not yet sent or dropped
-        self._final: Optional[Event] = None
+        self._inflight = 0  # taken off the queue, not yet sent or dropped
+        self._final: Event | None = None
         self._idle = threading.Condition()
         # Who closes the socket and context: close(), or the sender thread itself when it
         # outlives close()'s timeout (a context collected with a socket open would block).
@@ -83,7 +92,9 @@ class Publisher:
             self._sock.curve_publickey = curve.client_public
             self._sock.curve_secretkey = curve.client_secret
         self._sock.connect(endpoint)
-        self._thread = threading.Thread(target=self._loop, name="esper-telemetry-sender", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="esper-telemetry-sender", daemon=True
+        )
         self._thread.start()
 
     # -- producers (any thread) ----------------------------------------------------------
@@ -116,7 +127,7 @@ class Publisher:
                 self._idle.wait(min(left, 0.05))
         return True
 
-    def close(self, final: Optional[Event], timeout_s: float) -> None:
+    def close(self, final: Event | None, timeout_s: float) -> None:
         """Send what is queued (and ``final``), then stop within ``timeout_s`` seconds."""
         if os.getpid() != self._pid:
             return  # a forked child: the parent's context is not ours to touch
@@ -151,7 +162,7 @@ class Publisher:
         stopping = False
         while not stopping:
             timeout = max(0.0, next_heartbeat - time.monotonic())
-            batch: List[Event] = []
+            batch: list[Event] = []
             try:
                 item = self._queue.get(timeout=timeout)
                 items = [item]
@@ -183,10 +194,17 @@ class Publisher:
                 self._idle.notify_all()
 
     def _heartbeat(self) -> Heartbeat:
-        return Heartbeat(self._run, self._rank, time.time(), self.sent, self.dropped,
-                         self._queue.qsize(), self.errors + self.other_errors)
+        return Heartbeat(
+            self._run,
+            self._rank,
+            time.time(),
+            self.sent,
+            self.dropped,
+            self._queue.qsize(),
+            self.errors + self.other_errors,
+        )
 
-    def _send(self, batch: List[Event]) -> None:
+    def _send(self, batch: list[Event]) -> None:
         try:
             data = encode(batch, seq=self.messages)
             if len(data) > COLLECTOR_MESSAGE_BYTES and len(batch) > 1:

@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import time
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -38,61 +38,111 @@ __all__ = ["Reporter"]
 class Reporter:
     """Events of one collector (``run``, ``rank``) about its groups ``specs``."""
 
-    def __init__(self, publisher: Publisher, specs: Sequence[GroupSpec], run: str, rank: int,
-                 world_size: int, isolation_threshold: float) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        specs: Sequence[GroupSpec],
+        run: str,
+        rank: int,
+        world_size: int,
+        isolation_threshold: float,
+    ) -> None:
         self._publisher = publisher
         self._specs = list(specs)
         self.run, self.rank, self.world_size = run, rank, world_size
-        self._threshold_sq = isolation_threshold ** 2
+        self._threshold_sq = isolation_threshold**2
         self._host = next((i for i, s in enumerate(self._specs) if s.role == "host"), None)
         # Device conditions already reported, so each is sent once per change.
-        self._reported: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+        self._reported: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def hello(self, counts: Sequence[int]) -> None:
         decls = tuple(GroupDecl(s.name, s.role, c, s.isolated) for s, c in zip(self._specs, counts))
-        self._publisher.publish(Hello(self.run, self.rank, time.time(), self.world_size,
-                                      socket.gethostname()[:256], os.getpid(), __version__,
-                                      torch.__version__, decls))
+        self._publisher.publish(
+            Hello(
+                self.run,
+                self.rank,
+                time.time(),
+                self.world_size,
+                socket.gethostname()[:256],
+                os.getpid(),
+                __version__,
+                torch.__version__,
+                decls,
+            )
+        )
 
-    def norms(self, step: int, time_s: float, skipped: bool, plan: Plan,
-              sq_row: Sequence[float], nf_row: Sequence[float],
-              stale: FrozenSet[str] = frozenset()) -> CaptureResult:
+    def norms(
+        self,
+        step: int,
+        time_s: float,
+        skipped: bool,
+        plan: Plan,
+        sq_row: Sequence[float],
+        nf_row: Sequence[float],
+        stale: frozenset[str] = frozenset(),
+    ) -> CaptureResult:
         """Publish one completed capture (and its isolation violations); the in-process result.
 
         ``stale``: groups that can no longer be followed, marked so in the result.
         """
-        results: Dict[str, GroupResult] = {}
-        wire: List[GroupNorm] = []
+        results: dict[str, GroupResult] = {}
+        wire: list[GroupNorm] = []
         for gi, spec in enumerate(self._specs):
             has = plan.has_grad[gi]
             sq = sq_row[gi] if has else None
-            r = GroupResult(spec.name, spec.role, plan.group_params[gi], sq, int(nf_row[gi]), has,
-                            plan.sharded[gi], spec.isolated, spec.name in stale)
+            r = GroupResult(
+                spec.name,
+                spec.role,
+                plan.group_params[gi],
+                sq,
+                int(nf_row[gi]),
+                has,
+                plan.sharded[gi],
+                spec.isolated,
+                spec.name in stale,
+            )
             results[spec.name] = r
             wire_sq = sq
-            wire.append(GroupNorm(spec.name, spec.role, r.params, wire_sq, r.nonfinite, r.sharded, spec.isolated))
-        ratios: Dict[str, float] = {}
+            wire.append(
+                GroupNorm(
+                    spec.name, spec.role, r.params, wire_sq, r.nonfinite, r.sharded, spec.isolated
+                )
+            )
+        ratios: dict[str, float] = {}
         if self._host is not None:
             host = results[self._specs[self._host].name]
             # A local contribution over another is no ratio of the groups' norms: left out.
-            ratios = {r.name: seed_ratio(r.sq, r.params, host.sq, host.params)
-                      for r in results.values() if r.role == "seed" and not (r.local or host.local)}
+            ratios = {
+                r.name: seed_ratio(r.sq, r.params, host.sq, host.params)
+                for r in results.values()
+                if r.role == "seed" and not (r.local or host.local)
+            }
         self._publisher.publish(Norms(self.run, self.rank, time_s, step, skipped, tuple(wire)))
         for r in results.values():
             if r.isolated and r.sq is not None and (r.nonfinite or not r.sq <= self._threshold_sq):
                 norm = r.norm
-                self._publisher.publish(IsolationViolation(
-                    self.run, self.rank, time_s, step, r.name, "gradient",
-                    f"isolated group received gradient (norm {norm:.3g}, {r.nonfinite} non-finite tensors)",
-                    norm if norm is not None and math.isfinite(norm) else None,
-                ))
+                self._publisher.publish(
+                    IsolationViolation(
+                        self.run,
+                        self.rank,
+                        time_s,
+                        step,
+                        r.name,
+                        "gradient",
+                        f"isolated group received gradient (norm {norm:.3g}, {r.nonfinite} non-finite tensors)",
+                        norm if norm is not None and math.isfinite(norm) else None,
+                    )
+                )
         return CaptureResult(step, time_s, self.rank, skipped, results, ratios)
 
     def structural(self, step: int, name: str, evidence: str) -> None:
-        self._publisher.publish(IsolationViolation(self.run, self.rank, time.time(), step,
-                                                   name, "structural", evidence, None))
+        self._publisher.publish(
+            IsolationViolation(
+                self.run, self.rank, time.time(), step, name, "structural", evidence, None
+            )
+        )
 
-    def layout(self, old: Optional[Plan], new: Plan, rebound: Sequence[int]) -> None:
+    def layout(self, old: Plan | None, new: Plan, rebound: Sequence[int]) -> None:
         """Device events for a new plan, each condition once: split, mixed, and moved.
 
         ``rebound``: groups whose parameters were re-bound since the last plan (reported as
@@ -103,8 +153,14 @@ class Reporter:
             devices = new.group_devices[gi]
             state = {
                 "split": devices if len(devices) > 1 else (),
-                "mixed": devices if (spec.role == "seed" and host_devices
-                                     and devices and set(devices) != set(host_devices)) else (),
+                "mixed": devices
+                if (
+                    spec.role == "seed"
+                    and host_devices
+                    and devices
+                    and set(devices) != set(host_devices)
+                )
+                else (),
             }
             for kind, value in state.items():
                 if value and self._reported.get((kind, spec.name)) != value:
@@ -115,4 +171,6 @@ class Reporter:
 
     def device(self, kind: str, group: str, devices: Sequence[str]) -> None:
         """A device condition of ``group``: split, mixed, moved, or stale (no longer followed)."""
-        self._publisher.publish(DeviceMismatch(self.run, self.rank, time.time(), kind, group, tuple(devices)))
+        self._publisher.publish(
+            DeviceMismatch(self.run, self.rank, time.time(), kind, group, tuple(devices))
+        )

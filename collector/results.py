@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple
 
 __all__ = ["GroupResult", "CaptureResult"]
 
@@ -26,15 +26,15 @@ class GroupResult(NamedTuple):
     name: str
     role: str
     params: int
-    sq: Optional[float]
+    sq: float | None
     nonfinite: int
     has_grad: bool
     sharded: bool
     isolated: bool
-    stale: bool = False   # the group can no longer be followed: its numbers mean nothing
+    stale: bool = False  # the group can no longer be followed: its numbers mean nothing
 
     @property
-    def norm(self) -> Optional[float]:
+    def norm(self) -> float | None:
         return None if self.sq is None else math.sqrt(self.sq)
 
     @property
@@ -50,8 +50,8 @@ class CaptureResult(NamedTuple):
     time: float
     rank: int
     skipped: bool
-    groups: Dict[str, GroupResult]
-    ratios: Dict[str, float]
+    groups: dict[str, GroupResult]
+    ratios: dict[str, float]
 
     def __getitem__(self, name):  # type: ignore[override]
         """``result["host"]`` is the host's GroupResult; integer indexing stays a tuple's."""

@@ -11,7 +11,6 @@ serializing) off the training thread once the pool is warm.
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Tuple
 
 import torch
 
@@ -34,7 +33,7 @@ class Staging:
 
     __slots__ = ("rows", "ptrs", "shape")
 
-    def __init__(self, rows: torch.Tensor, ptrs: Dict[int, torch.Tensor], shape: Tuple) -> None:
+    def __init__(self, rows: torch.Tensor, ptrs: dict[int, torch.Tensor], shape: tuple) -> None:
         self.rows = rows
         self.ptrs = ptrs
         self.shape = shape
@@ -44,11 +43,13 @@ class StagingPool:
     """Thread-safe free lists of ``Staging`` by shape; ``take`` on the training thread, ``give`` anywhere."""
 
     def __init__(self) -> None:
-        self._free: Dict[Tuple, List[Staging]] = {}
+        self._free: dict[tuple, list[Staging]] = {}
         self._lock = threading.Lock()
 
     def take(self, plan) -> Staging:
-        tables = tuple((s.slot, int(s.table.numels.shape[0])) for s in plan.cuda if s.table is not None)
+        tables = tuple(
+            (s.slot, int(s.table.numels.shape[0])) for s in plan.cuda if s.table is not None
+        )
         pin = bool(plan.cuda)
         # Pinning is part of the key: a pageable buffer left by a CPU plan would turn this
         # plan's non-blocking device-to-host copy into a synchronous one.
@@ -57,7 +58,9 @@ class StagingPool:
             free = self._free.get(shape)
             if free:
                 return free.pop()
-        rows = torch.zeros((len(plan.slices), 2, plan.n_groups), dtype=torch.float64, pin_memory=pin)
+        rows = torch.zeros(
+            (len(plan.slices), 2, plan.n_groups), dtype=torch.float64, pin_memory=pin
+        )
         ptrs = {slot: torch.zeros(n, dtype=torch.int64, pin_memory=pin) for slot, n in tables}
         return Staging(rows, ptrs, shape)
 

@@ -18,15 +18,15 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
 from esper_telemetry.events import Goodbye
 
 from .completion import CompletionThread, Pending
-from .groups import GroupSpec, disjoint, registration_generation, stale_groups, total_params
 from .eager import eager
+from .groups import GroupSpec, disjoint, registration_generation, stale_groups, total_params
 from .hooks import Amp, StepHooks
 from .isolation import StructuralCheck
 from .options import Options
@@ -57,59 +57,77 @@ def cpu_backlog(plan: Plan) -> int:
     tensors = 0 if plan.cpu is None else len(plan.cpu.positions)  # None: no gradient at all
     each = _PENDING_OBJECT_BYTES + 8 * (tensors + 2 * plan.n_groups)
     return max(1, min(_MAX_IN_FLIGHT_CPU, _CPU_BACKLOG_BYTES // each))
-_live: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
+
+
+_live: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 
 
 class Telemetry:
     """Watches named parameter groups of one training process; made by ``esper_telemetry.attach``."""
 
-    def __init__(self, specs: List[GroupSpec], options: Options) -> None:
+    def __init__(self, specs: list[GroupSpec], options: Options) -> None:
         self.options = options
         self.run, self.rank, self.world_size = options.run, options.rank, options.world_size
         self.endpoint = options.endpoint
         self._specs = specs
-        self.step = 0                 # the step the next capture is, unless told
-        self._flat: Tuple[torch.Tensor, ...] = ()
-        self._group_params: List[Tuple[torch.Tensor, ...]] = []
-        self._counts: List[int] = []
+        self.step = 0  # the step the next capture is, unless told
+        self._flat: tuple[torch.Tensor, ...] = ()
+        self._group_params: list[tuple[torch.Tensor, ...]] = []
+        self._counts: list[int] = []
         self._layout: Layout = layout([], None)  # set with the groups (_resolve)
-        self._sharded: List[bool] = []
+        self._sharded: list[bool] = []
         self._dtensor = False
-        self._rebound: set = set()   # groups whose parameters changed since the last plan
-        self._stale: set = set()     # names of groups that can no longer be followed
-        self._checked_gen = -1       # registration generation of the last staleness check
-        self._unfenced: List[Tuple[torch.cuda.Stream, torch.cuda.Event]] = []
-        self._latest: Optional[CaptureResult] = None
+        self._rebound: set = set()  # groups whose parameters changed since the last plan
+        self._stale: set = set()  # names of groups that can no longer be followed
+        self._checked_gen = -1  # registration generation of the last staleness check
+        self._unfenced: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
+        self._latest: CaptureResult | None = None
         self._error_kinds: set = set()
         self._closed = False
         self._forked = False
         self._pid = os.getpid()
         self._staging = StagingPool()
-        self._passes = DevicePasses(use_graphs=options.cuda_graphs, pointer_tables=options.pointer_tables)
-        self._plans = PlanCache(self._on_new_layout, self._passes.pointer_tables,
-                                cpu_shares=1 + self._passes.helpers.count)
+        self._passes = DevicePasses(
+            use_graphs=options.cuda_graphs, pointer_tables=options.pointer_tables
+        )
+        self._plans = PlanCache(
+            self._on_new_layout,
+            self._passes.pointer_tables,
+            cpu_shares=1 + self._passes.helpers.count,
+        )
         self._structural = StructuralCheck(options.structural)
         self._resolve()
         # Hooks, then the threads and the socket, last: whatever fails before leaves nothing.
-        self._hooks: Optional[StepHooks] = None
+        self._hooks: StepHooks | None = None
         if options.optimizer is not None:
             self._hooks = StepHooks(self, options.optimizer, options.scaler, options.every)
         try:
-            self._publisher = Publisher(options.endpoint, options.run, options.rank,
-                                        queue_size=options.queue_size, heartbeat_s=options.heartbeat_s,
-                                        curve=options.curve)
+            self._publisher = Publisher(
+                options.endpoint,
+                options.run,
+                options.rank,
+                queue_size=options.queue_size,
+                heartbeat_s=options.heartbeat_s,
+                curve=options.curve,
+            )
         except BaseException:
             self._unhook()
             raise
-        self._reporter = Reporter(self._publisher, specs, options.run, options.rank, options.world_size,
-                                  options.isolation_threshold)
+        self._reporter = Reporter(
+            self._publisher,
+            specs,
+            options.run,
+            options.rank,
+            options.world_size,
+            options.isolation_threshold,
+        )
         self._completion = CompletionThread(self._on_done, self.report_error)
         self._reporter.hello(self._counts)
         _live.add(self)
         atexit.register(_close_at_exit, weakref.WeakMethod(self.close))
 
     # -- public API -------------------------------------------------------------------
-    def capture(self, step: Optional[int] = None) -> None:
+    def capture(self, step: int | None = None) -> None:
         """Measure every group's gradients as they are now; returns at once, never raises.
 
         Call it after ``backward()`` (and after any unscaling). On CUDA the host does not
@@ -120,7 +138,7 @@ class Telemetry:
         """
         eager(Telemetry.capture_step, self, step, True, False)
 
-    def latest(self) -> Optional[CaptureResult]:
+    def latest(self) -> CaptureResult | None:
         """The most recent completed capture, or None; never waits."""
         return eager(_latest, self)
 
@@ -131,13 +149,13 @@ class Telemetry:
             return False
         return self._publisher.drain(max(0.0, deadline - time.monotonic()))
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """Counters since attach: captures, completed, sent, dropped, pending, errors, and more."""
         return {
             "captures": self._completion.submitted,
             "completed": self._completion.completed,
             "sent": self._publisher.sent,
-            "dropped": self._publisher.dropped,   # backlog skips included (see _capture)
+            "dropped": self._publisher.dropped,  # backlog skips included (see _capture)
             "pending": self._completion.in_flight() + self._publisher.depth(),
             "errors": self._publisher.other_errors + self._publisher.errors,
             "plans": self._plans.built,
@@ -146,7 +164,7 @@ class Telemetry:
             "pointer_tables": int(self._passes.pointer_tables),
         }
 
-    def close(self, timeout_s: Optional[float] = None) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         """Stop watching and say goodbye; idempotent, and bounded even with no daemon."""
         if self._closed:
             return
@@ -163,15 +181,16 @@ class Telemetry:
         goodbye = Goodbye(self.run, self.rank, time.time(), "close")
         self._publisher.close(goodbye, max(0.05, deadline - time.monotonic()))
 
-    def __enter__(self) -> "Telemetry":
+    def __enter__(self) -> Telemetry:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # -- the capture path (training thread; also the hooks' Driver) --------------------
-    def capture_step(self, step: Optional[int], fence: bool, skipped: bool,
-                     amp: Optional[Amp] = None) -> None:
+    def capture_step(
+        self, step: int | None, fence: bool, skipped: bool, amp: Amp | None = None
+    ) -> None:
         """One capture, never raising: a failure is counted and logged once per kind.
 
         ``amp``: GradScaler's ``found_inf`` (and the scale, when the gradients are still
@@ -186,7 +205,7 @@ class Telemetry:
                 self.step = (self.step if step is None else int(step)) + 1
                 self._publisher.count(dropped=1)
                 return
-            with torch.no_grad():   # after backward(create_graph=True) grads carry history
+            with torch.no_grad():  # after backward(create_graph=True) grads carry history
                 self._capture(step, fence, skipped, amp)
         except Exception as exc:
             self.report_error(exc)
@@ -203,34 +222,45 @@ class Telemetry:
         kind = type(exc).__name__
         if kind not in self._error_kinds:
             self._error_kinds.add(kind)
-            log.warning("esper-telemetry: %s: %s (training goes on; further %s errors only counted)",
-                        kind, exc, kind)
+            log.warning(
+                "esper-telemetry: %s: %s (training goes on; further %s errors only counted)",
+                kind,
+                exc,
+                kind,
+            )
 
-    def _capture(self, step: Optional[int], fence: bool, skipped: bool, amp: Optional[Amp]) -> None:
+    def _capture(self, step: int | None, fence: bool, skipped: bool, amp: Amp | None) -> None:
         if step is None:
             step = self.step
         if isinstance(step, torch.Tensor) and step.device.type != "cpu":
-            raise TypeError("capture(step=...) takes an int or a CPU tensor: reading a GPU tensor would "
-                            "make the host wait for the GPU")
+            raise TypeError(
+                "capture(step=...) takes an int or a CPU tensor: reading a GPU tensor would "
+                "make the host wait for the GPU"
+            )
         step = int(step)  # a tensor or numpy step would fail to encode, losing its whole batch
         if step < 0:  # the wire carries counts: the daemon would reject this capture's batch
             raise ValueError(f"capture step must be >= 0, got {step}")
         self.step = step + 1
-        for name, evidence in self._structural.take():   # leaks seen since the last capture
+        for name, evidence in self._structural.take():  # leaks seen since the last capture
             self._reporter.structural(step, name, evidence)
         rebound = self._resolve()
         grads = [p.grad for p in self._flat]
         if self._dtensor:
             grads, bad = local_grads(grads, self._layout)
-            if bad:   # those groups report no number this capture; the rest goes on
-                self.report_error(unmeasurable({self._specs[gi].name: why for gi, why in bad.items()}))
-        plan = self._plans.plan_for(grads, rebound, self._group_params, self._sharded, self._counts,
-                                    self._layout.counted)
+            if bad:  # those groups report no number this capture; the rest goes on
+                self.report_error(
+                    unmeasurable({self._specs[gi].name: why for gi, why in bad.items()})
+                )
+        plan = self._plans.plan_for(
+            grads, rebound, self._group_params, self._sharded, self._counts, self._layout.counted
+        )
         # Far behind (the GPU, or the completion thread): skip rather than queue more. CPU
         # captures cost the completion thread little, so they get a much larger allowance,
         # bounded in bytes too.
         if self._completion.in_flight() >= (_MAX_IN_FLIGHT if plan.cuda else cpu_backlog(plan)):
-            self._publisher.count(dropped=1)  # a lost Norms event: counted where heartbeats carry it
+            self._publisher.count(
+                dropped=1
+            )  # a lost Norms event: counted where heartbeats carry it
             return
         staging = self._staging.take(plan)
         finish = None
@@ -244,18 +274,29 @@ class Telemetry:
                 # devices: one changed in place (model.double(), a .data moved) makes the
                 # pass raise. Look the plan up by what they are now, once.
                 self._staging.give(staging)
-                plan = self._plans.plan_for(grads, False, self._group_params, self._sharded, self._counts,
-                                            self._layout.counted, refit=True)
+                plan = self._plans.plan_for(
+                    grads,
+                    False,
+                    self._group_params,
+                    self._sharded,
+                    self._counts,
+                    self._layout.counted,
+                    refit=True,
+                )
                 staging = self._staging.take(plan)
                 if plan.cpu is not None:
                     finish = self._passes.run_cpu(plan, grads, staging.rows[plan.cpu.slot])
-        events: List[torch.cuda.Event] = []
+        events: list[torch.cuda.Event] = []
         for s in plan.cuda:
-            events.append(self._passes.launch_cuda(plan, s, grads, staging.rows[s.slot],
-                                                   staging.ptrs.get(s.slot), fence))
+            events.append(
+                self._passes.launch_cuda(
+                    plan, s, grads, staging.rows[s.slot], staging.ptrs.get(s.slot), fence
+                )
+            )
         if not fence:
-            self._unfenced.extend((torch.cuda.current_stream(s.device), e)
-                                  for s, e in zip(plan.cuda, events))
+            self._unfenced.extend(
+                (torch.cuda.current_stream(s.device), e) for s, e in zip(plan.cuda, events)
+            )
         # Holding the gradients keeps the allocator from handing their memory out again
         # (after zero_grad(set_to_none=True)) until the side streams are done reading.
         held = grads if plan.cuda else []
@@ -297,15 +338,18 @@ class Telemetry:
         stale = set(stale_groups(self._specs))
         for gi, spec in enumerate(self._specs):
             if spec.name in stale and spec.name not in self._stale:
-                log.warning("esper-telemetry: group %r can no longer be followed: what was given for it "
-                            "is no longer in the model (pass a dotted path or a callable to follow "
-                            "replacements); it is reported as stale, not measured", spec.name)
+                log.warning(
+                    "esper-telemetry: group %r can no longer be followed: what was given for it "
+                    "is no longer in the model (pass a dotted path or a callable to follow "
+                    "replacements); it is reported as stale, not measured",
+                    spec.name,
+                )
                 self._reporter.device("stale", spec.name, ())
             elif spec.name in self._stale and spec.name not in stale:
                 self._rebound.add(gi)
         self._stale = stale
 
-    def _on_new_layout(self, old: Optional[Plan], new: Plan) -> None:
+    def _on_new_layout(self, old: Plan | None, new: Plan) -> None:
         self._reporter.layout(old, new, tuple(self._rebound))
         self._rebound.clear()
 
@@ -325,18 +369,24 @@ class Telemetry:
                 # unscaled yet are reported unscaled, like every other skipped step's.
                 skipped = True
                 sq_row = [sq / (scale * scale) for sq in sq_row]
-        self._latest = self._reporter.norms(pending.step, pending.time, skipped, pending.plan,
-                                            sq_row, nf_row, frozenset(self._stale))
+        self._latest = self._reporter.norms(
+            pending.step,
+            pending.time,
+            skipped,
+            pending.plan,
+            sq_row,
+            nf_row,
+            frozenset(self._stale),
+        )
         self._staging.give(pending.staging)
 
 
-
-def _latest(tel: Telemetry) -> Optional[CaptureResult]:
+def _latest(tel: Telemetry) -> CaptureResult | None:
     # A plain attribute read, but one dynamo must not bake into a graph as a constant.
     return tel._latest
 
 
-def _stage_amp(amp: Amp, events: List[Any]) -> torch.Tensor:
+def _stage_amp(amp: Amp, events: list[Any]) -> torch.Tensor:
     """GradScaler's ``found_inf`` and scale, copied for the completion thread without a wait.
 
     On CUDA the copy goes to pinned memory, non-blocking, on the stream that produced them,
@@ -345,8 +395,12 @@ def _stage_amp(amp: Amp, events: List[Any]) -> torch.Tensor:
     found_inf, scale = amp
     device = found_inf.device
     one = torch.ones((), dtype=torch.float64, device=device)
-    pair = torch.stack([found_inf.reshape(()).to(torch.float64),
-                        one if scale is None else scale.reshape(()).to(device, torch.float64)])
+    pair = torch.stack(
+        [
+            found_inf.reshape(()).to(torch.float64),
+            one if scale is None else scale.reshape(()).to(device, torch.float64),
+        ]
+    )
     if device.type != "cuda":
         return pair
     host = torch.empty(2, dtype=torch.float64, pin_memory=True)
@@ -357,7 +411,7 @@ def _stage_amp(amp: Amp, events: List[Any]) -> torch.Tensor:
     return host
 
 
-def _close_at_exit(ref: "weakref.WeakMethod") -> None:
+def _close_at_exit(ref: weakref.WeakMethod) -> None:
     close = ref()
     if close is not None:
         close(timeout_s=1.0)
@@ -368,7 +422,7 @@ def _after_fork_in_child() -> None:
     for tel in list(_live):
         tel._forked = True
         tel._closed = True
-        tel._unhook()   # the child's forward passes and steps must not report into our queue
+        tel._unhook()  # the child's forward passes and steps must not report into our queue
 
 
 if hasattr(os, "register_at_fork"):

@@ -24,19 +24,30 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import IO
 
 from esper_telemetry import defaults
 
-__all__ = ["DEFAULT_URL", "ExpositionError", "FetchError", "Row", "parse_exposition", "build_rows",
-           "format_table", "fetch", "run_once", "run_live"]
+__all__ = [
+    "DEFAULT_URL",
+    "ExpositionError",
+    "FetchError",
+    "Row",
+    "parse_exposition",
+    "build_rows",
+    "format_table",
+    "fetch",
+    "run_once",
+    "run_live",
+]
 
 DEFAULT_URL = f"http://127.0.0.1:{defaults.DEFAULT_WEB_PORT}{defaults.DEFAULT_WEB_TELEMETRY_PATH}"
-MAX_BODY_BYTES = 64 * 1024 * 1024   # a scrape of 10,000 series is about 1 MB
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a scrape of 10,000 series is about 1 MB
 
-Labels = Dict[str, str]
-Samples = Dict[str, List[Tuple[Labels, float]]]
+Labels = dict[str, str]
+Samples = dict[str, list[tuple[Labels, float]]]
 
 
 class ExpositionError(ValueError):
@@ -47,7 +58,7 @@ class FetchError(Exception):
     """The metrics URL could not be read or did not hold an esper-telemetryd exposition; one line."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))   # whatever the cause said, on one line
+        super().__init__(" ".join(message.split()))  # whatever the cause said, on one line
 
 
 # -- the text format ---------------------------------------------------------------------------
@@ -56,7 +67,7 @@ _LABEL = re.compile(r"\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*\"")
 _UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
 
 
-def _labels(line: str, i: int, where: str) -> Tuple[Labels, int]:
+def _labels(line: str, i: int, where: str) -> tuple[Labels, int]:
     """The label set starting after ``{`` at ``i``; returns it and the index after ``}``."""
     labels: Labels = {}
     while True:
@@ -68,7 +79,7 @@ def _labels(line: str, i: int, where: str) -> Tuple[Labels, int]:
         if m is None:
             raise ExpositionError(f"{where}: bad label at column {i + 1}")
         i = m.end()
-        value: List[str] = []
+        value: list[str] = []
         while True:
             if i >= len(line):
                 raise ExpositionError(f"{where}: unterminated label value")
@@ -141,18 +152,18 @@ class Row:
 
     run: str
     group: str
-    step: Optional[float]
-    norm: Optional[float]
-    has_gradient: Optional[float]
-    ratio: Optional[float]
+    step: float | None
+    norm: float | None
+    has_gradient: float | None
+    ratio: float | None
     nonfinite: float
-    isolation_ok: Optional[float]
+    isolation_ok: float | None
     violations: float
     device_events: float
     dropped: float
-    last_capture: Optional[float]     # unix time, by the collector's clock
-    stale: bool = False               # the collector can no longer follow the group
-    ended: bool = False               # every rank of the run said goodbye: final values
+    last_capture: float | None  # unix time, by the collector's clock
+    stale: bool = False  # the collector can no longer follow the group
+    ended: bool = False  # every rank of the run said goodbye: final values
 
     @property
     def violated(self) -> bool:
@@ -161,20 +172,24 @@ class Row:
     @property
     def unhealthy(self) -> bool:
         """A violation, non-finite gradients (now or before), or a group that is no longer followed."""
-        return (self.violated or self.nonfinite > 0 or self.stale
-                or (self.norm is not None and not math.isfinite(self.norm)))
+        return (
+            self.violated
+            or self.nonfinite > 0
+            or self.stale
+            or (self.norm is not None and not math.isfinite(self.norm))
+        )
 
 
-def _by(samples: Samples, name: str, *keys: str) -> Dict[Tuple[str, ...], float]:
+def _by(samples: Samples, name: str, *keys: str) -> dict[tuple[str, ...], float]:
     """Series of ``name`` keyed by the values of ``keys``; series sharing a key are summed."""
-    out: Dict[Tuple[str, ...], float] = {}
+    out: dict[tuple[str, ...], float] = {}
     for labels, value in samples.get(name, ()):
         key = tuple(labels.get(k, "") for k in keys)
         out[key] = out.get(key, 0.0) + value
     return out
 
 
-def build_rows(samples: Samples, run: Optional[str] = None) -> List[Row]:
+def build_rows(samples: Samples, run: str | None = None) -> list[Row]:
     """Rows for every group of every run (``run``: a name or shell-style pattern), worst first.
 
     Worst: an isolation violation, then non-finite gradients (most first) or a stale group;
@@ -197,26 +212,50 @@ def build_rows(samples: Samples, run: Optional[str] = None) -> List[Row]:
     keys = set(norm) | set(has) | set(params) | set(nonfinite) | set(iso)
     if run is not None:
         keys = {k for k in keys if fnmatch.fnmatchcase(k[0], run)}
-    rows = [Row(run=r, group=g, step=step.get((r,)), norm=norm.get((r, g)), has_gradient=has.get((r, g)),
-                ratio=ratio.get((r, g)), nonfinite=nonfinite.get((r, g), 0.0), isolation_ok=iso.get((r, g)),
-                violations=violations.get((r, g), 0.0), device_events=device.get((r,), 0.0),
-                dropped=dropped.get((r,), 0.0), last_capture=last.get((r,)), stale=stale.get((r, g), 0.0) > 0,
-                ended=ended.get((r,), 0.0) > 0)
-            for r, g in keys]
+    rows = [
+        Row(
+            run=r,
+            group=g,
+            step=step.get((r,)),
+            norm=norm.get((r, g)),
+            has_gradient=has.get((r, g)),
+            ratio=ratio.get((r, g)),
+            nonfinite=nonfinite.get((r, g), 0.0),
+            isolation_ok=iso.get((r, g)),
+            violations=violations.get((r, g), 0.0),
+            device_events=device.get((r,), 0.0),
+            dropped=dropped.get((r,), 0.0),
+            last_capture=last.get((r,)),
+            stale=stale.get((r, g), 0.0) > 0,
+            ended=ended.get((r,), 0.0) > 0,
+        )
+        for r, g in keys
+    ]
     rows.sort(key=lambda w: (not w.violated, not w.unhealthy, -w.nonfinite, w.run, w.group))
     return rows
 
 
 # -- the table -----------------------------------------------------------------------------------
-HEADER = ("RUN", "GROUP", "STEP", "NORM", "RATIO", "NONFINITE", "ISOLATION", "DEVICE", "DROPS", "AGE")
+HEADER = (
+    "RUN",
+    "GROUP",
+    "STEP",
+    "NORM",
+    "RATIO",
+    "NONFINITE",
+    "ISOLATION",
+    "DEVICE",
+    "DROPS",
+    "AGE",
+)
 _RIGHT = {2, 3, 4, 5, 7, 8, 9}
 
 
-def _count(v: Optional[float]) -> str:
+def _count(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-def _age(last: Optional[float], now: float) -> str:
+def _age(last: float | None, now: float) -> str:
     if last is None:
         return "-"
     s = max(0.0, now - last)
@@ -229,7 +268,7 @@ def _age(last: Optional[float], now: float) -> str:
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
-def cells(row: Row, now: float) -> Tuple[str, ...]:
+def cells(row: Row, now: float) -> tuple[str, ...]:
     """The row's table cells, as text without spaces (so a script can split on whitespace)."""
     if row.stale:
         norm = "stale"
@@ -245,32 +284,52 @@ def cells(row: Row, now: float) -> Tuple[str, ...]:
         isolation = f"VIOLATED({row.violations:.0f})"
     else:
         isolation = "ok"
-    return (row.run, row.group, _count(row.step), norm, "-" if row.ratio is None else f"{row.ratio:.4g}",
-            f"{row.nonfinite:.0f}", isolation, f"{row.device_events:.0f}", f"{row.dropped:.0f}",
-            f"ended({_age(row.last_capture, now)})" if row.ended else _age(row.last_capture, now))
+    return (
+        row.run,
+        row.group,
+        _count(row.step),
+        norm,
+        "-" if row.ratio is None else f"{row.ratio:.4g}",
+        f"{row.nonfinite:.0f}",
+        isolation,
+        f"{row.device_events:.0f}",
+        f"{row.dropped:.0f}",
+        f"ended({_age(row.last_capture, now)})" if row.ended else _age(row.last_capture, now),
+    )
 
 
-def format_table(rows: Iterable[Row], now: float) -> List[Tuple[str, Optional[str]]]:
+def format_table(rows: Iterable[Row], now: float) -> list[tuple[str, str | None]]:
     """The header and one line per row, each with its highlight: "violation", "warning" or None."""
-    body = [(cells(r, now), "violation" if r.violated else "warning" if r.unhealthy else None) for r in rows]
-    widths = [max(len(line[i]) for line in (HEADER, *(b for b, _ in body))) for i in range(len(HEADER))]
+    body = [
+        (cells(r, now), "violation" if r.violated else "warning" if r.unhealthy else None)
+        for r in rows
+    ]
+    widths = [
+        max(len(line[i]) for line in (HEADER, *(b for b, _ in body))) for i in range(len(HEADER))
+    ]
 
-    def fmt(line: Tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in _RIGHT else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+    def fmt(line: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in _RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))
+        ).rstrip()
 
     return [(fmt(HEADER), "header"), *((fmt(b), style) for b, style in body)]
 
 
-def summary(url: str, samples: Samples, rows: List[Row]) -> str:
+def summary(url: str, samples: Samples, rows: list[Row]) -> str:
     """One line: where, the daemon's version, how many runs and groups, and how many are unwell."""
-    version = next((labels.get("version", "?") for labels, _ in samples.get("esper_daemon_build_info", ())), "?")
+    version = next(
+        (labels.get("version", "?") for labels, _ in samples.get("esper_daemon_build_info", ())),
+        "?",
+    )
     runs = len({r.run for r in rows})
     bad = sum(r.violated for r in rows)
     warnings = sum(r.unhealthy and not r.violated for r in rows)
     rejected = sum(v for _, v in samples.get("esper_daemon_rejected_total", ()))
-    return (f"{url}  esper-telemetryd {version}  runs={runs} groups={len(rows)} violated={bad} "
-            f"warnings={warnings} rejected={rejected:.0f}")
+    return (
+        f"{url}  esper-telemetryd {version}  runs={runs} groups={len(rows)} violated={bad} "
+        f"warnings={warnings} rejected={rejected:.0f}"
+    )
 
 
 # -- reading the daemon --------------------------------------------------------------------------
@@ -282,23 +341,31 @@ def fetch(url: str, timeout_s: float) -> Samples:
     except urllib.error.HTTPError as exc:
         raise FetchError(f"{url} answered HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise FetchError(f"cannot reach {url}: {getattr(exc.reason, 'strerror', None) or exc.reason}") from None
-    except (OSError, ValueError) as exc:   # timeouts, resets, a malformed URL
+        raise FetchError(
+            f"cannot reach {url}: {getattr(exc.reason, 'strerror', None) or exc.reason}"
+        ) from None
+    except (OSError, ValueError) as exc:  # timeouts, resets, a malformed URL
         raise FetchError(f"cannot read {url}: {exc}") from None
     if len(body) > MAX_BODY_BYTES:
-        raise FetchError(f"{url} answered more than {MAX_BODY_BYTES} bytes: not an esper-telemetryd exposition")
+        raise FetchError(
+            f"{url} answered more than {MAX_BODY_BYTES} bytes: not an esper-telemetryd exposition"
+        )
     try:
         samples = parse_exposition(body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise FetchError(f"{url} answered bytes that are not UTF-8 text: not a metrics exposition") from None
+        raise FetchError(
+            f"{url} answered bytes that are not UTF-8 text: not a metrics exposition"
+        ) from None
     except ExpositionError as exc:
         raise FetchError(f"{url} did not answer a metrics exposition ({exc})") from None
     if "esper_daemon_build_info" not in samples:
-        raise FetchError(f"{url} answered metrics without esper_daemon_build_info: not an esper-telemetryd")
+        raise FetchError(
+            f"{url} answered metrics without esper_daemon_build_info: not an esper-telemetryd"
+        )
     return samples
 
 
-def run_once(url: str, run: Optional[str], timeout_s: float, out: IO[str], err: IO[str]) -> int:
+def run_once(url: str, run: str | None, timeout_s: float, out: IO[str], err: IO[str]) -> int:
     """Print one table (no colours) and return 0; 1 with one line on ``err`` if the daemon can't be read."""
     try:
         samples = fetch(url, timeout_s)
@@ -319,14 +386,16 @@ def run_once(url: str, run: Optional[str], timeout_s: float, out: IO[str], err: 
 class Poller:
     """Fetches in a background thread every ``interval_s``, so a slow daemon never delays ``q``."""
 
-    def __init__(self, url: str, interval_s: float, fetcher: Callable[[str, float], Samples] = fetch) -> None:
+    def __init__(
+        self, url: str, interval_s: float, fetcher: Callable[[str, float], Samples] = fetch
+    ) -> None:
         self.url, self.interval_s, self._fetch = url, interval_s, fetcher
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.samples: Optional[Samples] = None   # the latest good scrape
-        self.good_at: Optional[float] = None     # when it was taken
-        self.error: Optional[str] = None         # why the latest attempt failed, or None
-        self.version = 0                         # bumped after every attempt
+        self.samples: Samples | None = None  # the latest good scrape
+        self.good_at: float | None = None  # when it was taken
+        self.error: str | None = None  # why the latest attempt failed, or None
+        self.version = 0  # bumped after every attempt
         self._thread = threading.Thread(target=self._loop, name="esper-top-poller", daemon=True)
         self._thread.start()
 
@@ -345,7 +414,7 @@ class Poller:
                 self.version += 1
             self._stop.wait(self.interval_s)
 
-    def snapshot(self) -> Tuple[int, Optional[Samples], Optional[float], Optional[str]]:
+    def snapshot(self) -> tuple[int, Samples | None, float | None, str | None]:
         with self._lock:
             return self.version, self.samples, self.good_at, self.error
 
@@ -353,7 +422,7 @@ class Poller:
         self._stop.set()
 
 
-def run_live(url: str, run: Optional[str], interval_s: float) -> int:
+def run_live(url: str, run: str | None, interval_s: float) -> int:
     """The refreshing view until ``q`` (or Ctrl-C); 0, or 2 with one line when there is no terminal."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("esper-telemetry top: not a terminal; use --once to print one table", file=sys.stderr)
@@ -370,19 +439,26 @@ def run_live(url: str, run: Optional[str], interval_s: float) -> int:
     except KeyboardInterrupt:
         pass
     except curses.error as exc:
-        print(f"esper-telemetry top: the terminal cannot be driven ({exc}); use --once", file=sys.stderr)
+        print(
+            f"esper-telemetry top: the terminal cannot be driven ({exc}); use --once",
+            file=sys.stderr,
+        )
         return 2
     finally:
         poller.stop()
     return 0
 
 
-def _view(screen, poller: Poller, url: str, run: Optional[str], interval_s: float) -> None:
+def _view(screen, poller: Poller, url: str, run: str | None, interval_s: float) -> None:
     import curses
 
-    styles: Dict[Optional[str], int] = {None: curses.A_NORMAL, "header": curses.A_BOLD | curses.A_UNDERLINE,
-                                        "violation": curses.A_BOLD | curses.A_REVERSE,
-                                        "warning": curses.A_BOLD, "error": curses.A_BOLD}
+    styles: dict[str | None, int] = {
+        None: curses.A_NORMAL,
+        "header": curses.A_BOLD | curses.A_UNDERLINE,
+        "violation": curses.A_BOLD | curses.A_REVERSE,
+        "warning": curses.A_BOLD,
+        "error": curses.A_BOLD,
+    }
     try:
         curses.curs_set(0)
     except curses.error:
@@ -400,7 +476,7 @@ def _view(screen, poller: Poller, url: str, run: Optional[str], interval_s: floa
         styles["violation"] = curses.color_pair(1) | curses.A_BOLD
         styles["warning"] = curses.color_pair(2) | curses.A_BOLD
         styles["error"] = curses.color_pair(3) | curses.A_BOLD
-    screen.timeout(100)   # getch waits at most 0.1 s: q is answered at once
+    screen.timeout(100)  # getch waits at most 0.1 s: q is answered at once
     drawn_at, drawn_version = 0.0, -1
     while True:
         key = screen.getch()
@@ -419,14 +495,17 @@ def _draw(screen, styles, url, run, interval_s, samples, good_at, error, now) ->
     import curses
 
     height, width = screen.getmaxyx()
-    lines: List[Tuple[str, Optional[str]]] = []
+    lines: list[tuple[str, str | None]] = []
     rows = build_rows(samples, run) if samples is not None else []
     if samples is not None:
         lines.append((summary(url, samples, rows) + f"  updated {_age(good_at, now)} ago", None))
     else:
         lines.append((f"{url}  esper-telemetry top", None))
-    status = (f"{error}; retrying every {interval_s:g}s" if error else
-              f"refresh {interval_s:g}s" + (f"  run={run}" if run else "") + "  q: quit")
+    status = (
+        f"{error}; retrying every {interval_s:g}s"
+        if error
+        else f"refresh {interval_s:g}s" + (f"  run={run}" if run else "") + "  q: quit"
+    )
     lines.append((status, "error" if error else None))
     if samples is not None:
         if rows:
@@ -438,7 +517,10 @@ def _draw(screen, styles, url, run, interval_s, samples, good_at, error, now) ->
     screen.erase()
     shown = lines[:height]
     if len(lines) > height and height > 0:
-        shown[-1] = (f"... {len(lines) - height + 1} more rows (enlarge the terminal or use --run)", None)
+        shown[-1] = (
+            f"... {len(lines) - height + 1} more rows (enlarge the terminal or use --run)",
+            None,
+        )
     for y, (text, style) in enumerate(shown):
         try:
             screen.addnstr(y, 0, text, max(0, width - 1), styles.get(style, curses.A_NORMAL))

@@ -16,7 +16,7 @@ and float16 gradients on CUDA, when Triton is importable.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -42,8 +42,9 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _block_squares(ptrs, numels, block_tensor, block_start, out,
-                       BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    def _block_squares(
+        ptrs, numels, block_tensor, block_start, out, BLOCK: tl.constexpr, DTYPE: tl.constexpr
+    ):
         b = tl.program_id(0)
         t = tl.load(block_tensor + b)
         start = tl.load(block_start + b)
@@ -61,15 +62,20 @@ class BlockTable:
 
     __slots__ = ("numels", "buckets", "ptrs")
 
-    def __init__(self, numels: torch.Tensor, buckets: List[Tuple[torch.dtype, torch.Tensor, torch.Tensor]],
-                 ptrs: torch.Tensor) -> None:
-        self.numels = numels      # int64 per tensor
-        self.buckets = buckets    # (dtype, block_tensor int64, block_start int64) per dtype
-        self.ptrs = ptrs          # int64 per tensor, refreshed before every pass
+    def __init__(
+        self,
+        numels: torch.Tensor,
+        buckets: list[tuple[torch.dtype, torch.Tensor, torch.Tensor]],
+        ptrs: torch.Tensor,
+    ) -> None:
+        self.numels = numels  # int64 per tensor
+        self.buckets = buckets  # (dtype, block_tensor int64, block_start int64) per dtype
+        self.ptrs = ptrs  # int64 per tensor, refreshed before every pass
 
 
-def block_table(numels: Sequence[int], buckets: Sequence[Tuple[torch.dtype, int, int]],
-                device: torch.device) -> BlockTable:
+def block_table(
+    numels: Sequence[int], buckets: Sequence[tuple[torch.dtype, int, int]], device: torch.device
+) -> BlockTable:
     """Blocks for tensors of these sizes, per dtype bucket ``(dtype, start, stop)``."""
     sizes = torch.tensor(list(numels), dtype=torch.int64)
     per_tensor = (sizes + BLOCK - 1) // BLOCK
@@ -77,8 +83,10 @@ def block_table(numels: Sequence[int], buckets: Sequence[Tuple[torch.dtype, int,
     for dtype, start, stop in buckets:
         counts = per_tensor[start:stop]
         tensor_ids = torch.repeat_interleave(torch.arange(start, stop, dtype=torch.int64), counts)
-        first = torch.cumsum(counts, 0) - counts           # first block of each tensor
-        within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
+        first = torch.cumsum(counts, 0) - counts  # first block of each tensor
+        within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(
+            first, counts
+        )
         out.append((dtype, upload(tensor_ids, device), upload(within * BLOCK, device)))
     ptrs = torch.zeros(len(sizes), dtype=torch.int64, device=device)
     return BlockTable(upload(sizes, device), out, ptrs)
@@ -97,7 +105,15 @@ def tensor_squares(table: BlockTable) -> torch.Tensor:
         if blocks == 0:
             continue
         partial = torch.empty(blocks, dtype=torch.float32, device=sums.device)
-        _block_squares[(blocks,)](table.ptrs, table.numels, block_tensor, block_start, partial,
-                                  BLOCK=BLOCK, DTYPE=_TL_DTYPE[dtype], num_warps=8)
+        _block_squares[(blocks,)](
+            table.ptrs,
+            table.numels,
+            block_tensor,
+            block_start,
+            partial,
+            BLOCK=BLOCK,
+            DTYPE=_TL_DTYPE[dtype],
+            num_warps=8,
+        )
         sums.index_add_(0, block_tensor, partial.to(torch.float64))
     return sums

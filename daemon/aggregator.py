@@ -43,7 +43,8 @@ import itertools
 import logging
 import operator
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 from esper_telemetry.events import (
     DeviceMismatch,
@@ -91,31 +92,55 @@ class Limits:
 
 
 class _Group:
-    __slots__ = ("role", "params", "isolated", "captured", "sq", "step", "rank", "nonfinite",
-                 "violations", "violation_step", "stale")
+    __slots__ = (
+        "role",
+        "params",
+        "isolated",
+        "captured",
+        "sq",
+        "step",
+        "rank",
+        "nonfinite",
+        "violations",
+        "violation_step",
+        "stale",
+    )
 
     def __init__(self) -> None:
         self.role = "group"
-        self.params: Optional[int] = None
+        self.params: int | None = None
         self.isolated = False
         self.captured = False
-        self.sq: Optional[float] = None
+        self.sq: float | None = None
         self.step = -1
-        self.rank = -1      # the rank whose capture ``sq`` is (replicated groups)
+        self.rank = -1  # the rank whose capture ``sq`` is (replicated groups)
         self.nonfinite = 0
-        self.violations: Dict[str, int] = {}
+        self.violations: dict[str, int] = {}
         self.violation_step = -1
         self.stale = False  # the collector reported it can no longer follow the group
 
 
 class _Run:
-    __slots__ = ("groups", "ranks", "max_rank", "world_size", "last_seen", "captures",
-                 "last_step", "last_rank", "last_time", "dropped", "dropped_by_rank", "mismatch",
-                 "shards", "ended_at")
+    __slots__ = (
+        "groups",
+        "ranks",
+        "max_rank",
+        "world_size",
+        "last_seen",
+        "captures",
+        "last_step",
+        "last_rank",
+        "last_time",
+        "dropped",
+        "dropped_by_rank",
+        "mismatch",
+        "shards",
+        "ended_at",
+    )
 
     def __init__(self, now: float, shard_window_s: float) -> None:
-        self.groups: Dict[str, _Group] = {}
-        self.ranks: Dict[int, float] = {}  # rank -> clock time last heard
+        self.groups: dict[str, _Group] = {}
+        self.ranks: dict[int, float] = {}  # rank -> clock time last heard
         self.max_rank = -1
         self.world_size = 0  # from the latest Hello; 0 when unknown
         self.last_seen = now
@@ -124,10 +149,10 @@ class _Run:
         self.last_rank = -1
         self.last_time = 0.0
         self.dropped = 0
-        self.dropped_by_rank: Dict[int, int] = {}  # latest cumulative count per rank
-        self.mismatch: Dict[str, int] = {}
+        self.dropped_by_rank: dict[int, int] = {}  # latest cumulative count per rank
+        self.mismatch: dict[str, int] = {}
         self.shards = StepAssembly(shard_window_s)
-        self.ended_at: Optional[float] = None  # when the last rank said goodbye
+        self.ended_at: float | None = None  # when the last rank said goodbye
 
 
 class Aggregator:
@@ -142,17 +167,17 @@ class Aggregator:
         self._limits = limits
         self._stats = stats
         self._log = logger
-        self._runs: Dict[str, _Run] = {}
+        self._runs: dict[str, _Run] = {}
         # Admission's candidates, oldest first. Runs that never sent norms, reordered each
         # time one is heard from; ended runs in the order they ended; runs with norms idle
         # for evict_after_s as of the latest scan (runs that cross the line later are all
         # younger, so the order holds; each is checked again when its turn comes).
-        self._no_norms: "OrderedDict[str, None]" = OrderedDict()
-        self._ended: "OrderedDict[str, float]" = OrderedDict()
-        self._idle: Deque[Tuple[float, str]] = deque()
+        self._no_norms: OrderedDict[str, None] = OrderedDict()
+        self._ended: OrderedDict[str, float] = OrderedDict()
+        self._idle: deque[tuple[float, str]] = deque()
         self._idle_scanned = float("nan")
         self._now = float("-inf")  # the latest time given to apply or tick
-        self._handlers: Dict[type, Callable[[Event], None]] = {
+        self._handlers: dict[type, Callable[[Event], None]] = {
             Norms: self._norms,  # type: ignore[dict-item]
             Heartbeat: self._heartbeat,  # type: ignore[dict-item]
             Hello: self._hello,  # type: ignore[dict-item]
@@ -161,8 +186,7 @@ class Aggregator:
             Goodbye: self._goodbye,  # type: ignore[dict-item]
         }
         # Loss accounting (sequence.py): message numbers per run and rank, for held runs.
-        self.sequences = Sequences(self._holds, limits.max_runs,
-                                   limits.max_ranks_per_run)
+        self.sequences = Sequences(self._holds, limits.max_runs, limits.max_ranks_per_run)
 
     # --- input: events and time ----------------------------------------------------------
 
@@ -207,8 +231,7 @@ class Aggregator:
                 del self._runs[name]
                 self._no_norms.pop(name, None)
                 self._stats.expired_runs += 1
-                self._log.info("run expired after %gs without events: %s",
-                               self._limits.ttl_s, name)
+                self._log.info("run expired after %gs without events: %s", self._limits.ttl_s, name)
                 continue
             stale = [r for r, t in run.ranks.items() if t < cutoff]
             for r in stale:
@@ -218,13 +241,13 @@ class Aggregator:
 
     # --- the run, its ranks, its groups ---------------------------------------------------
 
-    def _holds(self, name: str, rank: Optional[int]) -> bool:
+    def _holds(self, name: str, rank: int | None) -> bool:
         """Whether the run (and, given one, that rank of it) is held: loss accounting's
         view of what exists."""
         run = self._runs.get(name)
         return run is not None and (rank is None or rank in run.ranks)
 
-    def _run(self, name: str, rank: int) -> Optional[_Run]:
+    def _run(self, name: str, rank: int) -> _Run | None:
         """The run, created if there is room, with ``rank`` marked as heard; None if refused."""
         run = self._runs.get(name)
         now = self._now
@@ -277,18 +300,24 @@ class Aggregator:
                 if run is not None and run.last_seen == last_seen and last_seen <= cutoff:
                     del self._runs[name]
                     evicted["idle"] += 1
-                    self._log.debug("run evicted, table full and idle for %gs: %s",
-                                    now - last_seen, name)
+                    self._log.debug(
+                        "run evicted, table full and idle for %gs: %s", now - last_seen, name
+                    )
                     return True
             if self._idle_scanned == now:
                 return False
             # At most one scan per ``now`` (the pump gives a whole turn one ``now``), so a
             # flood that is refused costs one pass over the table per turn, not per event.
             self._idle_scanned = now
-            idle.extend(sorted((run.last_seen, name) for name, run in self._runs.items()
-                               if run.last_seen <= cutoff))
+            idle.extend(
+                sorted(
+                    (run.last_seen, name)
+                    for name, run in self._runs.items()
+                    if run.last_seen <= cutoff
+                )
+            )
 
-    def _group(self, run: _Run, name: str) -> Optional[_Group]:
+    def _group(self, run: _Run, name: str) -> _Group | None:
         group = run.groups.get(name)
         if group is None:
             if len(run.groups) >= self._limits.max_groups_per_run:
@@ -321,7 +350,8 @@ class Aggregator:
         last_groups = last.groups
         n = len(events)
         if n > 1 and len(set(map(_name_of, _chain(map(_groups_of, events))))) != len(
-                set(map(_name_of, last_groups))):
+            set(map(_name_of, last_groups))
+        ):
             return self._wire_norms_as_records(events)
         step = last.step
         for name, role, params, sq, _nonfinite, _sharded, isolated in last_groups:
@@ -341,8 +371,11 @@ class Aggregator:
         if not run.captures:
             self._no_norms.pop(run_name, None)
         run.captures += n
-        if (step >= run.last_step or rank == run.last_rank
-                or (n > 1 and max(map(_step_of, events)) >= run.last_step)):
+        if (
+            step >= run.last_step
+            or rank == run.last_rank
+            or (n > 1 and max(map(_step_of, events)) >= run.last_step)
+        ):
             run.last_step = step
             run.last_rank = rank
             run.last_time = last.time
@@ -351,8 +384,17 @@ class Aggregator:
     def _wire_norms_as_records(self, events: Sequence[WireNorms]) -> None:
         norms = self._norms
         for e in events:
-            norms(Norms(e.run, e.rank, e.time, e.step, e.skipped,
-                        tuple(map(_group_norm, e.groups)), e.seq))
+            norms(
+                Norms(
+                    e.run,
+                    e.rank,
+                    e.time,
+                    e.step,
+                    e.skipped,
+                    tuple(map(_group_norm, e.groups)),
+                    e.seq,
+                )
+            )
         first = events[0]
         self.sequences.observe_message(first.run, first.rank, first.seq)
 
@@ -403,8 +445,9 @@ class Aggregator:
         if shards is not None:
             self._shard(run, rank, step, shards)
 
-    def _shard(self, run: _Run, rank: int, step: int,
-               shards: List[Tuple[_Group, Optional[float]]]) -> None:
+    def _shard(
+        self, run: _Run, rank: int, step: int, shards: list[tuple[_Group, float | None]]
+    ) -> None:
         expected = run.world_size or max(run.max_rank + 1, len(run.ranks))
         totals, evicted = run.shards.add(step, rank, shards, expected, self._now)
         if evicted:
@@ -427,10 +470,18 @@ class Aggregator:
                 group.params = decl.params
                 group.isolated = decl.isolated
                 group.stale = False  # a collector attaching anew follows what it declares
-        self._log.info("collector hello: run=%s rank=%d world_size=%d host=%s pid=%d "
-                       "library=%s torch=%s groups=%d", ev.run, ev.rank, ev.world_size,
-                       ev.hostname, ev.pid, ev.library_version, ev.torch_version,
-                       len(ev.groups))
+        self._log.info(
+            "collector hello: run=%s rank=%d world_size=%d host=%s pid=%d "
+            "library=%s torch=%s groups=%d",
+            ev.run,
+            ev.rank,
+            ev.world_size,
+            ev.hostname,
+            ev.pid,
+            ev.library_version,
+            ev.torch_version,
+            len(ev.groups),
+        )
 
     def _heartbeat(self, ev: Heartbeat) -> None:
         run = self._run(ev.run, ev.rank)
@@ -462,8 +513,14 @@ class Aggregator:
         # The kind cap bounds label values, not evidence: a refused kind still marks its step.
         if ev.step > group.violation_step:
             group.violation_step = ev.step
-        self._log.debug("isolation violation: run=%s group=%s kind=%s step=%d: %s",
-                        ev.run, ev.group, ev.kind, ev.step, ev.evidence)
+        self._log.debug(
+            "isolation violation: run=%s group=%s kind=%s step=%d: %s",
+            ev.run,
+            ev.group,
+            ev.kind,
+            ev.step,
+            ev.evidence,
+        )
 
     def _mismatch(self, ev: DeviceMismatch) -> None:
         run = self._run(ev.run, ev.rank)
@@ -513,23 +570,53 @@ class Aggregator:
         runs = []
         for name, run in self._runs.items():
             groups = tuple(
-                GroupSnapshot(gname, g.role, g.params, g.isolated, g.captured, g.sq, g.step,
-                              g.nonfinite, dict(g.violations), g.violation_step, g.stale)
+                GroupSnapshot(
+                    gname,
+                    g.role,
+                    g.params,
+                    g.isolated,
+                    g.captured,
+                    g.sq,
+                    g.step,
+                    g.nonfinite,
+                    dict(g.violations),
+                    g.violation_step,
+                    g.stale,
+                )
                 for gname, g in run.groups.items()
             )
             collectors = sum(1 for t in run.ranks.values() if t >= cutoff)
-            runs.append(RunSnapshot(name, run.captures, run.last_step, run.last_time,
-                                    collectors, run.dropped, run.shards.incomplete,
-                                    dict(run.mismatch), groups, run.ended_at is not None,
-                                    run.shards.dropped_reports))
+            runs.append(
+                RunSnapshot(
+                    name,
+                    run.captures,
+                    run.last_step,
+                    run.last_time,
+                    collectors,
+                    run.dropped,
+                    run.shards.incomplete,
+                    dict(run.mismatch),
+                    groups,
+                    run.ended_at is not None,
+                    run.shards.dropped_reports,
+                )
+            )
         s = self._stats
-        return Snapshot(tuple(runs), s.messages, s.events, dict(s.rejected), dict(s.overflow),
-                        s.expired_runs, s.ended_runs, evicted=dict(s.evicted),
-                        messages_lost=self.sequences.lost(),  # loss accounting
-                        unsequenced_messages=self.sequences.unsequenced)
+        return Snapshot(
+            tuple(runs),
+            s.messages,
+            s.events,
+            dict(s.rejected),
+            dict(s.overflow),
+            s.expired_runs,
+            s.ended_runs,
+            evicted=dict(s.evicted),
+            messages_lost=self.sequences.lost(),  # loss accounting
+            unsequenced_messages=self.sequences.unsequenced,
+        )
 
 
-def _bump(counts: Dict[str, int], key: str) -> bool:
+def _bump(counts: dict[str, int], key: str) -> bool:
     """Count one ``key``; False (nothing counted) if it is new and ``counts`` is full."""
     n = counts.get(key)
     if n is None:

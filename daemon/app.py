@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -24,7 +24,6 @@ import zmq.asyncio
 from .aggregator import Aggregator, Limits
 from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
-from .webconfig import WebConfigError, load_web_config
 from .exporter import Exposition, process_registry
 from .pump import Pump
 from .queue import EventQueue
@@ -32,6 +31,7 @@ from .receiver import Receiver
 from .snapshot import Snapshot
 from .stats import DaemonStats
 from .web import WebServer
+from .webconfig import WebConfigError, load_web_config
 
 __all__ = ["Daemon", "Pump", "StartupError", "Signals", "serve", "limits"]
 
@@ -50,11 +50,15 @@ class StartupError(RuntimeError):
 
 def limits(config: Config) -> Limits:
     """The aggregator's caps and windows, from the configuration."""
-    return Limits(max_runs=config.max_runs, max_groups_per_run=config.max_groups_per_run,
-                  max_ranks_per_run=config.max_ranks_per_run, ttl_s=config.run_ttl_s,
-                  shard_window_s=config.shard_window_s,
-                  ended_retention_s=config.run_ended_retention_s,
-                  evict_after_s=config.run_evict_after_s)
+    return Limits(
+        max_runs=config.max_runs,
+        max_groups_per_run=config.max_groups_per_run,
+        max_ranks_per_run=config.max_ranks_per_run,
+        ttl_s=config.run_ttl_s,
+        shard_window_s=config.shard_window_s,
+        ended_retention_s=config.run_ended_retention_s,
+        evict_after_s=config.run_evict_after_s,
+    )
 
 
 class Daemon:
@@ -72,25 +76,35 @@ class Daemon:
         self.stats = DaemonStats()
         self.queue = EventQueue(config.queue_size)
         self.aggregator = Aggregator(limits(config), self.stats, logger.getChild("aggregator"))
-        self.pump = Pump(self.queue, self.aggregator, self.stats, clock,
-                         logger.getChild("aggregator"))
+        self.pump = Pump(
+            self.queue, self.aggregator, self.stats, clock, logger.getChild("aggregator")
+        )
         self._context = zmq.asyncio.Context()
         # CURVE on the ingest sockets when the daemon has a key (read again here: the file
         # may have changed since the configuration was checked).
-        self.curve: Optional[CurveGate] = None
+        self.curve: CurveGate | None = None
         if config.zmq_curve_secret_key_file:
             try:
                 keys = read_server_keys(config.zmq_curve_secret_key_file)
             except ValueError as exc:
                 self._context.term()
                 raise StartupError(f"--zmq.curve.secret-key-file: {exc}") from None
-            self.curve = CurveGate(self._context, keys, config.zmq_curve_authorized_keys_dir or None,
-                                   logger.getChild("curve"))
-        self.receiver = Receiver(self._context, config.zmq_listen_addresses, self.queue,
-                                 self.stats, logger.getChild("receiver"),
-                                 max_message_bytes=config.zmq_max_message_bytes,
-                                 receive_buffer_bytes=config.zmq_receive_buffer_bytes,
-                                 secure=None if self.curve is None else self.curve.secure)
+            self.curve = CurveGate(
+                self._context,
+                keys,
+                config.zmq_curve_authorized_keys_dir or None,
+                logger.getChild("curve"),
+            )
+        self.receiver = Receiver(
+            self._context,
+            config.zmq_listen_addresses,
+            self.queue,
+            self.stats,
+            logger.getChild("receiver"),
+            max_message_bytes=config.zmq_max_message_bytes,
+            receive_buffer_bytes=config.zmq_receive_buffer_bytes,
+            secure=None if self.curve is None else self.curve.secure,
+        )
         process = process_registry() if process_metrics else None
         web_config = None
         if config.web_config_file:
@@ -103,22 +117,27 @@ class Daemon:
         self.web_config = web_config
         # The scrape's series cap and fast rendering (exporter.Exposition), off the loop.
         self.exposition = Exposition(config.web_max_series, process, logger.getChild("web"))
-        self.web = WebServer(config.web_listen_address.host, config.web_listen_address.port,
-                             config.telemetry_path, self.snapshot, self.exposition.scrape,
-                             self.ready,
-                             logger.getChild("web"),
-                             write_timeout_s=config.web_write_timeout_s,
-                             max_connections=config.web_max_connections,
-                             ssl_context=None if web_config is None else web_config.ssl_context,
-                             auth=None if web_config is None else web_config.auth)
+        self.web = WebServer(
+            config.web_listen_address.host,
+            config.web_listen_address.port,
+            config.telemetry_path,
+            self.snapshot,
+            self.exposition.scrape,
+            self.ready,
+            logger.getChild("web"),
+            write_timeout_s=config.web_write_timeout_s,
+            max_connections=config.web_max_connections,
+            ssl_context=None if web_config is None else web_config.ssl_context,
+            auth=None if web_config is None else web_config.auth,
+        )
         self.web_address = ""
-        self._tasks: List[asyncio.Task] = []
-        self._receiving: Optional[asyncio.Task] = None
+        self._tasks: list[asyncio.Task] = []
+        self._receiving: asyncio.Task | None = None
         self._ready = False
         self._stopped = False
 
     @property
-    def tasks(self) -> List[asyncio.Task]:
+    def tasks(self) -> list[asyncio.Task]:
         """The running stages (receiver, aggregator, ticker)."""
         return list(self._tasks)
 
@@ -134,13 +153,18 @@ class Daemon:
         Call on the loop thread (the web server does, before it renders off the loop).
         """
         return self.aggregator.snapshot()._replace(
-            queue_length=len(self.queue), queue_capacity=self.queue.capacity,
-            auth_denied=dict(self.curve.denied) if self.curve is not None
+            queue_length=len(self.queue),
+            queue_capacity=self.queue.capacity,
+            auth_denied=dict(self.curve.denied)
+            if self.curve is not None
             else dict.fromkeys(DENY_REASONS, 0),
-            http_refused={"max_connections": self.web.refused,
-                          "write_timeout": self.web.write_timeouts,
-                          "unauthorized": self.web.unauthorized,
-                          "busy": self.web.busy})
+            http_refused={
+                "max_connections": self.web.refused,
+                "write_timeout": self.web.write_timeouts,
+                "unauthorized": self.web.unauthorized,
+                "busy": self.web.busy,
+            },
+        )
 
     def reload(self) -> None:
         """SIGHUP: read the authorized collector keys again (the one thing that reloads)."""
@@ -169,7 +193,8 @@ class Daemon:
             self._context.term()
             raise StartupError(
                 f"cannot listen on {self.config.web_listen_address}: "
-                f"{getattr(exc, 'strerror', None) or exc}") from None
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
         self.web_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._receiving = asyncio.create_task(self.receiver.run(), name="receiver")
         cfg = self.config
@@ -180,20 +205,33 @@ class Daemon:
             asyncio.create_task(self.pump.tick_every(tick_s), name="ticker"),
         ]
         self._ready = True
-        self._log.info("listening zmq=%s web=%s path=%s", ",".join(endpoints),
-                       self.web_address, self.config.telemetry_path)
+        self._log.info(
+            "listening zmq=%s web=%s path=%s",
+            ",".join(endpoints),
+            self.web_address,
+            self.config.telemetry_path,
+        )
         if self.curve is None:
             # Said once: anyone who reaches these endpoints can send events.
-            self._log.warning("ingest is unauthenticated: any peer that reaches %s can create "
-                              "runs and send events (--zmq.curve.secret-key-file turns CURVE on)",
-                              ",".join(endpoints))
+            self._log.warning(
+                "ingest is unauthenticated: any peer that reaches %s can create "
+                "runs and send events (--zmq.curve.secret-key-file turns CURVE on)",
+                ",".join(endpoints),
+            )
         else:
-            who = (f"{self.curve.authorized} authorized keys from "
-                   f"{self.config.zmq_curve_authorized_keys_dir}"
-                   if self.config.zmq_curve_authorized_keys_dir else "any CURVE client")
+            who = (
+                f"{self.curve.authorized} authorized keys from "
+                f"{self.config.zmq_curve_authorized_keys_dir}"
+                if self.config.zmq_curve_authorized_keys_dir
+                else "any CURVE client"
+            )
             self._log.info("ingest requires CURVE: %s", who)
-        self._log.info("web: %s", "plain HTTP, no authentication" if self.web_config is None
-                       else self.web_config.describe())
+        self._log.info(
+            "web: %s",
+            "plain HTTP, no authentication"
+            if self.web_config is None
+            else self.web_config.describe(),
+        )
 
     async def shutdown(self) -> None:
         """Stop receiving, drain the queue by the deadline, linger for a last scrape, close.
@@ -219,9 +257,13 @@ class Daemon:
         left_queued = self.queue.clear()
         self.stats.rejected["shutdown"] += left_queued
         if left_buffered or left_queued:
-            self._log.warning("shutdown deadline passed: %d messages still buffered and %d "
-                              "(%d events) still queued were dropped and counted",
-                              left_buffered, left_queued, left_events)
+            self._log.warning(
+                "shutdown deadline passed: %d messages still buffered and %d "
+                "(%d events) still queued were dropped and counted",
+                left_buffered,
+                left_queued,
+                left_events,
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -243,8 +285,12 @@ class Daemon:
 class Signals:
     """First SIGTERM/SIGINT: ``stop.set()``; a second one: ``force_exit(128 + signum)``."""
 
-    def __init__(self, stop: asyncio.Event, force_exit: Callable[[int], None] = os._exit,
-                 logger: logging.Logger = _log) -> None:
+    def __init__(
+        self,
+        stop: asyncio.Event,
+        force_exit: Callable[[int], None] = os._exit,
+        logger: logging.Logger = _log,
+    ) -> None:
         self._stop = stop
         self._force_exit = force_exit
         self._log = logger
@@ -290,11 +336,15 @@ async def serve(config: Config, logger: logging.Logger = _log) -> int:
     if stopping not in done:  # a stage ended on its own: a bug, never bad input
         stopping.cancel()
         for task in done:
-            logger.error("stage %s stopped unexpectedly: %r", task.get_name(),
-                         task.exception() if not task.cancelled() else "cancelled")
+            logger.error(
+                "stage %s stopped unexpectedly: %r",
+                task.get_name(),
+                task.exception() if not task.cancelled() else "cancelled",
+            )
         status = 1
     await daemon.shutdown()
     s = daemon.stats
-    logger.info("stopped: messages=%d events=%d rejected=%d", s.messages, s.events,
-                sum(s.rejected.values()))
+    logger.info(
+        "stopped: messages=%d events=%d rejected=%d", s.messages, s.events, sum(s.rejected.values())
+    )
     return status

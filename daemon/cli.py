@@ -11,7 +11,7 @@ import asyncio
 import logging
 import resource
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .app import serve
 from .config import ConfigError, parse_args
@@ -20,7 +20,7 @@ from .logs import setup_logging
 __all__ = ["main"]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the daemon with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
         config = parse_args(argv)

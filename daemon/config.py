@@ -16,7 +16,8 @@ import dataclasses
 import importlib
 import ipaddress
 import os
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from esper_telemetry import defaults as d
 from esper_telemetry.endpoints import check_endpoint
@@ -29,15 +30,24 @@ from .settings import (
     integer,
     number,
     one_of,
+    resolve,
     rows_of,
     setting,
 )
 from .settings import build_parser as _build_parser
 from .settings import flags_table as _flags_table
-from .settings import resolve
 
-__all__ = ["Config", "ConfigError", "WebAddress", "SETTINGS", "SWITCHES", "LOG_LEVELS",
-           "parse_args", "build_parser", "flags_table"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "WebAddress",
+    "SETTINGS",
+    "SWITCHES",
+    "LOG_LEVELS",
+    "parse_args",
+    "build_parser",
+    "flags_table",
+]
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("logfmt", "json")
@@ -54,7 +64,7 @@ class WebAddress(NamedTuple):
         return f"{host}:{self.port}"
 
 
-def zmq_endpoints(addresses: Sequence[str]) -> Tuple[str, ...]:
+def zmq_endpoints(addresses: Sequence[str]) -> tuple[str, ...]:
     """At least one endpoint, each ``tcp://HOST:PORT`` or ``ipc://PATH``, none twice."""
     if not addresses:
         raise ValueError("at least one endpoint is required")
@@ -91,6 +101,7 @@ def telemetry_path(raw: str) -> str:
 
 _counts = integer(minimum=1)
 
+
 def message_bytes(raw: str) -> int:
     """A message size limit: 1 KiB up to the wire's own limit (larger could never decode)."""
     value = integer(minimum=1024)(raw)
@@ -102,10 +113,12 @@ def message_bytes(raw: str) -> int:
 def _readable_by(module: str, reader: str) -> Callable[[str], str]:
     """A path setting, empty (off) or one that ``module.reader`` reads without a ValueError
     (the reason names what is wrong); imported only when the setting is used."""
+
     def parse(raw: str) -> str:
         if raw:
             getattr(importlib.import_module(module, __package__), reader)(raw)
         return raw
+
     return parse
 
 
@@ -120,141 +133,257 @@ web_config_file = _readable_by(".webconfig", "load_web_config")
 class Config:
     """Validated settings; durations in seconds, sizes in events, counts as given."""
 
-    zmq_listen_addresses: Tuple[str, ...] = setting(
-        "--zmq.listen-address", d.ENV_ZMQ_LISTEN_ADDRESS, d.DEFAULT_ZMQ_LISTEN_ADDRESS,
-        zmq_endpoints, metavar="ENDPOINT", repeatable=True,
+    zmq_listen_addresses: tuple[str, ...] = setting(
+        "--zmq.listen-address",
+        d.ENV_ZMQ_LISTEN_ADDRESS,
+        d.DEFAULT_ZMQ_LISTEN_ADDRESS,
+        zmq_endpoints,
+        metavar="ENDPOINT",
+        repeatable=True,
         help="endpoint to bind a PULL socket on: `tcp://HOST:PORT` (`*` for any host or a "
-             "random port; IPv6 as `tcp://[::1]:PORT`) or `ipc://PATH`; repeatable")
+        "random port; IPv6 as `tcp://[::1]:PORT`) or `ipc://PATH`; repeatable",
+    )
     web_listen_address: WebAddress = setting(
-        "--web.listen-address", d.ENV_WEB_LISTEN_ADDRESS, d.DEFAULT_WEB_LISTEN_ADDRESS,
-        web_address, metavar="ADDRESS",
-        help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` "
-             "for IPv6")
+        "--web.listen-address",
+        d.ENV_WEB_LISTEN_ADDRESS,
+        d.DEFAULT_WEB_LISTEN_ADDRESS,
+        web_address,
+        metavar="ADDRESS",
+        help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` for IPv6",
+    )
     zmq_max_message_bytes: int = setting(
-        "--zmq.max-message-bytes", d.ENV_ZMQ_MAX_MESSAGE_BYTES, d.DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
-        message_bytes, metavar="BYTES", unit="bytes",
+        "--zmq.max-message-bytes",
+        d.ENV_ZMQ_MAX_MESSAGE_BYTES,
+        d.DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
+        message_bytes,
+        metavar="BYTES",
+        unit="bytes",
         help="larger frames are refused by libzmq before they are read (`ZMQ_MAXMSGSIZE`; "
-             "it drops that sender's connection: the loss shows in `esper_messages_lost_total`); "
-             "at most the wire's limit (1048576); collectors split their batches at half the "
-             "default")
+        "it drops that sender's connection: the loss shows in `esper_messages_lost_total`); "
+        "at most the wire's limit (1048576); collectors split their batches at half the "
+        "default",
+    )
     zmq_receive_buffer_bytes: int = setting(
-        "--zmq.receive-buffer-bytes", d.ENV_ZMQ_RECEIVE_BUFFER_BYTES,
-        d.DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES, _counts, metavar="BYTES", unit="bytes",
+        "--zmq.receive-buffer-bytes",
+        d.ENV_ZMQ_RECEIVE_BUFFER_BYTES,
+        d.DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
+        _counts,
+        metavar="BYTES",
+        unit="bytes",
         help="what libzmq may buffer per connected collector: the receive high-water mark is "
-             "this over `--zmq.max-message-bytes`, in messages (at least 1); beyond it the "
-             "collector's sends fail and it counts them as dropped")
+        "this over `--zmq.max-message-bytes`, in messages (at least 1); beyond it the "
+        "collector's sends fail and it counts them as dropped",
+    )
     zmq_curve_secret_key_file: str = setting(
-        "--zmq.curve.secret-key-file", d.ENV_ZMQ_CURVE_SECRET_KEY_FILE, "", curve_secret_key_file,
+        "--zmq.curve.secret-key-file",
+        d.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
+        "",
+        curve_secret_key_file,
         metavar="FILE",
         help="the daemon's ZeroMQ certificate with its secret key (`esper-telemetry keygen DIR "
-             "NAME` writes `NAME.key_secret`): every ingest socket then takes only CURVE "
-             "clients that know the daemon's public key (`NAME.key`); empty: plain ZeroMQ, "
-             "unauthenticated (said once at startup)")
+        "NAME` writes `NAME.key_secret`): every ingest socket then takes only CURVE "
+        "clients that know the daemon's public key (`NAME.key`); empty: plain ZeroMQ, "
+        "unauthenticated (said once at startup)",
+    )
     zmq_curve_authorized_keys_dir: str = setting(
-        "--zmq.curve.authorized-keys-dir", d.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR, "",
-        curve_authorized_keys_dir, metavar="DIR",
+        "--zmq.curve.authorized-keys-dir",
+        d.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+        "",
+        curve_authorized_keys_dir,
+        metavar="DIR",
         help="with CURVE on, admit only collectors whose public certificate (`*.key`) is in "
-             "this directory, re-read on SIGHUP and when it changes; empty: any CURVE client")
+        "this directory, re-read on SIGHUP and when it changes; empty: any CURVE client",
+    )
     web_config_file: str = setting(
-        "--web.config.file", d.ENV_WEB_CONFIG_FILE, "", web_config_file, metavar="FILE",
+        "--web.config.file",
+        d.ENV_WEB_CONFIG_FILE,
+        "",
+        web_config_file,
+        metavar="FILE",
         help="TLS and basic authentication for the HTTP side, in the Prometheus exporter "
-             "toolkit's web configuration format (`tls_server_config`, `basic_auth_users`); "
-             "`/-/healthy` and `/-/ready` stay open; empty: plain HTTP")
+        "toolkit's web configuration format (`tls_server_config`, `basic_auth_users`); "
+        "`/-/healthy` and `/-/ready` stay open; empty: plain HTTP",
+    )
     telemetry_path: str = setting(
-        "--web.telemetry-path", d.ENV_WEB_TELEMETRY_PATH, d.DEFAULT_WEB_TELEMETRY_PATH,
-        telemetry_path, metavar="PATH", help="path of the exposition")
+        "--web.telemetry-path",
+        d.ENV_WEB_TELEMETRY_PATH,
+        d.DEFAULT_WEB_TELEMETRY_PATH,
+        telemetry_path,
+        metavar="PATH",
+        help="path of the exposition",
+    )
     web_write_timeout_s: float = setting(
-        "--web.write-timeout-seconds", d.ENV_WEB_WRITE_TIMEOUT_SECONDS,
-        d.DEFAULT_WEB_WRITE_TIMEOUT_SECONDS, number(minimum=0.001), metavar="SECONDS",
+        "--web.write-timeout-seconds",
+        d.ENV_WEB_WRITE_TIMEOUT_SECONDS,
+        d.DEFAULT_WEB_WRITE_TIMEOUT_SECONDS,
+        number(minimum=0.001),
+        metavar="SECONDS",
         unit="seconds",
         help="a response the client has not read whole by then is abandoned and its "
-             "connection closed (a non-reading client holds memory at most this long)")
+        "connection closed (a non-reading client holds memory at most this long)",
+    )
     web_max_connections: int = setting(
-        "--web.max-connections", d.ENV_WEB_MAX_CONNECTIONS, d.DEFAULT_WEB_MAX_CONNECTIONS,
-        _counts, metavar="N", unit="connections",
-        help="HTTP connections open at once; further ones get a 503 and are closed")
+        "--web.max-connections",
+        d.ENV_WEB_MAX_CONNECTIONS,
+        d.DEFAULT_WEB_MAX_CONNECTIONS,
+        _counts,
+        metavar="N",
+        unit="connections",
+        help="HTTP connections open at once; further ones get a 503 and are closed",
+    )
     web_max_series: int = setting(
-        "--web.max-series", d.ENV_WEB_MAX_SERIES, d.DEFAULT_WEB_MAX_SERIES, integer(minimum=100),
-        metavar="N", unit="series",
+        "--web.max-series",
+        d.ENV_WEB_MAX_SERIES,
+        d.DEFAULT_WEB_MAX_SERIES,
+        integer(minimum=100),
+        metavar="N",
+        unit="series",
         help="series one scrape carries at most, the daemon's own included: past it, whole "
-             "runs are left out (live runs with norms kept first, then the runs held longest) "
-             "and counted in `esper_daemon_scrape_omitted_series` and "
-             "`esper_daemon_scrapes_truncated_total`; the daemon's own series are always "
-             "written")
+        "runs are left out (live runs with norms kept first, then the runs held longest) "
+        "and counted in `esper_daemon_scrape_omitted_series` and "
+        "`esper_daemon_scrapes_truncated_total`; the daemon's own series are always "
+        "written",
+    )
     run_ttl_s: float = setting(
-        "--run.ttl-seconds", d.ENV_RUN_TTL_SECONDS, d.DEFAULT_RUN_TTL_SECONDS,
-        number(minimum=0.001), metavar="SECONDS", unit="seconds",
+        "--run.ttl-seconds",
+        d.ENV_RUN_TTL_SECONDS,
+        d.DEFAULT_RUN_TTL_SECONDS,
+        number(minimum=0.001),
+        metavar="SECONDS",
+        unit="seconds",
         help="a run with no event for this long is dropped (and a rank no longer counts as "
-             "a collector)")
+        "a collector)",
+    )
     run_ended_retention_s: float = setting(
-        "--run.ended-retention-seconds", d.ENV_RUN_ENDED_RETENTION_SECONDS,
-        d.DEFAULT_RUN_ENDED_RETENTION_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        "--run.ended-retention-seconds",
+        d.ENV_RUN_ENDED_RETENTION_SECONDS,
+        d.DEFAULT_RUN_ENDED_RETENTION_SECONDS,
+        number(minimum=0.0),
+        metavar="SECONDS",
         unit="seconds",
         help="a run whose every rank said goodbye stays exported this long, as it ended "
-             "(`esper_run_ended` 1), so its final values reach a scrape; 0 drops it at once")
+        "(`esper_run_ended` 1), so its final values reach a scrape; 0 drops it at once",
+    )
     run_evict_after_s: float = setting(
-        "--run.evict-after-seconds", d.ENV_RUN_EVICT_AFTER_SECONDS,
-        d.DEFAULT_RUN_EVICT_AFTER_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        "--run.evict-after-seconds",
+        d.ENV_RUN_EVICT_AFTER_SECONDS,
+        d.DEFAULT_RUN_EVICT_AFTER_SECONDS,
+        number(minimum=0.0),
+        metavar="SECONDS",
         unit="seconds",
         help="with the run table full, a new run takes the place of an ended run, else of "
-             "the longest-idle run that never sent norms, else of the longest-idle run "
-             "idle this long; 0: of the longest-idle run")
+        "the longest-idle run that never sent norms, else of the longest-idle run "
+        "idle this long; 0: of the longest-idle run",
+    )
     max_runs: int = setting(
-        "--limits.max-runs", d.ENV_MAX_RUNS, d.DEFAULT_MAX_RUNS, _counts, metavar="N",
+        "--limits.max-runs",
+        d.ENV_MAX_RUNS,
+        d.DEFAULT_MAX_RUNS,
+        _counts,
+        metavar="N",
         unit="runs",
         help="runs held at once (ended runs kept included); a new run beyond it takes an "
-             "idle run's place (`--run.evict-after-seconds`), or its events are dropped and "
-             "counted")
+        "idle run's place (`--run.evict-after-seconds`), or its events are dropped and "
+        "counted",
+    )
     max_groups_per_run: int = setting(
-        "--limits.max-groups-per-run", d.ENV_MAX_GROUPS_PER_RUN, d.DEFAULT_MAX_GROUPS_PER_RUN,
-        _counts, metavar="N", unit="groups",
-        help="groups held per run; further groups are dropped and counted")
+        "--limits.max-groups-per-run",
+        d.ENV_MAX_GROUPS_PER_RUN,
+        d.DEFAULT_MAX_GROUPS_PER_RUN,
+        _counts,
+        metavar="N",
+        unit="groups",
+        help="groups held per run; further groups are dropped and counted",
+    )
     max_ranks_per_run: int = setting(
-        "--limits.max-ranks-per-run", d.ENV_MAX_RANKS_PER_RUN, d.DEFAULT_MAX_RANKS_PER_RUN,
-        _counts, metavar="N", unit="ranks",
-        help="ranks held per run; events of further ranks are dropped and counted")
+        "--limits.max-ranks-per-run",
+        d.ENV_MAX_RANKS_PER_RUN,
+        d.DEFAULT_MAX_RANKS_PER_RUN,
+        _counts,
+        metavar="N",
+        unit="ranks",
+        help="ranks held per run; events of further ranks are dropped and counted",
+    )
     queue_size: int = setting(
-        "--queue.size", d.ENV_QUEUE_SIZE, d.DEFAULT_QUEUE_SIZE, _counts, metavar="EVENTS",
-        unit="events", help="receiver-to-aggregator queue capacity, in events")
+        "--queue.size",
+        d.ENV_QUEUE_SIZE,
+        d.DEFAULT_QUEUE_SIZE,
+        _counts,
+        metavar="EVENTS",
+        unit="events",
+        help="receiver-to-aggregator queue capacity, in events",
+    )
     shard_window_s: float = setting(
-        "--shard.window-seconds", d.ENV_SHARD_WINDOW_SECONDS, d.DEFAULT_SHARD_WINDOW_SECONDS,
-        number(minimum=0.001), metavar="SECONDS", unit="seconds",
-        help="how long a sharded step waits for all its ranks")
-    shutdown_timeout_s: float = setting(
-        "--shutdown.timeout-seconds", d.ENV_SHUTDOWN_TIMEOUT_SECONDS,
-        d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, number(minimum=0.0), metavar="SECONDS",
-        unit="seconds", help="on SIGTERM/SIGINT, the deadline to drain the queue")
-    shutdown_linger_s: float = setting(
-        "--shutdown.linger-seconds", d.ENV_SHUTDOWN_LINGER_SECONDS,
-        d.DEFAULT_SHUTDOWN_LINGER_SECONDS, number(minimum=0.0), metavar="SECONDS",
+        "--shard.window-seconds",
+        d.ENV_SHARD_WINDOW_SECONDS,
+        d.DEFAULT_SHARD_WINDOW_SECONDS,
+        number(minimum=0.001),
+        metavar="SECONDS",
         unit="seconds",
-        help="after draining, keep answering scrapes this long; the first scrape ends it early")
+        help="how long a sharded step waits for all its ranks",
+    )
+    shutdown_timeout_s: float = setting(
+        "--shutdown.timeout-seconds",
+        d.ENV_SHUTDOWN_TIMEOUT_SECONDS,
+        d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+        number(minimum=0.0),
+        metavar="SECONDS",
+        unit="seconds",
+        help="on SIGTERM/SIGINT, the deadline to drain the queue",
+    )
+    shutdown_linger_s: float = setting(
+        "--shutdown.linger-seconds",
+        d.ENV_SHUTDOWN_LINGER_SECONDS,
+        d.DEFAULT_SHUTDOWN_LINGER_SECONDS,
+        number(minimum=0.0),
+        metavar="SECONDS",
+        unit="seconds",
+        help="after draining, keep answering scrapes this long; the first scrape ends it early",
+    )
     log_level: str = setting(
-        "--log.level", d.ENV_LOG_LEVEL, d.DEFAULT_LOG_LEVEL,
-        one_of(LOG_LEVELS, aliases={"warning": "warn"}), metavar="LEVEL",
-        help="`debug`, `info`, `warn` or `error`")
+        "--log.level",
+        d.ENV_LOG_LEVEL,
+        d.DEFAULT_LOG_LEVEL,
+        one_of(LOG_LEVELS, aliases={"warning": "warn"}),
+        metavar="LEVEL",
+        help="`debug`, `info`, `warn` or `error`",
+    )
     log_format: str = setting(
-        "--log.format", d.ENV_LOG_FORMAT, d.DEFAULT_LOG_FORMAT, one_of(LOG_FORMATS), metavar="FORMAT",
+        "--log.format",
+        d.ENV_LOG_FORMAT,
+        d.DEFAULT_LOG_FORMAT,
+        one_of(LOG_FORMATS),
+        metavar="FORMAT",
         help="`logfmt` or `json`, one record per line; at most 100 lines a minute (5 of a kind), "
-             "the rest counted in summary lines")
+        "the rest counted in summary lines",
+    )
     check_config: bool = False  # --check-config: validate, then exit
 
 
-SETTINGS: Tuple[Setting, ...] = rows_of(Config)
+SETTINGS: tuple[Setting, ...] = rows_of(Config)
 
-SWITCHES: Tuple[Switch, ...] = (
-    Switch("--check-config", "validate the configuration and exit",
-           {"action": "store_true", "dest": "check_config"}),
-    Switch("--version", "print the version and exit",
-           {"action": "version", "version": f"esper-telemetryd {__version__}"}),
+SWITCHES: tuple[Switch, ...] = (
+    Switch(
+        "--check-config",
+        "validate the configuration and exit",
+        {"action": "store_true", "dest": "check_config"},
+    ),
+    Switch(
+        "--version",
+        "print the version and exit",
+        {"action": "version", "version": f"esper-telemetryd {__version__}"},
+    ),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The daemon's command line, from ``SETTINGS`` and ``SWITCHES``."""
     return _build_parser(
-        SETTINGS, SWITCHES, prog="esper-telemetryd",
-        description="Receive esper-telemetry events over ZeroMQ and export them to Prometheus.")
+        SETTINGS,
+        SWITCHES,
+        prog="esper-telemetryd",
+        description="Receive esper-telemetry events over ZeroMQ and export them to Prometheus.",
+    )
 
 
 def flags_table() -> str:
@@ -263,7 +392,7 @@ def flags_table() -> str:
 
 
 def parse_args(
-    argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
     """Flags, then environment (default ``os.environ``), then defaults, validated.
 
@@ -273,6 +402,8 @@ def parse_args(
     ns = vars(build_parser().parse_args(argv))
     values = resolve(SETTINGS, ns, os.environ if environ is None else environ)
     if values["zmq_curve_authorized_keys_dir"] and not values["zmq_curve_secret_key_file"]:
-        raise ConfigError("--zmq.curve.authorized-keys-dir needs --zmq.curve.secret-key-file: "
-                          "without the daemon's own key there is no CURVE to authorize")
+        raise ConfigError(
+            "--zmq.curve.authorized-keys-dir needs --zmq.curve.secret-key-file: "
+            "without the daemon's own key there is no CURVE to authorize"
+        )
     return Config(**values, check_config=bool(ns["check_config"]))

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -38,8 +38,11 @@ __all__ = ["CurveKeys", "CurveGate", "DENY_REASONS", "read_server_keys", "read_a
 
 # One ZAP domain for the daemon's sockets; the authenticator's rules apply to every domain.
 _DOMAIN = b"esper-telemetry"
-_MONITORED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_MONITORED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class CurveKeys(NamedTuple):
@@ -58,16 +61,18 @@ def read_server_keys(path: str) -> CurveKeys:
     if secret is None:
         raise ValueError(f"{path!r} holds no secret key: give the daemon's .key_secret file")
     if len(public) != 40 or len(secret) != 40 or zmq.curve_public(secret) != public:
-        raise ValueError(f"{path!r}: the keys are not a CURVE key pair (40 Z85 characters each, "
-                         f"the public one derived from the secret one)")
+        raise ValueError(
+            f"{path!r}: the keys are not a CURVE key pair (40 Z85 characters each, "
+            f"the public one derived from the secret one)"
+        )
     return CurveKeys(public, secret)
 
 
-def read_authorized_keys(directory: str) -> Dict[bytes, bool]:
+def read_authorized_keys(directory: str) -> dict[bytes, bool]:
     """The public keys of every ``*.key`` certificate in ``directory``; ValueError if unreadable."""
     if not os.path.isdir(directory):
         raise ValueError(f"{directory!r} is not a directory")
-    keys: Dict[bytes, bool] = {}
+    keys: dict[bytes, bool] = {}
     for path in sorted(Path(directory).glob("*.key")):
         try:
             public, _ = zmq.auth.load_certificate(str(path))
@@ -77,34 +82,44 @@ def read_authorized_keys(directory: str) -> Dict[bytes, bool]:
     return keys
 
 
-def _fingerprint(directory: str) -> Tuple[Tuple[str, int, int], ...]:
+def _fingerprint(directory: str) -> tuple[tuple[str, int, int], ...]:
     """What changes when a key file is added, removed or rewritten."""
     try:
         entries = os.scandir(directory)
     except OSError:
         return ()
     with entries:
-        return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size)
-                            for e in entries if e.name.endswith(".key")))
+        return tuple(
+            sorted(
+                (e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                for e in entries
+                if e.name.endswith(".key")
+            )
+        )
 
 
 class CurveGate:
     """Makes PULL sockets CURVE servers, runs the ZAP handler, counts refusals by reason."""
 
-    def __init__(self, context: zmq.asyncio.Context, keys: CurveKeys,
-                 authorized_keys_dir: Optional[str], logger: logging.Logger,
-                 poll_interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        keys: CurveKeys,
+        authorized_keys_dir: str | None,
+        logger: logging.Logger,
+        poll_interval_s: float = 2.0,
+    ) -> None:
         self._context = context
         self._keys = keys
         self._dir = authorized_keys_dir
         self._log = logger
         self._poll_s = poll_interval_s
-        self.denied: Dict[str, int] = dict.fromkeys(DENY_REASONS, 0)
+        self.denied: dict[str, int] = dict.fromkeys(DENY_REASONS, 0)
         self.authorized = 0  # keys admitted now (0 with no directory: any CURVE client)
-        self._auth: Optional[AsyncioAuthenticator] = None
-        self._monitors: List[zmq.asyncio.Socket] = []
-        self._tasks: List[asyncio.Task] = []
-        self._seen: Tuple[Tuple[str, int, int], ...] = ()
+        self._auth: AsyncioAuthenticator | None = None
+        self._monitors: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task] = []
+        self._seen: tuple[tuple[str, int, int], ...] = ()
 
     def start(self) -> None:
         """Start the ZAP handler on the context (before any socket binds); loads the keys."""
@@ -136,8 +151,12 @@ class CurveGate:
         try:
             keys = read_authorized_keys(self._dir)
         except ValueError as exc:
-            self._log.error("authorized CURVE keys not reloaded (%s), keeping the %d loaded: %s",
-                            why, self.authorized, exc)
+            self._log.error(
+                "authorized CURVE keys not reloaded (%s), keeping the %d loaded: %s",
+                why,
+                self.authorized,
+                exc,
+            )
             return False
         # What configure_curve sets, without its silent failure. pyzmq looks the keys up by
         # the sockets' ZAP domain itself ("*" is not a wildcard there).
@@ -165,15 +184,20 @@ class CurveGate:
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 reason = "unknown_key"
-            elif (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH):
+            elif (
+                kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+            ):
                 reason = "no_curve"
             else:
                 reason = "handshake"
             self.denied[reason] += 1
             peer = event.get("endpoint", b"")
-            self._log.warning("refused a collector connection (%s) on %s", reason,
-                              peer.decode("utf-8", "replace") if isinstance(peer, bytes) else peer)
+            self._log.warning(
+                "refused a collector connection (%s) on %s",
+                reason,
+                peer.decode("utf-8", "replace") if isinstance(peer, bytes) else peer,
+            )
 
     def close(self) -> None:
         """Stop watching and the ZAP handler; the sockets themselves are the receiver's."""

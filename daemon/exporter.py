@@ -13,7 +13,8 @@ import logging
 import math
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -29,12 +30,22 @@ from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
-from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
 from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS
+from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
 
-__all__ = ["EsperCollector", "Exposition", "Family", "RUN_FAMILIES", "ScrapeFigures",
-           "run_rows", "run_series", "scrape_registry", "process_registry", "VIOLATION_KINDS",
-           "MISMATCH_KINDS"]
+__all__ = [
+    "EsperCollector",
+    "Exposition",
+    "Family",
+    "RUN_FAMILIES",
+    "ScrapeFigures",
+    "run_rows",
+    "run_series",
+    "scrape_registry",
+    "process_registry",
+    "VIOLATION_KINDS",
+    "MISMATCH_KINDS",
+]
 
 _log = logging.getLogger("esper_telemetry.daemon.exporter")
 
@@ -49,7 +60,7 @@ class Family(NamedTuple):
     name: str
     type: str  # "gauge" or "counter"
     help: str
-    labels: Tuple[str, ...]
+    labels: tuple[str, ...]
 
     @property
     def sample(self) -> str:
@@ -61,81 +72,162 @@ _RG = ("run", "group")
 _R = ("run",)
 
 # Every family a run's series belong to, in the order the exposition writes them.
-RUN_FAMILIES: Tuple[Family, ...] = (
-    Family("esper_grad_norm", "gauge",
-           "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
-           "ranks of the latest complete step); +Inf or NaN when the gradient held Inf or "
-           "NaN. Absent while the group has no gradient or is stale.", _RG),
-    Family("esper_group_has_gradient", "gauge",
-           "1 if any parameter of the group had a gradient at its latest capture (finite or "
-           "not), else 0. Absent while the group is stale.", _RG),
-    Family("esper_group_last_step", "gauge",
-           "Training step of the group's latest capture (sharded groups: of the latest "
-           "complete step); pairs esper_grad_norm with a step. Absent before the first.", _RG),
-    Family("esper_group_stale", "gauge",
-           "1 while the collector reports it can no longer follow the group (its module or "
-           "parameters left the model) and its numbers are not exported, else 0.", _RG),
+RUN_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "esper_grad_norm",
+        "gauge",
+        "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
+        "ranks of the latest complete step); +Inf or NaN when the gradient held Inf or "
+        "NaN. Absent while the group has no gradient or is stale.",
+        _RG,
+    ),
+    Family(
+        "esper_group_has_gradient",
+        "gauge",
+        "1 if any parameter of the group had a gradient at its latest capture (finite or "
+        "not), else 0. Absent while the group is stale.",
+        _RG,
+    ),
+    Family(
+        "esper_group_last_step",
+        "gauge",
+        "Training step of the group's latest capture (sharded groups: of the latest "
+        "complete step); pairs esper_grad_norm with a step. Absent before the first.",
+        _RG,
+    ),
+    Family(
+        "esper_group_stale",
+        "gauge",
+        "1 while the collector reports it can no longer follow the group (its module or "
+        "parameters left the model) and its numbers are not exported, else 0.",
+        _RG,
+    ),
     Family("esper_group_parameters", "gauge", "Scalar parameters in the group.", _RG),
-    Family("esper_seed_grad_ratio", "gauge",
-           "Parameter-normalized seed/host gradient norm ratio: "
-           "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
-           "gradient or a zero norm; +Inf when the seed's gradient holds Inf, NaN when "
-           "either holds NaN. Absent while the seed or the host is stale.", ("run", "seed")),
-    Family("esper_grad_nonfinite", "counter",
-           "Captures in which the group's gradient held NaN or Inf (one per rank's capture).",
-           _RG),
-    Family("esper_isolation_violations", "counter",
-           "Gradient isolation violations reported for the group, by kind.",
-           ("run", "group", "kind")),
-    Family("esper_isolation_ok", "gauge",
-           "For isolated and seed groups: 0 if an isolation violation was reported for the "
-           "latest captured step or later, else 1.", _RG),
-    Family("esper_device_mismatch", "counter",
-           "Device conditions reported by the collectors, by kind (split, mixed, moved, "
-           "stale).", ("run", "kind")),
-    Family("esper_captures", "counter",
-           "Capture events received for the run, one per rank per capture.", _R),
+    Family(
+        "esper_seed_grad_ratio",
+        "gauge",
+        "Parameter-normalized seed/host gradient norm ratio: "
+        "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
+        "gradient or a zero norm; +Inf when the seed's gradient holds Inf, NaN when "
+        "either holds NaN. Absent while the seed or the host is stale.",
+        ("run", "seed"),
+    ),
+    Family(
+        "esper_grad_nonfinite",
+        "counter",
+        "Captures in which the group's gradient held NaN or Inf (one per rank's capture).",
+        _RG,
+    ),
+    Family(
+        "esper_isolation_violations",
+        "counter",
+        "Gradient isolation violations reported for the group, by kind.",
+        ("run", "group", "kind"),
+    ),
+    Family(
+        "esper_isolation_ok",
+        "gauge",
+        "For isolated and seed groups: 0 if an isolation violation was reported for the "
+        "latest captured step or later, else 1.",
+        _RG,
+    ),
+    Family(
+        "esper_device_mismatch",
+        "counter",
+        "Device conditions reported by the collectors, by kind (split, mixed, moved, stale).",
+        ("run", "kind"),
+    ),
+    Family(
+        "esper_captures",
+        "counter",
+        "Capture events received for the run, one per rank per capture.",
+        _R,
+    ),
     Family("esper_last_step", "gauge", "Training step of the run's latest capture.", _R),
-    Family("esper_last_capture_timestamp_seconds", "gauge",
-           "Unix time (collector's clock) of the run's latest capture.", _R),
-    Family("esper_collectors", "gauge",
-           "Collectors (ranks) of the run heard from within the TTL that have not said "
-           "goodbye.", _R),
-    Family("esper_collector_dropped_events", "counter",
-           "Events the run's collectors dropped before sending (full queue or socket), as "
-           "their heartbeats report, summed over ranks.", _R),
-    Family("esper_daemon_incomplete_steps", "counter",
-           "Sharded steps given up because not every rank reported within the shard window.",
-           _R),
-    Family("esper_daemon_dropped_shard_reports", "counter",
-           "Sharded reports not added to a step: a rank's repeat of a step it already "
-           "reported, or a report for a step already published or given up.", _R),
-    Family("esper_run_ended", "gauge",
-           "1 while the run is kept after every rank said goodbye (its final values, for "
-           "the ended-retention time), 0 while it is live.", _R),
-    Family("esper_messages_lost", "counter",
-           "Messages of the collector (run, rank) that never reached the aggregator, "
-           "counted from the gaps in its message numbers, whatever the cause (a reconnect, "
-           "an oversize frame, a full queue, a rejected message). Counted from the first "
-           "message this daemon process saw from it.", ("run", "rank")),
+    Family(
+        "esper_last_capture_timestamp_seconds",
+        "gauge",
+        "Unix time (collector's clock) of the run's latest capture.",
+        _R,
+    ),
+    Family(
+        "esper_collectors",
+        "gauge",
+        "Collectors (ranks) of the run heard from within the TTL that have not said goodbye.",
+        _R,
+    ),
+    Family(
+        "esper_collector_dropped_events",
+        "counter",
+        "Events the run's collectors dropped before sending (full queue or socket), as "
+        "their heartbeats report, summed over ranks.",
+        _R,
+    ),
+    Family(
+        "esper_daemon_incomplete_steps",
+        "counter",
+        "Sharded steps given up because not every rank reported within the shard window.",
+        _R,
+    ),
+    Family(
+        "esper_daemon_dropped_shard_reports",
+        "counter",
+        "Sharded reports not added to a step: a rank's repeat of a step it already "
+        "reported, or a report for a step already published or given up.",
+        _R,
+    ),
+    Family(
+        "esper_run_ended",
+        "gauge",
+        "1 while the run is kept after every rank said goodbye (its final values, for "
+        "the ended-retention time), 0 while it is live.",
+        _R,
+    ),
+    Family(
+        "esper_messages_lost",
+        "counter",
+        "Messages of the collector (run, rank) that never reached the aggregator, "
+        "counted from the gaps in its message numbers, whatever the cause (a reconnect, "
+        "an oversize frame, a full queue, a rejected message). Counted from the first "
+        "message this daemon process saw from it.",
+        ("run", "rank"),
+    ),
 )
 _LOST = len(RUN_FAMILIES) - 1  # written only when the snapshot has loss accounting
 
-Row = Tuple[Tuple[str, ...], float]
+Row = tuple[tuple[str, ...], float]
 
 
-def run_rows(run: RunSnapshot, lost: Sequence[Tuple[int, int]] = ()) -> List[List[Row]]:
+def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[list[Row]]:
     """The series of one run: per family of ``RUN_FAMILIES``, (label values, value) rows.
 
     ``lost`` is the run's (rank, messages lost) pairs. The one definition of what a run
     exports: the ``Collector`` and the fast renderer both write these rows.
     """
-    rows: List[List[Row]] = [[] for _ in RUN_FAMILIES]
-    (norm, has_grad, group_step, stale, params, ratio, nonfinite, violations, iso_ok,
-     mismatch, captures, last_step, last_ts, collectors, dropped, incomplete, dropped_shards,
-     ended, lost_rows) = rows
+    rows: list[list[Row]] = [[] for _ in RUN_FAMILIES]
+    (
+        norm,
+        has_grad,
+        group_step,
+        stale,
+        params,
+        ratio,
+        nonfinite,
+        violations,
+        iso_ok,
+        mismatch,
+        captures,
+        last_step,
+        last_ts,
+        collectors,
+        dropped,
+        incomplete,
+        dropped_shards,
+        ended,
+        lost_rows,
+    ) = rows
     r = run.name
-    host: Optional[GroupSnapshot] = None
+    host: GroupSnapshot | None = None
     for g in run.groups:
         if g.role == "host" and g.captured:
             host = g
@@ -208,9 +300,9 @@ def run_series(run: RunSnapshot, lost: int = 0) -> int:
     return n
 
 
-def lost_by_run(snap: Snapshot) -> Dict[str, List[Tuple[int, int]]]:
+def lost_by_run(snap: Snapshot) -> dict[str, list[tuple[int, int]]]:
     """The snapshot's message losses as (rank, count) pairs per run, ranks in order."""
-    out: Dict[str, List[Tuple[int, int]]] = {}
+    out: dict[str, list[tuple[int, int]]] = {}
     for (run, rank), n in sorted((snap.messages_lost or {}).items()):
         out.setdefault(run, []).append((rank, n))
     return out
@@ -231,20 +323,28 @@ class EsperCollector(Collector):
     ``scrape``: what the cap left out, for the daemon's own metrics.
     """
 
-    def __init__(self, snapshot: Snapshot, runs: Optional[Sequence[RunSnapshot]] = None,
-                 scrape: ScrapeFigures = ScrapeFigures()) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        runs: Sequence[RunSnapshot] | None = None,
+        scrape: ScrapeFigures = ScrapeFigures(),
+    ) -> None:
         self._snap = snapshot
         self._runs = snapshot.runs if runs is None else runs
         self._scrape = scrape
 
-    def describe(self) -> List[Metric]:
+    def describe(self) -> list[Metric]:
         # Nothing at registration: collect() is per scrape, and names never clash.
         return []
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snap
-        families = [(CounterMetricFamily if f.type == "counter" else GaugeMetricFamily)(
-            f.name, f.help, labels=list(f.labels)) for f in RUN_FAMILIES]
+        families = [
+            (CounterMetricFamily if f.type == "counter" else GaugeMetricFamily)(
+                f.name, f.help, labels=list(f.labels)
+            )
+            for f in RUN_FAMILIES
+        ]
         lost = lost_by_run(snap)
         for run in self._runs:
             for family, rows in zip(families, run_rows(run, lost.get(run.name, ()))):
@@ -267,36 +367,46 @@ def _unsequenced(snap: Snapshot) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "esper_daemon_unsequenced_messages",
             "Messages applied that carried no message number (schema 1 senders): their "
-            "losses cannot be counted.", value=snap.unsequenced_messages)
+            "losses cannot be counted.",
+            value=snap.unsequenced_messages,
+        )
 
 
 def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
     yield CounterMetricFamily(
-        "esper_daemon_messages", "ZeroMQ messages received, accepted or not.",
-        value=snap.messages)
+        "esper_daemon_messages", "ZeroMQ messages received, accepted or not.", value=snap.messages
+    )
     yield CounterMetricFamily(
-        "esper_daemon_events", "Events decoded and handed to the aggregator.", value=snap.events)
+        "esper_daemon_events", "Events decoded and handed to the aggregator.", value=snap.events
+    )
     rejected = CounterMetricFamily(
         "esper_daemon_rejected",
         "Messages rejected whole, by reason: the wire codec's (limit, malformed, version, "
-        "schema, value), queue_full, internal, shutdown.", labels=["reason"])
+        "schema, value), queue_full, internal, shutdown.",
+        labels=["reason"],
+    )
     for reason, n in snap.rejected.items():
         rejected.add_metric([reason], n)
     yield rejected
     overflow = CounterMetricFamily(
         "esper_daemon_overflow",
         "Events (or parts of them) refused by a cap, by what was capped: runs, groups, ranks, "
-        "label_values, pending_steps.", labels=["what"])
+        "label_values, pending_steps.",
+        labels=["what"],
+    )
     for what, n in snap.overflow.items():
         overflow.add_metric([what], n)
     yield overflow
-    yield GaugeMetricFamily("esper_daemon_runs", "Runs held, ended runs kept included.",
-                            value=len(snap.runs))
+    yield GaugeMetricFamily(
+        "esper_daemon_runs", "Runs held, ended runs kept included.", value=len(snap.runs)
+    )
     evicted = CounterMetricFamily(
         "esper_daemon_runs_evicted",
         "Runs removed from the full run table to admit a new run, by reason: ended (kept "
         "after its goodbye), no_captures (never sent norms), idle (no event for "
-        "--run.evict-after-seconds).", labels=["reason"])
+        "--run.evict-after-seconds).",
+        labels=["reason"],
+    )
     for reason in EVICT_REASONS:
         evicted.add_metric([reason], (snap.evicted or {}).get(reason, 0))
     yield evicted
@@ -306,7 +416,8 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "Collector connections refused at the CURVE handshake, by reason: no_curve (a "
         "plain ZeroMQ peer), unknown_key (a key not in the authorized-keys directory), "
         "handshake (a wrong daemon key, a broken peer). Every attempt counts.",
-        labels=["reason"])
+        labels=["reason"],
+    )
     for reason in DENY_REASONS:
         denied.add_metric([reason], (snap.auth_denied or {}).get(reason, 0))
     yield denied
@@ -316,7 +427,9 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "--web.max-connections), write_timeout (a response not read within "
         "--web.write-timeout-seconds), unauthorized (401), busy (503: the response "
         "bodies being rendered or written would pass 128 MiB, or four scrapes were "
-        "already rendering).", labels=["reason"])
+        "already rendering).",
+        labels=["reason"],
+    )
     refused = snap.http_refused or {}
     for reason in (*HTTP_REFUSAL_REASONS, *(r for r in refused if r not in HTTP_REFUSAL_REASONS)):
         http.add_metric([reason], refused.get(reason, 0))
@@ -325,33 +438,45 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "esper_daemon_scrape_omitted_runs",
         "Runs left out of this scrape whole because it would have carried more series "
         "than --web.max-series (the least active first); 0 when every run fit.",
-        value=scrape.omitted_runs)
+        value=scrape.omitted_runs,
+    )
     yield GaugeMetricFamily(
         "esper_daemon_scrape_omitted_series",
         "Series of the runs left out of this scrape by --web.max-series.",
-        value=scrape.omitted_series)
+        value=scrape.omitted_series,
+    )
     yield CounterMetricFamily(
         "esper_daemon_scrapes_truncated",
         "Scrapes that left runs out because of --web.max-series, this one included.",
-        value=scrape.truncated_scrapes)
+        value=scrape.truncated_scrapes,
+    )
     yield CounterMetricFamily(
-        "esper_daemon_expired_runs", "Runs dropped after the TTL without events.",
-        value=snap.expired_runs)
+        "esper_daemon_expired_runs",
+        "Runs dropped after the TTL without events.",
+        value=snap.expired_runs,
+    )
     yield CounterMetricFamily(
-        "esper_daemon_ended_runs", "Runs ended because every rank said goodbye.",
-        value=snap.ended_runs)
+        "esper_daemon_ended_runs",
+        "Runs ended because every rank said goodbye.",
+        value=snap.ended_runs,
+    )
     if snap.queue_length is not None:
         yield GaugeMetricFamily(
-            "esper_daemon_queue_length", "Events waiting between receiver and aggregator.",
-            value=snap.queue_length)
+            "esper_daemon_queue_length",
+            "Events waiting between receiver and aggregator.",
+            value=snap.queue_length,
+        )
     if snap.queue_capacity is not None:
         yield GaugeMetricFamily(
             "esper_daemon_queue_capacity",
             "Capacity of the receiver-to-aggregator queue in events.",
-            value=snap.queue_capacity)
+            value=snap.queue_capacity,
+        )
     yield InfoMetricFamily(
-        "esper_daemon_build", "Daemon version and wire schema version.",
-        value={"version": __version__, "schema": str(SCHEMA_VERSION)})
+        "esper_daemon_build",
+        "Daemon version and wire schema version.",
+        value={"version": __version__, "schema": str(SCHEMA_VERSION)},
+    )
 
 
 def _priority(run: RunSnapshot) -> int:
@@ -368,10 +493,10 @@ def _count(metrics: Sequence[Metric]) -> int:
     return sum(len(m.samples) for m in metrics)
 
 
-def _fragments(rows: List[List[Row]], escaped: Dict[str, str]) -> List[str]:
+def _fragments(rows: list[list[Row]], escaped: dict[str, str]) -> list[str]:
     """A run's rows as exposition lines, one string per family (the same in both formats)."""
-    out: List[str] = []
-    labelled: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], str] = {}
+    out: list[str] = []
+    labelled: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
     for family, rs in zip(RUN_FAMILIES, rows):
         if not rs:
             out.append("")
@@ -401,8 +526,13 @@ class Scrape(Collector):
     same samples faster, in either format (textformat.py), from the run rows directly.
     """
 
-    def __init__(self, snapshot: Snapshot, runs: Sequence[RunSnapshot], figures: ScrapeFigures,
-                 process: Sequence[Metric]) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        runs: Sequence[RunSnapshot],
+        figures: ScrapeFigures,
+        process: Sequence[Metric],
+    ) -> None:
         self.snapshot = snapshot
         self.runs = runs
         self.figures = figures
@@ -415,10 +545,10 @@ class Scrape(Collector):
     def render(self, fmt: str) -> bytes:
         """The exposition in ``fmt`` (``textformat.TEXT`` or ``OPENMETRICS``), as bytes."""
         snap = self.snapshot
-        escaped: Dict[str, str] = {}
+        escaped: dict[str, str] = {}
         lost = lost_by_run(snap)
         frags = [_fragments(run_rows(run, lost.get(run.name, ())), escaped) for run in self.runs]
-        out: List[str] = []
+        out: list[str] = []
         for i, family in enumerate(RUN_FAMILIES[:_LOST]):
             out.append(header(family.name, family.type, family.help, fmt))
             out.extend(f[i] for f in frags)
@@ -445,9 +575,14 @@ class Exposition:
     ``scrape`` may run on several threads at once.
     """
 
-    def __init__(self, max_series: int, process: Optional[CollectorRegistry] = None,
-                 logger: logging.Logger = _log, clock: Callable[[], float] = time.monotonic,
-                 remind_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        max_series: int,
+        process: CollectorRegistry | None = None,
+        logger: logging.Logger = _log,
+        clock: Callable[[], float] = time.monotonic,
+        remind_s: float = 300.0,
+    ) -> None:
         self.max_series = max_series
         self._process = process
         self._log = logger
@@ -461,8 +596,11 @@ class Exposition:
     def scrape(self, snapshot: Snapshot) -> Scrape:
         """What one scrape of ``snapshot`` carries (the cap applied), ready to render."""
         process = list(self._process.collect()) if self._process is not None else []
-        own = _count(list(_self_metrics(snapshot, ScrapeFigures()))) + _count(
-            list(_unsequenced(snapshot))) + _count(process)
+        own = (
+            _count(list(_self_metrics(snapshot, ScrapeFigures())))
+            + _count(list(_unsequenced(snapshot)))
+            + _count(process)
+        )
         budget = self.max_series - own
         lost = lost_by_run(snapshot)
         sized = [(run, run_series(run, len(lost.get(run.name, ())))) for run in snapshot.runs]
@@ -496,11 +634,17 @@ class Exposition:
             self._log.warning(
                 "scrapes leave runs out: %d of %d runs (%d series) over --web.max-series=%d; "
                 "esper_daemon_scrape_omitted_series says how many each scrape leaves out",
-                figures.omitted_runs, len(snapshot.runs), figures.omitted_series,
-                self.max_series)
+                figures.omitted_runs,
+                len(snapshot.runs),
+                figures.omitted_series,
+                self.max_series,
+            )
         elif not truncating and self._truncating:
-            self._log.info("scrapes carry every run again (%d runs, --web.max-series=%d)",
-                           len(snapshot.runs), self.max_series)
+            self._log.info(
+                "scrapes carry every run again (%d runs, --web.max-series=%d)",
+                len(snapshot.runs),
+                self.max_series,
+            )
         self._truncating = truncating
 
 
@@ -515,8 +659,9 @@ def process_registry() -> CollectorRegistry:
     return registry
 
 
-def scrape_registry(snapshot: Snapshot, process: Optional[CollectorRegistry] = None
-                    ) -> CollectorRegistry:
+def scrape_registry(
+    snapshot: Snapshot, process: CollectorRegistry | None = None
+) -> CollectorRegistry:
     """What one scrape renders: the esper_* families of ``snapshot``, then ``process``'s.
 
     Cheap to build (two registrations); rendering it reads only ``snapshot`` and the

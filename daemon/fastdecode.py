@@ -28,7 +28,7 @@ records (``Aggregator.apply_batch``). The wire stays MessagePack: nothing here e
 from __future__ import annotations
 
 import sys
-from typing import Annotated, ClassVar, Literal, Optional, Tuple, Union
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -49,9 +49,8 @@ _Count = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
 _Finite = Annotated[float, Meta(ge=0.0, le=sys.float_info.max)]
 # A healthy replicated group, in GroupNorm's field order:
 # name, role, params, sq, nonfinite (0), sharded (false), isolated.
-_Group = Tuple[_Name, Literal[ROLES], _Count, Optional[_Finite], Literal[0], Literal[False],
-               bool]
-_Groups = Annotated[Tuple[_Group, ...], Meta(max_length=MAX_GROUPS_PER_EVENT)]
+_Group = tuple[_Name, Literal[ROLES], _Count, _Finite | None, Literal[0], Literal[False], bool]
+_Groups = Annotated[tuple[_Group, ...], Meta(max_length=MAX_GROUPS_PER_EVENT)]
 
 
 class NormsV2(Struct, forbid_unknown_fields=True, gc=False):
@@ -85,8 +84,8 @@ class NormsV1(Struct, forbid_unknown_fields=True, gc=False):
 # The two wire types, for the aggregator to tell them from records.
 WIRE_NORMS = (NormsV2, NormsV1)
 
-_Batch2 = Annotated[Tuple[NormsV2, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
-_Batch1 = Annotated[Tuple[NormsV1, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+_Batch2 = Annotated[tuple[NormsV2, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+_Batch1 = Annotated[tuple[NormsV1, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
 _single_v2 = msgspec.msgpack.Decoder(NormsV2).decode
 _single_v1 = msgspec.msgpack.Decoder(NormsV1).decode
 _batch_v2 = msgspec.msgpack.Decoder(_Batch2).decode
@@ -123,8 +122,10 @@ _canonical = _Canonical()
 def decode_norms(
     data: bytes,
     # Bound as locals: this runs once per message received.
-    _max: int = MAX_MESSAGE_BYTES, _v2: bytes = _HEAD_V2, _v1: bytes = _HEAD_V1,
-) -> Optional[Tuple[Union[NormsV2, NormsV1], ...]]:
+    _max: int = MAX_MESSAGE_BYTES,
+    _v2: bytes = _HEAD_V2,
+    _v1: bytes = _HEAD_V1,
+) -> tuple[NormsV2 | NormsV1, ...] | None:
     """The events of one collector's healthy ``Norms`` message, or ``None``.
 
     ``None`` says nothing about validity: the message is for ``esper_telemetry.decode``.

@@ -21,29 +21,45 @@ import logging
 import sys
 import threading
 import time
-from typing import Callable, Dict, TextIO, Tuple
+from collections.abc import Callable
+from typing import TextIO
 
 __all__ = ["setup_logging", "LogfmtFormatter", "JsonFormatter", "BudgetHandler", "LOG_FORMATS"]
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-           "error": logging.ERROR}
-_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
-          logging.ERROR: "error", logging.CRITICAL: "error"}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warn",
+    logging.ERROR: "error",
+    logging.CRITICAL: "error",
+}
 
 WINDOW_S = 60.0
 PER_KIND = 5
 TOTAL = 100
-_MAX_KINDS = 1000           # kinds told apart per window; the rest share one bucket
+_MAX_KINDS = 1000  # kinds told apart per window; the rest share one bucket
 _OTHER = ("", "other")
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
-        .replace("\r", "\\r") + '"'
+    return (
+        '"'
+        + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+        + '"'
+    )
 
 
-def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> Tuple[str, str, str]:
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> tuple[str, str, str]:
+    ts = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
     msg = record.getMessage()
     if record.exc_info:
         msg = f"{msg}\n{formatter.formatException(record.exc_info)}"
@@ -63,8 +79,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts, level, msg = _fields(self, record)
-        return json.dumps({"ts": ts, "level": level, "logger": record.name, "msg": msg},
-                          ensure_ascii=False)
+        return json.dumps(
+            {"ts": ts, "level": level, "logger": record.name, "msg": msg}, ensure_ascii=False
+        )
 
 
 LOG_FORMATS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
@@ -73,22 +90,28 @@ LOG_FORMATS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
 class BudgetHandler(logging.StreamHandler):
     """A stream handler that writes at most a budget of records per window (see the module doc)."""
 
-    def __init__(self, stream: TextIO, per_kind: int = PER_KIND, total: int = TOTAL,
-                 window_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        per_kind: int = PER_KIND,
+        total: int = TOTAL,
+        window_s: float = WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(stream)
         self._per_kind, self._total, self._window_s, self._clock = per_kind, total, window_s, clock
         self._budget_lock = threading.Lock()
         self._start = clock()
         self._written = 0
-        self._kinds: Dict[Tuple[str, object], int] = {}        # records seen this window, by kind
-        self._suppressed: Dict[Tuple[str, object], Tuple[int, logging.LogRecord]] = {}
+        self._kinds: dict[tuple[str, object], int] = {}  # records seen this window, by kind
+        self._suppressed: dict[tuple[str, object], tuple[int, logging.LogRecord]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._budget_lock:
             summaries = self._roll(self._clock())
             kind = (record.name, record.msg)
             if kind not in self._kinds and len(self._kinds) >= _MAX_KINDS:
-                kind = _OTHER   # messages built at run time: one bucket, so memory stays bounded
+                kind = _OTHER  # messages built at run time: one bucket, so memory stays bounded
             seen = self._kinds[kind] = self._kinds.get(kind, 0) + 1
             allowed = seen <= self._per_kind and self._written < self._total
             if allowed:
@@ -123,14 +146,21 @@ class BudgetHandler(logging.StreamHandler):
             if kind == _OTHER:
                 text = f"{count} records of many other kinds left out of the log in the last window"
             else:
-                text = (f"{count} more like this left out of the log in the last window (at most "
-                        f"{self._per_kind} of a kind, {self._total} in all, per {self._window_s:g} s): "
-                        f"{first.getMessage()}")
+                text = (
+                    f"{count} more like this left out of the log in the last window (at most "
+                    f"{self._per_kind} of a kind, {self._total} in all, per {self._window_s:g} s): "
+                    f"{first.getMessage()}"
+                )
             out.append(_summary(first, text))
-        rest = ordered[self._per_kind:]
+        rest = ordered[self._per_kind :]
         if rest:
-            out.append(_summary(rest[0][1][1], f"{sum(c for _, (c, _) in rest)} records of {len(rest)} "
-                                               f"more kinds left out of the log in the last window"))
+            out.append(
+                _summary(
+                    rest[0][1][1],
+                    f"{sum(c for _, (c, _) in rest)} records of {len(rest)} "
+                    f"more kinds left out of the log in the last window",
+                )
+            )
         return out
 
     def close(self) -> None:
@@ -139,8 +169,15 @@ class BudgetHandler(logging.StreamHandler):
 
 
 def _summary(like: logging.LogRecord, text: str) -> logging.LogRecord:
-    return logging.LogRecord(like.name, max(like.levelno, logging.WARNING), like.pathname, like.lineno,
-                             text.replace("%", "%%"), None, None)
+    return logging.LogRecord(
+        like.name,
+        max(like.levelno, logging.WARNING),
+        like.pathname,
+        like.lineno,
+        text.replace("%", "%%"),
+        None,
+        None,
+    )
 
 
 def setup_logging(level: str, stream: TextIO = sys.stderr, fmt: str = "logfmt") -> logging.Logger:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from .aggregator import Aggregator
 from .queue import EventQueue
@@ -31,8 +31,14 @@ class Pump:
     ``rejected{reason="internal"}`` and logged; the daemon stays up.
     """
 
-    def __init__(self, queue: EventQueue, aggregator: Aggregator, stats: DaemonStats,
-                 clock: Callable[[], float], logger: logging.Logger = _log) -> None:
+    def __init__(
+        self,
+        queue: EventQueue,
+        aggregator: Aggregator,
+        stats: DaemonStats,
+        clock: Callable[[], float],
+        logger: logging.Logger = _log,
+    ) -> None:
         self._queue = queue
         self._aggregator = aggregator
         self._stats = stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Deque, List, Optional, Sequence
+from collections.abc import Sequence
 
 from esper_telemetry.events import Event
 
@@ -27,7 +27,7 @@ class EventQueue:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._items: Deque[Sequence[Event]] = deque()
+        self._items: deque[Sequence[Event]] = deque()
         self._size = 0
         self._ready = asyncio.Event()
 
@@ -49,7 +49,7 @@ class EventQueue:
         self._size = size
         return True
 
-    def get(self) -> Optional[Sequence[Event]]:
+    def get(self) -> Sequence[Event] | None:
         """The oldest message's events, or None when empty."""
         if not self._items:
             return None
@@ -57,7 +57,7 @@ class EventQueue:
         self._size -= len(events)
         return events
 
-    def take(self, budget: int) -> List[Sequence[Event]]:
+    def take(self, budget: int) -> list[Sequence[Event]]:
         """The oldest messages, whole, until they hold ``budget`` events or more (or the
         queue is empty), oldest first; the same as ``get`` until then, in one call."""
         items = self._items

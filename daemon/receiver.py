@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -73,7 +73,7 @@ class Receiver:
         logger: logging.Logger = _log,
         max_message_bytes: int = DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
         receive_buffer_bytes: int = DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
-        secure: Optional[Callable[[zmq.asyncio.Socket], None]] = None,
+        secure: Callable[[zmq.asyncio.Socket], None] | None = None,
     ) -> None:
         # Called on each socket before it binds (daemon.curve: CURVE server and ZAP domain).
         self._secure = secure
@@ -84,10 +84,10 @@ class Receiver:
         self._queue = queue
         self._stats = stats
         self._log = logger
-        self._sockets: List[zmq.asyncio.Socket] = []
-        self.endpoints: List[str] = []  # as bound (a wildcard port resolved)
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self.endpoints: list[str] = []  # as bound (a wildcard port resolved)
 
-    def bind(self) -> List[str]:
+    def bind(self) -> list[str]:
         """Bind every address; raises ``zmq.ZMQError`` naming the endpoint on failure."""
         for address in self._addresses:
             sock = self._context.socket(zmq.PULL)

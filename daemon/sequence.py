@@ -29,7 +29,7 @@ Single-threaded, on the event loop.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 from esper_telemetry.events import Event
 
@@ -41,14 +41,15 @@ class Sequences:
 
     __slots__ = ("_holds", "_max_runs", "_max_ranks", "_runs", "unsequenced")
 
-    def __init__(self, holds: Callable[[str, Optional[int]], bool], max_runs: int,
-                 max_ranks_per_run: int) -> None:
+    def __init__(
+        self, holds: Callable[[str, int | None], bool], max_runs: int, max_ranks_per_run: int
+    ) -> None:
         # holds(run, None): the aggregator holds the run; holds(run, rank): and that rank.
         self._holds = holds
         self._max_runs = max_runs
         self._max_ranks = max_ranks_per_run
         # run -> rank -> [next expected seq, lost]
-        self._runs: Dict[str, Dict[int, List[int]]] = {}
+        self._runs: dict[str, dict[int, list[int]]] = {}
         self.unsequenced = 0  # messages applied that carried no number (schema 1)
 
     def observe(self, events: Sequence[Event]) -> None:
@@ -56,7 +57,7 @@ class Sequences:
         first = events[0]
         self.observe_message(first[0], first[1], first[-1])
 
-    def observe_message(self, run: str, rank: int, seq: Optional[int]) -> None:
+    def observe_message(self, run: str, rank: int, seq: int | None) -> None:
         """Account for one applied message from ``run``'s ``rank``, numbered ``seq`` (None:
         schema 1)."""
         if seq is None:
@@ -94,9 +95,12 @@ class Sequences:
         for run in [r for r in self._runs if not holds(r, None)]:
             del self._runs[run]
 
-    def lost(self) -> Dict[Tuple[str, int], int]:
+    def lost(self) -> dict[tuple[str, int], int]:
         """Messages lost so far per (run, rank) of every run held, detached."""
         holds = self._holds
-        return {(run, rank): entry[1]
-                for run, ranks in self._runs.items() if holds(run, None)
-                for rank, entry in ranks.items()}
+        return {
+            (run, rank): entry[1]
+            for run, ranks in self._runs.items()
+            if holds(run, None)
+            for rank, entry in ranks.items()
+        }

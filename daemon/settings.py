@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from esper_telemetry.defaults import lookup
 
@@ -70,8 +71,16 @@ class Switch:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def setting(flag: str, env: str, default: object, parse: Callable[[Any], Any], help: str,
-            metavar: str, unit: str = "", repeatable: bool = False) -> Any:
+def setting(
+    flag: str,
+    env: str,
+    default: object,
+    parse: Callable[[Any], Any],
+    help: str,
+    metavar: str,
+    unit: str = "",
+    repeatable: bool = False,
+) -> Any:
     """A dataclass field declared by its row: its default is the row's default, parsed."""
     row = Setting(flag, env, _text(default), parse, help, metavar, unit, repeatable)
     try:
@@ -81,10 +90,13 @@ def setting(flag: str, env: str, default: object, parse: Callable[[Any], Any], h
     return dataclasses.field(default=value, metadata={_ROW: row})
 
 
-def rows_of(cls: type) -> Tuple[Setting, ...]:
+def rows_of(cls: type) -> tuple[Setting, ...]:
     """The rows declared on ``cls``'s fields, in field order, each named after its field."""
-    return tuple(dataclasses.replace(f.metadata[_ROW], name=f.name)
-                 for f in dataclasses.fields(cls) if _ROW in f.metadata)
+    return tuple(
+        dataclasses.replace(f.metadata[_ROW], name=f.name)
+        for f in dataclasses.fields(cls)
+        if _ROW in f.metadata
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,8 +104,9 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser(rows: Sequence[Setting], switches: Sequence[Switch] = (), prog: str = "",
-                 description: str = "") -> argparse.ArgumentParser:
+def build_parser(
+    rows: Sequence[Setting], switches: Sequence[Switch] = (), prog: str = "", description: str = ""
+) -> argparse.ArgumentParser:
     """The command line: one flag per row, its help naming the variable and the default.
 
     Abbreviations are refused: a flag is accepted only as spelled, so a typo is an error
@@ -104,20 +117,27 @@ def build_parser(rows: Sequence[Setting], switches: Sequence[Switch] = (), prog:
         default = f"{row.default} {row.unit}" if row.unit else row.default
         env = f"{row.env}, comma-separated" if row.repeatable else row.env
         text = f"{_plain(row.help)} (env {env}; default {default})"
-        p.add_argument(row.flag, dest=row.name, default=None, metavar=row.metavar,
-                       help=text.replace("%", "%%"),
-                       **({"action": "append"} if row.repeatable else {}))
+        p.add_argument(
+            row.flag,
+            dest=row.name,
+            default=None,
+            metavar=row.metavar,
+            help=text.replace("%", "%%"),
+            **({"action": "append"} if row.repeatable else {}),
+        )
     for switch in switches:
-        p.add_argument(switch.flag, help=_plain(switch.help).replace("%", "%%"),
-                       **dict(switch.options))
+        p.add_argument(
+            switch.flag, help=_plain(switch.help).replace("%", "%%"), **dict(switch.options)
+        )
     return p
 
 
-def resolve(rows: Sequence[Setting], given: Mapping[str, Any],
-            environ: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+def resolve(
+    rows: Sequence[Setting], given: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Every row's value, by field name: ``given[name]`` (the flag), else the variable, else
     the default, parsed; ``ConfigError`` naming the flag or the variable otherwise."""
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for row in rows:
         flag_value = given.get(row.name)
         if row.repeatable and flag_value is not None:
@@ -146,7 +166,7 @@ def _parse(row: Setting, raw: Any, source: str) -> Any:
         raise ConfigError(f"{row.where(source)}: {exc}") from None
 
 
-def _split(raw: str) -> Tuple[str, ...]:
+def _split(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
@@ -163,6 +183,7 @@ def _plain(markdown: str) -> str:
 
 def integer(minimum: int = 1) -> Callable[[str], int]:
     """A whole number of at least ``minimum``."""
+
     def parse(raw: str) -> int:
         try:
             value = int(raw)
@@ -171,11 +192,13 @@ def integer(minimum: int = 1) -> Callable[[str], int]:
         if value < minimum:
             raise ValueError(f"{raw!r} must be at least {minimum}")
         return value
+
     return parse
 
 
 def number(minimum: float) -> Callable[[str], float]:
     """A finite number of at least ``minimum``."""
+
     def parse(raw: str) -> float:
         try:
             value = float(raw)
@@ -184,16 +207,20 @@ def number(minimum: float) -> Callable[[str], float]:
         if not value >= minimum or math.isinf(value):  # NaN fails the comparison
             raise ValueError(f"{raw!r} must be a finite number >= {minimum:g}")
         return value
+
     return parse
 
 
-def one_of(options: Sequence[str], aliases: Optional[Mapping[str, str]] = None
-           ) -> Callable[[str], str]:
+def one_of(
+    options: Sequence[str], aliases: Mapping[str, str] | None = None
+) -> Callable[[str], str]:
     """One of ``options``, case-insensitive; ``aliases`` map other spellings onto them."""
+
     def parse(raw: str) -> str:
         value = raw.lower()
         value = (aliases or {}).get(value, value)
         if value not in options:
             raise ValueError(f"{value!r} is not one of {', '.join(options)}")
         return value
+
     return parse

@@ -23,7 +23,8 @@ their keys (the aggregator passes its group records; tests pass names).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 from esper_telemetry.defaults import DEFAULT_MAX_RANKS_PER_RUN
 
@@ -34,14 +35,14 @@ MAX_PENDING_STEPS = 64
 # Closed sharded steps remembered per run, so a straggler for one is not a new pending step.
 CLOSED_MEMORY = 256
 
-Shards = Sequence[Tuple[Hashable, Optional[float]]]
+Shards = Sequence[tuple[Hashable, float | None]]
 
 
 class Added(NamedTuple):
     """What one report did: the published step's totals (None while the step waits), and
     whether the oldest pending step was given up to make room for this one."""
 
-    totals: Optional[Dict[Any, Optional[float]]]
+    totals: dict[Any, float | None] | None
     evicted: bool
 
 
@@ -52,27 +53,40 @@ class _Pending:
         self.since = since
         self.seen = 0  # bit i: the rank with index i reported (StepAssembly._index)
         self.count = 0
-        self.totals: Dict[Any, Optional[float]] = {}
+        self.totals: dict[Any, float | None] = {}
 
 
 class StepAssembly:
     """Pending sharded steps of one run, keyed by step; single-threaded."""
 
-    __slots__ = ("_window_s", "_max_pending", "_closed_memory", "_max_ranks", "_pending",
-                 "_closed", "_index", "incomplete", "dropped_reports")
+    __slots__ = (
+        "_window_s",
+        "_max_pending",
+        "_closed_memory",
+        "_max_ranks",
+        "_pending",
+        "_closed",
+        "_index",
+        "incomplete",
+        "dropped_reports",
+    )
 
-    def __init__(self, window_s: float, max_pending: int = MAX_PENDING_STEPS,
-                 closed_memory: int = CLOSED_MEMORY,
-                 max_ranks: int = DEFAULT_MAX_RANKS_PER_RUN) -> None:
+    def __init__(
+        self,
+        window_s: float,
+        max_pending: int = MAX_PENDING_STEPS,
+        closed_memory: int = CLOSED_MEMORY,
+        max_ranks: int = DEFAULT_MAX_RANKS_PER_RUN,
+    ) -> None:
         self._window_s = window_s
         self._max_pending = max_pending
         self._closed_memory = closed_memory
         self._max_ranks = max_ranks
-        self._pending: Dict[int, _Pending] = {}  # insertion order = age
-        self._closed: "OrderedDict[int, None]" = OrderedDict()
+        self._pending: dict[int, _Pending] = {}  # insertion order = age
+        self._closed: OrderedDict[int, None] = OrderedDict()
         # A rank's bit in the pending steps' masks; emptied whenever nothing is pending, so
         # it holds at most the ranks heard from since then (see add).
-        self._index: Dict[int, int] = {}
+        self._index: dict[int, int] = {}
         self.incomplete = 0  # steps given up, by the window or the cap
         # Reports dropped: a rank's repeat of a pending step, or any report for a step
         # already published or given up (a straggler).
@@ -124,7 +138,7 @@ class StepAssembly:
         self._close(step)
         return Added(totals, evicted)
 
-    def expire(self, now: float) -> List[int]:
+    def expire(self, now: float) -> list[int]:
         """Give up the steps still short ``window_s`` after their first report; those steps."""
         cutoff = now - self._window_s
         late = [s for s, p in self._pending.items() if p.since < cutoff]

@@ -7,7 +7,7 @@ renders it on a worker thread without touching live state. Raw sums of squares t
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 __all__ = ["GroupSnapshot", "RunSnapshot", "Snapshot"]
 
@@ -15,13 +15,13 @@ __all__ = ["GroupSnapshot", "RunSnapshot", "Snapshot"]
 class GroupSnapshot(NamedTuple):
     name: str
     role: str
-    params: Optional[int]  # None until a Hello or a capture declared it
+    params: int | None  # None until a Hello or a capture declared it
     isolated: bool
     captured: bool  # a capture (a complete step, if sharded) has been published
-    sq: Optional[float]  # latest published sum of squares (+Inf/NaN kept); None: no gradient
+    sq: float | None  # latest published sum of squares (+Inf/NaN kept); None: no gradient
     step: int  # step of the latest published capture, -1 before any
     nonfinite: int  # captures in which the group held NaN or Inf
-    violations: Dict[str, int]  # isolation violations by kind
+    violations: dict[str, int]  # isolation violations by kind
     violation_step: int  # highest step of a violation, -1 before any
     stale: bool = False  # reported as no longer followed (and not moved back since)
 
@@ -34,29 +34,29 @@ class RunSnapshot(NamedTuple):
     collectors: int  # ranks heard from within the TTL, less those that said goodbye
     dropped: int  # events the collectors report having dropped, summed over ranks
     incomplete_steps: int
-    device_mismatch: Dict[str, int]
-    groups: Tuple[GroupSnapshot, ...]
+    device_mismatch: dict[str, int]
+    groups: tuple[GroupSnapshot, ...]
     ended: bool = False  # every rank said goodbye; kept for the ended-retention time
     dropped_shard_reports: int = 0  # sharded reports repeated or late (shards.StepAssembly)
 
 
 class Snapshot(NamedTuple):
-    runs: Tuple[RunSnapshot, ...]
+    runs: tuple[RunSnapshot, ...]
     messages: int
     events: int
-    rejected: Dict[str, int]
-    overflow: Dict[str, int]
+    rejected: dict[str, int]
+    overflow: dict[str, int]
     expired_runs: int
     ended_runs: int
-    queue_length: Optional[int] = None  # None: not known (an aggregator on its own)
-    queue_capacity: Optional[int] = None
-    evicted: Optional[Dict[str, int]] = None  # runs that made room for a new one, by reason
+    queue_length: int | None = None  # None: not known (an aggregator on its own)
+    queue_capacity: int | None = None
+    evicted: dict[str, int] | None = None  # runs that made room for a new one, by reason
     # Loss accounting (sequence.py): messages lost per (run, rank) of the runs held,
     # and messages that carried no number (schema 1 senders).
-    messages_lost: Optional[Dict[Tuple[str, int], int]] = None
-    unsequenced_messages: Optional[int] = None
+    messages_lost: dict[tuple[str, int], int] | None = None
+    unsequenced_messages: int | None = None
     # CURVE handshakes refused on the ingest sockets, by reason (daemon/curve.py); the
     # daemon adds them like the queue's figures.
-    auth_denied: Optional[Dict[str, int]] = None
+    auth_denied: dict[str, int] | None = None
     # HTTP requests or connections turned away, by reason (web.py); added by the daemon.
-    http_refused: Optional[Dict[str, int]] = None
+    http_refused: dict[str, int] | None = None

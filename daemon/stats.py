@@ -7,12 +7,16 @@ Every label value is created up front at zero so alert rules can use ``rate()`` 
 
 from __future__ import annotations
 
-from typing import Dict
-
 from esper_telemetry.codec import REASONS
 
-__all__ = ["DaemonStats", "REJECT_REASONS", "OVERFLOW_KINDS", "EVICT_REASONS", "DENY_REASONS",
-           "HTTP_REFUSAL_REASONS"]
+__all__ = [
+    "DaemonStats",
+    "REJECT_REASONS",
+    "OVERFLOW_KINDS",
+    "EVICT_REASONS",
+    "DENY_REASONS",
+    "HTTP_REFUSAL_REASONS",
+]
 
 # Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
 # receiver-to-aggregator queue had no room for the message's events), "internal" (a
@@ -39,19 +43,26 @@ HTTP_REFUSAL_REASONS = ("max_connections", "write_timeout", "unauthorized")
 class DaemonStats:
     """Counters for the daemon's own health; each only goes up."""
 
-    __slots__ = ("messages", "events", "rejected", "overflow", "expired_runs", "ended_runs",
-                 "evicted")
+    __slots__ = (
+        "messages",
+        "events",
+        "rejected",
+        "overflow",
+        "expired_runs",
+        "ended_runs",
+        "evicted",
+    )
 
     def __init__(self) -> None:
         self.messages = 0  # ZeroMQ frames received, good or bad
         self.events = 0  # events decoded and applied by the aggregator
-        self.rejected: Dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)  # in messages
-        self.overflow: Dict[str, int] = dict.fromkeys(OVERFLOW_KINDS, 0)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)  # in messages
+        self.overflow: dict[str, int] = dict.fromkeys(OVERFLOW_KINDS, 0)
         self.expired_runs = 0  # runs dropped after the TTL
         self.ended_runs = 0  # runs ended by every rank's goodbye
-        self.evicted: Dict[str, int] = dict.fromkeys(EVICT_REASONS, 0)  # in runs
+        self.evicted: dict[str, int] = dict.fromkeys(EVICT_REASONS, 0)  # in runs
 
-    def copy(self) -> "DaemonStats":
+    def copy(self) -> DaemonStats:
         """A detached copy for a scrape snapshot."""
         other = DaemonStats()
         other.messages = self.messages

@@ -21,13 +21,26 @@ that the text passes ``promtool check metrics``; promtool 2.42 lints only the te
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 from prometheus_client.registry import Collector
 
-__all__ = ["render_text", "render_openmetrics", "render", "render_families", "header",
-           "negotiate", "value", "escape_label", "TEXT", "OPENMETRICS", "CONTENT_TYPE",
-           "OPENMETRICS_CONTENT_TYPE", "CONTENT_TYPES", "EOF"]
+__all__ = [
+    "render_text",
+    "render_openmetrics",
+    "render",
+    "render_families",
+    "header",
+    "negotiate",
+    "value",
+    "escape_label",
+    "TEXT",
+    "OPENMETRICS",
+    "CONTENT_TYPE",
+    "OPENMETRICS_CONTENT_TYPE",
+    "CONTENT_TYPES",
+    "EOF",
+]
 
 TEXT = "text"
 OPENMETRICS = "openmetrics"
@@ -37,9 +50,13 @@ CONTENT_TYPES = {TEXT: CONTENT_TYPE, OPENMETRICS: OPENMETRICS_CONTENT_TYPE}
 EOF = "# EOF\n"
 
 # Text format: (suffix of the family's name in HELP/TYPE, type written) by metric type.
-_TYPES = {"counter": ("_total", "counter"), "info": ("_info", "gauge"),
-          "stateset": ("", "gauge"), "gaugehistogram": ("", "histogram"),
-          "unknown": ("", "untyped")}
+_TYPES = {
+    "counter": ("_total", "counter"),
+    "info": ("_info", "gauge"),
+    "stateset": ("", "gauge"),
+    "gaugehistogram": ("", "histogram"),
+    "unknown": ("", "untyped"),
+}
 _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 
 
@@ -69,20 +86,21 @@ def header(name: str, mtype: str, doc: str, fmt: str) -> str:
     return f"# HELP {name}{suffix} {doc}\n# TYPE {name}{suffix} {ttype}\n"
 
 
-def render_families(metrics: Iterable, fmt: str, escaped: Optional[Dict[str, str]] = None
-                    ) -> List[str]:
+def render_families(
+    metrics: Iterable, fmt: str, escaped: dict[str, str] | None = None
+) -> list[str]:
     """The exposition of prometheus_client ``Metric`` objects, as a list of strings.
 
     Refuses (``ValueError``) what the daemon never writes and these encoders do not: exemplars
     and native histograms.
     """
-    out: List[str] = []
+    out: list[str] = []
     if escaped is None:
         escaped = {}
     om = fmt == OPENMETRICS
     for metric in metrics:
         out.append(header(metric.name, metric.type, metric.documentation, fmt))
-        deferred: Dict[str, List[str]] = {}
+        deferred: dict[str, list[str]] = {}
         for s in metric.samples:
             if s.exemplar is not None or getattr(s, "native_histogram", None) is not None:
                 raise ValueError(f"{s.name}: exemplars and native histograms are not written")
@@ -102,7 +120,7 @@ def render_families(metrics: Iterable, fmt: str, escaped: Optional[Dict[str, str
                     line = f"{line} {float(s.timestamp)!r}"
                 else:
                     line = f"{line} {int(float(s.timestamp) * 1000):d}"
-            tail = s.name[len(metric.name):] if s.name.startswith(metric.name) else ""
+            tail = s.name[len(metric.name) :] if s.name.startswith(metric.name) else ""
             if not om and tail in _OM_SUFFIXES:
                 # OpenMetrics-only samples become their own gauge, as generate_latest does.
                 deferred.setdefault(tail, []).append(line + "\n")
@@ -132,20 +150,20 @@ def render_openmetrics(registry: Collector) -> bytes:
     return render(registry, OPENMETRICS)
 
 
-def _media_ranges(accept: str) -> Iterable[Tuple[str, Dict[str, str]]]:
+def _media_ranges(accept: str) -> Iterable[tuple[str, dict[str, str]]]:
     for item in accept.split(","):
         mtype, *params = item.split(";")
         mtype = mtype.strip().lower()
         if not mtype:
             continue
-        p: Dict[str, str] = {}
+        p: dict[str, str] = {}
         for param in params:
             k, _, v = param.partition("=")
             p[k.strip().lower()] = v.strip().strip('"')
         yield mtype, p
 
 
-def _q(params: Dict[str, str]) -> float:
+def _q(params: dict[str, str]) -> float:
     try:
         q = float(params.get("q", "1"))
     except ValueError:
@@ -153,7 +171,7 @@ def _q(params: Dict[str, str]) -> float:
     return q if 0.0 <= q <= 1.0 else 0.0
 
 
-def negotiate(accept: Optional[str]) -> Tuple[str, str]:
+def negotiate(accept: str | None) -> tuple[str, str]:
     """The format to answer an ``Accept`` header with, and its content type.
 
     Each format takes the q-value of the most specific media range that matches it (RFC
@@ -162,7 +180,7 @@ def negotiate(accept: Optional[str]) -> Tuple[str, str]:
     q wins; a tie, or a header that accepts neither (or none), gets text, which every
     client parses.
     """
-    best: Dict[str, Tuple[int, float]] = {}  # fmt -> (specificity, q)
+    best: dict[str, tuple[int, float]] = {}  # fmt -> (specificity, q)
 
     def offer(fmt: str, specificity: int, q: float) -> None:
         if specificity > best.get(fmt, (-1, 0.0))[0]:

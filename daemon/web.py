@@ -28,7 +28,8 @@ import gzip
 import html
 import logging
 import ssl
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_server import Server
@@ -45,13 +46,15 @@ _log = logging.getLogger(__name__)
 _CHUNK = 1 << 16
 _MAX_RENDERING = 4  # scrapes rendering or waiting for a render thread; more get a 503
 _TEXT = "text/plain; charset=utf-8"
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-         b"Content-Length: 33\r\nConnection: close\r\n\r\ntoo many connections, try again\r\n")
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 33\r\nConnection: close\r\n\r\ntoo many connections, try again\r\n"
+)
 
 
 def accepts_gzip(header: str) -> bool:
     """Whether an ``Accept-Encoding`` value admits gzip (RFC 9110 q-values; ``*`` counts)."""
-    star: Optional[float] = None
+    star: float | None = None
     for item in header.split(","):
         name, _, params = item.strip().partition(";")
         name = name.strip().lower()
@@ -118,7 +121,7 @@ class WebServer:
         write_timeout_s: float = 10.0,
         max_connections: int = 64,
         keepalive_timeout_s: float = 75.0,
-        ssl_context: Optional[ssl.SSLContext] = None,
+        ssl_context: ssl.SSLContext | None = None,
         auth: Any = None,
         max_body_bytes: int = 128 << 20,
     ) -> None:
@@ -137,8 +140,8 @@ class WebServer:
         # checks; None: open. ``unauthorized`` counts requests answered 401.
         self._auth = auth
         self.unauthorized = 0
-        self._server: Optional[asyncio.base_events.Server] = None
-        self._http: Optional[Server] = None
+        self._server: asyncio.base_events.Server | None = None
+        self._http: Server | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="scrape")
         self.scraped = asyncio.Event()  # set after each successful scrape
         self.refused = 0
@@ -149,23 +152,33 @@ class WebServer:
         self._max_body_bytes = max_body_bytes
         self._held = 0  # bytes of bodies being rendered (guessed) or written
         self._rendering = 0
-        self._sizes: Dict[Tuple[str, bool], int] = {}  # last body size by (format, gzip)
-        self._trim: Optional[asyncio.TimerHandle] = None
+        self._sizes: dict[tuple[str, bool], int] = {}  # last body size by (format, gzip)
+        self._trim: asyncio.TimerHandle | None = None
 
     @property
     def connections(self) -> int:
         """HTTP connections open now."""
         return len(self._http.connections) if self._http is not None else 0
 
-    async def start(self) -> Tuple[str, int]:
+    async def start(self) -> tuple[str, int]:
         """Bind and listen; returns the bound (host, port). Raises ``OSError`` on failure."""
-        self._http = Server(self._handle, access_log=None, max_line_size=8190,
-                            max_field_size=8190, keepalive_timeout=self._keepalive_timeout_s,
-                            handler_cancellation=True)
+        self._http = Server(
+            self._handle,
+            access_log=None,
+            max_line_size=8190,
+            max_field_size=8190,
+            keepalive_timeout=self._keepalive_timeout_s,
+            handler_cancellation=True,
+        )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._protocol, self._host or None, self._port, reuse_address=True,
-            ssl=self._ssl, backlog=128)
+            self._protocol,
+            self._host or None,
+            self._port,
+            reuse_address=True,
+            ssl=self._ssl,
+            backlog=128,
+        )
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -203,14 +216,18 @@ class WebServer:
 
     async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
-            return web.Response(status=405, text="method not allowed\n",
-                                headers={"Allow": "GET, HEAD"})
+            return web.Response(
+                status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"}
+            )
         path = request.path
         if self._auth is not None and path not in ("/-/healthy", "/-/ready"):
             if not await self._authorized(request.headers.get("Authorization")):
                 self.unauthorized += 1
-                return web.Response(status=401, text="unauthorized\n",
-                                    headers={"WWW-Authenticate": 'Basic realm="esper-telemetryd"'})
+                return web.Response(
+                    status=401,
+                    text="unauthorized\n",
+                    headers={"WWW-Authenticate": 'Basic realm="esper-telemetryd"'},
+                )
         if path == self._path:
             return await self._scrape(request)
         if path == "/-/healthy":
@@ -221,20 +238,24 @@ class WebServer:
             return web.Response(status=503, text="Not ready.\n")
         if path == "/":
             p = html.escape(self._path, quote=True)
-            page = (f"<html><head><title>esper-telemetryd</title></head><body>"
-                    f"<h1>esper-telemetryd</h1><p>Version {html.escape(__version__)}</p><ul>"
-                    f"<li><a href=\"{p}\">Metrics</a></li>"
-                    f"<li><a href=\"/-/healthy\">Health</a></li>"
-                    f"<li><a href=\"/-/ready\">Readiness</a></li></ul></body></html>\n")
+            page = (
+                f"<html><head><title>esper-telemetryd</title></head><body>"
+                f"<h1>esper-telemetryd</h1><p>Version {html.escape(__version__)}</p><ul>"
+                f'<li><a href="{p}">Metrics</a></li>'
+                f'<li><a href="/-/healthy">Health</a></li>'
+                f'<li><a href="/-/ready">Readiness</a></li></ul></body></html>\n'
+            )
             return web.Response(text=page, content_type="text/html")
         return web.Response(status=404, text="not found\n")
 
-    async def _authorized(self, header: Optional[str]) -> bool:
+    async def _authorized(self, header: str | None) -> bool:
         """Credentials seen before answer at once; new ones take a bcrypt, off the loop."""
         known = self._auth.known(header)
         if known is not None:
             return known
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._auth.check, header)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._auth.check, header
+        )
 
     async def _scrape(self, request: web.BaseRequest) -> web.StreamResponse:
         gz = accepts_gzip(request.headers.get("Accept-Encoding", ""))
@@ -246,10 +267,14 @@ class WebServer:
         # do not read cannot multiply the exposition's size in memory.
         guess = self._sizes.get(kind) or max(self._sizes.values(), default=0)
         if self._rendering >= _MAX_RENDERING or (
-                self._held and self._held + guess > self._max_body_bytes):
+            self._held and self._held + guess > self._max_body_bytes
+        ):
             self.busy += 1
-            resp = web.Response(status=503, text="busy: too many scrapes in flight, try again\n",
-                                headers={"Retry-After": "1"})
+            resp = web.Response(
+                status=503,
+                text="busy: too many scrapes in flight, try again\n",
+                headers={"Retry-After": "1"},
+            )
             resp.force_close()  # a client that asks and never reads keeps nothing open
             return resp
         self._held += guess
@@ -258,7 +283,8 @@ class WebServer:
         try:
             snapshot = self._snapshot()
             body, ctype = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._render, snapshot, accept, gz)
+                self._pool, self._render, snapshot, accept, gz
+            )
         except BaseException:
             self._held -= held
             raise
@@ -272,11 +298,13 @@ class WebServer:
         finally:
             self._held -= held
 
-    async def _answer(self, request: web.BaseRequest, body: bytes, ctype: str,
-                      gz: bool) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.BaseRequest, body: bytes, ctype: str, gz: bool
+    ) -> web.StreamResponse:
         # The body depends on both headers: caches must key on both.
-        resp = web.StreamResponse(headers={"Content-Type": ctype,
-                                           "Vary": "Accept, Accept-Encoding"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": ctype, "Vary": "Accept, Accept-Encoding"}
+        )
         if gz:
             resp.headers["Content-Encoding"] = "gzip"
         resp.content_length = len(body)
@@ -302,10 +330,10 @@ class WebServer:
         if request.method != "HEAD":
             view = memoryview(body)
             for i in range(0, len(view), _CHUNK):
-                await resp.write(view[i:i + _CHUNK])
+                await resp.write(view[i : i + _CHUNK])
         await resp.write_eof()
 
-    def _render(self, snapshot: Any, accept: Optional[str], gz: bool) -> Tuple[bytes, str]:
+    def _render(self, snapshot: Any, accept: str | None, gz: bool) -> tuple[bytes, str]:
         """On a worker thread: the exposition of ``snapshot``, in the negotiated format.
 
         A collector with a ``render(fmt)`` method (the daemon's ``exporter.Scrape``)

@@ -31,18 +31,35 @@ import hmac
 import os
 import secrets
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 __all__ = ["WebConfig", "WebConfigError", "load_web_config", "BasicAuth"]
 
-_TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
-             "max_version", "cipher_suites", "curve_preferences", "prefer_server_cipher_suites"}
+_TLS_KEYS = {
+    "cert_file",
+    "key_file",
+    "client_auth_type",
+    "client_ca_file",
+    "min_version",
+    "max_version",
+    "cipher_suites",
+    "curve_preferences",
+    "prefer_server_cipher_suites",
+}
 _TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
-_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
-             "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-_CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-                "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
+_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+_CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
 _UNVERIFIED = ("RequestClientCert", "RequireAnyClientCert")
 # Cost factor of the dummy hash checked for unknown users (the usual htpasswd -B cost).
 _DUMMY_COST = 10
@@ -61,15 +78,16 @@ class BasicAuth:
         self._bcrypt = bcrypt
         self._users = dict(users)
         self._key = secrets.token_bytes(32)
-        self._passed: Dict[bytes, None] = {}
+        self._passed: dict[bytes, None] = {}
         self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(_DUMMY_COST))
 
     def _digest(self, user: str, password: bytes) -> bytes:
-        return hmac.new(self._key, user.encode("utf-8", "surrogateescape") + b"\0" + password,
-                        hashlib.sha256).digest()
+        return hmac.new(
+            self._key, user.encode("utf-8", "surrogateescape") + b"\0" + password, hashlib.sha256
+        ).digest()
 
     @staticmethod
-    def credentials(header: Optional[str]) -> Optional[tuple]:
+    def credentials(header: str | None) -> tuple | None:
         """(user, password bytes) from an Authorization header value, or None."""
         if not header:
             return None
@@ -85,7 +103,7 @@ class BasicAuth:
             return None
         return user.decode("utf-8", "surrogateescape"), password
 
-    def known(self, header: Optional[str]) -> Optional[bool]:
+    def known(self, header: str | None) -> bool | None:
         """True if these credentials passed before, False if malformed or absent, None when
         a bcrypt check (``check``, slow: run it off the loop) must decide."""
         creds = self.credentials(header)
@@ -93,7 +111,7 @@ class BasicAuth:
             return False
         return True if self._digest(*creds) in self._passed else None
 
-    def check(self, header: Optional[str]) -> bool:
+    def check(self, header: str | None) -> bool:
         """The full check, bcrypt included (tens of milliseconds: not on the event loop)."""
         creds = self.credentials(header)
         if creds is None:
@@ -118,8 +136,8 @@ class BasicAuth:
 class WebConfig(NamedTuple):
     """What the file configures: a server SSL context (None: plain HTTP), basic auth (None: open)."""
 
-    ssl_context: Optional[ssl.SSLContext]
-    auth: Optional[BasicAuth]
+    ssl_context: ssl.SSLContext | None
+    auth: BasicAuth | None
     path: str
 
     def describe(self) -> str:
@@ -130,7 +148,7 @@ class WebConfig(NamedTuple):
         return f"{tls}, {auth} ({self.path})"
 
 
-def _mapping(value: Any, where: str) -> Dict[str, Any]:
+def _mapping(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -147,14 +165,16 @@ def _path(base: Path, value: Any, where: str) -> str:
     return str(path)
 
 
-def _tls(base: Path, tls: Dict[str, Any]) -> Optional[ssl.SSLContext]:
+def _tls(base: Path, tls: dict[str, Any]) -> ssl.SSLContext | None:
     unknown = set(tls) - _TLS_KEYS
     if unknown:
         raise WebConfigError(f"tls_server_config: unknown field(s) {sorted(unknown)}")
     for unsupported in ("cipher_suites", "curve_preferences"):
         if tls.get(unsupported):
-            raise WebConfigError(f"tls_server_config.{unsupported} is not supported here "
-                                 f"(Python's ssl module): leave it out to use OpenSSL's defaults")
+            raise WebConfigError(
+                f"tls_server_config.{unsupported} is not supported here "
+                f"(Python's ssl module): leave it out to use OpenSSL's defaults"
+            )
     if not tls.get("cert_file") and not tls.get("key_file"):
         if any(tls.get(k) for k in ("client_ca_file", "client_auth_type", "min_version")):
             raise WebConfigError("tls_server_config without cert_file and key_file")
@@ -163,26 +183,38 @@ def _tls(base: Path, tls: Dict[str, Any]) -> Optional[ssl.SSLContext]:
         raise WebConfigError("tls_server_config needs both cert_file and key_file")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(_path(base, tls["cert_file"], "tls_server_config.cert_file"),
-                                _path(base, tls["key_file"], "tls_server_config.key_file"))
+        context.load_cert_chain(
+            _path(base, tls["cert_file"], "tls_server_config.cert_file"),
+            _path(base, tls["key_file"], "tls_server_config.key_file"),
+        )
     except ssl.SSLError as exc:
-        raise WebConfigError(f"tls_server_config: cannot load the certificate and key: {exc}") from None
-    for field, default, attr in (("min_version", "TLS12", "minimum_version"),
-                                 ("max_version", None, "maximum_version")):
+        raise WebConfigError(
+            f"tls_server_config: cannot load the certificate and key: {exc}"
+        ) from None
+    for field, default, attr in (
+        ("min_version", "TLS12", "minimum_version"),
+        ("max_version", None, "maximum_version"),
+    ):
         name = tls.get(field) or default
         if name is None:
             continue
         if name not in _VERSIONS:
-            raise WebConfigError(f"tls_server_config.{field}: {name!r} is not one of {sorted(_VERSIONS)}")
+            raise WebConfigError(
+                f"tls_server_config.{field}: {name!r} is not one of {sorted(_VERSIONS)}"
+            )
         setattr(context, attr, _VERSIONS[name])
     auth_type = tls.get("client_auth_type") or "NoClientCert"
     if auth_type in _UNVERIFIED:
-        raise WebConfigError(f"tls_server_config.client_auth_type {auth_type} (a client certificate "
-                             f"taken unverified) is not supported; use VerifyClientCertIfGiven or "
-                             f"RequireAndVerifyClientCert with client_ca_file")
+        raise WebConfigError(
+            f"tls_server_config.client_auth_type {auth_type} (a client certificate "
+            f"taken unverified) is not supported; use VerifyClientCertIfGiven or "
+            f"RequireAndVerifyClientCert with client_ca_file"
+        )
     if auth_type not in _CLIENT_AUTH:
-        raise WebConfigError(f"tls_server_config.client_auth_type: {auth_type!r} is not one of "
-                             f"{sorted(list(_CLIENT_AUTH) + list(_UNVERIFIED))}")
+        raise WebConfigError(
+            f"tls_server_config.client_auth_type: {auth_type!r} is not one of "
+            f"{sorted(list(_CLIENT_AUTH) + list(_UNVERIFIED))}"
+        )
     ca = tls.get("client_ca_file")
     if auth_type != "NoClientCert" and not ca:
         raise WebConfigError(f"tls_server_config.client_auth_type {auth_type} needs client_ca_file")
@@ -195,23 +227,29 @@ def _tls(base: Path, tls: Dict[str, Any]) -> Optional[ssl.SSLContext]:
     return context
 
 
-def _users(users: Dict[str, Any]) -> Optional[BasicAuth]:
+def _users(users: dict[str, Any]) -> BasicAuth | None:
     if not users:
         return None
-    hashes: Dict[str, bytes] = {}
+    hashes: dict[str, bytes] = {}
     for user, hashed in users.items():
         if not isinstance(user, str) or not user or ":" in user:
             raise WebConfigError(f"basic_auth_users: {user!r} is not a user name")
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")) \
-                or len(hashed) != 60:
-            raise WebConfigError(f"basic_auth_users.{user}: not a bcrypt hash (60 characters, "
-                                 f"$2y$...; make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)")
+        if (
+            not isinstance(hashed, str)
+            or not hashed.startswith(("$2a$", "$2b$", "$2y$"))
+            or len(hashed) != 60
+        ):
+            raise WebConfigError(
+                f"basic_auth_users.{user}: not a bcrypt hash (60 characters, "
+                f"$2y$...; make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)"
+            )
         hashes[user] = hashed.encode("ascii")
     try:
         return BasicAuth(hashes)
     except ImportError:
-        raise WebConfigError("basic_auth_users needs the bcrypt package: "
-                             "pip install 'esper-telemetry[daemon]'") from None
+        raise WebConfigError(
+            "basic_auth_users needs the bcrypt package: pip install 'esper-telemetry[daemon]'"
+        ) from None
 
 
 def load_web_config(path: str) -> WebConfig:
@@ -219,7 +257,9 @@ def load_web_config(path: str) -> WebConfig:
     try:
         import yaml
     except ImportError:
-        raise WebConfigError("--web.config.file needs PyYAML: pip install 'esper-telemetry[daemon]'") from None
+        raise WebConfigError(
+            "--web.config.file needs PyYAML: pip install 'esper-telemetry[daemon]'"
+        ) from None
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
@@ -232,8 +272,9 @@ def load_web_config(path: str) -> WebConfig:
     if unknown:
         raise WebConfigError(f"unknown field(s) {sorted(unknown)}; expected {sorted(_TOP_KEYS)}")
     if doc.get("http_server_config"):
-        raise WebConfigError("http_server_config is not supported (HTTP/2 and extra headers); "
-                             "leave it out")
+        raise WebConfigError(
+            "http_server_config is not supported (HTTP/2 and extra headers); leave it out"
+        )
     base = Path(path).resolve().parent
     try:
         context = _tls(base, _mapping(doc.get("tls_server_config"), "tls_server_config"))

@@ -18,9 +18,9 @@ from .events import (
     SCHEMA_VERSION,
     DeviceMismatch,
     Event,
+    Goodbye,
     GroupDecl,
     GroupNorm,
-    Goodbye,
     Heartbeat,
     Hello,
     IsolationViolation,
@@ -56,8 +56,11 @@ __all__ = [
 ]
 
 # Names the training side provides, by the module that defines them (all need torch).
-_COLLECTOR = {"attach": ".collector.api", "Telemetry": ".collector.telemetry",
-              "peft_groups": ".integrations.peft"}
+_COLLECTOR = {
+    "attach": ".collector.api",
+    "Telemetry": ".collector.telemetry",
+    "peft_groups": ".integrations.peft",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -79,5 +82,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> List[str]:
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_COLLECTOR))

@@ -30,7 +30,8 @@ is reported as what it is; a non-finite sum without that count is a broken sende
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgpack
 
@@ -48,9 +49,9 @@ from .events import (
     SCHEMA_VERSIONS,
     DeviceMismatch,
     Event,
+    Goodbye,
     GroupDecl,
     GroupNorm,
-    Goodbye,
     Heartbeat,
     Hello,
     IsolationViolation,
@@ -89,7 +90,7 @@ def encode(events: Event | Iterable[Event], seq: int | None = None) -> bytes:
     return msgpack.packb([_to_wire(e, seq) for e in events], use_bin_type=True)
 
 
-def _to_wire(event: Event, seq: int | None = None) -> Dict[str, Any]:
+def _to_wire(event: Event, seq: int | None = None) -> dict[str, Any]:
     kind = KIND_OF.get(type(event))
     if kind is None:
         raise TypeError(f"not an esper_telemetry event: {type(event).__name__}")
@@ -98,7 +99,7 @@ def _to_wire(event: Event, seq: int | None = None) -> Dict[str, Any]:
         wire.update(zip(event._fields[:-1], event))
         wire["seq"] = seq
     elif event[-1] is None:  # no message number: schema version 1, without the field
-        wire: Dict[str, Any] = {"v": 1, "event": kind}
+        wire: dict[str, Any] = {"v": 1, "event": kind}
         wire.update(zip(event._fields[:-1], event))
     else:
         wire = {"v": SCHEMA_VERSION, "event": kind}
@@ -106,7 +107,7 @@ def _to_wire(event: Event, seq: int | None = None) -> Dict[str, Any]:
     return wire
 
 
-def decode(data: bytes) -> List[Event]:
+def decode(data: bytes) -> list[Event]:
     """Unpack one message into a list of events, or raise ``WireError`` and apply nothing."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
@@ -210,8 +211,9 @@ def _group_square(value: Any, nonfinite: Any) -> float | None:
             return value
         if (value == math.inf or value != value) and type(nonfinite) is int and nonfinite > 0:
             return value
-        raise WireError("value", f"sum of squares out of range: {value} "
-                                 f"(non-finite count {nonfinite!r})")
+        raise WireError(
+            "value", f"sum of squares out of range: {value} (non-finite count {nonfinite!r})"
+        )
     raise WireError("schema", f"expected a number or nil, got {type(value).__name__}")
 
 
@@ -232,7 +234,7 @@ def _role(value: Any) -> str:
     return value
 
 
-def _array(value: Any, limit: int) -> Tuple[Any, ...]:
+def _array(value: Any, limit: int) -> tuple[Any, ...]:
     if type(value) is not tuple:
         raise WireError("schema", f"expected an array, got {type(value).__name__}")
     if len(value) > limit:
@@ -247,10 +249,17 @@ _new_group_norm = tuple.__new__
 def _group_norms(
     value: Any,
     # Bound as locals: this is the daemon's hottest loop and global lookups add up.
-    _str: type = str, _int: type = int, _float: type = float, _bool_t: type = bool,
-    _tuple: type = tuple, _roles: frozenset = _ROLE_SET, _maxs: int = MAX_STRING_CHARS,
-    _maxi: int = _MAX_INT, _inf: float = math.inf, _maxg: int = MAX_GROUPS_PER_EVENT,
-) -> Tuple[GroupNorm, ...]:
+    _str: type = str,
+    _int: type = int,
+    _float: type = float,
+    _bool_t: type = bool,
+    _tuple: type = tuple,
+    _roles: frozenset = _ROLE_SET,
+    _maxs: int = MAX_STRING_CHARS,
+    _maxi: int = _MAX_INT,
+    _inf: float = math.inf,
+    _maxg: int = MAX_GROUPS_PER_EVENT,
+) -> tuple[GroupNorm, ...]:
     # One pass of inline type tests per group, falling back to the field checks (for a
     # precise reason, or for a non-finite sum of squares: rare, and judged there against
     # the group's non-finite count) only when something is unusual.
@@ -262,10 +271,12 @@ def _group_norms(
         if type(item) is _tuple and len(item) == 7:
             name, role, params, sq, nonfinite, sharded, isolated = item
             if (
-                type(name) is _str is type(role) and 0 < len(name) <= _maxs
+                type(name) is _str is type(role)
+                and 0 < len(name) <= _maxs
                 and role in _roles
                 and type(params) is _int is type(nonfinite)
-                and 0 <= params <= _maxi and 0 <= nonfinite <= _maxi
+                and 0 <= params <= _maxi
+                and 0 <= nonfinite <= _maxi
                 and type(sharded) is _bool_t is type(isolated)
                 and (sq is None or (type(sq) is _float and 0.0 <= sq < _inf))
             ):
@@ -273,8 +284,13 @@ def _group_norms(
                 continue
             append(
                 GroupNorm(
-                    _name(name), _role(role), _count(params), _group_square(sq, nonfinite),
-                    _count(nonfinite), _bool(sharded), _bool(isolated),
+                    _name(name),
+                    _role(role),
+                    _count(params),
+                    _group_square(sq, nonfinite),
+                    _count(nonfinite),
+                    _bool(sharded),
+                    _bool(isolated),
                 )
             )
         else:
@@ -282,7 +298,7 @@ def _group_norms(
     return tuple(out)
 
 
-def _group_decls(value: Any) -> Tuple[GroupDecl, ...]:
+def _group_decls(value: Any) -> tuple[GroupDecl, ...]:
     out = []
     for item in _array(value, MAX_GROUPS_PER_EVENT):
         if type(item) is not tuple or len(item) != 4:
@@ -292,11 +308,11 @@ def _group_decls(value: Any) -> Tuple[GroupDecl, ...]:
     return tuple(out)
 
 
-def _devices(value: Any) -> Tuple[str, ...]:
+def _devices(value: Any) -> tuple[str, ...]:
     return tuple(_name(d) for d in _array(value, MAX_DEVICES_PER_EVENT))
 
 
-def _one_sender(events: List[Event]) -> None:
+def _one_sender(events: list[Event]) -> None:
     """A batch is one version; of version 2, one collector's message: one run, rank, seq."""
     first = events[0]
     seq = first[-1]
@@ -314,31 +330,64 @@ def _one_sender(events: List[Event]) -> None:
 
 
 _Check = Callable[[Any], Any]
-_COMMON: Sequence[Tuple[str, _Check]] = (("run", _name), ("rank", _count), ("time", _time))
+_COMMON: Sequence[tuple[str, _Check]] = (("run", _name), ("rank", _count), ("time", _time))
 
-_SPECS_V1: Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]] = {
-    "hello": (Hello, (
-        *_COMMON, ("world_size", _positive), ("hostname", _str), ("pid", _count),
-        ("library_version", _str), ("torch_version", _str), ("groups", _group_decls),
-    )),
-    "norms": (Norms, (
-        *_COMMON, ("step", _count), ("skipped", _bool), ("groups", _group_norms),
-    )),
-    "device": (DeviceMismatch, (
-        *_COMMON, ("kind", _name), ("group", _str), ("devices", _devices),
-    )),
-    "violation": (IsolationViolation, (
-        *_COMMON, ("step", _count), ("group", _name), ("kind", _name),
-        ("evidence", _str), ("value", _opt_finite),
-    )),
-    "heartbeat": (Heartbeat, (
-        *_COMMON, ("sent", _count), ("dropped", _count), ("queue_depth", _count),
-        ("errors", _count),
-    )),
+_SPECS_V1: dict[str, tuple[type, tuple[tuple[str, _Check], ...]]] = {
+    "hello": (
+        Hello,
+        (
+            *_COMMON,
+            ("world_size", _positive),
+            ("hostname", _str),
+            ("pid", _count),
+            ("library_version", _str),
+            ("torch_version", _str),
+            ("groups", _group_decls),
+        ),
+    ),
+    "norms": (
+        Norms,
+        (
+            *_COMMON,
+            ("step", _count),
+            ("skipped", _bool),
+            ("groups", _group_norms),
+        ),
+    ),
+    "device": (
+        DeviceMismatch,
+        (
+            *_COMMON,
+            ("kind", _name),
+            ("group", _str),
+            ("devices", _devices),
+        ),
+    ),
+    "violation": (
+        IsolationViolation,
+        (
+            *_COMMON,
+            ("step", _count),
+            ("group", _name),
+            ("kind", _name),
+            ("evidence", _str),
+            ("value", _opt_finite),
+        ),
+    ),
+    "heartbeat": (
+        Heartbeat,
+        (
+            *_COMMON,
+            ("sent", _count),
+            ("dropped", _count),
+            ("queue_depth", _count),
+            ("errors", _count),
+        ),
+    ),
     "goodbye": (Goodbye, (*_COMMON, ("reason", _str))),
 }
 # Version 2: the same fields, then the carrying message's number.
-_SPECS: Dict[int, Dict[str, Tuple[type, Tuple[Tuple[str, _Check], ...]]]] = {
+_SPECS: dict[int, dict[str, tuple[type, tuple[tuple[str, _Check], ...]]]] = {
     1: _SPECS_V1,
     2: {kind: (record, (*fields, ("seq", _count))) for kind, (record, fields) in _SPECS_V1.items()},
 }
@@ -355,10 +404,18 @@ _NORMS_KEYS_V1 = _NORMS_KEYS[:-1]
 def _from_wire(
     obj: Any,
     # Bound as locals (see _group_norms): this runs once per event received.
-    _dict: type = dict, _tuple: type = tuple, _str: type = str, _int: type = int,
-    _float: type = float, _bool: type = bool, _keys: tuple = _NORMS_KEYS,
-    _keys_v1: tuple = _NORMS_KEYS_V1, _version: int = SCHEMA_VERSION,
-    _maxs: int = MAX_STRING_CHARS, _maxi: int = _MAX_INT, _inf: float = _INF,
+    _dict: type = dict,
+    _tuple: type = tuple,
+    _str: type = str,
+    _int: type = int,
+    _float: type = float,
+    _bool: type = bool,
+    _keys: tuple = _NORMS_KEYS,
+    _keys_v1: tuple = _NORMS_KEYS_V1,
+    _version: int = SCHEMA_VERSION,
+    _maxs: int = MAX_STRING_CHARS,
+    _maxi: int = _MAX_INT,
+    _inf: float = _INF,
     _norms: type = Norms,
 ) -> Event:
     # Fast path for the event that dominates the traffic: a Norms map with its keys in the
@@ -379,15 +436,19 @@ def _from_wire(
         else:
             return _from_wire_checked(obj)
         if (
-            event == "norms" and type(version) is _int
-            and type(run) is _str and 0 < len(run) <= _maxs
-            and type(rank) is _int and 0 <= rank <= _maxi
-            and type(time_) is _float and 0.0 <= time_ < _inf
-            and type(step) is _int and 0 <= step <= _maxi
+            event == "norms"
+            and type(version) is _int
+            and type(run) is _str
+            and 0 < len(run) <= _maxs
+            and type(rank) is _int
+            and 0 <= rank <= _maxi
+            and type(time_) is _float
+            and 0.0 <= time_ < _inf
+            and type(step) is _int
+            and 0 <= step <= _maxi
             and type(skipped) is _bool
         ):
-            return _new_record(_norms, (run, rank, time_, step, skipped, _group_norms(groups),
-                                        seq))
+            return _new_record(_norms, (run, rank, time_, step, skipped, _group_norms(groups), seq))
     return _from_wire_checked(obj)
 
 
@@ -396,8 +457,7 @@ def _from_wire_checked(obj: Any) -> Event:
         raise WireError("malformed", f"an event is a map, got {type(obj).__name__}")
     version = obj.get("v")
     if type(version) is not int or version not in SCHEMA_VERSIONS:
-        raise WireError("version", f"schema version {version!r}, expected one of "
-                                   f"{SCHEMA_VERSIONS}")
+        raise WireError("version", f"schema version {version!r}, expected one of {SCHEMA_VERSIONS}")
     kind = obj.get("event")
     specs = _SPECS[version]
     spec = specs.get(kind) if type(kind) is str else None  # a map or array is unhashable

@@ -8,7 +8,7 @@ environment variable, then the default below.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -167,8 +167,12 @@ MAX_GROUPS_PER_EVENT = 256
 MAX_DEVICES_PER_EVENT = 64
 
 
-def lookup(name: str, default: str, explicit: Optional[str] = None,
-           environ: Optional[Mapping[str, str]] = None) -> Tuple[str, str]:
+def lookup(
+    name: str,
+    default: str,
+    explicit: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[str, str]:
     """The value to use and where it came from: ``"argument"``, ``"environment"`` or ``"default"``.
 
     The one resolution rule of both sides: the explicit value when given, else the

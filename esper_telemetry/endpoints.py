@@ -33,7 +33,9 @@ def check_endpoint(addr: str, *, bind: bool, inproc: bool = False) -> str:
     if m is None:
         raise ValueError(f"{addr!r} is not {accepted}")
     if not bind and "*" in (m["host"], m["port"]):
-        raise ValueError(f"{addr!r}: '*' is for listening; a collector connects to one host and port")
+        raise ValueError(
+            f"{addr!r}: '*' is for listening; a collector connects to one host and port"
+        )
     if m["port"] != "*":
         low = 0 if bind else 1
         if not low <= int(m["port"]) <= 65535:

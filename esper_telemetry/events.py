@@ -22,7 +22,7 @@ message numbers, whose losses nobody can see); the codec writes and reads each v
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Union
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -75,7 +75,7 @@ class GroupNorm(NamedTuple):
     name: str
     role: str
     params: int
-    sq: Optional[float]
+    sq: float | None
     nonfinite: int
     sharded: bool
     isolated: bool
@@ -92,8 +92,8 @@ class Hello(NamedTuple):
     pid: int
     library_version: str
     torch_version: str
-    groups: Tuple[GroupDecl, ...]
-    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
+    groups: tuple[GroupDecl, ...]
+    seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class Norms(NamedTuple):
@@ -108,8 +108,8 @@ class Norms(NamedTuple):
     time: float
     step: int
     skipped: bool
-    groups: Tuple[GroupNorm, ...]
-    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
+    groups: tuple[GroupNorm, ...]
+    seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class DeviceMismatch(NamedTuple):
@@ -127,8 +127,8 @@ class DeviceMismatch(NamedTuple):
     time: float
     kind: str
     group: str
-    devices: Tuple[str, ...]
-    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
+    devices: tuple[str, ...]
+    seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class IsolationViolation(NamedTuple):
@@ -146,8 +146,8 @@ class IsolationViolation(NamedTuple):
     group: str
     kind: str
     evidence: str
-    value: Optional[float]
-    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
+    value: float | None
+    seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class Heartbeat(NamedTuple):
@@ -160,7 +160,7 @@ class Heartbeat(NamedTuple):
     dropped: int
     queue_depth: int
     errors: int
-    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
+    seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
 class Goodbye(NamedTuple):
@@ -170,7 +170,7 @@ class Goodbye(NamedTuple):
     rank: int
     time: float
     reason: str
-    seq: Optional[int] = None  # the carrying message's number (schema 2); None: schema 1
+    seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
 Event = Union[Hello, Norms, DeviceMismatch, IsolationViolation, Heartbeat, Goodbye]

@@ -7,7 +7,6 @@ way the user should read one line naming the extra, not a traceback from deep in
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 __all__ = ["EXTRA_IMPORTS", "install_hint", "missing_extra", "first_missing"]
 
@@ -21,10 +20,12 @@ EXTRA_IMPORTS = {
 
 def install_hint(what: str, missing: str, extra: str) -> str:
     """One line: ``what`` needs ``missing``, and the pip command that brings it."""
-    return f"{what} needs {missing!r}, which is not installed: pip install 'esper-telemetry[{extra}]'"
+    return (
+        f"{what} needs {missing!r}, which is not installed: pip install 'esper-telemetry[{extra}]'"
+    )
 
 
-def missing_extra(exc: ImportError, extra: str, what: str) -> Optional[ImportError]:
+def missing_extra(exc: ImportError, extra: str, what: str) -> ImportError | None:
     """An ``ImportError`` saying how to install ``extra``, when ``exc`` is about one of its imports.
 
     ``what`` names the feature that needs it ("esper_telemetry.attach"). None when ``exc``
@@ -36,7 +37,7 @@ def missing_extra(exc: ImportError, extra: str, what: str) -> Optional[ImportErr
     return ImportError(install_hint(what, missing, extra), name=missing)
 
 
-def first_missing(extra: str) -> Optional[str]:
+def first_missing(extra: str) -> str | None:
     """The first import of ``extra`` this environment cannot find, else None (nothing imported)."""
     for name in EXTRA_IMPORTS[extra]:
         if importlib.util.find_spec(name) is None:

@@ -7,13 +7,16 @@ is the same whichever side computes it.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 __all__ = ["seed_ratio"]
 
 
-def seed_ratio(seed_sq: Optional[float], seed_params: Optional[int],
-               host_sq: Optional[float], host_params: Optional[int]) -> float:
+def seed_ratio(
+    seed_sq: float | None,
+    seed_params: int | None,
+    host_sq: float | None,
+    host_params: int | None,
+) -> float:
     """``(seed_norm / host_norm) * sqrt(host_params / seed_params)``, from sums of squares.
 
     1.0 means the seed's gradient per parameter is as strong as the host's; far above 1 the

@@ -31,9 +31,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     try:
         from pytorch_lightning import Callback
     except ImportError as exc:
-        raise ImportError("esper_telemetry.integrations.lightning needs 'lightning' (or "
-                          "'pytorch-lightning'), which is not installed: pip install lightning",
-                          name="lightning") from exc
+        raise ImportError(
+            "esper_telemetry.integrations.lightning needs 'lightning' (or "
+            "'pytorch-lightning'), which is not installed: pip install lightning",
+            name="lightning",
+        ) from exc
 
 from .session import Session
 

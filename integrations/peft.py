@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ log = logging.getLogger("esper_telemetry.integrations")
 _PREFIX = "base_model.model."
 
 
-def peft_groups(model: nn.Module, per_module: bool = False) -> Dict[str, Any]:
+def peft_groups(model: nn.Module, per_module: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``attach`` (or the trainer callbacks) watching a PEFT model.
 
     Returns ``{"model": model, "seeds": {name: callable, ...}}``, plus
@@ -52,11 +53,13 @@ def peft_groups(model: nn.Module, per_module: bool = False) -> Dict[str, Any]:
     ``per_module=True`` would make more groups than one collector may declare.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"peft_groups takes a torch.nn.Module (a PeftModel), got {type(model).__name__}")
+        raise TypeError(
+            f"peft_groups takes a torch.nn.Module (a PeftModel), got {type(model).__name__}"
+        )
     if not isinstance(per_module, bool):
         raise TypeError(f"per_module= takes True or False, got {per_module!r}")
-    adapters: Dict[str, List[str]] = {}     # adapter name -> paths of the modules holding it
-    claimed: Dict[str, set] = {}            # adapter name -> ids of its parameters found so far
+    adapters: dict[str, list[str]] = {}  # adapter name -> paths of the modules holding it
+    claimed: dict[str, set] = {}  # adapter name -> ids of its parameters found so far
     for path, module in model.named_modules():
         for name in _adapter_names(module):
             # A wrapper and the tuner layer inside it may list the same weights (trainable tokens).
@@ -67,10 +70,12 @@ def peft_groups(model: nn.Module, per_module: bool = False) -> Dict[str, Any]:
             seen |= ids
             adapters.setdefault(name, []).append(path)
     if not adapters:
-        raise ValueError("peft_groups: the model holds no PEFT adapter (no module with PEFT's "
-                         "adapter_layer_names, no prompt encoder); give the groups to attach yourself")
+        raise ValueError(
+            "peft_groups: the model holds no PEFT adapter (no module with PEFT's "
+            "adapter_layer_names, no prompt encoder); give the groups to attach yourself"
+        )
     root = weakref.ref(model)
-    seeds: Dict[str, AdapterParams] = {}
+    seeds: dict[str, AdapterParams] = {}
     for adapter, paths in adapters.items():
         if per_module:
             for path in paths:
@@ -78,21 +83,30 @@ def peft_groups(model: nn.Module, per_module: bool = False) -> Dict[str, Any]:
         else:
             seeds[adapter] = AdapterParams(root, adapter, tuple(paths))
     if len(seeds) + 1 > MAX_GROUPS_PER_EVENT:
-        raise ValueError(f"peft_groups: {len(seeds)} adapted modules make {len(seeds) + 1} groups; a "
-                         f"collector declares at most {MAX_GROUPS_PER_EVENT}: use per_module=False")
+        raise ValueError(
+            f"peft_groups: {len(seeds)} adapted modules make {len(seeds) + 1} groups; a "
+            f"collector declares at most {MAX_GROUPS_PER_EVENT}: use per_module=False"
+        )
     too_long = [n for n in seeds if len(n) > MAX_STRING_CHARS]
     if too_long:
-        raise ValueError(f"peft_groups: group name of {len(too_long[0])} characters (at most "
-                         f"{MAX_STRING_CHARS}): {too_long[0][:60]!r}...; use per_module=False")
+        raise ValueError(
+            f"peft_groups: group name of {len(too_long[0])} characters (at most "
+            f"{MAX_STRING_CHARS}): {too_long[0][:60]!r}...; use per_module=False"
+        )
     adapter_ids = {id(p) for seed in seeds.values() for p in seed()}
     base = [(n, p) for n, p in model.named_parameters() if id(p) not in adapter_ids]
     trainable = [n for n, p in base if p.requires_grad]
-    kwargs: Dict[str, Any] = {"model": model, "seeds": dict(seeds)}
+    kwargs: dict[str, Any] = {"model": model, "seeds": dict(seeds)}
     if base and not trainable:
         kwargs["isolated"] = ("host",)
     elif trainable:
-        log.info("peft_groups: %d base parameters require grad (%s%s): the host is not declared "
-                 "isolated", len(trainable), trainable[0], ", ..." if len(trainable) > 1 else "")
+        log.info(
+            "peft_groups: %d base parameters require grad (%s%s): the host is not declared "
+            "isolated",
+            len(trainable),
+            trainable[0],
+            ", ..." if len(trainable) > 1 else "",
+        )
     return kwargs
 
 
@@ -105,17 +119,19 @@ class AdapterParams:
 
     __slots__ = ("_root", "adapter", "paths")
 
-    def __init__(self, root: Callable[[], Optional[nn.Module]], adapter: str, paths: Sequence[str]) -> None:
+    def __init__(
+        self, root: Callable[[], nn.Module | None], adapter: str, paths: Sequence[str]
+    ) -> None:
         self._root = root
         self.adapter = adapter
         self.paths = tuple(paths)
 
-    def __call__(self) -> List[torch.Tensor]:
+    def __call__(self) -> list[torch.Tensor]:
         model = self._root()
         if model is None:
             return []
         seen = set()
-        out: List[torch.Tensor] = []
+        out: list[torch.Tensor] = []
         for path in self.paths:
             try:
                 module = model.get_submodule(path)
@@ -134,21 +150,25 @@ class AdapterParams:
 
 def _short(path: str) -> str:
     """A module path for a group name: PEFT's wrapper prefix dropped; the root's prompt encoder named."""
-    short = path.replace(_PREFIX, "", 1) if path.startswith(_PREFIX) or f".{_PREFIX}" in path else path
+    short = (
+        path.replace(_PREFIX, "", 1) if path.startswith(_PREFIX) or f".{_PREFIX}" in path else path
+    )
     return short or "prompt_encoder"
 
 
-def _containers(module: nn.Module) -> Tuple[str, ...]:
+def _containers(module: nn.Module) -> tuple[str, ...]:
     """Names of ``module``'s attributes that hold adapter weights keyed by adapter name."""
     names = getattr(module, "adapter_layer_names", None)
     if isinstance(names, (tuple, list)) and all(isinstance(n, str) for n in names):
         return tuple(names)
-    if isinstance(getattr(module, "prompt_encoder", None), nn.ModuleDict) and hasattr(module, "peft_config"):
+    if isinstance(getattr(module, "prompt_encoder", None), nn.ModuleDict) and hasattr(
+        module, "peft_config"
+    ):
         return ("prompt_encoder",)
     return ()
 
 
-def _entries(module: nn.Module) -> Iterator[Tuple[str, Any]]:
+def _entries(module: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(adapter name, module or parameter)`` of every container of ``module``."""
     for attr in _containers(module):
         try:
@@ -160,12 +180,13 @@ def _entries(module: nn.Module) -> Iterator[Tuple[str, Any]]:
             yield from items()
 
 
-def _adapter_names(module: nn.Module) -> List[str]:
+def _adapter_names(module: nn.Module) -> list[str]:
     """The adapters that have parameters in ``module``'s containers, in order of appearance."""
-    names: List[str] = []
+    names: list[str] = []
     for name, value in _entries(module):
-        has = isinstance(value, torch.Tensor) or (isinstance(value, nn.Module) and
-                                                  next(value.parameters(), None) is not None)
+        has = isinstance(value, torch.Tensor) or (
+            isinstance(value, nn.Module) and next(value.parameters(), None) is not None
+        )
         if has and name not in names:
             names.append(name)
     return names

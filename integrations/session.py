@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
 from esper_telemetry import defaults
 
@@ -36,7 +36,7 @@ def _attach():
 class Session:
     """The arguments of one callback, and the ``Telemetry`` of the run in progress (or None)."""
 
-    def __init__(self, owner: str, every: int, attach_kwargs: Dict[str, Any]) -> None:
+    def __init__(self, owner: str, every: int, attach_kwargs: dict[str, Any]) -> None:
         if isinstance(every, bool) or not isinstance(every, int):
             raise TypeError(f"{owner}: every= takes an int, got {type(every).__name__}")
         if every < 1:
@@ -49,14 +49,16 @@ class Session:
             inspect.signature(attach).bind_partial(**attach_kwargs)
         except TypeError as exc:
             known = ", ".join(p for p in inspect.signature(attach).parameters if p not in _REFUSED)
-            raise TypeError(f"{owner}: {exc}; it takes every= and the arguments of "
-                            f"esper_telemetry.attach: {known}") from None
+            raise TypeError(
+                f"{owner}: {exc}; it takes every= and the arguments of "
+                f"esper_telemetry.attach: {known}"
+            ) from None
         self.owner = owner
         self.every = every
         self.kwargs = dict(attach_kwargs)
         self.telemetry: Any = None
 
-    def start(self, model: Any, run: Optional[str] = None) -> Any:
+    def start(self, model: Any, run: str | None = None) -> Any:
         """Attach (closing a previous run's collector first); ``model`` is the trainer's.
 
         ``run`` is the trainer's own run name, used when neither ``run=`` nor ``ESPER_RUN``

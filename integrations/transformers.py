@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("esper_telemetry.integrations.transformers needs 'transformers', which is not "
-                      "installed: pip install transformers", name=exc.name) from exc
+    raise ImportError(
+        "esper_telemetry.integrations.transformers needs 'transformers', which is not "
+        "installed: pip install transformers",
+        name=exc.name,
+    ) from exc
 
 from .session import Session
 
@@ -65,9 +69,9 @@ class EsperCallback(TrainerCallback):
     def __init__(self, *, every: int = 1, **attach_kwargs: Any) -> None:
         self._session = Session("EsperCallback", every, attach_kwargs)
         self._state: Any = None
-        self._captured: Optional[int] = None   # the global_step whose gradients were captured
-        self._unhook: Optional[Callable[[], None]] = None
-        self.capture_point: Optional[str] = None   # "unscale_gradients" or "on_pre_optimizer_step"
+        self._captured: int | None = None  # the global_step whose gradients were captured
+        self._unhook: Callable[[], None] | None = None
+        self.capture_point: str | None = None  # "unscale_gradients" or "on_pre_optimizer_step"
 
     @property
     def telemetry(self) -> Any:
@@ -75,7 +79,9 @@ class EsperCallback(TrainerCallback):
         return self._session.telemetry
 
     # -- Trainer events ---------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         self._remove_hook()
         self._session.start(model, run=getattr(args, "run_name", None))
         self._state = state
@@ -92,9 +98,12 @@ class EsperCallback(TrainerCallback):
         if self.capture_point is None:
             self.capture_point = "on_pre_optimizer_step"
             if args.max_grad_norm and args.max_grad_norm > 0:
-                log.info("esper-telemetry: capturing in on_pre_optimizer_step, after the Trainer "
-                         "clipped the gradients to max_grad_norm=%s (accelerate's unscale_gradients "
-                         "was not called)", args.max_grad_norm)
+                log.info(
+                    "esper-telemetry: capturing in on_pre_optimizer_step, after the Trainer "
+                    "clipped the gradients to max_grad_norm=%s (accelerate's unscale_gradients "
+                    "was not called)",
+                    args.max_grad_norm,
+                )
         self._capture(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -160,8 +169,12 @@ def _wrap_unscale(accelerator: Any, after: Callable[[Any], None]) -> Callable[[]
         except Exception as exc:  # never into the training loop
             if not failed:
                 failed.append(exc)
-                log.warning("esper-telemetry: capture after unscale_gradients failed: %s: %s "
-                            "(training goes on)", type(exc).__name__, exc)
+                log.warning(
+                    "esper-telemetry: capture after unscale_gradients failed: %s: %s "
+                    "(training goes on)",
+                    type(exc).__name__,
+                    exc,
+                )
         return result
 
     accelerator.unscale_gradients = unscale_gradients

@@ -35,4 +35,5 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(
                 f"a bare `import {name}` finds this checkout's folder ({place}): the repository "
                 f"root is on sys.path. Run `pytest` (or `python -P -m pytest`), not "
-                f"`python -m pytest` from the root; the package is `esper_telemetry.{name}`.")
+                f"`python -m pytest` from the root; the package is `esper_telemetry.{name}`."
+            )

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from collector_support import Receiver, pull_receiver
 
 import esper_telemetry as et
-from collector_support import Receiver, pull_receiver
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def pull() -> Iterator[Receiver]:
 @pytest.fixture
 def attach(pull: Receiver, request) -> Iterator[Any]:
     """``attach(**kw)`` publishing to ``pull`` under run id "test" unless told otherwise."""
-    made: List[Any] = []
+    made: list[Any] = []
 
     def _attach(**kw: Any) -> Any:
         kw.setdefault("endpoint", pull.endpoint)

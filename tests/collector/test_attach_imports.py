@@ -39,7 +39,7 @@ def test_attach_and_capture_import_no_dtensor_support(tmp_path):
     done = run_script(script, [f"tcp://127.0.0.1:{free_port()}"], timeout_s=60.0)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got["ok"] and got["sq"] > 0          # the capture really ran
-    assert got["before"] is False               # torch alone does not import it ...
+    assert got["ok"] and got["sq"] > 0  # the capture really ran
+    assert got["before"] is False  # torch alone does not import it ...
     assert got["after"] is False, "attach or capture imported torch.distributed.tensor"
     assert got["dynamo"] is False, "attach or capture imported torch._dynamo"

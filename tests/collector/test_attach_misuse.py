@@ -8,34 +8,41 @@ import threading
 
 import pytest
 import torch
+from collector_support import make_model
 from torch import nn
 
 import esper_telemetry as et
-from collector_support import make_model
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(host="host", isolated=("nope",)), ValueError, "unknown groups"),
-    (dict(host="host", seeds={"host": "seeds.a"}), ValueError, "duplicate"),
-    (dict(host="host", seeds={"a": "seeds.a"}, groups={"a": "seeds.b"}), ValueError, "duplicate"),
-    (dict(host="host.nope"), ValueError, "no submodule"),
-    (dict(host="host", seeds={"a": "seeds.zz"}), ValueError, "seeds.zz"),
-    (dict(host="host", every=0), ValueError, "every"),
-    (dict(host="host", shared_device="cuda:0"), ValueError, "shared_device"),
-    (dict(host="host", rank=2, world_size=2), ValueError, "rank"),
-    (dict(host="host", rank=-1, world_size=2), ValueError, "rank"),
-    (dict(host="host", seeds={"": "seeds.a"}), ValueError, "non-empty"),
-    (dict(host=[1, 2]), TypeError, "not a parameter"),
-    (dict(host=3), TypeError, "expected a module"),
-    (dict(host=[]), ValueError, "no parameters"),
-    (dict(host=nn.ReLU()), ValueError, "no parameters"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(host="host", isolated=("nope",)), ValueError, "unknown groups"),
+        (dict(host="host", seeds={"host": "seeds.a"}), ValueError, "duplicate"),
+        (
+            dict(host="host", seeds={"a": "seeds.a"}, groups={"a": "seeds.b"}),
+            ValueError,
+            "duplicate",
+        ),
+        (dict(host="host.nope"), ValueError, "no submodule"),
+        (dict(host="host", seeds={"a": "seeds.zz"}), ValueError, "seeds.zz"),
+        (dict(host="host", every=0), ValueError, "every"),
+        (dict(host="host", shared_device="cuda:0"), ValueError, "shared_device"),
+        (dict(host="host", rank=2, world_size=2), ValueError, "rank"),
+        (dict(host="host", rank=-1, world_size=2), ValueError, "rank"),
+        (dict(host="host", seeds={"": "seeds.a"}), ValueError, "non-empty"),
+        (dict(host=[1, 2]), TypeError, "not a parameter"),
+        (dict(host=3), TypeError, "expected a module"),
+        (dict(host=[]), ValueError, "no parameters"),
+        (dict(host=nn.ReLU()), ValueError, "no parameters"),
+    ],
+)
 def test_misuse_raises_at_once(kwargs, exc, match, thread_names):
     model = make_model()
     before = thread_names()
     with pytest.raises(exc, match=match):
         et.attach(model=model, endpoint="tcp://127.0.0.1:9", run="misuse", **kwargs)
-    assert thread_names() == before     # nothing was started for a refused attach
+    assert thread_names() == before  # nothing was started for a refused attach
 
 
 def test_no_group_at_all_is_refused():
@@ -52,7 +59,9 @@ def test_dotted_path_needs_a_model():
 
 def test_valid_edge_values_are_accepted(attach):
     model = make_model()
-    tel = attach(model=model, host="host", rank=1, world_size=2, every=1, shared_device=torch.device("cpu"))
+    tel = attach(
+        model=model, host="host", rank=1, world_size=2, every=1, shared_device=torch.device("cpu")
+    )
     assert (tel.rank, tel.world_size) == (1, 2)
 
 
@@ -69,12 +78,15 @@ def _linears(n):
     return {f"g{i}": nn.Linear(1, 1) for i in range(n)}
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(groups={"x" * 257: nn.Linear(1, 1)}), "257"),
-    (dict(seeds={"s" * 300: nn.Linear(1, 1)}), "300"),
-    (dict(groups=_linears(257)), "257 groups"),
-    (dict(groups={"g": nn.Linear(1, 1)}, run="r" * 257), "run"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(groups={"x" * 257: nn.Linear(1, 1)}), "257"),
+        (dict(seeds={"s" * 300: nn.Linear(1, 1)}), "300"),
+        (dict(groups=_linears(257)), "257 groups"),
+        (dict(groups={"g": nn.Linear(1, 1)}, run="r" * 257), "run"),
+    ],
+)
 def test_what_the_wire_cannot_carry_is_refused_at_attach(kwargs, match, thread_names):
     """The daemon rejects a whole message with a name over 256 characters or over 256 groups;
     a collector that attached anyway would lose every event it ever sent."""
@@ -92,7 +104,7 @@ def test_wire_limits_themselves_are_accepted(pull):
         tel.capture()
         assert tel.flush(5.0)
         assert len(tel.latest().groups) == 256
-    events = pull.until_goodbyes()             # decoding them all proves the daemon takes them
+    events = pull.until_goodbyes()  # decoding them all proves the daemon takes them
     (norms,) = [e for e in events if isinstance(e, et.Norms)]
     assert len(norms.groups) == 256 and norms.run == "r" * 256
     assert all(g.sq == 1.0 for g in norms.groups)
@@ -114,36 +126,55 @@ def nothing_left(thread_names):
     assert _open_fds() <= fds, "a refused attach left file descriptors open"
 
 
-_OPT = object()   # stands for "a real optimizer", made per case below
+_OPT = object()  # stands for "a real optimizer", made per case below
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(endpoint="localhost:5569"), ValueError, r"endpoint= 'localhost:5569' is not tcp://HOST:PORT"),
-    (dict(endpoint="tcp://127.0.0.1:70000"), ValueError, "endpoint= port out of range"),
-    (dict(endpoint="tcp://127.0.0.1:0"), ValueError, "port out of range"),
-    (dict(endpoint="tcp://*:5569"), ValueError, "'\\*' is for listening"),
-    (dict(endpoint="udp://127.0.0.1:5569"), ValueError, "inproc://NAME"),
-    (dict(endpoint="ipc://"), ValueError, "has no path"),
-    (dict(endpoint=5569), TypeError, "endpoint= an endpoint is a string"),
-    (dict(isolated="host"), TypeError, r"isolated= takes a collection of group names, not the string 'host'"),
-    (dict(isolated=5), TypeError, "isolated= takes a collection"),
-    (dict(isolated=(nn.Linear(1, 1),)), TypeError, "isolated= takes group names"),
-    (dict(seeds=["seeds.a"]), TypeError, "seeds= takes a mapping"),
-    (dict(groups=[nn.Linear(1, 1)]), TypeError, "groups= takes a mapping"),
-    (dict(seeds={"a": 3.5}), TypeError, "group 'a': expected a module, parameters, a callable or a dotted path"),
-    (dict(seeds={"a": {"w": 1}}), TypeError, "group 'a': str is not a parameter"),
-    (dict(optimizer=object()), TypeError, "optimizer= takes a torch.optim.Optimizer, got object"),
-    (dict(optimizer=_OPT, scaler=object()), TypeError, "scaler= takes a torch.amp.GradScaler"),
-    (dict(scaler=torch.amp.GradScaler("cpu")), ValueError, "scaler= needs optimizer="),
-    (dict(every=2.0), TypeError, "every= takes an int"),
-    (dict(queue_size=0), ValueError, "queue_size must be >= 1"),
-    (dict(heartbeat_s=0), ValueError, "heartbeat_s must be a finite number > 0"),
-    (dict(close_timeout_s=float("nan")), ValueError, "close_timeout_s"),
-    (dict(isolation_threshold=-1.0), ValueError, "isolation_threshold"),
-    (dict(sharded="yes"), TypeError, "sharded= takes True, False or None"),
-    (dict(run=7), TypeError, "run= takes a string"),
-    (dict(shared_device="gpu"), ValueError, "shared_device='gpu' is not a device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (
+            dict(endpoint="localhost:5569"),
+            ValueError,
+            r"endpoint= 'localhost:5569' is not tcp://HOST:PORT",
+        ),
+        (dict(endpoint="tcp://127.0.0.1:70000"), ValueError, "endpoint= port out of range"),
+        (dict(endpoint="tcp://127.0.0.1:0"), ValueError, "port out of range"),
+        (dict(endpoint="tcp://*:5569"), ValueError, "'\\*' is for listening"),
+        (dict(endpoint="udp://127.0.0.1:5569"), ValueError, "inproc://NAME"),
+        (dict(endpoint="ipc://"), ValueError, "has no path"),
+        (dict(endpoint=5569), TypeError, "endpoint= an endpoint is a string"),
+        (
+            dict(isolated="host"),
+            TypeError,
+            r"isolated= takes a collection of group names, not the string 'host'",
+        ),
+        (dict(isolated=5), TypeError, "isolated= takes a collection"),
+        (dict(isolated=(nn.Linear(1, 1),)), TypeError, "isolated= takes group names"),
+        (dict(seeds=["seeds.a"]), TypeError, "seeds= takes a mapping"),
+        (dict(groups=[nn.Linear(1, 1)]), TypeError, "groups= takes a mapping"),
+        (
+            dict(seeds={"a": 3.5}),
+            TypeError,
+            "group 'a': expected a module, parameters, a callable or a dotted path",
+        ),
+        (dict(seeds={"a": {"w": 1}}), TypeError, "group 'a': str is not a parameter"),
+        (
+            dict(optimizer=object()),
+            TypeError,
+            "optimizer= takes a torch.optim.Optimizer, got object",
+        ),
+        (dict(optimizer=_OPT, scaler=object()), TypeError, "scaler= takes a torch.amp.GradScaler"),
+        (dict(scaler=torch.amp.GradScaler("cpu")), ValueError, "scaler= needs optimizer="),
+        (dict(every=2.0), TypeError, "every= takes an int"),
+        (dict(queue_size=0), ValueError, "queue_size must be >= 1"),
+        (dict(heartbeat_s=0), ValueError, "heartbeat_s must be a finite number > 0"),
+        (dict(close_timeout_s=float("nan")), ValueError, "close_timeout_s"),
+        (dict(isolation_threshold=-1.0), ValueError, "isolation_threshold"),
+        (dict(sharded="yes"), TypeError, "sharded= takes True, False or None"),
+        (dict(run=7), TypeError, "run= takes a string"),
+        (dict(shared_device="gpu"), ValueError, "shared_device='gpu' is not a device"),
+    ],
+)
 def test_attach_refuses_misuse_naming_the_argument(kwargs, exc, match, nothing_left):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -156,13 +187,17 @@ def test_attach_refuses_misuse_naming_the_argument(kwargs, exc, match, nothing_l
 
 def test_a_bad_endpoint_from_the_environment_names_the_variable(monkeypatch, nothing_left):
     monkeypatch.setenv("ESPER_TELEMETRY_ENDPOINT", "127.0.0.1:5569")
-    with pytest.raises(ValueError, match="^ESPER_TELEMETRY_ENDPOINT '127.0.0.1:5569' is not tcp://"):
+    with pytest.raises(
+        ValueError, match="^ESPER_TELEMETRY_ENDPOINT '127.0.0.1:5569' is not tcp://"
+    ):
         et.attach(model=make_model(), host="host")
 
 
 def test_inproc_and_ipc_endpoints_are_accepted(tmp_path):
     for endpoint in ("inproc://esper-test", f"ipc://{tmp_path}/esper.sock"):
-        with et.attach(model=make_model(), host="host", endpoint=endpoint, close_timeout_s=0.2) as tel:
+        with et.attach(
+            model=make_model(), host="host", endpoint=endpoint, close_timeout_s=0.2
+        ) as tel:
             assert tel.endpoint == endpoint
     # Nobody binds these endpoints: close() gives up after 0.2 s while the sender still
     # waits to drop its last events; the thread then ends on its own, closing its socket.
@@ -185,7 +220,9 @@ def test_a_failure_while_starting_unhooks_the_optimizer(monkeypatch, nothing_lef
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     with pytest.raises(OSError, match="no more sockets"):
-        et.attach(model=model, host="host", optimizer=opt, scaler=scaler, endpoint="tcp://127.0.0.1:9")
+        et.attach(
+            model=model, host="host", optimizer=opt, scaler=scaler, endpoint="tcp://127.0.0.1:9"
+        )
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert "update" not in vars(scaler)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from collector_support import make_model, ref_sq, rel_err
 
 import esper_telemetry as et
-from collector_support import make_model, ref_sq, rel_err
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,13 @@ def _breaks():
 
 def _ours(breaks):
     """Graph breaks caused by the collector, other than the disabled capture itself."""
-    return [r for r in breaks if ("esper" in r or "isolation" in r or "hook" in r.lower())
-            and "torch.compiler.disable" not in r and "function `disable`" not in r]
+    return [
+        r
+        for r in breaks
+        if ("esper" in r or "isolation" in r or "hook" in r.lower())
+        and "torch.compiler.disable" not in r
+        and "function `disable`" not in r
+    ]
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -38,8 +43,9 @@ def test_capture_inside_a_compiled_step_is_exact_and_never_raises(attach, pull, 
     model = make_model()
     compiled = torch.compile(model, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    tel = attach(model=compiled, host="host", seeds={"a": "seeds.a", "b": "seeds.b"},
-                 structural=True)
+    tel = attach(
+        model=compiled, host="host", seeds={"a": "seeds.a", "b": "seeds.b"}, structural=True
+    )
 
     @torch.compile(backend=backend)
     def step(x):
@@ -52,7 +58,9 @@ def test_capture_inside_a_compiled_step_is_exact_and_never_raises(attach, pull, 
     for i in range(4):
         opt.zero_grad()
         step(torch.randn(5, 8, generator=torch.Generator().manual_seed(i)))
-        refs.append({"host": ref_sq(model.host.parameters()), "a": ref_sq(model.seeds["a"].parameters())})
+        refs.append(
+            {"host": ref_sq(model.host.parameters()), "a": ref_sq(model.seeds["a"].parameters())}
+        )
         opt.step()
         if i == 1:
             graphs_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -62,7 +70,9 @@ def test_capture_inside_a_compiled_step_is_exact_and_never_raises(attach, pull, 
     assert tel.latest().step == 3
     assert rel_err(tel.latest()["host"].sq, refs[3]["host"]) <= 1e-5
     assert rel_err(tel.latest()["a"].sq, refs[3]["a"]) <= 1e-5
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warmup   # no recompiles
+    assert (
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warmup
+    )  # no recompiles
     assert _ours(_breaks()) == []
 
 
@@ -71,14 +81,16 @@ def test_structural_hook_in_a_compiled_model_adds_no_graph_break_and_reports(att
     compiled = torch.compile(model, backend="eager", fullgraph=False)
     tel = attach(model=compiled, host="host", seeds={"a": "seeds.a"}, structural=("a",))
     for i in range(3):
-        loss = compiled(torch.randn(5, 8), leak=True)   # the seed's input requires grad
+        loss = compiled(torch.randn(5, 8), leak=True)  # the seed's input requires grad
         loss.backward()
         tel.capture(step=i)
     assert tel.flush(5.0)
     tel.close()
-    assert _breaks() == {}     # the whole forward, hook included, is one graph
+    assert _breaks() == {}  # the whole forward, hook included, is one graph
     events = pull.until_goodbyes()
-    steps = [e.step for e in events if isinstance(e, et.IsolationViolation) and e.kind == "structural"]
+    steps = [
+        e.step for e in events if isinstance(e, et.IsolationViolation) and e.kind == "structural"
+    ]
     assert steps == [0, 1, 2]
 
 

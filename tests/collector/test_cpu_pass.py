@@ -10,9 +10,9 @@ import threading
 
 import pytest
 import torch
+from collector_support import make_model, ref_sq, rel_err, train_step
 from torch import nn
 
-from collector_support import make_model, ref_sq, rel_err, train_step
 import esper_telemetry.collector.cpu_threads as cpu_threads
 from esper_telemetry.collector.plan import DOT_MIN_ELEMENTS, MIN_SHARE_COST, TENSOR_COST_ELEMENTS
 
@@ -21,9 +21,11 @@ SHARE = MIN_SHARE_COST // (TENSOR_COST_ELEMENTS + 6) + 1
 
 
 def _groups(model):
-    return {"host": list(model.host.parameters()),
-            "a": list(model.seeds["a"].parameters()),
-            "b": list(model.seeds["b"].parameters())}
+    return {
+        "host": list(model.host.parameters()),
+        "a": list(model.seeds["a"].parameters()),
+        "b": list(model.seeds["b"].parameters()),
+    }
 
 
 def _check(tel, model, step, tol=1e-6):
@@ -46,9 +48,9 @@ def test_set_to_none_keeps_one_plan_and_exact_values(attach):
     tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
     addresses = set()
     for step in range(8):
-        opt.zero_grad(set_to_none=True)       # every gradient a new tensor, wherever malloc puts it
+        opt.zero_grad(set_to_none=True)  # every gradient a new tensor, wherever malloc puts it
         train_step(model, seed=step)
-        for p in model.parameters():          # and for certain at new addresses
+        for p in model.parameters():  # and for certain at new addresses
             p.grad = p.grad.clone()
         addresses.add(tuple(p.grad.data_ptr() for p in model.parameters()))
         tel.capture(step=step)
@@ -65,14 +67,14 @@ def test_gradients_gained_lost_and_reshaped_are_measured_exactly(attach):
     train_step(model)
     tel.capture(step=0)
     _check(tel, model, 0)
-    model.seeds["b"].zero_grad(set_to_none=True)      # a seed sits out: its gradients are gone
+    model.seeds["b"].zero_grad(set_to_none=True)  # a seed sits out: its gradients are gone
     tel.capture(step=1)
     res = _check(tel, model, 1)
     assert res.groups["b"].has_grad is False and res.groups["a"].has_grad is True
-    train_step(model, seed=1)                         # ... and back
+    train_step(model, seed=1)  # ... and back
     tel.capture(step=2)
     _check(tel, model, 2)
-    assert tel.stats()["plans"] == 2                  # two layouts, the first found again
+    assert tel.stats()["plans"] == 2  # two layouts, the first found again
     # A parameter's storage replaced by one of another shape (in place, no re-registration):
     # the plan does not depend on shapes; the values still must be exact.
     w = next(model.host.parameters())
@@ -92,11 +94,11 @@ def test_dtype_changed_in_place_refits_the_plan_exactly(attach):
     _check(tel, model, 0)
     model.double()
     assert next(model.parameters()).grad.dtype == torch.float64
-    for p in model.parameters():      # values float32 cannot hold: a float32 pass would be off
+    for p in model.parameters():  # values float32 cannot hold: a float32 pass would be off
         p.grad.add_(1e-9)
     tel.capture(step=1)
     _check(tel, model, 1, tol=1e-12)
-    model.float()                     # back: the first plan again
+    model.float()  # back: the first plan again
     tel.capture(step=2)
     _check(tel, model, 2)
     st = tel.stats()
@@ -113,7 +115,7 @@ def test_a_gradient_moved_to_another_device_in_place_is_not_read_there(attach):
     w = next(model.seeds["a"].parameters())
     torch.utils.swap_tensors(w, nn.Parameter(torch.empty(w.shape, device="meta")))  # same object
     w.grad = torch.empty_like(w)
-    tel.capture(step=1)                      # must not raise: counted, and no number made up
+    tel.capture(step=1)  # must not raise: counted, and no number made up
     assert tel.flush(5.0)
     assert tel.stats()["errors"] == 1 and tel.latest().step == 0
 
@@ -124,18 +126,22 @@ class _Many(nn.Module):
 
     def __init__(self, n: int, big: int = 0) -> None:
         super().__init__()
-        self.host = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(n - 8)]
-                                  + [nn.Linear(256, DOT_MIN_ELEMENTS // 256, bias=False) for _ in range(big)])
+        self.host = nn.ModuleList(
+            [nn.Linear(3, 2, bias=False) for _ in range(n - 8)]
+            + [nn.Linear(256, DOT_MIN_ELEMENTS // 256, bias=False) for _ in range(big)]
+        )
         self.seed = nn.ModuleList([nn.Linear(3, 2, bias=False) for _ in range(8)])
 
 
 def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names):
-    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 3)   # two helpers, whatever this machine has
+    monkeypatch.setattr(
+        cpu_threads, "usable_cores", lambda: 3
+    )  # two helpers, whatever this machine has
     n = 3 * SHARE + 10
     model = _Many(n, big=3)
-    for i in range(0, n - 8, 97):     # a float64 bucket in the host, beside the float32 one
+    for i in range(0, n - 8, 97):  # a float64 bucket in the host, beside the float32 one
         model.host[i].double()
-    model.host[-1].double()           # and a float64 torch.dot run
+    model.host[-1].double()  # and a float64 torch.dot run
     for i, p in enumerate(model.parameters()):
         # each tensor about 1/n of its group: one left out or counted twice shows at 1e-4
         p.grad = torch.full_like(p, 1 + i % 7)
@@ -147,20 +153,24 @@ def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names
         assert rel_err(res.groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
         assert rel_err(res.groups["s"].sq, ref_sq(model.seed.parameters())) <= 1e-6
         assert res.groups["host"].nonfinite == 0
-    last = list(model.host.parameters())[-1]      # in the last share: counted as non-finite there
+    last = list(model.host.parameters())[-1]  # in the last share: counted as non-finite there
     last.grad[0, 0] = float("nan")
     tel.capture(step=3)
     assert tel.flush(5.0) and tel.latest().groups["host"].nonfinite == 1
     plan = tel._plans.current
     assert len(plan.cpu.shares) == 3 and tel._passes.helpers.count == 2
-    assert len(plan.cpu.buckets) == 2     # float32 and float64
+    assert len(plan.cpu.buckets) == 2  # float32 and float64
     runs = [(dtype, dot) for share in plan.cpu.shares for dtype, _, _, dot in share]
-    assert (torch.float32, True) in runs and (torch.float64, True) in runs and (torch.float32, False) in runs
+    assert (
+        (torch.float32, True) in runs
+        and (torch.float64, True) in runs
+        and (torch.float32, False) in runs
+    )
     # torch.dot runs stay with the training thread (MKL's threads from a helper thread fight its own)
     assert all(not dot for share in plan.cpu.shares[1:] for _, _, _, dot in share)
     covered = sorted((a, b) for share in plan.cpu.shares for _, a, b, _ in share)
     assert covered[0][0] == 0 and covered[-1][1] == n + 3
-    assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:]))   # no gap, no overlap
+    assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:]))  # no gap, no overlap
     names = thread_names()
     assert "esper-telemetry-norms-0" in names and "esper-telemetry-norms-1" in names
     tel.close()
@@ -185,10 +195,10 @@ def test_a_failing_helper_share_is_counted_not_raised(attach, monkeypatch):
         return real(tensors, buckets)
 
     monkeypatch.setattr(cpu_threads, "tensor_squares", helper_fails)
-    tel.capture(step=0)                                  # must not raise
+    tel.capture(step=0)  # must not raise
     assert tel.flush(5.0) and tel.stats()["errors"] == 1 and tel.latest() is None
     monkeypatch.setattr(cpu_threads, "tensor_squares", real)
-    tel.capture(step=1)                                  # the helpers still serve
+    tel.capture(step=1)  # the helpers still serve
     assert tel.flush(5.0) and tel.latest().step == 1
     assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
     assert not tel._passes.helpers.broken
@@ -213,10 +223,11 @@ def test_a_stuck_helper_costs_one_bounded_wait_then_none_is_used(attach, monkeyp
     monkeypatch.setattr(cpu_threads, "tensor_squares", helper_hangs)
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
         import time
+
         t0 = time.monotonic()
         tel.capture(step=0)
         waited = time.monotonic() - t0
-        tel.capture(step=1)                              # no helper any more: no wait
+        tel.capture(step=1)  # no helper any more: no wait
         second = time.monotonic() - t0 - waited
     release.set()
     assert 0.2 <= waited < 2.0 and second < 0.2
@@ -234,7 +245,10 @@ def test_no_helper_on_one_core(attach, monkeypatch, thread_names, cores):
         p.grad = torch.ones_like(p)
     tel = attach(model=model, host="host", seeds={"s": "seed"})
     tel.capture(step=0)
-    assert tel.flush(5.0) and rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+    assert (
+        tel.flush(5.0)
+        and rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
+    )
     assert len(tel._plans.current.cpu.shares) == 1
     assert not [t for t in thread_names() if t.startswith("esper-telemetry-norms")]
 
@@ -259,12 +273,12 @@ def test_cpu_results_arrive_without_a_flush_soon_after_each_capture(attach, monk
             time.sleep(0.001)
         raise AssertionError(f"step {step} not seen within {within_s}s")
 
-    tel.capture(step=0)                    # the thread is idle: woken at once
+    tel.capture(step=0)  # the thread is idle: woken at once
     seen(0, 0.2)
-    for step in (1, 2, 3):                 # polling: taken at its next look (10 ms)
+    for step in (1, 2, 3):  # polling: taken at its next look (10 ms)
         tel.capture(step=step)
         assert seen(step, 0.2) < 0.2
-    time.sleep(0.5)                        # past the window: back to waiting, woken again
+    time.sleep(0.5)  # past the window: back to waiting, woken again
     assert not tel._completion._polling
     tel.capture(step=4)
     seen(4, 0.2)
@@ -283,7 +297,7 @@ def test_large_tensors_by_dot_follow_a_dtype_changed_in_place(attach, to):
     assert any(dot for _, _, _, dot in tel._plans.current.cpu.shares[0])
     # float32 accumulation of 32,768 equal values (torch.dot's error is a tenth of _foreach_norm's)
     assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-5
-    model.to(to)                       # .data and .grad.data of the same objects
+    model.to(to)  # .data and .grad.data of the same objects
     for p in model.parameters():
         p.grad.mul_(1 + 1e-9)
     tel.capture(step=1)
@@ -299,8 +313,12 @@ def test_shares_keep_large_tensors_on_the_training_thread_and_cover_every_tensor
     big, small = DOT_MIN_ELEMENTS, 100
     # float32: 2 large (dot) then 1000 small; bfloat16: 1 large (no dot) then 1000 small
     numels = [big] * 2 + [small] * 1000 + [big] + [small] * 1000
-    runs = [(torch.float32, 0, 2, True), (torch.float32, 2, 1002, False),
-            (torch.bfloat16, 1002, 1003, False), (torch.bfloat16, 1003, 2003, False)]
+    runs = [
+        (torch.float32, 0, 2, True),
+        (torch.float32, 2, 1002, False),
+        (torch.bfloat16, 1002, 1003, False),
+        (torch.bfloat16, 1003, 2003, False),
+    ]
     shares = split_shares(numels, runs, 3)
     assert len(shares) == 3
     first = shares[0]
@@ -310,10 +328,12 @@ def test_shares_keep_large_tensors_on_the_training_thread_and_cover_every_tensor
     covered = sorted((a, b) for share in shares for _, a, b, _ in share)
     assert covered[0][0] == 0 and covered[-1][1] == len(numels)
     assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:]))
-    for share in shares:   # a run never mixes dtypes
+    for share in shares:  # a run never mixes dtypes
         for dtype, a, b, _ in share:
             assert all((i < 1002) == (dtype == torch.float32) for i in range(a, b))
-    assert split_shares([small] * 10, [(torch.float32, 0, 10, False)], 3) == [[(torch.float32, 0, 10, False)]]
+    assert split_shares([small] * 10, [(torch.float32, 0, 10, False)], 3) == [
+        [(torch.float32, 0, 10, False)]
+    ]
 
 
 def test_no_thread_to_be_had_means_no_helper_not_an_error(attach, monkeypatch, caplog):
@@ -327,17 +347,23 @@ def test_no_thread_to_be_had_means_no_helper_not_an_error(attach, monkeypatch, c
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     tel = attach(model=model, host="host", seeds={"s": "seed"})
-    monkeypatch.setattr(cpu_threads.threading, "Thread", NoThread)   # the helpers start at the first capture
+    monkeypatch.setattr(
+        cpu_threads.threading, "Thread", NoThread
+    )  # the helpers start at the first capture
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
         for step in range(2):
             tel.capture(step=step)
     assert tel.flush(5.0) and tel.latest().step == 1 and tel.stats()["errors"] == 0
     assert rel_err(tel.latest().groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-6
     assert tel._passes.helpers.broken
-    assert len([r for r in caplog.records if "could not start a norm helper" in r.getMessage()]) == 1
+    assert (
+        len([r for r in caplog.records if "could not start a norm helper" in r.getMessage()]) == 1
+    )
 
 
-def test_a_seed_sitting_out_every_other_step_switches_plans_without_reading_layouts(attach, monkeypatch):
+def test_a_seed_sitting_out_every_other_step_switches_plans_without_reading_layouts(
+    attach, monkeypatch
+):
     import esper_telemetry.collector.plancache as plancache
 
     calls = []
@@ -350,7 +376,7 @@ def test_a_seed_sitting_out_every_other_step_switches_plans_without_reading_layo
         opt.zero_grad(set_to_none=True)
         train_step(model, seed=step)
         if step % 2:
-            model.seeds["b"].zero_grad(set_to_none=True)    # b sits this step out
+            model.seeds["b"].zero_grad(set_to_none=True)  # b sits this step out
         tel.capture(step=step)
         res = _check(tel, model, step)
         assert res.groups["b"].has_grad is (step % 2 == 0)
@@ -392,8 +418,9 @@ def test_small_passes_sum_in_python_to_the_same_float64_figures_as_the_torch_sum
     owners = torch.randint(0, n_groups, (n,), generator=g)
     counted = (torch.rand(n, generator=g) > 0.3) if with_counted else None
     want = group_sums(squares(parts), owners, n_groups, counted)
-    got = group_sums_list(parts, owners.tolist(), n_groups,
-                          None if counted is None else counted.tolist())
+    got = group_sums_list(
+        parts, owners.tolist(), n_groups, None if counted is None else counted.tolist()
+    )
     got_t = torch.tensor(got, dtype=torch.float64)
     assert torch.equal(got_t.isnan(), want.isnan())
     assert torch.equal(torch.nan_to_num(got_t, nan=-1.0), torch.nan_to_num(want, nan=-1.0))
@@ -406,8 +433,12 @@ def test_cpu_captures_waiting_for_the_completion_thread_are_bounded_in_bytes(att
     from esper_telemetry.collector.telemetry import _CPU_BACKLOG_BYTES, cpu_backlog
 
     torch.manual_seed(0)
-    model = nn.ModuleDict({"host": nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(1990)]),
-                           "seed": nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(10)])})
+    model = nn.ModuleDict(
+        {
+            "host": nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(1990)]),
+            "seed": nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(10)]),
+        }
+    )
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     tel = attach(model=model, host="host", seeds={"seed": "seed"})

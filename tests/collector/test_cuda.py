@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Dict, Iterator, List
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -49,8 +49,8 @@ def pull():
     ctx.term()
 
 
-def drain(sock, timeout_s: float = 2.0) -> List[object]:
-    events: List[object] = []
+def drain(sock, timeout_s: float = 2.0) -> list[object]:
+    events: list[object] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if sock.poll(100):
@@ -72,12 +72,15 @@ def ref_sq(params) -> float:
 class HostSeeds(torch.nn.Module):
     def __init__(self, width: int = 64, dtype=torch.float32) -> None:
         super().__init__()
-        self.host = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
-                                        torch.nn.Linear(width, width)).to(dtype)
-        self.seeds = torch.nn.ModuleDict({
-            "a": torch.nn.Linear(width, width).to(dtype),
-            "b": torch.nn.Linear(width, width).to(dtype),
-        })
+        self.host = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width)
+        ).to(dtype)
+        self.seeds = torch.nn.ModuleDict(
+            {
+                "a": torch.nn.Linear(width, width).to(dtype),
+                "b": torch.nn.Linear(width, width).to(dtype),
+            }
+        )
 
     def forward(self, x):
         h = self.host[1](self.host[0](x))
@@ -88,8 +91,14 @@ class HostSeeds(torch.nn.Module):
 
 
 def attach(model, endpoint, **kw):
-    return et.attach(model=model, host=model.host, seeds={"a": "seeds.a", "b": "seeds.b"},
-                     run="cuda-test", endpoint=endpoint, **kw)
+    return et.attach(
+        model=model,
+        host=model.host,
+        seeds={"a": "seeds.a", "b": "seeds.b"},
+        run="cuda-test",
+        endpoint=endpoint,
+        **kw,
+    )
 
 
 def step(model, device, dtype=torch.float32, scale: float = 1.0):
@@ -107,18 +116,22 @@ KERNELS = [pytest.param(True, id="tables"), pytest.param(False, id="foreach")]
 
 @pytest.mark.parametrize("tables", KERNELS)
 @pytest.mark.parametrize("graphs", GRAPH_MODES)
-@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize(
+    "dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)]
+)
 def test_norms_match_float64_reference_without_sync(pull, graphs, tables, dtype, rel):
     sock, endpoint = pull
     model = HostSeeds(dtype=dtype).cuda()
     tel = attach(model, endpoint, cuda_graphs=graphs, pointer_tables=tables)
-    want: Dict[int, Dict[str, float]] = {}
+    want: dict[int, dict[str, float]] = {}
     for i in range(5):  # the third capture onwards replays a graph in graph mode
         model.zero_grad(set_to_none=False)
         step(model, "cuda", dtype)
-        want[i] = {"host": ref_sq(model.host.parameters()),
-                   "a": ref_sq(model.seeds["a"].parameters()),
-                   "b": ref_sq(model.seeds["b"].parameters())}
+        want[i] = {
+            "host": ref_sq(model.host.parameters()),
+            "a": ref_sq(model.seeds["a"].parameters()),
+            "b": ref_sq(model.seeds["b"].parameters()),
+        }
         with no_sync():
             tel.capture(step=i)
     assert tel.flush(10.0)
@@ -183,15 +196,24 @@ def test_mixed_devices_measured_and_reported(pull):
     """The seed bug: one group spans the CPU and CUDA, and seeds live apart from the host."""
     sock, endpoint = pull
     model = HostSeeds()
-    model.seeds["a"].cuda()                      # seed a on CUDA, host and seed b on the CPU
-    split = [model.host[0].weight, model.seeds["a"].weight]   # one group on two devices
-    tel = et.attach(model=model, host=model.host, seeds={"a": "seeds.a"}, groups={"split": split},
-                    run="mixed", endpoint=endpoint)
+    model.seeds["a"].cuda()  # seed a on CUDA, host and seed b on the CPU
+    split = [model.host[0].weight, model.seeds["a"].weight]  # one group on two devices
+    tel = et.attach(
+        model=model,
+        host=model.host,
+        seeds={"a": "seeds.a"},
+        groups={"split": split},
+        run="mixed",
+        endpoint=endpoint,
+    )
     x = torch.randn(8, 64)
     h = model.host[1](model.host[0](x))
     (model.host[2](h).pow(2).mean() + model.seeds["a"](h.detach().cuda()).pow(2).mean()).backward()
-    want = {"host": ref_sq(model.host.parameters()), "a": ref_sq(model.seeds["a"].parameters()),
-            "split": ref_sq(split)}
+    want = {
+        "host": ref_sq(model.host.parameters()),
+        "a": ref_sq(model.seeds["a"].parameters()),
+        "split": ref_sq(split),
+    }
     with no_sync():
         tel.capture(step=0)
     assert tel.flush(10.0)
@@ -236,7 +258,9 @@ def test_to_device_after_attach_is_followed(pull):
 class Big(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.host = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1 << 24)) for _ in range(8)])
+        self.host = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(1 << 24)) for _ in range(8)]
+        )
         self.seed = torch.nn.Parameter(torch.zeros(1 << 20))
 
 
@@ -252,8 +276,14 @@ def big_grads(model: Big, value: float) -> float:
 def test_capture_reads_gradients_as_they_were(pull, graphs, tables, write):
     sock, endpoint = pull
     model = Big().cuda()
-    tel = et.attach(host=model.host.parameters(), seeds={"s": [model.seed]}, run="race",
-                    endpoint=endpoint, cuda_graphs=graphs, pointer_tables=tables)
+    tel = et.attach(
+        host=model.host.parameters(),
+        seeds={"s": [model.seed]},
+        run="race",
+        endpoint=endpoint,
+        cuda_graphs=graphs,
+        pointer_tables=tables,
+    )
     wants = []
     for i in range(4):
         wants.append(big_grads(model, 0.5 + i))
@@ -292,7 +322,11 @@ def test_staging_buffers_are_not_reused_early(pull):
     with no_sync():
         for i in range(24):
             for p in model.host:
-                p.grad = torch.full_like(p, float(i + 1)) if p.grad is None else p.grad.fill_(float(i + 1))
+                p.grad = (
+                    torch.full_like(p, float(i + 1))
+                    if p.grad is None
+                    else p.grad.fill_(float(i + 1))
+                )
             wants[i] = 8 * (1 << 24) * float(i + 1) ** 2
             tel.capture(step=i)
     assert tel.flush(20.0)
@@ -317,7 +351,9 @@ def test_optimizer_hooks_without_sync(pull):
         wants[i] = ref_sq(model.host.parameters())
         with no_sync():
             opt.step()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3, foreach=True)  # after the fence
+            torch.nn.utils.clip_grad_norm_(
+                model.parameters(), 1e-3, foreach=True
+            )  # after the fence
     assert tel.flush(10.0)
     errors = tel.stats()["errors"]
     tel.close()
@@ -340,7 +376,7 @@ def test_gradscaler_skipped_step_is_reported(pull):
         if i == 1:
             x[0, 0] = float("inf")
         scaler.scale(model(x).pow(2).mean()).backward()
-        scaler.step(opt)   # GradScaler itself synchronizes here; the collector does not
+        scaler.step(opt)  # GradScaler itself synchronizes here; the collector does not
         scaler.update()
     assert tel.flush(10.0)
     errors = tel.stats()["errors"]
@@ -365,7 +401,7 @@ def test_fused_optimizer_under_gradscaler_reports_skips_unscaled(pull, unscale_f
     for i in range(3):
         opt.zero_grad()
         step(model, "cuda", scale=1.0)
-        for p in model.parameters():          # what scaler.scale(loss).backward() would give
+        for p in model.parameters():  # what scaler.scale(loss).backward() would give
             p.grad.mul_(scaler.get_scale())
         scale = scaler.get_scale()
         if i == 1:
@@ -373,7 +409,7 @@ def test_fused_optimizer_under_gradscaler_reports_skips_unscaled(pull, unscale_f
         if unscale_first:
             scaler.unscale_(opt)
             scale = 1.0
-        wants[i] = ref_sq(model.host.parameters()) / scale ** 2
+        wants[i] = ref_sq(model.host.parameters()) / scale**2
         scaler.step(opt)
         scaler.update()
     assert tel.flush(10.0)

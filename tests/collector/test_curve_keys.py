@@ -22,8 +22,9 @@ def mode(path: Path) -> int:
 
 
 def test_keygen_command_writes_a_pair_with_a_private_secret(tmp_path) -> None:
-    result = subprocess.run([str(SCRIPT), "keygen", str(tmp_path), "rank0"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(SCRIPT), "keygen", str(tmp_path), "rank0"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     public, secret = tmp_path / "rank0.key", tmp_path / "rank0.key_secret"
     assert mode(secret) == 0o600 and mode(public) == 0o644
@@ -31,14 +32,15 @@ def test_keygen_command_writes_a_pair_with_a_private_secret(tmp_path) -> None:
     pub, none = zmq.auth.load_certificate(str(public))
     pub2, sec = zmq.auth.load_certificate(str(secret))
     assert none is None and pub == pub2 and len(sec) == 40
-    assert zmq.curve_public(sec) == pub   # the pair belongs together
+    assert zmq.curve_public(sec) == pub  # the pair belongs together
 
 
 def test_keygen_never_overwrites_and_says_so_in_one_line(tmp_path) -> None:
     keygen(tmp_path, "d")
     before = (tmp_path / "d.key_secret").read_bytes()
-    result = subprocess.run([str(SCRIPT), "keygen", str(tmp_path), "d"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(SCRIPT), "keygen", str(tmp_path), "d"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "not overwriting" in result.stderr
     assert (tmp_path / "d.key_secret").read_bytes() == before
@@ -63,12 +65,15 @@ def test_client_keys_are_read_from_certificate_files(tmp_path) -> None:
     assert load_client_keys(None, None) is None
 
 
-@pytest.mark.parametrize("case, match", [
-    ("only_server", "client_secret_key_file is missing"),
-    ("missing_file", "server_public_key_file='.*nope.key': cannot read"),
-    ("public_as_secret", "client_secret_key_file=.* holds no secret key"),
-    ("not_a_certificate", "client_secret_key_file=.*cannot read"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("only_server", "client_secret_key_file is missing"),
+        ("missing_file", "server_public_key_file='.*nope.key': cannot read"),
+        ("public_as_secret", "client_secret_key_file=.* holds no secret key"),
+        ("not_a_certificate", "client_secret_key_file=.*cannot read"),
+    ],
+)
 def test_bad_key_files_are_clear_errors_naming_the_argument(tmp_path, case, match) -> None:
     server_public, _ = keygen(tmp_path, "server")
     client_public, client_secret = keygen(tmp_path, "client")
@@ -84,8 +89,9 @@ def test_bad_key_files_are_clear_errors_naming_the_argument(tmp_path, case, matc
         load_client_keys(*args)
 
 
-def test_attach_refuses_unreadable_keys_before_starting_anything(tmp_path, thread_names,
-                                                                 monkeypatch) -> None:
+def test_attach_refuses_unreadable_keys_before_starting_anything(
+    tmp_path, thread_names, monkeypatch
+) -> None:
     import torch.nn as nn
 
     import esper_telemetry as et
@@ -93,14 +99,26 @@ def test_attach_refuses_unreadable_keys_before_starting_anything(tmp_path, threa
     server_public, _ = keygen(tmp_path, "server")
     before = thread_names()
     with pytest.raises(ValueError, match="client_secret_key_file is missing"):
-        et.attach(groups={"g": nn.Linear(1, 1)}, endpoint="tcp://127.0.0.1:9",
-                  server_public_key_file=str(server_public))
+        et.attach(
+            groups={"g": nn.Linear(1, 1)},
+            endpoint="tcp://127.0.0.1:9",
+            server_public_key_file=str(server_public),
+        )
     monkeypatch.setenv("ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE", str(tmp_path / "gone.key_secret"))
-    with pytest.raises(ValueError, match="client_secret_key_file=.*gone.key_secret.*"
-                                         r"\(from ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE\)"):
-        et.attach(groups={"g": nn.Linear(1, 1)}, endpoint="tcp://127.0.0.1:9",
-                  server_public_key_file=str(server_public))
+    with pytest.raises(
+        ValueError,
+        match="client_secret_key_file=.*gone.key_secret.*"
+        r"\(from ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE\)",
+    ):
+        et.attach(
+            groups={"g": nn.Linear(1, 1)},
+            endpoint="tcp://127.0.0.1:9",
+            server_public_key_file=str(server_public),
+        )
     with pytest.raises(TypeError, match="server_public_key_file= takes a file path"):
-        et.attach(groups={"g": nn.Linear(1, 1)}, endpoint="tcp://127.0.0.1:9",
-                  server_public_key_file=b"bytes")
+        et.attach(
+            groups={"g": nn.Linear(1, 1)},
+            endpoint="tcp://127.0.0.1:9",
+            server_public_key_file=b"bytes",
+        )
     assert thread_names() == before

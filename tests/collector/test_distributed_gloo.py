@@ -11,8 +11,8 @@ import sys
 import textwrap
 
 import pytest
-
 from collector_support import REPO, free_port, rel_err, subprocess_env
+
 from esper_telemetry import Goodbye, Hello, Norms
 
 pytestmark = pytest.mark.slow
@@ -66,9 +66,17 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), pull.endpoint],
-                              cwd=str(REPO), env=subprocess_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(port), pull.endpoint],
+            cwd=str(REPO),
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = []
     try:
         for p in procs:
@@ -87,11 +95,11 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
         assert r["sharded"]["tp"] is True and r["tp"]["params"] == 18
         assert rel_err(r["tp"]["sq"], r["tp"]["local_ref"]) <= 1e-5
     assert rel_err(r0["tp"]["sq"] + r1["tp"]["sq"], r0["tp"]["full_ref"]) <= 1e-5
-    assert rel_err(r0["tp"]["sq"], r1["tp"]["sq"]) > 1e-3          # really different shards
+    assert rel_err(r0["tp"]["sq"], r1["tp"]["sq"]) > 1e-3  # really different shards
     for name in ("host", "a", "b"):
         assert rel_err(r0["sq"][name], r0["ref"][name]) <= 1e-5
         assert rel_err(r1["sq"][name], r1["ref"][name]) <= 1e-5
-        assert rel_err(r0["sq"][name], r1["sq"][name]) <= 1e-6      # replicated gradient
+        assert rel_err(r0["sq"][name], r1["sq"][name]) <= 1e-6  # replicated gradient
         assert r0["sharded"][name] is False and r1["sharded"][name] is False
     # The inputs differ per rank, so the all-reduce changed the gradient: it was captured after it.
     assert rel_err(r0["ref"]["host"], r0["local"]["host"]) > 1e-3
@@ -105,5 +113,8 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
         assert n.step == 0 and [g.sharded for g in n.groups] == [False, False, False, True]
         for name in ("host", "a", "b"):
             assert rel_err(wire[name].sq, outs[rank]["ref"][name]) <= 1e-5
-        assert rel_err(wire["tp"].sq, outs[rank]["tp"]["local_ref"]) <= 1e-5 and wire["tp"].params == 18
+        assert (
+            rel_err(wire["tp"].sq, outs[rank]["tp"]["local_ref"]) <= 1e-5
+            and wire["tp"].params == 18
+        )
     assert sorted(e.rank for e in events if isinstance(e, Goodbye)) == [0, 1]

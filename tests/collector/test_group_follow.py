@@ -13,10 +13,10 @@ import logging
 
 import pytest
 import torch
+from collector_support import make_model, ref_sq, rel_err, train_step
 from torch import nn
 
 import esper_telemetry as et
-from collector_support import make_model, ref_sq, rel_err, train_step
 
 
 def _capture(tel, step):
@@ -26,7 +26,9 @@ def _capture(tel, step):
 
 
 def _stale(events):
-    return [(e.group, e.kind) for e in events if isinstance(e, et.DeviceMismatch) and e.kind == "stale"]
+    return [
+        (e.group, e.kind) for e in events if isinstance(e, et.DeviceMismatch) and e.kind == "stale"
+    ]
 
 
 @pytest.fixture
@@ -59,12 +61,13 @@ def test_accelerate_set_module_tensor_to_device_is_followed(attach, pull):
     train_step(model)
     _capture(tel, 0)
     for name, _ in list(model.host[0].named_parameters()):
-        accelerate_utils.set_module_tensor_to_device(model.host[0], name, "cpu",
-                                                     value=torch.randn_like(getattr(model.host[0], name)))
+        accelerate_utils.set_module_tensor_to_device(
+            model.host[0], name, "cpu", value=torch.randn_like(getattr(model.host[0], name))
+        )
     model.zero_grad(set_to_none=True)
     train_step(model, seed=1)
     res = _capture(tel, 1)
-    assert rel_err(res["host"].sq, ref_sq(model.host.parameters())) <= 1e-5   # was 1-8% low
+    assert rel_err(res["host"].sq, ref_sq(model.host.parameters())) <= 1e-5  # was 1-8% low
     assert res["host"].params == sum(p.numel() for p in model.host.parameters())
 
 
@@ -78,7 +81,7 @@ def test_dict_writes_without_hooks_are_followed(attach, pull, write):
     # the last module with parameters: its entries end the follow check's list, where one
     # more or one fewer shifts nothing after it
     lin = [m for m in model.host.modules() if m._parameters][-1]
-    if write == "replace":     # an equal-valued 1-element tensor would fool a comparison by value
+    if write == "replace":  # an equal-valued 1-element tensor would fool a comparison by value
         lin._parameters["bias"] = nn.Parameter(lin.bias.detach().clone())
         lin.bias.grad = torch.full_like(lin.bias, 3.0)
     elif write == "add":
@@ -86,14 +89,16 @@ def test_dict_writes_without_hooks_are_followed(attach, pull, write):
         lin.extra.grad = torch.full((2,), 5.0)
     elif write == "remove":
         del lin._parameters["bias"]
-    else:                      # a submodule swapped under the host's tree
+    else:  # a submodule swapped under the host's tree
         name = next(n for n, m in model.host.named_modules() if m is lin).rsplit(".", 1)[-1]
         new = nn.Linear(lin.in_features, lin.out_features)
         new.weight.grad = torch.full_like(new.weight, 2.0)
         model.host._modules[name] = new
     res = _capture(tel, 1)
     want = ref_sq(model.host.parameters())
-    assert rel_err(res["host"].sq, want) <= 1e-6 and rel_err(res["host"].sq, first["host"].sq) > 1e-3
+    assert (
+        rel_err(res["host"].sq, want) <= 1e-6 and rel_err(res["host"].sq, first["host"].sq) > 1e-3
+    )
     assert res["host"].params == sum(p.numel() for p in model.host.parameters())
     assert tel.stats()["errors"] == 0
 
@@ -103,7 +108,7 @@ def test_a_module_object_replaced_in_the_model_is_reported_stale_once(attach, pu
     tel = attach(model=model, host="host", seeds={"a": model.seeds["a"], "b": "seeds.b"})
     train_step(model)
     assert not _capture(tel, 0)["a"].stale
-    model.seeds["a"] = nn.Linear(16, 4)           # the object given for "a" leaves the model
+    model.seeds["a"] = nn.Linear(16, 4)  # the object given for "a" leaves the model
     with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
         for step in (1, 2, 3):
             model.zero_grad()
@@ -124,7 +129,7 @@ def test_parameters_listed_before_load_state_dict_assign_are_reported_stale(atta
     train_step(model, seed=1)
     res = _capture(tel, 1)
     assert res["a"].stale and not res["host"].stale
-    assert rel_err(res["host"].sq, ref_sq(model.host.parameters())) <= 1e-5   # the host follows
+    assert rel_err(res["host"].sq, ref_sq(model.host.parameters())) <= 1e-5  # the host follows
     tel.close()
     assert _stale(pull.until_goodbyes()) == [("a", "stale")]
 
@@ -133,7 +138,7 @@ def test_groups_given_outside_the_model_are_not_stale(attach, pull):
     model = make_model()
     extra = nn.Linear(3, 3)
     tel = attach(model=model, host="host", groups={"extra": extra})
-    nn.Module().register_module("x", nn.Linear(1, 1))   # some registration anywhere
+    nn.Module().register_module("x", nn.Linear(1, 1))  # some registration anywhere
     extra.weight.grad = torch.ones_like(extra.weight)
     res = _capture(tel, 0)
     assert not res["extra"].stale and res["extra"].sq == 9.0
@@ -143,8 +148,12 @@ def test_groups_given_outside_the_model_are_not_stale(attach, pull):
 def test_seeds_inside_the_host_module_are_left_out_of_the_host(attach, pull, caplog):
     model = make_model()
     with caplog.at_level(logging.INFO, logger="esper_telemetry.collector"):
-        tel = attach(model=model, host=model, seeds={"a": "seeds.a", "b": "seeds.b"}, isolated=("a",))
-    assert any("'a', 'b'" in r.getMessage() and "own group" in r.getMessage() for r in caplog.records)
+        tel = attach(
+            model=model, host=model, seeds={"a": "seeds.a", "b": "seeds.b"}, isolated=("a",)
+        )
+    assert any(
+        "'a', 'b'" in r.getMessage() and "own group" in r.getMessage() for r in caplog.records
+    )
     train_step(model)
     res = _capture(tel, 0)
     assert res["host"].params == sum(p.numel() for p in model.host.parameters())
@@ -155,8 +164,13 @@ def test_two_named_groups_sharing_a_parameter_are_refused(thread_names):
     model = make_model()
     before = thread_names()
     with pytest.raises(ValueError, match="groups 'a' and 'w' share a parameter"):
-        et.attach(model=model, host="host", seeds={"a": "seeds.a"}, groups={"w": [model.seeds["a"].weight]},
-                  endpoint="tcp://127.0.0.1:9")
+        et.attach(
+            model=model,
+            host="host",
+            seeds={"a": "seeds.a"},
+            groups={"w": [model.seeds["a"].weight]},
+            endpoint="tcp://127.0.0.1:9",
+        )
     assert thread_names() == before
 
 
@@ -179,7 +193,9 @@ def test_peft_lora_frozen_base_is_isolated_and_exact(attach, pull):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
     base = transformers.GPT2LMHeadModel(config)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0)
+    )
     lora = lambda: [p for n, p in model.named_parameters() if "lora_" in n]  # noqa: E731
     tel = attach(model=model, host=model.base_model.model, seeds={"lora": lora}, isolated=("host",))
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -187,7 +203,7 @@ def test_peft_lora_frozen_base_is_isolated_and_exact(attach, pull):
         model.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         res = _capture(tel, step)
-        assert res["host"].sq is None                  # frozen: no gradient at all
+        assert res["host"].sq is None  # frozen: no gradient at all
         assert rel_err(res["lora"].sq, ref_sq(lora())) <= 1e-5
     frozen = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     assert res["host"].params == frozen

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from collector_support import make_model, numel, ref_sq, rel_err, train_step
 from torch import nn
 
-from collector_support import make_model, numel, ref_sq, rel_err, train_step
 from esper_telemetry import DeviceMismatch, Hello, Norms
 
 
@@ -25,22 +25,31 @@ def _capture_and_check(tel, model, step, tol=1e-5):
 
 
 def _moved(events):
-    return [(e.group, e.devices) for e in events if isinstance(e, DeviceMismatch) and e.kind == "moved"]
+    return [
+        (e.group, e.devices) for e in events if isinstance(e, DeviceMismatch) and e.kind == "moved"
+    ]
 
 
 def test_every_spec_kind_measures_the_same_parameters(attach, pull):
     model = make_model()
     tel = attach(
         model=model,
-        host=model.host.parameters(),                 # a one-shot generator of parameters
-        seeds={"a": lambda: model.seeds["a"],         # a callable returning a module
-               "b": "seeds.b"},                       # a dotted path
+        host=model.host.parameters(),  # a one-shot generator of parameters
+        seeds={
+            "a": lambda: model.seeds["a"],  # a callable returning a module
+            "b": "seeds.b",
+        },  # a dotted path
     )
     # Groups are disjoint, so the other two kinds watch the same seeds from a second collector.
-    other = attach(model=model, run="other",
-                   groups={"bparams": lambda: list(model.seeds["b"].parameters()),  # callable -> params
-                           "single": model.seeds["a"].weight})   # one tensor
-    for step in range(3):                             # the generator must not be exhausted
+    other = attach(
+        model=model,
+        run="other",
+        groups={
+            "bparams": lambda: list(model.seeds["b"].parameters()),  # callable -> params
+            "single": model.seeds["a"].weight,
+        },
+    )  # one tensor
+    for step in range(3):  # the generator must not be exhausted
         model.zero_grad()
         train_step(model, seed=step)
         res = _capture_and_check(tel, model, step)
@@ -54,10 +63,16 @@ def test_every_spec_kind_measures_the_same_parameters(attach, pull):
     events = pull.until_goodbyes(2)
     hellos = {e.run: e for e in events if isinstance(e, Hello)}
     assert [(g.name, g.role, g.params) for g in hellos["test"].groups] == [
-        ("host", "host", 416), ("a", "seed", 68), ("b", "seed", 123)]
+        ("host", "host", 416),
+        ("a", "seed", 68),
+        ("b", "seed", 123),
+    ]
     # model= without host=: the host is every parameter in no other group (here: all but 123 + 64)
     assert [(g.name, g.role, g.params) for g in hellos["other"].groups] == [
-        ("host", "host", 416 + 68 + 123 - 123 - 64), ("bparams", "group", 123), ("single", "group", 64)]
+        ("host", "host", 416 + 68 + 123 - 123 - 64),
+        ("bparams", "group", 123),
+        ("single", "group", 64),
+    ]
     assert _moved(events) == []
 
 
@@ -70,9 +85,9 @@ def test_replaced_seed_is_followed(attach, pull, kind):
     _capture_and_check(tel, model, 0)
     old = model.seeds["a"]
     model.zero_grad()
-    model.seeds["a"] = nn.Sequential(nn.Linear(16, 5), nn.Linear(5, 4))   # other shape and count
+    model.seeds["a"] = nn.Sequential(nn.Linear(16, 5), nn.Linear(5, 4))  # other shape and count
     train_step(model, seed=1)
-    assert old.weight.grad is None                       # the old module is out of the graph
+    assert old.weight.grad is None  # the old module is out of the graph
     res = _capture_and_check(tel, model, 1)
     assert res.groups["a"].params == 16 * 5 + 5 + 5 * 4 + 4
     assert res.groups["a"].has_grad
@@ -81,7 +96,7 @@ def test_replaced_seed_is_followed(attach, pull, kind):
     _capture_and_check(tel, model, 2)
     tel.close()
     events = pull.until_goodbyes()
-    assert _moved(events) == [("a", ("cpu",))]           # exactly once, for that group only
+    assert _moved(events) == [("a", ("cpu",))]  # exactly once, for that group only
     norms = [e for e in events if isinstance(e, Norms)]
     assert [{g.name: g.params for g in n.groups}["a"] for n in norms] == [68, 109, 109]
 
@@ -119,7 +134,11 @@ def test_load_state_dict_assign_is_followed(attach, pull):
     train_step(model, seed=2)
     _capture_and_check(tel, model, 2)
     tel.close()
-    assert sorted(_moved(pull.until_goodbyes())) == [("a", ("cpu",)), ("b", ("cpu",)), ("host", ("cpu",))]
+    assert sorted(_moved(pull.until_goodbyes())) == [
+        ("a", ("cpu",)),
+        ("b", ("cpu",)),
+        ("host", ("cpu",)),
+    ]
 
 
 def test_dtype_change_is_followed(attach):

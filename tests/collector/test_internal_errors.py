@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 
 import torch
+from collector_support import make_model, ref_sq, rel_err, train_step
 from torch import nn
 
-from collector_support import make_model, ref_sq, rel_err, train_step
 from esper_telemetry import Norms
 
 
 def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, caplog):
-    import esper_telemetry.collector.cpu_threads as passes   # where the CPU pass computes norms
+    import esper_telemetry.collector.cpu_threads as passes  # where the CPU pass computes norms
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -27,11 +27,11 @@ def test_failing_norm_pass_is_counted_not_raised(attach, pull, monkeypatch, capl
         for step in range(3):
             opt.zero_grad()
             train_step(model, seed=step)
-            tel.capture(step=step)               # must not raise
-            opt.step()                           # training goes on
+            tel.capture(step=step)  # must not raise
+            opt.step()  # training goes on
     assert tel.stats()["errors"] == 3
     logged = [r for r in caplog.records if "norm kernel exploded" in r.getMessage()]
-    assert len(logged) == 1                      # logged once, then only counted
+    assert len(logged) == 1  # logged once, then only counted
     monkeypatch.setattr(passes, "tensor_squares", real)
     opt.zero_grad()
     train_step(model, seed=3)
@@ -54,7 +54,7 @@ def test_sparse_gradient_is_an_error_not_a_crash(attach):
     tel.capture(step=0)
     assert tel.flush(5.0)
     assert tel.stats()["errors"] == 1 and tel.latest() is None
-    emb.weight.grad = None                       # the user drops the sparse gradient
+    emb.weight.grad = None  # the user drops the sparse gradient
     tel.capture(step=1)
     assert tel.flush(5.0)
     res = tel.latest()
@@ -91,7 +91,7 @@ def test_dead_root_model_is_an_error_not_a_crash(attach):
     train_step(model)
     tel.capture(step=0)
     assert tel.flush(5.0)
-    del model                                   # the collector holds no strong reference
+    del model  # the collector holds no strong reference
     import gc
 
     gc.collect()

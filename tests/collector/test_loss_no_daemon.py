@@ -3,14 +3,21 @@ collector's ``dropped`` (ZMQ_IMMEDIATE: libzmq queues only to a completed connec
 
 from __future__ import annotations
 
-import esper_telemetry as et
 from collector_support import free_port, make_model, train_step
+
+import esper_telemetry as et
 
 
 def test_daemon_absent_for_the_whole_run_every_capture_is_dropped_and_counted():
     model = make_model()
-    tel = et.attach(model=model, host="host", seeds={"a": "seeds.a"}, run="absent",
-                    endpoint=f"tcp://127.0.0.1:{free_port()}", close_timeout_s=1.0)
+    tel = et.attach(
+        model=model,
+        host="host",
+        seeds={"a": "seeds.a"},
+        run="absent",
+        endpoint=f"tcp://127.0.0.1:{free_port()}",
+        close_timeout_s=1.0,
+    )
     try:
         train_step(model)
         for step in range(300):

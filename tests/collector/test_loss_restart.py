@@ -10,10 +10,10 @@ import threading
 import time
 
 import pytest
+from live_daemon import LiveDaemon
 
 from esper_telemetry import GroupNorm, Norms
 from esper_telemetry.collector.publisher import Publisher
-from live_daemon import LiveDaemon
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,14 @@ def test_daemon_sigkilled_and_restarted_mid_run_lost_plus_arrived_equals_produce
     def produce() -> None:  # a training loop: one capture a millisecond, never blocked
         step = 0
         while not stop.is_set():
-            norms = Norms("restart", 0, time.time(), step, False,
-                          (GroupNorm("host", "host", 10, float(step), 0, False, False),))
+            norms = Norms(
+                "restart",
+                0,
+                time.time(),
+                step,
+                False,
+                (GroupNorm("host", "host", 10, float(step), 0, False, False),),
+            )
             pub.publish(norms)
             produced[0] += 1
             step += 1

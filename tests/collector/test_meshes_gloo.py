@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Iterator, List
+from collections.abc import Iterator
 
 import pytest
 import torch
-
 from collector_support import Receiver, pull_receiver, rel_err
+from mesh_support import run_ranks
+
 from esper_telemetry import Goodbye, Norms
 from esper_telemetry.collector.norms import group_sums
 from esper_telemetry.ratio import seed_ratio
-from mesh_support import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -35,29 +35,31 @@ def wire() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def two(wire: Receiver) -> List[dict]:
+def two(wire: Receiver) -> list[dict]:
     return run_ranks(2, ["fsdp2", "tp", "partial", "forced"], wire.endpoint)
 
 
 @pytest.fixture(scope="module")
-def four(wire: Receiver) -> List[dict]:
+def four(wire: Receiver) -> list[dict]:
     return run_ranks(4, ["hsdp", "fsdp2_tp"], wire.endpoint)
 
 
-def wire_norms(wire: Receiver, run: str, world: int, timeout_s: float = 10.0) -> Dict[int, List[Norms]]:
+def wire_norms(
+    wire: Receiver, run: str, world: int, timeout_s: float = 10.0
+) -> dict[int, list[Norms]]:
     """The Norms events of ``run`` by rank, once every rank of it said goodbye."""
     deadline = time.monotonic() + timeout_s
     while sum(isinstance(e, Goodbye) and e.run == run for e in wire.events) < world:
         assert time.monotonic() < deadline, f"no goodbye from every rank of {run!r} in {timeout_s}s"
         wire.recv_once(0.05)
-    by_rank: Dict[int, List[Norms]] = {}
+    by_rank: dict[int, list[Norms]] = {}
     for e in wire.events:
         if isinstance(e, Norms) and e.run == run:
             by_rank.setdefault(e.rank, []).append(e)
     return by_rank
 
 
-def check_exact(outs: List[dict], layout: str, wire: Receiver, sharded: Dict[str, bool]) -> None:
+def check_exact(outs: list[dict], layout: str, wire: Receiver, sharded: dict[str, bool]) -> None:
     """Sharded groups: the ranks' values add up to the full gradient's; replicated: each rank's is it."""
     reports = [o["report"][layout] for o in outs]
     world = len(reports)
@@ -66,7 +68,9 @@ def check_exact(outs: List[dict], layout: str, wire: Receiver, sharded: Dict[str
     on_wire = [{g.name: g for g in norms[rank][0].groups} for rank in range(world)]
     for name, want_sharded in sharded.items():
         ref = reports[0]["ref"][name]
-        assert ref > 0 and all(rel_err(r["ref"][name], ref) <= 1e-9 for r in reports)  # one gradient
+        assert ref > 0 and all(
+            rel_err(r["ref"][name], ref) <= 1e-9 for r in reports
+        )  # one gradient
         assert [r["sharded"][name] for r in reports] == [want_sharded] * world, name
         assert [w[name].sharded for w in on_wire] == [want_sharded] * world, name
         assert [r["local"][name] for r in reports] == [want_sharded] * world, name
@@ -76,7 +80,9 @@ def check_exact(outs: List[dict], layout: str, wire: Receiver, sharded: Dict[str
             assert rel_err(sum(w[name].sq for w in on_wire), ref) <= 1e-5, (layout, name)
         else:
             for r, w in zip(reports, on_wire):
-                assert rel_err(r["sq"][name], ref) <= 1e-5 and rel_err(w[name].sq, ref) <= 1e-5, name
+                assert rel_err(r["sq"][name], ref) <= 1e-5 and rel_err(w[name].sq, ref) <= 1e-5, (
+                    name
+                )
     assert all(r["errors"] == 0 for r in reports)
 
 
@@ -112,7 +118,7 @@ def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(four, wire):
     # sub-mesh only, replicated over tp: only tp coordinate 0 counts them.
     check_exact(four, "fsdp2_tp", wire, {"host": True, "s": True})
     reports = [o["report"]["fsdp2_tp"] for o in four]
-    assert reports[1]["sq"]["s"] == 0.0 and reports[3]["sq"]["s"] == 0.0   # tp coordinate 1
+    assert reports[1]["sq"]["s"] == 0.0 and reports[3]["sq"]["s"] == 0.0  # tp coordinate 1
     assert reports[0]["sq"]["s"] > 0.0 and reports[2]["sq"]["s"] > 0.0
 
 
@@ -121,7 +127,7 @@ def test_partial_gradient_is_unknown_and_counted_as_an_error(two, wire):
     for rank, caps in enumerate(outs):
         for step, c in enumerate(caps[:2]):
             assert c["sq"]["p"] is None and c["has_grad"]["p"] is False, (rank, step)
-            assert c["errors"] == step + 1                  # each capture counted
+            assert c["errors"] == step + 1  # each capture counted
             # The other groups are measured as usual (plain: replicated).
             for name in ("host", "q"):
                 assert rel_err(c["sq"][name], c["ref"][name]) <= 1e-5
@@ -129,7 +135,8 @@ def test_partial_gradient_is_unknown_and_counted_as_an_error(two, wire):
             # Only seeds whose value and host's are the groups' own get a ratio.
             assert set(c["ratios"]) == {"q"}
             assert c["ratios"]["q"] == pytest.approx(
-                seed_ratio(c["sq"]["q"], 27, c["sq"]["host"], 72), rel=1e-12)
+                seed_ratio(c["sq"]["q"], 27, c["sq"]["host"], 72), rel=1e-12
+            )
         # Reduced, the same gradient counts once over the world (Replicate: rank 0 only).
         assert caps[2]["errors"] == 2
     assert rel_err(outs[0][2]["sq"]["p"] + outs[1][2]["sq"]["p"], outs[0][2]["ref"]["p"]) <= 1e-5
@@ -149,12 +156,19 @@ def test_forced_sharded_counts_everything_this_rank_holds(two):
     for rank, o in enumerate(two):
         on, off = o["report"]["forced"]["forced_on"], o["report"]["forced"]["forced_off"]
         # sharded=True without DTensors: the user's own shards, every rank counts all of it.
-        assert on["sharded"] == {"mine": True} and rel_err(on["sq"]["mine"], on["ref"]["mine"]) <= 1e-5
+        assert (
+            on["sharded"] == {"mine": True} and rel_err(on["sq"]["mine"], on["ref"]["mine"]) <= 1e-5
+        )
         # sharded=False over a DTensor: replicated semantics, nothing left out, no daemon sum.
         assert off["sharded"] == {"w": False} and off["local"] == {"w": False}
         assert rel_err(off["sq"]["w"], off["ref"]["w"]) <= 1e-5 and off["sq"]["w"] > 0
-    assert rel_err(two[0]["report"]["forced"]["forced_on"]["sq"]["mine"],
-                   two[1]["report"]["forced"]["forced_on"]["sq"]["mine"]) > 1e-3   # really each rank's own
+    assert (
+        rel_err(
+            two[0]["report"]["forced"]["forced_on"]["sq"]["mine"],
+            two[1]["report"]["forced"]["forced_on"]["sq"]["mine"],
+        )
+        > 1e-3
+    )  # really each rank's own
 
 
 def test_tensors_left_out_still_count_as_nonfinite():
@@ -163,7 +177,7 @@ def test_tensors_left_out_still_count_as_nonfinite():
     index = torch.tensor([0, 0, 1, 1, 1])
     counted = torch.tensor([True, False, True, False, False])
     sq, nonfinite = group_sums(squares, index, 2, counted).tolist()
-    assert sq == [4.0, 9.0]                  # no inf*0 NaN from a masked Inf
-    assert nonfinite == [1.0, 1.0]           # masked or not, held here and non-finite
+    assert sq == [4.0, 9.0]  # no inf*0 NaN from a masked Inf
+    assert nonfinite == [1.0, 1.0]  # masked or not, held here and non-finite
     unmasked = group_sums(squares, index, 2).tolist()[0]
     assert math.isinf(unmasked[0]) and math.isnan(unmasked[1])

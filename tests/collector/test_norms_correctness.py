@@ -7,19 +7,23 @@ import math
 
 import pytest
 import torch
+from collector_support import make_model, numel, ref_sq, rel_err, train_step
 from torch import nn
 
-from collector_support import make_model, numel, ref_sq, rel_err, train_step
 from esper_telemetry import Goodbye, Norms
 
 
 def _groups(model):
-    return {"host": list(model.host.parameters()),
-            "a": list(model.seeds["a"].parameters()),
-            "b": list(model.seeds["b"].parameters())}
+    return {
+        "host": list(model.host.parameters()),
+        "a": list(model.seeds["a"].parameters()),
+        "b": list(model.seeds["b"].parameters()),
+    }
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)]
+)
 def test_norms_match_float64_reference(attach, pull, dtype, tol):
     model = make_model(dtype=dtype)
     tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
@@ -55,12 +59,12 @@ def test_half_precision_accumulates_beyond_its_range(attach):
     assert tel.flush(5.0)
     g = tel.latest().groups["host"]
     assert g.nonfinite == 0
-    assert rel_err(g.sq, 64 * 60000.0 ** 2) <= 1e-3
+    assert rel_err(g.sq, 64 * 60000.0**2) <= 1e-3
 
 
 def test_no_gradient_is_none_not_zero(attach, pull):
     model = make_model()
-    frozen = nn.Linear(3, 3)           # never used in the forward pass
+    frozen = nn.Linear(3, 3)  # never used in the forward pass
     zeroed = nn.Linear(3, 2)
     zeroed.weight.grad = torch.zeros_like(zeroed.weight)
     zeroed.bias.grad = torch.zeros_like(zeroed.bias)
@@ -126,7 +130,7 @@ def test_nonfinite_tensors_are_counted_per_group(attach, pull):
     wire = {g.name: g for g in norms[0].groups}
     # A non-finite sum travels as it is, beside its count: an exploding group is not starved.
     assert wire["a"].nonfinite == 2 and math.isnan(wire["a"].sq)
-    assert wire["host"].nonfinite == 1 and wire["host"].sq == math.inf   # (-inf)**2
+    assert wire["host"].nonfinite == 1 and wire["host"].sq == math.inf  # (-inf)**2
     assert rel_err(wire["b"].sq, ref_b) <= 1e-5
     assert isinstance(pull.events[-1], Goodbye)
 
@@ -136,7 +140,7 @@ def test_latest_and_seed_ratio(attach):
     tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
     assert tel.latest() is None
     train_step(model)
-    assert tel.latest() is None          # nothing captured yet
+    assert tel.latest() is None  # nothing captured yet
     tel.capture()
     assert tel.flush(5.0)
     res = tel.latest()
@@ -147,7 +151,9 @@ def test_latest_and_seed_ratio(attach):
     assert set(res.ratios) == {"a", "b"}
     for name in ("a", "b"):
         seed = model.seeds[name]
-        want = math.sqrt(ref_sq(seed.parameters()) / host_sq) * math.sqrt(host_n / numel(seed.parameters()))
+        want = math.sqrt(ref_sq(seed.parameters()) / host_sq) * math.sqrt(
+            host_n / numel(seed.parameters())
+        )
         assert rel_err(res.ratios[name], want) <= 1e-5
     assert res.ratios["a"] != pytest.approx(res.ratios["b"], rel=1e-3)
     # The default step counter continues from the captures taken.
@@ -211,11 +217,14 @@ def test_forced_sharding_and_seed_only_attach(attach, pull):
     tel.capture()
     assert tel.flush(5.0)
     res = tel.latest()
-    assert res.ratios == {}                     # no host, no ratio
+    assert res.ratios == {}  # no host, no ratio
     assert all(g.sharded for g in res.groups.values())
     tel.close()
     (norms,) = [e for e in pull.until_goodbyes() if isinstance(e, Norms)]
-    assert [(g.name, g.role, g.sharded) for g in norms.groups] == [("a", "seed", True), ("h", "group", True)]
+    assert [(g.name, g.role, g.sharded) for g in norms.groups] == [
+        ("a", "seed", True),
+        ("h", "group", True),
+    ]
 
 
 def test_a_seed_that_sits_out_steps_reuses_its_plans(attach):
@@ -228,7 +237,7 @@ def test_a_seed_that_sits_out_steps_reuses_its_plans(attach):
         train_step(model, seed=step)
         if step % 2:
             for p in model.seeds["b"].parameters():
-                p.grad = None                       # b sat this step out
+                p.grad = None  # b sat this step out
         want_b = ref_sq(model.seeds["b"].parameters())
         want_host = ref_sq(model.host.parameters())
         tel.capture(step)

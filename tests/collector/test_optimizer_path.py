@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from collector_support import make_model, ref_sq, rel_err, train_step
+
 from esper_telemetry import Norms
 
 
@@ -29,28 +29,35 @@ class ClippingSGD(torch.optim.Optimizer):
 
 
 def _refs(model):
-    return {"host": ref_sq(model.host.parameters()), "a": ref_sq(model.seeds["a"].parameters()),
-            "b": ref_sq(model.seeds["b"].parameters())}
+    return {
+        "host": ref_sq(model.host.parameters()),
+        "a": ref_sq(model.seeds["a"].parameters()),
+        "b": ref_sq(model.seeds["b"].parameters()),
+    }
 
 
 def test_captures_every_nth_step_before_the_optimizer_runs(attach, pull):
     model = make_model()
     opt = ClippingSGD(model.parameters())
-    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"}, optimizer=opt, every=2)
+    tel = attach(
+        model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"}, optimizer=opt, every=2
+    )
     refs = {}
     for step in range(5):
         opt.zero_grad()
         train_step(model, seed=step)
         refs[step] = _refs(model)
         opt.step()
-        assert rel_err(ref_sq(model.host.parameters()), refs[step]["host"] / 4) <= 1e-6   # it did clip
+        assert (
+            rel_err(ref_sq(model.host.parameters()), refs[step]["host"] / 4) <= 1e-6
+        )  # it did clip
     assert tel.flush(5.0)
     assert tel.latest().step == 4
     assert tel.stats()["captures"] == 3
     tel.close()
     opt.zero_grad()
     train_step(model, seed=9)
-    opt.step()                                   # hooks removed at close: no capture
+    opt.step()  # hooks removed at close: no capture
     norms = [e for e in pull.until_goodbyes() if isinstance(e, Norms)]
     assert [n.step for n in norms] == [0, 2, 4]
     for n in norms:
@@ -73,8 +80,13 @@ def test_gradscaler_skipped_step_is_reported(attach, pull):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = _scaler_or_skip()
-    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"},
-                 optimizer=opt, scaler=scaler)
+    tel = attach(
+        model=model,
+        host="host",
+        seeds={"a": "seeds.a", "b": "seeds.b"},
+        optimizer=opt,
+        scaler=scaler,
+    )
     refs, bad = {}, 1
     for step in range(3):
         opt.zero_grad()
@@ -83,13 +95,13 @@ def test_gradscaler_skipped_step_is_reported(attach, pull):
         scaler.scale(loss).backward()
         if step == bad:
             model.seeds["b"][0].weight.grad[0, 0] = float("inf")
-        scaler.unscale_(opt)                     # so the reference sees what the optimizer sees
+        scaler.unscale_(opt)  # so the reference sees what the optimizer sees
         refs[step] = _refs(model)
         before = [p.detach().clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
         moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        assert moved == (step != bad)            # GradScaler really skipped that step
+        assert moved == (step != bad)  # GradScaler really skipped that step
     assert tel.flush(5.0)
     tel.close()
     norms = [e for e in pull.until_goodbyes() if isinstance(e, Norms)]
@@ -104,7 +116,7 @@ def test_gradscaler_skipped_step_is_reported(attach, pull):
             assert wire["b"].nonfinite == 0 and rel_err(wire["b"].sq, refs[n.step]["b"]) <= 1e-5
     # The scaled gradients are 65536x larger: the capture must be of the unscaled ones.
     assert math.isclose(norms[0].groups[0].sq, refs[0]["host"], rel_tol=1e-5)
-    assert "update" not in vars(scaler)          # close() unwrapped it
+    assert "update" not in vars(scaler)  # close() unwrapped it
 
 
 def test_gradscaler_skipped_steps_respect_every(attach, pull):
@@ -139,8 +151,13 @@ def test_fused_optimizer_skipped_step_is_reported_skipped_and_unscaled(attach, p
     except Exception as exc:  # pragma: no cover - depends on the torch build
         pytest.skip(f"fused AdamW unavailable here: {exc}")
     scaler = _scaler_or_skip()
-    tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"},
-                 optimizer=opt, scaler=scaler)
+    tel = attach(
+        model=model,
+        host="host",
+        seeds={"a": "seeds.a", "b": "seeds.b"},
+        optimizer=opt,
+        scaler=scaler,
+    )
     refs, bad = {}, 1
     for step in range(3):
         opt.zero_grad()
@@ -152,13 +169,13 @@ def test_fused_optimizer_skipped_step_is_reported_skipped_and_unscaled(attach, p
         if unscale_first:
             scaler.unscale_(opt)
             scale = 1.0
-        refs[step] = {k: v / scale ** 2 for k, v in _refs(model).items()}
+        refs[step] = {k: v / scale**2 for k, v in _refs(model).items()}
         before = [p.detach().clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
         moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        assert moved == (step != bad)            # the fused kernel really skipped that step
-        if step != bad:                          # and otherwise unscaled in place, inside step()
+        assert moved == (step != bad)  # the fused kernel really skipped that step
+        if step != bad:  # and otherwise unscaled in place, inside step()
             assert rel_err(ref_sq(model.host.parameters()), refs[step]["host"]) <= 1e-5
     assert tel.flush(5.0)
     tel.close()

@@ -10,44 +10,62 @@ import threading
 import time
 
 import torch
+from collector_support import (
+    REPO,
+    free_port,
+    make_model,
+    ref_sq,
+    rel_err,
+    run_script,
+    subprocess_env,
+    train_step,
+)
 from torch import nn
 
 import esper_telemetry as et
-from collector_support import REPO, free_port, make_model, ref_sq, rel_err, run_script, subprocess_env, train_step
 from esper_telemetry import Goodbye, Heartbeat, Hello, Norms
 
 
 def test_no_daemon_training_goes_on_and_close_is_bounded():
     model = make_model()
     close_timeout_s = 1.0
-    tel = et.attach(model=model, host="host", seeds={"a": "seeds.a"}, run="nodaemon",
-                    endpoint=f"tcp://127.0.0.1:{free_port()}", close_timeout_s=close_timeout_s)
+    tel = et.attach(
+        model=model,
+        host="host",
+        seeds={"a": "seeds.a"},
+        run="nodaemon",
+        endpoint=f"tcp://127.0.0.1:{free_port()}",
+        close_timeout_s=close_timeout_s,
+    )
     try:
         train_step(model)
         t0 = time.monotonic()
         for step in range(200):
             tel.capture(step=step)
             if step % 50 == 49:
-                assert tel.flush(5.0)             # nothing to wait for: the pipe takes it all
+                assert tel.flush(5.0)  # nothing to wait for: the pipe takes it all
         capture_s = time.monotonic() - t0
         assert capture_s < 3.0, capture_s
         stats = tel.stats()
         assert stats["captures"] == 200 and stats["completed"] == 200
         assert stats["pending"] == 0 and stats["errors"] == 0
-        assert stats["sent"] + stats["dropped"] == 201        # Hello + 200 Norms, each accounted for
+        assert stats["sent"] + stats["dropped"] == 201  # Hello + 200 Norms, each accounted for
         res = tel.latest()
-        assert res.step == 199 and rel_err(res.groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-5
+        assert (
+            res.step == 199
+            and rel_err(res.groups["host"].sq, ref_sq(model.host.parameters())) <= 1e-5
+        )
     finally:
         t0 = time.monotonic()
         tel.close()
         elapsed = time.monotonic() - t0
     assert elapsed < close_timeout_s + 1, elapsed
     t0 = time.monotonic()
-    tel.close()                                   # idempotent and immediate
-    tel.capture()                                 # a no-op after close, never an error
+    tel.close()  # idempotent and immediate
+    tel.capture()  # a no-op after close, never an error
     assert time.monotonic() - t0 < 0.1
     assert tel.stats()["captures"] == 200 and tel.stats()["errors"] == 0
-    deadline = time.monotonic() + 2.0             # close() stopped its threads (joins are bounded)
+    deadline = time.monotonic() + 2.0  # close() stopped its threads (joins are bounded)
     while [t for t in threading.enumerate() if t.name.startswith("esper-telemetry")]:
         assert time.monotonic() < deadline, threading.enumerate()
         time.sleep(0.01)
@@ -56,7 +74,7 @@ def test_no_daemon_training_goes_on_and_close_is_bounded():
 def test_stuck_sender_drops_and_counts_and_heartbeats_carry_the_count(attach, pull):
     model = make_model()
     tel = attach(model=model, host="host", queue_size=1, heartbeat_s=3600.0)
-    assert tel.flush(5.0)                          # Hello is out
+    assert tel.flush(5.0)  # Hello is out
     pub = tel._publisher
     gate, entered = threading.Event(), threading.Event()
     send = pub._send
@@ -66,13 +84,13 @@ def test_stuck_sender_drops_and_counts_and_heartbeats_carry_the_count(attach, pu
     t0 = time.monotonic()
     for step in range(n):
         tel.capture(step=step)
-    assert time.monotonic() - t0 < 2.0             # the stuck socket never slowed capture()
+    assert time.monotonic() - t0 < 2.0  # the stuck socket never slowed capture()
     deadline = time.monotonic() + 5.0
     while tel.stats()["completed"] < n and time.monotonic() < deadline:
         time.sleep(0.01)
     assert tel.stats()["completed"] == n
     dropped = tel.stats()["dropped"]
-    assert n - 10 <= dropped < n                   # a few in the sender's hands or queued, the rest dropped
+    assert n - 10 <= dropped < n  # a few in the sender's hands or queued, the rest dropped
     gate.set()
     assert tel.flush(5.0)
     tel.close()
@@ -82,8 +100,8 @@ def test_stuck_sender_drops_and_counts_and_heartbeats_carry_the_count(attach, pu
     assert [n_.step for n_ in norms] == sorted(n_.step for n_ in norms) and norms[0].step == 0
     beats = [e for e in events if isinstance(e, Heartbeat)]
     assert beats and beats[-1].dropped == dropped
-    assert beats[-1].sent == 1 + len(norms)        # Hello and the Norms sent before it
-    assert tel.stats()["sent"] == 1 + len(norms) + 2   # ... then the heartbeat and Goodbye
+    assert beats[-1].sent == 1 + len(norms)  # Hello and the Norms sent before it
+    assert tel.stats()["sent"] == 1 + len(norms) + 2  # ... then the heartbeat and Goodbye
     assert isinstance(events[-1], Goodbye) and events[-1].reason == "close"
 
 
@@ -106,7 +124,7 @@ def test_backlog_skips_are_counted_and_reported_in_heartbeats(attach, pull, monk
     assert stats["captures"] == bound and stats["dropped"] == 6 and stats["errors"] == 0
     gate.set()
     assert tel.flush(5.0)
-    tel.capture(step=1000)                         # room again: captured
+    tel.capture(step=1000)  # room again: captured
     assert tel.flush(5.0) and tel.latest().step == 1000
     tel.close()
     events = pull.until_goodbyes()
@@ -119,7 +137,7 @@ def test_heartbeats_travel_while_idle(attach, pull):
     events = pull.until(lambda e: isinstance(e, Heartbeat), timeout_s=3.0)
     hb = [e for e in events if isinstance(e, Heartbeat)][0]
     assert (hb.run, hb.rank, hb.dropped, hb.errors) == ("beats", 0, 0, 0)
-    assert hb.sent >= 1                            # the Hello went before it
+    assert hb.sent >= 1  # the Hello went before it
     assert isinstance(events[0], Hello)
 
 
@@ -141,12 +159,20 @@ _EXIT_SCRIPT = textwrap.dedent("""
 def test_exit_without_close_does_not_hang(tmp_path):
     script = tmp_path / "exit_without_close.py"
     script.write_text(_EXIT_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), f"tcp://127.0.0.1:{free_port()}"],
-                            cwd=str(REPO), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), f"tcp://127.0.0.1:{free_port()}"],
+        cwd=str(REPO),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = _readline(proc, 60.0)
-        assert line.strip() == "EXITING", (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.strip() == "EXITING", (
+            line,
+            proc.stderr.read() if proc.poll() is not None else "",
+        )
         t0 = time.monotonic()
         rc = proc.wait(timeout=10.0)
         exit_s = time.monotonic() - t0
@@ -222,13 +248,13 @@ def test_fork_child_never_uses_the_parents_socket(tmp_path, pull):
     lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
     assert lines["PARENT"] == "child_rc=0 errors=0", proc.stdout
     child = dict(kv.split("=") for kv in lines["CHILD"].split())
-    assert child["captures"] == "1"                # the child's capture was not taken
+    assert child["captures"] == "1"  # the child's capture was not taken
     assert float(child["close_s"]) < 0.5
     events = pull.until_goodbyes(2)
     pull.quiet(0.2)
     events = pull.events
     by_run = lambda run, kind: [e for e in events if isinstance(e, kind) and e.run == run]
-    assert [e.step for e in by_run("fork", Norms)] == list(range(9))   # no 999 from the child
+    assert [e.step for e in by_run("fork", Norms)] == list(range(9))  # no 999 from the child
     assert len(by_run("fork", Hello)) == 1 and len(by_run("fork", Goodbye)) == 1
     assert [e.step for e in by_run("forkchild", Norms)] == [42]
     assert len(by_run("forkchild", Goodbye)) == 1
@@ -257,7 +283,7 @@ def test_a_burst_of_wide_events_is_sent_in_messages_the_daemon_accepts(attach, p
     gate.set()
     assert tel.flush(10.0)
     tel.close()
-    events = pull.until_goodbyes(timeout_s=10.0)   # every message decodes, or this raises
+    events = pull.until_goodbyes(timeout_s=10.0)  # every message decodes, or this raises
     assert [e.step for e in events if isinstance(e, Norms)] == list(range(n))
     assert tel.stats()["dropped"] == 0 and tel.stats()["errors"] == 0
     assert len(pull.sizes) >= 2 and max(pull.sizes) <= COLLECTOR_MESSAGE_BYTES

@@ -19,9 +19,9 @@ from esper_telemetry import (
     REASONS,
     SCHEMA_VERSION,
     DeviceMismatch,
+    Goodbye,
     GroupDecl,
     GroupNorm,
-    Goodbye,
     Heartbeat,
     Hello,
     IsolationViolation,
@@ -44,8 +44,14 @@ MAX_INT64 = (1 << 63) - 1
 # --- sample events: every kind, every optional field both ways ------------------------
 
 HELLO = Hello(
-    run="run-1", rank=0, time=1700000000.25, world_size=2, hostname="node-a", pid=4242,
-    library_version="0.1.0", torch_version="2.13.0",
+    run="run-1",
+    rank=0,
+    time=1700000000.25,
+    world_size=2,
+    hostname="node-a",
+    pid=4242,
+    library_version="0.1.0",
+    torch_version="2.13.0",
     groups=(
         GroupDecl("host", "host", 1_000_000, False),
         GroupDecl("seed0", "seed", 1234, True),
@@ -54,7 +60,11 @@ HELLO = Hello(
 )
 HELLO_NO_GROUPS = HELLO._replace(groups=(), hostname="", torch_version="")
 NORMS = Norms(
-    run="run-1", rank=1, time=1700000001.5, step=7, skipped=False,
+    run="run-1",
+    rank=1,
+    time=1700000001.5,
+    step=7,
+    skipped=False,
     groups=(
         GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
         GroupNorm("seed0", "seed", 1234, None, 0, False, True),  # no gradient
@@ -63,16 +73,19 @@ NORMS = Norms(
 )
 NORMS_SKIPPED = NORMS._replace(skipped=True, step=MAX_INT64, groups=())
 # Non-finite sums travel as they are when the group counts non-finite gradients.
-NORMS_NONFINITE = NORMS._replace(groups=(
-    GroupNorm("host", "host", 1_000_000, math.nan, 1, False, False),
-    GroupNorm("seed0", "seed", 1234, math.inf, 3, False, True),
-    GroupNorm("seed1", "seed", 1234, math.inf, 1, True, True),
-    GroupNorm("adapter", "group", 10, 4.0, 2, False, False),  # finite despite a count
-))
+NORMS_NONFINITE = NORMS._replace(
+    groups=(
+        GroupNorm("host", "host", 1_000_000, math.nan, 1, False, False),
+        GroupNorm("seed0", "seed", 1234, math.inf, 3, False, True),
+        GroupNorm("seed1", "seed", 1234, math.inf, 1, True, True),
+        GroupNorm("adapter", "group", 10, 4.0, 2, False, False),  # finite despite a count
+    )
+)
 DEVICE = DeviceMismatch("run-1", 3, 2.0, "split", "host", ("cuda:0", "cpu"))
 DEVICE_NO_GROUP = DeviceMismatch("run-1", 3, 2.0, "mixed", "", ())
 VIOLATION = IsolationViolation(
-    "run-1", 0, 3.0, 9, "seed0", "gradient", "seed0 received gradient", 0.75)
+    "run-1", 0, 3.0, 9, "seed0", "gradient", "seed0 received gradient", 0.75
+)
 VIOLATION_NONE = VIOLATION._replace(kind="structural", value=None)
 VIOLATION_NEGATIVE = VIOLATION._replace(value=-1.5)  # value need only be finite
 HEARTBEAT = Heartbeat("run-1", 0, 4.0, MAX_INT64, 0, 17, 1)
@@ -81,8 +94,20 @@ UNICODE = Goodbye("ran-\u00e9\u00df-\u65e5\u672c", 5, 5.5, "\U0001f600" * MAX_ST
 LONGEST = Goodbye("r" * MAX_STRING_CHARS, 0, 1.0, "x" * MAX_STRING_CHARS)
 
 UNNUMBERED = [
-    HELLO, HELLO_NO_GROUPS, NORMS, NORMS_SKIPPED, NORMS_NONFINITE, DEVICE, DEVICE_NO_GROUP, VIOLATION,
-    VIOLATION_NONE, VIOLATION_NEGATIVE, HEARTBEAT, GOODBYE, UNICODE, LONGEST,
+    HELLO,
+    HELLO_NO_GROUPS,
+    NORMS,
+    NORMS_SKIPPED,
+    NORMS_NONFINITE,
+    DEVICE,
+    DEVICE_NO_GROUP,
+    VIOLATION,
+    VIOLATION_NONE,
+    VIOLATION_NEGATIVE,
+    HEARTBEAT,
+    GOODBYE,
+    UNICODE,
+    LONGEST,
 ]
 # The same events as a numbered (schema 2) sender sends them: 0, a middle value, the max.
 NUMBERED = [e._replace(seq=(0, 12345, MAX_INT64)[i % 3]) for i, e in enumerate(UNNUMBERED)]
@@ -140,8 +165,9 @@ def group_norm(**changes) -> list:
 # --- round trips ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("event", SINGLES,
-                         ids=lambda e: f"{type(e).__name__}-v{1 if e.seq is None else 2}")
+@pytest.mark.parametrize(
+    "event", SINGLES, ids=lambda e: f"{type(e).__name__}-v{1 if e.seq is None else 2}"
+)
 def test_single_event_round_trips_exactly(event):
     data = encode(event)
     got = decode(data)
@@ -153,7 +179,13 @@ def test_single_event_round_trips_exactly(event):
 def test_every_event_kind_is_covered():
     assert {type(e) for e in SINGLES} == set(KIND_OF)
     assert set(KIND_OF.values()) == {
-        "hello", "norms", "device", "violation", "heartbeat", "goodbye"}
+        "hello",
+        "norms",
+        "device",
+        "violation",
+        "heartbeat",
+        "goodbye",
+    }
 
 
 @pytest.mark.parametrize("maker", [list, tuple, iter], ids=["list", "tuple", "iterator"])
@@ -166,8 +198,10 @@ def test_batch_round_trips_in_order(maker):
 @pytest.mark.parametrize("maker", [list, tuple, iter], ids=["list", "tuple", "iterator"])
 def test_numbered_batch_round_trips_in_order(maker):
     # One collector's message: every event carries its run, rank and the message's number.
-    events = [e._replace(run="run-1", rank=0, seq=41)
-              for e in (NORMS, HELLO, GOODBYE, DEVICE, VIOLATION_NONE, HEARTBEAT)]
+    events = [
+        e._replace(run="run-1", rank=0, seq=41)
+        for e in (NORMS, HELLO, GOODBYE, DEVICE, VIOLATION_NONE, HEARTBEAT)
+    ]
     got = decode(encode(maker(events)))
     assert_identical(got, events)
     assert {e.seq for e in got} == {41}
@@ -190,16 +224,32 @@ def test_batch_of_one_is_an_array_not_a_map():
 def test_single_event_wire_format_is_a_flat_map_with_version_and_kind():
     assert SCHEMA_VERSION == 2
     assert msgpack.unpackb(encode(GOODBYE._replace(seq=9))) == {
-        "v": 2, "event": "goodbye",
-        "run": "run-1", "rank": 0, "time": 0.0, "reason": "closed", "seq": 9,
+        "v": 2,
+        "event": "goodbye",
+        "run": "run-1",
+        "rank": 0,
+        "time": 0.0,
+        "reason": "closed",
+        "seq": 9,
     }
     # Without a message number it is what a schema 1 sender sends, byte for byte.
     assert msgpack.unpackb(encode(GOODBYE)) == {
-        "v": 1, "event": "goodbye",
-        "run": "run-1", "rank": 0, "time": 0.0, "reason": "closed",
+        "v": 1,
+        "event": "goodbye",
+        "run": "run-1",
+        "rank": 0,
+        "time": 0.0,
+        "reason": "closed",
     }
     assert msgpack.unpackb(encode(NORMS))["groups"][0] == [
-        "host", "host", 1_000_000, 12.5, 0, False, False]
+        "host",
+        "host",
+        1_000_000,
+        12.5,
+        0,
+        False,
+        False,
+    ]
 
 
 def test_no_gradient_and_zero_gradient_stay_distinct():
@@ -238,8 +288,9 @@ def test_finite_norms_stay_on_the_inline_path(monkeypatch):
 
     calls = []
     real = codec._group_square
-    monkeypatch.setattr(codec, "_group_square",
-                        lambda sq, nonfinite: calls.append(sq) or real(sq, nonfinite))
+    monkeypatch.setattr(
+        codec, "_group_square", lambda sq, nonfinite: calls.append(sq) or real(sq, nonfinite)
+    )
     assert_identical(decode(encode(NORMS)), [NORMS])
     assert_identical(decode(encode(NORMS._replace(seq=5))), [NORMS._replace(seq=5)])
     assert calls == []
@@ -276,7 +327,8 @@ def test_limits_are_inclusive():
     assert len(decode(encode([GOODBYE] * MAX_BATCH_EVENTS))) == MAX_BATCH_EVENTS
     groups = tuple(
         GroupNorm(f"g{i}", "group", i, float(i), 0, False, False)
-        for i in range(MAX_GROUPS_PER_EVENT))
+        for i in range(MAX_GROUPS_PER_EVENT)
+    )
     assert_identical(decode(encode(NORMS._replace(groups=groups)))[0].groups, groups)
     decls = tuple(GroupDecl(f"g{i}", "seed", i, True) for i in range(MAX_GROUPS_PER_EVENT))
     assert_identical(decode(encode(HELLO._replace(groups=decls)))[0].groups, decls)
@@ -294,25 +346,33 @@ CASES = {
     # limit
     "message over MAX_MESSAGE_BYTES": (b"\xc0" * (MAX_MESSAGE_BYTES + 1), "limit"),
     "valid event padded over the size limit": (
-        pack(edit(GOODBYE, reason="x" * MAX_MESSAGE_BYTES)), "limit"),
+        pack(edit(GOODBYE, reason="x" * MAX_MESSAGE_BYTES)),
+        "limit",
+    ),
     "batch over MAX_BATCH_EVENTS": (pack([wire(GOODBYE)] * (MAX_BATCH_EVENTS + 1)), "limit"),
-    "string one char too long": (pack(edit(GOODBYE, reason="x" * (MAX_STRING_CHARS + 1))),
-                                 "limit"),
-    "run name one char too long": (pack(edit(GOODBYE, run="r" * (MAX_STRING_CHARS + 1))),
-                                   "limit"),
+    "string one char too long": (pack(edit(GOODBYE, reason="x" * (MAX_STRING_CHARS + 1))), "limit"),
+    "run name one char too long": (pack(edit(GOODBYE, run="r" * (MAX_STRING_CHARS + 1))), "limit"),
     "string over the unpacker's byte limit": (
-        pack(edit(GOODBYE, reason="x" * (MAX_STRING_CHARS * 4 + 1))), "limit"),
+        pack(edit(GOODBYE, reason="x" * (MAX_STRING_CHARS * 4 + 1))),
+        "limit",
+    ),
     "group name too long": (
-        pack(edit(NORMS, groups=[group_norm(name="g" * (MAX_STRING_CHARS + 1))])), "limit"),
+        pack(edit(NORMS, groups=[group_norm(name="g" * (MAX_STRING_CHARS + 1))])),
+        "limit",
+    ),
     "too many group norms": (
-        pack(edit(NORMS, groups=[group_norm()] * (MAX_GROUPS_PER_EVENT + 1))), "limit"),
+        pack(edit(NORMS, groups=[group_norm()] * (MAX_GROUPS_PER_EVENT + 1))),
+        "limit",
+    ),
     "too many group declarations": (
         pack(edit(HELLO, groups=[list(HELLO.groups[0])] * (MAX_GROUPS_PER_EVENT + 1))),
-        "limit"),
-    "too many devices": (pack(edit(DEVICE, devices=["cpu"] * (MAX_DEVICES_PER_EVENT + 1))),
-                         "limit"),
-    "map with too many keys": (pack({**wire(GOODBYE), **{f"k{i}": 0 for i in range(20)}}),
-                               "limit"),
+        "limit",
+    ),
+    "too many devices": (
+        pack(edit(DEVICE, devices=["cpu"] * (MAX_DEVICES_PER_EVENT + 1))),
+        "limit",
+    ),
+    "map with too many keys": (pack({**wire(GOODBYE), **{f"k{i}": 0 for i in range(20)}}), "limit"),
     # malformed
     "not msgpack (reserved byte 0xc1)": (b"\xc1", "malformed"),
     "empty message": (b"", "malformed"),
@@ -341,9 +401,13 @@ CASES = {
     "v=None": (pack(edit(GOODBYE, v=None)), "version"),
     # schema
     "numbered batch mixing versions": (
-        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE)]), "version"),
+        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE)]),
+        "version",
+    ),
     "unnumbered batch mixing versions": (
-        pack([wire(GOODBYE), wire(GOODBYE._replace(seq=3))]), "version"),
+        pack([wire(GOODBYE), wire(GOODBYE._replace(seq=3))]),
+        "version",
+    ),
     "unknown event kind": (pack(edit(GOODBYE, event="farewell")), "schema"),
     "missing event kind": (pack(without(GOODBYE, "event")), "schema"),
     "event kind is a map": (pack(edit(GOODBYE, event={})), "schema"),
@@ -352,8 +416,7 @@ CASES = {
     "missing field": (pack(without(GOODBYE, "rank")), "schema"),
     "missing nested-array field": (pack(without(NORMS, "groups")), "schema"),
     "extra field": (pack(edit(GOODBYE, extra=1)), "schema"),
-    "field swapped for an unknown one": (pack({**without(GOODBYE, "rank"), "rnak": 0}),
-                                         "schema"),
+    "field swapped for an unknown one": (pack({**without(GOODBYE, "rank"), "rnak": 0}), "schema"),
     "wrong type: rank as string": (pack(edit(GOODBYE, rank="0")), "schema"),
     "wrong type: time as string": (pack(edit(GOODBYE, time="1.0")), "schema"),
     "wrong type: rank as float": (pack(edit(GOODBYE, rank=0.0)), "schema"),
@@ -362,19 +425,26 @@ CASES = {
     "wrong type: devices entry as int": (pack(edit(DEVICE, devices=[0])), "schema"),
     "bool where int (rank)": (pack(edit(GOODBYE, rank=True)), "schema"),
     "bool where int (group params)": (
-        pack(edit(NORMS, groups=[group_norm(params=True)])), "schema"),
+        pack(edit(NORMS, groups=[group_norm(params=True)])),
+        "schema",
+    ),
     "int where bool (skipped)": (pack(edit(NORMS, skipped=0)), "schema"),
     "int where bool (group isolated)": (
-        pack(edit(NORMS, groups=[group_norm(isolated=1)])), "schema"),
+        pack(edit(NORMS, groups=[group_norm(isolated=1)])),
+        "schema",
+    ),
     "bool where number (time)": (pack(edit(GOODBYE, time=True)), "schema"),
-    "unknown role in group norm": (pack(edit(NORMS, groups=[group_norm(role="boss")])),
-                                   "schema"),
+    "unknown role in group norm": (pack(edit(NORMS, groups=[group_norm(role="boss")])), "schema"),
     "unknown role in group declaration": (
-        pack(edit(HELLO, groups=[["host", "Host", 1, False]])), "schema"),
+        pack(edit(HELLO, groups=[["host", "Host", 1, False]])),
+        "schema",
+    ),
     "group norm with 6 fields": (pack(edit(NORMS, groups=[group_norm()[:6]])), "schema"),
     "group norm as a map": (pack(edit(NORMS, groups=[NORMS.groups[0]._asdict()])), "schema"),
     "group declaration with 5 fields": (
-        pack(edit(HELLO, groups=[list(HELLO.groups[0]) + [0]])), "schema"),
+        pack(edit(HELLO, groups=[list(HELLO.groups[0]) + [0]])),
+        "schema",
+    ),
     "empty run name": (pack(edit(GOODBYE, run="")), "schema"),
     "v=2 without seq": (pack(edit(GOODBYE, v=2)), "schema"),
     "v=2 norms without seq": (pack(edit(NORMS, v=2)), "schema"),
@@ -385,37 +455,54 @@ CASES = {
     "seq nil in v=2": (pack(edit(GOODBYE._replace(seq=1), seq=None)), "schema"),
     "norms seq as string": (pack(edit(NORMS._replace(seq=1), seq="1")), "schema"),
     "numbered batch with two seqs": (
-        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE._replace(seq=4))]), "schema"),
+        pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE._replace(seq=4))]),
+        "schema",
+    ),
     "numbered batch with two runs": (
         pack([wire(GOODBYE._replace(seq=3)), wire(GOODBYE._replace(seq=3, run="other"))]),
-        "schema"),
+        "schema",
+    ),
     "numbered batch with two ranks": (
         pack([wire(NORMS._replace(seq=3, rank=0)), wire(GOODBYE._replace(seq=3, rank=1))]),
-        "schema"),
+        "schema",
+    ),
     "empty group name": (pack(edit(NORMS, groups=[group_norm(name="")])), "schema"),
     # value
     "NaN sq without a non-finite count": (
-        pack(edit(NORMS, groups=[group_norm(sq=math.nan)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=math.nan)])),
+        "value",
+    ),
     "Inf sq without a non-finite count": (
-        pack(edit(NORMS, groups=[group_norm(sq=math.inf)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf)])),
+        "value",
+    ),
     "-Inf sq even with a non-finite count": (
-        pack(edit(NORMS, groups=[group_norm(sq=-math.inf, nonfinite=1)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=-math.inf, nonfinite=1)])),
+        "value",
+    ),
     "Inf sq with a negative non-finite count": (
-        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=-1)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=-1)])),
+        "value",
+    ),
     "Inf sq with a non-finite count that is a bool": (
-        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=True)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=True)])),
+        "value",
+    ),
     "Inf sq with a non-finite count that is a float": (
-        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=1.0)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=math.inf, nonfinite=1.0)])),
+        "value",
+    ),
     "negative sq with a non-finite count": (
-        pack(edit(NORMS, groups=[group_norm(sq=-1.0, nonfinite=1)])), "value"),
+        pack(edit(NORMS, groups=[group_norm(sq=-1.0, nonfinite=1)])),
+        "value",
+    ),
     "negative sq": (pack(edit(NORMS, groups=[group_norm(sq=-1.0)])), "value"),
     "negative integer sq": (pack(edit(NORMS, groups=[group_norm(sq=-1)])), "value"),
     "negative count (rank)": (pack(edit(GOODBYE, rank=-1)), "value"),
     "negative seq": (pack(edit(GOODBYE._replace(seq=1), seq=-1)), "value"),
     "negative norms seq": (pack(edit(NORMS._replace(seq=1), seq=-1)), "value"),
     "seq over int64": (pack(edit(NORMS._replace(seq=1), seq=MAX_INT64 + 1)), "value"),
-    "negative count (nonfinite)": (pack(edit(NORMS, groups=[group_norm(nonfinite=-1)])),
-                                   "value"),
+    "negative count (nonfinite)": (pack(edit(NORMS, groups=[group_norm(nonfinite=-1)])), "value"),
     "negative count (dropped)": (pack(edit(HEARTBEAT, dropped=-3)), "value"),
     "count over int64": (pack(edit(HEARTBEAT, sent=MAX_INT64 + 1)), "value"),
     "zero world size": (pack(edit(HELLO, world_size=0)), "value"),
@@ -447,12 +534,15 @@ def test_message_size_boundary():
     assert caught.value.reason == "malformed"
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (edit(NORMS, groups=[group_norm(sq=math.nan)]), "value"),
-    (edit(GOODBYE, v=3), "version"),
-    (without(HEARTBEAT, "sent"), "schema"),
-    (7, "malformed"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (edit(NORMS, groups=[group_norm(sq=math.nan)]), "value"),
+        (edit(GOODBYE, v=3), "version"),
+        (without(HEARTBEAT, "sent"), "schema"),
+        (7, "malformed"),
+    ],
+)
 @pytest.mark.parametrize("position", [0, 1, 2])
 def test_batch_with_one_bad_event_is_rejected_whole(bad, reason, position):
     batch = [wire(HELLO), wire(NORMS)]
@@ -465,14 +555,23 @@ def test_batch_with_one_bad_event_is_rejected_whole(bad, reason, position):
     assert_identical(decode(pack(batch)), [HELLO, NORMS])
 
 
-@pytest.mark.parametrize("thing", [
-    object(), 5, None, "goodbye", b"\x80", {"v": 1, "event": "goodbye"},
-    NORMS.groups[0],  # a record, but not an event
-    HELLO.groups[0],
-    [GOODBYE, "not an event"],
-    [GOODBYE, NORMS.groups[0]],
-    (GOODBYE, tuple(GOODBYE)),  # a plain tuple of the right values is not an event
-], ids=lambda t: type(t).__name__)
+@pytest.mark.parametrize(
+    "thing",
+    [
+        object(),
+        5,
+        None,
+        "goodbye",
+        b"\x80",
+        {"v": 1, "event": "goodbye"},
+        NORMS.groups[0],  # a record, but not an event
+        HELLO.groups[0],
+        [GOODBYE, "not an event"],
+        [GOODBYE, NORMS.groups[0]],
+        (GOODBYE, tuple(GOODBYE)),  # a plain tuple of the right values is not an event
+    ],
+    ids=lambda t: type(t).__name__,
+)
 def test_encode_rejects_non_events_with_type_error(thing):
     with pytest.raises(TypeError):
         encode(thing)

@@ -23,9 +23,9 @@ from esper_telemetry import (
     REASONS,
     SCHEMA_VERSION,
     DeviceMismatch,
+    Goodbye,
     GroupDecl,
     GroupNorm,
-    Goodbye,
     Heartbeat,
     Hello,
     IsolationViolation,
@@ -40,27 +40,49 @@ from esper_telemetry.events import KIND_OF, ROLES
 MAX_INT64 = (1 << 63) - 1
 # No example database: the suite must not leave a .hypothesis folder in the checkout.
 # Example counts keep this file within about ten seconds.
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 FUZZ_SMALL = settings(FUZZ, max_examples=100)
 
-HELLO = Hello("run-1", 0, 1700000000.25, 4, "node-a", 4242, "0.1.0", "2.13.0", (
-    GroupDecl("host", "host", 1_000_000, False),
-    GroupDecl("seed0", "seed", 1234, True),
-))
-NORMS = Norms("run-1", 1, 1700000001.5, 7, False, (
-    GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
-    GroupNorm("seed0", "seed", 1234, None, 0, False, True),
-    GroupNorm("seed1", "seed", 1234, 0.0, 2, True, True),
-))
+HELLO = Hello(
+    "run-1",
+    0,
+    1700000000.25,
+    4,
+    "node-a",
+    4242,
+    "0.1.0",
+    "2.13.0",
+    (
+        GroupDecl("host", "host", 1_000_000, False),
+        GroupDecl("seed0", "seed", 1234, True),
+    ),
+)
+NORMS = Norms(
+    "run-1",
+    1,
+    1700000001.5,
+    7,
+    False,
+    (
+        GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
+        GroupNorm("seed0", "seed", 1234, None, 0, False, True),
+        GroupNorm("seed1", "seed", 1234, 0.0, 2, True, True),
+    ),
+)
 BATCH = [
     DeviceMismatch("run-1", 3, 2.0, "split", "host", ("cuda:0", "cpu")),
     IsolationViolation("run-1", 0, 3.0, 9, "seed0", "gradient", "got gradient", 0.75),
     Heartbeat("run-1", 0, 4.0, 100, 0, 17, 1),
     Goodbye("run-1", 0, 5.0, "closed"),
 ]
-MESSAGES = [encode(HELLO), encode(NORMS), encode(BATCH),
-            encode([e._replace(seq=77, rank=0) for e in [NORMS, *BATCH]])]
+MESSAGES = [
+    encode(HELLO),
+    encode(NORMS),
+    encode(BATCH),
+    encode([e._replace(seq=77, rank=0) for e in [NORMS, *BATCH]]),
+]
 
 
 def assert_identical(got, want):
@@ -128,11 +150,11 @@ def test_seeded_random_multi_bit_flips_and_splices():
             chunk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
             how = rng.randrange(3)
             if how == 0:
-                frame[at:at + len(chunk)] = chunk
+                frame[at : at + len(chunk)] = chunk
             elif how == 1:
                 frame[at:at] = chunk
             else:
-                del frame[at:at + len(chunk)]
+                del frame[at : at + len(chunk)]
         seen[check_frame(bytes(frame))] += 1
     assert len(seen) >= 3, seen
 
@@ -152,8 +174,11 @@ def test_seeded_random_byte_frames():
 # --- hypothesis: arbitrary and near-valid MessagePack objects -------------------------
 
 FIELD_NAMES = sorted(
-    {"v", "event"} | {f for record in KIND_OF for f in record._fields}
-    | set(GroupNorm._fields) | set(GroupDecl._fields))
+    {"v", "event"}
+    | {f for record in KIND_OF for f in record._fields}
+    | set(GroupNorm._fields)
+    | set(GroupDecl._fields)
+)
 KEYS = st.sampled_from(FIELD_NAMES) | st.text(max_size=6)
 LEAVES = (
     st.none()
@@ -161,16 +186,18 @@ LEAVES = (
     | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
     | st.sampled_from([0, 1, 2, -1, SCHEMA_VERSION, MAX_INT64, MAX_INT64 + 1])
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.sampled_from(sorted(KIND_OF.values()) + list(ROLES) + ["", "x" * MAX_STRING_CHARS,
-                                                                 "x" * (MAX_STRING_CHARS + 1)])
+    | st.sampled_from(
+        sorted(KIND_OF.values())
+        + list(ROLES)
+        + ["", "x" * MAX_STRING_CHARS, "x" * (MAX_STRING_CHARS + 1)]
+    )
     | st.text(max_size=12)
     | st.binary(max_size=4)
     | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=3))
 )
 OBJECTS = st.recursive(
     LEAVES,
-    lambda children: st.lists(children, max_size=8)
-    | st.dictionaries(KEYS, children, max_size=12),
+    lambda children: st.lists(children, max_size=8) | st.dictionaries(KEYS, children, max_size=12),
     max_leaves=20,
 )
 
@@ -187,26 +214,62 @@ def group_norms(draw):
     gradients."""
     nonfinite = draw(st.integers(0, 3) | COUNTS)
     sq = draw(SQUARES | st.sampled_from([math.inf, math.nan]) if nonfinite else SQUARES)
-    return GroupNorm(draw(NAMES), draw(st.sampled_from(ROLES)), draw(COUNTS), sq, nonfinite,
-                     draw(st.booleans()), draw(st.booleans()))
+    return GroupNorm(
+        draw(NAMES),
+        draw(st.sampled_from(ROLES)),
+        draw(COUNTS),
+        sq,
+        nonfinite,
+        draw(st.booleans()),
+        draw(st.booleans()),
+    )
 
 
 HEAD = dict(run=NAMES, rank=COUNTS, time=TIMES)
 TAIL = dict(seq=st.none() | COUNTS)
 EVENTS = st.one_of(
-    st.builds(Hello, **HEAD, world_size=st.integers(1, MAX_INT64), hostname=STRS, pid=COUNTS,
-              library_version=STRS, torch_version=STRS,
-              groups=st.lists(st.builds(GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS,
-                                        st.booleans()), max_size=4).map(tuple), **TAIL),
-    st.builds(Norms, **HEAD, step=COUNTS, skipped=st.booleans(),
-              groups=st.lists(group_norms(), max_size=4).map(tuple), **TAIL),
-    st.builds(DeviceMismatch, **HEAD, kind=NAMES, group=STRS,
-              devices=st.lists(NAMES, max_size=4).map(tuple), **TAIL),
-    st.builds(IsolationViolation, **HEAD, step=COUNTS, group=NAMES, kind=NAMES,
-              evidence=STRS,
-              value=st.none() | st.floats(allow_nan=False, allow_infinity=False), **TAIL),
-    st.builds(Heartbeat, **HEAD, sent=COUNTS, dropped=COUNTS, queue_depth=COUNTS,
-              errors=COUNTS, **TAIL),
+    st.builds(
+        Hello,
+        **HEAD,
+        world_size=st.integers(1, MAX_INT64),
+        hostname=STRS,
+        pid=COUNTS,
+        library_version=STRS,
+        torch_version=STRS,
+        groups=st.lists(
+            st.builds(GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS, st.booleans()), max_size=4
+        ).map(tuple),
+        **TAIL,
+    ),
+    st.builds(
+        Norms,
+        **HEAD,
+        step=COUNTS,
+        skipped=st.booleans(),
+        groups=st.lists(group_norms(), max_size=4).map(tuple),
+        **TAIL,
+    ),
+    st.builds(
+        DeviceMismatch,
+        **HEAD,
+        kind=NAMES,
+        group=STRS,
+        devices=st.lists(NAMES, max_size=4).map(tuple),
+        **TAIL,
+    ),
+    st.builds(
+        IsolationViolation,
+        **HEAD,
+        step=COUNTS,
+        group=NAMES,
+        kind=NAMES,
+        evidence=STRS,
+        value=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+        **TAIL,
+    ),
+    st.builds(
+        Heartbeat, **HEAD, sent=COUNTS, dropped=COUNTS, queue_depth=COUNTS, errors=COUNTS, **TAIL
+    ),
     st.builds(Goodbye, **HEAD, reason=STRS, **TAIL),
 )
 
@@ -288,8 +351,11 @@ def test_batch_with_a_near_valid_event_is_all_or_nothing(events, pair):
         got = decode(pack(wire))[0]
         if (got.seq is None) != (base.seq is None):
             alone = "version"
-        elif got.seq is not None and (got.run, got.rank, got.seq) != (base.run, base.rank,
-                                                                        base.seq):
+        elif got.seq is not None and (got.run, got.rank, got.seq) != (
+            base.run,
+            base.rank,
+            base.seq,
+        ):
             alone = "schema"
     # The valid events cannot change the outcome otherwise: the batch fails exactly when,
     # and with the reason that, the broken event fails on its own.
@@ -315,8 +381,10 @@ def test_valid_events_round_trip_exactly(events):
 
 
 @FUZZ
-@given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(1 << 63), MAX_INT64),
-       st.integers(-3, 3) | st.sampled_from([MAX_INT64, MAX_INT64 + 1, True, 1.0, None]))
+@given(
+    st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(1 << 63), MAX_INT64),
+    st.integers(-3, 3) | st.sampled_from([MAX_INT64, MAX_INT64 + 1, True, 1.0, None]),
+)
 def test_a_group_sum_of_squares_is_accepted_exactly_when_valid(sq, nonfinite):
     # Finite and non-negative always; +Inf or NaN only beside a positive integer count;
     # -Inf and negatives never. Whatever fails, fails by value or schema, never else.

@@ -16,8 +16,6 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = textwrap.dedent(
@@ -59,7 +57,11 @@ def probe(forbidden, *modules, path=None):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, ",".join(forbidden), *modules],
-        cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=60,
+        cwd=tempfile.gettempdir(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,9 +82,13 @@ def test_wire_contract_imports_no_torch_zmq_or_prometheus():
 
 
 def test_wire_contract_submodules_import_no_torch_zmq_or_prometheus():
-    report = probe(["torch", "zmq", "prometheus_client"],
-                   "esper_telemetry.events", "esper_telemetry.codec",
-                   "esper_telemetry.defaults", "esper_telemetry.version")
+    report = probe(
+        ["torch", "zmq", "prometheus_client"],
+        "esper_telemetry.events",
+        "esper_telemetry.codec",
+        "esper_telemetry.defaults",
+        "esper_telemetry.version",
+    )
     assert len(report["imported"]) == 4, report
     assert report["attempts"] == [] and report["loaded"] == [], report
 
@@ -106,7 +112,8 @@ def test_the_probe_sees_a_guarded_import(tmp_path):
     # The recorder must catch an attempt even when it fails and is swallowed: otherwise
     # the tests above would pass for a package that tries torch on a machine without it.
     (tmp_path / "esper_probe_guarded.py").write_text(
-        "try:\n    import esper_no_such_pkg.sub\nexcept ImportError:\n    pass\n")
+        "try:\n    import esper_no_such_pkg.sub\nexcept ImportError:\n    pass\n"
+    )
     report = probe(["esper_no_such_pkg"], "esper_probe_guarded", path=tmp_path)
     assert [name for name, _ in report["imported"]] == ["esper_probe_guarded"]
     assert report["attempts"] == ["esper_no_such_pkg"], report

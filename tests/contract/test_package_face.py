@@ -26,8 +26,12 @@ CONTRACT = sorted(p for p in (REPO / "esper_telemetry").glob("*.py") if p.name !
 
 def _imports(path: Path):
     """(module, names) of every import statement in ``path``, relative ones made absolute."""
-    package = {"esper_telemetry": "esper_telemetry", "collector": "esper_telemetry.collector",
-               "daemon": "esper_telemetry.daemon", "integrations": "esper_telemetry.integrations"}[path.parent.name]
+    package = {
+        "esper_telemetry": "esper_telemetry",
+        "collector": "esper_telemetry.collector",
+        "daemon": "esper_telemetry.daemon",
+        "integrations": "esper_telemetry.integrations",
+    }[path.parent.name]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -42,19 +46,33 @@ def _imports(path: Path):
 
 def test_contract_modules_import_only_the_standard_library_and_msgpack():
     allowed = set(sys.stdlib_module_names) | {"msgpack", "esper_telemetry"}
-    assert {p.name for p in CONTRACT} >= {"events.py", "codec.py", "defaults.py", "version.py", "ratio.py"}
+    assert {p.name for p in CONTRACT} >= {
+        "events.py",
+        "codec.py",
+        "defaults.py",
+        "version.py",
+        "ratio.py",
+    }
     for path in CONTRACT:
         for module, _ in _imports(path):
             top = module.split(".")[0]
             assert top in allowed, f"{path.name} imports {module}"
-            assert not module.startswith(("esper_telemetry.collector", "esper_telemetry.daemon",
-                                          "esper_telemetry.integrations")), f"{path.name} imports {module}"
+            assert not module.startswith(
+                (
+                    "esper_telemetry.collector",
+                    "esper_telemetry.daemon",
+                    "esper_telemetry.integrations",
+                )
+            ), f"{path.name} imports {module}"
 
 
 # What each folder must never import: the daemon and the collector never each other, and the
 # trainer integrations (which may use the collector) are imported by neither.
-_FORBIDDEN = {"collector": ("daemon", "integrations"), "daemon": ("collector", "integrations"),
-              "integrations": ("daemon",)}
+_FORBIDDEN = {
+    "collector": ("daemon", "integrations"),
+    "daemon": ("collector", "integrations"),
+    "integrations": ("daemon",),
+}
 
 
 @pytest.mark.parametrize("folder", sorted(_FORBIDDEN))
@@ -66,7 +84,11 @@ def test_collector_daemon_and_integrations_import_contract_modules_not_the_face(
     for path in paths:
         for module, names in _imports(path):
             if module == "esper_telemetry":
-                offenders += [f"{path.name}: from esper_telemetry import {n}" for n in names if n not in submodules]
+                offenders += [
+                    f"{path.name}: from esper_telemetry import {n}"
+                    for n in names
+                    if n not in submodules
+                ]
             for other in _FORBIDDEN[folder]:
                 if module.startswith(f"esper_telemetry.{other}"):
                     offenders.append(f"{path.name}: imports {module}")
@@ -90,13 +112,20 @@ def test_attach_is_the_collectors_own_function():
 
 
 def test_importing_the_package_loads_neither_collector_nor_torch():
-    code = ("import sys, esper_telemetry as et\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('esper_telemetry.collector', "
-            "'esper_telemetry.daemon', 'torch', 'zmq'))))\n"
-            "et.attach\n"
-            "print('esper_telemetry.collector.api' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tempfile.gettempdir(), capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        "import sys, esper_telemetry as et\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('esper_telemetry.collector', "
+        "'esper_telemetry.daemon', 'torch', 'zmq'))))\n"
+        "et.attach\n"
+        "print('esper_telemetry.collector.api' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     before, after = proc.stdout.splitlines()
     assert before == "[]" and after == "True"

@@ -11,22 +11,25 @@ from esper_telemetry.ratio import seed_ratio
 INF, NAN = math.inf, math.nan
 
 
-@pytest.mark.parametrize("seed_sq, host_sq, want", [
-    (9.0, 16.0, 1.5),          # (3 / 4) * sqrt(400 / 100)
-    (None, 16.0, 0.0),         # a seed without gradient has norm 0
-    (9.0, None, 0.0),          # undefined: the host has no gradient
-    (9.0, 0.0, 0.0),           # ... or a zero norm
-    (INF, 16.0, INF),          # an exploding seed is never starved
-    (INF, None, INF),
-    (INF, 0.0, INF),
-    (NAN, 16.0, NAN),
-    (NAN, None, NAN),
-    (9.0, NAN, NAN),           # a NaN host: no number
-    (None, NAN, NAN),
-    (INF, NAN, NAN),
-    (INF, INF, NAN),           # Inf over Inf is undefined
-    (9.0, INF, 0.0),           # a finite seed over an exploding host, as computed
-])
+@pytest.mark.parametrize(
+    "seed_sq, host_sq, want",
+    [
+        (9.0, 16.0, 1.5),  # (3 / 4) * sqrt(400 / 100)
+        (None, 16.0, 0.0),  # a seed without gradient has norm 0
+        (9.0, None, 0.0),  # undefined: the host has no gradient
+        (9.0, 0.0, 0.0),  # ... or a zero norm
+        (INF, 16.0, INF),  # an exploding seed is never starved
+        (INF, None, INF),
+        (INF, 0.0, INF),
+        (NAN, 16.0, NAN),
+        (NAN, None, NAN),
+        (9.0, NAN, NAN),  # a NaN host: no number
+        (None, NAN, NAN),
+        (INF, NAN, NAN),
+        (INF, INF, NAN),  # Inf over Inf is undefined
+        (9.0, INF, 0.0),  # a finite seed over an exploding host, as computed
+    ],
+)
 def test_seed_ratio(seed_sq, host_sq, want):
     got = seed_ratio(seed_sq, 100, host_sq, 400)
     if want != want:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable, Iterator, List, Tuple
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import zmq
+from daemon_support import FakeClock, http_get, make_config, make_limits, parse
 
 from esper_telemetry.daemon.aggregator import Aggregator
 from esper_telemetry.daemon.app import Daemon
 from esper_telemetry.daemon.stats import DaemonStats
-from daemon_support import FakeClock, http_get, make_config, make_limits, parse
 
 
 @pytest.fixture
@@ -22,13 +23,15 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_agg() -> Callable[..., Tuple[Aggregator, DaemonStats]]:
+def make_agg() -> Callable[..., tuple[Aggregator, DaemonStats]]:
     """An aggregator on the default limits but ``overrides``, and its stats. Time is
     whatever each test passes as ``now`` (usually the ``clock`` fixture's)."""
-    def make(**overrides: Any) -> Tuple[Aggregator, DaemonStats]:
+
+    def make(**overrides: Any) -> tuple[Aggregator, DaemonStats]:
         stats = DaemonStats()
         agg = Aggregator(make_limits(**overrides), stats, logging.getLogger("test.aggregator"))
         return agg, stats
+
     return make
 
 
@@ -41,21 +44,26 @@ class Running:
         self.base = f"http://{daemon.web_address}"
 
     async def scrape(self) -> dict:
-        status, body, _ = await asyncio.to_thread(http_get, self.base + self.daemon.config.telemetry_path)
+        status, body, _ = await asyncio.to_thread(
+            http_get, self.base + self.daemon.config.telemetry_path
+        )
         assert status == 200
         return parse(body)
 
-    async def get(self, path: str) -> Tuple[int, str, dict]:
+    async def get(self, path: str) -> tuple[int, str, dict]:
         return await asyncio.to_thread(http_get, self.base + path)
 
 
 @pytest.fixture
 async def start_daemon() -> AsyncIterator[Callable[..., Any]]:
-    started: List[Daemon] = []
+    started: list[Daemon] = []
 
     async def start(process_metrics: bool = True, **overrides: Any) -> Running:
-        d = Daemon(make_config(**overrides), logger=logging.getLogger("test.daemon"),
-                   process_metrics=process_metrics)
+        d = Daemon(
+            make_config(**overrides),
+            logger=logging.getLogger("test.daemon"),
+            process_metrics=process_metrics,
+        )
         await d.start()
         started.append(d)
         return Running(d)
@@ -74,7 +82,7 @@ def zctx() -> Iterator[zmq.Context]:
 
 @pytest.fixture
 def push(zctx: zmq.Context) -> Callable[[str], zmq.Socket]:
-    keep: List[zmq.Socket] = []  # a collected socket closes with linger 0, losing messages
+    keep: list[zmq.Socket] = []  # a collected socket closes with linger 0, losing messages
 
     def make(endpoint: str) -> zmq.Socket:
         sock = zctx.socket(zmq.PUSH)
@@ -83,4 +91,5 @@ def push(zctx: zmq.Context) -> Callable[[str], zmq.Socket]:
         sock.setsockopt(zmq.SNDTIMEO, 5000)  # a send never blocks a test for long
         sock.connect(endpoint)
         return sock
+
     return make

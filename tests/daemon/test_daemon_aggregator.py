@@ -7,12 +7,12 @@ import dataclasses
 import tracemalloc
 
 import pytest
+from daemon_support import gn, goodbye, heartbeat, hello, host_seed, make_limits, norms
 
+from esper_telemetry import DeviceMismatch, IsolationViolation
 from esper_telemetry.daemon.aggregator import MAX_KINDS, Aggregator, Limits
 from esper_telemetry.daemon.shards import MAX_PENDING_STEPS
 from esper_telemetry.daemon.stats import DaemonStats
-from esper_telemetry import DeviceMismatch, IsolationViolation
-from daemon_support import gn, goodbye, heartbeat, hello, host_seed, make_limits, norms
 
 
 def run_of(agg, name="r"):
@@ -29,7 +29,13 @@ def test_replicated_group_takes_the_latest_capture_from_any_rank(make_agg, clock
     agg.apply_batch([host_seed(rank=0, step=1, host_sq=16.0)], clock())
     agg.apply_batch([host_seed(rank=1, step=2, host_sq=9.0, time_=1_700_000_005.0)], clock())
     host = group_of(agg, "host")
-    assert (host.sq, host.step, host.captured, host.params, host.role) == (9.0, 2, True, 400, "host")
+    assert (host.sq, host.step, host.captured, host.params, host.role) == (
+        9.0,
+        2,
+        True,
+        400,
+        "host",
+    )
     run = run_of(agg)
     assert (run.captures, run.last_step, run.last_capture_time) == (2, 2, 1_700_000_005.0)
     assert stats.events == 2
@@ -38,10 +44,14 @@ def test_replicated_group_takes_the_latest_capture_from_any_rank(make_agg, clock
 def test_an_older_step_from_another_rank_does_not_move_the_norm_back(make_agg, clock):
     agg, _ = make_agg()
     agg.apply_batch([host_seed(rank=0, step=100, host_sq=16.0)], clock())
-    agg.apply_batch([host_seed(rank=1, step=64, host_sq=9.0)], clock())       # rank 1's batch landed late
+    agg.apply_batch(
+        [host_seed(rank=1, step=64, host_sq=9.0)], clock()
+    )  # rank 1's batch landed late
     assert (group_of(agg, "host").sq, group_of(agg, "host").step) == (16.0, 100)
     assert run_of(agg).last_step == 100
-    agg.apply_batch([host_seed(rank=0, step=3, host_sq=4.0)], clock())        # rank 0 restarted from a checkpoint
+    agg.apply_batch(
+        [host_seed(rank=0, step=3, host_sq=4.0)], clock()
+    )  # rank 0 restarted from a checkpoint
     assert (group_of(agg, "host").sq, group_of(agg, "host").step) == (4.0, 3)
     assert run_of(agg).last_step == 3
 
@@ -72,14 +82,18 @@ def test_sharded_group_with_no_gradient_on_any_rank_has_none(make_agg, clock):
     agg, _ = make_agg()
     agg.apply_batch([hello(rank=0, world_size=2)], clock())
     for rank in (0, 1):
-        agg.apply_batch([host_seed(rank=rank, step=1, host_sq=1.0, seed_sq=None, sharded=True)], clock())
+        agg.apply_batch(
+            [host_seed(rank=rank, step=1, host_sq=1.0, seed_sq=None, sharded=True)], clock()
+        )
     seed = group_of(agg, "seed")
     assert seed.captured and seed.sq is None
 
 
 def test_sharded_world_size_without_hello_is_highest_rank_heard_plus_one(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply_batch([heartbeat(rank=0), heartbeat(rank=2)], clock())  # ranks 0 and 2 heard: expect 3
+    agg.apply_batch(
+        [heartbeat(rank=0), heartbeat(rank=2)], clock()
+    )  # ranks 0 and 2 heard: expect 3
     agg.apply_batch([host_seed(rank=0, step=1, host_sq=1.0, sharded=True)], clock())
     agg.apply_batch([host_seed(rank=2, step=1, host_sq=1.0, sharded=True)], clock())
     assert group_of(agg, "host").captured is False
@@ -199,7 +213,9 @@ def test_goodbye_ends_the_run_when_its_last_rank_says_goodbye(make_agg, clock):
     assert len(agg) == 0 and stats.ended_runs == 1
 
 
-def test_dropped_events_sum_latest_counts_over_ranks_and_survive_a_collector_restart(make_agg, clock):
+def test_dropped_events_sum_latest_counts_over_ranks_and_survive_a_collector_restart(
+    make_agg, clock
+):
     agg, _ = make_agg()
     agg.apply_batch([heartbeat(rank=0, dropped=5), heartbeat(rank=1, dropped=3)], clock())
     agg.apply_batch([heartbeat(rank=0, dropped=7)], clock())
@@ -208,12 +224,16 @@ def test_dropped_events_sum_latest_counts_over_ranks_and_survive_a_collector_res
     assert run_of(agg).dropped == 12
 
 
-def test_dropped_counts_of_a_new_rank_are_not_added_twice_when_departed_ranks_fill_the_cap(make_agg, clock):
+def test_dropped_counts_of_a_new_rank_are_not_added_twice_when_departed_ranks_fill_the_cap(
+    make_agg, clock
+):
     agg, _ = make_agg(max_ranks_per_run=2)
     agg.apply_batch([heartbeat(rank=0, dropped=5), heartbeat(rank=1, dropped=3)], clock())
-    agg.apply_batch([goodbye(rank=0)], clock())                # rank 0 leaves; rank 1 keeps the run alive
+    agg.apply_batch([goodbye(rank=0)], clock())  # rank 0 leaves; rank 1 keeps the run alive
     agg.apply_batch([heartbeat(rank=2, dropped=4)], clock())
-    agg.apply_batch([heartbeat(rank=2, dropped=4)], clock())   # the same running total again: nothing new
+    agg.apply_batch(
+        [heartbeat(rank=2, dropped=4)], clock()
+    )  # the same running total again: nothing new
     assert run_of(agg).dropped == 12
 
 
@@ -298,7 +318,9 @@ def test_limits_have_no_defaults_of_their_own():
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(Limits))
 
 
-def test_a_violation_still_counts_for_isolation_when_its_kind_is_refused_by_the_cap(make_agg, clock):
+def test_a_violation_still_counts_for_isolation_when_its_kind_is_refused_by_the_cap(
+    make_agg, clock
+):
     # A full set of (junk) kinds bounds the label values, not the evidence: a violation of
     # a refused kind must still mark its step, or esper_isolation_ok hides a real leak.
     agg, stats = make_agg()

@@ -17,14 +17,14 @@ import pytest
 import zmq
 
 torch = pytest.importorskip("torch")
+from daemon_support import get, http_get  # noqa: E402
+from live_daemon import LiveDaemon  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
 from esper_telemetry import GroupNorm, Hello, Norms, encode  # noqa: E402
 from esper_telemetry.daemon.logs import TOTAL  # noqa: E402
 from esper_telemetry.defaults import DEFAULT_ZMQ_MAX_MESSAGE_BYTES  # noqa: E402
-from daemon_support import get, http_get  # noqa: E402
-from live_daemon import LiveDaemon  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +69,14 @@ def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512
                 per_message = 64
                 assert len(encode(batch[:per_message])) < DEFAULT_ZMQ_MAX_MESSAGE_BYTES
                 for i in range(0, len(batch), per_message):
-                    sock.send(encode(batch[i:i + per_message]))
-                    sent += len(batch[i:i + per_message])
+                    sock.send(encode(batch[i : i + per_message]))
+                    sent += len(batch[i : i + per_message])
         sock.close()
-        s = d.scrape_until(lambda s: get(s, "esper_daemon_events_total") == sent,
-                           f"all {sent} events applied", timeout_s=120.0)
+        s = d.scrape_until(
+            lambda s: get(s, "esper_daemon_events_total") == sent,
+            f"all {sent} events applied",
+            timeout_s=120.0,
+        )
     finally:
         stop.set()
         sampler.join(5)
@@ -81,12 +84,15 @@ def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512
         ctx.term()
     assert code == 0, d.log()
     assert get(s, "esper_daemon_runs") == runs
-    assert all(get(s, "esper_captures_total", run=f"huge-{r}") == steps * (ranks - 1)
-               for r in range(runs))
+    assert all(
+        get(s, "esper_captures_total", run=f"huge-{r}") == steps * (ranks - 1) for r in range(runs)
+    )
     # Nothing completed (rank 0 never reported): no norm, and no step given up yet.
     assert get(s, "esper_grad_norm", run="huge-0", group="g000") is None
-    print(f"peak RSS {peak[0] / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB) for "
-          f"{runs * steps * (ranks - 1)} pending reports")
+    print(
+        f"peak RSS {peak[0] / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB) for "
+        f"{runs * steps * (ranks - 1)} pending reports"
+    )
     assert peak[0] < RSS_LIMIT, f"peak RSS {peak[0] / 2**20:.0f} MiB"
     assert peak[0] - base < 128 << 20, f"grew {(peak[0] - base) / 2**20:.0f} MiB"
 
@@ -94,6 +100,7 @@ def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512
 def _limit_fds(n: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
     return apply
 
 
@@ -153,18 +160,23 @@ def test_out_of_file_descriptors_the_daemon_stays_up_bounded_and_quiet_then_serv
         # A real collector gets through again.
         torch.manual_seed(0)
         net = nn.ModuleDict({"host": nn.Linear(8, 8), "seed": nn.Linear(8, 2)})
-        tel = et.attach(model=net, host="host", seeds={"seed": "seed"}, run="after",
-                        endpoint=d.endpoint)
+        tel = et.attach(
+            model=net, host="host", seeds={"seed": "seed"}, run="after", endpoint=d.endpoint
+        )
         try:
             for step in range(3):
                 x = torch.randn(4, 8)
                 net.zero_grad(set_to_none=True)
                 (net["host"](x).pow(2).mean() + net["seed"](x).sum()).backward()
-                want = math.sqrt(sum(float(p.grad.double().pow(2).sum())
-                                     for p in net["host"].parameters()))
+                want = math.sqrt(
+                    sum(float(p.grad.double().pow(2).sum()) for p in net["host"].parameters())
+                )
                 tel.capture(step)
-            s = d.scrape_until(lambda s: get(s, "esper_captures_total", run="after") == 3,
-                               "the collector's 3 captures after the flood", timeout_s=20.0)
+            s = d.scrape_until(
+                lambda s: get(s, "esper_captures_total", run="after") == 3,
+                "the collector's 3 captures after the flood",
+                timeout_s=20.0,
+            )
         finally:
             tel.close()
         assert get(s, "esper_grad_norm", run="after", group="host") == pytest.approx(want, rel=1e-5)
@@ -175,8 +187,10 @@ def test_out_of_file_descriptors_the_daemon_stays_up_bounded_and_quiet_then_serv
             s.close()
         code = d.stop()
     assert code == 0, d.log()
-    print(f"RSS {base_rss / 2**20:.0f} -> peak {peak / 2**20:.0f} MiB; fds {base_fds} -> 128 -> "
-          f"{fds_after}; {log_lines} log lines in 4 s at the limit")
+    print(
+        f"RSS {base_rss / 2**20:.0f} -> peak {peak / 2**20:.0f} MiB; fds {base_fds} -> 128 -> "
+        f"{fds_after}; {log_lines} log lines in 4 s at the limit"
+    )
     assert peak < RSS_LIMIT and peak - base_rss < 64 << 20
     # The log budget: at most TOTAL records a window, plus its summary lines.
     assert log_lines <= TOTAL + 10, d.log()

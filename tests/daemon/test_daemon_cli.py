@@ -11,12 +11,13 @@ import time
 
 import pytest
 import zmq
+from daemon_process import ROOT, scrape_until, spawn, started
+from daemon_support import get, heartbeat, hello, host_seed, http_get
 
 from esper_telemetry import encode
-from daemon_process import ROOT, scrape_until, spawn, started
-from daemon_support import get, hello, heartbeat, host_seed, http_get
 
 pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_console_script_events_in_scrape_signal_exit_zero(sig):
@@ -28,13 +29,18 @@ def test_console_script_events_in_scrape_signal_exit_zero(sig):
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(endpoint)
         sock.send(encode(hello(run="e2e", world_size=1)))
-        sock.send(encode([host_seed(run="e2e", step=s, host_sq=9.0, seed_sq=1.0)
-                          for s in range(1, 11)]))
+        sock.send(
+            encode([host_seed(run="e2e", step=s, host_sq=9.0, seed_sq=1.0) for s in range(1, 11)])
+        )
         sock.send(encode(heartbeat(run="e2e", dropped=3)))
         sock.send(b"not msgpack \xc1")
-        s = scrape_until(f"http://{web}/metrics",
-                         lambda s: get(s, "esper_daemon_events_total") == 12
-                         and get(s, "esper_daemon_rejected_total", reason="malformed") == 1)
+        s = scrape_until(
+            f"http://{web}/metrics",
+            lambda s: (
+                get(s, "esper_daemon_events_total") == 12
+                and get(s, "esper_daemon_rejected_total", reason="malformed") == 1
+            ),
+        )
         sock.close()
         ctx.term()
         assert get(s, "esper_daemon_events_total") == 12
@@ -57,8 +63,13 @@ def test_console_script_events_in_scrape_signal_exit_zero(sig):
 
 
 def test_python_dash_m_daemon_runs_the_same_cli():
-    proc = subprocess.run([sys.executable, "-m", "esper_telemetry.daemon", "--version"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "esper_telemetry.daemon", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("esper-telemetryd ")
 
 
@@ -68,8 +79,9 @@ def test_port_in_use_exits_non_zero_with_one_clear_line():
     busy.listen()
     port = busy.getsockname()[1]
     try:
-        proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*",
-                     f"--web.listen-address=127.0.0.1:{port}")
+        proc = spawn(
+            "--zmq.listen-address=tcp://127.0.0.1:*", f"--web.listen-address=127.0.0.1:{port}"
+        )
         _, err = proc.communicate(timeout=30)
     finally:
         busy.close()
@@ -98,8 +110,11 @@ def test_invalid_flag_exits_two_and_check_config_exits_zero():
 
 def test_a_second_signal_exits_at_once():
     # A long linger keeps the first SIGTERM's shutdown waiting for a last scrape.
-    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
-                 "--shutdown.linger-seconds=60")
+    proc = spawn(
+        "--zmq.listen-address=tcp://127.0.0.1:*",
+        "--web.listen-address=127.0.0.1:0",
+        "--shutdown.linger-seconds=60",
+    )
     try:
         _, web = started(proc)
         proc.send_signal(signal.SIGTERM)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from esper_telemetry import defaults as d
 from esper_telemetry.daemon.cli import main
 from esper_telemetry.daemon.config import ConfigError, parse_args
-from esper_telemetry import defaults as d
 
 
 def test_defaults_come_from_the_contract_module():
@@ -15,8 +15,11 @@ def test_defaults_come_from_the_contract_module():
     assert c.web_listen_address == ("127.0.0.1", d.DEFAULT_WEB_PORT)
     assert c.telemetry_path == d.DEFAULT_WEB_TELEMETRY_PATH
     assert (c.run_ttl_s, c.max_runs, c.max_groups_per_run, c.queue_size) == (
-        d.DEFAULT_RUN_TTL_SECONDS, d.DEFAULT_MAX_RUNS, d.DEFAULT_MAX_GROUPS_PER_RUN,
-        d.DEFAULT_QUEUE_SIZE)
+        d.DEFAULT_RUN_TTL_SECONDS,
+        d.DEFAULT_MAX_RUNS,
+        d.DEFAULT_MAX_GROUPS_PER_RUN,
+        d.DEFAULT_QUEUE_SIZE,
+    )
     assert c.log_level == "info" and c.check_config is False
 
 
@@ -40,32 +43,47 @@ def test_environment_is_used_when_no_flag_and_flags_win():
     assert (*c.web_listen_address, c.telemetry_path) == ("", 9999, "/m")
     assert (c.run_ttl_s, c.max_runs, c.max_groups_per_run, c.max_ranks_per_run) == (12.5, 7, 8, 9)
     assert (c.queue_size, c.shard_window_s, c.shutdown_timeout_s, c.shutdown_linger_s) == (
-        10, 3.0, 4.0, 5.0)
+        10,
+        3.0,
+        4.0,
+        5.0,
+    )
     assert c.log_level == "debug"
-    c = parse_args(["--zmq.listen-address=tcp://127.0.0.1:1", "--zmq.listen-address",
-                    "tcp://[::1]:2", "--queue.size=99", "--web.listen-address=[::1]:80",
-                    "--log.level=warn"], environ=env)
+    c = parse_args(
+        [
+            "--zmq.listen-address=tcp://127.0.0.1:1",
+            "--zmq.listen-address",
+            "tcp://[::1]:2",
+            "--queue.size=99",
+            "--web.listen-address=[::1]:80",
+            "--log.level=warn",
+        ],
+        environ=env,
+    )
     assert c.zmq_listen_addresses == ("tcp://127.0.0.1:1", "tcp://[::1]:2")
     assert (c.queue_size, *c.web_listen_address, c.log_level) == (99, "::1", 80, "warn")
     assert c.max_runs == 7  # not given as a flag: still the environment's
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--zmq.listen-address=udp://1.2.3.4:5"], "--zmq.listen-address"),
-    (["--zmq.listen-address=tcp://host"], "--zmq.listen-address"),
-    (["--zmq.listen-address=tcp://h:70000"], "port out of range"),
-    (["--zmq.listen-address=tcp://h:1", "--zmq.listen-address=tcp://h:1"], "twice"),
-    (["--web.listen-address=localhost"], "--web.listen-address"),
-    (["--web.listen-address=::1:80"], "[ADDR]:PORT"),
-    (["--web.telemetry-path=metrics"], "--web.telemetry-path"),
-    (["--web.telemetry-path=/-/ready"], "--web.telemetry-path"),
-    (["--run.ttl-seconds=0"], "--run.ttl-seconds"),
-    (["--run.ttl-seconds=nan"], "--run.ttl-seconds"),
-    (["--limits.max-runs=0"], "--limits.max-runs"),
-    (["--queue.size=lots"], "--queue.size"),
-    (["--log.level=loud"], "--log.level"),
-    (["--no-such-flag"], "unrecognized"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--zmq.listen-address=udp://1.2.3.4:5"], "--zmq.listen-address"),
+        (["--zmq.listen-address=tcp://host"], "--zmq.listen-address"),
+        (["--zmq.listen-address=tcp://h:70000"], "port out of range"),
+        (["--zmq.listen-address=tcp://h:1", "--zmq.listen-address=tcp://h:1"], "twice"),
+        (["--web.listen-address=localhost"], "--web.listen-address"),
+        (["--web.listen-address=::1:80"], "[ADDR]:PORT"),
+        (["--web.telemetry-path=metrics"], "--web.telemetry-path"),
+        (["--web.telemetry-path=/-/ready"], "--web.telemetry-path"),
+        (["--run.ttl-seconds=0"], "--run.ttl-seconds"),
+        (["--run.ttl-seconds=nan"], "--run.ttl-seconds"),
+        (["--limits.max-runs=0"], "--limits.max-runs"),
+        (["--queue.size=lots"], "--queue.size"),
+        (["--log.level=loud"], "--log.level"),
+        (["--no-such-flag"], "unrecognized"),
+    ],
+)
 def test_invalid_configuration_is_one_clear_line(argv, needle, capsys):
     with pytest.raises(ConfigError) as exc:
         parse_args(argv, environ={})

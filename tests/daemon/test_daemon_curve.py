@@ -10,7 +10,6 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
-from typing import List, Optional
 
 import pytest
 import zmq
@@ -19,6 +18,7 @@ import zmq.auth
 
 from esper_telemetry.collector.curve import keygen
 from esper_telemetry.daemon.curve import CurveGate, read_authorized_keys, read_server_keys
+
 
 @pytest.fixture
 def keys(tmp_path) -> Path:
@@ -31,8 +31,9 @@ def keys(tmp_path) -> Path:
     return tmp_path
 
 
-def client(ctx: zmq.Context, endpoint: str, keys: Path, name: Optional[str],
-           server: str = "daemon") -> zmq.Socket:
+def client(
+    ctx: zmq.Context, endpoint: str, keys: Path, name: str | None, server: str = "daemon"
+) -> zmq.Socket:
     sock = ctx.socket(zmq.PUSH)
     sock.linger = 0
     if name is not None:
@@ -44,11 +45,15 @@ def client(ctx: zmq.Context, endpoint: str, keys: Path, name: Optional[str],
 
 
 class Server:
-    def __init__(self, keys: Path, authorized: Optional[Path], poll_s: float = 0.1) -> None:
+    def __init__(self, keys: Path, authorized: Path | None, poll_s: float = 0.1) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.gate = CurveGate(self.ctx, read_server_keys(str(keys / "keys" / "daemon.key_secret")),
-                              None if authorized is None else str(authorized),
-                              logging.getLogger("test.curve"), poll_interval_s=poll_s)
+        self.gate = CurveGate(
+            self.ctx,
+            read_server_keys(str(keys / "keys" / "daemon.key_secret")),
+            None if authorized is None else str(authorized),
+            logging.getLogger("test.curve"),
+            poll_interval_s=poll_s,
+        )
         self.gate.start()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.linger = 0
@@ -56,7 +61,7 @@ class Server:
         self.sock.bind("tcp://127.0.0.1:*")
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    async def received(self, wait_s: float) -> List[bytes]:
+    async def received(self, wait_s: float) -> list[bytes]:
         got = []
         deadline = asyncio.get_running_loop().time() + wait_s
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
@@ -83,16 +88,20 @@ async def test_only_authorized_keys_get_in_and_every_refusal_is_counted(keys) ->
     server = Server(keys, keys / "authorized")
     ctx = zmq.Context()
     try:
-        senders = {name: client(ctx, server.endpoint, keys, name)
-                   for name in (None, "stranger", "good")}
+        senders = {
+            name: client(ctx, server.endpoint, keys, name) for name in (None, "stranger", "good")
+        }
         senders["wrong daemon key"] = client(ctx, server.endpoint, keys, "good", server="stranger")
         for name, sock in senders.items():
-            sock.send(f"from {name}".encode())   # queued until (if ever) the handshake succeeds
+            sock.send(f"from {name}".encode())  # queued until (if ever) the handshake succeeds
         denied = server.gate.denied
         # The plain peer is counted as no_curve when libzmq reports the mechanism mismatch,
         # as handshake when the connection drops first; the wrong daemon key as handshake.
-        await until(lambda: denied["unknown_key"] > 0 and denied["handshake"] > 0
-                    and sum(denied.values()) >= 3)
+        await until(
+            lambda: (
+                denied["unknown_key"] > 0 and denied["handshake"] > 0 and sum(denied.values()) >= 3
+            )
+        )
         assert await server.received(1.0) == [b"from good"]
         assert server.gate.authorized == 1
     finally:

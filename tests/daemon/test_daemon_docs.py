@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from daemon_support import heartbeat, hello, host_seed, parse, registry_for
 from prometheus_client import generate_latest
 
-from esper_telemetry.daemon.config import build_parser
 from esper_telemetry import IsolationViolation
-from daemon_support import registry_for, heartbeat, hello, host_seed, parse
+from esper_telemetry.daemon.config import build_parser
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -23,21 +23,35 @@ def section(title: str) -> str:
 
 def test_every_daemon_flag_is_in_the_readme_table_and_nothing_else():
     documented = set(re.findall(r"^\| `(--[a-z.-]+)`", section("Daemon flags"), re.M))
-    parser_flags = {opt for action in build_parser()._actions for opt in action.option_strings
-                    if opt.startswith("--") and opt != "--help"}
+    parser_flags = {
+        opt
+        for action in build_parser()._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
     assert documented == parser_flags
 
 
 def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply_batch([hello(), host_seed(), heartbeat(dropped=1),
-               IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1)], clock())
+    agg.apply_batch(
+        [
+            hello(),
+            host_seed(),
+            heartbeat(dropped=1),
+            IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1),
+        ],
+        clock(),
+    )
     agg.apply_batch([heartbeat()._replace(seq=0)], clock())  # a numbered message: losses
     exposition = generate_latest(registry_for(agg, False)).decode()
     # Families by their exposed sample names, less the suffixes the catalog may or may not
     # write (counters are documented with _total).
-    families = {re.sub(r"_(total|info|created)$", "", name) for name, _ in parse(exposition)
-                if name.startswith("esper_")}
+    families = {
+        re.sub(r"_(total|info|created)$", "", name)
+        for name, _ in parse(exposition)
+        if name.startswith("esper_")
+    }
     catalog = set(re.findall(r"^\| `(esper_[a-z_]+)`", section("Metric catalog"), re.M))
     documented = {re.sub(r"_(total|info)$", "", name) for name in catalog}
     assert documented == families

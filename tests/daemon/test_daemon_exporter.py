@@ -7,14 +7,25 @@ import shutil
 import subprocess
 
 import pytest
+from daemon_support import (
+    get,
+    gn,
+    goodbye,
+    heartbeat,
+    hello,
+    host_seed,
+    names,
+    norms,
+    parse,
+    registry_for,
+)
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
+from esper_telemetry import REASONS, DeviceMismatch, IsolationViolation
 from esper_telemetry.daemon.stats import OVERFLOW_KINDS, REJECT_REASONS
 from esper_telemetry.daemon.textformat import render_text
-from esper_telemetry import REASONS, DeviceMismatch, IsolationViolation
-from daemon_support import registry_for, get, gn, goodbye, heartbeat, hello, host_seed, names, norms, parse
 
 
 def expose(agg, process_metrics=False):
@@ -23,8 +34,13 @@ def expose(agg, process_metrics=False):
 
 def test_norm_ratio_parameters_and_gradient_flags(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply_batch([hello(decls=(("host", "host", 400, False), ("seed", "seed", 25, True)))], clock())
-    agg.apply_batch([norms(groups=[gn("host", 16.0, "host", 400), gn("seed", 9.0, "seed", 25, isolated=True)])], clock())
+    agg.apply_batch(
+        [hello(decls=(("host", "host", 400, False), ("seed", "seed", 25, True)))], clock()
+    )
+    agg.apply_batch(
+        [norms(groups=[gn("host", 16.0, "host", 400), gn("seed", 9.0, "seed", 25, isolated=True)])],
+        clock(),
+    )
     s = expose(agg)
     assert get(s, "esper_grad_norm", run="r", group="host") == 4.0
     assert get(s, "esper_grad_norm", run="r", group="seed") == 3.0
@@ -66,7 +82,9 @@ def test_isolation_ok_follows_violations_of_the_latest_captured_step(make_agg, c
     assert get(expose(agg), "esper_isolation_ok", run="r", group="seed") == 0
     agg.apply_batch([host_seed(step=6)], clock())
     assert get(expose(agg), "esper_isolation_ok", run="r", group="seed") == 1
-    agg.apply_batch([viol(7), host_seed(step=7)], clock())  # violation first, then the capture of its step
+    agg.apply_batch(
+        [viol(7), host_seed(step=7)], clock()
+    )  # violation first, then the capture of its step
     s = expose(agg)
     assert get(s, "esper_isolation_ok", run="r", group="seed") == 0
     assert get(s, "esper_isolation_violations_total", run="r", group="seed", kind="gradient") == 2
@@ -138,16 +156,32 @@ def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp
         pytest.skip("promtool not installed (Debian package 'prometheus')")
     agg, stats = make_agg(shard_window_s=1.0)
     agg.apply_batch([hello(world_size=2)], clock())
-    agg.apply_batch([host_seed(rank=0, step=1), heartbeat(rank=0, dropped=1),
-               DeviceMismatch("r", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
-               IsolationViolation("r", 0, 1.0, 1, "seed", "structural", "path", None),
-               norms(step=2, groups=[gn("shard", 1.0, sharded=True, nonfinite=1)])], clock())
+    agg.apply_batch(
+        [
+            host_seed(rank=0, step=1),
+            heartbeat(rank=0, dropped=1),
+            DeviceMismatch("r", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
+            IsolationViolation("r", 0, 1.0, 1, "seed", "structural", "path", None),
+            norms(step=2, groups=[gn("shard", 1.0, sharded=True, nonfinite=1)]),
+        ],
+        clock(),
+    )
     agg.apply_batch([host_seed(run="other", host_sq=None)], clock())
     # Non-finite values (+Inf norm and ratio, NaN norm) and a stale group are in it too.
-    agg.apply_batch([norms(run="boom", groups=[gn("host", 4.0, "host", 400),
-                                               gn("seed", math.inf, "seed", 100, nonfinite=1),
-                                               gn("nan", math.nan, nonfinite=1)]),
-                     DeviceMismatch("boom", 0, 1.0, "stale", "gone", ())], clock())
+    agg.apply_batch(
+        [
+            norms(
+                run="boom",
+                groups=[
+                    gn("host", 4.0, "host", 400),
+                    gn("seed", math.inf, "seed", 100, nonfinite=1),
+                    gn("nan", math.nan, nonfinite=1),
+                ],
+            ),
+            DeviceMismatch("boom", 0, 1.0, "stale", "gone", ()),
+        ],
+        clock(),
+    )
     clock.advance(2.0)
     agg.tick(clock())
     stats.rejected["malformed"] += 1
@@ -155,31 +189,57 @@ def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp
     # Both encoders: prometheus_client's, and the daemon's faster one that /metrics serves.
     for text in (generate_latest(registry), render_text(registry)):
         # Every kind of family is present, so the check covers them all.
-        for name in (b"esper_grad_norm", b"esper_seed_grad_ratio", b"esper_isolation_ok",
-                     b"esper_daemon_incomplete_steps_total", b"process_cpu_seconds_total",
-                     b"esper_daemon_build_info", b"esper_group_stale"):
+        for name in (
+            b"esper_grad_norm",
+            b"esper_seed_grad_ratio",
+            b"esper_isolation_ok",
+            b"esper_daemon_incomplete_steps_total",
+            b"process_cpu_seconds_total",
+            b"esper_daemon_build_info",
+            b"esper_group_stale",
+        ):
             assert name in text
-        values = {ln.rsplit(" ", 1)[1] for ln in text.decode().splitlines()
-                  if ln.startswith(("esper_grad_norm{", "esper_seed_grad_ratio{"))
-                  and 'run="boom"' in ln and ('"seed"' in ln or '"nan"' in ln)}
+        values = {
+            ln.rsplit(" ", 1)[1]
+            for ln in text.decode().splitlines()
+            if ln.startswith(("esper_grad_norm{", "esper_seed_grad_ratio{"))
+            and 'run="boom"' in ln
+            and ('"seed"' in ln or '"nan"' in ln)
+        }
         assert values == {"+Inf", "NaN"}, text
-        proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                              timeout=30)
+        proc = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.strip() == b"" and proc.stderr.strip() == b"", proc.stdout + proc.stderr
 
 
 def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
-    from prometheus_client import Counter, CollectorRegistry, Gauge
+    from prometheus_client import CollectorRegistry, Counter, Gauge
 
     agg, _ = make_agg()
-    agg.apply_batch([host_seed(run='q"\\x\n', host_sq=2.0), host_seed(run="b", host_sq=None),
-               IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
-               norms(run="inf", groups=[gn("host", 16.0, "host", 400),
-                                        gn("seed", math.inf, "seed", 100, nonfinite=1)]),
-               norms(run="nan", groups=[gn("host", math.nan, "host", 400, nonfinite=1),
-                                        gn("seed", 4.0, "seed", 100)])],
-              clock())
+    agg.apply_batch(
+        [
+            host_seed(run='q"\\x\n', host_sq=2.0),
+            host_seed(run="b", host_sq=None),
+            IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
+            norms(
+                run="inf",
+                groups=[
+                    gn("host", 16.0, "host", 400),
+                    gn("seed", math.inf, "seed", 100, nonfinite=1),
+                ],
+            ),
+            norms(
+                run="nan",
+                groups=[
+                    gn("host", math.nan, "host", 400, nonfinite=1),
+                    gn("seed", 4.0, "seed", 100),
+                ],
+            ),
+        ],
+        clock(),
+    )
     registry = registry_for(agg, False)
     extra = CollectorRegistry()  # samples the esper collector never makes: created, inf, nan
     Counter("t_events", "c", ["a"], registry=extra).labels("x").inc(3)
@@ -189,8 +249,9 @@ def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
         fast, slow = render_text(reg).decode(), generate_latest(reg).decode()
         fast_s, slow_s = parse(fast), parse(slow)
         nan = [k for k, v in slow_s.items() if v != v]
-        assert {k: v for k, v in fast_s.items() if k not in nan} == \
-            {k: v for k, v in slow_s.items() if k not in nan}
+        assert {k: v for k, v in fast_s.items() if k not in nan} == {
+            k: v for k, v in slow_s.items() if k not in nan
+        }
         assert all(fast_s[k] != fast_s[k] for k in nan)
         help_type = lambda t: sorted(ln for ln in t.splitlines() if ln.startswith("#"))
         assert help_type(fast) == help_type(slow)
@@ -210,13 +271,17 @@ def test_sqrt_of_large_sums_is_exact_enough(make_agg, clock):
 
 # --- the fast encoders /metrics serves, against prometheus_client's, in both formats ---------
 
+
 def _om_samples(text):
     """(name, type, help, samples) per family, by prometheus_client's strict OpenMetrics
     parser (it raises on anything the format forbids, a missing ``# EOF`` included)."""
     out = {}
     for f in parse_openmetrics(text):
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples
-                   if not s.name.endswith("_created")}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
         out[f.name] = (f.type, f.documentation, samples)
     return out
 
@@ -227,16 +292,31 @@ def _same(a, b):
 
 def _busy_aggregator(make_agg, clock):
     agg, stats = make_agg()
-    agg.apply_batch([hello(run='q"\\x\n'), host_seed(run='q"\\x\n', host_sq=2.0),
-                     host_seed(run="b", host_sq=None),
-                     IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
-                     DeviceMismatch("b", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
-                     norms(run="inf", groups=[gn("host", 16.0, "host", 400),
-                                              gn("seed", math.inf, "seed", 100, nonfinite=1)]),
-                     norms(run="nan", groups=[gn("host", math.nan, "host", 400, nonfinite=1),
-                                              gn("seed", 4.0, "seed", 100)]),
-                     norms(run="big", step=10**12, groups=[gn("host", 1e300, "host", 10**15)])],
-                    clock())
+    agg.apply_batch(
+        [
+            hello(run='q"\\x\n'),
+            host_seed(run='q"\\x\n', host_sq=2.0),
+            host_seed(run="b", host_sq=None),
+            IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
+            DeviceMismatch("b", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
+            norms(
+                run="inf",
+                groups=[
+                    gn("host", 16.0, "host", 400),
+                    gn("seed", math.inf, "seed", 100, nonfinite=1),
+                ],
+            ),
+            norms(
+                run="nan",
+                groups=[
+                    gn("host", math.nan, "host", 400, nonfinite=1),
+                    gn("seed", 4.0, "seed", 100),
+                ],
+            ),
+            norms(run="big", step=10**12, groups=[gn("host", 1e300, "host", 10**15)]),
+        ],
+        clock(),
+    )
     agg.apply_batch([heartbeat(run="b")._replace(seq=0)], clock())
     agg.apply_batch([heartbeat(run="b")._replace(seq=3)], clock())  # messages 1 and 2 lost
     agg.apply_batch([goodbye(run="b")], clock())
@@ -249,7 +329,9 @@ def _extra_registry():
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary
 
     reg = CollectorRegistry()
-    Counter("t_events", "c with \\ and \"quotes\"\nand a newline", ["a"], registry=reg).labels('x"\\\n').inc(3)
+    Counter("t_events", 'c with \\ and "quotes"\nand a newline', ["a"], registry=reg).labels(
+        'x"\\\n'
+    ).inc(3)
     Gauge("t_inf", "g", registry=reg).set(math.inf)
     Gauge("t_minus_inf", "g", registry=reg).set(-math.inf)
     Gauge("t_nan", "g", registry=reg).set(math.nan)
@@ -267,9 +349,13 @@ def test_fast_openmetrics_and_text_match_prometheus_clients_own(make_agg, clock)
     agg = _busy_aggregator(make_agg, clock)
     scrape = Exposition(10**6, process_registry()).scrape(agg.snapshot())
     for fast_text, fast_om, reg in (
-            (scrape.render(TEXT), scrape.render(OPENMETRICS), scrape),
-            (render(_extra_registry(), TEXT), render(_extra_registry(), OPENMETRICS),
-             _extra_registry())):
+        (scrape.render(TEXT), scrape.render(OPENMETRICS), scrape),
+        (
+            render(_extra_registry(), TEXT),
+            render(_extra_registry(), OPENMETRICS),
+            _extra_registry(),
+        ),
+    ):
         fast_text, fast_om = fast_text.decode(), fast_om.decode()
         slow_text, slow_om = generate_latest(reg).decode(), generate_openmetrics(reg).decode()
         assert fast_om.endswith("\n# EOF\n") and fast_om.count("# EOF") == 1
@@ -283,13 +369,19 @@ def test_fast_openmetrics_and_text_match_prometheus_clients_own(make_agg, clock)
                 assert all(_same(fs[k], ss[k]) for k in ss), name
         ft, st = parse(fast_text), parse(slow_text)
         assert ft.keys() == st.keys()
-        assert all(_same(ft[k], st[k]) for k in st  # creation times differ between registries
-                   if not k[0].startswith(("process_", "python_gc")) and "_created" not in k[0])
+        assert all(
+            _same(ft[k], st[k])
+            for k in st  # creation times differ between registries
+            if not k[0].startswith(("process_", "python_gc")) and "_created" not in k[0]
+        )
         help_type = lambda t: sorted(ln for ln in t.splitlines() if ln.startswith("#"))
         assert help_type(fast_text) == help_type(slow_text)
     # Counters' samples end in _total; their family (TYPE line) does not in OpenMetrics.
     om = scrape.render(OPENMETRICS).decode()
-    assert "# TYPE esper_messages_lost counter\n" in om and 'esper_messages_lost_total{run="b",rank="0"} 2.0' in om
+    assert (
+        "# TYPE esper_messages_lost counter\n" in om
+        and 'esper_messages_lost_total{run="b",rank="0"} 2.0' in om
+    )
     assert "# TYPE esper_daemon_build info\n" in om and "esper_daemon_build_info{" in om
     assert 'esper_grad_norm{run="q\\"\\\\x\\n",group="host"}' in om
 
@@ -303,10 +395,12 @@ def test_fast_text_of_a_scrape_passes_promtool_without_warnings(make_agg, clock)
         pytest.skip("promtool not installed (tools/ensure-prometheus.sh)")
     agg = _busy_aggregator(make_agg, clock)
     text = Exposition(10**6, process_registry()).scrape(agg.snapshot()).render(TEXT)
-    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                          timeout=30)
-    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
         proc.stdout + proc.stderr
+    )
 
 
 def test_repeated_and_late_sharded_reports_are_counted_per_run(make_agg, clock):

@@ -17,12 +17,12 @@ import pytest
 import zmq
 
 torch = pytest.importorskip("torch")
+from daemon_support import get, hello  # noqa: E402
+from live_daemon import LiveDaemon  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
 from esper_telemetry import encode  # noqa: E402
-from daemon_support import get, hello  # noqa: E402
-from live_daemon import LiveDaemon  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +57,23 @@ def test_a_collector_arriving_after_a_run_name_flood_gets_its_captures_exported(
             peak_rss = max(peak_rss, daemon.rss_bytes())
             time.sleep(0.01)
         s = daemon.scrape_until(
-            lambda s: (get(s, "esper_daemon_events_total") or 0) >= JUNK, "the flood applied",
-            timeout_s=30.0)
+            lambda s: (get(s, "esper_daemon_events_total") or 0) >= JUNK,
+            "the flood applied",
+            timeout_s=30.0,
+        )
         peak_rss = max(peak_rss, daemon.rss_bytes())
-        print(f"RSS {base_rss / 2**20:.0f} -> peak {peak_rss / 2**20:.0f} MiB under {JUNK} run names")
+        print(
+            f"RSS {base_rss / 2**20:.0f} -> peak {peak_rss / 2**20:.0f} MiB under {JUNK} run names"
+        )
         assert peak_rss < 512 << 20
         assert get(s, "esper_daemon_runs") == MAX_RUNS
         evicted_by_flood = get(s, "esper_daemon_runs_evicted_total", reason="no_captures")
 
         torch.manual_seed(0)
         net = nn.ModuleDict({"host": nn.Linear(8, 8), "seed": nn.Linear(8, 2)})
-        tel = et.attach(model=net, host="host", seeds={"seed": "seed"}, run="real",
-                        endpoint=daemon.endpoint)
+        tel = et.attach(
+            model=net, host="host", seeds={"seed": "seed"}, run="real", endpoint=daemon.endpoint
+        )
         want = {}
         try:
             for step in range(STEPS):
@@ -76,27 +81,39 @@ def test_a_collector_arriving_after_a_run_name_flood_gets_its_captures_exported(
                 loss = net["host"](x).pow(2).mean() + net["seed"](x).sum()
                 net.zero_grad(set_to_none=True)
                 loss.backward()
-                want = {name: math.sqrt(sum(float(p.grad.double().pow(2).sum())
-                                            for p in net[name].parameters()))
-                        for name in ("host", "seed")}
+                want = {
+                    name: math.sqrt(
+                        sum(float(p.grad.double().pow(2).sum()) for p in net[name].parameters())
+                    )
+                    for name in ("host", "seed")
+                }
                 tel.capture(step)
             s = daemon.scrape_until(
                 lambda s: get(s, "esper_captures_total", run="real") == STEPS,
-                f"{STEPS} captures of the real run", timeout_s=15.0)
+                f"{STEPS} captures of the real run",
+                timeout_s=15.0,
+            )
         finally:
             tel.close()
         for name, norm in want.items():
-            assert get(s, "esper_grad_norm", run="real", group=name) == pytest.approx(norm, rel=1e-5)
+            assert get(s, "esper_grad_norm", run="real", group=name) == pytest.approx(
+                norm, rel=1e-5
+            )
             assert get(s, "esper_group_last_step", run="real", group=name) == STEPS - 1
         assert get(s, "esper_last_step", run="real") == STEPS - 1
         assert evicted_by_flood == JUNK - MAX_RUNS
         # Its first event took the place of the longest-idle junk run; nothing was refused.
-        assert get(s, "esper_daemon_runs_evicted_total", reason="no_captures") == JUNK - MAX_RUNS + 1
+        assert (
+            get(s, "esper_daemon_runs_evicted_total", reason="no_captures") == JUNK - MAX_RUNS + 1
+        )
         assert get(s, "esper_daemon_overflow_total", what="runs") == 0
         assert get(s, "esper_daemon_runs") == MAX_RUNS
         # After its goodbye the run's final values stay, marked ended.
-        s = daemon.scrape_until(lambda s: get(s, "esper_run_ended", run="real") == 1,
-                                "the real run marked ended", timeout_s=10.0)
+        s = daemon.scrape_until(
+            lambda s: get(s, "esper_run_ended", run="real") == 1,
+            "the real run marked ended",
+            timeout_s=10.0,
+        )
         assert get(s, "esper_captures_total", run="real") == STEPS
         assert get(s, "esper_collectors", run="real") == 0
     finally:

@@ -13,17 +13,17 @@ import socket
 import threading
 import time
 
+import procfs
 import pytest
 import zmq
+from daemon_process import scrape_until, spawn
+from daemon_support import get, gn, hello, norms, wait_for
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from esper_telemetry import encode
 from esper_telemetry.daemon.web import WebServer, accepts_gzip
 from esper_telemetry.version import __version__
-import procfs
-from daemon_process import spawn, scrape_until
-from daemon_support import get, gn, hello, norms, wait_for
 
 
 class _Gauges:
@@ -43,12 +43,21 @@ def _registry(n: int, pad: str = ""):
         reg = CollectorRegistry()
         reg.register(_Gauges(n, pad))
         return reg
+
     return make
 
 
 async def _server(n: int = 3, pad: str = "", **kw) -> WebServer:
-    web = WebServer("127.0.0.1", 0, "/metrics", lambda: None, _registry(n, pad), lambda: True,
-                    logging.getLogger("test.web"), **kw)
+    web = WebServer(
+        "127.0.0.1",
+        0,
+        "/metrics",
+        lambda: None,
+        _registry(n, pad),
+        lambda: True,
+        logging.getLogger("test.web"),
+        **kw,
+    )
     web.bound = await web.start()  # type: ignore[attr-defined]
     return web
 
@@ -75,9 +84,11 @@ async def _exchange(addr, data: bytes, responses: int, timeout: float = 3.0) -> 
 async def test_pipelined_requests_on_one_connection_are_all_answered_in_order():
     web = await _server()
     try:
-        req = (b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
-               b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-               b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        req = (
+            b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         got = await _exchange(web.bound, req, 3)
     finally:
         await web.close()
@@ -113,11 +124,21 @@ async def test_a_bare_lf_request_is_answered_at_once_not_waited_on():
     assert got.startswith(b"HTTP/1.") and took < 1.0, (got[:80], took)
 
 
-@pytest.mark.parametrize("header, gz", [
-    ("gzip", True), ("gzip;q=0.5, identity", True), ("gzip;q=0", False),
-    ("identity;q=1, gzip;q=0.0", False), ("*", True), ("*;q=0", False), ("br", False),
-    ("GZIP;Q=0.3", True), ("*, gzip;q=0", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "header, gz",
+    [
+        ("gzip", True),
+        ("gzip;q=0.5, identity", True),
+        ("gzip;q=0", False),
+        ("identity;q=1, gzip;q=0.0", False),
+        ("*", True),
+        ("*;q=0", False),
+        ("br", False),
+        ("GZIP;Q=0.3", True),
+        ("*, gzip;q=0", False),
+        ("", False),
+    ],
+)
 def test_accept_encoding_q_values(header, gz):
     assert accepts_gzip(header) is gz
 
@@ -126,6 +147,7 @@ async def test_gzip_follows_q_values_and_every_scrape_says_vary():
     web = await _server(n=2000)
     host, port = web.bound
     try:
+
         async def scrape(enc):
             req = f"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: {enc}\r\n\r\n".encode()
             reader, writer = await asyncio.open_connection(host, port)
@@ -135,6 +157,7 @@ async def test_gzip_follows_q_values_and_every_scrape_says_vary():
             body = await asyncio.wait_for(reader.readexactly(length), 3)
             writer.close()
             return head, body
+
         head, body = await scrape("gzip;q=0")
         assert "content-encoding" not in head and "vary: accept, accept-encoding" in head
         assert b't_series{i="1999"} 1999.0' in body
@@ -183,6 +206,7 @@ async def test_connections_past_the_cap_get_503_and_a_slot_frees_when_one_leaves
 
 # --- a real daemon process and non-reading clients -----------------------------------------
 
+
 def _proc_figures(pid: int):
     """RSS in MiB and open descriptors of ``pid``."""
     return procfs.rss_bytes(pid) / 2**20, procfs.open_fds(pid)
@@ -208,8 +232,11 @@ def _non_reading_clients(pid: int, web: str, n: int, seconds: float, peak: float
 
 @pytest.mark.slow
 def test_non_reading_clients_are_cut_off_by_the_write_timeout_and_memory_comes_back():
-    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
-                 "--web.write-timeout-seconds=1")
+    proc = spawn(
+        "--zmq.listen-address=tcp://127.0.0.1:*",
+        "--web.listen-address=127.0.0.1:0",
+        "--web.write-timeout-seconds=1",
+    )
     try:
         (endpoint,), web = started_or_listening(proc)
         ctx = zmq.Context()
@@ -234,7 +261,9 @@ def test_non_reading_clients_are_cut_off_by_the_write_timeout_and_memory_comes_b
             if fds <= base_fds + 2 and rss < base_rss + 48:
                 break
             time.sleep(0.1)
-        print(f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}, after {rss:.0f}; fds {base_fds}->{fds}")
+        print(
+            f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}, after {rss:.0f}; fds {base_fds}->{fds}"
+        )
         assert peak < 512, f"peak RSS {peak:.0f} MiB"
         assert fds <= base_fds + 2, (fds, base_fds)
         assert rss < base_rss + 48, f"RSS {rss:.0f} MiB after, {base_rss:.0f} before"
@@ -309,8 +338,11 @@ def test_long_names_at_the_default_caps_and_non_reading_clients_stay_under_512_m
     129,000 series, a 70 MB exposition without the series cap), then 24 clients that ask
     for a scrape and never read: the daemon's RSS stays under 512 MiB (880 MiB measured
     with the cap but without the bound on bodies in flight)."""
-    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
-                 "--web.write-timeout-seconds=2")
+    proc = spawn(
+        "--zmq.listen-address=tcp://127.0.0.1:*",
+        "--web.listen-address=127.0.0.1:0",
+        "--web.write-timeout-seconds=2",
+    )
     try:
         (endpoint,), web = started_or_listening(proc)
         ctx = zmq.Context()
@@ -320,10 +352,23 @@ def test_long_names_at_the_default_caps_and_non_reading_clients_stay_under_512_m
         long = "x" * 240
         for r in range(100):
             run = f"{long}-run-{r:03d}"
-            decls = [(f"{long}-g{g:03d}", "seed" if g else "host", 100, bool(g)) for g in range(128)]
-            push.send(encode([hello(run=run, decls=decls), norms(run=run, groups=[
-                gn(name, 1.0 + i, role, 100, isolated=iso)
-                for i, (name, role, _, iso) in enumerate(decls)])]))
+            decls = [
+                (f"{long}-g{g:03d}", "seed" if g else "host", 100, bool(g)) for g in range(128)
+            ]
+            push.send(
+                encode(
+                    [
+                        hello(run=run, decls=decls),
+                        norms(
+                            run=run,
+                            groups=[
+                                gn(name, 1.0 + i, role, 100, isolated=iso)
+                                for i, (name, role, _, iso) in enumerate(decls)
+                            ],
+                        ),
+                    ]
+                )
+            )
         url = f"http://{web}/metrics"
         s = scrape_until(url, lambda s: get(s, "esper_daemon_runs") == 100, 60)
         assert get(s, "esper_daemon_runs") == 100
@@ -332,7 +377,9 @@ def test_long_names_at_the_default_caps_and_non_reading_clients_stay_under_512_m
         clients, peak = _non_reading_clients(proc.pid, web, 24, 4, base_rss)
         print(f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}")
         assert peak < 512, f"peak RSS {peak:.0f} MiB"
-        s = scrape_until(url, lambda s: (get(s, "esper_daemon_http_refused_total", reason="busy") or 0) > 0, 20)
+        s = scrape_until(
+            url, lambda s: (get(s, "esper_daemon_http_refused_total", reason="busy") or 0) > 0, 20
+        )
         assert get(s, "esper_daemon_http_refused_total", reason="busy") > 0
         for c in clients:
             c.close()

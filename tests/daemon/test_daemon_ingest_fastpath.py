@@ -17,13 +17,14 @@ from collections import Counter
 
 import msgpack
 import pytest
+from daemon_support import get, make_limits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esper_telemetry import (
+    Goodbye,
     GroupDecl,
     GroupNorm,
-    Goodbye,
     Heartbeat,
     Hello,
     Norms,
@@ -36,25 +37,36 @@ from esper_telemetry.daemon.fastdecode import WIRE_NORMS, decode_norms
 from esper_telemetry.daemon.stats import DaemonStats
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 from esper_telemetry.events import ROLES
-from daemon_support import get, make_limits
 
 MAX_INT64 = (1 << 63) - 1
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
-HEALTHY = Norms("run-1", 3, 1_700_000_001.5, 7, False, (
-    GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
-    GroupNorm("seed0", "seed", 1234, None, 0, False, True),
-    GroupNorm("seed1", "seed", 1234, 0.0, 0, False, True),
-))
+HEALTHY = Norms(
+    "run-1",
+    3,
+    1_700_000_001.5,
+    7,
+    False,
+    (
+        GroupNorm("host", "host", 1_000_000, 12.5, 0, False, False),
+        GroupNorm("seed0", "seed", 1234, None, 0, False, True),
+        GroupNorm("seed1", "seed", 1234, 0.0, 0, False, True),
+    ),
+)
 
 
 def records(wire_events):
     """The fast path's structs as the records ``decode`` gives."""
     assert type(wire_events) is tuple and wire_events
     assert all(type(e) in WIRE_NORMS for e in wire_events)
-    return [Norms(e.run, e.rank, e.time, e.step, e.skipped,
-                  tuple(GroupNorm(*g) for g in e.groups), e.seq) for e in wire_events]
+    return [
+        Norms(
+            e.run, e.rank, e.time, e.step, e.skipped, tuple(GroupNorm(*g) for g in e.groups), e.seq
+        )
+        for e in wire_events
+    ]
 
 
 def assert_identical(got, want):
@@ -90,8 +102,9 @@ def pack(obj) -> bytes:
 
 def wire(event, seq=None) -> dict:
     out = {"v": 1 if seq is None else 2, "event": "norms"}
-    out.update((k, [list(g) for g in v] if k == "groups" else v)
-               for k, v in zip(event._fields[:-1], event))
+    out.update(
+        (k, [list(g) for g in v] if k == "groups" else v) for k, v in zip(event._fields[:-1], event)
+    )
     if seq is not None:
         out["seq"] = seq
     return out
@@ -122,15 +135,22 @@ def test_a_single_event_may_have_its_keys_in_any_order():
 
 
 def test_limits_are_inclusive_on_the_fast_path_too():
-    groups = tuple(GroupNorm(f"g{i}", ROLES[i % 3], MAX_INT64, float(i), 0, False, False)
-                   for i in range(MAX_GROUPS_PER_EVENT))
-    big = HEALTHY._replace(run="r" * MAX_STRING_CHARS, rank=MAX_INT64, step=MAX_INT64,
-                           groups=groups)
+    groups = tuple(
+        GroupNorm(f"g{i}", ROLES[i % 3], MAX_INT64, float(i), 0, False, False)
+        for i in range(MAX_GROUPS_PER_EVENT)
+    )
+    big = HEALTHY._replace(
+        run="r" * MAX_STRING_CHARS, rank=MAX_INT64, step=MAX_INT64, groups=groups
+    )
     assert check(encode(big, seq=MAX_INT64)) == "fast"
     assert check(encode(HEALTHY._replace(groups=()), seq=1)) == "fast"
-    edge = HEALTHY._replace(time=0.0, groups=(
-        GroupNorm("é" * MAX_STRING_CHARS, "group", 0, -0.0, 0, False, False),
-        GroupNorm("x", "seed", 0, 1.7976931348623157e308, 0, False, True)))
+    edge = HEALTHY._replace(
+        time=0.0,
+        groups=(
+            GroupNorm("é" * MAX_STRING_CHARS, "group", 0, -0.0, 0, False, False),
+            GroupNorm("x", "seed", 0, 1.7976931348623157e308, 0, False, True),
+        ),
+    )
     assert check(encode(edge, seq=1)) == "fast"
 
 
@@ -139,55 +159,64 @@ def test_limits_are_inclusive_on_the_fast_path_too():
 _17_KEYS_WITH_REPEATS = (
     b"\xde\x00\x11"  # a map 16 header: 17 entries, 9 distinct keys
     + b"".join(pack(k) + pack(v) for k, v in wire(HEALTHY, 4).items())
-    + b"".join(pack("run") + pack("run-1") for _ in range(8)))
+    + b"".join(pack("run") + pack("run-1") for _ in range(8))
+)
 
 DECLINED = {
     # valid, for decode and the record path
-    "sharded group": encode(HEALTHY._replace(groups=(
-        GroupNorm("host", "host", 1, 1.0, 0, True, False),)), seq=1),
-    "non-finite count with a finite sum": encode(HEALTHY._replace(groups=(
-        GroupNorm("host", "host", 1, 1.0, 2, False, False),)), seq=1),
-    "+Inf sum with its count": encode(HEALTHY._replace(groups=(
-        GroupNorm("host", "host", 1, math.inf, 1, False, False),)), seq=1),
-    "NaN sum with its count": encode(HEALTHY._replace(groups=(
-        GroupNorm("host", "host", 1, math.nan, 1, False, False),)), seq=1),
-    "a heartbeat in the batch": encode([HEALTHY, Heartbeat("run-1", 3, 1.0, 1, 0, 0, 0)],
-                                       seq=1),
-    "a hello": encode(Hello("run-1", 0, 1.0, 1, "h", 1, "0", "0",
-                            (GroupDecl("host", "host", 1, False),)), seq=0),
+    "sharded group": encode(
+        HEALTHY._replace(groups=(GroupNorm("host", "host", 1, 1.0, 0, True, False),)), seq=1
+    ),
+    "non-finite count with a finite sum": encode(
+        HEALTHY._replace(groups=(GroupNorm("host", "host", 1, 1.0, 2, False, False),)), seq=1
+    ),
+    "+Inf sum with its count": encode(
+        HEALTHY._replace(groups=(GroupNorm("host", "host", 1, math.inf, 1, False, False),)), seq=1
+    ),
+    "NaN sum with its count": encode(
+        HEALTHY._replace(groups=(GroupNorm("host", "host", 1, math.nan, 1, False, False),)), seq=1
+    ),
+    "a heartbeat in the batch": encode([HEALTHY, Heartbeat("run-1", 3, 1.0, 1, 0, 0, 0)], seq=1),
+    "a hello": encode(
+        Hello("run-1", 0, 1.0, 1, "h", 1, "0", "0", (GroupDecl("host", "host", 1, False),)), seq=0
+    ),
     "schema 1 batch of two runs": encode([HEALTHY, HEALTHY._replace(run="other")]),
     "schema 1 batch of two ranks": encode([HEALTHY, HEALTHY._replace(rank=0)]),
     "integer time (not canonical in a batch)": pack([wire(HEALTHY._replace(time=5), 1)] * 2),
-    "float32 time (not canonical in a batch)":
-        msgpack.packb([wire(HEALTHY, 1)] * 2, use_bin_type=True, use_single_float=True),
-    "keys in another order, in a batch (not canonical)":
-        pack([dict(reversed(list(wire(HEALTHY, 1).items())))] * 2),
+    "float32 time (not canonical in a batch)": msgpack.packb(
+        [wire(HEALTHY, 1)] * 2, use_bin_type=True, use_single_float=True
+    ),
+    "keys in another order, in a batch (not canonical)": pack(
+        [dict(reversed(list(wire(HEALTHY, 1).items())))] * 2
+    ),
     "batch of one map 16 of nine keys": b"\x91\xde\x00\x09" + pack(wire(HEALTHY, 1))[1:],
     # rejected by decode
-    "a map of 17 entries, keys repeated, in a batch": b"\x92" + pack(wire(HEALTHY, 4))
-                                                      + _17_KEYS_WITH_REPEATS,
+    "a map of 17 entries, keys repeated, in a batch": b"\x92"
+    + pack(wire(HEALTHY, 4))
+    + _17_KEYS_WITH_REPEATS,
     "a map of 17 entries, keys repeated, alone": _17_KEYS_WITH_REPEATS,
     "mixed versions": pack([wire(HEALTHY, 1), wire(HEALTHY)]),
     "mixed versions, the other way": pack([wire(HEALTHY), wire(HEALTHY, 1)]),
-    "two seqs": encode([HEALTHY], seq=1)[:-1] + pack(wire(HEALTHY, 1))
-                + pack(wire(HEALTHY, 2)),
-    "two runs in a numbered batch": pack([wire(HEALTHY, 1),
-                                          wire(HEALTHY._replace(run="x"), 1)]),
-    "two ranks in a numbered batch": pack([wire(HEALTHY, 1),
-                                           wire(HEALTHY._replace(rank=0), 1)]),
-    "NaN sum without a count": encode(HEALTHY._replace(groups=(
-        GroupNorm("host", "host", 1, math.nan, 0, False, False),)), seq=1),
+    "two seqs": encode([HEALTHY], seq=1)[:-1] + pack(wire(HEALTHY, 1)) + pack(wire(HEALTHY, 2)),
+    "two runs in a numbered batch": pack([wire(HEALTHY, 1), wire(HEALTHY._replace(run="x"), 1)]),
+    "two ranks in a numbered batch": pack([wire(HEALTHY, 1), wire(HEALTHY._replace(rank=0), 1)]),
+    "NaN sum without a count": encode(
+        HEALTHY._replace(groups=(GroupNorm("host", "host", 1, math.nan, 0, False, False),)), seq=1
+    ),
     "+Inf time": pack(wire(HEALTHY._replace(time=math.inf), 1)),
     "negative step": pack(wire(HEALTHY._replace(step=-1), 1)),
     "step over int64": pack(wire(HEALTHY._replace(step=MAX_INT64 + 1), 1)),
     "run too long": encode(HEALTHY._replace(run="r" * (MAX_STRING_CHARS + 1)), seq=1),
     "empty run": encode(HEALTHY._replace(run=""), seq=1),
-    "unknown role": pack(wire(HEALTHY._replace(groups=(("a", "boss", 1, 1.0, 0, False,
-                                                          False),)), 1)),
-    "group of 8 fields": pack(wire(HEALTHY._replace(groups=(("a", "host", 1, 1.0, 0, False,
-                                                               False, 0),)), 1)),
-    "too many groups": encode(HEALTHY._replace(groups=HEALTHY.groups[:1]
-                                               * (MAX_GROUPS_PER_EVENT + 1)), seq=1),
+    "unknown role": pack(
+        wire(HEALTHY._replace(groups=(("a", "boss", 1, 1.0, 0, False, False),)), 1)
+    ),
+    "group of 8 fields": pack(
+        wire(HEALTHY._replace(groups=(("a", "host", 1, 1.0, 0, False, False, 0),)), 1)
+    ),
+    "too many groups": encode(
+        HEALTHY._replace(groups=HEALTHY.groups[:1] * (MAX_GROUPS_PER_EVENT + 1)), seq=1
+    ),
     "bin run": pack({**wire(HEALTHY, 1), "run": b"run-1"}),
     "extra field": pack({**wire(HEALTHY, 1), "extra": 1}),
     "v=2 without seq": pack({**wire(HEALTHY), "v": 2}),
@@ -218,8 +247,11 @@ def test_repeated_keys_are_left_to_decode_which_reads_them_last_wins():
     assert check(b"\x91" + frame) == "declined"
 
 
-@pytest.mark.parametrize("message", [encode(HEALTHY, seq=2), encode([HEALTHY] * 2, seq=3),
-                                     encode([HEALTHY] * 2)], ids=["single", "batch", "v1"])
+@pytest.mark.parametrize(
+    "message",
+    [encode(HEALTHY, seq=2), encode([HEALTHY] * 2, seq=3), encode([HEALTHY] * 2)],
+    ids=["single", "batch", "v1"],
+)
 def test_every_single_bit_flip_is_decodes_or_declined(message):
     seen = Counter()
     for index in range(len(message)):
@@ -232,8 +264,11 @@ def test_every_single_bit_flip_is_decodes_or_declined(message):
 
 def test_seeded_random_splices_of_valid_frames():
     rng = random.Random(7)
-    frames = [encode(HEALTHY, seq=2), encode([HEALTHY._replace(step=s) for s in range(17)],
-                                             seq=3), encode([HEALTHY] * 3)]
+    frames = [
+        encode(HEALTHY, seq=2),
+        encode([HEALTHY._replace(step=s) for s in range(17)], seq=3),
+        encode([HEALTHY] * 3),
+    ]
     seen = Counter()
     for _ in range(3000):
         frame = bytearray(rng.choice(frames))
@@ -241,11 +276,11 @@ def test_seeded_random_splices_of_valid_frames():
         chunk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
         how = rng.randrange(3)
         if how == 0:
-            frame[at:at + len(chunk)] = chunk
+            frame[at : at + len(chunk)] = chunk
         elif how == 1:
             frame[at:at] = chunk
         else:
-            del frame[at:at + len(chunk)]
+            del frame[at : at + len(chunk)]
         seen[check(bytes(frame))] += 1
     assert seen["fast"] > 0 and len(seen) >= 3, seen
 
@@ -258,13 +293,32 @@ FLOATS = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
 SQUARES = st.none() | FLOATS | st.sampled_from([math.inf, math.nan])
 GROUPS = st.builds(
     lambda name, role, params, sq, nonfinite, sharded, isolated: GroupNorm(
-        name, role, params, sq if nonfinite or sq is None or math.isfinite(sq) else 1.0,
-        nonfinite, sharded, isolated),
-    NAMES, st.sampled_from(ROLES), COUNTS, SQUARES,
-    st.sampled_from([0, 0, 0, 1]), st.sampled_from([False, False, False, True]),
-    st.booleans())
-NORMS = st.builds(Norms, NAMES, COUNTS, FLOATS, COUNTS, st.booleans(),
-                  st.lists(GROUPS, max_size=4).map(tuple), st.none() | COUNTS)
+        name,
+        role,
+        params,
+        sq if nonfinite or sq is None or math.isfinite(sq) else 1.0,
+        nonfinite,
+        sharded,
+        isolated,
+    ),
+    NAMES,
+    st.sampled_from(ROLES),
+    COUNTS,
+    SQUARES,
+    st.sampled_from([0, 0, 0, 1]),
+    st.sampled_from([False, False, False, True]),
+    st.booleans(),
+)
+NORMS = st.builds(
+    Norms,
+    NAMES,
+    COUNTS,
+    FLOATS,
+    COUNTS,
+    st.booleans(),
+    st.lists(GROUPS, max_size=4).map(tuple),
+    st.none() | COUNTS,
+)
 
 
 @FUZZ
@@ -275,20 +329,36 @@ def test_valid_norms_messages_take_the_fast_path_exactly_when_healthy(events, se
     message = events[0] if single else events
     frame = encode(message, seq=seq)
     outcome = check(frame)
-    healthy = all(g.nonfinite == 0 and not g.sharded and g.sq is not None or (
-        g.sq is None and g.nonfinite == 0 and not g.sharded)
-        for e in (events[:1] if single else events) for g in e.groups)
+    healthy = all(
+        g.nonfinite == 0
+        and not g.sharded
+        and g.sq is not None
+        or (g.sq is None and g.nonfinite == 0 and not g.sharded)
+        for e in (events[:1] if single else events)
+        for g in e.groups
+    )
     assert outcome == ("fast" if healthy else "declined")
 
 
-LEAVES = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
-          | st.floats() | st.text(max_size=4) | st.binary(max_size=2)
-          | st.sampled_from(["norms", "host", "seed", 1, 2, MAX_INT64 + 1]))
+LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.binary(max_size=2)
+    | st.sampled_from(["norms", "host", "seed", 1, 2, MAX_INT64 + 1])
+)
 
 
 @FUZZ
-@given(NORMS, st.none() | COUNTS, st.sampled_from(["replace", "drop", "add", "group"]),
-       st.data(), st.integers(0, 3))
+@given(
+    NORMS,
+    st.none() | COUNTS,
+    st.sampled_from(["replace", "drop", "add", "group"]),
+    st.data(),
+    st.integers(0, 3),
+)
 def test_near_valid_norms_are_never_taken_unless_decode_agrees(base, seq, how, data, more):
     w = wire(base, seq)
     key = data.draw(st.sampled_from(sorted(w)))
@@ -326,8 +396,19 @@ def _traffic(rng: random.Random, n: int):
         rank = rng.choice([0, 0, 0, 0, 0, 1, 1, 2])
         roll = rng.random()
         if roll < 0.03:
-            events = [Hello(run, rank, 1.0, rng.choice([1, 2]), "h", 1, "0", "0",
-                            (GroupDecl("host", "host", 5, False),))]
+            events = [
+                Hello(
+                    run,
+                    rank,
+                    1.0,
+                    rng.choice([1, 2]),
+                    "h",
+                    1,
+                    "0",
+                    "0",
+                    (GroupDecl("host", "host", 5, False),),
+                )
+            ]
         elif roll < 0.05:
             events = [Goodbye(run, rank, 2.0, "closed")]
         elif roll < 0.07:
@@ -342,11 +423,17 @@ def _traffic(rng: random.Random, n: int):
                 if rng.random() < 0.03:
                     layout = rng.sample(names, rng.randint(1, 3))
                 groups = tuple(
-                    GroupNorm(name, "seed" if name[0] == "s" else "host", 7,
-                              rng.choice([None, float(rng.randrange(5)), 0.5]),
-                              1 if odd and rng.random() < 0.3 else 0,
-                              odd and rng.random() < 0.3, name != "host")
-                    for name in layout)
+                    GroupNorm(
+                        name,
+                        "seed" if name[0] == "s" else "host",
+                        7,
+                        rng.choice([None, float(rng.randrange(5)), 0.5]),
+                        1 if odd and rng.random() < 0.3 else 0,
+                        odd and rng.random() < 0.3,
+                        name != "host",
+                    )
+                    for name in layout
+                )
                 steps[run] += 1
                 step = steps[run] if rng.random() < 0.97 else rng.randrange(steps[run] + 1)
                 events.append(Norms(run, rank, 1.0 + rng.random(), step, False, groups))
@@ -359,8 +446,14 @@ def _traffic(rng: random.Random, n: int):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed, monkeypatch):
-    limits = make_limits(max_runs=3, max_groups_per_run=3, max_ranks_per_run=2, ttl_s=5.0,
-                         ended_retention_s=1.0, evict_after_s=2.0)
+    limits = make_limits(
+        max_runs=3,
+        max_groups_per_run=3,
+        max_ranks_per_run=2,
+        ttl_s=5.0,
+        ended_retention_s=1.0,
+        evict_after_s=2.0,
+    )
     fast_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.fast"))
     ref_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.ref"))
     taken = Counter()
@@ -406,26 +499,33 @@ def _both(frames, now=1000.0):
 
 def test_a_message_that_passes_the_runs_latest_step_and_then_goes_back_lands_on_its_last():
     g = (GroupNorm("g", "host", 1, 1.0, 0, False, False),)
-    snap = _both([
-        encode(Norms("r", 1, 1.0, 20, False, g), seq=0),
-        encode(Norms("r", 0, 2.0, 30, False, ()), seq=0),  # rank 0 moves the run to 30
-        # Rank 1's message passes 30, then steps back (a restart): in order, the run's
-        # latest capture is its last event, step 21.
-        encode([Norms("r", 1, 3.0, 31, False, g), Norms("r", 1, 4.0, 21, False, g)], seq=1),
-    ])
+    snap = _both(
+        [
+            encode(Norms("r", 1, 1.0, 20, False, g), seq=0),
+            encode(Norms("r", 0, 2.0, 30, False, ()), seq=0),  # rank 0 moves the run to 30
+            # Rank 1's message passes 30, then steps back (a restart): in order, the run's
+            # latest capture is its last event, step 21.
+            encode([Norms("r", 1, 3.0, 31, False, g), Norms("r", 1, 4.0, 21, False, g)], seq=1),
+        ]
+    )
     (run,) = snap.runs
     assert (run.last_step, run.last_capture_time, run.captures) == (21, 4.0, 4)
 
 
 def test_a_group_behind_another_ranks_step_is_applied_as_records():
-    h = (GroupNorm("h", "host", 1, 1.0, 0, False, False),
-         GroupNorm("g", "host", 1, 2.0, 0, False, False))
-    snap = _both([
-        encode(Norms("r", 0, 1.0, 5, False, h), seq=0),
-        encode(Norms("r", 1, 1.0, 9, False, h[1:]), seq=0),  # g at step 9 from rank 1
-        encode(Norms("r", 0, 1.0, 6, False, (h[0]._replace(sq=3.0), h[1]._replace(sq=4.0))),
-               seq=1),  # h moves on; g stays at rank 1's step 9
-    ])
+    h = (
+        GroupNorm("h", "host", 1, 1.0, 0, False, False),
+        GroupNorm("g", "host", 1, 2.0, 0, False, False),
+    )
+    snap = _both(
+        [
+            encode(Norms("r", 0, 1.0, 5, False, h), seq=0),
+            encode(Norms("r", 1, 1.0, 9, False, h[1:]), seq=0),  # g at step 9 from rank 1
+            encode(
+                Norms("r", 0, 1.0, 6, False, (h[0]._replace(sq=3.0), h[1]._replace(sq=4.0))), seq=1
+            ),  # h moves on; g stays at rank 1's step 9
+        ]
+    )
     groups = {g.name: (g.sq, g.step) for g in snap.runs[0].groups}
     assert groups == {"h": (3.0, 6), "g": (2.0, 9)}
 
@@ -433,13 +533,18 @@ def test_a_group_behind_another_ranks_step_is_applied_as_records():
 # --- through the daemon's socket -----------------------------------------------------
 
 
-async def test_the_daemon_takes_both_paths_and_rejects_what_decode_rejects(start_daemon,
-                                                                          push):
+async def test_the_daemon_takes_both_paths_and_rejects_what_decode_rejects(start_daemon, push):
     d = await start_daemon()
     sock = push(d.endpoint)
     sock.send(encode([HEALTHY._replace(step=s) for s in range(1, 5)], seq=0))
-    sock.send(encode(HEALTHY._replace(step=5, groups=(
-        GroupNorm("host", "host", 1_000_000, math.inf, 3, False, False),)), seq=1))
+    sock.send(
+        encode(
+            HEALTHY._replace(
+                step=5, groups=(GroupNorm("host", "host", 1_000_000, math.inf, 3, False, False),)
+            ),
+            seq=1,
+        )
+    )
     sock.send(b"\x92" + pack(wire(HEALTHY, 2)) + _17_KEYS_WITH_REPEATS)
     sock.send(encode(HEALTHY._replace(step=6), seq=3))
 

@@ -10,10 +10,10 @@ import urllib.request
 import msgpack
 import pytest
 import zmq
+from daemon_support import get, hello, host_seed, wait_for
 
 from esper_telemetry import REASONS, WireError, decode, encode
 from esper_telemetry.defaults import MAX_MESSAGE_BYTES
-from daemon_support import get, hello, host_seed, wait_for
 
 
 def sent_all(running, n):
@@ -69,11 +69,13 @@ def _bad_frames(rng: random.Random, n: int):
 
 
 async def test_a_flood_of_bad_frames_is_counted_and_a_good_collector_is_unharmed(
-        start_daemon, push):
+    start_daemon, push
+):
     # Every frame is sent before the daemon (on this thread's loop) reads one: a receive
     # buffer that holds them all (the default holds 32 messages per sender).
-    d = await start_daemon(zmq_receive_buffer_bytes=8 << 30,
-                           zmq_max_message_bytes=MAX_MESSAGE_BYTES)  # the codec's limits
+    d = await start_daemon(
+        zmq_receive_buffer_bytes=8 << 30, zmq_max_message_bytes=MAX_MESSAGE_BYTES
+    )  # the codec's limits
     rng = random.Random(1234)
     bad, good = push(d.endpoint), push(d.endpoint)
     frames = _bad_frames(rng, 3000)
@@ -163,7 +165,8 @@ async def test_http_endpoints(start_daemon):
     assert headers.get("Content-Encoding") == "gzip"
     assert b"esper_daemon_events_total" in gzip.decompress(body)
     status, body, headers = await asyncio.to_thread(
-        raw, "GET", {"Accept": "application/openmetrics-text; version=1.0.0"})
+        raw, "GET", {"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert headers["Content-Type"].startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
 
@@ -203,7 +206,8 @@ async def test_shutdown_gives_up_draining_at_the_deadline(start_daemon):
 
 
 async def test_shutdown_stops_receiving_turns_unready_and_lingers_until_a_scrape(
-        start_daemon, push):
+    start_daemon, push
+):
     d = await start_daemon(shutdown_linger_s=30.0)
     push(d.endpoint).send(encode(host_seed(host_sq=1.0)))
     await wait_for(lambda: d.daemon.stats.events == 1, 10, "one event")

@@ -9,10 +9,10 @@ import socket
 
 import pytest
 import zmq
+from daemon_support import make_config
 
 from esper_telemetry.daemon.app import Daemon, Signals, StartupError
 from esper_telemetry.daemon.config import WebAddress
-from daemon_support import make_config
 
 
 def test_first_signal_requests_a_graceful_stop_and_the_second_forces_exit():
@@ -31,8 +31,12 @@ async def test_web_port_in_use_is_a_startup_error_and_releases_the_zmq_socket():
     busy.listen()
     port = busy.getsockname()[1]
     try:
-        d = Daemon(make_config(zmq_listen_addresses=("tcp://127.0.0.1:*",),
-                               web_listen_address=WebAddress("127.0.0.1", port)))
+        d = Daemon(
+            make_config(
+                zmq_listen_addresses=("tcp://127.0.0.1:*",),
+                web_listen_address=WebAddress("127.0.0.1", port),
+            )
+        )
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
             await d.start()
         assert d.receiver._sockets == [] and not d.ready()
@@ -78,8 +82,9 @@ def _ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
 async def test_an_ipv6_zmq_listen_address_binds_and_ingests():
     # The configuration accepts tcp://[ADDR]:PORT; libzmq binds it only with ZMQ_IPV6 set.
-    from esper_telemetry import encode
     from daemon_support import host_seed, wait_for
+
+    from esper_telemetry import encode
 
     d = Daemon(make_config(zmq_listen_addresses=("tcp://[::1]:*",)))
     await d.start()

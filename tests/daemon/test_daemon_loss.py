@@ -7,14 +7,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import List
 
 import pytest
 import zmq
+from live_daemon import LiveDaemon
 
 from esper_telemetry import GroupNorm, Heartbeat, Norms, encode
 from esper_telemetry.defaults import DEFAULT_ZMQ_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES
-from live_daemon import LiveDaemon
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def test_sigterm_under_load_from_two_senders_applied_plus_counted_equals_sent(tm
     d = LiveDaemon(tmp_path / "d.log", "--shutdown.timeout-seconds=20")
     ctx = zmq.Context()
     per_sender = 40_000
-    sent: List[int] = [0, 0]
+    sent: list[int] = [0, 0]
     halfway = threading.Barrier(3)
 
     def sender(i: int) -> None:
@@ -98,9 +97,18 @@ def test_oversize_frames_show_up_as_gaps_and_lost_plus_arrived_equals_produced(t
                 # A valid numbered message past the daemon's limit: libzmq refuses it and
                 # drops the connection (with whatever else its pipe held).
                 events = [Heartbeat("big", 0, 1.0, seq, 0, 0, 0)] + [
-                    Norms("big", 0, 1.0, seq, False,
-                          tuple(GroupNorm(f"{pad}{g}", "group", 1, 1.0, 0, False, False)
-                                for g in range(200)))] * 2
+                    Norms(
+                        "big",
+                        0,
+                        1.0,
+                        seq,
+                        False,
+                        tuple(
+                            GroupNorm(f"{pad}{g}", "group", 1, 1.0, 0, False, False)
+                            for g in range(200)
+                        ),
+                    )
+                ] * 2
                 frame = encode(events, seq=seq)
                 assert limit < len(frame) <= MAX_MESSAGE_BYTES
                 oversize += 1
@@ -123,7 +131,8 @@ def test_oversize_frames_show_up_as_gaps_and_lost_plus_arrived_equals_produced(t
         def done(s):
             lost = s.get(("esper_messages_lost_total", (("rank", "0"), ("run", "big"))))
             return lost is not None and s.get(("esper_daemon_messages_total", ())) >= (
-                produced - lost - oversize)
+                produced - lost - oversize
+            )
 
         s = d.scrape_until(done, "the last message", 15)
         time.sleep(0.3)
@@ -140,9 +149,10 @@ def test_oversize_frames_show_up_as_gaps_and_lost_plus_arrived_equals_produced(t
 
 def _max_size_valid_frame(run: str) -> bytes:
     """A valid numbered batch as close to the wire's limit as it gets: many large Norms."""
-    groups = tuple(GroupNorm(f"{'g' * 240}{i:03d}", "group", 1, 1.0, 0, False, False)
-                   for i in range(256))
-    events: List[Norms] = []
+    groups = tuple(
+        GroupNorm(f"{'g' * 240}{i:03d}", "group", 1, 1.0, 0, False, False) for i in range(256)
+    )
+    events: list[Norms] = []
     while True:
         events.append(Norms(run, 0, 1.0, len(events), False, groups))
         if len(encode(events, seq=0)) > DEFAULT_ZMQ_MAX_MESSAGE_BYTES:
@@ -221,6 +231,7 @@ def test_drain_measures_quiet_from_the_end_of_a_slow_turn_not_its_start():
         for seq in range(10):
             push.send(heartbeat("slow", seq))
         applied = []
+
         def rest() -> None:
             for seq in range(10, 20):
                 try:
@@ -236,8 +247,8 @@ def test_drain_measures_quiet_from_the_end_of_a_slow_turn_not_its_start():
                 batches += 1
                 applied.append(batch)
             if batches and not later.is_alive() and not later.finished.is_set():
-                later.start()      # the rest arrives 50 ms after this slow turn ends
-                time.sleep(0.3)    # a turn longer than the quiet window (0.1 s)
+                later.start()  # the rest arrives 50 ms after this slow turn ends
+                time.sleep(0.3)  # a turn longer than the quiet window (0.1 s)
             return batches
 
         left = await receiver.drain(apply, time.monotonic() + 5.0)

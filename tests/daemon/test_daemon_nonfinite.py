@@ -12,14 +12,14 @@ import math
 
 import pytest
 import zmq
+from daemon_process import scrape_until, spawn, started
+from daemon_support import get, gn, hello, http_get, norms, parse, registry_for, wait_for
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 
 from esper_telemetry import decode, encode
 from esper_telemetry.daemon.textformat import render_text
-from daemon_process import scrape_until, spawn, started
-from daemon_support import get, gn, hello, http_get, norms, parse, registry_for, wait_for
 
 DECLS = (("host", "host", 400, False), ("seed", "seed", 100, True), ("frozen", "group", 50, True))
 
@@ -28,11 +28,16 @@ def exploding(run="r", step=1, host_sq=16.0, seed_sq=math.inf, frozen_sq=math.na
     """Norms with a seed holding an Inf and another group holding a NaN, as the wire sends
     them (a non-finite sum comes with a non-finite count)."""
     nf = lambda sq: 0 if sq is None or math.isfinite(sq) else 1
-    return norms(run, 0, step, (
-        gn("host", host_sq, "host", 400, nonfinite=nf(host_sq)),
-        gn("seed", seed_sq, "seed", 100, nonfinite=nf(seed_sq), isolated=True),
-        gn("frozen", frozen_sq, "group", 50, nonfinite=nf(frozen_sq), isolated=True),
-    ))
+    return norms(
+        run,
+        0,
+        step,
+        (
+            gn("host", host_sq, "host", 400, nonfinite=nf(host_sq)),
+            gn("seed", seed_sq, "seed", 100, nonfinite=nf(seed_sq), isolated=True),
+            gn("frozen", frozen_sq, "group", 50, nonfinite=nf(frozen_sq), isolated=True),
+        ),
+    )
 
 
 def test_inf_seed_and_nan_group_have_gradient_a_non_finite_norm_and_ratio(make_agg, clock):
@@ -51,20 +56,28 @@ def test_inf_seed_and_nan_group_have_gradient_a_non_finite_norm_and_ratio(make_a
     assert get(s, "esper_grad_nonfinite_total", run="r", group="host") == 0
 
 
-@pytest.mark.parametrize("host_sq, seed_sq, want", [
-    (16.0, math.nan, "nan"),      # a NaN seed: NaN
-    (math.nan, 4.0, "nan"),       # a NaN host: NaN
-    (math.inf, 4.0, 0.0),         # a finite seed over an exploding host: 0, as computed
-    (math.inf, math.inf, "nan"),  # Inf over Inf: undefined
-    (None, math.inf, math.inf),   # an exploding seed over a host without gradient
-    (0.0, math.inf, math.inf),    # ... or a zero host
-])
+@pytest.mark.parametrize(
+    "host_sq, seed_sq, want",
+    [
+        (16.0, math.nan, "nan"),  # a NaN seed: NaN
+        (math.nan, 4.0, "nan"),  # a NaN host: NaN
+        (math.inf, 4.0, 0.0),  # a finite seed over an exploding host: 0, as computed
+        (math.inf, math.inf, "nan"),  # Inf over Inf: undefined
+        (None, math.inf, math.inf),  # an exploding seed over a host without gradient
+        (0.0, math.inf, math.inf),  # ... or a zero host
+    ],
+)
 def test_seed_ratio_of_non_finite_sums(make_agg, clock, host_sq, seed_sq, want):
     agg, _ = make_agg()
-    agg.apply_batch(decode(encode(exploding(host_sq=host_sq, seed_sq=seed_sq, frozen_sq=1.0))),
-                    clock())
-    ratio = get(parse(generate_latest(registry_for(agg)).decode()),
-                "esper_seed_grad_ratio", run="r", seed="seed")
+    agg.apply_batch(
+        decode(encode(exploding(host_sq=host_sq, seed_sq=seed_sq, frozen_sq=1.0))), clock()
+    )
+    ratio = get(
+        parse(generate_latest(registry_for(agg)).decode()),
+        "esper_seed_grad_ratio",
+        run="r",
+        seed="seed",
+    )
     if want == "nan":
         assert math.isnan(ratio)
     else:
@@ -74,12 +87,32 @@ def test_seed_ratio_of_non_finite_sums(make_agg, clock, host_sq, seed_sq, want):
 def test_a_sharded_step_with_an_inf_shard_is_inf(make_agg, clock):
     agg, _ = make_agg()
     agg.apply_batch([hello(world_size=2, decls=DECLS)], clock())
-    agg.apply_batch([norms(rank=0, step=3, groups=[gn("seed", 4.0, "seed", 100, sharded=True),
-                                                   gn("host", 1.0, "host", 400, sharded=True)])],
-                    clock())
-    agg.apply_batch([norms(rank=1, step=3, groups=[
-        gn("seed", math.inf, "seed", 100, nonfinite=1, sharded=True),
-        gn("host", math.nan, "host", 400, nonfinite=1, sharded=True)])], clock())
+    agg.apply_batch(
+        [
+            norms(
+                rank=0,
+                step=3,
+                groups=[
+                    gn("seed", 4.0, "seed", 100, sharded=True),
+                    gn("host", 1.0, "host", 400, sharded=True),
+                ],
+            )
+        ],
+        clock(),
+    )
+    agg.apply_batch(
+        [
+            norms(
+                rank=1,
+                step=3,
+                groups=[
+                    gn("seed", math.inf, "seed", 100, nonfinite=1, sharded=True),
+                    gn("host", math.nan, "host", 400, nonfinite=1, sharded=True),
+                ],
+            )
+        ],
+        clock(),
+    )
     s = parse(render_text(registry_for(agg)).decode())
     assert get(s, "esper_grad_norm", run="r", group="seed") == math.inf
     assert math.isnan(get(s, "esper_grad_norm", run="r", group="host"))
@@ -95,8 +128,11 @@ def _literal(text: str, name: str, **labels: str) -> str:
     raise AssertionError(f"no {name}{labels} in:\n{text}")
 
 
-@pytest.mark.parametrize("encoder", [render_text, generate_latest, generate_openmetrics],
-                         ids=["fast text", "generate_latest", "openmetrics"])
+@pytest.mark.parametrize(
+    "encoder",
+    [render_text, generate_latest, generate_openmetrics],
+    ids=["fast text", "generate_latest", "openmetrics"],
+)
 def test_every_encoder_writes_plus_inf_and_nan(make_agg, clock, encoder):
     agg, _ = make_agg()
     agg.apply_batch([hello(decls=DECLS), exploding()], clock())
@@ -108,8 +144,11 @@ def test_every_encoder_writes_plus_inf_and_nan(make_agg, clock, encoder):
     if encoder is generate_openmetrics:
         # promtool 2.42 cannot lint OpenMetrics (it has no "info" type): the strict
         # OpenMetrics parser of prometheus_client reads it instead, values included.
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in parse_om(text) for s in f.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in parse_om(text)
+            for s in f.samples
+        }
         assert samples[("esper_grad_norm", (("group", "seed"), ("run", "r")))] == math.inf
         assert math.isnan(samples[("esper_grad_norm", (("group", "frozen"), ("run", "r")))])
 
@@ -138,8 +177,9 @@ def test_console_script_exports_plus_inf_for_an_exploding_seed():
         sock.connect(endpoint)
         sock.send(encode(hello(run="boom", decls=DECLS)))
         sock.send(encode([exploding(run="boom", step=s) for s in range(1, 4)]))
-        s = scrape_until(f"http://{web}/metrics",
-                         lambda s: get(s, "esper_daemon_events_total") == 4)
+        s = scrape_until(
+            f"http://{web}/metrics", lambda s: get(s, "esper_daemon_events_total") == 4
+        )
         sock.close()
         ctx.term()
         assert get(s, "esper_daemon_events_total") == 4

@@ -7,12 +7,12 @@ import asyncio
 import logging
 
 import pytest
+from daemon_support import heartbeat, host_seed, make_limits, wait_for
 
 from esper_telemetry.daemon.aggregator import Aggregator
 from esper_telemetry.daemon.pump import Pump
 from esper_telemetry.daemon.queue import EventQueue
 from esper_telemetry.daemon.stats import DaemonStats
-from daemon_support import heartbeat, host_seed, make_limits, wait_for
 
 
 @pytest.fixture

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import generate_latest
-
-from esper_telemetry.daemon.config import ConfigError, parse_args
+import pytest
 from daemon_support import (
-    gn,
     get,
+    gn,
     goodbye,
     heartbeat,
     hello,
@@ -21,8 +19,9 @@ from daemon_support import (
     parse,
     registry_for,
 )
+from prometheus_client import generate_latest
 
-import pytest
+from esper_telemetry.daemon.config import ConfigError, parse_args
 
 
 def expose(agg):
@@ -147,8 +146,9 @@ def test_a_refused_flood_scans_the_table_once_per_turn(make_agg, clock):
 
 def test_an_ended_run_keeps_its_final_values_for_the_retention_marked_ended(make_agg, clock):
     agg, stats = make_agg(ended_retention_s=300.0, ttl_s=100.0)
-    agg.apply_batch([host_seed(run="short", step=42, host_sq=36.0), heartbeat(run="short")],
-                    clock())
+    agg.apply_batch(
+        [host_seed(run="short", step=42, host_sq=36.0), heartbeat(run="short")], clock()
+    )
     assert get(expose(agg), "esper_run_ended", run="short") == 0
     agg.apply_batch([goodbye(run="short")], clock())
     clock.advance(200)  # past the TTL: an ended run does not expire, it is kept
@@ -197,8 +197,9 @@ def test_a_run_heard_from_after_it_ended_starts_again_from_zero(make_agg, clock)
 def test_the_settings_parse_and_refuse_negative_values():
     cfg = parse_args([], environ={})
     assert (cfg.run_ended_retention_s, cfg.run_evict_after_s) == (300.0, 60.0)
-    cfg = parse_args(["--run.ended-retention-seconds=0"],
-                     environ={"ESPER_RUN_EVICT_AFTER_SECONDS": "5"})
+    cfg = parse_args(
+        ["--run.ended-retention-seconds=0"], environ={"ESPER_RUN_EVICT_AFTER_SECONDS": "5"}
+    )
     assert (cfg.run_ended_retention_s, cfg.run_evict_after_s) == (0.0, 5.0)
     with pytest.raises(ConfigError, match="ESPER_RUN_ENDED_RETENTION_SECONDS"):
         parse_args([], environ={"ESPER_RUN_ENDED_RETENTION_SECONDS": "-1"})
@@ -209,16 +210,28 @@ def test_the_settings_parse_and_refuse_negative_values():
 
 def test_each_group_exports_the_step_of_its_latest_capture(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply_batch([hello(world_size=2, decls=(("host", "host", 400, False),
-                                                 ("shard", "group", 10, False)))], clock())
+    agg.apply_batch(
+        [hello(world_size=2, decls=(("host", "host", 400, False), ("shard", "group", 10, False)))],
+        clock(),
+    )
     s = expose(agg)
     assert names(s, "esper_group_last_step") == {}  # nothing captured yet
-    agg.apply_batch([norms(rank=0, step=8, groups=(gn("host", 4.0, "host", 400),
-                                                   gn("shard", 1.0, sharded=True))),
-                     norms(rank=1, step=8, groups=(gn("shard", 3.0, sharded=True),)),
-                     norms(rank=0, step=9, groups=(gn("host", 9.0, "host", 400),
-                                                   gn("shard", 1.0, sharded=True)))],
-                    clock())
+    agg.apply_batch(
+        [
+            norms(
+                rank=0,
+                step=8,
+                groups=(gn("host", 4.0, "host", 400), gn("shard", 1.0, sharded=True)),
+            ),
+            norms(rank=1, step=8, groups=(gn("shard", 3.0, sharded=True),)),
+            norms(
+                rank=0,
+                step=9,
+                groups=(gn("host", 9.0, "host", 400), gn("shard", 1.0, sharded=True)),
+            ),
+        ],
+        clock(),
+    )
     s = expose(agg)
     # The host's latest capture is step 9; the sharded group's latest complete step is 8.
     assert get(s, "esper_group_last_step", run="r", group="host") == 9

@@ -16,9 +16,11 @@ from collections import Counter
 
 import pytest
 import zmq
+from daemon_support import FakeClock, get, gn, goodbye, hello, host_seed, norms, parse
+from live_daemon import LiveDaemon
 from prometheus_client import generate_latest
 
-from esper_telemetry import encode
+from esper_telemetry import DeviceMismatch, IsolationViolation, encode
 from esper_telemetry.daemon.exporter import (
     Exposition,
     process_registry,
@@ -27,20 +29,26 @@ from esper_telemetry.daemon.exporter import (
 )
 from esper_telemetry.daemon.snapshot import GroupSnapshot, RunSnapshot
 from esper_telemetry.daemon.textformat import OPENMETRICS, TEXT
-from esper_telemetry import IsolationViolation, DeviceMismatch
-from daemon_support import FakeClock, get, gn, goodbye, hello, host_seed, http_get, norms, parse
-from live_daemon import LiveDaemon
-
 
 # --- how many series a run makes, without making them -------------------------------------
+
 
 def _groups():
     """Groups in every state the exporter tells apart."""
     for role, isolated, captured, sq, step, violations, vstep, stale, params in itertools.product(
-            ("host", "seed", "group"), (False, True), (False, True), (None, 4.0, float("nan")),
-            (-1, 3), ({}, {"gradient": 2}, {"other": 1}), (-1, 5), (False, True), (None, 10)):
-        yield GroupSnapshot(f"{role}", role, params, isolated, captured, sq, step, 0,
-                            dict(violations), vstep, stale)
+        ("host", "seed", "group"),
+        (False, True),
+        (False, True),
+        (None, 4.0, float("nan")),
+        (-1, 3),
+        ({}, {"gradient": 2}, {"other": 1}),
+        (-1, 5),
+        (False, True),
+        (None, 10),
+    ):
+        yield GroupSnapshot(
+            f"{role}", role, params, isolated, captured, sq, step, 0, dict(violations), vstep, stale
+        )
 
 
 def test_run_series_counts_exactly_the_rows_a_run_makes():
@@ -48,8 +56,9 @@ def test_run_series_counts_exactly_the_rows_a_run_makes():
     checked = 0
     for i in range(0, len(groups), 7):
         for mismatch, last_step, ended in itertools.product(
-                ({}, {"split": 1}, {"weird": 2}), (-1, 4), (False, True)):
-            members = tuple(g._replace(name=f"g{j}") for j, g in enumerate(groups[i:i + 7]))
+            ({}, {"split": 1}, {"weird": 2}), (-1, 4), (False, True)
+        ):
+            members = tuple(g._replace(name=f"g{j}") for j, g in enumerate(groups[i : i + 7]))
             run = RunSnapshot("r", 3, last_step, 1.0, 1, 0, 0, dict(mismatch), members, ended)
             for lost in ((), ((0, 2),), ((0, 1), (3, 4))):
                 expected = sum(len(rows) for rows in run_rows(run, lost))
@@ -59,6 +68,7 @@ def test_run_series_counts_exactly_the_rows_a_run_makes():
 
 
 # --- which runs a capped scrape keeps -------------------------------------------------------
+
 
 def _agg_with_runs(make_agg, clock):
     """Live runs with norms (a, b, c, in that order), one that never sent norms, one ended."""
@@ -91,8 +101,13 @@ def test_a_capped_scrape_keeps_whole_live_runs_held_longest_and_always_its_own(m
         assert len(s) <= cap
         shown = {r: _series_of(s, r) for r in per_run}
         # a and b, held longest, whole; c does not fit; quiet (no norms) fits in the rest.
-        assert shown == {"a": per_run["a"], "b": per_run["b"], "c": 0,
-                         "quiet": per_run["quiet"], "done": 0}
+        assert shown == {
+            "a": per_run["a"],
+            "b": per_run["b"],
+            "c": 0,
+            "quiet": per_run["quiet"],
+            "done": 0,
+        }
         assert get(s, "esper_daemon_scrape_omitted_runs") == 2
         assert get(s, "esper_daemon_scrape_omitted_series") == per_run["c"] + per_run["done"]
         assert get(s, "esper_daemon_scrapes_truncated_total") == 1
@@ -116,7 +131,8 @@ def test_an_uncapped_scrape_says_nothing_was_left_out(make_agg, clock):
 
 
 def test_truncation_is_logged_when_it_starts_then_at_most_every_reminder_and_when_it_ends(
-        make_agg, clock, caplog):
+    make_agg, clock, caplog
+):
     agg = _agg_with_runs(make_agg, clock)
     snap = agg.snapshot()
     t = FakeClock()
@@ -126,8 +142,9 @@ def test_truncation_is_logged_when_it_starts_then_at_most_every_reminder_and_whe
         exposition.scrape(snap)
         t.advance(1)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert re.search(r"\d+ of 5 runs \(\d+ series\) over --web.max-series=100",
-                     caplog.records[0].getMessage())
+    assert re.search(
+        r"\d+ of 5 runs \(\d+ series\) over --web.max-series=100", caplog.records[0].getMessage()
+    )
     t.advance(300)
     exposition.scrape(snap)  # still truncated after the reminder interval: said again
     assert len(caplog.records) == 2
@@ -140,35 +157,53 @@ def test_truncation_is_logged_when_it_starts_then_at_most_every_reminder_and_whe
 
 def test_fast_rendering_carries_the_same_samples_as_the_collector(make_agg, clock):
     agg, stats = make_agg()
-    agg.apply_batch([hello(run='q"\\x\n'), host_seed(run='q"\\x\n'),
-                     IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
-                     DeviceMismatch("b", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
-                     norms(run="n", groups=[gn("host", float("nan"), "host", 400, nonfinite=1),
-                                            gn("seed", float("inf"), "seed", 100)])], clock())
+    agg.apply_batch(
+        [
+            hello(run='q"\\x\n'),
+            host_seed(run='q"\\x\n'),
+            IsolationViolation("b", 0, 1.0, 1, "seed", "gradient", "e", 1.0),
+            DeviceMismatch("b", 0, 1.0, "mixed", "seed", ("cpu", "cuda:0")),
+            norms(
+                run="n",
+                groups=[
+                    gn("host", float("nan"), "host", 400, nonfinite=1),
+                    gn("seed", float("inf"), "seed", 100),
+                ],
+            ),
+        ],
+        clock(),
+    )
     agg.apply_batch([heartbeat_seq()], clock())
     scrape = Exposition(10**6, process_registry()).scrape(agg.snapshot())
     slow = parse(generate_latest(scrape).decode())
     fast = parse(scrape.render(TEXT).decode())
     assert len(fast) > 60 and fast.keys() == slow.keys()
     same = lambda a, b: a == b or (a != a and b != b)
-    assert all(same(fast[k], slow[k]) for k in slow if not k[0].startswith(("process_", "python_gc")))
+    assert all(
+        same(fast[k], slow[k]) for k in slow if not k[0].startswith(("process_", "python_gc"))
+    )
 
 
 def heartbeat_seq():
     from daemon_support import heartbeat
+
     return heartbeat(run="n")._replace(seq=0)
 
 
 # --- a real daemon process past its cap -----------------------------------------------------
 
 GROUPS = 40  # a host and 39 isolated seeds
-DECLS = [("host", "host", 1000, False)] + [(f"seed-{i:02d}", "seed", 100, True)
-                                           for i in range(GROUPS - 1)]
+DECLS = [("host", "host", 1000, False)] + [
+    (f"seed-{i:02d}", "seed", 100, True) for i in range(GROUPS - 1)
+]
 
 
 def _norms(run: str):
-    return norms(run=run, groups=[gn("host", 4.0, "host", 1000)] + [
-        gn(f"seed-{i:02d}", 1.0 + i, "seed", 100, isolated=True) for i in range(GROUPS - 1)])
+    return norms(
+        run=run,
+        groups=[gn("host", 4.0, "host", 1000)]
+        + [gn(f"seed-{i:02d}", 1.0 + i, "seed", 100, isolated=True) for i in range(GROUPS - 1)],
+    )
 
 
 def _proc_rss_mib(pid: int) -> float:
@@ -197,30 +232,39 @@ def test_a_real_daemon_past_its_series_cap_leaves_whole_idle_runs_out_and_counts
         push.close()
         s = daemon.scrape_until(lambda s: get(s, "esper_daemon_runs") == 50, "50 runs held")
         # As Prometheus asks (OpenMetrics first, gzip), and as text: the same cap.
-        for accept in ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
-                       "text/plain"):
+        for accept in (
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            "text/plain",
+        ):
             status, body, headers = http_get_with(daemon.url, accept)
             assert status == 200
             lines = [ln for ln in body.splitlines() if ln and not ln.startswith("#")]
             s = parse(body.replace("# EOF\n", ""))
             assert len(lines) == len(s) <= cap
-            per_run = Counter(m.group(1) for ln in lines
-                              for m in [re.search(r'run="([^"]+)"', ln)] if m)
+            per_run = Counter(
+                m.group(1) for ln in lines for m in [re.search(r'run="([^"]+)"', ln)] if m
+            )
             # Whole runs only, every one of the same size, and only live ones.
             sizes = set(per_run.values())
             assert len(sizes) == 1, per_run
             (size,) = sizes
             shown = sorted(per_run)
-            assert shown == live[:len(shown)] and len(shown) == (cap - (len(s) - size * len(shown))) // size
+            assert (
+                shown == live[: len(shown)]
+                and len(shown) == (cap - (len(s) - size * len(shown))) // size
+            )
             omitted = 50 - len(shown)
             assert get(s, "esper_daemon_scrape_omitted_runs") == omitted
             # A run that never sent norms has no norm, step, ratio or isolation series.
             quiet_size = size - (2 + GROUPS * 3 + (GROUPS - 1) * 2)
             assert get(s, "esper_daemon_scrape_omitted_series") == (
-                (len(live) - len(shown) + len(done)) * size + len(quiet) * quiet_size)
+                (len(live) - len(shown) + len(done)) * size + len(quiet) * quiet_size
+            )
             assert get(s, "esper_daemon_runs") == 50 and get(s, "process_resident_memory_bytes")
-            print(f"{headers.get('Content-Type')}: {len(lines)} series, {len(body)} bytes, "
-                  f"{len(shown)} of 50 runs")
+            print(
+                f"{headers.get('Content-Type')}: {len(lines)} series, {len(body)} bytes, "
+                f"{len(shown)} of 50 runs"
+            )
             assert len(body) < cap * 200
         truncated = get(s, "esper_daemon_scrapes_truncated_total")
         assert truncated >= 2

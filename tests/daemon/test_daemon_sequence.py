@@ -3,10 +3,10 @@ daemon restarts without false gaps, schema 1 senders counted apart, state bounde
 
 from __future__ import annotations
 
+from daemon_support import goodbye, heartbeat, hello, host_seed, parse, registry_for
 from prometheus_client import generate_latest
 
 from esper_telemetry.daemon.sequence import Sequences
-from daemon_support import goodbye, heartbeat, hello, host_seed, parse, registry_for
 
 
 def numbered(event, seq):
@@ -15,8 +15,11 @@ def numbered(event, seq):
 
 def lost_of(agg):
     s = parse(generate_latest(registry_for(agg, False)).decode())
-    return {dict(labels)["run"] + "/" + dict(labels)["rank"]: v
-            for (name, labels), v in s.items() if name == "esper_messages_lost_total"}
+    return {
+        dict(labels)["run"] + "/" + dict(labels)["rank"]: v
+        for (name, labels), v in s.items()
+        if name == "esper_messages_lost_total"
+    }
 
 
 def test_gaps_are_counted_per_run_and_rank(make_agg, clock):
@@ -110,7 +113,9 @@ def test_an_evicted_run_that_comes_back_counts_from_zero(make_agg, clock):
     assert lost_of(agg) == {"a/0": 0}
 
 
-def test_a_rank_the_run_dropped_makes_room_for_a_new_one_and_a_refused_rank_leaves_nothing(make_agg, clock):
+def test_a_rank_the_run_dropped_makes_room_for_a_new_one_and_a_refused_rank_leaves_nothing(
+    make_agg, clock
+):
     agg, stats = make_agg(max_ranks_per_run=2, ttl_s=10.0)
     agg.apply_batch([numbered(host_seed(rank=0), 0)], clock())
     agg.apply_batch([numbered(host_seed(rank=1), 0)], clock())

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 
+from daemon_support import get, gn, hello, host_seed, names, norms, parse, registry_for
 from prometheus_client import generate_latest
 
 from esper_telemetry import DeviceMismatch, decode, encode
 from esper_telemetry.daemon.aggregator import MAX_KINDS
 from esper_telemetry.daemon.exporter import MISMATCH_KINDS
 from esper_telemetry.daemon.textformat import render_text
-from daemon_support import get, gn, hello, host_seed, names, norms, parse, registry_for
 
 
 def stale(group, run="r", rank=0):
@@ -41,8 +41,10 @@ def test_stale_is_a_mismatch_kind_created_at_zero(make_agg, clock):
     agg.apply_batch([host_seed()], clock())
     s = expose(agg)
     assert get(s, "esper_device_mismatch_total", run="r", kind="stale") == 0
-    assert {dict(k)["group"]: v for k, v in names(s, "esper_group_stale").items()} == \
-        {"host": 0, "seed": 0}
+    assert {dict(k)["group"]: v for k, v in names(s, "esper_group_stale").items()} == {
+        "host": 0,
+        "seed": 0,
+    }
     agg.apply_batch([stale("seed")], clock())
     assert get(expose(agg), "esper_device_mismatch_total", run="r", kind="stale") == 1
 
@@ -85,9 +87,18 @@ def test_a_stale_host_takes_every_seed_ratio_away(make_agg, clock):
 
 def test_stale_hides_a_non_finite_norm_too(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply_batch([norms(groups=[gn("host", 16.0, "host", 400),
-                                   gn("seed", math.inf, "seed", 100, nonfinite=1)]),
-                     stale("seed")], clock())
+    agg.apply_batch(
+        [
+            norms(
+                groups=[
+                    gn("host", 16.0, "host", 400),
+                    gn("seed", math.inf, "seed", 100, nonfinite=1),
+                ]
+            ),
+            stale("seed"),
+        ],
+        clock(),
+    )
     s = parse(render_text(registry_for(agg)).decode())
     assert get(s, "esper_grad_norm", run="r", group="seed") is None
     assert get(s, "esper_seed_grad_ratio", run="r", seed="seed") is None
@@ -97,8 +108,10 @@ def test_stale_hides_a_non_finite_norm_too(make_agg, clock):
 def test_stale_for_a_group_not_seen_yet_creates_it_and_moved_for_one_does_not(make_agg, clock):
     # A daemon restarted after the collector reported: the stale event is all it knows.
     agg, stats = make_agg()
-    agg.apply_batch([stale("adapter"), moved("elsewhere"),
-                     DeviceMismatch("r", 0, 1.0, "stale", "", ())], clock())
+    agg.apply_batch(
+        [stale("adapter"), moved("elsewhere"), DeviceMismatch("r", 0, 1.0, "stale", "", ())],
+        clock(),
+    )
     assert set(groups_of(agg)) == {"adapter"}
     s = expose(agg)
     assert get(s, "esper_group_stale", run="r", group="adapter") == 1
@@ -121,8 +134,11 @@ def test_a_hello_declaring_the_group_starts_it_fresh(make_agg, clock):
 
 def test_staleness_holds_when_the_kind_cap_refuses_to_count_it(make_agg, clock):
     agg, stats = make_agg()
-    agg.apply_batch([host_seed()] + [DeviceMismatch("r", 0, 1.0, f"k{i}", "host", ())
-                                     for i in range(MAX_KINDS)], clock())
+    agg.apply_batch(
+        [host_seed()]
+        + [DeviceMismatch("r", 0, 1.0, f"k{i}", "host", ()) for i in range(MAX_KINDS)],
+        clock(),
+    )
     agg.apply_batch([stale("seed")], clock())
     assert stats.overflow["label_values"] == 1
     s = expose(agg)

@@ -14,20 +14,20 @@ import json
 import logging
 import math
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from daemon_support import FakeClock, gn, hello, make_limits, norms, parse, registry_for
+from deploy_support import RULES, tool
 
 from esper_telemetry.daemon.aggregator import Aggregator
 from esper_telemetry.daemon.stats import DaemonStats
 from esper_telemetry.daemon.textformat import render_text
 
-from daemon_support import FakeClock, gn, hello, make_limits, norms, parse, registry_for
-from deploy_support import RULES, tool
-
 MINUTES = 20
 CAPTURES_PER_MINUTE = 10
 DECLS = (("host", "host", 400, False), ("seed", "seed", 100, False))
-Series = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], List[Optional[float]]]
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], list[float | None]]
 
 
 def scrape_each_minute(seed_sq_at: Callable[[int], float]) -> Series:
@@ -43,10 +43,21 @@ def scrape_each_minute(seed_sq_at: Callable[[int], float]) -> Series:
         for _ in range(CAPTURES_PER_MINUTE):
             step += 1
             sq = seed_sq_at(minute)
-            agg.apply_batch([norms("boom", 0, step, (
-                gn("host", 16.0, "host", 400),
-                gn("seed", sq, "seed", 100, nonfinite=0 if math.isfinite(sq) else 1),
-            ), time_=1_700_000_000.0 + minute * 60)], clock())
+            agg.apply_batch(
+                [
+                    norms(
+                        "boom",
+                        0,
+                        step,
+                        (
+                            gn("host", 16.0, "host", 400),
+                            gn("seed", sq, "seed", 100, nonfinite=0 if math.isfinite(sq) else 1),
+                        ),
+                        time_=1_700_000_000.0 + minute * 60,
+                    )
+                ],
+                clock(),
+            )
             clock.advance(60 / CAPTURES_PER_MINUTE)
         for key, value in parse(render_text(registry_for(agg)).decode()).items():
             if key[0].startswith("esper_"):
@@ -54,9 +65,10 @@ def scrape_each_minute(seed_sq_at: Callable[[int], float]) -> Series:
     return series
 
 
-def promtool_values(values: Sequence[Optional[float]]) -> str:
+def promtool_values(values: Sequence[float | None]) -> str:
     """promtool's expanding notation, one value per minute: '_' where the series is absent."""
-    def one(v: Optional[float]) -> str:
+
+    def one(v: float | None) -> str:
         if v is None:
             return "_"
         if math.isnan(v):
@@ -64,30 +76,40 @@ def promtool_values(values: Sequence[Optional[float]]) -> str:
         if math.isinf(v):
             return "+Inf" if v > 0 else "-Inf"
         return repr(v)
+
     return " ".join(one(v) for v in values)
 
 
-def alerts_firing(series: Series, alertname: str, at_minute: int, tmp: Path) -> List[Dict[str, str]]:
+def alerts_firing(
+    series: Series, alertname: str, at_minute: int, tmp: Path
+) -> list[dict[str, str]]:
     """The alerts named ``alertname`` that promtool evaluates as firing at ``at_minute``,
     from the deployed rules over ``series`` (labels, and the summary as ``summary``):
     learned by asserting none and reading the failure, which lists what fired."""
     tests = {
         "rule_files": [str(RULES)],
         "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [
-                {"series": name + "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}",
-                 "values": promtool_values(values)}
-                for (name, labels), values in sorted(series.items())],
-            "alert_rule_test": [{"eval_time": f"{at_minute}m", "alertname": alertname,
-                                 "exp_alerts": []}],
-        }],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": name + "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}",
+                        "values": promtool_values(values),
+                    }
+                    for (name, labels), values in sorted(series.items())
+                ],
+                "alert_rule_test": [
+                    {"eval_time": f"{at_minute}m", "alertname": alertname, "exp_alerts": []}
+                ],
+            }
+        ],
     }
     path = tmp / "exposition.test.yml"
     path.write_text(json.dumps(tests))  # JSON is YAML
-    result = subprocess.run([tool("promtool"), "test", "rules", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     out = result.stdout + result.stderr
     if result.returncode == 0:
         return []
@@ -96,8 +118,10 @@ def alerts_firing(series: Series, alertname: str, at_minute: int, tmp: Path) -> 
     fired = []
     for chunk in got.split("Labels:")[1:]:
         labels = chunk.split("{", 1)[1].split("}", 1)[0]
-        alert = dict((k.strip(), v.strip().strip('"'))
-                     for k, v in (pair.split("=", 1) for pair in labels.split(", ")))
+        alert = dict(
+            (k.strip(), v.strip().strip('"'))
+            for k, v in (pair.split("=", 1) for pair in labels.split(", "))
+        )
         alert["summary"] = chunk.split('summary="', 1)[1].split('"', 1)[0]
         fired.append(alert)
     assert fired, f"could not read the alerts promtool reported:\n{out}"
@@ -108,11 +132,13 @@ def test_an_exploding_seed_as_the_daemon_exports_it_fires_the_non_finite_alert(t
     # Healthy for 5 minutes, then the seed's gradient holds an Inf at every capture.
     series = scrape_each_minute(lambda m: 4.0 if m < 5 else math.inf)
     norm = series[("esper_grad_norm", (("group", "seed"), ("run", "boom")))]
-    assert norm[4] == 2.0 and norm[MINUTES] == math.inf   # what the daemon exported
+    assert norm[4] == 2.0 and norm[MINUTES] == math.inf  # what the daemon exported
     fired = alerts_firing(series, "EsperNonFiniteGradients", 17, tmp_path)
     assert [(a["run"], a["group"], a["severity"]) for a in fired] == [("boom", "seed", "warning")]
     # Never read as a starved seed: the ratio band's alert fires on the high side, at +Inf.
-    assert series[("esper_seed_grad_ratio", (("run", "boom"), ("seed", "seed")))][MINUTES] == math.inf
+    assert (
+        series[("esper_seed_grad_ratio", (("run", "boom"), ("seed", "seed")))][MINUTES] == math.inf
+    )
     (band,) = alerts_firing(series, "EsperSeedGradRatioOutOfBand", 17, tmp_path)
     assert "gradient ratio +Inf out of band" in band["summary"], band
     assert alerts_firing(series, "EsperNonFiniteGradients", 3, tmp_path) == []
@@ -120,5 +146,9 @@ def test_an_exploding_seed_as_the_daemon_exports_it_fires_the_non_finite_alert(t
 
 def test_a_healthy_run_as_the_daemon_exports_it_fires_nothing_about_gradients(tmp_path) -> None:
     series = scrape_each_minute(lambda m: 4.0)
-    for alert in ("EsperNonFiniteGradients", "EsperSeedGradRatioOutOfBand", "EsperIsolationViolation"):
+    for alert in (
+        "EsperNonFiniteGradients",
+        "EsperSeedGradRatioOutOfBand",
+        "EsperIsolationViolation",
+    ):
         assert alerts_firing(series, alert, 17, tmp_path) == [], alert

@@ -11,19 +11,17 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
 
 import pytest
+from deploy_support import DEPLOY, ROOT, daemon_command, free_port, load_yaml, stop, wait_until
 
 from esper_telemetry import defaults
-
-from deploy_support import DEPLOY, ROOT, daemon_command, free_port, load_yaml, stop, wait_until
 
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE = DEPLOY / "docker" / "compose.yaml"
 
 
-def instructions() -> List[Tuple[str, str]]:
+def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     out, buf = [], ""
     for raw in DOCKERFILE.read_text().splitlines():
@@ -42,7 +40,7 @@ def instructions() -> List[Tuple[str, str]]:
     return out
 
 
-def final_stage() -> List[Tuple[str, str]]:
+def final_stage() -> list[tuple[str, str]]:
     ins = instructions()
     last_from = max(i for i, (word, _) in enumerate(ins) if word == "FROM")
     return ins[last_from:]
@@ -54,15 +52,20 @@ def test_image_installs_the_daemon_extra_and_never_torch() -> None:
     for forbidden in ("[collector]", "[dev]", "pip install torch", "ci-constraints"):
         assert forbidden not in runs, forbidden
     # The build fails if torch is importable.
-    assert 'import torch' in runs and "exit 1" in runs
+    assert "import torch" in runs and "exit 1" in runs
     # Only the distribution's sources are copied, and they exist in the checkout.
     for word, arg in instructions():
         if word == "COPY" and not arg.startswith("--from"):
             *sources, _dest = arg.split()
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
-                assert src.rstrip("/") in ("pyproject.toml", "README.md", "esper_telemetry",
-                                           "daemon", "collector"), src
+                assert src.rstrip("/") in (
+                    "pyproject.toml",
+                    "README.md",
+                    "esper_telemetry",
+                    "daemon",
+                    "collector",
+                ), src
 
 
 def test_image_runs_as_non_root_with_a_health_check() -> None:
@@ -70,7 +73,9 @@ def test_image_runs_as_non_root_with_a_health_check() -> None:
     users = [arg for word, arg in final if word == "USER"]
     assert users, "the final stage sets no USER"
     uid = users[-1].split(":")[0]
-    assert uid.isdigit() and int(uid) != 0, "run as a numeric non-root uid (runAsNonRoot can verify it)"
+    assert uid.isdigit() and int(uid) != 0, (
+        "run as a numeric non-root uid (runAsNonRoot can verify it)"
+    )
     checks = [arg for word, arg in final if word == "HEALTHCHECK"]
     assert len(checks) == 1 and "/-/healthy" in checks[0]
     entry = [arg for word, arg in final if word == "ENTRYPOINT"]
@@ -90,9 +95,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert f"!{src}" in ignore, src
 
 
-def healthcheck_argv() -> List[str]:
+def healthcheck_argv() -> list[str]:
     (check,) = [arg for word, arg in final_stage() if word == "HEALTHCHECK"]
-    cmd = check[check.index("CMD") + 3:].strip()
+    cmd = check[check.index("CMD") + 3 :].strip()
     argv = json.loads(cmd)
     assert argv[0] == "python"
     return [sys.executable, *argv[1:]]
@@ -125,7 +130,8 @@ def test_compose_stack() -> None:
     assert f"127.0.0.1:{defaults.DEFAULT_WEB_PORT}:{defaults.DEFAULT_WEB_PORT}" in ports
     for env in d.get("environment", {}):
         assert env.startswith("ESPER_") and env in {
-            v for k, v in vars(defaults).items() if k.startswith("ENV_")}, env
+            v for k, v in vars(defaults).items() if k.startswith("ENV_")
+        }, env
 
     def mounts(service: str) -> dict:
         out = {}
@@ -135,16 +141,24 @@ def test_compose_stack() -> None:
         return out
 
     prom = mounts("prometheus")
-    assert (COMPOSE.parent / prom["/etc/prometheus/prometheus.yml"]).resolve() == DEPLOY / "docker" / "prometheus.yml"
-    assert (COMPOSE.parent / prom["/etc/prometheus/rules"]).resolve() == DEPLOY / "prometheus" / "rules"
-    assert services["prometheus"]["depends_on"]["esper-telemetryd"]["condition"] == "service_healthy"
+    assert (
+        COMPOSE.parent / prom["/etc/prometheus/prometheus.yml"]
+    ).resolve() == DEPLOY / "docker" / "prometheus.yml"
+    assert (
+        COMPOSE.parent / prom["/etc/prometheus/rules"]
+    ).resolve() == DEPLOY / "prometheus" / "rules"
+    assert (
+        services["prometheus"]["depends_on"]["esper-telemetryd"]["condition"] == "service_healthy"
+    )
     prom_config = load_yaml(DEPLOY / "docker" / "prometheus.yml")
     assert prom_config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
     targets = prom_config["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == [f"esper-telemetryd:{defaults.DEFAULT_WEB_PORT}"]
 
     graf = mounts("grafana")
-    assert (COMPOSE.parent / graf["/etc/grafana/provisioning"]).resolve() == DEPLOY / "docker" / "grafana" / "provisioning"
+    assert (
+        COMPOSE.parent / graf["/etc/grafana/provisioning"]
+    ).resolve() == DEPLOY / "docker" / "grafana" / "provisioning"
     dash_dir = (COMPOSE.parent / graf["/var/lib/grafana/dashboards/esper"]).resolve()
     assert dash_dir == DEPLOY / "grafana" and (dash_dir / "esper-telemetry.json").exists()
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
@@ -165,7 +179,7 @@ SECRETS_SH = DEPLOY / "docker" / "secrets.sh"
 PROMETHEUS_UID, DAEMON_UID = 65534, 65532
 
 
-def _volume(spec: str) -> Tuple[str, str, str]:
+def _volume(spec: str) -> tuple[str, str, str]:
     """(source, target, options) of a short volume syntax."""
     parts = spec.split(":")
     return parts[0], parts[1], parts[2] if len(parts) > 2 else "rw"
@@ -176,8 +190,11 @@ def test_compose_daemon_reads_keys_from_read_only_mounts() -> None:
     d = services["esper-telemetryd"]
     env = d["environment"]
     mounts = {target: (src, opts) for src, target, opts in map(_volume, d["volumes"])}
-    for name in (defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_WEB_CONFIG_FILE,
-                 defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR):
+    for name in (
+        defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
+        defaults.ENV_WEB_CONFIG_FILE,
+        defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+    ):
         path = env[name]
         (target,) = [t for t in mounts if path == t or path.startswith(t + "/")]
         assert mounts[target][1] == "ro", f"{name} is under a writable mount"
@@ -187,8 +204,13 @@ def test_compose_daemon_reads_keys_from_read_only_mounts() -> None:
     src, _ = mounts[env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]]
     assert (COMPOSE.parent / src).is_dir(), "the authorized-keys folder ships (empty)"
     assert d["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
-    assert services["prometheus"]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
-    prom = {target: (src, opts) for src, target, opts in map(_volume, services["prometheus"]["volumes"])}
+    assert (
+        services["prometheus"]["depends_on"]["secrets"]["condition"]
+        == "service_completed_successfully"
+    )
+    prom = {
+        target: (src, opts) for src, target, opts in map(_volume, services["prometheus"]["volumes"])
+    }
     assert prom["/secrets"] == ("secrets", "ro")
 
 
@@ -197,7 +219,9 @@ def test_compose_secrets_service_runs_the_script_with_least_privilege() -> None:
     assert s["image"] == load_yaml(COMPOSE)["services"]["esper-telemetryd"]["image"]
     mounts = {target: (src, opts) for src, target, opts in map(_volume, s["volumes"])}
     script = s["entrypoint"][-1]
-    assert (COMPOSE.parent / mounts[script][0]).resolve() == SECRETS_SH and mounts[script][1] == "ro"
+    assert (COMPOSE.parent / mounts[script][0]).resolve() == SECRETS_SH and mounts[script][
+        1
+    ] == "ro"
     assert mounts["/secrets"] == ("secrets", "rw")
     assert s["cap_drop"] == ["ALL"] and set(s["cap_add"]) <= {"CHOWN", "FOWNER"}
     assert s["network_mode"] == "none" and s["read_only"] is True
@@ -217,8 +241,9 @@ def test_grafana_admin_password_has_no_known_default() -> None:
 def _run_secrets_sh(root: Path) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SECRETS_DIR": str(root)}
-    return subprocess.run(["/bin/sh", str(SECRETS_SH)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        ["/bin/sh", str(SECRETS_SH)], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +258,15 @@ def test_secrets_script_modes_and_owners(made_secrets) -> None:
     d, p = made_secrets / "daemon", made_secrets / "prometheus"
     modes = {f"daemon/{n}": 0o400 for n in ("daemon.key_secret", "tls.key", "web-config.yml")}
     modes.update({f"daemon/{n}": 0o444 for n in ("daemon.key", "tls.crt")})
-    modes.update({"prometheus/password": 0o400, "prometheus/ca.crt": 0o444,
-                  "daemon": 0o750, "prometheus": 0o750, "ca": 0o700})
+    modes.update(
+        {
+            "prometheus/password": 0o400,
+            "prometheus/ca.crt": 0o444,
+            "daemon": 0o750,
+            "prometheus": 0o750,
+            "ca": 0o700,
+        }
+    )
     for name, mode in modes.items():
         assert stat.S_IMODE((made_secrets / name).stat().st_mode) == mode, name
     if os.geteuid() == 0:  # the chowns only run as root, as in the container
@@ -252,36 +284,57 @@ def test_secrets_script_never_overwrites(made_secrets) -> None:
     assert after == before
 
 
-def test_secrets_script_output_is_what_the_daemon_and_prometheus_accept(made_secrets, tmp_path) -> None:
+def test_secrets_script_output_is_what_the_daemon_and_prometheus_accept(
+    made_secrets, tmp_path
+) -> None:
     import bcrypt
 
     compose = load_yaml(COMPOSE)["services"]
     d = made_secrets / "daemon"
     # The password Prometheus sends is the one the daemon's hash admits.
     web = load_yaml(d / "web-config.yml")
-    (user, hashed), = web["basic_auth_users"].items()
+    ((user, hashed),) = web["basic_auth_users"].items()
     scrape = load_yaml(DEPLOY / "docker" / "prometheus.yml")["scrape_configs"][0]
     assert scrape["scheme"] == "https" and scrape["basic_auth"]["username"] == user
-    password_file = Path(scrape["basic_auth"]["password_file"].replace("/secrets", str(made_secrets)))
+    password_file = Path(
+        scrape["basic_auth"]["password_file"].replace("/secrets", str(made_secrets))
+    )
     assert bcrypt.checkpw(password_file.read_bytes(), hashed.encode())
     # The certificate is signed by the CA Prometheus trusts, for the name it checks.
     ca_file = scrape["tls_config"]["ca_file"].replace("/secrets", str(made_secrets))
-    verify = subprocess.run(["openssl", "verify", "-CAfile", ca_file,
-                             "-verify_hostname", scrape["tls_config"]["server_name"],
-                             str(d / web["tls_server_config"]["cert_file"])],
-                            capture_output=True, text=True, timeout=30)
+    verify = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            ca_file,
+            "-verify_hostname",
+            scrape["tls_config"]["server_name"],
+            str(d / web["tls_server_config"]["cert_file"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert scrape["static_configs"][0]["targets"][0].split(":")[0] == scrape["tls_config"]["server_name"]
+    assert (
+        scrape["static_configs"][0]["targets"][0].split(":")[0]
+        == scrape["tls_config"]["server_name"]
+    )
     # The daemon's settings in compose.yaml, on these files, pass its own check.
     keys = tmp_path / "authorized-keys"
     keys.mkdir()
     from esper_telemetry.collector.curve import keygen
+
     keygen(keys, "trainer")
     env = {"PATH": "/usr/bin:/bin"}
     for name, value in compose["esper-telemetryd"]["environment"].items():
-        env[name] = str(value).replace("/secrets", str(made_secrets)).replace("/authorized-keys", str(keys))
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+        env[name] = (
+            str(value).replace("/secrets", str(made_secrets)).replace("/authorized-keys", str(keys))
+        )
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -297,17 +350,25 @@ def test_healthcheck_command_speaks_tls_when_the_web_config_has_it(made_secrets,
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
     proc = subprocess.Popen(
-        [*daemon_command(), f"--zmq.listen-address=tcp://127.0.0.1:{free_port()}",
-         f"--web.listen-address=127.0.0.1:{port}", f"--web.config.file={web / 'web-config.yml'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            *daemon_command(),
+            f"--zmq.listen-address=tcp://127.0.0.1:{free_port()}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.config.file={web / 'web-config.yml'}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         context = ssl._create_unverified_context()
 
         def healthy() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode()
             try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{port}/-/healthy", timeout=1,
-                                            context=context) as resp:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{port}/-/healthy", timeout=1, context=context
+                ) as resp:
                     return resp.status == 200
             except OSError:
                 return False

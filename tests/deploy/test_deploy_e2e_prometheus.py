@@ -17,11 +17,10 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import pytest
-
 from deploy_support import (
     DASHBOARD,
     ROOT,
@@ -49,22 +48,36 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         config = tmp / "prometheus.yml"
         # JSON is YAML: no YAML writer needed.
-        config.write_text(json.dumps({
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                       "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "esper-telemetryd",
-                                "static_configs": [{"targets": [target]}]}],
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "global": {
+                        "scrape_interval": "1s",
+                        "scrape_timeout": "1s",
+                        "evaluation_interval": "1s",
+                    },
+                    "rule_files": [str(RULES)],
+                    "scrape_configs": [
+                        {"job_name": "esper-telemetryd", "static_configs": [{"targets": [target]}]}
+                    ],
+                }
+            )
+        )
         self.log_path = tmp / "prometheus.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={config}",
-             f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}",
-             "--web.console.templates=/nonexistent", "--web.console.libraries=/nonexistent",
-             "--log.level=warn"],
-            cwd=tmp, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                tool("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.console.templates=/nonexistent",
+                "--web.console.libraries=/nonexistent",
+                "--log.level=warn",
+            ],
+            cwd=tmp,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_until(self._ready, 30, "Prometheus /-/ready")
@@ -87,19 +100,22 @@ class Prometheus:
         assert reply["status"] == "success", reply
         return reply["data"]
 
-    def query(self, expr: str) -> List[dict]:
+    def query(self, expr: str) -> list[dict]:
         return self.api("query", query=expr)["result"]
 
-    def value(self, expr: str) -> Optional[float]:
+    def value(self, expr: str) -> float | None:
         """The value of a query that selects one series, or None when it selects none."""
         result = self.query(expr)
         assert len(result) <= 1, f"{expr} selects {len(result)} series"
         return float(result[0]["value"][1]) if result else None
 
-    def alerts(self, name: str, **labels: str) -> List[dict]:
-        return [a for a in self.api("alerts")["alerts"]
-                if a["labels"].get("alertname") == name
-                and all(a["labels"].get(k) == v for k, v in labels.items())]
+    def alerts(self, name: str, **labels: str) -> list[dict]:
+        return [
+            a
+            for a in self.api("alerts")["alerts"]
+            if a["labels"].get("alertname") == name
+            and all(a["labels"].get(k) == v for k, v in labels.items())
+        ]
 
     def log(self) -> str:
         self._log.flush()
@@ -115,15 +131,34 @@ class Trainer:
 
     def __init__(self, tmp: Path, endpoint: str) -> None:
         self.out = tmp / "reference.json"
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
         self.proc = subprocess.Popen(
-            [sys.executable, str(TRAIN), "--run", RUN, "--endpoint", endpoint,
-             "--out", str(self.out), "--steps", "5", "--leak-steps", "3", "--wait-s", "90"],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1,
+            [
+                sys.executable,
+                str(TRAIN),
+                "--run",
+                RUN,
+                "--endpoint",
+                endpoint,
+                "--out",
+                str(self.out),
+                "--steps",
+                "5",
+                "--leak-steps",
+                "3",
+                "--wait-s",
+                "90",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
-        self.output: List[str] = []
+        self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -141,8 +176,10 @@ class Trainer:
                 line = self.lines.get(timeout=min(left, 0.5))
             except queue.Empty:
                 if self.proc.poll() is not None and self.lines.empty():
-                    pytest.fail(f"training script exited with {self.proc.returncode}:\n"
-                                + "".join(self.output))
+                    pytest.fail(
+                        f"training script exited with {self.proc.returncode}:\n"
+                        + "".join(self.output)
+                    )
                 continue
             if line == marker:
                 return json.loads(self.out.read_text())
@@ -152,7 +189,7 @@ class Trainer:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
 
-    def close(self) -> Optional[int]:
+    def close(self) -> int | None:
         if self.proc.poll() is None:
             try:
                 self.send("exit")
@@ -163,7 +200,7 @@ class Trainer:
 
 
 @pytest.fixture
-def stack(tmp_path) -> Iterator[Dict[str, object]]:
+def stack(tmp_path) -> Iterator[dict[str, object]]:
     daemon = Daemon(tmp_path)
     prom = trainer = None
     try:
@@ -184,18 +221,27 @@ def test_training_to_prometheus_norms_and_isolation_alert(stack) -> None:
     trainer: Trainer = stack["trainer"]  # type: ignore[assignment]
 
     # Prometheus scrapes the daemon.
-    wait_until(lambda: prom.value('up{job="esper-telemetryd"}') == 1.0, 20,
-               "Prometheus to scrape the daemon")
+    wait_until(
+        lambda: prom.value('up{job="esper-telemetryd"}') == 1.0,
+        20,
+        "Prometheus to scrape the daemon",
+    )
 
     # --- clean phase: the norms in Prometheus are the float64 reference of the last step.
     ref = trainer.expect("READY clean", 90)
     assert ref["flushed"] is True
     last = ref["step"]
     sel = f'run="{RUN}"'
-    wait_until(lambda: prom.value(f"esper_last_step{{{sel}}}") == last, 20,
-               f"esper_last_step{{{sel}}} == {last} in Prometheus")
-    host = wait_until(lambda: prom.value(f'esper_grad_norm{{{sel},group="host"}}'), 10,
-                      "esper_grad_norm{group=host} in Prometheus")
+    wait_until(
+        lambda: prom.value(f"esper_last_step{{{sel}}}") == last,
+        20,
+        f"esper_last_step{{{sel}}} == {last} in Prometheus",
+    )
+    host = wait_until(
+        lambda: prom.value(f'esper_grad_norm{{{sel},group="host"}}'),
+        10,
+        "esper_grad_norm{group=host} in Prometheus",
+    )
     assert math.isclose(host, ref["norms"]["host"], rel_tol=1e-5), (host, ref["norms"])
     seed = prom.value(f'esper_grad_norm{{{sel},group="seed"}}')
     assert seed is not None and math.isclose(seed, ref["norms"]["seed"], rel_tol=1e-5)
@@ -208,7 +254,8 @@ def test_training_to_prometheus_norms_and_isolation_alert(stack) -> None:
         assert prom.value(f'esper_group_parameters{{{sel},group="{group}"}}') == n
     ratio = prom.value(f'esper_seed_grad_ratio{{{sel},seed="seed"}}')
     expected = (ref["norms"]["seed"] / ref["norms"]["host"]) * math.sqrt(
-        ref["params"]["host"] / ref["params"]["seed"])
+        ref["params"]["host"] / ref["params"]["seed"]
+    )
     assert ratio is not None and math.isclose(ratio, expected, rel_tol=1e-5)
     assert prom.value(f"esper_collectors{{{sel}}}") == 1.0
     assert prom.alerts("EsperIsolationViolation", run=RUN) == []
@@ -229,13 +276,18 @@ def test_training_to_prometheus_norms_and_isolation_alert(stack) -> None:
     trainer.send("leak")
     leaked = trainer.expect("READY leak", 60)
     assert leaked["norms"]["frozen"] is not None and leaked["norms"]["frozen"] > 0
-    wait_until(lambda: prom.value(
-        f'esper_isolation_violations_total{{{sel},group="frozen",kind="gradient"}}'), 20,
-        "esper_isolation_violations_total{group=frozen,kind=gradient} > 0 in Prometheus")
+    wait_until(
+        lambda: prom.value(
+            f'esper_isolation_violations_total{{{sel},group="frozen",kind="gradient"}}'
+        ),
+        20,
+        "esper_isolation_violations_total{group=frozen,kind=gradient} > 0 in Prometheus",
+    )
 
-    def alert_state() -> Optional[str]:
-        states = {a["state"] for a in prom.alerts("EsperIsolationViolation", run=RUN,
-                                                    group="frozen")}
+    def alert_state() -> str | None:
+        states = {
+            a["state"] for a in prom.alerts("EsperIsolationViolation", run=RUN, group="frozen")
+        }
         return "firing" if "firing" in states else ("pending" if "pending" in states else None)
 
     state = wait_until(alert_state, 20, "EsperIsolationViolation pending or firing")

@@ -11,26 +11,22 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Optional
 
 import pytest
-
-from deploy_support import ROOT, free_port, stop, tool, wait_until
 from daemon_process import spawn, started
+from deploy_support import free_port, stop, tool, wait_until
 from tls_support import bcrypt_hash, make_pki
 
 pytestmark = pytest.mark.slow
 
 
-def https_get(url: str, pki, auth: Optional[str] = None, cert: bool = True):
+def https_get(url: str, pki, auth: str | None = None, cert: bool = True):
     context = ssl.create_default_context(cafile=str(pki.ca))
     if cert:
         context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
@@ -48,14 +44,24 @@ def https_get(url: str, pki, auth: Optional[str] = None, cert: bool = True):
 def secured(tmp_path):
     pki = make_pki(tmp_path / "pki")
     web = tmp_path / "web.yml"
-    web.write_text(json.dumps({
-        "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
-                              "client_auth_type": "RequireAndVerifyClientCert",
-                              "client_ca_file": str(pki.ca)},
-        "basic_auth_users": {"prometheus": bcrypt_hash("s3cret", cost=10)},
-    }))
-    proc = spawn("--zmq.listen-address=tcp://127.0.0.1:*", "--web.listen-address=127.0.0.1:0",
-                 f"--web.config.file={web}")
+    web.write_text(
+        json.dumps(
+            {
+                "tls_server_config": {
+                    "cert_file": str(pki.server_cert),
+                    "key_file": str(pki.server_key),
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                    "client_ca_file": str(pki.ca),
+                },
+                "basic_auth_users": {"prometheus": bcrypt_hash("s3cret", cost=10)},
+            }
+        )
+    )
+    proc = spawn(
+        "--zmq.listen-address=tcp://127.0.0.1:*",
+        "--web.listen-address=127.0.0.1:0",
+        f"--web.config.file={web}",
+    )
     try:
         (endpoint,), address = started(proc)
         yield {"pki": pki, "address": address, "endpoint": endpoint, "tmp": tmp_path}
@@ -73,9 +79,9 @@ def test_metrics_need_a_verified_client_and_the_password_health_does_not(secured
         status, _, headers = https_get(f"{base}/metrics", pki, auth=auth)
         assert status == 401, auth
         assert headers.get("WWW-Authenticate", "").startswith("Basic"), headers
-    status, _, _ = https_get(f"{base}/", pki)                     # the landing page too
+    status, _, _ = https_get(f"{base}/", pki)  # the landing page too
     assert status == 401
-    for path in ("/-/healthy", "/-/ready"):                        # open, for probes
+    for path in ("/-/healthy", "/-/ready"):  # open, for probes
         assert https_get(f"{base}{path}", pki)[0] == 200, path
     # Every 401 is counted where an operator looks.
     status, body, _ = https_get(f"{base}/metrics", pki, auth="prometheus:s3cret")
@@ -90,7 +96,7 @@ def test_metrics_need_a_verified_client_and_the_password_health_does_not(secured
         conn.settimeout(5)
         try:
             reply = conn.recv(4096)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             reply = b""
     assert b"esper_" not in reply
 
@@ -101,30 +107,60 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(secured) -> None:
     (tmp / "wrong").write_text("guess\n")
 
     def job(name: str, password_file: Path) -> dict:
-        return {"job_name": name, "scheme": "https", "scrape_interval": "1s",
-                "scrape_timeout": "1s",
-                "tls_config": {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
-                               "key_file": str(pki.client_key)},
-                "basic_auth": {"username": "prometheus", "password_file": str(password_file)},
-                "static_configs": [{"targets": [secured["address"]]}]}
+        return {
+            "job_name": name,
+            "scheme": "https",
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "tls_config": {
+                "ca_file": str(pki.ca),
+                "cert_file": str(pki.client_cert),
+                "key_file": str(pki.client_key),
+            },
+            "basic_auth": {"username": "prometheus", "password_file": str(password_file)},
+            "static_configs": [{"targets": [secured["address"]]}],
+        }
 
     config = tmp / "prometheus.yml"
-    config.write_text(json.dumps({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                                  "scrape_configs": [job("esper-telemetryd", tmp / "password"),
-                                                     job("wrong-password", tmp / "wrong")]}))
-    check = subprocess.run([tool("promtool"), "check", "config", str(config)],
-                           capture_output=True, text=True, timeout=60)
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    job("esper-telemetryd", tmp / "password"),
+                    job("wrong-password", tmp / "wrong"),
+                ],
+            }
+        )
+    )
+    check = subprocess.run(
+        [tool("promtool"), "check", "config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     port = free_port()
     log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen([tool("prometheus"), f"--config.file={config}",
-                             f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        cwd=tmp,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        def targets() -> Optional[Dict[str, dict]]:
+
+        def targets() -> dict[str, dict] | None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/v1/targets", timeout=2
+                ) as r:
                     active = json.load(r)["data"]["activeTargets"]
             except (OSError, ValueError):
                 return None
@@ -137,9 +173,11 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(secured) -> None:
         assert by_job["wrong-password"]["health"] == "down"
         assert "401" in by_job["wrong-password"]["lastError"], by_job["wrong-password"]
 
-        def value() -> Optional[float]:
-            url = (f"http://127.0.0.1:{port}/api/v1/query?query="
-                   "esper_daemon_build_info%7Bjob%3D%22esper-telemetryd%22%7D")
+        def value() -> float | None:
+            url = (
+                f"http://127.0.0.1:{port}/api/v1/query?query="
+                "esper_daemon_build_info%7Bjob%3D%22esper-telemetryd%22%7D"
+            )
             with urllib.request.urlopen(url, timeout=2) as r:
                 result = json.load(r)["data"]["result"]
             return float(result[0]["value"][1]) if result else None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterator, List, Tuple
+from collections.abc import Iterator
 
 import pytest
-
 from deploy_support import (
     DASHBOARD,
     PROMETHEUS_SERIES,
@@ -22,12 +21,23 @@ from deploy_support import (
 # What the dashboard must show (issue 5): per-run norms by group, seed ratios, isolation
 # status, non-finite and device-mismatch rates, collector drops, daemon health.
 REQUIRED_METRICS = {
-    "esper_grad_norm", "esper_seed_grad_ratio", "esper_isolation_ok",
-    "esper_isolation_violations_total", "esper_grad_nonfinite_total",
-    "esper_device_mismatch_total", "esper_collector_dropped_events_total",
-    "esper_daemon_events_total", "esper_daemon_rejected_total", "esper_daemon_overflow_total",
-    "esper_daemon_runs", "esper_last_capture_timestamp_seconds", "esper_collectors",
-    "esper_group_stale", "esper_group_last_step", "esper_run_ended", "esper_daemon_runs_evicted_total",
+    "esper_grad_norm",
+    "esper_seed_grad_ratio",
+    "esper_isolation_ok",
+    "esper_isolation_violations_total",
+    "esper_grad_nonfinite_total",
+    "esper_device_mismatch_total",
+    "esper_collector_dropped_events_total",
+    "esper_daemon_events_total",
+    "esper_daemon_rejected_total",
+    "esper_daemon_overflow_total",
+    "esper_daemon_runs",
+    "esper_last_capture_timestamp_seconds",
+    "esper_collectors",
+    "esper_group_stale",
+    "esper_group_last_step",
+    "esper_run_ended",
+    "esper_daemon_runs_evicted_total",
 }
 
 
@@ -43,7 +53,7 @@ def panels(dash: dict) -> Iterator[dict]:
         yield from p.get("panels", [])  # collapsed rows hold their panels
 
 
-def expressions(dash: dict) -> List[Tuple[str, str]]:
+def expressions(dash: dict) -> list[tuple[str, str]]:
     """(where, expr) for every PromQL expression: panel targets, annotations, variables."""
     out = []
     for p in panels(dash):
@@ -88,8 +98,11 @@ def test_per_run_panels_follow_the_run_variable(dashboard) -> None:
 
 
 def test_dashboard_queries_are_valid_promql(dashboard, tmp_path) -> None:
-    exprs = [grafana_to_promql(e) for where, e in expressions(dashboard)
-             if not where.startswith("variable")]
+    exprs = [
+        grafana_to_promql(e)
+        for where, e in expressions(dashboard)
+        if not where.startswith("variable")
+    ]
     assert len(exprs) >= 20
     promtool_check_exprs(exprs, tmp_path)
 
@@ -114,7 +127,9 @@ def test_importing_asks_for_the_prometheus_data_source(dashboard) -> None:
     inputs = {i["name"]: i for i in dashboard.get("__inputs", [])}
     assert list(inputs) == ["DS_PROMETHEUS"]
     assert (inputs["DS_PROMETHEUS"]["type"], inputs["DS_PROMETHEUS"]["pluginId"]) == (
-        "datasource", "prometheus")
+        "datasource",
+        "prometheus",
+    )
     text = json.dumps(dashboard)
     # Every ${DS_...} the import substitutes is declared, and the one input is used: the
     # data source variable starts on what the import dialog picked.
@@ -132,7 +147,7 @@ def test_variables_for_data_source_run_group_and_no_hard_coded_job(dashboard) ->
     group = variables["group"]
     assert group["multi"] and group["includeAll"]
     query = group["query"]["query"] if isinstance(group["query"], dict) else group["query"]
-    assert '$run' in query, "the group list follows the selected runs"
+    assert "$run" in query, "the group list follows the selected runs"
     for v in variables.values():
         if v["type"] == "query":
             assert v["datasource"]["uid"] == "${datasource}", v["name"]
@@ -147,9 +162,16 @@ def test_variables_for_data_source_run_group_and_no_hard_coded_job(dashboard) ->
         assert job.get("allValue") in (None, "")
 
 
-GROUP_METRICS = {"esper_grad_norm", "esper_group_has_gradient", "esper_group_stale",
-                 "esper_group_parameters", "esper_group_last_step", "esper_isolation_ok",
-                 "esper_isolation_violations_total", "esper_grad_nonfinite_total"}
+GROUP_METRICS = {
+    "esper_grad_norm",
+    "esper_group_has_gradient",
+    "esper_group_stale",
+    "esper_group_parameters",
+    "esper_group_last_step",
+    "esper_isolation_ok",
+    "esper_isolation_violations_total",
+    "esper_grad_nonfinite_total",
+}
 
 
 def test_per_group_panels_follow_the_group_variable(dashboard) -> None:
@@ -165,9 +187,12 @@ def test_per_group_panels_follow_the_group_variable(dashboard) -> None:
     assert seen >= 8
 
 
-def _panels_showing(dash: dict, metric: str) -> List[dict]:
-    return [p for p in panels(dash)
-            if any(metric in promql_metric_names(t["expr"]) for t in p.get("targets", []))]
+def _panels_showing(dash: dict, metric: str) -> list[dict]:
+    return [
+        p
+        for p in panels(dash)
+        if any(metric in promql_metric_names(t["expr"]) for t in p.get("targets", []))
+    ]
 
 
 def test_the_ratio_panel_can_show_zero(dashboard) -> None:
@@ -195,8 +220,10 @@ def test_a_panel_draws_norms_against_the_training_step(dashboard) -> None:
     # Both reduced to exactly (run, group), so a step and a norm of one group and time meet
     # in one row when the two tables are merged.
     for t in (step, norm):
-        assert re.match(r"^max by \(run, group\) \(esper_\w+\{run=~\"\$run\", group=~\"\$group\"\}\)$",
-                        t["expr"]), t["expr"]
+        assert re.match(
+            r"^max by \(run, group\) \(esper_\w+\{run=~\"\$run\", group=~\"\$group\"\}\)$",
+            t["expr"],
+        ), t["expr"]
         assert t["format"] == "table"
     steps = {s["id"]: s["options"] for s in panel["transformations"]}
     order = [s["id"] for s in panel["transformations"]]

@@ -7,19 +7,18 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Tuple
+from typing import NamedTuple
 
 import pytest
+from deploy_support import DEPLOY, RULES, daemon_command, load_yaml, load_yaml_all, need
 
 from esper_telemetry import defaults
-
-from deploy_support import DEPLOY, RULES, daemon_command, load_yaml, load_yaml_all, need
 
 K8S = DEPLOY / "kubernetes"
 OPERATOR = K8S / "prometheus-operator"
 
 
-def objects(directory) -> Dict[str, dict]:
+def objects(directory) -> dict[str, dict]:
     """kind -> object, over the resources a kustomization lists."""
     out = {}
     for name in load_yaml(directory / "kustomization.yaml")["resources"]:
@@ -29,7 +28,7 @@ def objects(directory) -> Dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def base() -> Dict[str, dict]:
+def base() -> dict[str, dict]:
     return objects(K8S)
 
 
@@ -77,7 +76,9 @@ def test_probes_and_ports(base) -> None:
     assert env[defaults.ENV_ZMQ_LISTEN_ADDRESS] == f"tcp://0.0.0.0:{defaults.DEFAULT_ZMQ_PORT}"
     # Drain deadline fits the grace period.
     grace = base["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
+    assert (
+        grace > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
+    )
 
 
 def test_service_selects_the_pods_and_names_their_ports(base) -> None:
@@ -109,7 +110,8 @@ def test_service_monitor_matches_the_service(base) -> None:
 def test_prometheus_rule_is_the_rules_file() -> None:
     rule = objects(OPERATOR)["PrometheusRule"]
     assert rule["spec"] == load_yaml(RULES), (
-        "prometheusrule.yaml is out of date: run deploy/kubernetes/prometheus-operator/sync-rules.sh")
+        "prometheusrule.yaml is out of date: run deploy/kubernetes/prometheus-operator/sync-rules.sh"
+    )
 
 
 def test_kustomize_builds() -> None:
@@ -117,8 +119,9 @@ def test_kustomize_builds() -> None:
     if kubectl is None:
         pytest.skip("kubectl not installed (the manifests were still parsed above)")
     for directory in (K8S, OPERATOR):
-        result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         assert "kind: " in result.stdout
 
@@ -155,14 +158,17 @@ def test_network_policy_admits_only_labelled_namespaces_on_their_port(base) -> N
 def test_namespace_labels_are_documented() -> None:
     docs = (DEPLOY.parent / "docs" / "deploy.md").read_text()
     for label in (COLLECTORS_LABEL, PROMETHEUS_LABEL):
-        (key, value), = label.items()
+        ((key, value),) = label.items()
         assert f"{key}={value}" in docs, key
 
 
 # --- the secure component, built with kustomize from keys made the documented way ----------
 
-SECURE_ENV = (defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
-              defaults.ENV_WEB_CONFIG_FILE)
+SECURE_ENV = (
+    defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
+    defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+    defaults.ENV_WEB_CONFIG_FILE,
+)
 
 
 def _uncomment_components(kustomization: Path) -> None:
@@ -172,27 +178,29 @@ def _uncomment_components(kustomization: Path) -> None:
     kustomization.write_text(on)
 
 
-def _kustomize(directory: Path) -> List[dict]:
+def _kustomize(directory: Path) -> list[dict]:
     import yaml
 
     kubectl = shutil.which("kubectl")
     need("kubectl", kubectl is not None, "kubectl kustomize builds the overlays")
-    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 class SecureBuild(NamedTuple):
-    objects: List[dict]
-    operator: List[dict]
-    files: Path          # the copy of deploy/kubernetes holding the generated files
+    objects: list[dict]
+    operator: list[dict]
+    files: Path  # the copy of deploy/kubernetes holding the generated files
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory) -> SecureBuild:
-    from esper_telemetry.collector.curve import keygen
     from tls_support import bcrypt_hash, make_pki
+
+    from esper_telemetry.collector.curve import keygen
 
     tree = tmp_path_factory.mktemp("k8s") / "kubernetes"
     shutil.copytree(K8S, tree)
@@ -207,7 +215,8 @@ def secure(tmp_path_factory) -> SecureBuild:
     example = (comp / "web-config.example.yml").read_text()
     placeholder = re.search(r"\$2y\$10\$REPLACE\S*", example).group(0)
     (comp / "web" / "web-config.yml").write_text(
-        example.replace(placeholder, "'" + bcrypt_hash("s3cret") + "'"))
+        example.replace(placeholder, "'" + bcrypt_hash("s3cret") + "'")
+    )
     _uncomment_components(tree / "kustomization.yaml")
     scrape = tree / "prometheus-operator" / "secure" / "scrape"
     scrape.mkdir()
@@ -218,12 +227,14 @@ def secure(tmp_path_factory) -> SecureBuild:
     return SecureBuild(_kustomize(tree), _kustomize(tree / "prometheus-operator"), tree)
 
 
-def _one(objs: List[dict], kind: str, name_prefix: str = "") -> dict:
-    (obj,) = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name_prefix)]
+def _one(objs: list[dict], kind: str, name_prefix: str = "") -> dict:
+    (obj,) = [
+        o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name_prefix)
+    ]
     return obj
 
 
-def _mounted(build: SecureBuild) -> Dict[str, Tuple[dict, dict, dict]]:
+def _mounted(build: SecureBuild) -> dict[str, tuple[dict, dict, dict]]:
     """mountPath -> (mount, volume, the Secret or ConfigMap it shows)."""
     pod = _one(build.objects, "Deployment")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -278,7 +289,9 @@ def test_secure_env_points_into_the_mounts(secure) -> None:
     mounted = _mounted(secure)
     comp = secure.files / "secure"
     key_dir, _, key_name = env[defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE].rpartition("/")
-    assert _data(mounted[key_dir][2], key_name) == (comp / "curve" / "daemon.key_secret").read_bytes()
+    assert (
+        _data(mounted[key_dir][2], key_name) == (comp / "curve" / "daemon.key_secret").read_bytes()
+    )
     keys = mounted[env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]][2]
     assert keys["kind"] == "ConfigMap"
     assert _data(keys, "collector.key") == (comp / "authorized-keys" / "collector.key").read_bytes()
@@ -303,27 +316,38 @@ def test_secure_mounts_make_a_configuration_the_daemon_accepts(secure, tmp_path)
     for e in c["env"]:
         value = e["value"]
         env[e["name"]] = str(root / value.lstrip("/")) if e["name"] in SECURE_ENV else value
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     # The check reads the mounted files: a web config naming a file the Secret lacks fails.
     web = Path(env[defaults.ENV_WEB_CONFIG_FILE])
     web.write_text(web.read_text().replace("cert_file: tls.crt", "cert_file: server.crt"))
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0 and "server.crt" in result.stderr, result.stderr
 
 
 def test_secure_probes_speak_https(secure) -> None:
     c = _one(secure.objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    for probe, path in (("startupProbe", "/-/ready"), ("livenessProbe", "/-/healthy"),
-                        ("readinessProbe", "/-/ready")):
+    for probe, path in (
+        ("startupProbe", "/-/ready"),
+        ("livenessProbe", "/-/healthy"),
+        ("readinessProbe", "/-/ready"),
+    ):
         assert c[probe]["httpGet"] == {"path": path, "port": "http-metrics", "scheme": "HTTPS"}
     svc = _one(secure.objects, "Service")
     assert svc["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
     # The rest of the base is still there, NetworkPolicy included.
-    assert {o["kind"] for o in secure.objects} >= {"ServiceAccount", "Deployment", "Service",
-                                                    "NetworkPolicy", "Secret", "ConfigMap"}
+    assert {o["kind"] for o in secure.objects} >= {
+        "ServiceAccount",
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+        "Secret",
+        "ConfigMap",
+    }
 
 
 def test_secure_service_monitor_scrapes_with_tls_and_basic_auth(secure) -> None:
@@ -332,13 +356,18 @@ def test_secure_service_monitor_scrapes_with_tls_and_basic_auth(secure) -> None:
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["scheme"] == "https" and endpoint["port"] == "http-metrics"
     assert endpoint["path"] == defaults.DEFAULT_WEB_TELEMETRY_PATH
-    refs = [endpoint["tlsConfig"]["ca"]["secret"], endpoint["basicAuth"]["username"],
-            endpoint["basicAuth"]["password"]]
+    refs = [
+        endpoint["tlsConfig"]["ca"]["secret"],
+        endpoint["basicAuth"]["username"],
+        endpoint["basicAuth"]["password"],
+    ]
     for ref in refs:
         assert ref["name"] == secret["metadata"]["name"], "the operator looks the Secret up by name"
         assert ref["key"] in secret["data"]
     assert _data(secret, endpoint["basicAuth"]["password"]["key"]) == b"s3cret"
     # The certificate's name: the Service's (the documented openssl command puts it in the SAN).
-    assert endpoint["tlsConfig"]["serverName"] == _one(secure.objects, "Service")["metadata"]["name"]
+    assert (
+        endpoint["tlsConfig"]["serverName"] == _one(secure.objects, "Service")["metadata"]["name"]
+    )
     assert "DNS:esper-telemetryd," in (K8S / "secure" / "kustomization.yaml").read_text()
     assert "PrometheusRule" in {o["kind"] for o in secure.operator}

@@ -6,7 +6,6 @@ import re
 import subprocess
 
 import pytest
-
 from deploy_support import (
     DEPLOY,
     PROMETHEUS_SERIES,
@@ -40,8 +39,9 @@ REQUIRED_ALERTS = {
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([tool("promtool"), *args], cwd=DEPLOY.parent,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [tool("promtool"), *args], cwd=DEPLOY.parent, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("config", ["prometheus/prometheus.yml", "docker/prometheus.yml"])
@@ -122,11 +122,18 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
 def test_seed_ratio_band_is_configurable_in_one_place() -> None:
     rules = load_yaml(RULES)
     band = {r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "record" in r}
-    assert re.fullmatch(r"vector\(\s*[0-9.eE+-]+\s*\)\s*", band["esper:seed_grad_ratio_min:default"])
-    assert re.fullmatch(r"vector\(\s*[0-9.eE+-]+\s*\)\s*", band["esper:seed_grad_ratio_max:default"])
+    assert re.fullmatch(
+        r"vector\(\s*[0-9.eE+-]+\s*\)\s*", band["esper:seed_grad_ratio_min:default"]
+    )
+    assert re.fullmatch(
+        r"vector\(\s*[0-9.eE+-]+\s*\)\s*", band["esper:seed_grad_ratio_max:default"]
+    )
     # The band is evaluated in the same group as the alert, before it.
-    group = next(g for g in rules["groups"]
-                 if any(r.get("alert") == "EsperSeedGradRatioOutOfBand" for r in g["rules"]))
+    group = next(
+        g
+        for g in rules["groups"]
+        if any(r.get("alert") == "EsperSeedGradRatioOutOfBand" for r in g["rules"])
+    )
     order = [r.get("record") or r.get("alert") for r in group["rules"]]
     assert order.index("esper:seed_grad_ratio_min") < order.index("EsperSeedGradRatioOutOfBand")
     assert order.index("esper:seed_grad_ratio_max") < order.index("EsperSeedGradRatioOutOfBand")
@@ -137,15 +144,21 @@ def test_rules_name_only_metrics_the_daemon_exports(exposition) -> None:
     known = exposition["names"] | recorded_names(rules) | PROMETHEUS_SERIES | OPTIONAL_INPUTS
     used = set().union(*(promql_metric_names(e) for e in rule_exprs(rules)))
     assert used, "no metric names found in the rules"
-    assert used - known == set(), f"rules use metrics the daemon does not export: {sorted(used - known)}"
+    assert used - known == set(), (
+        f"rules use metrics the daemon does not export: {sorted(used - known)}"
+    )
 
 
 def test_scrape_configs_use_the_job_name_the_rules_expect() -> None:
     for config in ("prometheus/prometheus.yml", "docker/prometheus.yml"):
         jobs = [j["job_name"] for j in load_yaml(DEPLOY / config)["scrape_configs"]]
         assert "esper-telemetryd" in jobs, config
-    expr = next(r["expr"] for g in load_yaml(RULES)["groups"] for r in g["rules"]
-                if r.get("alert") == "EsperTelemetryDaemonDown")
+    expr = next(
+        r["expr"]
+        for g in load_yaml(RULES)["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "EsperTelemetryDaemonDown"
+    )
     assert 'job="esper-telemetryd"' in expr
     host = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"][0]
     assert host["static_configs"][0]["targets"] == ["127.0.0.1:9469"]  # the daemon's default

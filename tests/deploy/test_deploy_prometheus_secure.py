@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import List
 
 import pytest
-
 from deploy_support import DEPLOY, tool
 
 HOST_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -19,13 +17,17 @@ def secure_job_text(client_certs: bool) -> str:
     """The commented job, uncommented (and its client-certificate lines, if asked)."""
     lines = HOST_CONFIG.read_text().splitlines()
     start = lines.index("  #- job_name: esper-telemetryd")
-    block: List[str] = []
+    block: list[str] = []
     for line in lines[start:]:
         if not line.startswith("  #"):
             break
         text = "  " + line[3:]
-        if client_certs and text.lstrip().startswith("#cert_file") or \
-                client_certs and text.lstrip().startswith("#key_file"):
+        if (
+            client_certs
+            and text.lstrip().startswith("#cert_file")
+            or client_certs
+            and text.lstrip().startswith("#key_file")
+        ):
             text = text.replace("#", "", 1)
         block.append(text)
     return "\n".join(block) + "\n"
@@ -62,8 +64,12 @@ def test_secure_job_passes_promtool(tmp_path: Path, client_certs: bool) -> None:
     config.write_text("global:\n  scrape_interval: 15s\nscrape_configs:\n" + text)
 
     def check() -> subprocess.CompletedProcess:
-        return subprocess.run([tool("promtool"), "check", "config", str(config)],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [tool("promtool"), "check", "config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     result = check()
     assert result.returncode == 0, result.stdout + result.stderr

@@ -5,30 +5,32 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from typing import Dict, List
 
 import pytest
+from deploy_support import DEPLOY, daemon_command
 
 from esper_telemetry import defaults
-
-from deploy_support import DEPLOY, daemon_command
 
 UNIT = DEPLOY / "systemd" / "esper-telemetryd.service"
 SECURE = DEPLOY / "systemd" / "esper-telemetryd.service.d" / "secure.conf"
 CREDENTIALS = "/run/credentials/esper-telemetryd.service"
 ENV_FILE = DEPLOY / "systemd" / "esper-telemetryd.env"
 # The variables only the training side reads.
-COLLECTOR_ENV = {defaults.ENV_RUN, defaults.ENV_ENDPOINT, defaults.ENV_SERVER_PUBLIC_KEY_FILE,
-                 defaults.ENV_CLIENT_SECRET_KEY_FILE}
+COLLECTOR_ENV = {
+    defaults.ENV_RUN,
+    defaults.ENV_ENDPOINT,
+    defaults.ENV_SERVER_PUBLIC_KEY_FILE,
+    defaults.ENV_CLIENT_SECRET_KEY_FILE,
+}
 
 
 def daemon_env_names() -> set:
     return {v for k, v in vars(defaults).items() if k.startswith("ENV_")} - COLLECTOR_ENV
 
 
-def unit(path=UNIT) -> Dict[str, Dict[str, List[str]]]:
+def unit(path=UNIT) -> dict[str, dict[str, list[str]]]:
     """Section -> key -> values (systemd keys repeat)."""
-    out: Dict[str, Dict[str, List[str]]] = {}
+    out: dict[str, dict[str, list[str]]] = {}
     section = None
     for raw in path.read_text().splitlines():
         line = raw.strip()
@@ -45,10 +47,17 @@ def unit(path=UNIT) -> Dict[str, Dict[str, List[str]]]:
 def test_unit_is_hardened() -> None:
     s = unit()["Service"]
     expect = {
-        "DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-        "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
-        "Restart": "on-failure", "CapabilityBoundingSet": "", "RestrictSUIDSGID": "yes",
-        "ProtectKernelTunables": "yes", "ProtectControlGroups": "yes",
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "Restart": "on-failure",
+        "CapabilityBoundingSet": "",
+        "RestrictSUIDSGID": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectControlGroups": "yes",
         "MemoryDenyWriteExecute": "yes",
     }
     for key, value in expect.items():
@@ -66,12 +75,15 @@ def test_unit_runs_the_daemon_and_checks_config_first() -> None:
     assert s["KillSignal"] == ["SIGTERM"]
     # Graceful shutdown (drain + linger, by default 10 s + 0 s) fits in the stop timeout.
     stop_s = int(re.fullmatch(r"(\d+)s", s["TimeoutStopSec"][0]).group(1))
-    assert stop_s > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
+    assert (
+        stop_s
+        > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
+    )
     assert int(s["LimitNOFILE"][0]) >= 65536
     assert unit()["Install"]["WantedBy"] == ["multi-user.target"]
 
 
-def env_file() -> Dict[str, str]:
+def env_file() -> dict[str, str]:
     """Every ESPER_* assignment in the file, commented (the defaults) or not."""
     out = {}
     for line in ENV_FILE.read_text().splitlines():
@@ -104,13 +116,15 @@ def test_env_file_is_accepted_by_the_daemon() -> None:
     # Uncomment every default and ask the daemon itself: --check-config exits 0. The key
     # and web-config paths name files only an installed service has (checked below).
     env = {"PATH": "/usr/bin:/bin", **{k: v for k, v in env_file().items() if k not in SECURE_ENV}}
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     # ... and a typo in a value is refused (the check is real).
     env[defaults.ENV_RUN_TTL_SECONDS] = "five minutes"
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0
     assert "esper-telemetryd" in result.stderr
 
@@ -124,32 +138,37 @@ def test_systemd_analyze_verify(tmp_path) -> None:
     # With the secure drop-in's lines too (a repeated [Service] section is what a drop-in is).
     path = tmp_path / UNIT.name
     path.write_text(text + "\n" + SECURE.read_text())
-    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60
+    )
     problems = [l for l in (result.stdout + result.stderr).splitlines() if UNIT.name in l]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
 
 
 def test_daemon_reads_every_documented_variable() -> None:
     # The daemon's own --help names the variable of every flag.
-    result = subprocess.run([*daemon_command(), "--help"], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [*daemon_command(), "--help"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     help_text = " ".join(result.stdout.split())
     for name in env_file():
         assert name in help_text, f"{name} is documented but the daemon does not read it"
 
 
-SECURE_ENV = {defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
-              defaults.ENV_WEB_CONFIG_FILE}
+SECURE_ENV = {
+    defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
+    defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+    defaults.ENV_WEB_CONFIG_FILE,
+}
 
 
-def secure_env() -> Dict[str, str]:
+def secure_env() -> dict[str, str]:
     s = unit(SECURE)["Service"]
     return dict(line.split("=", 1) for line in s.get("Environment", []))
 
 
-def credentials() -> Dict[str, str]:
+def credentials() -> dict[str, str]:
     """Credential name -> the root-only file systemd reads it from."""
     return dict(line.split(":", 1) for line in unit(SECURE)["Service"]["LoadCredential"])
 
@@ -184,6 +203,7 @@ def test_secure_dropin_settings_pass_the_daemons_check(tmp_path) -> None:
     """The drop-in's settings, with its credentials and keys made the documented way, are a
     configuration the daemon accepts; a broken web configuration among them is refused."""
     from tls_support import bcrypt_hash, make_pki
+
     from esper_telemetry.collector.curve import keygen
 
     creds = tmp_path / "credentials"
@@ -195,17 +215,23 @@ def test_secure_dropin_settings_pass_the_daemons_check(tmp_path) -> None:
     pki = make_pki(tmp_path / "pki")
     (creds / "tls.crt").write_bytes(pki.server_cert.read_bytes())
     (creds / "tls.key").write_bytes(pki.server_key.read_bytes())
-    web = ("tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n"
-           f"basic_auth_users:\n  prometheus: '{bcrypt_hash('s3cret')}'\n")
+    web = (
+        "tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n"
+        f"basic_auth_users:\n  prometheus: '{bcrypt_hash('s3cret')}'\n"
+    )
     (creds / "web-config.yml").write_text(web)
     env = {"PATH": "/usr/bin:/bin"}
     for name, value in secure_env().items():
         value = value.replace(CREDENTIALS, str(creds))
-        env[name] = value.replace(secure_env()[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR], str(keys))
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+        env[name] = value.replace(
+            secure_env()[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR], str(keys)
+        )
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     (creds / "web-config.yml").write_text(web.replace("cert_file", "certfile"))
-    result = subprocess.run([*daemon_command(), "--check-config"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0 and "certfile" in result.stderr, result.stderr

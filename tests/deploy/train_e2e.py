@@ -17,7 +17,6 @@ import json
 import math
 import select
 import sys
-from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from torch import nn
 import esper_telemetry as et
 
 
-def norm64(module: nn.Module) -> Optional[float]:
+def norm64(module: nn.Module) -> float | None:
     """The float64 L2 norm of a module's gradient; None when no parameter has one."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -59,13 +58,22 @@ def main() -> int:
     x = torch.randn(64, 16)
     y = torch.randn(64, 8)
 
-    tel = et.attach(model=None, host=host, seeds={"seed": seed}, groups={"frozen": frozen},
-                    run=args.run, endpoint=args.endpoint, isolated=("frozen",),
-                    heartbeat_s=1.0)
-    reference: Dict[str, object] = {
+    tel = et.attach(
+        model=None,
+        host=host,
+        seeds={"seed": seed},
+        groups={"frozen": frozen},
+        run=args.run,
+        endpoint=args.endpoint,
+        isolated=("frozen",),
+        heartbeat_s=1.0,
+    )
+    reference: dict[str, object] = {
         "run": args.run,
-        "params": {name: sum(p.numel() for p in m.parameters())
-                   for name, m in (("host", host), ("seed", seed), ("frozen", frozen))},
+        "params": {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in (("host", host), ("seed", seed), ("frozen", frozen))
+        },
     }
 
     def step(i: int, leak: bool) -> None:
@@ -83,8 +91,9 @@ def main() -> int:
                 frozen(out)
         loss.backward()
         tel.capture(step=i)
-        reference.update(step=i, norms={"host": norm64(host), "seed": norm64(seed),
-                                        "frozen": norm64(frozen)})
+        reference.update(
+            step=i, norms={"host": norm64(host), "seed": norm64(seed), "frozen": norm64(frozen)}
+        )
         opt.step()
 
     def publish(phase: str) -> None:

@@ -14,8 +14,8 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -34,14 +34,13 @@ DEMO_TIMEOUT_S = 60.0
 REL = 1e-5
 
 
-
 # -- processes and HTTP -----------------------------------------------------------------------
 # The demo's own helpers: the test starts the daemon the way the demo does.
 from esper_telemetry.collector.demo import console_script, free_port, http_get  # noqa: E402
 from esper_telemetry.collector.demo import wait_for as wait_until  # noqa: E402
 
 
-def clean_env() -> Dict[str, str]:
+def clean_env() -> dict[str, str]:
     """This environment without ESPER_* settings, so only the test's flags configure the daemon."""
     return {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
 
@@ -68,13 +67,22 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     log_path = tmp_path / "esper-telemetryd.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*console_script("esper-telemetryd", "esper_telemetry.daemon"), f"--zmq.listen-address={endpoint}",
-             f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=debug"],
-            cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT)
+            [
+                *console_script("esper-telemetryd", "esper_telemetry.daemon"),
+                f"--zmq.listen-address={endpoint}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+                "--log.level=debug",
+            ],
+            cwd=ROOT,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     d = Daemon(proc, endpoint, f"http://127.0.0.1:{web_port}", log_path)
     try:
-        def ready() -> Optional[bool]:
+
+        def ready() -> bool | None:
             if proc.poll() is not None:
                 pytest.fail(f"esper-telemetryd exited with {proc.returncode}:\n{d.log()}")
             return True if http_get(f"{d.web}/-/ready", 0.5)[0] == 200 else None
@@ -92,15 +100,18 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     assert proc.returncode == 0, f"esper-telemetryd exited with {proc.returncode}:\n{d.log()}"
 
 
-def samples(text: str) -> Dict[tuple, float]:
+def samples(text: str) -> dict[tuple, float]:
     """``{(name, sorted labels): value}`` of every sample in a text exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def value(exposition: Dict[tuple, float], name: str, **labels: str) -> Optional[float]:
+def value(exposition: dict[tuple, float], name: str, **labels: str) -> float | None:
     return exposition.get((name, tuple(sorted(labels.items()))))
 
 
@@ -134,12 +145,15 @@ class Net(nn.Module):
 GROUPS = ("host", "probe", "adapter")
 
 
-def group_params(net: Net) -> Dict[str, List[torch.Tensor]]:
-    return {"host": list(net.host.parameters()), "probe": list(net.probe.parameters()),
-            "adapter": list(net.adapter.parameters())}
+def group_params(net: Net) -> dict[str, list[torch.Tensor]]:
+    return {
+        "host": list(net.host.parameters()),
+        "probe": list(net.probe.parameters()),
+        "adapter": list(net.adapter.parameters()),
+    }
 
 
-def reference_sq(params: List[torch.Tensor]) -> float:
+def reference_sq(params: list[torch.Tensor]) -> float:
     """Sum of squared gradient entries in float64, on the CPU."""
     return float(sum(p.grad.detach().to("cpu", torch.float64).pow(2).sum() for p in params))
 
@@ -155,11 +169,15 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
     run = f"e2e-{os.getpid()}"
     steps = 40
 
-    tel = esper_telemetry.attach(model=net, host=net.host,
-                                 seeds={"probe": net.probe, "adapter": "adapter"},
-                                 run=run, endpoint=daemon.endpoint)
+    tel = esper_telemetry.attach(
+        model=net,
+        host=net.host,
+        seeds={"probe": net.probe, "adapter": "adapter"},
+        run=run,
+        endpoint=daemon.endpoint,
+    )
     try:
-        ref_sq: Dict[str, float] = {}
+        ref_sq: dict[str, float] = {}
         host_only_sq = 0.0
         for step in range(steps):
             idx = torch.randint(0, x.shape[0], (32,))
@@ -183,7 +201,7 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
         for name in GROUPS:
             assert latest.groups[name].sq == pytest.approx(ref_sq[name], rel=REL)
 
-        def settled() -> Optional[Dict[tuple, float]]:
+        def settled() -> dict[tuple, float] | None:
             expo = samples(daemon.metrics())
             return expo if value(expo, "esper_last_step", run=run) == steps - 1 else None
 
@@ -202,17 +220,22 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
         assert got is not None, f"no esper_grad_norm for {name}"
         assert got == pytest.approx(ref_norm[name], rel=REL), name
         assert value(expo, "esper_group_has_gradient", run=run, group=name) == 1
-        assert value(expo, "esper_group_parameters", run=run, group=name) == \
-            sum(p.numel() for p in params[name])
+        assert value(expo, "esper_group_parameters", run=run, group=name) == sum(
+            p.numel() for p in params[name]
+        )
 
     host_params = sum(p.numel() for p in params["host"])
     for seed in ("probe", "adapter"):
         seed_params = sum(p.numel() for p in params[seed])
         ratio = (ref_norm[seed] / ref_norm["host"]) * math.sqrt(host_params / seed_params)
-        assert value(expo, "esper_seed_grad_ratio", run=run, seed=seed) == pytest.approx(ratio, rel=REL)
+        assert value(expo, "esper_seed_grad_ratio", run=run, seed=seed) == pytest.approx(
+            ratio, rel=REL
+        )
         assert value(expo, "esper_isolation_ok", run=run, group=seed) == 1
         for kind in ("gradient", "structural"):
-            assert value(expo, "esper_isolation_violations_total", run=run, group=seed, kind=kind) == 0
+            assert (
+                value(expo, "esper_isolation_violations_total", run=run, group=seed, kind=kind) == 0
+            )
     assert value(expo, "esper_isolation_ok", run=run, group="host") is None
     assert value(expo, "esper_captures_total", run=run) == steps
     assert stats["captures"] == steps and stats["dropped"] == 0 and stats["errors"] == 0
@@ -225,10 +248,21 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 def test_demo_command_prints_a_table_of_every_group() -> None:
     started = time.monotonic()
     proc = subprocess.run(
-        [*console_script("esper-telemetry", "esper_telemetry.collector.cli"), "demo", "--steps", "30",
-         "--run", "e2e-demo"],
-        cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        timeout=DEMO_TIMEOUT_S)
+        [
+            *console_script("esper-telemetry", "esper_telemetry.collector.cli"),
+            "demo",
+            "--steps",
+            "30",
+            "--run",
+            "e2e-demo",
+        ],
+        cwd=ROOT,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+    )
     elapsed = time.monotonic() - started
     report = f"exit {proc.returncode} after {elapsed:.1f} s\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report

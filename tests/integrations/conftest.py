@@ -6,8 +6,8 @@ The models and data are in tests/support/trainer_support.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -31,5 +31,3 @@ def _quiet_transformers() -> Iterator[None]:
     logger.setLevel(logging.ERROR)
     yield
     logger.setLevel(level)
-
-

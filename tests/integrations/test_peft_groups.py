@@ -7,7 +7,8 @@ a real PULL socket on a random loopback port, and reads what the collector measu
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, List, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 
@@ -15,12 +16,11 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 zmq = pytest.importorskip("zmq")
 from torch import nn  # noqa: E402
+from trainer_support import sq64, tiny_lora_gpt2, token_batches  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
 from esper_telemetry import IsolationViolation, decode  # noqa: E402
 from esper_telemetry.integrations.peft import peft_groups  # noqa: E402
-
-from trainer_support import sq64, tiny_lora_gpt2, token_batches  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -52,7 +52,7 @@ def pull() -> Iterator[Pull]:
         ctx.term()
 
 
-def received(sock, timeout_s: float = 5.0) -> List[object]:
+def received(sock, timeout_s: float = 5.0) -> list[object]:
     """Every event the socket holds, waiting up to ``timeout_s`` for the first."""
     events = []
     while sock.poll(int(timeout_s * 1000) if not events else 200, zmq.POLLIN):
@@ -64,9 +64,9 @@ def ids(params) -> set:
     return {id(p) for p in params}
 
 
-def by_name(model, pattern: str) -> Dict[str, list]:
+def by_name(model, pattern: str) -> dict[str, list]:
     """Parameters grouped by the first match group of ``pattern`` over their names ("host" if none)."""
-    out: Dict[str, list] = {}
+    out: dict[str, list] = {}
     for name, p in model.named_parameters():
         m = re.search(pattern, name)
         out.setdefault(m.group(1) if m else "host", []).append(p)
@@ -82,9 +82,13 @@ def gpt2_step(model, seed: int = 0) -> None:
 
 def test_one_seed_per_adapter_and_the_frozen_base_as_isolated_host(pull):
     model = tiny_lora_gpt2()
-    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                init_lora_weights=False))
-    model.base_model.set_adapter(["default", "second"])   # both train
+    model.add_adapter(
+        "second",
+        peft.LoraConfig(
+            r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False
+        ),
+    )
+    model.base_model.set_adapter(["default", "second"])  # both train
     kw = peft_groups(model)
     assert set(kw) == {"model", "seeds", "isolated"} and kw["model"] is model
     assert kw["isolated"] == ("host",)
@@ -124,9 +128,11 @@ def test_a_replaced_adapter_layer_is_followed(pull):
         tel.capture(0)
         layer = model.base_model.model.transformer.h[0].attn.c_attn
         old = layer.lora_B["default"].weight
-        layer.lora_B["default"] = nn.Linear(4, 96, bias=False)   # a reloaded adapter weight
+        layer.lora_B["default"] = nn.Linear(4, 96, bias=False)  # a reloaded adapter weight
         now = kw["seeds"]["default"]()
-        assert all(p is not old for p in now) and any(p is layer.lora_B["default"].weight for p in now)
+        assert all(p is not old for p in now) and any(
+            p is layer.lora_B["default"].weight for p in now
+        )
         gpt2_step(model, seed=1)
         tel.capture(1)
         assert tel.flush(5.0)
@@ -139,17 +145,24 @@ def test_a_replaced_adapter_layer_is_followed(pull):
 
 def test_modules_to_save_belong_to_the_adapter_and_their_originals_to_the_host():
     torch.manual_seed(0)
-    model = peft.get_peft_model(MLP(), peft.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
+    model = peft.get_peft_model(
+        MLP(), peft.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"])
+    )
     kw = peft_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     seed = sorted(names[id(p)] for p in kw["seeds"]["default"]())
-    assert seed == ["base_model.model.fc1.lora_A.default.weight", "base_model.model.fc1.lora_B.default.weight",
-                    "base_model.model.head.modules_to_save.default.bias",
-                    "base_model.model.head.modules_to_save.default.weight"]
-    assert kw["isolated"] == ("host",)   # the original head is frozen with the rest of the base
+    assert seed == [
+        "base_model.model.fc1.lora_A.default.weight",
+        "base_model.model.fc1.lora_B.default.weight",
+        "base_model.model.head.modules_to_save.default.bias",
+        "base_model.model.head.modules_to_save.default.weight",
+    ]
+    assert kw["isolated"] == ("host",)  # the original head is frozen with the rest of the base
 
 
-def test_a_trainable_base_is_not_declared_isolated_and_a_base_that_starts_training_is_reported(pull):
+def test_a_trainable_base_is_not_declared_isolated_and_a_base_that_starts_training_is_reported(
+    pull,
+):
     model = tiny_lora_gpt2()
     wte = model.base_model.model.transformer.wte.weight
     wte.requires_grad_(True)
@@ -159,7 +172,7 @@ def test_a_trainable_base_is_not_declared_isolated_and_a_base_that_starts_traini
     kw = peft_groups(model)
     assert kw["isolated"] == ("host",)
     with et.attach(**kw, run="peft-leak", endpoint=pull.endpoint) as tel:
-        wte.requires_grad_(True)          # "frozen" weights that silently train
+        wte.requires_grad_(True)  # "frozen" weights that silently train
         gpt2_step(model)
         tel.capture(7)
         assert tel.flush(5.0)

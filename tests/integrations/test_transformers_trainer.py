@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional
 
 import pytest
 
@@ -20,11 +19,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from daemon_support import get  # noqa: E402
+from trainer_support import sq64, tiny_lora_gpt2, token_batches  # noqa: E402
+
 import esper_telemetry as et  # noqa: E402
 from esper_telemetry.integrations.transformers import EsperCallback  # noqa: E402
-
-from trainer_support import sq64, tiny_lora_gpt2, token_batches  # noqa: E402
-from daemon_support import get  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +33,29 @@ MAX_GRAD_NORM = 0.01
 REL = 1e-5
 
 
-def training_args(tmp_path, **overrides) -> "transformers.TrainingArguments":
-    kw = dict(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=2,
-              gradient_accumulation_steps=ACCUMULATE, learning_rate=1e-2, max_grad_norm=MAX_GRAD_NORM,
-              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no",
-              dataloader_num_workers=0, seed=0)
+def training_args(tmp_path, **overrides) -> transformers.TrainingArguments:
+    kw = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=ACCUMULATE,
+        learning_rate=1e-2,
+        max_grad_norm=MAX_GRAD_NORM,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        seed=0,
+    )
     kw.update(overrides)
     return transformers.TrainingArguments(**kw)
 
 
-def expected_groups(model, per_module: bool) -> Dict[str, List["torch.Tensor"]]:
+def expected_groups(model, per_module: bool) -> dict[str, list[torch.Tensor]]:
     """The groups as a person reads the model's parameter names (independent of peft_groups)."""
-    groups: Dict[str, List[torch.Tensor]] = {"host": []}
+    groups: dict[str, list[torch.Tensor]] = {"host": []}
     for name, p in model.named_parameters():
         m = re.match(r"base_model\.model\.(.+)\.lora_[AB]\.default\.weight$", name)
         if m is None:
@@ -58,12 +68,20 @@ def expected_groups(model, per_module: bool) -> Dict[str, List["torch.Tensor"]]:
 class Recorder(transformers.TrainerCallback):
     """References at the capture point, and a scrape of the daemon after every optimizer step."""
 
-    def __init__(self, trainer, esper: EsperCallback, daemon, run: str, groups, scrape: bool = True) -> None:
-        self.esper, self.daemon, self.run, self.groups, self.scrape = esper, daemon, run, groups, scrape
-        self.pre: Dict[int, Dict[str, Optional[float]]] = {}    # step -> group -> float64 squares
-        self.post: Dict[int, float] = {}                        # step -> adapters' squares, clipped
-        self.scrapes: Dict[int, dict] = {}
-        self.latest: Dict[int, float] = {}                      # captured step -> adapters' squares
+    def __init__(
+        self, trainer, esper: EsperCallback, daemon, run: str, groups, scrape: bool = True
+    ) -> None:
+        self.esper, self.daemon, self.run, self.groups, self.scrape = (
+            esper,
+            daemon,
+            run,
+            groups,
+            scrape,
+        )
+        self.pre: dict[int, dict[str, float | None]] = {}  # step -> group -> float64 squares
+        self.post: dict[int, float] = {}  # step -> adapters' squares, clipped
+        self.scrapes: dict[int, dict] = {}
+        self.latest: dict[int, float] = {}  # captured step -> adapters' squares
         self.micro_batches = 0
         self.state = None
         accelerator = trainer.accelerator
@@ -99,17 +117,25 @@ class Recorder(transformers.TrainerCallback):
         if not self.scrape:
             return
         self.scrapes[step] = self.daemon.scrape_until(
-            lambda s: get(s, "esper_last_step", run=self.run) == step, f"step {step} in the daemon")
+            lambda s: get(s, "esper_last_step", run=self.run) == step, f"step {step} in the daemon"
+        )
 
 
 @pytest.mark.parametrize("per_module", [False, True], ids=["per_adapter", "per_module"])
-def test_trainer_callback_exports_each_optimizer_steps_final_gradients(daemon, tmp_path, per_module):
+def test_trainer_callback_exports_each_optimizer_steps_final_gradients(
+    daemon, tmp_path, per_module
+):
     model = tiny_lora_gpt2()
     groups = expected_groups(model, per_module)
     run = f"hf-{'module' if per_module else 'adapter'}"
-    esper = EsperCallback(**et.peft_groups(model, per_module=per_module), run=run, endpoint=daemon.endpoint)
-    trainer = transformers.Trainer(model=model, args=training_args(tmp_path),
-                                   train_dataset=token_batches(STEPS * ACCUMULATE * 2))
+    esper = EsperCallback(
+        **et.peft_groups(model, per_module=per_module), run=run, endpoint=daemon.endpoint
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=token_batches(STEPS * ACCUMULATE * 2),
+    )
     recorder = Recorder(trainer, esper, daemon, run, groups)
     # The recorder goes first: at each step's end it scrapes what the callback captured.
     trainer.add_callback(recorder)
@@ -137,25 +163,39 @@ def test_trainer_callback_exports_each_optimizer_steps_final_gradients(daemon, t
         assert get(samples, "esper_grad_norm", run=run, group="host") is None
         assert get(samples, "esper_isolation_ok", run=run, group="host") == 1
         for kind in ("gradient", "structural"):
-            assert get(samples, "esper_isolation_violations_total", run=run, group="host", kind=kind) == 0
+            assert (
+                get(samples, "esper_isolation_violations_total", run=run, group="host", kind=kind)
+                == 0
+            )
     last = recorder.scrapes[STEPS]
     for name, ps in groups.items():
-        assert get(last, "esper_group_parameters", run=run, group=name) == sum(p.numel() for p in ps), name
+        assert get(last, "esper_group_parameters", run=run, group=name) == sum(
+            p.numel() for p in ps
+        ), name
 
     # Closed on train end: the collector said goodbye, so the daemon ended the run (and
     # keeps its final values for the ended-run retention, marked ended).
     assert esper.telemetry is None
-    daemon.scrape_until(lambda s: get(s, "esper_daemon_ended_runs_total") == 1
-                        and get(s, "esper_run_ended", run=run) == 1, "the run to end")
+    daemon.scrape_until(
+        lambda s: (
+            get(s, "esper_daemon_ended_runs_total") == 1 and get(s, "esper_run_ended", run=run) == 1
+        ),
+        "the run to end",
+    )
 
 
 def test_without_clipping_every_second_step_is_captured_unclipped(daemon, tmp_path):
     """``max_grad_norm=0``: the Trainer still unscales (to measure its own grad_norm) first."""
     model = tiny_lora_gpt2(seed=1)
     groups = expected_groups(model, per_module=False)
-    esper = EsperCallback(**et.peft_groups(model), run="hf-noclip", endpoint=daemon.endpoint, every=2)
-    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_grad_norm=0.0),
-                                   train_dataset=token_batches(STEPS * ACCUMULATE * 2, seed=1))
+    esper = EsperCallback(
+        **et.peft_groups(model), run="hf-noclip", endpoint=daemon.endpoint, every=2
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args(tmp_path, max_grad_norm=0.0),
+        train_dataset=token_batches(STEPS * ACCUMULATE * 2, seed=1),
+    )
     recorder = Recorder(trainer, esper, daemon, "hf-noclip", groups, scrape=False)
     trainer.add_callback(recorder)
     trainer.add_callback(esper)

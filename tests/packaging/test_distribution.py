@@ -15,17 +15,25 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import esper_telemetry
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "esper_telemetry", "collector", "daemon", "integrations")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "esper_telemetry",
+    "collector",
+    "daemon",
+    "integrations",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,23 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy2(path, src / name)
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (built,) = out.glob("esper_telemetry-*.whl")
     return built
@@ -60,9 +83,19 @@ def test_wheel_installs_one_top_level_package(wheel):
         entry_points.read_string(zf.read(f"{info}/entry_points.txt").decode())
     assert top_level == ["esper_telemetry"]
     assert sorted({n.split("/")[0] for n in names}) == sorted(["esper_telemetry", info])
-    for module in ("collector/api.py", "collector/telemetry.py", "collector/top.py", "daemon/cli.py",
-                   "daemon/__main__.py", "integrations/__init__.py", "integrations/transformers.py",
-                   "integrations/lightning.py", "integrations/peft.py", "codec.py", "py.typed"):
+    for module in (
+        "collector/api.py",
+        "collector/telemetry.py",
+        "collector/top.py",
+        "daemon/cli.py",
+        "daemon/__main__.py",
+        "integrations/__init__.py",
+        "integrations/transformers.py",
+        "integrations/lightning.py",
+        "integrations/peft.py",
+        "codec.py",
+        "py.typed",
+    ):
         assert f"esper_telemetry/{module}" in names, module
     assert dict(entry_points["console_scripts"]) == {
         "esper-telemetryd": "esper_telemetry.daemon.cli:main",
@@ -79,7 +112,10 @@ def test_wheel_carries_the_version_and_the_license_it_declares(wheel):
     assert meta["Version"] == esper_telemetry.__version__
     assert meta["License-Expression"] == "Apache-2.0"
     assert license_text == (REPO / "LICENSE").read_text()
-    assert license_text.lstrip().startswith("Apache License\n") and "Version 2.0, January 2004" in license_text
+    assert (
+        license_text.lstrip().startswith("Apache License\n")
+        and "Version 2.0, January 2004" in license_text
+    )
     assert "END OF TERMS AND CONDITIONS" in license_text
 
 
@@ -92,8 +128,15 @@ def test_one_version_literal():
 # -- installed for real, in a scratch environment ----------------------------------------------
 def _run(cmd, cwd, timeout=300, **kw):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _venv(root: Path, *specs: str) -> Path:
@@ -101,8 +144,10 @@ def _venv(root: Path, *specs: str) -> Path:
     venv.create(root / "env", with_pip=True)
     bin_dir = root / "env" / "bin"
     for spec in specs:
-        proc = _run([bin_dir / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", spec],
-                    cwd=root)
+        proc = _run(
+            [bin_dir / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", spec],
+            cwd=root,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     return bin_dir
 
@@ -117,9 +162,11 @@ def daemon_only_env(wheel, tmp_path) -> Path:
 def test_installs_next_to_python_daemon_and_both_import(daemon_only_env):
     py = daemon_only_env / "python"
     tmp_path = daemon_only_env.parents[1]
-    probe = ("import daemon, daemon.daemon, esper_telemetry.daemon.cli, esper_telemetry.codec, sys; "
-             "print(daemon.DaemonContext.__module__); print(esper_telemetry.daemon.cli.__file__); "
-             "print('torch' in sys.modules)")
+    probe = (
+        "import daemon, daemon.daemon, esper_telemetry.daemon.cli, esper_telemetry.codec, sys; "
+        "print(daemon.DaemonContext.__module__); print(esper_telemetry.daemon.cli.__file__); "
+        "print('torch' in sys.modules)"
+    )
     proc = _run([py, "-c", probe], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     context_module, cli_file, torch_loaded = proc.stdout.split()
@@ -128,8 +175,10 @@ def test_installs_next_to_python_daemon_and_both_import(daemon_only_env):
     assert torch_loaded == "False"
     check = _run([py, "-m", "pip", "check"], cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
-    for cmd in ([daemon_only_env / "esper-telemetryd", "--version"],
-                [py, "-m", "esper_telemetry.daemon", "--version"]):
+    for cmd in (
+        [daemon_only_env / "esper-telemetryd", "--version"],
+        [py, "-m", "esper_telemetry.daemon", "--version"],
+    ):
         out = _run(cmd, cwd=tmp_path, timeout=60)
         assert out.returncode == 0 and esper_telemetry.__version__ in out.stdout + out.stderr, out
 
@@ -144,25 +193,53 @@ def test_installs_next_to_python_daemon_and_both_import(daemon_only_env):
 def test_without_the_collector_extra_attach_and_demo_name_the_extra(daemon_only_env):
     py = daemon_only_env / "python"
     tmp_path = daemon_only_env.parents[1]
-    proc = _run([py, "-c", "import esper_telemetry as et\ntry:\n    et.attach()\n"
-                 "except ImportError as exc:\n    print(type(exc).__name__, exc.name, exc, sep='|')"],
-                cwd=tmp_path, timeout=60)
+    proc = _run(
+        [
+            py,
+            "-c",
+            "import esper_telemetry as et\ntry:\n    et.attach()\n"
+            "except ImportError as exc:\n    print(type(exc).__name__, exc.name, exc, sep='|')",
+        ],
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     kind, name, message = proc.stdout.strip().split("|")
     assert (kind, name) == ("ImportError", "torch")
-    assert message == ("esper_telemetry.attach needs 'torch', which is not installed: "
-                       "pip install 'esper-telemetry[collector]'")
-    demo = _run([daemon_only_env / "esper-telemetry", "demo", "--steps", "2"], cwd=tmp_path, timeout=60)
+    assert message == (
+        "esper_telemetry.attach needs 'torch', which is not installed: "
+        "pip install 'esper-telemetry[collector]'"
+    )
+    demo = _run(
+        [daemon_only_env / "esper-telemetry", "demo", "--steps", "2"], cwd=tmp_path, timeout=60
+    )
     assert demo.returncode == 1
     assert demo.stdout == ""
     assert demo.stderr.splitlines() == [
-        "esper-telemetry: the demo needs 'torch', which is not installed: pip install 'esper-telemetry[demo]'"]
+        "esper-telemetry: the demo needs 'torch', which is not installed: pip install 'esper-telemetry[demo]'"
+    ]
     # The PEFT preset says the same; `top` needs no torch at all.
-    peft = _run([py, "-c", "import esper_telemetry as et\ntry:\n    et.peft_groups\n"
-                 "except ImportError as exc:\n    print(exc)"], cwd=tmp_path, timeout=60)
-    assert peft.stdout.strip() == ("esper_telemetry.peft_groups needs 'torch', which is not installed: "
-                                   "pip install 'esper-telemetry[collector]'"), peft.stderr
-    url = "http://127.0.0.1:9/metrics"   # the discard port: nothing listens there
-    top = _run([daemon_only_env / "esper-telemetry", "top", "--once", "--url", url], cwd=tmp_path, timeout=60)
+    peft = _run(
+        [
+            py,
+            "-c",
+            "import esper_telemetry as et\ntry:\n    et.peft_groups\n"
+            "except ImportError as exc:\n    print(exc)",
+        ],
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert peft.stdout.strip() == (
+        "esper_telemetry.peft_groups needs 'torch', which is not installed: "
+        "pip install 'esper-telemetry[collector]'"
+    ), peft.stderr
+    url = "http://127.0.0.1:9/metrics"  # the discard port: nothing listens there
+    top = _run(
+        [daemon_only_env / "esper-telemetry", "top", "--once", "--url", url],
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert top.returncode == 1 and top.stdout == ""
-    assert top.stderr.splitlines() == [f"esper-telemetry top: cannot reach {url}: Connection refused"]
+    assert top.stderr.splitlines() == [
+        f"esper-telemetry top: cannot reach {url}: Connection refused"
+    ]

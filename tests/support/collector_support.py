@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import zmq
@@ -29,10 +29,10 @@ class Receiver:
     def __init__(self, sock: zmq.Socket, endpoint: str) -> None:
         self.sock = sock
         self.endpoint = endpoint
-        self.events: List[Event] = []   # everything received so far, in order
-        self.sizes: List[int] = []      # the size of each message received, in bytes
+        self.events: list[Event] = []  # everything received so far, in order
+        self.sizes: list[int] = []  # the size of each message received, in bytes
 
-    def recv_once(self, timeout_s: float) -> List[Event]:
+    def recv_once(self, timeout_s: float) -> list[Event]:
         if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return []
         data = self.sock.recv(zmq.NOBLOCK)
@@ -41,7 +41,7 @@ class Receiver:
         self.events.extend(got)
         return got
 
-    def until(self, pred: Callable[[Event], bool], timeout_s: float = 5.0) -> List[Event]:
+    def until(self, pred: Callable[[Event], bool], timeout_s: float = 5.0) -> list[Event]:
         """Receive until an event satisfies ``pred``; returns every event received so far."""
         deadline = time.monotonic() + timeout_s
         if any(pred(e) for e in self.events):
@@ -52,15 +52,17 @@ class Receiver:
                 return list(self.events)
         raise AssertionError(f"timed out after {timeout_s}s; received {self.events!r}")
 
-    def until_goodbyes(self, n: int = 1, timeout_s: float = 5.0) -> List[Event]:
+    def until_goodbyes(self, n: int = 1, timeout_s: float = 5.0) -> list[Event]:
         deadline = time.monotonic() + timeout_s
         while sum(isinstance(e, Goodbye) for e in self.events) < n:
             if time.monotonic() >= deadline:
-                raise AssertionError(f"expected {n} Goodbye(s) in {timeout_s}s; got {self.events!r}")
+                raise AssertionError(
+                    f"expected {n} Goodbye(s) in {timeout_s}s; got {self.events!r}"
+                )
             self.recv_once(0.05)
         return list(self.events)
 
-    def quiet(self, quiet_s: float = 0.3) -> List[Event]:
+    def quiet(self, quiet_s: float = 0.3) -> list[Event]:
         """Receive until nothing arrives for ``quiet_s`` seconds."""
         while self.recv_once(quiet_s):
             pass
@@ -94,10 +96,12 @@ class HostSeeds(nn.Module):
     def __init__(self, d: int = 8, h: int = 16) -> None:
         super().__init__()
         self.host = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h))
-        self.seeds = nn.ModuleDict({
-            "a": nn.Linear(h, 4),
-            "b": nn.Sequential(nn.Linear(h, 6), nn.Tanh(), nn.Linear(6, 3)),
-        })
+        self.seeds = nn.ModuleDict(
+            {
+                "a": nn.Linear(h, 4),
+                "b": nn.Sequential(nn.Linear(h, 6), nn.Tanh(), nn.Linear(6, 3)),
+            }
+        )
         self.d = d
 
     def forward(self, x: torch.Tensor, leak: bool = False) -> torch.Tensor:
@@ -124,7 +128,7 @@ def train_step(model: HostSeeds, seed: int = 0, batch: int = 5, leak: bool = Fal
     return loss
 
 
-def ref_sq(params: Iterable[torch.Tensor]) -> Optional[float]:
+def ref_sq(params: Iterable[torch.Tensor]) -> float | None:
     """The float64 reference: sum of squared gradient entries, None when no gradient."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -151,19 +155,30 @@ def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ)
     # The package comes from the environment, as a user's would; only the test helpers
     # (tests/support) are added, never the repository root.
-    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     env.pop("ESPER_TELEMETRY_ENDPOINT", None)
     env.pop("ESPER_RUN", None)
     env.update(extra)
     return env
 
 
-def run_script(path: Path, args: Sequence[str] = (), timeout_s: float = 30.0,
-               **env: str) -> subprocess.CompletedProcess:
+def run_script(
+    path: Path, args: Sequence[str] = (), timeout_s: float = 30.0, **env: str
+) -> subprocess.CompletedProcess:
     """Run a Python script in a fresh interpreter; a hang fails the test instead of blocking it."""
     try:
-        return subprocess.run([sys.executable, str(path), *args], cwd=str(REPO), env=subprocess_env(**env),
-                              capture_output=True, text=True, timeout=timeout_s)
+        return subprocess.run(
+            [sys.executable, str(path), *args],
+            cwd=str(REPO),
+            env=subprocess_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{path.name} did not finish within {timeout_s}s: "
-                             f"stdout={exc.stdout!r} stderr={exc.stderr!r}") from None
+        raise AssertionError(
+            f"{path.name} did not finish within {timeout_s}s: "
+            f"stdout={exc.stdout!r} stderr={exc.stderr!r}"
+        ) from None

@@ -10,14 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 from daemon_support import http_get, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def command() -> List[str]:
+def command() -> list[str]:
     script = Path(sys.executable).with_name("esper-telemetryd")
     if script.exists():
         return [str(script)]
@@ -25,10 +24,16 @@ def command() -> List[str]:
     return [found] if found else [sys.executable, "-m", "esper_telemetry.daemon"]
 
 
-def spawn(*args: str, cmd: List[str] = None) -> subprocess.Popen:
+def spawn(*args: str, cmd: list[str] = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
-    return subprocess.Popen([*(cmd or command()), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*(cmd or command()), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def started(proc: subprocess.Popen):

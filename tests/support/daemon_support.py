@@ -8,19 +8,18 @@ import dataclasses
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
-
-from prometheus_client.parser import text_string_to_metric_families
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
+from esper_telemetry import Goodbye, GroupDecl, GroupNorm, Heartbeat, Hello, Norms
 from esper_telemetry.daemon.aggregator import Aggregator, Limits
 from esper_telemetry.daemon.app import limits
 from esper_telemetry.daemon.config import Config, WebAddress
 from esper_telemetry.daemon.exporter import process_registry, scrape_registry
-from esper_telemetry import GroupDecl, GroupNorm, Goodbye, Heartbeat, Hello, Norms
 
-Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 # (name, role, params, isolated)
 DEFAULT_DECLS = (("host", "host", 400, False), ("seed", "seed", 100, True))
@@ -39,29 +38,66 @@ class FakeClock:
         self.t += seconds
 
 
-def hello(run: str = "r", rank: int = 0, world_size: int = 1,
-          decls: Sequence[Tuple[str, str, int, bool]] = DEFAULT_DECLS) -> Hello:
-    return Hello(run, rank, 1.0, world_size, "host-a", 1234, "0.1.0", "2.5.0",
-                 tuple(GroupDecl(*d) for d in decls))
+def hello(
+    run: str = "r",
+    rank: int = 0,
+    world_size: int = 1,
+    decls: Sequence[tuple[str, str, int, bool]] = DEFAULT_DECLS,
+) -> Hello:
+    return Hello(
+        run,
+        rank,
+        1.0,
+        world_size,
+        "host-a",
+        1234,
+        "0.1.0",
+        "2.5.0",
+        tuple(GroupDecl(*d) for d in decls),
+    )
 
 
-def gn(name: str, sq: Optional[float], role: str = "group", params: int = 10,
-       nonfinite: int = 0, sharded: bool = False, isolated: bool = False) -> GroupNorm:
+def gn(
+    name: str,
+    sq: float | None,
+    role: str = "group",
+    params: int = 10,
+    nonfinite: int = 0,
+    sharded: bool = False,
+    isolated: bool = False,
+) -> GroupNorm:
     return GroupNorm(name, role, params, sq, nonfinite, sharded, isolated)
 
 
-def norms(run: str = "r", rank: int = 0, step: int = 1, groups: Iterable[GroupNorm] = (),
-          time_: float = 1_700_000_000.0) -> Norms:
+def norms(
+    run: str = "r",
+    rank: int = 0,
+    step: int = 1,
+    groups: Iterable[GroupNorm] = (),
+    time_: float = 1_700_000_000.0,
+) -> Norms:
     return Norms(run, rank, time_, step, False, tuple(groups))
 
 
-def host_seed(run: str = "r", rank: int = 0, step: int = 1, host_sq: Optional[float] = 16.0,
-              seed_sq: Optional[float] = 4.0, sharded: bool = False,
-              time_: float = 1_700_000_000.0) -> Norms:
-    return norms(run, rank, step, (
-        gn("host", host_sq, "host", 400, sharded=sharded),
-        gn("seed", seed_sq, "seed", 100, sharded=sharded, isolated=True),
-    ), time_)
+def host_seed(
+    run: str = "r",
+    rank: int = 0,
+    step: int = 1,
+    host_sq: float | None = 16.0,
+    seed_sq: float | None = 4.0,
+    sharded: bool = False,
+    time_: float = 1_700_000_000.0,
+) -> Norms:
+    return norms(
+        run,
+        rank,
+        step,
+        (
+            gn("host", host_sq, "host", 400, sharded=sharded),
+            gn("seed", seed_sq, "seed", 100, sharded=sharded, isolated=True),
+        ),
+        time_,
+    )
 
 
 def heartbeat(run: str = "r", rank: int = 0, dropped: int = 0) -> Heartbeat:
@@ -83,17 +119,17 @@ def parse(text: str) -> Samples:
     return out
 
 
-def get(samples: Samples, name: str, **labels: str) -> Optional[float]:
+def get(samples: Samples, name: str, **labels: str) -> float | None:
     """The value of one series, or None when it is absent."""
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
-def names(samples: Samples, name: str) -> Dict[Tuple[Tuple[str, str], ...], float]:
+def names(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """All series of one sample name, by labels."""
     return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
-def http_get(url: str, timeout: float = 10.0) -> Tuple[int, str, Dict[str, str]]:
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str, dict[str, str]]:
     """Blocking GET (call via asyncio.to_thread from async tests)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -102,8 +138,9 @@ def http_get(url: str, timeout: float = 10.0) -> Tuple[int, str, Dict[str, str]]
         return exc.code, exc.read().decode(), dict(exc.headers)
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
-                   what: str = "condition") -> None:
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
     """Poll ``predicate`` on the loop until true, failing after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -114,8 +151,11 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
 
 def make_config(**overrides: object) -> Config:
     """A daemon configuration on random loopback ports, with a short drain deadline."""
-    base = Config(zmq_listen_addresses=("tcp://127.0.0.1:*",),
-                  web_listen_address=WebAddress("127.0.0.1", 0), shutdown_timeout_s=2.0)
+    base = Config(
+        zmq_listen_addresses=("tcp://127.0.0.1:*",),
+        web_listen_address=WebAddress("127.0.0.1", 0),
+        shutdown_timeout_s=2.0,
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -124,8 +164,9 @@ def make_limits(**overrides: object) -> Limits:
     return dataclasses.replace(limits(Config()), **overrides)
 
 
-def registry_for(agg: Aggregator, process_metrics: bool = False,
-                 queue: Tuple[int, int] = (0, 65536)) -> CollectorRegistry:
+def registry_for(
+    agg: Aggregator, process_metrics: bool = False, queue: tuple[int, int] = (0, 65536)
+) -> CollectorRegistry:
     """What a scrape of a daemon holding ``agg`` renders, with ``queue`` as (length, capacity)."""
     snap = agg.snapshot()._replace(queue_length=queue[0], queue_capacity=queue[1])
     return scrape_registry(snap, process_registry() if process_metrics else None)

@@ -7,7 +7,9 @@ deployment files through.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,10 +17,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-import json
-import re
-from typing import Iterable, List, Optional, Sequence, Set
 
 import pytest
 
@@ -42,7 +42,11 @@ def need(what: str, found: bool, hint: str = "") -> None:
 def tool(name: str) -> str:
     """Path of an executable from Debian's prometheus package (promtool, prometheus)."""
     path = shutil.which(name)
-    need(name, path is not None, "run `bash tools/ensure-prometheus.sh` (Debian's prometheus package)")
+    need(
+        name,
+        path is not None,
+        "run `bash tools/ensure-prometheus.sh` (Debian's prometheus package)",
+    )
     return path  # type: ignore[return-value]
 
 
@@ -56,7 +60,7 @@ def load_yaml(path: Path) -> object:
         return yaml.safe_load(f)
 
 
-def load_yaml_all(path: Path) -> List[object]:
+def load_yaml_all(path: Path) -> list[object]:
     try:
         import yaml
     except ImportError:
@@ -72,7 +76,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def daemon_command() -> List[str]:
+def daemon_command() -> list[str]:
     """The daemon's console script from this interpreter's environment (``python -m esper_telemetry.daemon``
     when it is not installed as a script)."""
     script = Path(sys.executable).with_name("esper-telemetryd")
@@ -105,7 +109,7 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
         time.sleep(interval_s)
 
 
-def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> Optional[int]:
+def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
     """SIGTERM, wait, then SIGKILL: every process a test starts ends here."""
     if proc.poll() is None:
         proc.terminate()
@@ -129,9 +133,17 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [*daemon_command(), f"--zmq.listen-address={self.endpoint}",
-             f"--web.listen-address={self.web}", "--log.level=debug", *extra],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                *daemon_command(),
+                f"--zmq.listen-address={self.endpoint}",
+                f"--web.listen-address={self.web}",
+                "--log.level=debug",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_until(self._ready, 20, "esper-telemetryd /-/ready")
@@ -153,15 +165,15 @@ class Daemon:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def close(self) -> Optional[int]:
+    def close(self) -> int | None:
         rc = stop(self.proc)
         self._log.close()
         return rc
 
 
-def exposition_names(text: str) -> Set[str]:
+def exposition_names(text: str) -> set[str]:
     """Metric names in a text exposition: families (# TYPE) and sample names."""
-    names: Set[str] = set()
+    names: set[str] = set()
     for line in text.splitlines():
         if line.startswith("# TYPE ") or line.startswith("# HELP "):
             names.add(line.split()[2])
@@ -170,7 +182,7 @@ def exposition_names(text: str) -> Set[str]:
     return names
 
 
-def sample(text: str, name: str, **labels: str) -> Optional[float]:
+def sample(text: str, name: str, **labels: str) -> float | None:
     """The value of the one sample ``name{labels}`` in an exposition, or None."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -201,7 +213,7 @@ def send_events(endpoint: str, events: Sequence[object], raw: Sequence[bytes] = 
         ctx.term()
 
 
-def sample_events(run: str) -> List[object]:
+def sample_events(run: str) -> list[object]:
     """One run's worth of every event kind, so every per-run family has samples."""
     import esper_telemetry as et
 
@@ -213,11 +225,18 @@ def sample_events(run: str) -> List[object]:
     )
     return [
         et.Hello(run, 0, now, 1, "test-host", os.getpid(), "0.1.0", "none", groups),
-        et.Norms(run, 0, now, 7, False, (
-            et.GroupNorm("host", "host", 1000, 4.0, 0, False, False),
-            et.GroupNorm("seed", "seed", 100, 0.25, 1, False, False),
-            et.GroupNorm("frozen", "group", 50, None, 0, False, True),
-        )),
+        et.Norms(
+            run,
+            0,
+            now,
+            7,
+            False,
+            (
+                et.GroupNorm("host", "host", 1000, 4.0, 0, False, False),
+                et.GroupNorm("seed", "seed", 100, 0.25, 1, False, False),
+                et.GroupNorm("frozen", "group", 50, None, 0, False, True),
+            ),
+        ),
         et.IsolationViolation(run, 0, now, 7, "frozen", "gradient", "test leak", 0.5),
         et.DeviceMismatch(run, 0, now, "split", "host", ("cpu", "cuda:0")),
         et.Heartbeat(run, 0, now, 10, 2, 0, 0),
@@ -230,19 +249,35 @@ def sample_events(run: str) -> List[object]:
 # may use them.
 PROMETHEUS_SERIES = frozenset({"up"})
 
-_KEYWORDS = frozenset({
-    "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-    "group_left", "group_right", "inf", "nan", "atan2",
-})
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "inf",
+        "nan",
+        "atan2",
+    }
+)
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\[\]]*\]")
 _CLAUSE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
 _IDENT = re.compile(r"(?<![\w:.$])[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:([a-zA-Z_:][\w:]*)\s*(?:\{[^}]*\})?\s*,\s*)?(\w+)\s*\)\s*$")
+_LABEL_VALUES = re.compile(
+    r"^\s*label_values\(\s*(?:([a-zA-Z_:][\w:]*)\s*(?:\{[^}]*\})?\s*,\s*)?(\w+)\s*\)\s*$"
+)
 
 
-def promql_metric_names(expr: str) -> Set[str]:
+def promql_metric_names(expr: str) -> set[str]:
     """Metric names an expression selects (not functions, keywords or label names).
 
     Enough of PromQL for the rules and dashboards here: strings, label matchers, ranges
@@ -259,7 +294,7 @@ def promql_metric_names(expr: str) -> Set[str]:
     names = set()
     for m in _IDENT.finditer(s):
         name = m.group(0)
-        rest = s[m.end():].lstrip()
+        rest = s[m.end() :].lstrip()
         if rest.startswith("(") or name.lower() in _KEYWORDS:
             continue
         names.add(name)
@@ -267,9 +302,15 @@ def promql_metric_names(expr: str) -> Set[str]:
 
 
 GRAFANA_VARIABLES = {
-    "$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h",
-    "${run}": ".+", "$run": ".+", "${group}": ".+", "$group": ".+",
-    "${job}": "esper-telemetryd", "$job": "esper-telemetryd",
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "${run}": ".+",
+    "$run": ".+",
+    "${group}": ".+",
+    "$group": ".+",
+    "${job}": "esper-telemetryd",
+    "$job": "esper-telemetryd",
 }
 
 
@@ -284,19 +325,26 @@ def grafana_to_promql(expr: str) -> str:
 def promtool_check_exprs(exprs: Iterable[str], tmp: Path) -> None:
     """Parse every expression with promtool (as recording rules): a syntax error fails."""
     exprs = list(exprs)
-    rules = {"groups": [{"name": "check", "rules": [
-        {"record": f"check:expr_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "check",
+                "rules": [{"record": f"check:expr_{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
     path = tmp / "exprs.rules.json"  # JSON is YAML
     path.write_text(json.dumps(rules))
-    result = subprocess.run([tool("promtool"), "check", "rules", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout, result.stdout
 
 
-def recorded_names(rules: dict) -> Set[str]:
+def recorded_names(rules: dict) -> set[str]:
     return {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
 
 
-def rule_exprs(rules: dict) -> List[str]:
+def rule_exprs(rules: dict) -> list[str]:
     return [r["expr"] for g in rules["groups"] for r in g["rules"]]

@@ -12,14 +12,14 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import procfs
 from daemon_process import ROOT, command
 from daemon_support import http_get, parse
 
-Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 READY_TIMEOUT_S = 20.0
 
@@ -27,16 +27,31 @@ READY_TIMEOUT_S = 20.0
 class LiveDaemon:
     """``esper-telemetryd`` on random loopback ports; ``endpoint`` for collectors, ``url`` for /metrics."""
 
-    def __init__(self, log_path: Path, *args: str, web_port: int = 0,
-                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *args: str,
+        web_port: int = 0,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [*command(), "--zmq.listen-address=tcp://127.0.0.1:*", f"--web.listen-address=127.0.0.1:{web_port}",
-                 "--shutdown.timeout-seconds=2", *args],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=preexec_fn)
+                [
+                    *command(),
+                    "--zmq.listen-address=tcp://127.0.0.1:*",
+                    f"--web.listen-address=127.0.0.1:{web_port}",
+                    "--shutdown.timeout-seconds=2",
+                    *args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=preexec_fn,
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         m = None
         while m is None:
@@ -66,7 +81,9 @@ class LiveDaemon:
         assert status == 200, f"/metrics answered {status}; daemon log:\n{self.log()}"
         return parse(body)
 
-    def scrape_until(self, ok: Callable[[Samples], bool], what: str, timeout_s: float = 10.0) -> Samples:
+    def scrape_until(
+        self, ok: Callable[[Samples], bool], what: str, timeout_s: float = 10.0
+    ) -> Samples:
         """Scrape until ``ok(samples)``; fails after ``timeout_s`` saying ``what`` was awaited."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -74,11 +91,13 @@ class LiveDaemon:
             if ok(samples):
                 return samples
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last scrape: "
-                                     f"{ {k: v for k, v in samples.items() if k[0].startswith('esper_') and 'daemon' not in k[0]} }")
+                raise AssertionError(
+                    f"timed out after {timeout_s} s waiting for {what}; last scrape: "
+                    f"{ {k: v for k, v in samples.items() if k[0].startswith('esper_') and 'daemon' not in k[0]} }"
+                )
             time.sleep(0.02)
 
-    def stop(self) -> Optional[int]:
+    def stop(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

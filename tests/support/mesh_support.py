@@ -16,30 +16,42 @@ import logging
 import math
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
-
 from collector_support import REPO, SUPPORT, free_port, subprocess_env
-
+from torch import nn
 
 # -- parent side ------------------------------------------------------------------------
 
-def run_ranks(world: int, layouts: Sequence[str], endpoint: str, timeout_s: float = 90.0) -> List[dict]:
+
+def run_ranks(
+    world: int, layouts: Sequence[str], endpoint: str, timeout_s: float = 90.0
+) -> list[dict]:
     """Run ``layouts`` in ``world`` rank processes; per rank ``{"report": ..., "stderr": ...}``."""
     port = free_port()
     args = [str(world), str(port), endpoint, ",".join(layouts)]
-    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "mesh_support.py"), str(rank), *args],
-                              cwd=str(REPO), env=subprocess_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in range(world)]
-    outs: List[dict] = []
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SUPPORT / "mesh_support.py"), str(rank), *args],
+            cwd=str(REPO),
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    outs: list[dict] = []
     try:
         for rank, p in enumerate(procs):
             try:
                 out, err = p.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"rank {rank} of {world} did not finish within {timeout_s}s") from None
+                raise AssertionError(
+                    f"rank {rank} of {world} did not finish within {timeout_s}s"
+                ) from None
             assert p.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
             outs.append({"report": json.loads(out.strip().splitlines()[-1]), "stderr": err})
     finally:
@@ -51,6 +63,7 @@ def run_ranks(world: int, layouts: Sequence[str], endpoint: str, timeout_s: floa
 
 
 # -- rank side --------------------------------------------------------------------------
+
 
 class MLP(nn.Module):
     """A transformer-style pre-norm MLP: a LayerNorm, then up and down (both with biases)."""
@@ -70,7 +83,7 @@ class Net(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)   # the same weights on every rank
+        torch.manual_seed(0)  # the same weights on every rank
         self.host = MLP()
         self.seed = nn.Linear(8, 3)
 
@@ -95,7 +108,7 @@ def full_sq(params: Sequence[torch.Tensor]) -> float:
     return total
 
 
-def _measure(run: str, endpoint: str, net: nn.Module, x: torch.Tensor) -> Dict[str, Any]:
+def _measure(run: str, endpoint: str, net: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Attach to ``net`` (host, seed ``s``), one real step, one capture; measured and reference."""
     import esper_telemetry as et
 
@@ -111,7 +124,7 @@ def _measure(run: str, endpoint: str, net: nn.Module, x: torch.Tensor) -> Dict[s
     return report
 
 
-def _groups(res: Any, refs: Dict[str, float]) -> Dict[str, Any]:
+def _groups(res: Any, refs: dict[str, float]) -> dict[str, Any]:
     return {
         "sq": {n: g.sq for n, g in res.groups.items()},
         "sharded": {n: g.sharded for n, g in res.groups.items()},
@@ -122,7 +135,7 @@ def _groups(res: Any, refs: Dict[str, float]) -> Dict[str, Any]:
     }
 
 
-def fsdp2(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
+def fsdp2(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     """FSDP2 over every rank: placements (Shard(0),)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -135,7 +148,7 @@ def fsdp2(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
     return _measure("fsdp2", endpoint, net, batch(rank))
 
 
-def hsdp(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
+def hsdp(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     """HSDP on a 2x2 mesh: placements (Replicate(), Shard(0)); every rank gets its own batch."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -148,13 +161,17 @@ def hsdp(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
 
 
 def _tensor_parallel(mlp: MLP, mesh: Any) -> None:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     # down.bias stays Replicate; the LayerNorm is not parallelized (plain tensors).
     parallelize_module(mlp, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
 
 
-def tp(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
+def tp(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     """Tensor parallel over every rank (same batch everywhere); the seed is a plain module."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -163,7 +180,7 @@ def tp(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
     return _measure("tp", endpoint, net, batch(0))
 
 
-def fsdp2_tp(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
+def fsdp2_tp(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     """FSDP2 over dp and tensor parallel over tp on a (dp=2, tp=2) mesh.
 
     The TP weights become 2-D DTensors; the LayerNorm and the seed are sharded over the dp
@@ -180,14 +197,15 @@ def fsdp2_tp(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
     return _measure("fsdp2_tp", endpoint, net, batch(mesh.get_coordinate()[0]))
 
 
-def partial(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
+def partial(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     """A group whose gradient is a ``Partial`` DTensor (not reduced yet), next to plain groups.
 
     Captures twice with the Partial gradient, then once more after reducing it.
     """
-    import esper_telemetry as et
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+    import esper_telemetry as et
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(1)
@@ -202,11 +220,14 @@ def partial(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
     reports = []
     for step in range(3):
         if step == 2:
-            w.grad = w.grad.redistribute(mesh, [Replicate()])   # reduced: a gradient now
+            w.grad = w.grad.redistribute(mesh, [Replicate()])  # reduced: a gradient now
         tel.capture(step=step)
         assert tel.flush(10.0)
-        refs = {"host": full_sq(list(host.parameters())), "q": full_sq(list(q.parameters())),
-                "p": float(w.grad.full_tensor().double().pow(2).sum())}
+        refs = {
+            "host": full_sq(list(host.parameters())),
+            "q": full_sq(list(q.parameters())),
+            "p": float(w.grad.full_tensor().double().pow(2).sum()),
+        }
         report = _groups(tel.latest(), refs)
         report["errors"] = tel.stats()["errors"]
         reports.append(report)
@@ -214,22 +235,28 @@ def partial(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
     return {"captures": reports}
 
 
-def forced(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
+def forced(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     """``sharded=True`` over plain tensors (each rank's own), ``sharded=False`` over a DTensor."""
-    import esper_telemetry as et
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    import esper_telemetry as et
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(2)
     mine = nn.Linear(8, 3)
-    mine(batch(rank)).pow(2).mean().backward()       # no reduction: this rank's own gradient
+    mine(batch(rank)).pow(2).mean().backward()  # no reduction: this rank's own gradient
     w = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
     w.grad = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
-    local = {"mine": sum(float(p.grad.double().pow(2).sum()) for p in mine.parameters()),
-             "w": float(w.grad.to_local().double().pow(2).sum())}
+    local = {
+        "mine": sum(float(p.grad.double().pow(2).sum()) for p in mine.parameters()),
+        "w": float(w.grad.to_local().double().pow(2).sum()),
+    }
     report = {}
-    for run, sharded, groups in (("forced_on", True, {"mine": mine}), ("forced_off", False, {"w": [w]})):
+    for run, sharded, groups in (
+        ("forced_on", True, {"mine": mine}),
+        ("forced_off", False, {"w": [w]}),
+    ):
         tel = et.attach(groups=groups, sharded=sharded, endpoint=endpoint, run=run)
         tel.capture(step=0)
         assert tel.flush(10.0)
@@ -238,8 +265,13 @@ def forced(rank: int, world: int, endpoint: str) -> Dict[str, Any]:
     return report
 
 
-LAYOUTS: Dict[str, Callable[[int, int, str], Dict[str, Any]]] = {
-    "fsdp2": fsdp2, "hsdp": hsdp, "tp": tp, "fsdp2_tp": fsdp2_tp, "partial": partial, "forced": forced,
+LAYOUTS: dict[str, Callable[[int, int, str], dict[str, Any]]] = {
+    "fsdp2": fsdp2,
+    "hsdp": hsdp,
+    "tp": tp,
+    "fsdp2_tp": fsdp2_tp,
+    "partial": partial,
+    "forced": forced,
 }
 
 
@@ -248,7 +280,9 @@ def main(argv: Sequence[str]) -> None:
 
     rank, world, port, endpoint, names = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s %(message)s")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         report = {name: LAYOUTS[name](rank, world, endpoint) for name in names.split(",")}
     finally:

@@ -17,7 +17,7 @@ class Pki(NamedTuple):
     server_key: Path
     client_cert: Path
     client_key: Path
-    stranger_cert: Path   # a client certificate from another CA
+    stranger_cert: Path  # a client certificate from another CA
     stranger_key: Path
 
 
@@ -28,18 +28,61 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _ca(tmp: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
-             "-subj", f"/CN={name}", cwd=tmp)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        cwd=tmp,
+    )
 
 
 def _leaf(tmp: Path, ca: str, name: str, ext: str) -> None:
     (tmp / f"{name}.ext").write_text(ext)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=tmp)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext",
-             cwd=tmp)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=tmp,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.crt",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        cwd=tmp,
+    )
 
 
 def make_pki(tmp: Path) -> Pki:
@@ -48,12 +91,23 @@ def make_pki(tmp: Path) -> Pki:
     tmp.mkdir(parents=True, exist_ok=True)
     _ca(tmp, "ca")
     _ca(tmp, "other-ca")
-    _leaf(tmp, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                               "extendedKeyUsage=serverAuth\n")
+    _leaf(
+        tmp,
+        "ca",
+        "server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
     _leaf(tmp, "ca", "client", "extendedKeyUsage=clientAuth\n")
     _leaf(tmp, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n")
-    return Pki(tmp / "ca.crt", tmp / "server.crt", tmp / "server.key", tmp / "client.crt",
-               tmp / "client.key", tmp / "stranger.crt", tmp / "stranger.key")
+    return Pki(
+        tmp / "ca.crt",
+        tmp / "server.crt",
+        tmp / "server.key",
+        tmp / "client.crt",
+        tmp / "client.key",
+        tmp / "stranger.crt",
+        tmp / "stranger.key",
+    )
 
 
 def bcrypt_hash(password: str, cost: int = 4) -> str:

@@ -7,8 +7,6 @@ that a few Trainer steps take well under a second on two CPU cores.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import pytest
 import torch
 
@@ -21,15 +19,28 @@ def tiny_lora_gpt2(seed: int = 0, target_modules=("c_attn",)):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     base = transformers.GPT2LMHeadModel(config)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), fan_in_fan_out=True,
-                           lora_dropout=0.0, init_lora_weights=False)
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(target_modules),
+        fan_in_fan_out=True,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
     return peft.get_peft_model(base, lora)
 
 
-def token_batches(n: int, seed: int = 0) -> List[Dict[str, "torch.Tensor"]]:
+def token_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``n`` examples of random token ids, each its own label (a causal LM target)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -39,7 +50,7 @@ def token_batches(n: int, seed: int = 0) -> List[Dict[str, "torch.Tensor"]]:
     return out
 
 
-def sq64(params) -> Optional[float]:
+def sq64(params) -> float | None:
     """Sum of squared gradient entries in float64 (None when no parameter has a gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Iterator, Tuple
+from collections.abc import Iterator
 
 import pytest
 
 pytest.importorskip("prometheus_client")
+from daemon_support import gn, goodbye, heartbeat, hello, make_limits, norms, registry_for  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from esper_telemetry import DeviceMismatch, IsolationViolation  # noqa: E402
@@ -26,7 +27,6 @@ from esper_telemetry.collector import top  # noqa: E402
 from esper_telemetry.daemon.aggregator import Aggregator  # noqa: E402
 from esper_telemetry.daemon.stats import DaemonStats  # noqa: E402
 from esper_telemetry.daemon.textformat import render_text  # noqa: E402
-from daemon_support import gn, goodbye, heartbeat, hello, make_limits, norms, registry_for  # noqa: E402
 
 NOW = 1_700_000_000.0
 WEIRD = 'exp "7"\\ with\nnewline'
@@ -35,25 +35,78 @@ WEIRD = 'exp "7"\\ with\nnewline'
 def exposition() -> str:
     """What a daemon holding four runs renders: healthy, violated, non-finite, a stale group."""
     agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.top"))
-    decls = (("host", "host", 400, False), ("seed", "seed", 100, False), ("frozen", "group", 50, True))
+    decls = (
+        ("host", "host", 400, False),
+        ("seed", "seed", 100, False),
+        ("frozen", "group", 50, True),
+    )
     for run in ("calm", "leaky", WEIRD, "gone"):
         agg.apply_batch([hello(run=run, decls=decls)], 1.0)
-    agg.apply_batch([norms("calm", step=9, groups=[gn("host", 16.0, "host", 400), gn("seed", 1.0, "seed", 100),
-                                                   gn("frozen", None, "group", 50, isolated=True)],
-                           time_=NOW - 3)], 1.0)
-    agg.apply_batch([norms("leaky", step=4, groups=[gn("host", 4.0, "host", 400), gn("seed", 1.0, "seed", 100),
-                                                    gn("frozen", 0.25, "group", 50, isolated=True)], time_=NOW - 75),
-                     IsolationViolation("leaky", 0, NOW, 4, "frozen", "gradient", "leak", 0.5),
-                     DeviceMismatch("leaky", 0, NOW, "split", "host", ("cpu", "cuda:0")),
-                     heartbeat("leaky", dropped=5)], 1.0)
+    agg.apply_batch(
+        [
+            norms(
+                "calm",
+                step=9,
+                groups=[
+                    gn("host", 16.0, "host", 400),
+                    gn("seed", 1.0, "seed", 100),
+                    gn("frozen", None, "group", 50, isolated=True),
+                ],
+                time_=NOW - 3,
+            )
+        ],
+        1.0,
+    )
+    agg.apply_batch(
+        [
+            norms(
+                "leaky",
+                step=4,
+                groups=[
+                    gn("host", 4.0, "host", 400),
+                    gn("seed", 1.0, "seed", 100),
+                    gn("frozen", 0.25, "group", 50, isolated=True),
+                ],
+                time_=NOW - 75,
+            ),
+            IsolationViolation("leaky", 0, NOW, 4, "frozen", "gradient", "leak", 0.5),
+            DeviceMismatch("leaky", 0, NOW, "split", "host", ("cpu", "cuda:0")),
+            heartbeat("leaky", dropped=5),
+        ],
+        1.0,
+    )
     for step in (1, 2):
-        agg.apply_batch([norms(WEIRD, step=step, groups=[gn("host", 1.0, "host", 400),
-                                                         gn("seed", float("nan"), "seed", 100, nonfinite=2),
-                                                         gn("frozen", None, "group", 50, isolated=True)],
-                               time_=NOW - 7200)], 1.0)
-    agg.apply_batch([norms("gone", step=3, groups=[gn("host", 1.0, "host", 400), gn("seed", 1.0, "seed", 100),
-                                                   gn("frozen", None, "group", 50, isolated=True)], time_=NOW - 1),
-                     DeviceMismatch("gone", 0, NOW, "stale", "seed", ())], 1.0)
+        agg.apply_batch(
+            [
+                norms(
+                    WEIRD,
+                    step=step,
+                    groups=[
+                        gn("host", 1.0, "host", 400),
+                        gn("seed", float("nan"), "seed", 100, nonfinite=2),
+                        gn("frozen", None, "group", 50, isolated=True),
+                    ],
+                    time_=NOW - 7200,
+                )
+            ],
+            1.0,
+        )
+    agg.apply_batch(
+        [
+            norms(
+                "gone",
+                step=3,
+                groups=[
+                    gn("host", 1.0, "host", 400),
+                    gn("seed", 1.0, "seed", 100),
+                    gn("frozen", None, "group", 50, isolated=True),
+                ],
+                time_=NOW - 1,
+            ),
+            DeviceMismatch("gone", 0, NOW, "stale", "seed", ()),
+        ],
+        1.0,
+    )
     return render_text(registry_for(agg, process_metrics=True)).decode()
 
 
@@ -76,18 +129,33 @@ def test_the_parser_reads_what_the_daemon_renders_as_prometheus_client_does():
 
 def test_rows_put_violations_then_nonfinite_on_top_with_every_column():
     rows = top.build_rows(top.parse_exposition(exposition()))
-    assert [(r.run, r.group) for r in rows][:3] == [("leaky", "frozen"), (WEIRD, "seed"), ("gone", "seed")]
+    assert [(r.run, r.group) for r in rows][:3] == [
+        ("leaky", "frozen"),
+        (WEIRD, "seed"),
+        ("gone", "seed"),
+    ]
     assert all(not r.unhealthy for r in rows[3:]) and len(rows) == 12
     table = dict(((r.run, r.group), top.cells(r, NOW)) for r in rows)
     #            RUN      GROUP     STEP  NORM   RATIO  NONFINITE  ISOLATION       DEVICE DROPS AGE
-    assert table[("leaky", "frozen")][2:] == ("4", "0.5", "-", "0", "VIOLATED(1)", "1", "5", "1m15s")
+    assert table[("leaky", "frozen")][2:] == (
+        "4",
+        "0.5",
+        "-",
+        "0",
+        "VIOLATED(1)",
+        "1",
+        "5",
+        "1m15s",
+    )
     assert table[("leaky", "seed")][2:] == ("4", "1", "1", "0", "ok", "1", "5", "1m15s")
-    assert table[("leaky", "host")][6] == "-"   # the daemon tracks isolation for isolated groups and seeds
+    assert (
+        table[("leaky", "host")][6] == "-"
+    )  # the daemon tracks isolation for isolated groups and seeds
     # One non-finite capture per step; the seed's NaN makes its ratio NaN too.
     assert table[(WEIRD, "seed")][2:] == ("2", "nan", "nan", "2", "ok", "0", "0", "2h00m")
     assert table[("calm", "frozen")][2:] == ("9", "no-grad", "-", "0", "ok", "0", "0", "3.0s")
-    assert table[("calm", "seed")][4] == "0.5"    # (1 / 4) * sqrt(400 / 100)
-    assert table[("gone", "seed")][2:5] == ("3", "stale", "-")   # no longer followed: no numbers
+    assert table[("calm", "seed")][4] == "0.5"  # (1 / 4) * sqrt(400 / 100)
+    assert table[("gone", "seed")][2:5] == ("3", "stale", "-")  # no longer followed: no numbers
     lines = top.format_table(rows, NOW)
     assert lines[0][1] == "header" and lines[0][0].split() == list(top.HEADER)
     assert [style for _, style in lines[1:5]] == ["violation", "warning", "warning", None]
@@ -97,10 +165,16 @@ def test_a_run_whose_ranks_all_said_goodbye_reads_ended_with_its_final_values():
     agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.top"))
     agg.apply_batch([hello(run="short"), hello(run="long")], 1.0)
     for run in ("short", "long"):
-        agg.apply_batch([norms(run, step=7, groups=[gn("host", 9.0, "host", 400)], time_=NOW - 12)], 1.0)
+        agg.apply_batch(
+            [norms(run, step=7, groups=[gn("host", 9.0, "host", 400)], time_=NOW - 12)], 1.0
+        )
     agg.apply_batch([goodbye(run="short")], 2.0)
-    rows = {(r.run, r.group): r for r in top.build_rows(top.parse_exposition(
-        render_text(registry_for(agg, process_metrics=False)).decode()))}
+    rows = {
+        (r.run, r.group): r
+        for r in top.build_rows(
+            top.parse_exposition(render_text(registry_for(agg, process_metrics=False)).decode())
+        )
+    }
     assert rows[("short", "host")].ended and not rows[("long", "host")].ended
     assert top.cells(rows[("short", "host")], NOW)[2:4] == ("7", "3")  # the final values stay
     assert top.cells(rows[("short", "host")], NOW)[-1] == "ended(12s)"
@@ -114,8 +188,16 @@ def test_run_filter_takes_a_name_or_a_pattern():
     assert top.build_rows(samples, "nothing") == []
 
 
-@pytest.mark.parametrize("body", ["<html><body>Not here</body></html>", '{"error": "nope"}',
-                                  'esper_grad_norm{run="a" 1', "esper_grad_norm one", "\x00\x01"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html><body>Not here</body></html>",
+        '{"error": "nope"}',
+        'esper_grad_norm{run="a" 1',
+        "esper_grad_norm one",
+        "\x00\x01",
+    ],
+)
 def test_garbage_is_refused_by_the_parser(body):
     with pytest.raises(top.ExpositionError):
         top.parse_exposition(body)
@@ -186,20 +268,30 @@ sys.exit(rc)
 """
 
 
-def run_cli(*args: str) -> Tuple[int, str, str]:
+def run_cli(*args: str) -> tuple[int, str, str]:
     """``esper-telemetry ARGS`` in a fresh interpreter where importing torch fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=60,
-                          cwd=tempfile.gettempdir(), env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("status,body,says", [
-    (200, b"<html><body>Grafana</body></html>", "did not answer a metrics exposition (line 1"),
-    (200, b"\xff\xfe garbage", "not UTF-8"),
-    (404, b"nope", "answered HTTP 404"),
-    (200, b"# HELP up x\n# TYPE up gauge\nup 1\n", "without esper_daemon_build_info"),
-])
+@pytest.mark.parametrize(
+    "status,body,says",
+    [
+        (200, b"<html><body>Grafana</body></html>", "did not answer a metrics exposition (line 1"),
+        (200, b"\xff\xfe garbage", "not UTF-8"),
+        (404, b"nope", "answered HTTP 404"),
+        (200, b"# HELP up x\n# TYPE up gauge\nup 1\n", "without esper_daemon_build_info"),
+    ],
+)
 def test_once_says_in_one_line_what_is_wrong_with_the_answer(server, status, body, says):
     server.status, server.body = status, body
     rc, out, err = run_cli("top", "--once", "--url", server.url)
@@ -214,7 +306,10 @@ def test_once_against_a_daemon_that_is_down_says_so_in_one_line():
     url = f"http://127.0.0.1:{closed_port()}/metrics"
     rc, out, err = run_cli("top", "--once", "--url", url)
     assert rc == 1 and out == ""
-    assert err.splitlines() == [f"esper-telemetry top: cannot reach {url}: Connection refused", "NO-TORCH"]
+    assert err.splitlines() == [
+        f"esper-telemetry top: cannot reach {url}: Connection refused",
+        "NO-TORCH",
+    ]
 
 
 def test_once_prints_the_table_without_importing_torch(server):
@@ -222,9 +317,16 @@ def test_once_prints_the_table_without_importing_torch(server):
     rc, out, err = run_cli("top", "--once", "--url", server.url, "--run", "leaky")
     assert rc == 0 and err.splitlines() == ["NO-TORCH"], err
     lines = out.splitlines()
-    assert lines[0].startswith(f"{server.url}  esper-telemetryd ") and "runs=1 groups=3 violated=1" in lines[0]
+    assert (
+        lines[0].startswith(f"{server.url}  esper-telemetryd ")
+        and "runs=1 groups=3 violated=1" in lines[0]
+    )
     assert lines[1].split() == list(top.HEADER)
-    assert [ln.split()[:2] for ln in lines[2:]] == [["leaky", "frozen"], ["leaky", "host"], ["leaky", "seed"]]
+    assert [ln.split()[:2] for ln in lines[2:]] == [
+        ["leaky", "frozen"],
+        ["leaky", "host"],
+        ["leaky", "seed"],
+    ]
 
 
 def test_help_and_a_usage_error_start_without_torch():
@@ -245,4 +347,7 @@ def test_the_probe_sees_an_attempt_to_import_torch():
 def test_the_live_view_without_a_terminal_points_to_once():
     rc, out, err = run_cli("top", "--url", "http://127.0.0.1:1/metrics")
     assert rc == 2 and out == ""
-    assert err.splitlines() == ["esper-telemetry top: not a terminal; use --once to print one table", "NO-TORCH"]
+    assert err.splitlines() == [
+        "esper-telemetry top: not a terminal; use --once to print one table",
+        "NO-TORCH",
+    ]

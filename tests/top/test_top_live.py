@@ -8,24 +8,23 @@ line that the daemon is gone, recovers when it is back, and quits on ``q``.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
 torch = pytest.importorskip("torch")
+from daemon_support import get  # noqa: E402
+from live_daemon import LiveDaemon  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
 from esper_telemetry.collector.demo import console_script  # noqa: E402
-from daemon_support import get  # noqa: E402
-from live_daemon import LiveDaemon  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +44,15 @@ class Net(nn.Module):
 
 
 def attach(net: Net, run: str, endpoint: str):
-    return et.attach(model=net, host="host", seeds={"a": "a", "b": "b"}, groups={"frozen": "frozen"},
-                     isolated=("frozen",), run=run, endpoint=endpoint)
+    return et.attach(
+        model=net,
+        host="host",
+        seeds={"a": "a", "b": "b"},
+        groups={"frozen": "frozen"},
+        isolated=("frozen",),
+        run=run,
+        endpoint=endpoint,
+    )
 
 
 def train(tel, net: Net, steps: range, nan_steps=()) -> None:
@@ -61,15 +67,33 @@ def train(tel, net: Net, steps: range, nan_steps=()) -> None:
 
 def top(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
-    return subprocess.run([*console_script("esper-telemetry", "esper_telemetry.collector.cli"), "top", *args],
-                          cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*console_script("esper-telemetry", "esper_telemetry.collector.cli"), "top", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def table(out: str) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, str]]]:
+def table(out: str) -> tuple[list[tuple[str, str]], dict[tuple[str, str], dict[str, str]]]:
     """The rows of ``top --once`` in order, and each row's cells by column name."""
     lines = out.splitlines()
     header = lines[1].split()
-    assert header == ["RUN", "GROUP", "STEP", "NORM", "RATIO", "NONFINITE", "ISOLATION", "DEVICE", "DROPS", "AGE"]
+    assert header == [
+        "RUN",
+        "GROUP",
+        "STEP",
+        "NORM",
+        "RATIO",
+        "NONFINITE",
+        "ISOLATION",
+        "DEVICE",
+        "DROPS",
+        "AGE",
+    ]
     order, rows = [], {}
     for line in lines[2:]:
         cells = dict(zip(header, line.split()))
@@ -89,13 +113,21 @@ def test_once_prints_what_the_collector_measured_worst_first(daemon: LiveDaemon)
     torch.manual_seed(0)
     net, other = Net(), Net()
     steps = 6
-    with attach(net, "main", daemon.endpoint) as tel, attach(other, "other", daemon.endpoint) as tel2:
+    with (
+        attach(net, "main", daemon.endpoint) as tel,
+        attach(other, "other", daemon.endpoint) as tel2,
+    ):
         train(tel, net, range(steps), nan_steps={1, 3})
         train(tel2, other, range(2))
         assert tel.flush(5.0) and tel2.flush(5.0)
         latest = tel.latest()
-        daemon.scrape_until(lambda s: get(s, "esper_last_step", run="main") == steps - 1
-                            and get(s, "esper_last_step", run="other") == 1, "both runs")
+        daemon.scrape_until(
+            lambda s: (
+                get(s, "esper_last_step", run="main") == steps - 1
+                and get(s, "esper_last_step", run="other") == 1
+            ),
+            "both runs",
+        )
         proc = top("--once", "--url", daemon.url)
         only = top("--once", "--url", daemon.url, "--run", "oth*")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
@@ -104,7 +136,13 @@ def test_once_prints_what_the_collector_measured_worst_first(daemon: LiveDaemon)
     assert "runs=2 groups=8 violated=2 warnings=1" in proc.stdout.splitlines()[0]
     # Worst first: the violated groups, then the group with non-finite gradients.
     assert order[:3] == [("main", "frozen"), ("other", "frozen"), ("main", "b")]
-    assert sorted(order[3:]) == [("main", "a"), ("main", "host"), ("other", "a"), ("other", "b"), ("other", "host")]
+    assert sorted(order[3:]) == [
+        ("main", "a"),
+        ("main", "host"),
+        ("other", "a"),
+        ("other", "b"),
+        ("other", "host"),
+    ]
 
     for group in ("host", "a", "b", "frozen"):
         cells = rows[("main", group)]
@@ -131,7 +169,9 @@ class Tmux:
         self.name, self.exit_file = name, exit_file
 
     def __call__(self, *args: str) -> str:
-        proc = subprocess.run(["tmux", "-L", self.name, *args], capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(
+            ["tmux", "-L", self.name, *args], capture_output=True, text=True, timeout=10
+        )
         assert proc.returncode == 0, f"tmux {' '.join(args)}: {proc.stderr}"
         return proc.stdout
 
@@ -158,7 +198,7 @@ class Tmux:
                 raise AssertionError(f"timed out waiting for {what}; the screen:\n{screen}")
             time.sleep(0.05)
 
-    def dead(self) -> Optional[int]:
+    def dead(self) -> int | None:
         """The command's exit status once it has exited (``start`` has the shell write it), else None."""
         text = self.exit_file.read_text() if self.exit_file.exists() else ""
         return int(text) if text.endswith("\n") else None
@@ -171,7 +211,9 @@ class Tmux:
 def tmux(tmp_path: Path) -> Tmux:
     if shutil.which("tmux") is None:
         message = "tmux is not installed: run `bash tools/ensure-tmux.sh` (Debian's tmux package)"
-        if os.environ.get("CI"):   # `make test` installs it first; in CI a silent skip would hide the view
+        if os.environ.get(
+            "CI"
+        ):  # `make test` installs it first; in CI a silent skip would hide the view
             pytest.fail(message + " (CI is set: this test must not skip)")
         pytest.skip(message)
     t = Tmux(f"esper-top-test-{os.getpid()}", tmp_path / "top-exit-status")
@@ -179,7 +221,7 @@ def tmux(tmp_path: Path) -> Tmux:
     t.kill()
 
 
-def row(screen: str, run: str, group: str) -> Optional[str]:
+def row(screen: str, run: str, group: str) -> str | None:
     return next((ln for ln in screen.splitlines() if ln.split()[:2] == [run, group]), None)
 
 
@@ -211,11 +253,15 @@ def test_live_view_draws_refreshes_survives_a_daemon_restart_and_quits_on_q(tmux
     port = int(daemon.web.rsplit(":", 1)[1])
     assert daemon.stop() == 0
     down = tmux.wait(lambda s: f"cannot reach {daemon.url}" in s, "the daemon-down line")
-    assert sum("cannot reach" in ln for ln in down.splitlines()) == 1 and "retrying every 0.3s" in down
+    assert (
+        sum("cannot reach" in ln for ln in down.splitlines()) == 1 and "retrying every 0.3s" in down
+    )
     assert tmux.dead() is None
     back = LiveDaemon(tmp_path / "second.log", web_port=port)
     try:
-        tmux.wait(lambda s: "cannot reach" not in s and "no runs" in s and "q: quit" in s, "recovery")
+        tmux.wait(
+            lambda s: "cannot reach" not in s and "no runs" in s and "q: quit" in s, "recovery"
+        )
     finally:
         back.stop()
 
