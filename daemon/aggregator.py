@@ -138,7 +138,7 @@ class _Run:
         "ended_at",
     )
 
-    def __init__(self, now: float, shard_window_s: float) -> None:
+    def __init__(self, now: float, limits: Limits) -> None:
         self.groups: dict[str, _Group] = {}
         self.ranks: dict[int, float] = {}  # rank -> clock time last heard
         self.max_rank = -1
@@ -151,7 +151,7 @@ class _Run:
         self.dropped = 0
         self.dropped_by_rank: dict[int, int] = {}  # latest cumulative count per rank
         self.mismatch: dict[str, int] = {}
-        self.shards = StepAssembly(shard_window_s)
+        self.shards = StepAssembly(limits.shard_window_s, limits.max_ranks_per_run)
         self.ended_at: float | None = None  # when the last rank said goodbye
 
 
@@ -260,7 +260,7 @@ class Aggregator:
             if len(self._runs) >= self._limits.max_runs and not self._make_room():
                 self._stats.overflow["runs"] += 1
                 return None
-            run = self._runs[name] = _Run(now, self._limits.shard_window_s)
+            run = self._runs[name] = _Run(now, self._limits)
             self._no_norms[name] = None
             self.sequences.forget(name)  # a run created anew counts its losses from zero
         elif not run.captures:

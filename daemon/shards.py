@@ -26,8 +26,6 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
-from esper_telemetry.defaults import DEFAULT_MAX_RANKS_PER_RUN
-
 __all__ = ["StepAssembly", "Added", "MAX_PENDING_STEPS", "CLOSED_MEMORY"]
 
 # Sharded steps awaiting ranks, per run; the oldest is given up (counted incomplete) first.
@@ -57,7 +55,11 @@ class _Pending:
 
 
 class StepAssembly:
-    """Pending sharded steps of one run, keyed by step; single-threaded."""
+    """Pending sharded steps of one run, keyed by step; single-threaded.
+
+    ``max_ranks`` is the run's rank cap (``--limits.max-ranks-per-run``): the rank index
+    holds up to twice that many ranks before it gives up what waits and starts again.
+    """
 
     __slots__ = (
         "_window_s",
@@ -74,9 +76,9 @@ class StepAssembly:
     def __init__(
         self,
         window_s: float,
+        max_ranks: int,
         max_pending: int = MAX_PENDING_STEPS,
         closed_memory: int = CLOSED_MEMORY,
-        max_ranks: int = DEFAULT_MAX_RANKS_PER_RUN,
     ) -> None:
         self._window_s = window_s
         self._max_pending = max_pending

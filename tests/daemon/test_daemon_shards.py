@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+import zmq
+from daemon_support import get
+from live_daemon import live_daemon
+
+from esper_telemetry import GroupNorm, Hello, Norms, encode
 from esper_telemetry.daemon.shards import StepAssembly
+from esper_telemetry.defaults import DEFAULT_MAX_RANKS_PER_RUN
 
 
 def test_a_step_is_published_once_the_expected_ranks_reported_with_sums_over_ranks():
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     assert a.add(5, 0, [("host", 1.0), ("seed", None)], expected=3, now=0.0) == (None, False)
     assert a.add(5, 2, [("host", 2.0), ("seed", 0.5)], expected=3, now=1.0) == (None, False)
     assert len(a) == 1
@@ -17,13 +26,13 @@ def test_a_step_is_published_once_the_expected_ranks_reported_with_sums_over_ran
 
 
 def test_a_group_with_no_gradient_on_any_rank_totals_none():
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     a.add(1, 0, [("g", None)], expected=2, now=0.0)
     assert a.add(1, 1, [("g", None)], expected=2, now=0.0).totals == {"g": None}
 
 
 def test_a_rank_reporting_a_step_twice_counts_once_and_the_repeat_is_counted_dropped():
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     a.add(1, 0, [("g", 1.0)], expected=2, now=0.0)
     assert a.add(1, 0, [("g", 3.0)], expected=2, now=0.0).totals is None  # still one rank
     assert a.dropped_reports == 1
@@ -31,7 +40,7 @@ def test_a_rank_reporting_a_step_twice_counts_once_and_the_repeat_is_counted_dro
 
 
 def test_steps_are_independent_and_the_expected_count_is_the_latest_one_given():
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     a.add(1, 0, [("g", 1.0)], expected=3, now=0.0)
     a.add(2, 0, [("g", 10.0)], expected=3, now=0.0)
     # The world shrank (a new Hello): two reports now complete step 2, step 1 still waits.
@@ -40,7 +49,7 @@ def test_steps_are_independent_and_the_expected_count_is_the_latest_one_given():
 
 
 def test_a_step_still_short_after_the_window_is_given_up_and_its_straggler_dropped():
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     a.add(1, 0, [("g", 1.0)], expected=2, now=100.0)
     a.add(2, 0, [("g", 1.0)], expected=2, now=110.0)
     assert a.expire(130.0) == [] and a.incomplete == 0  # exactly the window: not late yet
@@ -52,14 +61,14 @@ def test_a_step_still_short_after_the_window_is_given_up_and_its_straggler_dropp
 
 
 def test_a_published_step_is_remembered_so_a_duplicate_does_not_reopen_it():
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     a.add(1, 0, [("g", 1.0)], expected=1, now=0.0)
     assert a.add(1, 0, [("g", 9.0)], expected=1, now=0.0) == (None, False)
     assert len(a) == 0 and a.dropped_reports == 1
 
 
 def test_pending_steps_are_capped_the_oldest_given_up_first():
-    a = StepAssembly(window_s=30.0, max_pending=2)
+    a = StepAssembly(window_s=30.0, max_ranks=4096, max_pending=2)
     a.add(1, 0, [("g", 1.0)], expected=2, now=0.0)
     a.add(2, 0, [("g", 1.0)], expected=2, now=0.0)
     assert a.add(3, 0, [("g", 1.0)], expected=2, now=0.0) == (None, True)
@@ -69,7 +78,7 @@ def test_pending_steps_are_capped_the_oldest_given_up_first():
 
 
 def test_closed_steps_are_remembered_only_up_to_the_memory():
-    a = StepAssembly(window_s=30.0, closed_memory=2)
+    a = StepAssembly(window_s=30.0, max_ranks=4096, closed_memory=2)
     for step in (1, 2, 3):
         a.add(step, 0, [("g", 1.0)], expected=1, now=0.0)
     # Step 1 has been forgotten: a report for it is a new step again; step 3 is remembered.
@@ -81,7 +90,7 @@ def test_pending_steps_hold_sums_not_reports_so_a_huge_world_with_a_lagging_rank
     import tracemalloc
 
     groups = [(f"group-{i:03d}", float(i)) for i in range(128)]
-    a = StepAssembly(window_s=30.0)
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -105,3 +114,41 @@ def test_ranks_that_come_and_go_while_no_step_completes_cannot_grow_the_rank_ind
         a.add(1, rank, [("g", 1.0)], expected=100, now=0.0)
     assert a.add(1, 16, [("g", 1.0)], expected=100, now=0.0) == (None, True)
     assert len(a) == 0 and a.incomplete == 1 and len(a._index) == 0
+
+
+@pytest.mark.slow
+def test_a_real_daemon_assembles_sharded_steps_of_more_ranks_than_the_default_limit(tmp_path):
+    # --limits.max-ranks-per-run reaches the sharded-step assembly: with it at the default
+    # (4,096) the assembly's rank index gives up at 8,192 ranks and this job never gets a norm.
+    world = 2 * DEFAULT_MAX_RANKS_PER_RUN + 100
+    # One socket sends every rank's report, one message each, in order: the Hello first, so
+    # the expected count is the world size and no step is published early.
+    frames = [encode(Hello("big", 0, 1.0, world, "h", 1, "0", "", ()), seq=0)]
+    frames += [
+        encode(
+            Norms("big", rank, 1.0, 7, False, (GroupNorm("w", "group", 1, 1.0, 0, True, False),)),
+            seq=int(rank == 0),
+        )
+        for rank in range(world)
+    ]
+    ctx = zmq.Context()
+    with live_daemon(tmp_path / "d.log", f"--limits.max-ranks-per-run={world}") as d:
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 5000)
+        sock.connect(d.endpoint)
+        try:
+            for frame in frames:
+                sock.send(frame)
+            s = d.scrape_until(
+                lambda s: get(s, "esper_daemon_events_total") == len(frames), "every report"
+            )
+        finally:
+            sock.close()
+            ctx.term()
+    assert get(s, "esper_collectors", run="big") == world
+    assert get(s, "esper_daemon_incomplete_steps_total", run="big") == 0
+    assert get(s, "esper_group_last_step", run="big", group="w") == 7
+    # Each rank's square is 1.0: the sum over ranks is exact in float64.
+    assert get(s, "esper_grad_norm", run="big", group="w") == math.sqrt(world)
