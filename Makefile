@@ -1,20 +1,34 @@
-# Two entry points: `make demo` and `make test`. Both build .venv on first use.
+# Two entry points: `make demo` and `make test`. Both build .venv on first use: the demo
+# installs what it runs (the daemon and collector extras), the tests add the test stack.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c requirements/ci-constraints.txt
 
-.PHONY: demo test bench-daemon bench-collector gpu-wheels clean
+.PHONY: demo test lint bench-daemon bench-collector gpu-wheels clean
 
-$(VENV)/.installed: pyproject.toml requirements/ci-constraints.txt
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+$(VENV)/.installed-demo: $(VENV)/.created pyproject.toml requirements/ci-constraints.txt
+	$(PIP) -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml requirements/ci-constraints.txt
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.installed-demo
+
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/esper-telemetry demo
 
-test: $(VENV)/.installed
+# ruff first: a style or lint finding fails the run before the slow tests start.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
 	bash tools/ensure-prometheus.sh
 	bash tools/ensure-tmux.sh
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)

@@ -3,26 +3,28 @@
     python bench/daemon_ingest.py [--senders N] [--seconds S] [--trials T] [--unnumbered]
                                   [--no-write] [--no-floor] [--baseline TREE]
 
-Starts ``python -m esper_telemetry.daemon`` as a subprocess, then per trial N sender processes (each one
-collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events as
-fast as the daemon takes them (blocking sends: libzmq's high-water mark pushes back, so
+Starts ``python -m esper_telemetry.daemon`` as a subprocess, then per trial N sender processes
+(each one collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events
+as fast as the daemon takes them (blocking sends: libzmq's high-water mark pushes back, so
 every event sent reaches the daemon's socket). Throughput is the events the daemon
 counted as accepted over the wall time from the senders' start until the daemon has
 accounted for every event sent (accepted, or dropped and counted as ``queue_full``).
 Loss is sent minus accounted: anything but 0 is a bug. Messages are numbered (schema 2,
 as collectors send them; the pre-encoded frames cycle, which the daemon reads as a
-restarted sender, never as a gap); ``--unnumbered`` sends schema 1 frames instead. Then it fills the daemon with about
-10,000 series and times scrapes over HTTP. Medians go to bench/RESULTS.md (section
-"## Daemon ingest"; other sections are kept); ``--no-write`` only prints them.
+restarted sender, never as a gap); ``--unnumbered`` sends schema 1 frames instead. Then it
+fills the daemon with about 10,000 series and times scrapes over HTTP. Medians go to
+bench/RESULTS.md (section "## Daemon ingest"; other sections are kept); ``--no-write`` only
+prints them.
 
 The floor is measured in the same run: a bare receiver process (one pyzmq PULL socket,
 blocking receives, ``msgpack.unpackb`` with the options of ``esper_telemetry.decode``,
 counting the events; no validation, no queue, no state) fed by the same sender processes
 with the same frames and message counts, trial by trial interleaved with the daemon's (the
 order alternating). The ratio daemon/floor of the medians is what the machine leaves on
-the table: the senders share the machine with whichever receiver runs. ``--baseline TREE`` measures the daemon of another
-source tree (``git archive COMMIT | tar -x -C TREE``) in the same interleaving, so a change is
-compared before and after in one run; its figures are printed beside the floor's.
+the table: the senders share the machine with whichever receiver runs. ``--baseline TREE``
+measures the daemon of another source tree (``git archive COMMIT | tar -x -C TREE``) in the
+same interleaving, so a change is compared before and after in one run; its figures are
+printed beside the floor's.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from report import machine, write_section
 
 from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
+from esper_telemetry.commands.daemon_process import DaemonProcess, DaemonStartError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _machine() -> str:
@@ -191,33 +194,20 @@ def _floor_trial(
 def _start_daemon(
     env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> tuple[subprocess.Popen, str, str]:
-    """``python -m esper_telemetry.daemon`` on wildcard loopback ports: (process, zmq
-    endpoint, web address); its log is drained so its pipe never fills."""
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "esper_telemetry.daemon",
-            "--zmq.listen-address=tcp://127.0.0.1:*",
-            "--web.listen-address=127.0.0.1:0",
+    """``python -m esper_telemetry.daemon`` (``env`` may point it at another tree) on loopback
+    ports the kernel picks: (process, zmq endpoints, web address)."""
+    try:
+        d = DaemonProcess(
             "--limits.max-runs=1000",
             "--limits.max-groups-per-run=256",
             "--log.level=info",
-        ],
-        cwd=cwd,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = daemon.stderr.readline()
-    m = re.search(r"zmq=(\S+) web=(\S+)", line)
-    if not m:
-        daemon.kill()
-        raise SystemExit(f"daemon did not start: {line}")
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()
-    return daemon, m.group(1), m.group(2)
+            command=[sys.executable, "-m", "esper_telemetry.daemon"],
+            env=env,
+            cwd=cwd,
+        )
+    except DaemonStartError as exc:
+        raise SystemExit(f"daemon did not start: {exc}") from None
+    return d.proc, ",".join(d.endpoints), d.web.removeprefix("http://")
 
 
 def _baseline_env(tree: Path) -> tuple[dict[str, str], Path]:
@@ -515,9 +505,10 @@ def main() -> int:
     section = (
         f"{SECTION}\n\n"
         f"`python bench/daemon_ingest.py` ({time.strftime('%Y-%m-%d')}). Machine: {_machine()}.\n"
-        f"The daemon (`python -m esper_telemetry.daemon`, default queue) and {args.senders} sender processes "
-        f"(one run each, blocking PUSH over tcp loopback, `Norms` events of 3 groups) share "
-        f"the machine. Medians of {args.trials} trials of about {args.seconds:g} s.\n\n"
+        "The daemon (`python -m esper_telemetry.daemon`, default queue) and "
+        f"{args.senders} sender processes (one run each, blocking PUSH over tcp loopback, "
+        "`Norms` events of 3 groups) share the machine. "
+        f"Medians of {args.trials} trials of about {args.seconds:g} s.\n\n"
         f"| measure | median | target |\n|---|---|---|\n"
         f"| batched messages ({args.batch} events each) | "
         f"{med('batched', 'events_per_s'):,.0f} events/s | >= 200,000 |\n"

@@ -34,6 +34,7 @@ from report import machine, write_section
 
 import esper_telemetry as et
 from esper_telemetry import GroupNorm, Hello, Norms, encode
+from esper_telemetry.commands.daemon_process import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Pushgateway"
@@ -116,34 +117,15 @@ def pushgateway_trial(gw: Gateway, seconds: float) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), 0
 
 
-class Daemon:
-    """An ``esper-telemetryd`` process on random loopback ports."""
+class Daemon(DaemonProcess):
+    """An ``esper-telemetryd`` process on random loopback ports, its log under ``workdir``."""
 
     def __init__(self, workdir: Path) -> None:
-        self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "esper_telemetry.daemon",
-                    "--zmq.listen-address=tcp://127.0.0.1:*",
-                    "--web.listen-address=127.0.0.1:0",
-                ],
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while True:
-            m = re.search(r"zmq=(\S+) web=(\S+)", self.log.read_text())
-            if m:
-                break
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"daemon did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        self.endpoint = m.group(1).split(",")[0]
-        self.url = f"http://{m.group(2)}/metrics"
+        super().__init__(
+            command=[sys.executable, "-m", "esper_telemetry.daemon"],
+            log_path=workdir / f"daemon-{time.monotonic_ns()}.log",
+            cwd=ROOT,
+        )
 
     def scrape(self) -> str:
         return urllib.request.urlopen(self.url, timeout=30).read().decode()
@@ -282,18 +264,20 @@ def main() -> int:
             + _pgw_version()
             + ". Telemetry of one training step (three groups' norms), "
             "back to back; medians of "
-            f"{args.trials} interleaved trials of {args.seconds:g} s after an untimed one. Pushgateway: one HTTP PUT per step "
-            "over a keep-alive connection. esper-telemetry: one `capture()` per step (CPU, small "
-            "model), counted when the daemon's scrape shows it.",
+            f"{args.trials} interleaved trials of {args.seconds:g} s after an untimed one. "
+            "Pushgateway: one HTTP PUT per step over a keep-alive connection. esper-telemetry: "
+            "one `capture()` per step (CPU, small model), counted when the daemon's scrape shows "
+            "it.",
             "",
             "| target | steps/s (median) | dropped (all trials) |",
             "|---|---:|---:|",
             *rows,
             "",
             "Dropped: captures the collector skipped and counted because its completion thread was "
-            "behind (at most 4,096 CPU captures, or 8 MiB of them, wait). A loop that does nothing but call `capture()` "
-            "holds the GIL and starves that thread; a training step spends its time in torch ops "
-            "that release it. Pushgateway's pushes block the loop instead of dropping.",
+            "behind (at most 4,096 CPU captures, or 8 MiB of them, wait). A loop that does "
+            "nothing but call `capture()` holds the GIL and starves that thread; a training step "
+            "spends its time in torch ops that release it. Pushgateway's pushes block the loop "
+            "instead of dropping.",
             "",
             "All trials: "
             + "; ".join(f"{k}: " + ", ".join(f"{v:,.0f}" for v in r) for k, r in rates.items())

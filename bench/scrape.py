@@ -6,8 +6,9 @@ Starts ``esper-telemetryd`` (``python -m esper_telemetry.daemon``) as a subproce
 it over ZeroMQ with runs of 100 groups (a host, 19 isolated seeds, 80 plain groups) until
 it holds about the requested number of series; starts a second process that applies the
 same events to the same aggregator code and serves them with prometheus_client's own
-``start_http_server`` (a collector that renders a fresh snapshot per scrape, as the
-daemon does, plus the process collectors). Then, per trial, interleaved, every server is
+``start_http_server`` (a collector that builds the runs' families from a fresh snapshot
+per scrape, as the daemon does, plus the process collectors; the daemon's own few dozen
+series aside). Then, per trial, interleaved, every server is
 scraped once in each of four ways on a kept-alive connection:
 
 - ``text``: ``Accept: text/plain;version=0.0.4``, no compression;
@@ -34,7 +35,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from report import machine, write_section  # noqa: E402
+
+from esper_telemetry.commands.daemon_process import DaemonProcess, DaemonStartError  # noqa: E402
 
 SECTION = "## Scrape"
 GROUPS = 100
@@ -101,20 +103,34 @@ def _fill(endpoint: str, runs: int) -> None:
 def _serve_prometheus_client(runs: int) -> None:
     """The peer: the same events, the same aggregator, prometheus_client's own server."""
     from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     from esper_telemetry.daemon.aggregator import Aggregator
     from esper_telemetry.daemon.app import limits
     from esper_telemetry.daemon.config import Config
-    from esper_telemetry.daemon.exporter import EsperCollector, process_registry
+    from esper_telemetry.daemon.exporter import RUN_FAMILIES, Exposition, process_registry
     from esper_telemetry.daemon.stats import DaemonStats
 
     agg = Aggregator(limits(Config(max_runs=max(runs, 100), max_groups_per_run=256)), DaemonStats())
     for events in _events(runs):
         agg.apply_batch(events, time.monotonic())
+    exposition = Exposition(10**9)
 
     class Live:
-        def collect(self):  # a fresh snapshot per scrape, as the daemon takes one
-            yield from EsperCollector(agg.snapshot()).collect()
+        def collect(self):
+            # A fresh snapshot per scrape, as the daemon takes one, and the runs' series as
+            # the daemon makes them (its rows), as prometheus_client's metric families.
+            families = [
+                (CounterMetricFamily if f.type == "counter" else GaugeMetricFamily)(
+                    f.name, f.help, labels=list(f.labels)
+                )
+                for f in RUN_FAMILIES
+            ]
+            for _, rows in exposition.scrape(agg.snapshot()).runs:
+                for family, family_rows in zip(families, rows):
+                    for labels, value in family_rows:
+                        family.add_metric(list(labels), value)
+            yield from families
 
     registry = CollectorRegistry()
     registry.register(Live())
@@ -165,37 +181,25 @@ class Server:
 
 
 def _start_daemon(name: str, runs: int, pythonpath: str = "") -> Server:
-    env = dict(os.environ)
-    env = {k: v for k, v in env.items() if not k.startswith("ESPER_")}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     args = [
-        sys.executable,
-        "-m",
-        "esper_telemetry.daemon",
-        "--zmq.listen-address=tcp://127.0.0.1:*",
-        "--web.listen-address=127.0.0.1:0",
         f"--limits.max-runs={max(runs, 100)}",
         "--limits.max-groups-per-run=256",
         "--run.ttl-seconds=3600",
     ]
     if not pythonpath:
         args.append("--web.max-series=1000000")
-    proc = subprocess.Popen(
-        args, cwd="/" if pythonpath else ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    m = None
-    for _ in range(5):
-        line = proc.stderr.readline()
-        m = re.search(r"zmq=(\S+) web=(\S+)", line)
-        if m:
-            break
-    if not m:
-        proc.kill()
-        raise SystemExit(f"{name} did not start: {line}")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    _fill(m.group(1), runs)
-    return Server(name, proc, m.group(2))
+    env = {"PYTHONPATH": pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        d = DaemonProcess(
+            *args,
+            command=[sys.executable, "-m", "esper_telemetry.daemon"],
+            env=env if pythonpath else None,
+            cwd="/" if pythonpath else ROOT,
+        )
+    except DaemonStartError as exc:
+        raise SystemExit(f"{name} did not start: {exc}") from None
+    _fill(",".join(d.endpoints), runs)
+    return Server(name, d.proc, d.web.removeprefix("http://"))
 
 
 def _start_peer(runs: int) -> Server:
@@ -285,7 +289,7 @@ def main() -> int:
             times: dict[tuple[str, str], list[float]] = {}
             sizes: dict[tuple[str, str], int] = {}
             for s in servers:  # warm-up: one of each
-                for way, (accept, encoding) in WAYS.items():
+                for accept, encoding in WAYS.values():
                     s.scrape(accept, encoding)
             for t in range(args.trials):
                 order = servers if t % 2 == 0 else servers[::-1]

@@ -89,8 +89,8 @@ class Publisher:
             # a handshake succeeds there is no completed connection, so (IMMEDIATE) events
             # are dropped and counted, never queued, never blocking.
             self._sock.curve_serverkey = curve.server_public
-            self._sock.curve_publickey = curve.client_public
-            self._sock.curve_secretkey = curve.client_secret
+            self._sock.curve_publickey = curve.client.public
+            self._sock.curve_secretkey = curve.client.secret
         self._sock.connect(endpoint)
         self._thread = threading.Thread(
             target=self._loop, name="esper-telemetry-sender", daemon=True

@@ -125,7 +125,7 @@ def _readable_by(module: str, reader: str) -> Callable[[str], str]:
 # A .key_secret certificate holding a key pair; a directory of *.key certificates; an
 # exporter-toolkit web configuration (WebConfigError is a ValueError naming the field).
 curve_secret_key_file = _readable_by(".curve", "read_server_keys")
-curve_authorized_keys_dir = _readable_by(".curve", "read_authorized_keys")
+curve_authorized_keys_dir = _readable_by(".curve", "read_public_keys")
 web_config_file = _readable_by(".webconfig", "load_web_config")
 
 

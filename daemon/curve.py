@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
-from typing import NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -31,9 +29,11 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from esper_telemetry.certificates import KeyPair, read_certificate, read_public_keys
+
 from .stats import DENY_REASONS
 
-__all__ = ["CurveKeys", "CurveGate", "DENY_REASONS", "read_server_keys", "read_authorized_keys"]
+__all__ = ["CurveGate", "DENY_REASONS", "read_server_keys", "read_public_keys"]
 
 
 # One ZAP domain for the daemon's sockets; the authenticator's rules apply to every domain.
@@ -45,41 +45,9 @@ _MONITORED = (
 )
 
 
-class CurveKeys(NamedTuple):
-    """The daemon's Z85 key pair."""
-
-    public: bytes
-    secret: bytes
-
-
-def read_server_keys(path: str) -> CurveKeys:
+def read_server_keys(path: str) -> KeyPair:
     """The daemon's key pair from a ``.key_secret`` certificate; ValueError says what is wrong."""
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read a ZeroMQ certificate from {path!r}: {exc}") from None
-    if secret is None:
-        raise ValueError(f"{path!r} holds no secret key: give the daemon's .key_secret file")
-    if len(public) != 40 or len(secret) != 40 or zmq.curve_public(secret) != public:
-        raise ValueError(
-            f"{path!r}: the keys are not a CURVE key pair (40 Z85 characters each, "
-            f"the public one derived from the secret one)"
-        )
-    return CurveKeys(public, secret)
-
-
-def read_authorized_keys(directory: str) -> dict[bytes, bool]:
-    """The public keys of every ``*.key`` certificate in ``directory``; ValueError if unreadable."""
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory!r} is not a directory")
-    keys: dict[bytes, bool] = {}
-    for path in sorted(Path(directory).glob("*.key")):
-        try:
-            public, _ = zmq.auth.load_certificate(str(path))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read the certificate {str(path)!r}: {exc}") from None
-        keys[public] = True
-    return keys
+    return read_certificate(path, name=repr(path), secret=True)
 
 
 def _fingerprint(directory: str) -> tuple[tuple[str, int, int], ...]:
@@ -104,7 +72,7 @@ class CurveGate:
     def __init__(
         self,
         context: zmq.asyncio.Context,
-        keys: CurveKeys,
+        keys: KeyPair,
         authorized_keys_dir: str | None,
         logger: logging.Logger,
         poll_interval_s: float = 2.0,
@@ -149,7 +117,7 @@ class CurveGate:
             return False
         self._seen = _fingerprint(self._dir)
         try:
-            keys = read_authorized_keys(self._dir)
+            keys = read_public_keys(self._dir)
         except ValueError as exc:
             self._log.error(
                 "authorized CURVE keys not reloaded (%s), keeping the %d loaded: %s",

@@ -10,7 +10,7 @@ import torch.nn as nn
 from daemon_process import scrape_until, spawn, started
 
 import esper_telemetry as et
-from esper_telemetry.collector.curve import keygen
+from esper_telemetry.certificates import write_key_pair
 
 
 def curve_daemon(tmp_path, other: str):
@@ -20,7 +20,7 @@ def curve_daemon(tmp_path, other: str):
     keys.mkdir()
     authorized.mkdir()
     for name in ("daemon", "rank0", other):
-        keygen(keys, name)
+        write_key_pair(keys, name)
     shutil.copy(keys / "rank0.key", authorized / "rank0.key")
     proc = spawn(
         "--zmq.listen-address=tcp://127.0.0.1:*",

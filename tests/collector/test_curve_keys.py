@@ -12,7 +12,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from esper_telemetry.collector.curve import keygen, load_client_keys
+from esper_telemetry.certificates import write_key_pair
+from esper_telemetry.collector.curve import load_client_keys
 
 SCRIPT = Path(sys.executable).with_name("esper-telemetry")
 
@@ -35,8 +36,32 @@ def test_keygen_command_writes_a_pair_with_a_private_secret(tmp_path) -> None:
     assert zmq.curve_public(sec) == pub  # the pair belongs together
 
 
+def test_keygen_creates_a_missing_directory_private_to_its_owner(tmp_path) -> None:
+    # docs/deploy.md's example names a directory that does not exist yet.
+    target = tmp_path / "etc" / "keys"
+    result = subprocess.run(
+        [str(SCRIPT), "keygen", str(target), "daemon"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert mode(target) == 0o700 and mode(target / "daemon.key_secret") == 0o600
+    public, _ = zmq.auth.load_certificate(str(target / "daemon.key"))
+    assert len(public) == 40
+
+
+def test_keygen_refuses_a_file_where_the_directory_should_be(tmp_path) -> None:
+    (tmp_path / "keys").write_text("not a directory\n")
+    result = subprocess.run(
+        [str(SCRIPT), "keygen", str(tmp_path / "keys"), "d"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "is not a directory" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_keygen_never_overwrites_and_says_so_in_one_line(tmp_path) -> None:
-    keygen(tmp_path, "d")
+    write_key_pair(tmp_path, "d")
     before = (tmp_path / "d.key_secret").read_bytes()
     result = subprocess.run(
         [str(SCRIPT), "keygen", str(tmp_path), "d"], capture_output=True, text=True, timeout=60
@@ -49,19 +74,19 @@ def test_keygen_never_overwrites_and_says_so_in_one_line(tmp_path) -> None:
 def test_keygen_secret_is_never_readable_by_others_even_with_a_lax_umask(tmp_path) -> None:
     old = os.umask(0)
     try:
-        _, secret = keygen(tmp_path, "lax")
+        _, secret = write_key_pair(tmp_path, "lax")
     finally:
         os.umask(old)
     assert mode(secret) == 0o600
 
 
 def test_client_keys_are_read_from_certificate_files(tmp_path) -> None:
-    server_public, _ = keygen(tmp_path, "server")
-    _, client_secret = keygen(tmp_path, "client")
+    server_public, _ = write_key_pair(tmp_path, "server")
+    _, client_secret = write_key_pair(tmp_path, "client")
     keys = load_client_keys(server_public, client_secret)
     assert keys is not None
     assert keys.server_public == zmq.auth.load_certificate(str(server_public))[0]
-    assert zmq.curve_public(keys.client_secret) == keys.client_public
+    assert zmq.curve_public(keys.client.secret) == keys.client.public
     assert load_client_keys(None, None) is None
 
 
@@ -75,8 +100,8 @@ def test_client_keys_are_read_from_certificate_files(tmp_path) -> None:
     ],
 )
 def test_bad_key_files_are_clear_errors_naming_the_argument(tmp_path, case, match) -> None:
-    server_public, _ = keygen(tmp_path, "server")
-    client_public, client_secret = keygen(tmp_path, "client")
+    server_public, _ = write_key_pair(tmp_path, "server")
+    client_public, client_secret = write_key_pair(tmp_path, "client")
     junk = tmp_path / "junk"
     junk.write_text("hello\n")
     args = {
@@ -96,7 +121,7 @@ def test_attach_refuses_unreadable_keys_before_starting_anything(
 
     import esper_telemetry as et
 
-    server_public, _ = keygen(tmp_path, "server")
+    server_public, _ = write_key_pair(tmp_path, "server")
     before = thread_names()
     with pytest.raises(ValueError, match="client_secret_key_file is missing"):
         et.attach(

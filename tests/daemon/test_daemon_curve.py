@@ -16,8 +16,8 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from esper_telemetry.collector.curve import keygen
-from esper_telemetry.daemon.curve import CurveGate, read_authorized_keys, read_server_keys
+from esper_telemetry.certificates import write_key_pair
+from esper_telemetry.daemon.curve import CurveGate, read_public_keys, read_server_keys
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def keys(tmp_path) -> Path:
     store.mkdir()
     authorized.mkdir()
     for name in ("daemon", "good", "stranger", "late"):
-        keygen(store, name)
+        write_key_pair(store, name)
     shutil.copy(store / "good.key", authorized / "good.key")
     return tmp_path
 
@@ -179,5 +179,5 @@ def test_server_keys_must_be_a_secret_certificate(keys) -> None:
     with pytest.raises(ValueError, match="cannot read"):
         read_server_keys(str(keys / "nope.key_secret"))
     with pytest.raises(ValueError, match="not a directory"):
-        read_authorized_keys(str(keys / "nope"))
-    assert len(read_authorized_keys(str(keys / "authorized"))) == 1
+        read_public_keys(str(keys / "nope"))
+    assert len(read_public_keys(str(keys / "authorized"))) == 1

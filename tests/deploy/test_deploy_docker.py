@@ -324,9 +324,9 @@ def test_secrets_script_output_is_what_the_daemon_and_prometheus_accept(
     # The daemon's settings in compose.yaml, on these files, pass its own check.
     keys = tmp_path / "authorized-keys"
     keys.mkdir()
-    from esper_telemetry.collector.curve import keygen
+    from esper_telemetry.certificates import write_key_pair
 
-    keygen(keys, "trainer")
+    write_key_pair(keys, "trainer")
     env = {"PATH": "/usr/bin:/bin"}
     for name, value in compose["esper-telemetryd"]["environment"].items():
         env[name] = (

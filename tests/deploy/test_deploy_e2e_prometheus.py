@@ -204,7 +204,7 @@ def stack(tmp_path) -> Iterator[dict[str, object]]:
     daemon = Daemon(tmp_path)
     prom = trainer = None
     try:
-        prom = Prometheus(tmp_path, daemon.web)
+        prom = Prometheus(tmp_path, daemon.address)
         trainer = Trainer(tmp_path, daemon.endpoint)
         yield {"daemon": daemon, "prometheus": prom, "trainer": trainer}
     finally:

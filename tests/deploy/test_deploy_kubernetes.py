@@ -200,15 +200,15 @@ class SecureBuild(NamedTuple):
 def secure(tmp_path_factory) -> SecureBuild:
     from tls_support import bcrypt_hash, make_pki
 
-    from esper_telemetry.collector.curve import keygen
+    from esper_telemetry.certificates import write_key_pair
 
     tree = tmp_path_factory.mktemp("k8s") / "kubernetes"
     shutil.copytree(K8S, tree)
     comp = tree / "secure"
     for sub in ("curve", "web", "authorized-keys"):
         (comp / sub).mkdir()
-    keygen(comp / "curve", "daemon")
-    keygen(comp / "authorized-keys", "collector")
+    write_key_pair(comp / "curve", "daemon")
+    write_key_pair(comp / "authorized-keys", "collector")
     pki = make_pki(tree.parent / "pki")
     shutil.copy(pki.server_cert, comp / "web" / "tls.crt")
     shutil.copy(pki.server_key, comp / "web" / "tls.key")

@@ -141,7 +141,7 @@ def test_systemd_analyze_verify(tmp_path) -> None:
     result = subprocess.run(
         [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60
     )
-    problems = [l for l in (result.stdout + result.stderr).splitlines() if UNIT.name in l]
+    problems = [ln for ln in (result.stdout + result.stderr).splitlines() if UNIT.name in ln]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
 
 
@@ -204,14 +204,14 @@ def test_secure_dropin_settings_pass_the_daemons_check(tmp_path) -> None:
     configuration the daemon accepts; a broken web configuration among them is refused."""
     from tls_support import bcrypt_hash, make_pki
 
-    from esper_telemetry.collector.curve import keygen
+    from esper_telemetry.certificates import write_key_pair
 
     creds = tmp_path / "credentials"
     keys = tmp_path / "authorized-keys"
     creds.mkdir()
     keys.mkdir()
-    keygen(str(creds), "daemon")
-    keygen(str(keys), "trainer-0")
+    write_key_pair(str(creds), "daemon")
+    write_key_pair(str(keys), "trainer-0")
     pki = make_pki(tmp_path / "pki")
     (creds / "tls.crt").write_bytes(pki.server_cert.read_bytes())
     (creds / "tls.key").write_bytes(pki.server_key.read_bytes())

@@ -35,9 +35,13 @@ REL = 1e-5
 
 
 # -- processes and HTTP -----------------------------------------------------------------------
-# The demo's own helpers: the test starts the daemon the way the demo does.
-from esper_telemetry.collector.demo import console_script, free_port, http_get  # noqa: E402
-from esper_telemetry.collector.demo import wait_for as wait_until  # noqa: E402
+# The daemon starts the one way the demo and the tests start it.
+from daemon_support import get  # noqa: E402
+from daemon_support import parse as samples  # noqa: E402
+from live_daemon import LiveDaemon as Daemon  # noqa: E402
+from live_daemon import live_daemon  # noqa: E402
+
+from esper_telemetry.commands.daemon_process import console_script, http_get  # noqa: E402
 
 
 def clean_env() -> dict[str, str]:
@@ -45,74 +49,27 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
 
 
-class Daemon:
-    """A running ``esper-telemetryd``; ``web`` is its HTTP base URL."""
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns something other than None; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (value := predicate()) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+    return value
 
-    def __init__(self, proc: subprocess.Popen, endpoint: str, web: str, log_path: Path) -> None:
-        self.proc, self.endpoint, self.web, self.log_path = proc, endpoint, web, log_path
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def metrics(self) -> str:
-        status, body = http_get(f"{self.web}/metrics")
-        assert status == 200, f"/metrics answered {status}; daemon log:\n{self.log()}"
-        return body
+def metrics(d: Daemon) -> str:
+    status, body = http_get(d.url)
+    assert status == 200, f"/metrics answered {status}; daemon log:\n{d.log()}"
+    return body
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    zmq_port, web_port = free_port(), free_port()
-    endpoint = f"tcp://127.0.0.1:{zmq_port}"
-    log_path = tmp_path / "esper-telemetryd.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                *console_script("esper-telemetryd", "esper_telemetry.daemon"),
-                f"--zmq.listen-address={endpoint}",
-                f"--web.listen-address=127.0.0.1:{web_port}",
-                "--log.level=debug",
-            ],
-            cwd=ROOT,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    d = Daemon(proc, endpoint, f"http://127.0.0.1:{web_port}", log_path)
-    try:
-
-        def ready() -> bool | None:
-            if proc.poll() is not None:
-                pytest.fail(f"esper-telemetryd exited with {proc.returncode}:\n{d.log()}")
-            return True if http_get(f"{d.web}/-/ready", 0.5)[0] == 200 else None
-
-        wait_until(ready, READY_TIMEOUT_S, "esper-telemetryd /-/ready")
+    with live_daemon(tmp_path / "esper-telemetryd.log", "--log.level=debug") as d:
+        d.wait_ready()
         yield d
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-    assert proc.returncode == 0, f"esper-telemetryd exited with {proc.returncode}:\n{d.log()}"
-
-
-def samples(text: str) -> dict[tuple, float]:
-    """``{(name, sorted labels): value}`` of every sample in a text exposition."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(exposition: dict[tuple, float], name: str, **labels: str) -> float | None:
-    return exposition.get((name, tuple(sorted(labels.items()))))
 
 
 # -- the training job -----------------------------------------------------------------------
@@ -202,8 +159,8 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
             assert latest.groups[name].sq == pytest.approx(ref_sq[name], rel=REL)
 
         def settled() -> dict[tuple, float] | None:
-            expo = samples(daemon.metrics())
-            return expo if value(expo, "esper_last_step", run=run) == steps - 1 else None
+            expo = samples(metrics(daemon))
+            return expo if get(expo, "esper_last_step", run=run) == steps - 1 else None
 
         expo = wait_until(settled, SETTLE_TIMEOUT_S, f"the daemon to export step {steps - 1}")
         stats = tel.stats()
@@ -216,11 +173,11 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
     ordered = sorted(ref_norm.values())
     assert all(b > a * 1.01 for a, b in zip(ordered, ordered[1:])), ref_norm
     for name in GROUPS:
-        got = value(expo, "esper_grad_norm", run=run, group=name)
+        got = get(expo, "esper_grad_norm", run=run, group=name)
         assert got is not None, f"no esper_grad_norm for {name}"
         assert got == pytest.approx(ref_norm[name], rel=REL), name
-        assert value(expo, "esper_group_has_gradient", run=run, group=name) == 1
-        assert value(expo, "esper_group_parameters", run=run, group=name) == sum(
+        assert get(expo, "esper_group_has_gradient", run=run, group=name) == 1
+        assert get(expo, "esper_group_parameters", run=run, group=name) == sum(
             p.numel() for p in params[name]
         )
 
@@ -228,16 +185,16 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
     for seed in ("probe", "adapter"):
         seed_params = sum(p.numel() for p in params[seed])
         ratio = (ref_norm[seed] / ref_norm["host"]) * math.sqrt(host_params / seed_params)
-        assert value(expo, "esper_seed_grad_ratio", run=run, seed=seed) == pytest.approx(
+        assert get(expo, "esper_seed_grad_ratio", run=run, seed=seed) == pytest.approx(
             ratio, rel=REL
         )
-        assert value(expo, "esper_isolation_ok", run=run, group=seed) == 1
+        assert get(expo, "esper_isolation_ok", run=run, group=seed) == 1
         for kind in ("gradient", "structural"):
             assert (
-                value(expo, "esper_isolation_violations_total", run=run, group=seed, kind=kind) == 0
+                get(expo, "esper_isolation_violations_total", run=run, group=seed, kind=kind) == 0
             )
-    assert value(expo, "esper_isolation_ok", run=run, group="host") is None
-    assert value(expo, "esper_captures_total", run=run) == steps
+    assert get(expo, "esper_isolation_ok", run=run, group="host") is None
+    assert get(expo, "esper_captures_total", run=run) == steps
     assert stats["captures"] == steps and stats["dropped"] == 0 and stats["errors"] == 0
 
 
@@ -249,7 +206,7 @@ def test_demo_command_prints_a_table_of_every_group() -> None:
     started = time.monotonic()
     proc = subprocess.run(
         [
-            *console_script("esper-telemetry", "esper_telemetry.collector.cli"),
+            *console_script("esper-telemetry", "esper_telemetry.commands.cli"),
             "demo",
             "--steps",
             "30",
@@ -264,7 +221,10 @@ def test_demo_command_prints_a_table_of_every_group() -> None:
         timeout=DEMO_TIMEOUT_S,
     )
     elapsed = time.monotonic() - started
-    report = f"exit {proc.returncode} after {elapsed:.1f} s\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    report = (
+        f"exit {proc.returncode} after {elapsed:.1f} s\n"
+        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     assert proc.returncode == 0, report
     assert "step 30/30" in proc.stderr, report  # the progress indication reached the end
 

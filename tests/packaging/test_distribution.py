@@ -33,6 +33,7 @@ SOURCES = (
     "collector",
     "daemon",
     "integrations",
+    "commands",
 )
 
 
@@ -86,7 +87,9 @@ def test_wheel_installs_one_top_level_package(wheel):
     for module in (
         "collector/api.py",
         "collector/telemetry.py",
-        "collector/top.py",
+        "commands/top.py",
+        "commands/daemon_process.py",
+        "certificates.py",
         "daemon/cli.py",
         "daemon/__main__.py",
         "integrations/__init__.py",
@@ -99,7 +102,7 @@ def test_wheel_installs_one_top_level_package(wheel):
         assert f"esper_telemetry/{module}" in names, module
     assert dict(entry_points["console_scripts"]) == {
         "esper-telemetryd": "esper_telemetry.daemon.cli:main",
-        "esper-telemetry": "esper_telemetry.collector.cli:main",
+        "esper-telemetry": "esper_telemetry.commands.cli:main",
     }
 
 

@@ -1,27 +1,25 @@
-"""The daemon's console script as a real process: start it on free ports, read where it
-listens from its first log line, scrape it until a condition holds (every wait bounded)."""
+"""The daemon's console script with its output on pipes, for the tests of the command line
+itself (exit status, what it prints on a bad flag): start it, read where it listens from its
+first log line, scrape it until a condition holds (every wait bounded). Tests of a running
+daemon use ``live_daemon.LiveDaemon``."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from daemon_support import http_get, parse
 
+from esper_telemetry.commands.daemon_process import console_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def command() -> list[str]:
-    script = Path(sys.executable).with_name("esper-telemetryd")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("esper-telemetryd")
-    return [found] if found else [sys.executable, "-m", "esper_telemetry.daemon"]
+    return console_script("esper-telemetryd", "esper_telemetry.daemon")
 
 
 def spawn(*args: str, cmd: list[str] = None) -> subprocess.Popen:

@@ -13,14 +13,19 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
+from daemon_support import get, parse
+
+from esper_telemetry.commands.daemon_process import (
+    DaemonProcess,
+    DaemonStartError,
+    console_script,
+    http_get,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -77,24 +82,9 @@ def free_port() -> int:
 
 
 def daemon_command() -> list[str]:
-    """The daemon's console script from this interpreter's environment (``python -m esper_telemetry.daemon``
-    when it is not installed as a script)."""
-    script = Path(sys.executable).with_name("esper-telemetryd")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("esper-telemetryd")
-    return [found] if found else [sys.executable, "-m", "esper_telemetry.daemon"]
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple:
-    """(status, body) of a GET; status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError):
-        return 0, ""
+    """The daemon's console script from this interpreter's environment (``python -m
+    esper_telemetry.daemon`` when it is not installed as a script)."""
+    return console_script("esper-telemetryd", "esper_telemetry.daemon")
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
@@ -121,76 +111,45 @@ def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
     return proc.returncode
 
 
-class Daemon:
-    """A running ``esper-telemetryd`` on free loopback ports."""
+class Daemon(DaemonProcess):
+    """A running ``esper-telemetryd`` (debug log) on loopback ports the kernel picks; ``address``
+    is its web ``host:port``, what a scrape config's target takes."""
 
     def __init__(self, tmp: Path, extra: Sequence[str] = ()) -> None:
-        self.zmq_port = free_port()
-        self.web_port = free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.zmq_port}"
-        self.web = f"127.0.0.1:{self.web_port}"
-        self.log_path = tmp / f"esper-telemetryd-{self.web_port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [
-                *daemon_command(),
-                f"--zmq.listen-address={self.endpoint}",
-                f"--web.listen-address={self.web}",
-                "--log.level=debug",
-                *extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            "--log.level=debug", *extra, log_path=tmp / "esper-telemetryd.log", cwd=ROOT
         )
+        self.address = self.web.removeprefix("http://")
+        self.web_port = int(self.address.rsplit(":", 1)[1])
         try:
-            wait_until(self._ready, 20, "esper-telemetryd /-/ready")
-        except BaseException:
-            self.close()
-            raise
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"esper-telemetryd exited with {self.proc.returncode}:\n{self.log()}")
-        return http_get(f"http://{self.web}/-/ready", 0.5)[0] == 200
+            self.wait_ready()
+        except DaemonStartError as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
     def metrics(self) -> str:
-        status, body = http_get(f"http://{self.web}/metrics")
+        status, body = http_get(self.url)
         assert status == 200, f"/metrics answered {status}"
         return body
 
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
     def close(self) -> int | None:
-        rc = stop(self.proc)
-        self._log.close()
-        return rc
+        return self.stop()
 
 
 def exposition_names(text: str) -> set[str]:
-    """Metric names in a text exposition: families (# TYPE) and sample names."""
+    """Metric names in a text exposition: families (a counter's with ``_total``) and samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     names: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE ") or line.startswith("# HELP "):
-            names.add(line.split()[2])
-        elif line and not line.startswith("#"):
-            names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    for family in text_string_to_metric_families(text):
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+        names.update(s.name for s in family.samples)
     return names
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
     """The value of the one sample ``name{labels}`` in an exposition, or None."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
+    return get(parse(text), name, **labels)
 
 
 def send_events(endpoint: str, events: Sequence[object], raw: Sequence[bytes] = ()) -> None:

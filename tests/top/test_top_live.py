@@ -24,7 +24,7 @@ from live_daemon import LiveDaemon  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
-from esper_telemetry.collector.demo import console_script  # noqa: E402
+from esper_telemetry.commands.daemon_process import console_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def train(tel, net: Net, steps: range, nan_steps=()) -> None:
 def top(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
     return subprocess.run(
-        [*console_script("esper-telemetry", "esper_telemetry.collector.cli"), "top", *args],
+        [*console_script("esper-telemetry", "esper_telemetry.commands.cli"), "top", *args],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -226,7 +226,7 @@ def row(screen: str, run: str, group: str) -> str | None:
 
 
 def test_live_view_draws_refreshes_survives_a_daemon_restart_and_quits_on_q(tmux, daemon, tmp_path):
-    script = " ".join(console_script("esper-telemetry", "esper_telemetry.collector.cli"))
+    script = " ".join(console_script("esper-telemetry", "esper_telemetry.commands.cli"))
     tmux.start(f"{script} top --url {daemon.url} --interval 0.3")
     tmux.wait(lambda s: "no runs" in s and "q: quit" in s, "the empty view")
 

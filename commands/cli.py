@@ -1,4 +1,4 @@
-"""``esper-telemetry``: the training-side command line: ``demo``, ``top`` and ``keygen``.
+"""``esper-telemetry``: the command line of operators and researchers: ``demo``, ``top``, ``keygen``.
 
 Exit status: 0 on success, 1 when the demo fails or its extra is not installed, or when
 ``top --once`` cannot read the daemon (one line on stderr says why), 2 for a usage error
@@ -95,16 +95,16 @@ def _parser() -> argparse.ArgumentParser:
         "DIR/NAME.key_secret the secret key, mode 0600 (keep it). Existing files are "
         "never overwritten.",
     )
-    keygen.add_argument("directory", metavar="DIR", help="an existing directory")
+    keygen.add_argument("directory", metavar="DIR", help="the directory (created, mode 0700, when missing)")
     keygen.add_argument("name", metavar="NAME", help="the files' name, e.g. the host or 'daemon'")
     return parser
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .curve import keygen
+    from esper_telemetry.certificates import write_key_pair
 
     try:
-        public, secret = keygen(args.directory, args.name)
+        public, secret = write_key_pair(args.directory, args.name)
     except (OSError, ValueError) as exc:
         print(f"esper-telemetry keygen: {exc}", file=sys.stderr)
         return 1

@@ -9,30 +9,22 @@ happens; every wait is bounded, so the demo ends by itself.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, TypeVar
 
 import torch
 from torch import nn
 
-from . import attach
+from esper_telemetry.collector import attach
+
+from .daemon_process import DaemonProcess, DaemonStartError, http_get
 
 __all__ = [
     "DemoError",
-    "DaemonProcess",
     "HostNet",
     "DemoNet",
     "run_demo",
@@ -43,9 +35,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-READY_TIMEOUT_S = 20.0
 SETTLE_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = 2.0
 SEED_NAMES = ("seed_probe", "seed_mlp")
 
@@ -55,41 +45,11 @@ class DemoError(Exception):
 
 
 # -- the daemon ---------------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def console_script(name: str, module: str) -> list[str]:
-    """The console script ``name`` next to this interpreter, else on PATH, else ``python -m module``."""
-    script = Path(sys.executable).with_name(name)
-    if script.exists():
-        return [str(script)]
-    found = shutil.which(name)
-    return [found] if found else [sys.executable, "-m", module]
-
-
-def daemon_command() -> list[str]:
-    return console_script("esper-telemetryd", "esper_telemetry.daemon")
-
-
-def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> tuple:
-    """``(status, body)`` of a GET; status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except (urllib.error.URLError, OSError):
-        return 0, ""
-
-
 def wait_for(
     predicate: Callable[[], _T | None], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> _T:
-    """Poll ``predicate`` until it returns something other than None; DemoError after ``timeout_s``."""
+    """Poll ``predicate`` until it returns something other than None; DemoError after
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -100,80 +60,22 @@ def wait_for(
         time.sleep(interval_s)
 
 
-class DaemonProcess:
-    """``esper-telemetryd`` as a child process on free loopback ports.
+def start_daemon() -> DaemonProcess:
+    """``esper-telemetryd`` on loopback ports the kernel picks, ready; DemoError otherwise."""
+    try:
+        daemon = DaemonProcess()
+        daemon.wait_ready()
+    except DaemonStartError as exc:
+        last = [line for line in str(exc).splitlines() if line.strip()]
+        raise DemoError(last[-1] if last else str(exc)) from None
+    return daemon
 
-    Its log goes to a temporary file, not a pipe: nobody reads a pipe while the demo trains,
-    and a full pipe would stall the daemon. ``stop()`` is idempotent and bounded.
-    """
 
-    def __init__(self) -> None:
-        self.zmq_port = free_port()
-        self.web_port = free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.zmq_port}"
-        self.web = f"http://127.0.0.1:{self.web_port}"
-        self._log: IO[bytes] = tempfile.TemporaryFile()
-        # The demo's flags must win: drop ESPER_* settings (a telemetry path, limits) that
-        # an operator's shell may carry for a real daemon.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    *daemon_command(),
-                    f"--zmq.listen-address={self.endpoint}",
-                    f"--web.listen-address=127.0.0.1:{self.web_port}",
-                    "--shutdown.timeout-seconds=2",
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-            )
-        except OSError as exc:
-            self._log.close()
-            raise DemoError(f"could not start esper-telemetryd: {exc}") from None
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        def ready() -> bool | None:
-            if self.proc.poll() is not None:
-                raise DemoError(
-                    f"esper-telemetryd exited with status {self.proc.returncode}: "
-                    f"{self.last_log_line()}"
-                )
-            return True if http_get(f"{self.web}/-/ready", 0.5)[0] == 200 else None
-
-        wait_for(ready, timeout_s, "esper-telemetryd to become ready")
-
-    def metrics(self) -> str:
-        status, body = http_get(f"{self.web}/metrics")
-        if status != 200:
-            raise DemoError(f"GET {self.web}/metrics answered {status or 'nothing'}")
-        return body
-
-    def last_log_line(self) -> str:
-        try:
-            self._log.flush()
-            self._log.seek(0)
-            lines = [
-                ln for ln in self._log.read().decode("utf-8", "replace").splitlines() if ln.strip()
-            ]
-        except (OSError, ValueError):
-            return "(no log)"
-        return lines[-1] if lines else "(no output)"
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the exit status."""
-        proc = self.proc
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5.0)
-        if not self._log.closed:
-            self._log.close()
-        return proc.returncode
+def scrape(daemon: DaemonProcess) -> str:
+    status, body = http_get(daemon.url, HTTP_TIMEOUT_S)
+    if status != 200:
+        raise DemoError(f"GET {daemon.url} answered {status or 'nothing'}")
+    return body
 
 
 # -- the training job ---------------------------------------------------------------------
@@ -392,9 +294,8 @@ def run_demo(
         raise DemoError(f"--steps must be >= 1, got {steps}")
     dev = pick_device(device)
     run = run or f"demo-{uuid.uuid4().hex[:8]}"
-    daemon = DaemonProcess()
+    daemon = start_daemon()
     try:
-        daemon.wait_ready()
         err.write(
             f"esper-telemetryd ready: events {daemon.endpoint}, metrics {daemon.web}/metrics\n"
         )
@@ -419,7 +320,7 @@ def run_demo(
             # Scrape once the daemon has applied the last capture, before close() says
             # goodbye (a run whose every rank said goodbye leaves the exposition).
             def settled() -> str | None:
-                text = daemon.metrics()
+                text = scrape(daemon)
                 got = _value(parse_samples(text), "esper_last_step", run=run)
                 return text if got is not None and got >= last_step else None
 
