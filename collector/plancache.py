@@ -9,6 +9,14 @@ layouts, least recently used dropped; per plan at most ``KEYS`` address sets, ol
 dropped, and a slice keeps graphs and use counts only for address sets its plan still
 knows. Parameters re-bound (a move, a replaced module) drop every plan.
 
+An address says nothing of what lies there. A plan bound to addresses is kept only while
+the gradients at them still have the element counts and dtypes its kernels were built for
+(``still_fits``): an in-place cast (``model.half()`` keeps the Parameter objects) or a
+resized ``.data``, with the gradients re-allocated at the same addresses after
+``zero_grad(set_to_none=True)``, would otherwise replay kernels built for the old dtype
+(silently wrong norms) or the old element count (the pointer-table pass would read past a
+tensor's end: a sticky CUDA error that ends the process).
+
 A plan with no CUDA slice has no graphs, so no address binds it: it is kept while the same
 gradients exist (``grad_presence``, one C-level pass), however often the allocator moves
 them (``zero_grad(set_to_none=True)`` on the CPU gives new addresses every step). A dtype or
@@ -22,6 +30,7 @@ go every other step switches between two plans without reading every gradient's 
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,10 +38,13 @@ import torch
 
 from .plan import Plan, build_plan, grad_key, grad_presence, grad_signature
 
-__all__ = ["PlanCache", "PLANS", "KEYS"]
+__all__ = ["PlanCache", "PLANS", "KEYS", "still_fits"]
 
 PLANS = 4
 KEYS = 4
+
+_DTYPE = operator.attrgetter("dtype")
+_NUMEL = torch.Tensor.numel
 
 
 class PlanCache:
@@ -91,7 +103,7 @@ class PlanCache:
                     return known
             else:
                 key = grad_key(grads)
-                if key == plan.key or key in plan.known_keys:
+                if (key == plan.key or key in plan.known_keys) and still_fits(plan, grads):
                     plan.key = key
                     return plan
         if key is None:
@@ -119,6 +131,8 @@ class PlanCache:
             pointer_tables=self._pointer_tables,
             cpu_shares=self._cpu_shares,
         )
+        new.numels = [sig[3] for sig in signature if sig is not None]
+        new.dtypes = [sig[1] for sig in signature if sig is not None]
         self.built += 1
         self._on_new_layout(plan, new)
         self._plans[signature] = new
@@ -126,6 +140,23 @@ class PlanCache:
             self._plans.popitem(last=False)
         self.current = new
         return new
+
+
+def still_fits(plan: Plan, grads: Sequence[torch.Tensor | None]) -> bool:
+    """Whether the gradients found at a plan's addresses have the element counts and dtypes its
+    kernels were built for (see the module's docstring).
+
+    Two C-level passes over the gradients, about as costly as reading their addresses.
+    Density is left to the signature (looked at when a plan is built or looked up): a dense
+    gradient's squares are the same whatever its strides, and autograd makes every
+    gradient dense (its layout contract); only one assigned by hand could be otherwise.
+    """
+    present = grads if len(plan.numels) == len(grads) else [g for g in grads if g is not None]
+    try:
+        numels = list(map(_NUMEL, present))
+    except TypeError:  # None where the plan had an empty gradient: both are address 0
+        return False
+    return numels == plan.numels and list(map(_DTYPE, present)) == plan.dtypes
 
 
 def remember(plan: Plan, key: tuple[int, ...]) -> None:
