@@ -6,11 +6,21 @@ thread must not be the one to wait, and this one should not hold a device lock e
 and only once every event of a capture has completed does it read that capture's pinned
 staging buffer and hand it on. Releasing the capture then releases its gradient references
 (the side stream is done reading them) and its staging buffer (safe to reuse now).
+
+Beside a user's CUDA graph capture: while any thread captures in the default ``global``
+mode (``torch.cuda.graph()``; graphed layers in TransformerEngine and Megatron), CUDA
+forbids "potentially unsafe" calls such as ``cudaEventQuery`` and ``cudaEventDestroy`` from
+every thread in the default global mode, and invalidates that capture when one happens: the
+user's ``capture_end`` would raise in their training loop. Before its first CUDA call this
+thread sets its own mode to relaxed (``leave_global_capture_mode``), which CUDA exempts from
+other threads' captures. Its events are never recorded inside a capture (``capture()``
+skips while the current stream captures), the one kind of call relaxed mode still forbids.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import threading
 import time
@@ -19,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Pending", "CompletionThread"]
+__all__ = ["Pending", "CompletionThread", "leave_global_capture_mode"]
 
 log = logging.getLogger("esper_telemetry.collector")
 
@@ -34,6 +44,33 @@ _IDLE_WAIT_S = 0.5  # with nothing in flight (woken by submit)
 # a look that finds nothing costs the other core a few us.
 _LAZY_POLL_S = 0.01
 _LAZY_WINDOW_S = 1.0
+
+# CUstreamCaptureMode (cuda.h): GLOBAL 0, THREAD_LOCAL 1, RELAXED 2.
+_CAPTURE_MODE_RELAXED = 2
+
+
+def leave_global_capture_mode() -> str | None:
+    """Exempt the calling thread from other threads' CUDA graph captures; None, or why not.
+
+    ``cuThreadExchangeStreamCaptureMode`` with ``CU_STREAM_CAPTURE_MODE_RELAXED``: "the local
+    thread is not prohibited from potentially unsafe API calls", whatever other threads
+    capture (see the module's docstring). The mode is the driver's, per thread; the
+    runtime's ``cudaThreadExchangeStreamCaptureMode`` (PyTorch's C++
+    ``CUDAStreamCaptureModeGuard``, which has no Python binding) sets the same. Called once,
+    from the thread itself; it never raises.
+    """
+    try:
+        if torch.version.cuda is None:
+            return "not a CUDA build of torch"
+        driver = ctypes.CDLL("libcuda.so.1")  # the driver torch has loaded already
+        exchange = driver.cuThreadExchangeStreamCaptureMode
+        exchange.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        exchange.restype = ctypes.c_int
+        mode = ctypes.c_int(_CAPTURE_MODE_RELAXED)
+        status = exchange(ctypes.byref(mode))
+    except Exception as exc:  # no driver library, no such symbol: log, and go on as before
+        return f"{type(exc).__name__}: {exc}"
+    return None if status == 0 else f"cuThreadExchangeStreamCaptureMode returned {status}"
 
 
 class Pending:
@@ -51,6 +88,7 @@ class Pending:
         "device",
         "amp",
         "finish",
+        "abandoned",
     )
 
     def __init__(
@@ -75,24 +113,32 @@ class Pending:
         self.amp: torch.Tensor | None = None  # GradScaler's (found_inf, scale), see hooks
         # Run here before the rows are read: what the CPU pass read, made into its row.
         self.finish = finish
+        # A launch that failed part-way (see Telemetry._abandon): its events only mark the
+        # side streams' queued work done; it is released then, never read or published.
+        self.abandoned = False
         # A CUDA device of this capture: the thread makes it current before querying, or the
         # runtime would create a context on device 0 for this thread (in every rank).
-        self.device: int | None = (
-            plan.cuda[0].device.index if getattr(plan, "cuda", None) else None
-        )
+        self.device: int | None = plan.cuda[0].device.index if getattr(plan, "cuda", None) else None
 
     def done(self) -> bool:
         return all(e.query() for e in self.events)
 
 
 class CompletionThread:
-    """Polls pending captures in order and calls ``on_done(pending)`` from its own thread."""
+    """Polls pending captures in order and calls ``on_done(pending)`` from its own thread;
+    ``on_abandoned(pending)`` for an abandoned one once its device work is done."""
 
     def __init__(
-        self, on_done: Callable[[Pending], None], on_error: Callable[[BaseException], None]
+        self,
+        on_done: Callable[[Pending], None],
+        on_error: Callable[[BaseException], None],
+        on_abandoned: Callable[[Pending], None] | None = None,
     ) -> None:
         self._on_done = on_done
         self._on_error = on_error
+        self._on_abandoned = on_abandoned
+        # Why this thread could not leave global capture mode, once it tried (None: it did).
+        self.capture_mode_error: str | None = None
         self._pending: collections.deque[Pending] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -137,6 +183,7 @@ class CompletionThread:
     def _loop(self) -> None:
         poll = _POLL_MIN_S
         current_device: int | None = None
+        relaxed = False
         last_done = 0.0
         while True:
             with self._cond:
@@ -149,6 +196,9 @@ class CompletionThread:
                 head = self._pending[0]
             failed = False
             try:
+                if head.device is not None and not relaxed:
+                    relaxed = True  # before any other CUDA call of this thread
+                    self._relax(head.device)
                 if head.device is not None and head.device != current_device:
                     torch.cuda.set_device(head.device)
                     current_device = head.device
@@ -164,7 +214,10 @@ class CompletionThread:
                 continue
             poll = _POLL_MIN_S
             try:
-                if not failed:
+                if head.abandoned:
+                    if not failed and self._on_abandoned is not None:
+                        self._on_abandoned(head)
+                elif not failed:
                     if head.sums is None:
                         if head.finish is not None:
                             head.finish()
@@ -181,6 +234,20 @@ class CompletionThread:
                         self._polling = True
                         last_done = time.monotonic()
                     self._cond.notify_all()
+
+    def _relax(self, device: int) -> None:
+        why = leave_global_capture_mode()
+        if why is not None:  # without a current context on this thread, perhaps: once more
+            torch.cuda.set_device(device)
+            why = leave_global_capture_mode()
+        self.capture_mode_error = why
+        if why is not None:
+            (log.warning if torch.version.cuda is not None else log.info)(
+                "esper-telemetry: the completion thread could not leave global capture mode "
+                "(%s): a CUDA graph captured in global mode while captures are in flight may "
+                "fail to capture",
+                why,
+            )
 
 
 def _sum_rows(staging: torch.Tensor) -> list[list[float]]:

@@ -29,18 +29,32 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Staging:
-    """One capture's buffers: ``rows`` (devices, 2, groups) float64; ``ptrs`` per CUDA slice."""
+    """One capture's buffers: ``rows`` (devices, 2, groups) float64; ``ptrs`` per CUDA slice;
+    ``amp``, GradScaler's (found_inf, scale) as float64, made on first use (see ``amp_pair``)."""
 
-    __slots__ = ("rows", "ptrs", "shape")
+    __slots__ = ("rows", "ptrs", "shape", "amp")
 
     def __init__(self, rows: torch.Tensor, ptrs: dict[int, torch.Tensor], shape: tuple) -> None:
         self.rows = rows
         self.ptrs = ptrs
         self.shape = shape
+        self.amp: torch.Tensor | None = None
+
+    def amp_pair(self) -> torch.Tensor:
+        """Pinned host memory for GradScaler's pair (a CUDA copy's target); kept with this staging.
+
+        Pooled rather than allocated per capture: freeing pinned memory that a copy used
+        records a CUDA event on that copy's stream, and the completion thread, which drops a
+        capture, must not make such calls into a stream a user may be capturing.
+        """
+        if self.amp is None:
+            self.amp = torch.zeros(2, dtype=torch.float64, pin_memory=True)
+        return self.amp
 
 
 class StagingPool:
-    """Thread-safe free lists of ``Staging`` by shape; ``take`` on the training thread, ``give`` anywhere."""
+    """Thread-safe free lists of ``Staging`` by shape; ``take`` on the training thread,
+    ``give`` anywhere."""
 
     def __init__(self) -> None:
         self._free: dict[tuple, list[Staging]] = {}

@@ -37,7 +37,7 @@ from .plancache import PlanCache
 from .publisher import Publisher
 from .reporting import Reporter
 from .results import CaptureResult
-from .staging import StagingPool
+from .staging import Staging, StagingPool
 
 __all__ = ["Telemetry"]
 
@@ -121,7 +121,9 @@ class Telemetry:
             options.world_size,
             options.isolation_threshold,
         )
-        self._completion = CompletionThread(self._on_done, self.report_error)
+        self._completion = CompletionThread(
+            self._on_done, self.report_error, lambda p: self._staging.give(p.staging)
+        )
         self._reporter.hello(self._counts)
         _live.add(self)
         atexit.register(_close_at_exit, weakref.WeakMethod(self.close))
@@ -287,12 +289,18 @@ class Telemetry:
                 if plan.cpu is not None:
                     finish = self._passes.run_cpu(plan, grads, staging.rows[plan.cpu.slot])
         events: list[torch.cuda.Event] = []
-        for s in plan.cuda:
-            events.append(
-                self._passes.launch_cuda(
-                    plan, s, grads, staging.rows[s.slot], staging.ptrs.get(s.slot), fence
+        try:
+            for s in plan.cuda:
+                events.append(
+                    self._passes.launch_cuda(
+                        plan, s, grads, staging.rows[s.slot], staging.ptrs.get(s.slot), fence
+                    )
                 )
-            )
+            pair = None if amp is None else _stage_amp(amp, events, staging)
+        except BaseException:
+            if plan.cuda:
+                self._abandon(step, plan, grads, staging)
+            raise
         if not fence:
             self._unfenced.extend(
                 (torch.cuda.current_stream(s.device), e) for s, e in zip(plan.cuda, events)
@@ -301,10 +309,34 @@ class Telemetry:
         # (after zero_grad(set_to_none=True)) until the side streams are done reading.
         held = grads if plan.cuda else []
         pending = Pending(step, time.time(), skipped, plan, held, staging, events, finish)
-        if amp is not None:
-            pending.amp = _stage_amp(amp, events)
+        pending.amp = pair
         # A CPU capture is complete: the completion thread may take it at its next look.
         self._completion.submit(pending, wake=bool(events))
+
+    def _abandon(self, step: int, plan: Plan, grads: list[Any], staging: Any) -> None:
+        """A launch that raised part-way: hold what its queued device work reads and writes.
+
+        The side streams may have queued reads of the gradients and copies into the staging
+        buffer before the failure, with no event left to say when they end. A fresh event on
+        each side stream marks everything queued there so far; the training streams wait on
+        it (device-side: in-place writes after this call cannot race those reads), and a
+        capture marked abandoned holds the gradients and the staging buffer until it
+        completes, then gives them back unread (``CompletionThread``). Never raises: the
+        launch's own error is the one counted.
+        """
+        try:
+            events = []
+            for s in plan.cuda:
+                with torch.cuda.device(s.device):
+                    queued = torch.cuda.Event()
+                    queued.record(self._passes.side_stream(s.device))
+                    torch.cuda.current_stream(s.device).wait_event(queued)
+                events.append(queued)
+            pending = Pending(step, time.time(), False, plan, grads, staging, events)
+            pending.abandoned = True
+            self._completion.submit(pending)
+        except Exception as exc:  # a broken context: nothing more can be done from here
+            log.debug("esper-telemetry: could not hold an abandoned capture: %s", exc)
 
     def _resolve(self) -> bool:
         """Re-resolve every group from the live model; True if any group's parameters changed."""
@@ -386,11 +418,12 @@ def _latest(tel: Telemetry) -> CaptureResult | None:
     return tel._latest
 
 
-def _stage_amp(amp: Amp, events: list[Any]) -> torch.Tensor:
+def _stage_amp(amp: Amp, events: list[Any], staging: Staging) -> torch.Tensor:
     """GradScaler's ``found_inf`` and scale, copied for the completion thread without a wait.
 
-    On CUDA the copy goes to pinned memory, non-blocking, on the stream that produced them,
-    and its event joins the capture's: the completion thread reads the pair once it is done.
+    On CUDA the copy goes to the staging's pinned pair (``Staging.amp_pair``), non-blocking,
+    on the stream that produced them, and its event joins the capture's: the completion
+    thread reads the pair once it is done.
     """
     found_inf, scale = amp
     device = found_inf.device
@@ -403,7 +436,7 @@ def _stage_amp(amp: Amp, events: list[Any]) -> torch.Tensor:
     )
     if device.type != "cuda":
         return pair
-    host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+    host = staging.amp_pair()
     host.copy_(pair, non_blocking=True)
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(device))
