@@ -21,6 +21,15 @@ A group that can no longer be followed (a module object or parameters given dire
 are no longer in the model, or no longer alive) is *stale*: ``stale_groups`` finds them
 when a registration happened, and the collector reports each once.
 
+What a group resolves to is made of leaves, each once. A member that is computed (a weight
+under ``torch.nn.utils.parametrize``, whose ``module.weight`` is recomputed from
+``parametrizations.weight.original*`` at each access, or a view) never holds a gradient:
+it is followed through its autograd graph to the leaves it is computed from (a callable is
+called with grad mode on for that), and one warning per group says so. A member that
+cannot be followed (a computed tensor with no graph) makes the group stale, with its
+reason. A parameter given twice (tied weights: GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``) counts once, in the norm and in the parameter count.
+
 Groups are disjoint: a parameter of a seed or named group is left out of the host (the
 host module usually contains the seeds: a PEFT base model holds its adapters), and two
 seeds or named groups may not share a parameter.
@@ -100,6 +109,8 @@ class GroupSpec:
         "_tree",
         "_entries",
         "in_model",
+        "unfollowed",
+        "_noted",
     )
 
     def __init__(
@@ -127,6 +138,10 @@ class GroupSpec:
         self._entries: tuple[Any, ...] = ()
         # What the user gave was inside the root model at attach: leaving it makes the group stale.
         self.in_model = False
+        # Why a member of the last resolution could not be followed to its leaves (None: all
+        # were): the group is stale while it is set.
+        self.unfollowed: str | None = None
+        self._noted: set[str] = set()  # what was logged once already ("computed", "twice")
 
     def _current(self) -> Any:
         if self._kind == "module":
@@ -137,7 +152,10 @@ class GroupSpec:
                 raise LookupError(f"group {self.name!r}: the root model is gone")
             return root.get_submodule(self._target)
         if self._kind == "callable":
-            return self._target()
+            # Grad mode on: a computed member (a parametrized weight, a view) then carries the
+            # graph that leads to its leaves; captures run under no_grad.
+            with torch.enable_grad():
+                return self._target()
         # "params": weak references to fixed parameter objects
         return tuple(p for p in (r() for r in self._target) if p is not None)
 
@@ -149,8 +167,9 @@ class GroupSpec:
         if same_obj and gen == self._last_gen and not _rewritten(self._tree, self._entries):
             return self._params, False
         if isinstance(obj, nn.Module):
-            params = tuple(obj.parameters())
+            params = tuple(obj.parameters())  # leaves, each once (remove_duplicate)
             self.module = obj
+            self.unfollowed = None
             # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
             # dicts of a real model, and filling one without a registration hook is not a swap.
             self._tree = tuple(
@@ -158,7 +177,12 @@ class GroupSpec:
             )
             self._entries = (*itertools.chain.from_iterable(self._tree), _END)
         else:
-            params = () if obj is None and self._kind == "module" else _as_params(obj, self.name)
+            if obj is None and self._kind == "module":
+                params = ()
+            elif self._kind == "callable":
+                params = self.leaves(_as_params(obj, self.name))
+            else:  # parameters given: followed to their leaves once, at attach (make_spec)
+                params = _as_params(obj, self.name)
             self.module = None
             self._tree = self._entries = ()
         self._last_obj = _ref(obj) if isinstance(obj, nn.Module) else None
@@ -169,12 +193,63 @@ class GroupSpec:
         self._params = params
         return params, changed
 
+    def leaves(self, members: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``members`` as the leaves that hold their gradients, each once; sets ``unfollowed``.
+
+        The common case (every member a leaf, and for a callable every one a ``Parameter``
+        or requiring grad) costs a few C-level passes; the rest is ``follow_leaves``, logged
+        once per group.
+        """
+        strict = self._kind == "callable"
+        self.unfollowed = None
+        if not all(map(_IS_LEAF, members)) or (
+            strict
+            and not all(map(isinstance, members, itertools.repeat(nn.Parameter)))
+            and not all(map(_REQUIRES_GRAD, members))
+        ):
+            members, followed, lost = follow_leaves(members, strict)
+            if lost:
+                self.unfollowed = (
+                    f"{lost} of its members are computed tensors with no autograd graph (made "
+                    f"under no_grad or inference_mode, or detached): no gradient reaches them, "
+                    f"and nothing leads from them to the parameters they came from"
+                )
+            if followed and "computed" not in self._noted:
+                self._noted.add("computed")
+                log.warning(
+                    "esper-telemetry: group %r: %d of its members are computed tensors, not "
+                    "parameters (a weight under torch.nn.utils.parametrize, a view), and never "
+                    "hold a gradient; the group measures the parameters they are computed "
+                    "from: %s",
+                    self.name,
+                    followed,
+                    ", ".join(self._describe(members)),
+                )
+        if len(set(map(id, members))) != len(members):
+            members = tuple({id(p): p for p in members}.values())
+            if "twice" not in self._noted:
+                self._noted.add("twice")
+                log.info(
+                    "group %r holds a parameter more than once (tied weights): counted once",
+                    self.name,
+                )
+        return members
+
+    def _describe(self, params: Sequence[torch.Tensor]) -> list[str]:
+        """Names of ``params`` under the root model where it has them, else their shapes."""
+        root = self._root() if self._root is not None else None
+        names = {id(p): n for n, p in root.named_parameters()} if root is not None else {}
+        return [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in params]
+
     def followed(self, modules: set | None, params: set | None) -> bool:
-        """False when what the user gave directly is gone, or no longer in the model.
+        """False when what the user gave directly is gone, or no longer in the model, or a
+        member could not be followed to its leaves (``unfollowed``).
 
         ``modules`` and ``params``: ids of the root model's modules and parameters (None
-        without a root). Dotted paths and callables always follow the model.
+        without a root). Dotted paths and callables otherwise always follow the model.
         """
+        if self.unfollowed is not None:
+            return False
         return self.inside(modules, params, check=self.in_model)
 
     def inside(self, modules: set | None, params: set | None, check: bool = True) -> bool:
@@ -190,6 +265,63 @@ class GroupSpec:
 
 
 _END = object()  # ends the entries: one more or one fewer entry shows as a mismatch there
+_IS_LEAF = operator.attrgetter("is_leaf")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+# A computed member's graph is walked this far at most (a parametrization's is a few nodes;
+# a tensor at the end of a forward pass is not a parameter the user meant).
+MAX_GRAPH_NODES = 10_000
+
+
+def follow_leaves(
+    members: Sequence[torch.Tensor], strict: bool
+) -> tuple[tuple[torch.Tensor, ...], int, int]:
+    """Each member that cannot hold a gradient replaced by the leaves it is computed from.
+
+    Returns ``(params, followed, lost)``: the leaves (members that are leaves as they are,
+    in order), how many members were followed through their autograd graph (or, for a view
+    of a parameter made without one, to its base), and how many could not be (no graph, or
+    one larger than ``MAX_GRAPH_NODES``: left out). ``strict`` (a callable's members,
+    computed anew at each call): a leaf that is neither a ``Parameter`` nor requires grad
+    is such a computed tensor too; given directly, it is the user's tensor and kept.
+    """
+    out: list[torch.Tensor] = []
+    followed = lost = 0
+    for t in members:
+        if t.is_leaf and (not strict or t.requires_grad or isinstance(t, nn.Parameter)):
+            out.append(t)
+            continue
+        leaves = _graph_leaves(t)
+        if leaves is None and t._base is not None and isinstance(t._base, nn.Parameter):
+            leaves = [t._base]  # a view of a frozen parameter: no graph, but its base
+        if leaves is None:
+            lost += 1
+        else:
+            followed += 1
+            out.extend(leaves)
+    return tuple(out), followed, lost
+
+
+def _graph_leaves(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The leaves ``t`` was computed from (the variables of its graph's AccumulateGrad
+    nodes), in the graph's order; None without a graph or past ``MAX_GRAPH_NODES``."""
+    if t.grad_fn is None:
+        return None
+    out: list[torch.Tensor] = []
+    seen: set = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if len(seen) >= MAX_GRAPH_NODES:
+            return None
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            out.append(variable)
+        else:
+            stack.extend(reversed([n for n, _ in node.next_functions]))
+    return out
 
 
 def _rewritten(tree: tuple[Any, ...], entries: tuple[Any, ...]) -> bool:
@@ -286,8 +418,12 @@ def make_spec(
     elif callable(value):
         spec = GroupSpec(name, role, isolated, value, "callable", root)
     else:
-        params = _as_params(value, name)
+        # Computed members (a parametrized weight) are followed to their leaves now, while
+        # they are alive: only the leaves are held, weakly, like any parameter given.
+        probe = GroupSpec(name, role, isolated, None, "params", root)
+        params = probe.leaves(_as_params(value, name))
         spec = GroupSpec(name, role, isolated, tuple(_ref(p) for p in params), "params", root)
+        spec.unfollowed, spec._noted = probe.unfollowed, probe._noted
     params, _ = spec.resolve()
     if not params and not allow_empty:
         raise ValueError(f"group {name!r} has no parameters")

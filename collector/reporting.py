@@ -166,7 +166,8 @@ class Reporter:
                 if value and self._reported.get((kind, spec.name)) != value:
                     self.device(kind, spec.name, value)
                 self._reported[(kind, spec.name)] = value
-            if old is not None and (gi in rebound or old.group_devices[gi] != devices):
+            # Re-bound before the first plan (between attach and the first capture) too.
+            if gi in rebound or (old is not None and old.group_devices[gi] != devices):
                 self.device("moved", spec.name, devices)
 
     def device(self, kind: str, group: str, devices: Sequence[str]) -> None:

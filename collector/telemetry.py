@@ -371,10 +371,12 @@ class Telemetry:
         for gi, spec in enumerate(self._specs):
             if spec.name in stale and spec.name not in self._stale:
                 log.warning(
-                    "esper-telemetry: group %r can no longer be followed: what was given for it "
-                    "is no longer in the model (pass a dotted path or a callable to follow "
-                    "replacements); it is reported as stale, not measured",
+                    "esper-telemetry: group %r can no longer be followed: %s; it is reported "
+                    "as stale, not measured",
                     spec.name,
+                    spec.unfollowed
+                    or "what was given for it is no longer in the model (pass a dotted path "
+                    "or a callable to follow replacements)",
                 )
                 self._reporter.device("stale", spec.name, ())
             elif spec.name in self._stale and spec.name not in stale:
