@@ -122,7 +122,7 @@ class Daemon:
             config.web_listen_address.port,
             config.telemetry_path,
             self.snapshot,
-            self.exposition.scrape,
+            self.exposition.render,
             self.ready,
             logger.getChild("web"),
             write_timeout_s=config.web_write_timeout_s,

@@ -1,10 +1,12 @@
-"""The Prometheus side: metric names, and a custom ``Collector`` that renders a snapshot.
+"""The Prometheus side: metric names, and the one rendering of a snapshot.
 
 Every metric the daemon exports is named in this module (the README is the catalog).
-An ``EsperCollector`` is built per scrape from one ``Snapshot`` (taken on the event loop by
-the caller), so label sets never go stale, every number of one scrape belongs to the same
-instant, and rendering it may run on any thread. Square roots and the seed/host ratio
-(``esper_telemetry.ratio``) are computed here, at scrape time, not per event.
+A ``Scrape`` is built per scrape from one ``Snapshot`` (taken on the event loop by the
+caller), so label sets never go stale, every number of one scrape belongs to the same
+instant, and rendering it may run on any thread. A run's series are its rows
+(``run_rows``): the series cap counts them and the renderer writes them, in either format
+(``textformat``). Square roots and the seed/host ratio (``esper_telemetry.ratio``) are
+computed here, at scrape time, not per event.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
 
 from esper_telemetry.events import SCHEMA_VERSION
 from esper_telemetry.ratio import seed_ratio
@@ -34,14 +35,12 @@ from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS
 from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
 
 __all__ = [
-    "EsperCollector",
     "Exposition",
     "Family",
     "RUN_FAMILIES",
+    "Scrape",
     "ScrapeFigures",
     "run_rows",
-    "run_series",
-    "scrape_registry",
     "process_registry",
     "VIOLATION_KINDS",
     "MISMATCH_KINDS",
@@ -202,7 +201,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
     """The series of one run: per family of ``RUN_FAMILIES``, (label values, value) rows.
 
     ``lost`` is the run's (rank, messages lost) pairs. The one definition of what a run
-    exports: the ``Collector`` and the fast renderer both write these rows.
+    exports: the series cap counts these rows and the renderer writes them.
     """
     rows: list[list[Row]] = [[] for _ in RUN_FAMILIES]
     (
@@ -280,26 +279,6 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
     return rows
 
 
-def run_series(run: RunSnapshot, lost: int = 0) -> int:
-    """How many series ``run_rows(run, lost)`` makes (``lost``: how many ranks), without
-    making them: the cap decides which runs a scrape carries before it renders any."""
-    n = 6 + (2 if run.last_step >= 0 else 0) + lost
-    n += len(run.device_mismatch) + sum(1 for k in MISMATCH_KINDS if k not in run.device_mismatch)
-    host = next((g for g in run.groups if g.role == "host" and g.captured), None)
-    has_host = host is not None and not host.stale
-    for g in run.groups:
-        n += 2 + (g.params is not None) + len(g.violations)
-        watched = g.isolated or g.role == "seed" or bool(g.violations)
-        if watched:
-            n += sum(1 for k in VIOLATION_KINDS if k not in g.violations)
-            n += g.captured or g.violation_step >= 0
-        if g.captured:
-            n += g.step >= 0
-            if not g.stale:
-                n += 1 + (g.sq is not None) + (g.role == "seed" and has_host)
-    return n
-
-
 def lost_by_run(snap: Snapshot) -> dict[str, list[tuple[int, int]]]:
     """The snapshot's message losses as (rank, count) pairs per run, ranks in order."""
     out: dict[str, list[tuple[int, int]]] = {}
@@ -314,52 +293,6 @@ class ScrapeFigures(NamedTuple):
     omitted_runs: int = 0
     omitted_series: int = 0
     truncated_scrapes: int = 0
-
-
-class EsperCollector(Collector):
-    """Every esper_* family of one ``Snapshot``: build one per scrape.
-
-    ``runs``: the runs to show (the series cap's choice), all of the snapshot's if None;
-    ``scrape``: what the cap left out, for the daemon's own metrics.
-    """
-
-    def __init__(
-        self,
-        snapshot: Snapshot,
-        runs: Sequence[RunSnapshot] | None = None,
-        scrape: ScrapeFigures = ScrapeFigures(),
-    ) -> None:
-        self._snap = snapshot
-        self._runs = snapshot.runs if runs is None else runs
-        self._scrape = scrape
-
-    def describe(self) -> list[Metric]:
-        # Nothing at registration: collect() is per scrape, and names never clash.
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self._snap
-        families = [
-            (CounterMetricFamily if f.type == "counter" else GaugeMetricFamily)(
-                f.name, f.help, labels=list(f.labels)
-            )
-            for f in RUN_FAMILIES
-        ]
-        lost = lost_by_run(snap)
-        for run in self._runs:
-            for family, rows in zip(families, run_rows(run, lost.get(run.name, ()))):
-                for labels, v in rows:
-                    family.add_metric(list(labels), v)
-        yield from families[:_LOST]
-        yield from _self_metrics(snap, self._scrape)
-        yield from _loss_metrics(snap, families[_LOST])
-
-
-def _loss_metrics(snap: Snapshot, lost: Metric) -> Iterator[Metric]:
-    """Loss accounting (daemon/sequence.py): gaps in the collectors' message numbers."""
-    if snap.messages_lost is not None:
-        yield lost
-    yield from _unsequenced(snap)
 
 
 def _unsequenced(snap: Snapshot) -> Iterator[Metric]:
@@ -519,35 +452,27 @@ def _fragments(rows: list[list[Row]], escaped: dict[str, str]) -> list[str]:
     return out
 
 
-class Scrape(Collector):
-    """One scrape: the runs the series cap kept, the daemon's own families, the process's.
-
-    A ``Collector`` (``generate_latest`` reads it like any), and ``render(fmt)`` writes the
-    same samples faster, in either format (textformat.py), from the run rows directly.
-    """
+class Scrape:
+    """One scrape, ready to render: the runs the series cap kept (with their rows), the
+    daemon's own families, the process's."""
 
     def __init__(
         self,
         snapshot: Snapshot,
-        runs: Sequence[RunSnapshot],
+        runs: Sequence[tuple[RunSnapshot, list[list[Row]]]],
         figures: ScrapeFigures,
         process: Sequence[Metric],
     ) -> None:
         self.snapshot = snapshot
-        self.runs = runs
+        self.runs = runs  # (run, run_rows(run)) in the snapshot's order
         self.figures = figures
         self._process = process
-
-    def collect(self) -> Iterator[Metric]:
-        yield from EsperCollector(self.snapshot, self.runs, self.figures).collect()
-        yield from self._process
 
     def render(self, fmt: str) -> bytes:
         """The exposition in ``fmt`` (``textformat.TEXT`` or ``OPENMETRICS``), as bytes."""
         snap = self.snapshot
         escaped: dict[str, str] = {}
-        lost = lost_by_run(snap)
-        frags = [_fragments(run_rows(run, lost.get(run.name, ())), escaped) for run in self.runs]
+        frags = [_fragments(rows, escaped) for _, rows in self.runs]
         out: list[str] = []
         for i, family in enumerate(RUN_FAMILIES[:_LOST]):
             out.append(header(family.name, family.type, family.help, fmt))
@@ -594,7 +519,11 @@ class Exposition:
         self._said = -math.inf
 
     def scrape(self, snapshot: Snapshot) -> Scrape:
-        """What one scrape of ``snapshot`` carries (the cap applied), ready to render."""
+        """What one scrape of ``snapshot`` carries (the cap applied), ready to render.
+
+        Each run's rows are made once: their number is the run's size for the cap, and
+        only the kept runs' rows are held (at most ``max_series`` of them).
+        """
         process = list(self._process.collect()) if self._process is not None else []
         own = (
             _count(list(_self_metrics(snapshot, ScrapeFigures())))
@@ -603,28 +532,32 @@ class Exposition:
         )
         budget = self.max_series - own
         lost = lost_by_run(snapshot)
-        sized = [(run, run_series(run, len(lost.get(run.name, ())))) for run in snapshot.runs]
-        if sum(n for _, n in sized) <= budget:
-            with self._lock:
-                figures = ScrapeFigures(0, 0, self.truncated)
-                self._settle(False, figures, snapshot)
-            return Scrape(snapshot, snapshot.runs, figures, process)
-        keep = set()
+        runs = snapshot.runs
+        kept: dict[int, list[list[Row]]] = {}
         omitted_runs = omitted_series = 0
-        for index in sorted(range(len(sized)), key=lambda i: _priority(sized[i][0])):
-            n = sized[index][1]
+        # Greedy in priority order (a stable sort: the runs held longest first within a
+        # class); when every run fits, that keeps them all.
+        for index in sorted(range(len(runs)), key=lambda i: _priority(runs[i])):
+            run = runs[index]
+            rows = run_rows(run, lost.get(run.name, ()))
+            n = sum(map(len, rows))
             if n <= budget:
-                keep.add(index)
+                kept[index] = rows
                 budget -= n
             else:
                 omitted_runs += 1
                 omitted_series += n
+        truncating = omitted_runs > 0
         with self._lock:
-            self.truncated += 1
+            if truncating:
+                self.truncated += 1
             figures = ScrapeFigures(omitted_runs, omitted_series, self.truncated)
-            self._settle(True, figures, snapshot)
-        runs = tuple(run for i, (run, _) in enumerate(sized) if i in keep)
-        return Scrape(snapshot, runs, figures, process)
+            self._settle(truncating, figures, snapshot)
+        return Scrape(snapshot, [(runs[i], kept[i]) for i in sorted(kept)], figures, process)
+
+    def render(self, snapshot: Snapshot, fmt: str) -> bytes:
+        """One scrape of ``snapshot`` in ``fmt``: what the daemon serves (any thread)."""
+        return self.scrape(snapshot).render(fmt)
 
     def _settle(self, truncating: bool, figures: ScrapeFigures, snapshot: Snapshot) -> None:
         """Logs a change of state, and a reminder every ``remind_s`` while runs are left out."""
@@ -656,19 +589,4 @@ def process_registry() -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    return registry
-
-
-def scrape_registry(
-    snapshot: Snapshot, process: CollectorRegistry | None = None
-) -> CollectorRegistry:
-    """What one scrape renders: the esper_* families of ``snapshot``, then ``process``'s.
-
-    Cheap to build (two registrations); rendering it reads only ``snapshot`` and the
-    process collectors, never live daemon state, so it may run off the event loop.
-    """
-    registry = CollectorRegistry()
-    registry.register(EsperCollector(snapshot))
-    if process is not None:
-        registry.register(process)
     return registry

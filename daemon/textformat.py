@@ -1,5 +1,7 @@
 """The two exposition formats, written faster than prometheus_client's encoders, and the
-negotiation between them.
+negotiation between them: the daemon's one renderer (``exporter.Scrape.render`` writes its
+run rows with ``header``, ``value`` and ``escape_label``, and every other family with
+``render_families``).
 
 The Prometheus text format (0.0.4) and OpenMetrics 1.0.0 carry the same samples here: the
 daemon never writes exemplars, units or timestamps, so a sample line is the same in both
@@ -10,10 +12,12 @@ OpenMetrics-only ``_created`` sample goes (text makes it a gauge of its own, as
 ``generate_latest`` does), and in OpenMetrics' closing ``# EOF``. Both keep the
 collector's label order instead of sorting, write floats with Python's ``repr`` (``+Inf``,
 ``-Inf``, ``NaN`` spelled as both formats want), and escape each distinct label value once
-per scrape (a run's name appears in hundreds of series). Tests check that both parse
-identically to prometheus_client's own encoders (OpenMetrics with its strict parser) and
-that the text passes ``promtool check metrics``; promtool 2.42 lints only the text format
-(it reads an OpenMetrics counter family, named without ``_total``, as having no HELP).
+per scrape (a run's name appears in hundreds of series). Tests check that both formats
+parse to the same families with prometheus_client's parsers (OpenMetrics with its strict
+one), that ``render_families`` writes what prometheus_client's own encoders write for the
+same families, and that the text passes ``promtool check metrics``; promtool 2.42 lints only
+the text format (it reads an OpenMetrics counter family, named without ``_total``, as
+having no HELP).
 
 ``negotiate`` picks the format from an ``Accept`` header by its q-values.
 """
@@ -23,12 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from prometheus_client.registry import Collector
-
 __all__ = [
-    "render_text",
-    "render_openmetrics",
-    "render",
     "render_families",
     "header",
     "negotiate",
@@ -130,24 +129,6 @@ def render_families(
             out.append(header(metric.name + tail, "gauge", metric.documentation, fmt))
             out.extend(lines)
     return out
-
-
-def render(registry: Collector, fmt: str) -> bytes:
-    """Every family of ``registry`` in ``fmt`` (``TEXT`` or ``OPENMETRICS``), as bytes."""
-    out = render_families(registry.collect(), fmt)
-    if fmt == OPENMETRICS:
-        out.append(EOF)
-    return "".join(out).encode("utf-8")
-
-
-def render_text(registry: Collector) -> bytes:
-    """Every family of ``registry`` in the text format (0.0.4), as bytes."""
-    return render(registry, TEXT)
-
-
-def render_openmetrics(registry: Collector) -> bytes:
-    """Every family of ``registry`` in OpenMetrics 1.0.0, ``# EOF`` included, as bytes."""
-    return render(registry, OPENMETRICS)
 
 
 def _media_ranges(accept: str) -> Iterable[tuple[str, dict[str, str]]]:

@@ -33,11 +33,10 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_server import Server
-from prometheus_client.registry import Collector
 
 from esper_telemetry.version import __version__
 
-from .textformat import negotiate, render
+from .textformat import negotiate
 
 __all__ = ["WebServer", "accepts_gzip"]
 
@@ -101,10 +100,10 @@ class _Refuse(asyncio.Protocol):
 class WebServer:
     """Serves the exposition at ``path``; ``ready()`` decides ``/-/ready``.
 
-    Per scrape: ``snapshot()`` on the loop thread, then ``registry(snapshot)`` and its
-    rendering on a worker thread, in the format the ``Accept`` header prefers by q-value
-    (``textformat.negotiate``: OpenMetrics or text, both on the fast encoders), gzipped
-    when ``Accept-Encoding`` admits it. ``refused``, ``write_timeouts`` and ``busy`` count
+    Per scrape: ``snapshot()`` on the loop thread, then ``render(snapshot, fmt)`` on a
+    worker thread, in the format the ``Accept`` header prefers by q-value
+    (``textformat.negotiate``, once per scrape: OpenMetrics or text), gzipped when
+    ``Accept-Encoding`` admits it. ``refused``, ``write_timeouts`` and ``busy`` count
     connections turned away by the cap, responses abandoned by the write timeout, and
     scrapes turned away because bodies in flight would pass ``max_body_bytes``.
     """
@@ -115,7 +114,7 @@ class WebServer:
         port: int,
         path: str,
         snapshot: Callable[[], Any],
-        registry: Callable[[Any], Collector],
+        render: Callable[[Any, str], bytes],
         ready: Callable[[], bool],
         logger: logging.Logger = _log,
         write_timeout_s: float = 10.0,
@@ -129,7 +128,7 @@ class WebServer:
         self._port = port
         self._path = path
         self._snapshot = snapshot
-        self._registry = registry
+        self._render_body = render
         self._ready = ready
         self._log = logger
         self._write_timeout_s = write_timeout_s
@@ -259,8 +258,8 @@ class WebServer:
 
     async def _scrape(self, request: web.BaseRequest) -> web.StreamResponse:
         gz = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-        accept = request.headers.get("Accept")
-        kind = (negotiate(accept)[0], gz)
+        fmt, ctype = negotiate(request.headers.get("Accept"))
+        kind = (fmt, gz)
         # What this response will hold, guessed from the last body of its kind (or the
         # largest seen), reserved before rendering: bodies being rendered or written stay
         # within max_body_bytes (one is always let through), and a crowd of clients that
@@ -282,8 +281,8 @@ class WebServer:
         self._rendering += 1
         try:
             snapshot = self._snapshot()
-            body, ctype = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._render, snapshot, accept, gz
+            body = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._render, snapshot, fmt, gz
             )
         except BaseException:
             self._held -= held
@@ -333,16 +332,7 @@ class WebServer:
                 await resp.write(view[i : i + _CHUNK])
         await resp.write_eof()
 
-    def _render(self, snapshot: Any, accept: str | None, gz: bool) -> tuple[bytes, str]:
-        """On a worker thread: the exposition of ``snapshot``, in the negotiated format.
-
-        A collector with a ``render(fmt)`` method (the daemon's ``exporter.Scrape``)
-        renders itself; any other goes through ``textformat.render``.
-        """
-        registry = self._registry(snapshot)
-        fmt, ctype = negotiate(accept)
-        own = getattr(registry, "render", None)
-        body = own(fmt) if callable(own) else render(registry, fmt)
-        if gz:
-            return gzip.compress(body, compresslevel=1), ctype
-        return body, ctype
+    def _render(self, snapshot: Any, fmt: str, gz: bool) -> bytes:
+        """On a worker thread: the exposition of ``snapshot`` in ``fmt``, gzipped if ``gz``."""
+        body = self._render_body(snapshot, fmt)
+        return gzip.compress(body, compresslevel=1) if gz else body

@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemon_support import heartbeat, hello, host_seed, parse, registry_for
-from prometheus_client import generate_latest
+from daemon_support import exposition, heartbeat, hello, host_seed, parse
 
 from esper_telemetry import IsolationViolation
 from esper_telemetry.daemon.config import build_parser
@@ -44,12 +43,12 @@ def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_ag
         clock(),
     )
     agg.apply_batch([heartbeat()._replace(seq=0)], clock())  # a numbered message: losses
-    exposition = generate_latest(registry_for(agg, False)).decode()
+    text = exposition(agg)
     # Families by their exposed sample names, less the suffixes the catalog may or may not
     # write (counters are documented with _total).
     families = {
         re.sub(r"_(total|info|created)$", "", name)
-        for name, _ in parse(exposition)
+        for name, _ in parse(text)
         if name.startswith("esper_")
     }
     catalog = set(re.findall(r"^\| `(esper_[a-z_]+)`", section("Metric catalog"), re.M))

@@ -1,4 +1,5 @@
-"""The exporter: a fresh registry per test, checked by parsing the exposition text."""
+"""The exporter: the daemon's one renderer, checked by parsing the exposition with
+prometheus_client's parsers (the text one, and the strict OpenMetrics one)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 
 import pytest
 from daemon_support import (
+    exposition,
     get,
     gn,
     goodbye,
@@ -17,19 +19,21 @@ from daemon_support import (
     names,
     norms,
     parse,
-    registry_for,
+    render,
 )
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from esper_telemetry import REASONS, DeviceMismatch, IsolationViolation
+from esper_telemetry.daemon.exporter import RUN_FAMILIES, Exposition, process_registry
 from esper_telemetry.daemon.stats import OVERFLOW_KINDS, REJECT_REASONS
-from esper_telemetry.daemon.textformat import render_text
+from esper_telemetry.daemon.textformat import OPENMETRICS, TEXT
 
 
 def expose(agg, process_metrics=False):
-    return parse(generate_latest(registry_for(agg, process_metrics)).decode())
+    return parse(exposition(agg, process_metrics))
 
 
 def test_norm_ratio_parameters_and_gradient_flags(make_agg, clock):
@@ -72,7 +76,10 @@ def test_a_group_without_gradient_has_no_norm_series_and_has_gradient_zero(make_
 
 def test_isolation_ok_follows_violations_of_the_latest_captured_step(make_agg, clock):
     agg, _ = make_agg()
-    viol = lambda step: IsolationViolation("r", 0, 1.0, step, "seed", "gradient", "leak", 0.1)
+
+    def viol(step):
+        return IsolationViolation("r", 0, 1.0, step, "seed", "gradient", "leak", 0.1)
+
     agg.apply_batch([host_seed(step=5)], clock())
     s = expose(agg)
     assert get(s, "esper_isolation_ok", run="r", group="seed") == 1
@@ -185,38 +192,34 @@ def test_exposition_passes_promtool_check_metrics_without_warnings(make_agg, tmp
     clock.advance(2.0)
     agg.tick(clock())
     stats.rejected["malformed"] += 1
-    registry = registry_for(agg, True)
-    # Both encoders: prometheus_client's, and the daemon's faster one that /metrics serves.
-    for text in (generate_latest(registry), render_text(registry)):
-        # Every kind of family is present, so the check covers them all.
-        for name in (
-            b"esper_grad_norm",
-            b"esper_seed_grad_ratio",
-            b"esper_isolation_ok",
-            b"esper_daemon_incomplete_steps_total",
-            b"process_cpu_seconds_total",
-            b"esper_daemon_build_info",
-            b"esper_group_stale",
-        ):
-            assert name in text
-        values = {
-            ln.rsplit(" ", 1)[1]
-            for ln in text.decode().splitlines()
-            if ln.startswith(("esper_grad_norm{", "esper_seed_grad_ratio{"))
-            and 'run="boom"' in ln
-            and ('"seed"' in ln or '"nan"' in ln)
-        }
-        assert values == {"+Inf", "NaN"}, text
-        proc = subprocess.run(
-            [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert proc.stdout.strip() == b"" and proc.stderr.strip() == b"", proc.stdout + proc.stderr
+    text = exposition(agg, True).encode()  # what /metrics serves as text
+    # Every kind of family is present, so the check covers them all.
+    for name in (
+        b"esper_grad_norm",
+        b"esper_seed_grad_ratio",
+        b"esper_isolation_ok",
+        b"esper_daemon_incomplete_steps_total",
+        b"process_cpu_seconds_total",
+        b"esper_daemon_build_info",
+        b"esper_group_stale",
+    ):
+        assert name in text
+    values = {
+        ln.rsplit(" ", 1)[1]
+        for ln in text.decode().splitlines()
+        if ln.startswith(("esper_grad_norm{", "esper_seed_grad_ratio{"))
+        and 'run="boom"' in ln
+        and ('"seed"' in ln or '"nan"' in ln)
+    }
+    assert values == {"+Inf", "NaN"}, text
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == b"" and proc.stderr.strip() == b"", proc.stdout + proc.stderr
 
 
-def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
-    from prometheus_client import CollectorRegistry, Counter, Gauge
-
+def test_the_text_carries_every_runs_values_escaped_and_non_finite(make_agg, clock):
     agg, _ = make_agg()
     agg.apply_batch(
         [
@@ -240,25 +243,34 @@ def test_fast_text_encoder_matches_generate_latest(make_agg, clock):
         ],
         clock(),
     )
-    registry = registry_for(agg, False)
-    extra = CollectorRegistry()  # samples the esper collector never makes: created, inf, nan
+    fast_s = parse(exposition(agg))
+    assert len(fast_s) > 30
+    assert get(fast_s, "esper_grad_norm", run='q"\\x\n', group="host") == math.sqrt(2.0)
+    assert get(fast_s, "esper_group_has_gradient", run="b", group="host") == 0
+    assert (
+        get(fast_s, "esper_isolation_violations_total", run="b", group="seed", kind="gradient") == 1
+    )
+    assert get(fast_s, "esper_isolation_ok", run="b", group="seed") == 0
+    assert get(fast_s, "esper_seed_grad_ratio", run="inf", seed="seed") == math.inf
+    assert math.isnan(get(fast_s, "esper_seed_grad_ratio", run="nan", seed="seed"))
+    assert math.isnan(get(fast_s, "esper_grad_norm", run="nan", group="host"))
+
+
+def test_the_encoder_writes_what_prometheus_clients_own_writes_for_the_same_families():
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    extra = CollectorRegistry()  # samples the esper families never have: created, inf, nan
     Counter("t_events", "c", ["a"], registry=extra).labels("x").inc(3)
     Gauge("t_inf", "g", registry=extra).set(float("inf"))
     Gauge("t_nan", "g", registry=extra).set(float("nan"))
-    for reg in (registry, extra):
-        fast, slow = render_text(reg).decode(), generate_latest(reg).decode()
-        fast_s, slow_s = parse(fast), parse(slow)
-        nan = [k for k, v in slow_s.items() if v != v]
-        assert {k: v for k, v in fast_s.items() if k not in nan} == {
-            k: v for k, v in slow_s.items() if k not in nan
-        }
-        assert all(fast_s[k] != fast_s[k] for k in nan)
-        help_type = lambda t: sorted(ln for ln in t.splitlines() if ln.startswith("#"))
-        assert help_type(fast) == help_type(slow)
-    assert len(parse(render_text(registry).decode())) > 30
-    fast_s = parse(render_text(registry).decode())
-    assert get(fast_s, "esper_seed_grad_ratio", run="inf", seed="seed") == math.inf
-    assert math.isnan(get(fast_s, "esper_seed_grad_ratio", run="nan", seed="seed"))
+    fast, slow = render(extra).decode(), generate_latest(extra).decode()
+    fast_s, slow_s = parse(fast), parse(slow)
+    nan = [k for k, v in slow_s.items() if v != v]
+    assert nan and {k: v for k, v in fast_s.items() if k not in nan} == {
+        k: v for k, v in slow_s.items() if k not in nan
+    }
+    assert all(fast_s[k] != fast_s[k] for k in nan)
+    assert _comments(fast) == _comments(slow)
 
 
 def test_sqrt_of_large_sums_is_exact_enough(make_agg, clock):
@@ -269,7 +281,7 @@ def test_sqrt_of_large_sums_is_exact_enough(make_agg, clock):
     assert math.isclose(get(s, "esper_grad_norm", run="r", group="seed"), 1e-15)
 
 
-# --- the fast encoders /metrics serves, against prometheus_client's, in both formats ---------
+# --- both formats /metrics serves, by prometheus_client's parsers; its encoders as the oracle --
 
 
 def _om_samples(text):
@@ -286,8 +298,22 @@ def _om_samples(text):
     return out
 
 
+def _text_samples(text):
+    """(name, type, help, samples) per family, by prometheus_client's text parser."""
+    out = {}
+    for f in parse_text(text):
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples}
+        out[f.name] = (f.type, f.documentation, samples)
+    return out
+
+
 def _same(a, b):
     return a == b or (a != a and b != b)
+
+
+def _comments(text):
+    """The HELP and TYPE lines of an exposition, sorted."""
+    return sorted(ln for ln in text.splitlines() if ln.startswith("#"))
 
 
 def _busy_aggregator(make_agg, clock):
@@ -342,42 +368,43 @@ def _extra_registry():
     return reg
 
 
-def test_fast_openmetrics_and_text_match_prometheus_clients_own(make_agg, clock):
-    from esper_telemetry.daemon.exporter import Exposition, process_registry
-    from esper_telemetry.daemon.textformat import OPENMETRICS, TEXT, render
-
+def test_both_formats_of_a_scrape_carry_the_same_families_and_samples(make_agg, clock):
     agg = _busy_aggregator(make_agg, clock)
     scrape = Exposition(10**6, process_registry()).scrape(agg.snapshot())
-    for fast_text, fast_om, reg in (
-        (scrape.render(TEXT), scrape.render(OPENMETRICS), scrape),
-        (
-            render(_extra_registry(), TEXT),
-            render(_extra_registry(), OPENMETRICS),
-            _extra_registry(),
-        ),
+    text, om = scrape.render(TEXT).decode(), scrape.render(OPENMETRICS).decode()
+    assert om.endswith("\n# EOF\n") and om.count("# EOF") == 1 and "# EOF" not in text
+    # The text format writes an info family as a gauge named x_info.
+    from_om = {
+        (f"{name}_info", "gauge") if typ == "info" else (name, typ): (doc, samples)
+        for name, (typ, doc, samples) in _om_samples(om).items()
+    }
+    from_text = {(name, t): (doc, ss) for name, (t, doc, ss) in _text_samples(text).items()}
+    assert from_text.keys() == from_om.keys() and len(from_om) > 30
+    for key, (doc, samples) in from_om.items():
+        text_doc, text_samples = from_text[key]
+        assert text_doc == doc, key
+        assert text_samples.keys() == samples.keys(), key
+        assert all(_same(text_samples[k], samples[k]) for k in samples), key
+    # Every run family is written with the type and help of its one declaration, and holds
+    # the rows the series cap counted.
+    rows = [0] * len(RUN_FAMILIES)
+    for _, run_rows in scrape.runs:
+        for i, family_rows in enumerate(run_rows):
+            rows[i] += len(family_rows)
+    for f, n in zip(RUN_FAMILIES, rows):
+        doc, samples = from_om[(f.name, f.type)]
+        assert doc == f.help and len(samples) == n, f.name
+    assert sum(rows) > 60
+    for name, value in (
+        ("esper_grad_norm", math.sqrt(2.0)),
+        ("esper_group_has_gradient", 1),
+        ("esper_group_parameters", 400),
     ):
-        fast_text, fast_om = fast_text.decode(), fast_om.decode()
-        slow_text, slow_om = generate_latest(reg).decode(), generate_openmetrics(reg).decode()
-        assert fast_om.endswith("\n# EOF\n") and fast_om.count("# EOF") == 1
-        fast, slow = _om_samples(fast_om), _om_samples(slow_om)
-        assert fast.keys() == slow.keys() and len(fast) > 5
-        for name in slow:
-            (ft, fh, fs), (st, sh, ss) = fast[name], slow[name]
-            assert (ft, fh) == (st, sh), name
-            assert fs.keys() == ss.keys(), name
-            if not name.startswith(("process_", "python_gc")):  # those move between renders
-                assert all(_same(fs[k], ss[k]) for k in ss), name
-        ft, st = parse(fast_text), parse(slow_text)
-        assert ft.keys() == st.keys()
-        assert all(
-            _same(ft[k], st[k])
-            for k in st  # creation times differ between registries
-            if not k[0].startswith(("process_", "python_gc")) and "_created" not in k[0]
-        )
-        help_type = lambda t: sorted(ln for ln in t.splitlines() if ln.startswith("#"))
-        assert help_type(fast_text) == help_type(slow_text)
+        assert from_om[(name, "gauge")][1][(name, (("group", "host"), ("run", 'q"\\x\n')))] == value
+    assert from_om[("esper_grad_norm", "gauge")][1][
+        ("esper_grad_norm", (("group", "host"), ("run", "big")))
+    ] == math.sqrt(1e300)
     # Counters' samples end in _total; their family (TYPE line) does not in OpenMetrics.
-    om = scrape.render(OPENMETRICS).decode()
     assert (
         "# TYPE esper_messages_lost counter\n" in om
         and 'esper_messages_lost_total{run="b",rank="0"} 2.0' in om
@@ -386,10 +413,30 @@ def test_fast_openmetrics_and_text_match_prometheus_clients_own(make_agg, clock)
     assert 'esper_grad_norm{run="q\\"\\\\x\\n",group="host"}' in om
 
 
-def test_fast_text_of_a_scrape_passes_promtool_without_warnings(make_agg, clock):
-    from esper_telemetry.daemon.exporter import Exposition, process_registry
-    from esper_telemetry.daemon.textformat import TEXT
+def test_the_encoder_writes_what_prometheus_clients_own_writes_in_both_formats():
+    fast_text = render(_extra_registry(), TEXT).decode()
+    fast_om = render(_extra_registry(), OPENMETRICS).decode()
+    reg = _extra_registry()
+    slow_text, slow_om = generate_latest(reg).decode(), generate_openmetrics(reg).decode()
+    assert fast_om.endswith("\n# EOF\n") and fast_om.count("# EOF") == 1
+    fast, slow = _om_samples(fast_om), _om_samples(slow_om)
+    assert fast.keys() == slow.keys() and len(fast) > 5
+    for name in slow:
+        (ft, fh, fs), (st, sh, ss) = fast[name], slow[name]
+        assert (ft, fh) == (st, sh), name
+        assert fs.keys() == ss.keys(), name
+        assert all(_same(fs[k], ss[k]) for k in ss), name
+    ft, st = parse(fast_text), parse(slow_text)
+    assert ft.keys() == st.keys()
+    assert all(
+        _same(ft[k], st[k])
+        for k in st  # creation times differ between registries
+        if "_created" not in k[0]
+    )
+    assert _comments(fast_text) == _comments(slow_text)
 
+
+def test_fast_text_of_a_scrape_passes_promtool_without_warnings(make_agg, clock):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (tools/ensure-prometheus.sh)")

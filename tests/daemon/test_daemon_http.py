@@ -17,8 +17,7 @@ import procfs
 import pytest
 import zmq
 from daemon_process import scrape_until, spawn
-from daemon_support import get, gn, hello, norms, wait_for
-from prometheus_client import CollectorRegistry
+from daemon_support import get, gn, hello, norms, render, wait_for
 from prometheus_client.core import GaugeMetricFamily
 
 from esper_telemetry import encode
@@ -38,11 +37,9 @@ class _Gauges:
         yield g
 
 
-def _registry(n: int, pad: str = ""):
-    def make(_snap):
-        reg = CollectorRegistry()
-        reg.register(_Gauges(n, pad))
-        return reg
+def _render(n: int, pad: str = ""):
+    def make(_snap, fmt):
+        return render(_Gauges(n, pad), fmt)
 
     return make
 
@@ -53,7 +50,7 @@ async def _server(n: int = 3, pad: str = "", **kw) -> WebServer:
         0,
         "/metrics",
         lambda: None,
-        _registry(n, pad),
+        _render(n, pad),
         lambda: True,
         logging.getLogger("test.web"),
         **kw,
@@ -262,7 +259,8 @@ def test_non_reading_clients_are_cut_off_by_the_write_timeout_and_memory_comes_b
                 break
             time.sleep(0.1)
         print(
-            f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}, after {rss:.0f}; fds {base_fds}->{fds}"
+            f"RSS MiB: before {base_rss:.0f}, peak {peak:.0f}, after {rss:.0f}; "
+            f"fds {base_fds}->{fds}"
         )
         assert peak < 512, f"peak RSS {peak:.0f} MiB"
         assert fds <= base_fds + 2, (fds, base_fds)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from daemon_support import (
+    exposition,
     get,
     gn,
     goodbye,
@@ -17,15 +18,13 @@ from daemon_support import (
     names,
     norms,
     parse,
-    registry_for,
 )
-from prometheus_client import generate_latest
 
 from esper_telemetry.daemon.config import ConfigError, parse_args
 
 
 def expose(agg):
-    return parse(generate_latest(registry_for(agg)).decode())
+    return parse(exposition(agg))
 
 
 def runs_in(samples):

@@ -3,8 +3,7 @@ daemon restarts without false gaps, schema 1 senders counted apart, state bounde
 
 from __future__ import annotations
 
-from daemon_support import goodbye, heartbeat, hello, host_seed, parse, registry_for
-from prometheus_client import generate_latest
+from daemon_support import exposition, goodbye, heartbeat, hello, host_seed, parse
 
 from esper_telemetry.daemon.sequence import Sequences
 
@@ -14,7 +13,7 @@ def numbered(event, seq):
 
 
 def lost_of(agg):
-    s = parse(generate_latest(registry_for(agg, False)).decode())
+    s = parse(exposition(agg))
     return {
         dict(labels)["run"] + "/" + dict(labels)["rank"]: v
         for (name, labels), v in s.items()
@@ -61,7 +60,7 @@ def test_unnumbered_senders_are_counted_apart_and_never_as_lost(make_agg, clock)
     agg, _ = make_agg()
     agg.apply_batch([hello(), host_seed()], clock())
     agg.apply_batch([heartbeat()], clock())
-    s = parse(generate_latest(registry_for(agg, False)).decode())
+    s = parse(exposition(agg))
     assert s[("esper_daemon_unsequenced_messages_total", ())] == 2
     assert not any(name == "esper_messages_lost_total" for name, _ in s)
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 
-from daemon_support import get, gn, hello, host_seed, names, norms, parse, registry_for
-from prometheus_client import generate_latest
+from daemon_support import exposition, get, gn, hello, host_seed, names, norms, parse
 
 from esper_telemetry import DeviceMismatch, decode, encode
 from esper_telemetry.daemon.aggregator import MAX_KINDS
 from esper_telemetry.daemon.exporter import MISMATCH_KINDS
-from esper_telemetry.daemon.textformat import render_text
 
 
 def stale(group, run="r", rank=0):
@@ -28,7 +26,7 @@ def moved(group, run="r", rank=0):
 
 
 def expose(agg):
-    return parse(generate_latest(registry_for(agg)).decode())
+    return parse(exposition(agg))
 
 
 def groups_of(agg, run="r"):
@@ -99,7 +97,7 @@ def test_stale_hides_a_non_finite_norm_too(make_agg, clock):
         ],
         clock(),
     )
-    s = parse(render_text(registry_for(agg)).decode())
+    s = parse(exposition(agg))
     assert get(s, "esper_grad_norm", run="r", group="seed") is None
     assert get(s, "esper_seed_grad_ratio", run="r", seed="seed") is None
     assert get(s, "esper_grad_nonfinite_total", run="r", group="seed") == 1  # counts stay

@@ -9,13 +9,18 @@ import threading
 import urllib.request
 
 import pytest
-from daemon_support import get, gn, host_seed, http_get, norms, parse, wait_for
-from prometheus_client import CollectorRegistry
+from daemon_support import get, gn, host_seed, http_get, norms, parse, render, wait_for
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from esper_telemetry import encode
-from esper_telemetry.daemon.textformat import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, negotiate
+from esper_telemetry.daemon.textformat import (
+    CONTENT_TYPE,
+    OPENMETRICS,
+    OPENMETRICS_CONTENT_TYPE,
+    TEXT,
+    negotiate,
+)
 from esper_telemetry.daemon.web import WebServer
 
 
@@ -37,25 +42,28 @@ async def test_each_scrape_renders_the_snapshot_taken_on_the_loop_on_another_thr
         taken.append(threading.get_ident())
         return float(len(taken))  # a new value per scrape
 
-    def registry(snap):
-        built.append((threading.get_ident(), snap))
-        reg = CollectorRegistry()
-        reg.register(_Fixed(snap))
-        return reg
+    def rendering(snap, fmt):
+        built.append((threading.get_ident(), snap, fmt))
+        return render(_Fixed(snap), fmt)
 
     web = WebServer(
-        "127.0.0.1", 0, "/metrics", snapshot, registry, lambda: True, logging.getLogger("test.web")
+        "127.0.0.1", 0, "/metrics", snapshot, rendering, lambda: True, logging.getLogger("t.web")
     )
     host, port = await web.start()
     try:
-        for expected in (1.0, 2.0):
-            status, body, _ = await asyncio.to_thread(http_get, f"http://{host}:{port}/metrics")
-            assert status == 200 and get(parse(body), "t_snapshot") == expected
+        status, body, headers = await asyncio.to_thread(http_get, f"http://{host}:{port}/metrics")
+        assert status == 200 and get(parse(body), "t_snapshot") == 1.0
+        assert headers["Content-Type"] == CONTENT_TYPE
+        raw, headers = await _fetch(f"http://{host}:{port}/metrics", PROMETHEUS_2, "identity")
+        assert headers["Content-Type"] == OPENMETRICS_CONTENT_TYPE
+        (family,) = parse_openmetrics(raw.decode())  # strict: the body is OpenMetrics
+        assert family.samples[0].value == 2.0
     finally:
         await web.close()
     assert taken == [loop_thread, loop_thread]  # taken on the loop, once per scrape
-    assert [snap for _, snap in built] == [1.0, 2.0]  # rendered from exactly that snapshot
-    assert all(thread != loop_thread for thread, _ in built)  # ... off the loop
+    # Rendered from exactly that snapshot, in the format the content type says.
+    assert [(snap, fmt) for _, snap, fmt in built] == [(1.0, TEXT), (2.0, OPENMETRICS)]
+    assert all(thread != loop_thread for thread, _, _ in built)  # ... off the loop
 
 
 async def test_a_daemon_scrape_takes_the_aggregators_snapshot_on_the_loop(start_daemon, push):

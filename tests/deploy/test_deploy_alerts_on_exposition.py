@@ -17,12 +17,11 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from daemon_support import FakeClock, gn, hello, make_limits, norms, parse, registry_for
+from daemon_support import FakeClock, exposition, gn, hello, make_limits, norms, parse
 from deploy_support import RULES, tool
 
 from esper_telemetry.daemon.aggregator import Aggregator
 from esper_telemetry.daemon.stats import DaemonStats
-from esper_telemetry.daemon.textformat import render_text
 
 MINUTES = 20
 CAPTURES_PER_MINUTE = 10
@@ -59,7 +58,7 @@ def scrape_each_minute(seed_sq_at: Callable[[int], float]) -> Series:
                 clock(),
             )
             clock.advance(60 / CAPTURES_PER_MINUTE)
-        for key, value in parse(render_text(registry_for(agg)).decode()).items():
+        for key, value in parse(exposition(agg)).items():
             if key[0].startswith("esper_"):
                 series.setdefault(key, [None] * (MINUTES + 1))[minute] = value
     return series

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from esper_telemetry import Goodbye, GroupDecl, GroupNorm, Heartbeat, Hello, Norms
 from esper_telemetry.daemon.aggregator import Aggregator, Limits
 from esper_telemetry.daemon.app import limits
 from esper_telemetry.daemon.config import Config, WebAddress
-from esper_telemetry.daemon.exporter import process_registry, scrape_registry
+from esper_telemetry.daemon.exporter import Exposition, process_registry
+from esper_telemetry.daemon.textformat import EOF, OPENMETRICS, TEXT, render_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -164,9 +166,22 @@ def make_limits(**overrides: object) -> Limits:
     return dataclasses.replace(limits(Config()), **overrides)
 
 
-def registry_for(
-    agg: Aggregator, process_metrics: bool = False, queue: tuple[int, int] = (0, 65536)
-) -> CollectorRegistry:
-    """What a scrape of a daemon holding ``agg`` renders, with ``queue`` as (length, capacity)."""
+def exposition(
+    agg: Aggregator,
+    process_metrics: bool = False,
+    queue: tuple[int, int] = (0, 65536),
+    fmt: str = TEXT,
+) -> str:
+    """What a scrape of a daemon holding ``agg`` serves in ``fmt`` (the daemon's renderer,
+    no series cap), with ``queue`` as (length, capacity)."""
     snap = agg.snapshot()._replace(queue_length=queue[0], queue_capacity=queue[1])
-    return scrape_registry(snap, process_registry() if process_metrics else None)
+    process = process_registry() if process_metrics else None
+    return Exposition(sys.maxsize, process).render(snap, fmt).decode()
+
+
+def render(collector: Collector, fmt: str = TEXT) -> bytes:
+    """Any collector's families through the daemon's encoder (``render_families``), in ``fmt``."""
+    out = render_families(collector.collect(), fmt)
+    if fmt == OPENMETRICS:
+        out.append(EOF)
+    return "".join(out).encode()

@@ -19,14 +19,14 @@ from collections.abc import Iterator
 import pytest
 
 pytest.importorskip("prometheus_client")
-from daemon_support import gn, goodbye, heartbeat, hello, make_limits, norms, registry_for  # noqa: E402
+from daemon_support import exposition as daemon_text  # noqa: E402
+from daemon_support import gn, goodbye, heartbeat, hello, make_limits, norms  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from esper_telemetry import DeviceMismatch, IsolationViolation  # noqa: E402
-from esper_telemetry.collector import top  # noqa: E402
+from esper_telemetry.commands import top  # noqa: E402
 from esper_telemetry.daemon.aggregator import Aggregator  # noqa: E402
 from esper_telemetry.daemon.stats import DaemonStats  # noqa: E402
-from esper_telemetry.daemon.textformat import render_text  # noqa: E402
 
 NOW = 1_700_000_000.0
 WEIRD = 'exp "7"\\ with\nnewline'
@@ -107,7 +107,7 @@ def exposition() -> str:
         ],
         1.0,
     )
-    return render_text(registry_for(agg, process_metrics=True)).decode()
+    return daemon_text(agg, process_metrics=True)
 
 
 def test_the_parser_reads_what_the_daemon_renders_as_prometheus_client_does():
@@ -171,9 +171,7 @@ def test_a_run_whose_ranks_all_said_goodbye_reads_ended_with_its_final_values():
     agg.apply_batch([goodbye(run="short")], 2.0)
     rows = {
         (r.run, r.group): r
-        for r in top.build_rows(
-            top.parse_exposition(render_text(registry_for(agg, process_metrics=False)).decode())
-        )
+        for r in top.build_rows(top.parse_exposition(daemon_text(agg, process_metrics=False)))
     }
     assert rows[("short", "host")].ended and not rows[("long", "host")].ended
     assert top.cells(rows[("short", "host")], NOW)[2:4] == ("7", "3")  # the final values stay
@@ -258,7 +256,7 @@ class NoTorch:
 
 sys.meta_path.insert(0, NoTorch())
 try:
-    from esper_telemetry.collector.cli import main
+    from esper_telemetry.commands.cli import main
     rc = main(sys.argv[1:])
 except SystemExit as exc:
     rc = exc.code
