@@ -4,19 +4,29 @@ Every test compares against a float64 reference computed on the CPU from the gra
 they were at capture time, and runs ``capture()`` (or the optimizer step) under
 ``torch.cuda.set_sync_debug_mode("error")`` with ``stats()["errors"] == 0`` asserted, since
 the collector turns internal failures (a sync raised by debug mode included) into counts.
-Skipped cleanly without CUDA. Run once more under TORCH_CUDA_SANITIZER=1 on a GPU machine.
+Skipped cleanly without CUDA. Run once more under TORCH_CUDA_SANITIZER=1 on a GPU machine
+(tools/gpu-check.sh: the "eager and foreach" variants, whose reads the sanitizer can see).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
 import zmq
+from cuda_support import (
+    GRAPH_MODES,
+    KERNELS,
+    PASSES,
+    HostSeeds,
+    assert_close,
+    no_sync,
+    ref_sq,
+)
+from cuda_support import attach_host_seeds as attach
+from cuda_support import train_step as step
 
 import esper_telemetry as et
 
@@ -24,18 +34,6 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-GRAPH_MODES = [pytest.param(True, id="graphs"), pytest.param(False, id="eager")]
-
-
-@contextlib.contextmanager
-def no_sync() -> Iterator[None]:
-    """Any host-device synchronization inside raises (and the collector would count it)."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.fixture
@@ -58,60 +56,6 @@ def drain(sock, timeout_s: float = 2.0) -> list[object]:
         elif events:
             break
     return events
-
-
-def ref_sq(params) -> float:
-    """Float64 sum of squares of the present gradients, on the CPU."""
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += p.grad.detach().to("cpu", torch.float64).pow(2).sum().item()
-    return total
-
-
-class HostSeeds(torch.nn.Module):
-    def __init__(self, width: int = 64, dtype=torch.float32) -> None:
-        super().__init__()
-        self.host = torch.nn.Sequential(
-            torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width)
-        ).to(dtype)
-        self.seeds = torch.nn.ModuleDict(
-            {
-                "a": torch.nn.Linear(width, width).to(dtype),
-                "b": torch.nn.Linear(width, width).to(dtype),
-            }
-        )
-
-    def forward(self, x):
-        h = self.host[1](self.host[0](x))
-        y = self.host[2](h)
-        for seed in self.seeds.values():
-            y = y + seed(h.detach())  # isolation: the seeds train on detached features
-        return y
-
-
-def attach(model, endpoint, **kw):
-    return et.attach(
-        model=model,
-        host=model.host,
-        seeds={"a": "seeds.a", "b": "seeds.b"},
-        run="cuda-test",
-        endpoint=endpoint,
-        **kw,
-    )
-
-
-def step(model, device, dtype=torch.float32, scale: float = 1.0):
-    x = torch.randn(32, model.host[0].in_features, device=device, dtype=dtype)
-    (model(x).float().pow(2).mean() * scale).backward()
-
-
-def assert_close(got, want, rel):
-    assert got is not None
-    assert math.isclose(got, want, rel_tol=rel, abs_tol=1e-30), (got, want)
-
-
-KERNELS = [pytest.param(True, id="tables"), pytest.param(False, id="foreach")]
 
 
 @pytest.mark.parametrize("tables", KERNELS)
@@ -193,11 +137,14 @@ def test_nonfinite_counted_without_sync(pull):
 
 
 def test_mixed_devices_measured_and_reported(pull):
-    """The seed bug: one group spans the CPU and CUDA, and seeds live apart from the host."""
+    """The seed bug: one group spans the CPU and CUDA, and seeds live apart from the host.
+
+    Groups other than the host are disjoint, so ``split`` takes seed b's weight (no seed of
+    its own here) and one host weight; the host is measured without that one."""
     sock, endpoint = pull
     model = HostSeeds()
-    model.seeds["a"].cuda()  # seed a on CUDA, host and seed b on the CPU
-    split = [model.host[0].weight, model.seeds["a"].weight]  # one group on two devices
+    model.seeds.cuda()  # both seeds on CUDA, the host on the CPU
+    split = [model.host[0].weight, model.seeds["b"].weight]  # one group on two devices
     tel = et.attach(
         model=model,
         host=model.host,
@@ -208,12 +155,18 @@ def test_mixed_devices_measured_and_reported(pull):
     )
     x = torch.randn(8, 64)
     h = model.host[1](model.host[0](x))
-    (model.host[2](h).pow(2).mean() + model.seeds["a"](h.detach().cuda()).pow(2).mean()).backward()
+    seeds_in = h.detach().cuda()
+    loss = model.host[2](h).pow(2).mean().cuda()
+    for seed in model.seeds.values():
+        loss = loss + seed(seeds_in).pow(2).mean()
+    loss.backward()
+    host_own = [p for p in model.host.parameters() if p is not model.host[0].weight]
     want = {
-        "host": ref_sq(model.host.parameters()),
+        "host": ref_sq(host_own),  # host[0].weight is counted in split only
         "a": ref_sq(model.seeds["a"].parameters()),
         "split": ref_sq(split),
     }
+    assert all(p.grad is not None for p in split) and want["split"] > 0
     with no_sync():
         tel.capture(step=0)
     assert tel.flush(10.0)
@@ -222,6 +175,7 @@ def test_mixed_devices_measured_and_reported(pull):
     assert errors == 0
     for name, sq in want.items():
         assert_close(result[name].sq, sq, 1e-5)
+    assert result["host"].params == sum(p.numel() for p in host_own)
     devices = [e for e in drain(sock) if isinstance(e, et.DeviceMismatch)]
     kinds = {(e.kind, e.group): e.devices for e in devices}
     assert kinds[("split", "split")] == ("cpu", "cuda:0")
@@ -313,11 +267,18 @@ def test_capture_reads_gradients_as_they_were(pull, graphs, tables, write):
         assert_close(host.sq, wants[e.step], 1e-5)
 
 
-def test_staging_buffers_are_not_reused_early(pull):
+@pytest.mark.parametrize("graphs,tables", PASSES)
+def test_staging_buffers_are_not_reused_early(pull, graphs, tables):
     """Many captures queued back to back: each one's numbers are its own."""
     sock, endpoint = pull
     model = Big().cuda()
-    tel = et.attach(host=model.host.parameters(), run="staging", endpoint=endpoint)
+    tel = et.attach(
+        host=model.host.parameters(),
+        run="staging",
+        endpoint=endpoint,
+        cuda_graphs=graphs,
+        pointer_tables=tables,
+    )
     wants = {}
     with no_sync():
         for i in range(24):
@@ -339,11 +300,12 @@ def test_staging_buffers_are_not_reused_early(pull):
         assert_close(e.groups[0].sq, wants[e.step], 1e-5)
 
 
-def test_optimizer_hooks_without_sync(pull):
+@pytest.mark.parametrize("graphs,tables", PASSES)
+def test_optimizer_hooks_without_sync(pull, graphs, tables):
     sock, endpoint = pull
     model = HostSeeds().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tel = attach(model, endpoint, optimizer=opt, every=2)
+    tel = attach(model, endpoint, optimizer=opt, every=2, cuda_graphs=graphs, pointer_tables=tables)
     wants = {}
     for i in range(6):
         opt.zero_grad(set_to_none=True)
@@ -391,27 +353,35 @@ def test_gradscaler_skipped_step_is_reported(pull):
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_fused_optimizer_under_gradscaler_reports_skips_unscaled(pull, unscale_first):
     """A fused AdamW is stepped by GradScaler even when it skips (inside its kernel); the
-    skip is found_inf on the device, read with the capture's results, not by the host."""
+    skip is found_inf on the device, read with the capture's results, not by the host. It
+    unscales the gradients in place inside step() unless the user did (capture in the
+    post-hook); a skipped step leaves them scaled, and the report still carries the unscaled
+    squares. The same logic on the CPU: test_optimizer_path.py."""
     sock, endpoint = pull
     model = HostSeeds().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler("cuda")
     tel = attach(model, endpoint, optimizer=opt, scaler=scaler)
-    wants = {}
+    wants, bad = {}, 1
     for i in range(3):
         opt.zero_grad()
-        step(model, "cuda", scale=1.0)
-        for p in model.parameters():  # what scaler.scale(loss).backward() would give
-            p.grad.mul_(scaler.get_scale())
+        x = torch.randn(32, 64, device="cuda")
+        scaler.scale(model(x).float().pow(2).mean()).backward()
         scale = scaler.get_scale()
-        if i == 1:
+        if i == bad:
             model.seeds["b"].weight.grad[0, 0] = float("inf")
         if unscale_first:
             scaler.unscale_(opt)
             scale = 1.0
-        wants[i] = ref_sq(model.host.parameters()) / scale**2
+        wants[i] = {
+            name: ref_sq(module.parameters()) / scale**2
+            for name, module in (("host", model.host), ("a", model.seeds["a"]))
+        }
+        before = [p.detach().clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
+        moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert moved == (i != bad)  # the fused kernel really skipped that step
     assert tel.flush(10.0)
     errors = tel.stats()["errors"]
     tel.close()
@@ -419,7 +389,10 @@ def test_fused_optimizer_under_gradscaler_reports_skips_unscaled(pull, unscale_f
     norms = [e for e in drain(sock) if isinstance(e, et.Norms)]
     assert [(e.step, e.skipped) for e in norms] == [(0, False), (1, True), (2, False)]
     for e in norms:
-        assert_close(next(g.sq for g in e.groups if g.name == "host"), wants[e.step], 1e-5)
+        wire = {g.name: g for g in e.groups}
+        for name, want in wants[e.step].items():
+            assert_close(wire[name].sq, want, 1e-5)
+        assert wire["b"].nonfinite == (1 if e.step == bad else 0)
 
 
 def test_isolated_group_gradient_is_a_violation(pull):
