@@ -130,7 +130,7 @@ class Receiver:
                 break
             got = 0
             for shadow in shadows:
-                got += self._take(shadow, _BURST_MESSAGES)
+                got += self._take(shadow)
             apply(2 * _BURST_EVENTS)
             if got:
                 # Quiet is measured from the end of this turn: a turn that took longer than
@@ -158,29 +158,54 @@ class Receiver:
         self.close()
         return left
 
-    def _take(self, shadow: zmq.Socket, most: int) -> int:
-        """Receive, decode and queue up to ``most`` messages already buffered; how many."""
-        n = 0
+    def _take(self, shadow: zmq.Socket, msg: bytes | None = None) -> int:
+        """Decode and queue ``msg`` (when given) and what ``shadow`` already buffers, up to
+        a burst; how many messages. The one decode-and-queue loop, for ``_pump`` and
+        ``drain``: nothing that arrives can raise out of it."""
+        recv = shadow.recv
+        noblock = zmq.NOBLOCK
+        again = zmq.Again
+        put = self._queue.put
+        fast = decode_norms
         rejected = self._stats.rejected
-        while n < most:
+        log = self._log
+        debug = log.isEnabledFor(logging.DEBUG)
+        if msg is None:
             try:
-                msg = shadow.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+                msg = recv(noblock)
+            except again:
+                return 0
+        n = 0
+        budget = _BURST_EVENTS
+        size = 0
+        while True:
             n += 1
-            events = decode_norms(msg)
+            size += len(msg)
+            # The common message through the fast decoder; anything it does not vouch
+            # for through the codec, which decides (and says why it rejects).
+            events = fast(msg)
             if events is None:
                 try:
                     events = decode(msg)
                 except WireError as exc:
                     rejected[exc.reason] += 1
-                    continue
+                    if debug:
+                        log.debug("rejected a message of %d bytes: %s", len(msg), exc)
+                    events = None
                 except Exception:  # a codec bug; the codec promises only WireError
                     rejected["internal"] += 1
-                    self._log.exception("internal error decoding a message; it was dropped")
-                    continue
-            if not self._queue.put(events):
-                rejected["queue_full"] += 1
+                    log.exception("internal error decoding a message; it was dropped")
+                    events = None
+            if events is not None:
+                budget -= len(events)
+                if not put(events):
+                    rejected["queue_full"] += 1
+            if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
+                break
+            try:
+                msg = recv(noblock)
+            except again:
+                break
         self._stats.messages += n
         return n
 
@@ -192,48 +217,8 @@ class Receiver:
 
     async def _pump(self, sock: zmq.asyncio.Socket) -> None:
         shadow = zmq.Socket.shadow(sock.underlying)
-        recv = shadow.recv
-        noblock = zmq.NOBLOCK
-        again = zmq.Again
-        put = self._queue.put
-        fast = decode_norms
-        stats = self._stats
-        rejected = stats.rejected
-        log = self._log
-        debug = log.isEnabledFor(logging.DEBUG)
+        take = self._take
         while True:
-            msg = await sock.recv()
-            n = 0
-            budget = _BURST_EVENTS
-            size = 0
-            while True:
-                n += 1
-                size += len(msg)
-                # The common message through the fast decoder; anything it does not vouch
-                # for through the codec, which decides (and says why it rejects).
-                events = fast(msg)
-                if events is None:
-                    try:
-                        events = decode(msg)
-                    except WireError as exc:
-                        rejected[exc.reason] += 1
-                        if debug:
-                            log.debug("rejected a message of %d bytes: %s", len(msg), exc)
-                        events = None
-                    except Exception:  # a codec bug; the codec promises only WireError
-                        rejected["internal"] += 1
-                        log.exception("internal error decoding a message; it was dropped")
-                        events = None
-                if events is not None:
-                    budget -= len(events)
-                    if not put(events):
-                        rejected["queue_full"] += 1
-                if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
-                    break
-                try:
-                    msg = recv(noblock)
-                except again:
-                    break
-            stats.messages += n
+            take(shadow, await sock.recv())
             # An awaited recv that finds a message ready does not yield: do it here.
             await asyncio.sleep(0)
