@@ -249,7 +249,7 @@ def host_time(
     res = {
         "capture_us": timed(tel.capture),
         "capture_modules_us": timed(tel_modules.capture),
-        # What following the modules costs each capture: resolving every group, with nothing changed.
+        # What following the modules costs each capture: resolving every group, nothing changed.
         "follow_check_us": timed(tel_modules._resolve),
         "capture_foreach_us": timed(tel_foreach.capture),
         "foreach_launch_us": timed(lambda: torch.stack(torch._foreach_norm(grads)).pow(2).sum()),
@@ -366,91 +366,93 @@ def cpu_anchor(
     """
     out: dict[int, dict] = {}
     for n in counts:
-        model = _cpu_model(n)
-        params = list(model.parameters())
-        grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
-        groups = [list(model.host.parameters())] + [
-            list(s.parameters()) for s in model.seeds.values()
-        ]
-        tel = et.attach(
-            model=model,
-            host="host",
-            seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
-            run=f"bench-cpu-{n}",
-            endpoint=endpoint,
-        )
+        out[n] = _cpu_anchor_row(n, rounds, calls, sets, endpoint)
+        print(json.dumps(out[n]), flush=True)
+    return out
 
-        def install(k: int) -> None:
-            for p, g in zip(params, grad_sets[k % sets]):
-                p.grad = g
 
-        def anchor() -> float:
-            total = 0.0
-            for ps in groups:
-                total += torch.stack(torch._foreach_norm([p.grad for p in ps])).pow(2).sum().item()
-            return total
+def _cpu_anchor_row(n: int, rounds: int, calls: int, sets: int, endpoint: str) -> dict:
+    """One row of ``cpu_anchor``: ``n`` tensors; its model and gradients go with the call."""
+    model = _cpu_model(n)
+    params = list(model.parameters())
+    grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
+    groups = [list(model.host.parameters())] + [list(s.parameters()) for s in model.seeds.values()]
+    tel = et.attach(
+        model=model,
+        host="host",
+        seeds={"s0": "seeds.s0", "s1": "seeds.s1"},
+        run=f"bench-cpu-{n}",
+        endpoint=endpoint,
+    )
 
-        def capture() -> None:
-            tel.capture()
+    def install(k: int) -> None:
+        for p, g in zip(params, grad_sets[k % sets]):
+            p.grad = g
 
-        def settle() -> None:
-            tel._completion.wait_idle(10.0)
+    def anchor() -> float:
+        total = 0.0
+        for ps in groups:
+            total += torch.stack(torch._foreach_norm([p.grad for p in ps])).pow(2).sum().item()
+        return total
 
-        variants = {"anchor": (anchor, lambda: None), "capture": (capture, settle)}
-        res: dict[str, dict[str, list[float]]] = {
-            mode: {v: [] for v in variants} for mode in ("steady", "realloc")
-        }
-        k = 0
-        install(0)
-        for _ in range(3):  # warm up: plan built, threads running, caches touched
-            anchor()
-            capture()
-            settle()
-        for r in range(rounds):
-            for mode in ("steady", "realloc"):
-                order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-                for name in order:
-                    fn, after = variants[name]
-                    samples = []
-                    for _ in range(calls):
-                        if mode == "realloc":
-                            k += 1
-                            install(k)
-                        t0 = time.perf_counter()
-                        fn()
-                        samples.append(time.perf_counter() - t0)
-                        after()
-                    res[mode][name].append(statistics.median(samples) * 1e6)
-        # The figures must be the same ones: the capture against a float64 reference.
-        install(0)
+    def capture() -> None:
+        tel.capture()
+
+    def settle() -> None:
+        tel._completion.wait_idle(10.0)
+
+    variants = {"anchor": (anchor, lambda: None), "capture": (capture, settle)}
+    res: dict[str, dict[str, list[float]]] = {
+        mode: {v: [] for v in variants} for mode in ("steady", "realloc")
+    }
+    k = 0
+    install(0)
+    for _ in range(3):  # warm up: plan built, threads running, caches touched
+        anchor()
         capture()
         settle()
-        got = tel.latest()
-        ref = [sum(float(p.grad.double().pow(2).sum()) for p in ps) for ps in groups]
-        err = max(
-            abs(got.groups[name].sq - want) / want for name, want in zip(("host", "s0", "s1"), ref)
-        )
-        stats = tel.stats()
-        tel.close()
-        row: dict[str, object] = {
-            "tensors": n,
-            "numel": params[0].numel(),
-            "plans": stats["plans"],
-            "errors": stats["errors"],
-            "max_rel_err": err,
+    for r in range(rounds):
+        for mode in ("steady", "realloc"):
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for name in order:
+                fn, after = variants[name]
+                samples = []
+                for _ in range(calls):
+                    if mode == "realloc":
+                        k += 1
+                        install(k)
+                    t0 = time.perf_counter()
+                    fn()
+                    samples.append(time.perf_counter() - t0)
+                    after()
+                res[mode][name].append(statistics.median(samples) * 1e6)
+    # The figures must be the same ones: the capture against a float64 reference.
+    install(0)
+    capture()
+    settle()
+    got = tel.latest()
+    ref = [sum(float(p.grad.double().pow(2).sum()) for p in ps) for ps in groups]
+    err = max(
+        abs(got.groups[name].sq - want) / want for name, want in zip(("host", "s0", "s1"), ref)
+    )
+    stats = tel.stats()
+    tel.close()
+    row: dict[str, object] = {
+        "tensors": n,
+        "numel": params[0].numel(),
+        "plans": stats["plans"],
+        "errors": stats["errors"],
+        "max_rel_err": err,
+    }
+    for mode, v in res.items():
+        ratios = [c / a for c, a in zip(v["capture"], v["anchor"])]
+        row[mode] = {
+            "anchor_us": statistics.median(v["anchor"]),
+            "capture_us": statistics.median(v["capture"]),
+            "ratio": statistics.median(ratios),
+            "ratios": [round(x, 3) for x in ratios],
         }
-        for mode, v in res.items():
-            ratios = [c / a for c, a in zip(v["capture"], v["anchor"])]
-            row[mode] = {
-                "anchor_us": statistics.median(v["anchor"]),
-                "capture_us": statistics.median(v["capture"]),
-                "ratio": statistics.median(ratios),
-                "ratios": [round(x, 3) for x in ratios],
-            }
-        out[n] = row
-        print(json.dumps(row), flush=True)
-        del grad_sets, model, params
-    return out
+    return row
 
 
 # --- the first attach, in a fresh process ------------------------------------------------
@@ -461,19 +463,22 @@ import torch
 from torch import nn
 import esper_telemetry as et
 model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+where = dict(model=model, host="0", seeds={"s": "3"}, endpoint="tcp://127.0.0.1:9")
 t0 = time.perf_counter()
-tel = et.attach(model=model, host="0", seeds={"s": "3"}, run="first", endpoint="tcp://127.0.0.1:9")
+tel = et.attach(run="first", **where)
 t1 = time.perf_counter()
-tel2 = et.attach(model=model, host="0", seeds={"s": "3"}, run="second", endpoint="tcp://127.0.0.1:9")
+tel2 = et.attach(run="second", **where)
 t2 = time.perf_counter()
 dtensor = "torch.distributed.tensor" in sys.modules
 tel2.close(0.2); tel.close(0.2)
-print(json.dumps({"first_ms": (t1 - t0) * 1e3, "second_ms": (t2 - t1) * 1e3, "dtensor_imported": dtensor}))
+print(json.dumps(
+    {"first_ms": (t1 - t0) * 1e3, "second_ms": (t2 - t1) * 1e3, "dtensor_imported": dtensor}
+))
 """
 
 
 def first_attach(runs: int) -> dict[str, object]:
-    """Milliseconds of the first ``attach`` in a fresh process (torch imported before), and a second.
+    """Milliseconds of the first ``attach`` in a fresh process (torch imported first), and a second.
 
     Measured as an installed package runs it, with bytecode (a private ``PYTHONPYCACHEPREFIX``
     filled by one process first), and once more compiling the collector from source, as a
@@ -534,9 +539,11 @@ def render_cpu_anchor(table: dict[int, dict], attach: dict[str, object] | None) 
     lines += [
         "",
         f"First attach() in a fresh process (torch imported before), median of {attach['runs']}: "
-        f"{attach['first_ms']:.1f} ms with bytecode, as installed (runs: {attach['first_all_ms']}); "
+        f"{attach['first_ms']:.1f} ms with bytecode, as installed "
+        f"(runs: {attach['first_all_ms']}); "
         f"{attach['first_from_source_ms']:.1f} ms compiling the collector from source "
-        f"(PYTHONDONTWRITEBYTECODE=1); a second attach in the same process {attach['second_ms']:.1f} ms; "
+        "(PYTHONDONTWRITEBYTECODE=1); "
+        f"a second attach in the same process {attach['second_ms']:.1f} ms; "
         f"torch.distributed.tensor imported: {attach['dtensor_imported']}.",
     ]
     return "\n".join(lines) + "\n"
@@ -717,9 +724,11 @@ def render(r: dict, cuda: bool) -> str:
         lines += [
             "",
             f"GPU time of the norm pass over {g['tensors']} tensors ({g['bytes'] / 1e9:.2f} GB): "
-            f"capture {g['capture_ms']:.3f} ms ({g['capture_of_floor'] * 100:.0f}% of the read floor; "
-            f"pointer tables {'on' if g['pointer_tables'] else 'off'}), capture with pointer_tables=False "
-            f"{g['capture_foreach_ms']:.3f} ms ({g['floor_ms'] / g['capture_foreach_ms'] * 100:.0f}%), "
+            f"capture {g['capture_ms']:.3f} ms "
+            f"({g['capture_of_floor'] * 100:.0f}% of the read floor; "
+            f"pointer tables {'on' if g['pointer_tables'] else 'off'}), "
+            f"capture with pointer_tables=False {g['capture_foreach_ms']:.3f} ms "
+            f"({g['floor_ms'] / g['capture_foreach_ms'] * 100:.0f}%), "
             f"bare `_foreach_norm` {g['foreach_ms']:.3f} ms ({g['foreach_of_floor'] * 100:.0f}%), "
             f"floor (one `sum` over as many bytes) {g['floor_ms']:.3f} ms.",
         ]
@@ -733,9 +742,10 @@ def render(r: dict, cuda: bool) -> str:
     if "cpu_anchor" in r:
         lines += [
             "",
-            f"CPU `capture()` against the original monitor (per group `_foreach_norm` + stack + sum "
-            f"+ `.item()`), {CPU_BYTES >> 20} MB of fp32 gradients, interleaved, median of per-round "
-            "ratios; `realloc`: new gradient tensors every call, as after `zero_grad(set_to_none=True)`:",
+            "CPU `capture()` against the original monitor (per group `_foreach_norm` + stack + "
+            f"sum + `.item()`), {CPU_BYTES >> 20} MB of fp32 gradients, interleaved, median of "
+            "per-round ratios; `realloc`: new gradient tensors every call, as after "
+            "`zero_grad(set_to_none=True)`:",
             "",
             render_cpu_anchor(r["cpu_anchor"], r.get("first_attach")).rstrip("\n"),
         ]
@@ -744,7 +754,8 @@ def render(r: dict, cuda: bool) -> str:
         lines += [
             "",
             f"First attach() in a fresh process (torch imported before), median of {a['runs']}: "
-            f"{a['first_ms']:.1f} ms with bytecode ({a['first_from_source_ms']:.1f} ms from source); "
+            f"{a['first_ms']:.1f} ms with bytecode "
+            f"({a['first_from_source_ms']:.1f} ms from source); "
             f"a second attach {a['second_ms']:.1f} ms.",
         ]
     c = step.get("_collector", {})
@@ -752,7 +763,8 @@ def render(r: dict, cuda: bool) -> str:
         "",
         f"Collector counters in the step runs: {int(c.get('captures', 0))} captures, "
         f"{int(c.get('errors', 0))} errors, {int(c.get('plans', 0))} plans built, "
-        f"{int(c.get('graph_builds', 0))} graph builds, {int(c.get('graph_replays', 0))} graph replays.",
+        f"{int(c.get('graph_builds', 0))} graph builds, "
+        f"{int(c.get('graph_replays', 0))} graph replays.",
     ]
     return "\n".join(lines) + "\n"
 

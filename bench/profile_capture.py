@@ -85,7 +85,8 @@ def main() -> int:
     samples = paced(args.calls)
     print(
         f"{device}: capture() of {args.tensors} tensors, paced: median "
-        f"{statistics.median(samples) * 1e6:.0f} us, p90 {sorted(samples)[int(len(samples) * 0.9)] * 1e6:.0f} us"
+        f"{statistics.median(samples) * 1e6:.0f} us, "
+        f"p90 {sorted(samples)[int(len(samples) * 0.9)] * 1e6:.0f} us"
     )
     prof = cProfile.Profile()
     prof.enable()

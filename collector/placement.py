@@ -43,7 +43,7 @@ def is_dtensor(t: Any) -> bool:
 
 
 class UnmeasurableGradient(RuntimeError):
-    """Groups whose gradients cannot be measured in this capture (a ``Partial`` DTensor gradient)."""
+    """Groups whose gradients this capture cannot measure (a ``Partial`` DTensor gradient)."""
 
 
 def unmeasurable(reasons: dict[str, str]) -> UnmeasurableGradient:
@@ -70,11 +70,12 @@ class Layout(NamedTuple):
 
 
 def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: bool | None) -> Layout:
-    """The layout of ``group_params`` (resolved groups, in group order); ``forced``: attach's ``sharded=``.
+    """The layout of ``group_params`` (resolved groups, in group order).
 
-    A group is sharded when it holds a DTensor, unless ``forced`` says otherwise. A forced
-    sharded group without DTensors holds the user's own shards: every rank counts them. A
-    forced replicated group counts everything: each rank's value is the group's.
+    ``forced`` is attach's ``sharded=``. A group is sharded when it holds a DTensor, unless
+    ``forced`` says otherwise. A forced sharded group without DTensors holds the user's own
+    shards: every rank counts them. A forced replicated group counts everything: each rank's
+    value is the group's.
     """
     flat = [p for ps in group_params for p in ps]
     owner = tuple(gi for gi, ps in enumerate(group_params) for _ in ps)
@@ -150,7 +151,7 @@ class _MeshSpace:
         return not any(self.coord)
 
     def counts(self, mesh: Any, placements: Sequence[Any]) -> bool:
-        """True when this rank counts its local part of a DTensor on ``mesh`` with ``placements``."""
+        """True if this rank counts its local part of a DTensor on ``mesh`` with ``placements``."""
         coord = mesh.get_coordinate()
         if coord is None:
             return False  # not in the mesh: this rank holds none of it
@@ -162,7 +163,10 @@ class _MeshSpace:
         return zero
 
     def _first_copy(self, mesh: Any) -> bool:
-        """True when this rank's copy of ``mesh`` is at coordinate 0 of the root dimensions it leaves out."""
+        """True when this rank's copy of ``mesh`` is at coordinate 0 of the root's other dimensions.
+
+        The other dimensions: those of the root mesh that ``mesh`` leaves out.
+        """
         if self.root is None or mesh is self.root:
             return True
         ranks = set(mesh.mesh.flatten().tolist())

@@ -129,7 +129,8 @@ class Reporter:
                         step,
                         r.name,
                         "gradient",
-                        f"isolated group received gradient (norm {norm:.3g}, {r.nonfinite} non-finite tensors)",
+                        f"isolated group received gradient (norm {norm:.3g}, "
+                        f"{r.nonfinite} non-finite tensors)",
                         norm if norm is not None and math.isfinite(norm) else None,
                     )
                 )

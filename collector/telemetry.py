@@ -63,7 +63,7 @@ _live: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 
 
 class Telemetry:
-    """Watches named parameter groups of one training process; made by ``esper_telemetry.attach``."""
+    """Watches named parameter groups of a training process; made by ``esper_telemetry.attach``."""
 
     def __init__(self, specs: list[GroupSpec], options: Options) -> None:
         self.options = options
@@ -145,7 +145,7 @@ class Telemetry:
         return eager(_latest, self)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every capture so far is computed and handed to the socket; False on timeout."""
+        """Wait until every capture so far is computed and given to the socket; False on timeout."""
         deadline = time.monotonic() + timeout_s
         if not self._completion.wait_idle(timeout_s):
             return False

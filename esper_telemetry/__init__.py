@@ -11,7 +11,7 @@ what to install.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any
 
 from .codec import REASONS, WireError, decode, encode
 from .events import (

@@ -188,5 +188,5 @@ def lookup(
 
 
 def env_str(name: str, default: str, explicit: str | None = None) -> str:
-    """Explicit value, else the environment variable ``name`` when set and non-empty, else ``default``."""
+    """Explicit value, else environment variable ``name`` if set and non-empty, else ``default``."""
     return lookup(name, default, explicit)[0]

@@ -22,7 +22,7 @@ message numbers, whose losses nobody can see); the codec writes and reads each v
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -65,8 +65,9 @@ class GroupNorm(NamedTuple):
     ``nonfinite`` counts gradient tensors holding a NaN or an Inf. ``sq`` is finite and
     non-negative, except that it may be ``inf`` or ``nan`` (never ``-inf``) when
     ``nonfinite > 0``: the sum as computed, so an exploding group never reads as one
-    without gradient (accepted from schema version 1 on; earlier collector releases sent ``None``). ``params`` is the group's
-    logical parameter count (the full tensors, also when this rank holds shards).
+    without gradient (accepted from schema version 1 on; earlier collector releases sent
+    ``None``). ``params`` is the group's logical parameter count (the full tensors, also when
+    this rank holds shards).
     ``sharded`` means ``sq`` covers only this rank's shards: the group's square norm is
     the sum over all ranks of the same step. Role and parameters travel with every capture
     so a daemon restarted mid-run needs no earlier ``Hello``.
@@ -173,7 +174,7 @@ class Goodbye(NamedTuple):
     seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 
-Event = Union[Hello, Norms, DeviceMismatch, IsolationViolation, Heartbeat, Goodbye]
+Event = Hello | Norms | DeviceMismatch | IsolationViolation | Heartbeat | Goodbye
 
 # The wire name of each record type.
 KIND_OF = {

@@ -149,7 +149,10 @@ class AdapterParams:
 
 
 def _short(path: str) -> str:
-    """A module path for a group name: PEFT's wrapper prefix dropped; the root's prompt encoder named."""
+    """A module path for a group name, PEFT's wrapper prefix dropped.
+
+    The root's path is empty: what the root holds is its prompt encoder, so it is named so.
+    """
     short = (
         path.replace(_PREFIX, "", 1) if path.startswith(_PREFIX) or f".{_PREFIX}" in path else path
     )

@@ -76,7 +76,7 @@ class Session:
         return self.telemetry
 
     def due(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (counted from 0 or 1, as the trainer counts) is captured."""
+        """Whether optimizer step ``step`` (from 0 or 1, as the trainer counts) is captured."""
         return self.telemetry is not None and step % self.every == 0
 
     def capture(self, step: int) -> None:

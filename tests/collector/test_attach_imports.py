@@ -29,7 +29,8 @@ SCRIPT = textwrap.dedent("""
     sq = tel.latest().groups["s"].sq
     tel.close(0.5)
     print(json.dumps({"before": before, "after": "torch.distributed.tensor" in sys.modules,
-                      "dynamo": "torch._dynamo" in sys.modules, "first_s": first, "ok": ok, "sq": sq}))
+                      "dynamo": "torch._dynamo" in sys.modules,
+                      "first_s": first, "ok": ok, "sq": sq}))
 """)
 
 

@@ -103,7 +103,7 @@ def test_optimizer_hooks_under_a_compiled_optimizer_step(attach, pull):
     def opt_step():
         opt.step()
 
-    for i in range(3):
+    for _ in range(3):
         opt.zero_grad()
         model(torch.randn(5, 8)).backward()
         ref = ref_sq(model.host.parameters())

@@ -166,7 +166,8 @@ def test_helper_threads_share_the_pass_exactly(attach, monkeypatch, thread_names
         and (torch.float64, True) in runs
         and (torch.float32, False) in runs
     )
-    # torch.dot runs stay with the training thread (MKL's threads from a helper thread fight its own)
+    # torch.dot runs stay with the training thread (MKL's threads, started from a helper thread,
+    # fight its own)
     assert all(not dot for share in plan.cpu.shares[1:] for _, _, _, dot in share)
     covered = sorted((a, b) for share in plan.cpu.shares for _, a, b, _ in share)
     assert covered[0][0] == 0 and covered[-1][1] == n + 3
@@ -385,7 +386,7 @@ def test_a_seed_sitting_out_every_other_step_switches_plans_without_reading_layo
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e19])
 def test_non_finite_large_tensors_are_counted_by_dot(attach, bad):
-    """NaN, Inf, and a sum of squares past float32's range (the accumulation type) count as non-finite."""
+    """NaN, Inf and a sum of squares past float32's range (the accumulation type) are non-finite."""
     model = _Many(16, big=2)
     for p in model.parameters():
         p.grad = torch.ones_like(p)

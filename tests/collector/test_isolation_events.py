@@ -77,7 +77,7 @@ def test_nonfinite_gradient_into_isolated_group_is_a_violation(attach, pull):
 
 
 def test_structural_check_is_off_unless_asked(attach, pull):
-    """Adapters and jointly trained heads see inputs that require grad: not a violation by default."""
+    """Adapters and jointly trained heads see inputs that require grad: no violation by default."""
     model = make_model()
     tel = attach(model=model, host="host", seeds={"a": "seeds.a", "b": "seeds.b"})
     train_step(model, seed=1, leak=True)

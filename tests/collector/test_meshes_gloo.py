@@ -60,7 +60,7 @@ def wire_norms(
 
 
 def check_exact(outs: list[dict], layout: str, wire: Receiver, sharded: dict[str, bool]) -> None:
-    """Sharded groups: the ranks' values add up to the full gradient's; replicated: each rank's is it."""
+    """Sharded: the ranks' values add up to the full gradient's; replicated: each rank's is it."""
     reports = [o["report"][layout] for o in outs]
     world = len(reports)
     norms = wire_norms(wire, layout, world)
@@ -153,7 +153,7 @@ def test_partial_gradient_is_unknown_and_counted_as_an_error(two, wire):
 
 
 def test_forced_sharded_counts_everything_this_rank_holds(two):
-    for rank, o in enumerate(two):
+    for o in two:
         on, off = o["report"]["forced"]["forced_on"], o["report"]["forced"]["forced_off"]
         # sharded=True without DTensors: the user's own shards, every rank counts all of it.
         assert (

@@ -212,7 +212,8 @@ _FORK_SCRIPT = textwrap.dedent("""
         step(999)                        # the child's captures go nowhere: not the parent's socket
         t0 = time.monotonic()
         tel.close()
-        print(f"CHILD captures={tel.stats()['captures']} close_s={time.monotonic() - t0:.3f}", flush=True)
+        close_s = time.monotonic() - t0
+        print(f"CHILD captures={tel.stats()['captures']} close_s={close_s:.3f}", flush=True)
         own = et.attach(host=m, endpoint=sys.argv[1], run="forkchild")   # its own socket works
         own.capture(step=42)
         assert own.flush(5.0)
@@ -236,7 +237,8 @@ _FORK_SCRIPT = textwrap.dedent("""
         step(n)
     assert tel.flush(5.0)
     tel.close()
-    print(f"PARENT child_rc={os.waitstatus_to_exitcode(status)} errors={tel.stats()['errors']}", flush=True)
+    rc = os.waitstatus_to_exitcode(status)
+    print(f"PARENT child_rc={rc} errors={tel.stats()['errors']}", flush=True)
 """)
 
 
@@ -253,7 +255,10 @@ def test_fork_child_never_uses_the_parents_socket(tmp_path, pull):
     events = pull.until_goodbyes(2)
     pull.quiet(0.2)
     events = pull.events
-    by_run = lambda run, kind: [e for e in events if isinstance(e, kind) and e.run == run]
+
+    def by_run(run, kind):
+        return [e for e in events if isinstance(e, kind) and e.run == run]
+
     assert [e.step for e in by_run("fork", Norms)] == list(range(9))  # no 999 from the child
     assert len(by_run("fork", Hello)) == 1 and len(by_run("fork", Goodbye)) == 1
     assert [e.step for e in by_run("forkchild", Norms)] == [42]

@@ -239,7 +239,10 @@ def test_dropped_counts_of_a_new_rank_are_not_added_twice_when_departed_ranks_fi
 
 def test_violations_count_by_kind_and_track_the_highest_step(make_agg, clock):
     agg, stats = make_agg()
-    v = lambda step, kind="gradient": IsolationViolation("r", 0, 1.0, step, "seed", kind, "x", 0.5)
+
+    def v(step, kind="gradient"):
+        return IsolationViolation("r", 0, 1.0, step, "seed", kind, "x", 0.5)
+
     agg.apply_batch([host_seed(step=4), v(4), v(3, "structural"), v(4)], clock())
     seed = group_of(agg, "seed")
     assert seed.violations == {"gradient": 2, "structural": 1}
@@ -324,7 +327,10 @@ def test_a_violation_still_counts_for_isolation_when_its_kind_is_refused_by_the_
     # A full set of (junk) kinds bounds the label values, not the evidence: a violation of
     # a refused kind must still mark its step, or esper_isolation_ok hides a real leak.
     agg, stats = make_agg()
-    v = lambda step, kind: IsolationViolation("r", 0, 1.0, step, "seed", kind, "x", None)
+
+    def v(step, kind):
+        return IsolationViolation("r", 0, 1.0, step, "seed", kind, "x", None)
+
     agg.apply_batch([host_seed(step=1)] + [v(1, f"junk{i}") for i in range(MAX_KINDS)], clock())
     agg.apply_batch([host_seed(step=2), v(2, "gradient")], clock())
     seed = group_of(agg, "seed")

@@ -418,7 +418,7 @@ def _traffic(rng: random.Random, n: int):
                 layouts[run] = rng.sample(names, rng.randint(1, 3))
             odd = rng.random() < 0.1  # a sharded or non-finite group somewhere
             events = []
-            for i in range(rng.choice([1, 1, 2, 5, 17])):
+            for _ in range(rng.choice([1, 1, 2, 5, 17])):
                 layout = layouts[run]
                 if rng.random() < 0.03:
                     layout = rng.sample(names, rng.randint(1, 3))

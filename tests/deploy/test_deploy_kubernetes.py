@@ -110,7 +110,8 @@ def test_service_monitor_matches_the_service(base) -> None:
 def test_prometheus_rule_is_the_rules_file() -> None:
     rule = objects(OPERATOR)["PrometheusRule"]
     assert rule["spec"] == load_yaml(RULES), (
-        "prometheusrule.yaml is out of date: run deploy/kubernetes/prometheus-operator/sync-rules.sh"
+        "prometheusrule.yaml is out of date: "
+        "run deploy/kubernetes/prometheus-operator/sync-rules.sh"
     )
 
 

@@ -65,7 +65,7 @@ def ids(params) -> set:
 
 
 def by_name(model, pattern: str) -> dict[str, list]:
-    """Parameters grouped by the first match group of ``pattern`` over their names ("host" if none)."""
+    """Parameters grouped by the first match group of ``pattern`` in their names ("host": none)."""
     out: dict[str, list] = {}
     for name, p in model.named_parameters():
         m = re.search(pattern, name)

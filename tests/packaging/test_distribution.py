@@ -219,7 +219,8 @@ def test_without_the_collector_extra_attach_and_demo_name_the_extra(daemon_only_
     assert demo.returncode == 1
     assert demo.stdout == ""
     assert demo.stderr.splitlines() == [
-        "esper-telemetry: the demo needs 'torch', which is not installed: pip install 'esper-telemetry[demo]'"
+        "esper-telemetry: the demo needs 'torch', which is not installed: "
+        "pip install 'esper-telemetry[demo]'"
     ]
     # The PEFT preset says the same; `top` needs no torch at all.
     peft = _run(

@@ -337,7 +337,7 @@ def test_help_and_a_usage_error_start_without_torch():
 
 
 def test_the_probe_sees_an_attempt_to_import_torch():
-    # Otherwise the NO-TORCH lines above would pass for a CLI that tries torch and swallows the error.
+    # Otherwise the NO-TORCH lines above would pass for a CLI that tries torch and hides the error.
     _, _, err = run_cli("demo", "--steps", "1")
     assert "TORCH torch" in err.splitlines(), err
 

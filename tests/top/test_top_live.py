@@ -161,7 +161,7 @@ def test_once_prints_what_the_collector_measured_worst_first(daemon: LiveDaemon)
     assert {run for run, _ in table(only.stdout)[0]} == {"other"}
 
 
-# -- the live view in a real terminal ---------------------------------------------------------------
+# -- the live view in a real terminal --------------------------------------------------------------
 class Tmux:
     """One tmux server on a private socket; one window running a command, kept after it exits."""
 
@@ -199,7 +199,7 @@ class Tmux:
             time.sleep(0.05)
 
     def dead(self) -> int | None:
-        """The command's exit status once it has exited (``start`` has the shell write it), else None."""
+        """The command's exit status once it has exited (``start``'s shell writes it), else None."""
         text = self.exit_file.read_text() if self.exit_file.exists() else ""
         return int(text) if text.endswith("\n") else None
 
