@@ -1,0 +1,372 @@
+"""Every captured step of a group: extremes between scrapes, spikes, and a bounded history.
+
+Prometheus samples the daemon every 15 to 60 s while a job captures several steps a
+second, so a gauge of the latest norm misses a spike that lasts one step. The daemon sees
+every step; this module keeps, per group, what a sample would miss, in a fixed amount of
+memory:
+
+- **Extremes over a trailing window**: the largest and smallest finite norm among the
+  captures received in the last ``window_s`` seconds (at most ``window_s`` plus one
+  bucket: the window is kept as ``BUCKETS`` buckets of ``window_s / BUCKETS`` seconds and a
+  capture stays in the band until its bucket is the oldest one dropped). Every capture
+  therefore stays readable for at least ``window_s``: a scrape interval shorter than the
+  window never misses it.
+- **Spikes**: a capture whose finite norm exceeds ``spike_factor`` times the median of the
+  group's previous ``spike_history`` finite norms (once at least ``spike_min_history`` of
+  them exist). The median is robust: a spike moves it by one rank, so the steps after a
+  spike are judged against the same baseline and a single bad step counts exactly once.
+- **History**: the last ``history_steps`` captured steps in full, older ones folded into
+  buckets of ``fold_steps`` steps that keep their largest and smallest norm (a spike
+  survives folding), at most ``fold_buckets`` of them; and the steps of the latest
+  non-finite captures.
+
+The hot path (``push``) appends two numbers to a list; everything else happens in
+``settle``, in bulk and mostly in C (``max``/``min`` over a list, ``array`` slices), which
+the aggregator calls before anything reads the record and at least once per tick (the
+pending list is also settled when it reaches ``MAX_PENDING`` steps, so it is bounded).
+Values are sums of squares (``sq``), as they travel: square roots are taken when read.
+Single-threaded, like the aggregator that owns the records.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+
+__all__ = ["StepRules", "StepRecord", "ModelSteps", "BUCKETS", "MAX_PENDING"]
+
+# The trailing window is kept in this many buckets (and one being filled).
+BUCKETS = 6
+# Steps a record buffers before it settles them itself (2 numbers each).
+MAX_PENDING = 512
+# Non-finite captures whose steps the history keeps.
+NONFINITE_MARKS = 64
+
+_INF = math.inf
+
+
+@dataclass(frozen=True)
+class StepRules:
+    """How every step is read; from the daemon's settings (``--window.seconds``, ...)."""
+
+    window_s: float = 60.0
+    spike_factor: float = 10.0
+    spike_history: int = 32
+    spike_min_history: int = 8
+    history_steps: int = 1024
+    fold_steps: int = 16
+    fold_buckets: int = 128
+
+    def __post_init__(self) -> None:
+        if not (self.window_s > 0 and math.isfinite(self.window_s)):
+            raise ValueError(f"window_s must be > 0 seconds, got {self.window_s}")
+        if not self.spike_factor > 1:
+            raise ValueError(f"spike_factor must be > 1, got {self.spike_factor}")
+        if not 1 <= self.spike_min_history <= self.spike_history:
+            raise ValueError("spike_min_history must be between 1 and spike_history")
+        if self.history_steps < 1 or self.fold_steps < 1 or self.fold_buckets < 0:
+            raise ValueError("history sizes must be positive")
+
+    @property
+    def bucket_s(self) -> float:
+        return self.window_s / BUCKETS
+
+    def bytes_per_group(self) -> int:
+        """The most a record's arrays hold once full (what docs/daemon.md multiplies out)."""
+        history = (self.history_steps + self.history_steps // 4) * 16  # steps + sq, 8 B each
+        folds = self.fold_buckets * 32  # first step, last step, min, max
+        pending = MAX_PENDING * 2 * 32  # list slots and the boxed numbers they hold
+        return (
+            history
+            + folds
+            + pending
+            + NONFINITE_MARKS * 8
+            + (2 * BUCKETS + 2) * 8
+            + (self.spike_history * 8)
+        )
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    mid = n // 2
+    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+class StepRecord:
+    """One group's every-step figures (see the module docstring)."""
+
+    __slots__ = (
+        "rules",
+        "pending",
+        "spikes",
+        "_baseline",
+        "_hi",
+        "_lo",
+        "_bucket",
+        "steps",
+        "sqs",
+        "folds",
+        "_fold",
+        "nonfinite_steps",
+        "last_step",
+    )
+
+    def __init__(self, rules: StepRules) -> None:
+        self.rules = rules
+        self.pending: list = []  # step, sq, step, sq, ... not yet settled
+        self.spikes = 0
+        self._baseline: list[float] = []  # the previous finite sq values, oldest first
+        # Window extremes: one slot per bucket, indexed by bucket number modulo the size.
+        self._hi = [-_INF] * (BUCKETS + 1)
+        self._lo = [_INF] * (BUCKETS + 1)
+        self._bucket = [-1] * (BUCKETS + 1)
+        self.steps = array("q")
+        self.sqs = array("d")
+        self.folds = array("d")  # first step, last step, min sq, max sq; per folded bucket
+        self._fold: list[float] | None = None  # the bucket being folded into
+        self.nonfinite_steps: list[int] = []
+        self.last_step = -1  # the latest step pushed (replicated groups take each step once)
+
+    def push(self, step: int, sq: float | None) -> None:
+        """Record one captured step (``sq`` None: no gradient). The hot path."""
+        pending = self.pending
+        pending.append(step)
+        pending.append(sq)
+        self.last_step = step
+        if len(pending) >= 2 * MAX_PENDING:
+            self.settle(None)
+
+    def settle(self, bucket: int | None) -> int:
+        """Fold the pending steps into every figure; ``bucket`` is ``int(now / bucket_s)``
+        (None: the bucket of the latest settle). Returns the spikes found."""
+        pending = self.pending
+        if bucket is None:
+            bucket = max(self._bucket)
+        if not pending:
+            return 0
+        self.pending = []
+        steps = pending[0::2]
+        sqs = pending[1::2]
+        try:
+            total = sum(sqs)
+            clean = total - total == 0.0  # every value finite (NaN and Inf fail this)
+        except TypeError:  # a None: a step without gradient
+            clean = False
+        if clean:
+            finite = sqs
+        else:
+            finite = [q for q in sqs if q is not None and q - q == 0.0]
+            nonfinite = [s for s, q in zip(steps, sqs) if q is not None and q - q != 0.0]
+            if nonfinite:
+                marks = self.nonfinite_steps
+                marks.extend(nonfinite)
+                del marks[:-NONFINITE_MARKS]
+        spikes = 0
+        if finite:
+            self._extremes(bucket, max(finite), min(finite))
+            spikes = self._spikes(finite)
+        self._history(steps, sqs)
+        return spikes
+
+    # --- the window -------------------------------------------------------------------
+
+    def _extremes(self, bucket: int, hi: float, lo: float) -> None:
+        slot = bucket % (BUCKETS + 1)
+        if self._bucket[slot] != bucket:
+            self._bucket[slot] = bucket
+            self._hi[slot] = hi
+            self._lo[slot] = lo
+            return
+        if hi > self._hi[slot]:
+            self._hi[slot] = hi
+        if lo < self._lo[slot]:
+            self._lo[slot] = lo
+
+    def extremes(self, bucket: int) -> tuple[float, float] | None:
+        """(min, max) of the finite norms of the window ending in ``bucket``; None if none."""
+        hi, lo = -_INF, _INF
+        oldest = bucket - BUCKETS
+        for b, h, low in zip(self._bucket, self._hi, self._lo):
+            if oldest <= b <= bucket:
+                if h > hi:
+                    hi = h
+                if low < lo:
+                    lo = low
+        if hi < 0:
+            return None
+        return math.sqrt(lo), math.sqrt(hi)
+
+    # --- spikes -----------------------------------------------------------------------
+
+    def _spikes(self, finite: list[float]) -> int:
+        rules = self.rules
+        baseline = self._baseline
+        # No value above the factor times the smallest value in play can be a spike
+        # (a median is never below the minimum): the common case needs no sorting.
+        floor = min(min(finite), min(baseline)) if baseline else min(finite)
+        factor_sq = rules.spike_factor * rules.spike_factor
+        if max(finite) <= factor_sq * floor:
+            baseline.extend(finite)
+            del baseline[: -rules.spike_history]
+            return 0
+        found = 0
+        keep, least = rules.spike_history, rules.spike_min_history
+        for q in finite:
+            if len(baseline) >= least and q > factor_sq * _median(baseline):
+                found += 1
+            baseline.append(q)
+            if len(baseline) > keep:
+                del baseline[0]
+        self.spikes += found
+        return found
+
+    @property
+    def spike_threshold(self) -> float | None:
+        """The norm above which the next capture counts as a spike; None until judged."""
+        baseline = self._baseline
+        if len(baseline) < self.rules.spike_min_history:
+            return None
+        return self.rules.spike_factor * math.sqrt(_median(baseline))
+
+    # --- history ----------------------------------------------------------------------
+
+    def _history(self, steps: list[int], sqs: list[float | None]) -> None:
+        self.steps.extend(steps)
+        # No gradient is kept as -1.0: sums of squares are never negative.
+        self.sqs.extend(sqs if None not in sqs else [-1.0 if q is None else q for q in sqs])
+        keep = self.rules.history_steps
+        over = len(self.steps) - keep
+        if over > keep // 4:  # trim in chunks, so the arrays move rarely
+            self._fold_out(self.steps[:over], self.sqs[:over])
+            del self.steps[:over]
+            del self.sqs[:over]
+
+    def _fold_out(self, steps: array, sqs: array) -> None:
+        """Fold captures leaving the full history into buckets of ``fold_steps`` captures."""
+        rules = self.rules
+        if rules.fold_buckets == 0:
+            return
+        width = rules.fold_steps
+        folds = self.folds
+        fold = self._fold
+        i, n = 0, len(steps)
+        if fold is not None:  # top up the bucket left open by the previous fold
+            take = min(width - int(fold[4]), n)
+            fold = _folded(steps[:take], sqs[:take], fold)
+            i = take
+        while i < n:
+            if fold is not None and fold[4] >= width:
+                folds.extend(fold[:4])
+                fold = None
+            j = min(i + width, n)
+            fold = _folded(steps[i:j], sqs[i:j], fold)
+            i = j
+        if fold is not None and fold[4] >= width:
+            folds.extend(fold[:4])
+            fold = None
+        self._fold = fold
+        over = len(folds) - 4 * rules.fold_buckets
+        if over > 0:
+            del folds[:over]
+
+    def points(self) -> list[tuple[int, float | None]]:
+        """(step, norm) for the steps kept in full, oldest first; None: no gradient, and a
+        non-finite norm as it was (``inf`` or ``nan``)."""
+        return [(s, None if q < 0 else math.sqrt(q)) for s, q in zip(self.steps, self.sqs)]
+
+    def folded(self) -> list[tuple[int, int, float | None, float | None]]:
+        """(first step, last step, min norm, max norm) of the folded buckets, oldest first
+        (None where a bucket held no finite norm)."""
+        out = []
+        f = self.folds
+        buckets = [f[i : i + 4] for i in range(0, len(f), 4)]
+        if self._fold is not None:
+            buckets.append(self._fold[:4])
+        for first, last, lo, hi in buckets:
+            finite = hi >= 0
+            out.append(
+                (
+                    int(first),
+                    int(last),
+                    math.sqrt(lo) if finite else None,
+                    math.sqrt(hi) if finite else None,
+                )
+            )
+        return out
+
+
+def _folded(steps: array, sqs: array, fold: list | None) -> list:
+    """``fold`` ([first step, last step, min sq, max sq, captures]) with more captures."""
+    if fold is None:
+        fold = [float(steps[0]), 0.0, _INF, -_INF, 0.0]
+    fold[1] = float(steps[-1])
+    fold[4] += len(steps)
+    try:
+        total = sum(sqs)
+        clean = total - total == 0.0 and min(sqs) >= 0.0
+    except ValueError:
+        clean = False
+    finite = sqs if clean else [q for q in sqs if q >= 0.0 and q - q == 0.0]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        if lo < fold[2]:
+            fold[2] = lo
+        if hi > fold[3]:
+            fold[3] = hi
+    return fold
+
+
+class ModelSteps:
+    """A run's model norm per step (the square root of the sum over its groups) and how many
+    steps exceeded the clip threshold.
+
+    A step is complete once every group the run holds has a value for it (a group without
+    gradient counts as 0); groups are watched apart and never share a parameter (``attach``
+    refuses that), so the sum is the norm of the union of the groups, which is the model's
+    when the groups cover the model. At most ``MAX_OPEN`` steps wait for their last group;
+    an older one is dropped (counted) when a newer one must open.
+    """
+
+    MAX_OPEN = 64
+
+    __slots__ = ("_open", "done_step", "norm", "clipped", "given_up", "threshold")
+
+    def __init__(self) -> None:
+        self._open: dict[int, list] = {}  # step -> [sum of squares, groups counted]
+        self.done_step = -1
+        self.norm: float | None = None  # the latest complete step's model norm
+        self.clipped = 0
+        self.given_up = 0
+        self.threshold: float | None = None  # the clip threshold (Hello), None: unknown
+
+    def add(self, step: int, sq: float | None, groups: int) -> None:
+        """One group's value for ``step``, of a run holding ``groups`` groups."""
+        if step <= self.done_step:
+            return
+        acc = self._open.get(step)
+        if acc is None:
+            if len(self._open) >= self.MAX_OPEN:
+                del self._open[min(self._open)]
+                self.given_up += 1
+            acc = self._open[step] = [0.0, 0]
+        if sq is not None:
+            acc[0] += sq
+        acc[1] += 1
+        if acc[1] >= groups:
+            self._complete(step, acc[0])
+
+    def _complete(self, step: int, sq: float) -> None:
+        for s in [s for s in self._open if s <= step]:
+            del self._open[s]
+        self.done_step = step
+        self.norm = math.sqrt(sq) if sq >= 0 else math.nan
+        t = self.threshold
+        if t is not None and self.norm > t:
+            self.clipped += 1
+
+    def restart(self) -> None:
+        """The run's steps started again (a collector restarted from step 0)."""
+        self._open.clear()
+        self.done_step = -1

@@ -1,0 +1,157 @@
+"""Every step of a group (daemon/steps.py): window extremes, spikes, history, model norm.
+
+The record is driven directly with a bucket number for time; its figures are compared with
+a direct computation over the same values (a reference that keeps every value).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from esper_telemetry.daemon.steps import BUCKETS, MAX_PENDING, ModelSteps, StepRecord, StepRules
+
+
+def reference_spikes(norms: list[float], rules: StepRules) -> list[int]:
+    """Indices of the spikes by the rule's definition, keeping every value."""
+    out, seen = [], []
+    for i, n in enumerate(norms):
+        if not math.isfinite(n):
+            continue
+        history = seen[-rules.spike_history :]
+        if len(history) >= rules.spike_min_history and n > rules.spike_factor * statistics.median(
+            history
+        ):
+            out.append(i)
+        seen.append(n)
+    return out
+
+
+def feed(rec: StepRecord, norms, bucket: int = 0, start: int = 0, settle_every: int = 1):
+    found = 0
+    for i, n in enumerate(norms):
+        rec.push(start + i, None if n is None else n * n)
+        if (i + 1) % settle_every == 0:
+            found += rec.settle(bucket)
+    return found + rec.settle(bucket)
+
+
+@pytest.mark.parametrize("settle_every", [1, 7, 64, 10_000])
+def test_spikes_match_the_rule_whatever_the_settling(settle_every) -> None:
+    rules = StepRules(spike_factor=4.0, spike_history=32, spike_min_history=8)
+    rng = random.Random(settle_every)
+    # A drifting healthy series (falling fast at first, then noisy), with planted jumps.
+    norms = [10.0 * math.exp(-i / 300) * math.exp(rng.gauss(0, 0.25)) + 0.5 for i in range(3000)]
+    for i in (5, 40, 41, 900, 2999):
+        norms[i] *= 25.0
+    norms[1500] = math.inf
+    norms[1501] = math.nan
+    rec = StepRecord(rules)
+    found = feed(rec, norms, settle_every=settle_every)
+    want = reference_spikes(norms, rules)
+    assert rec.spikes == len(want)
+    # What settle() returns adds up to the count, unless push() had to settle by itself.
+    assert found == len(want) or settle_every * 2 >= 2 * MAX_PENDING
+    # Step 5 comes before min_history values exist; 40 and 41 are both far above the
+    # baseline (the median barely moves for one spike); 900 and 2999 too.
+    assert want == [40, 41, 900, 2999]
+
+
+def test_a_single_20x_step_counts_once_and_the_steps_after_it_do_not() -> None:
+    rules = StepRules()
+    rec = StepRecord(rules)
+    rng = random.Random(1)
+    norms = [1.0 + rng.uniform(-0.2, 0.2) for _ in range(200)]
+    norms[120] = 20.0 * norms[119]
+    assert feed(rec, norms, settle_every=3) == 1
+    assert feed(rec, [1.0] * 50, start=200) == 0
+    assert rec.spikes == 1
+
+
+def test_window_extremes_hold_every_capture_for_at_least_the_window() -> None:
+    rec = StepRecord(StepRules(window_s=60.0))
+    step = 0
+    # One capture per bucket, norm = bucket number + 1; a spike of 100 in bucket 3.
+    for bucket in range(20):
+        norm = 100.0 if bucket == 3 else bucket + 1.0
+        rec.push(step, norm * norm)
+        step += 1
+        rec.settle(bucket)
+        lo, hi = rec.extremes(bucket)
+        window = [100.0 if b == 3 else b + 1.0 for b in range(max(0, bucket - BUCKETS), bucket + 1)]
+        assert (lo, hi) == pytest.approx((min(window), max(window)), rel=1e-12)
+    # The spike in bucket 3 was readable through bucket 3 + BUCKETS (the full window) ...
+    assert rec.extremes(20 + BUCKETS + 1) is None  # ... and nothing is left long after.
+
+
+def test_extremes_ignore_non_finite_and_missing_gradients() -> None:
+    rec = StepRecord(StepRules())
+    feed(rec, [2.0, None, math.inf, math.nan, 0.5, 3.0])
+    assert rec.extremes(0) == pytest.approx((0.5, 3.0))
+    assert rec.nonfinite_steps == [2, 3]
+
+
+def test_history_keeps_the_last_steps_in_full_and_folds_older_ones_keeping_spikes() -> None:
+    rules = StepRules(history_steps=100, fold_steps=10, fold_buckets=5)
+    rec = StepRecord(rules)
+    norms = [1.0 + (i % 3) for i in range(400)]
+    norms[260] = 50.0  # folded away from the full history, kept as a bucket's max
+    norms[399] = None
+    feed(rec, norms, settle_every=9)
+    points = rec.points()
+    assert 100 <= len(points) <= 125
+    assert points[-1] == (399, None)
+    for s, n in points[:-1]:
+        assert n == pytest.approx(norms[s], rel=1e-15)
+    folds = rec.folded()
+    assert len(folds) <= 6 and folds[-1][1] == points[0][0] - 1  # contiguous with the full part
+    spike = [f for f in folds if f[0] <= 260 <= f[1]]
+    assert spike and spike[0][3] == pytest.approx(50.0)
+    for first, last, lo, _ in folds:
+        assert last - first < rules.fold_steps
+        assert lo == pytest.approx(min(norms[first : last + 1]))
+
+
+def test_pending_steps_are_bounded_without_a_settle() -> None:
+    rec = StepRecord(StepRules())
+    for i in range(10 * MAX_PENDING):
+        rec.push(i, 1.0)
+        assert len(rec.pending) < 2 * MAX_PENDING
+    rec.settle(0)
+    assert rec.points()[-1] == (10 * MAX_PENDING - 1, 1.0)
+
+
+def test_model_norm_waits_for_every_group_and_counts_clipped_steps() -> None:
+    m = ModelSteps()
+    m.threshold = 1.0
+    m.add(0, 0.25, groups=2)
+    assert m.norm is None  # one group of two
+    m.add(0, 0.5, groups=2)
+    assert m.norm == pytest.approx(math.sqrt(0.75)) and m.clipped == 0
+    m.add(1, 1.0, groups=2)
+    m.add(1, None, groups=2)  # no gradient counts as 0
+    assert m.norm == pytest.approx(1.0) and m.clipped == 0  # not above the threshold
+    m.add(2, 4.0, groups=2)
+    m.add(2, 0.0, groups=2)
+    assert m.norm == pytest.approx(2.0) and m.clipped == 1
+    m.add(2, 9.0, groups=2)  # a late duplicate of a complete step changes nothing
+    assert m.norm == pytest.approx(2.0) and m.clipped == 1
+
+
+def test_model_steps_waiting_are_bounded() -> None:
+    m = ModelSteps()
+    for s in range(3 * ModelSteps.MAX_OPEN):
+        m.add(s, 1.0, groups=2)  # the second group never comes
+    assert len(m._open) == ModelSteps.MAX_OPEN and m.given_up == 2 * ModelSteps.MAX_OPEN
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"window_s": 0}, {"spike_factor": 1.0}, {"spike_min_history": 0}, {"history_steps": 0}],
+)
+def test_rules_refuse_nonsense(kwargs) -> None:
+    with pytest.raises(ValueError):
+        StepRules(**kwargs)
