@@ -33,15 +33,50 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
-__all__ = ["StepRules", "StepRecord", "ModelSteps", "BUCKETS", "MAX_PENDING"]
+__all__ = [
+    "StepRules",
+    "StepRecord",
+    "ModelSteps",
+    "GroupHistory",
+    "RunHistory",
+    "BUCKETS",
+    "MAX_PENDING",
+]
 
 # The trailing window is kept in this many buckets (and one being filled).
 BUCKETS = 6
 # Steps a record buffers before it settles them itself (2 numbers each).
 MAX_PENDING = 512
-# Non-finite captures whose steps the history keeps.
+# Non-finite captures, and isolation violations, whose steps the history keeps.
 NONFINITE_MARKS = 64
+
+
+class GroupHistory(NamedTuple):
+    """One group's recent steps, as the history API and the live page read them."""
+
+    name: str
+    role: str
+    params: int | None
+    points: list[tuple[int, float | None]]  # (step, norm) oldest first; None: no gradient
+    folded: list[tuple[int, int, float | None, float | None]]  # (first, last, min, max)
+    nonfinite_steps: list[int]  # the latest non-finite captures' steps
+    violation_steps: list[int]  # the latest isolation violations' steps
+    spikes: int
+    window: tuple[float, float] | None  # (min, max) finite norm of the trailing window
+    stale: bool
+    inconsistent: str | None  # why the ranks contradict the group (then no norm is shown)
+
+
+class RunHistory(NamedTuple):
+    """A run's groups' histories (``Aggregator.history``), settled at the time it was read."""
+
+    run: str
+    ended: bool
+    last_step: int
+    groups: tuple[GroupHistory, ...]
+
 
 _INF = math.inf
 
@@ -110,6 +145,7 @@ class StepRecord:
         "folds",
         "_fold",
         "nonfinite_steps",
+        "violation_steps",
         "last_step",
     )
 
@@ -127,6 +163,7 @@ class StepRecord:
         self.folds = array("d")  # first step, last step, min sq, max sq; per folded bucket
         self._fold: list[float] | None = None  # the bucket being folded into
         self.nonfinite_steps: list[int] = []
+        self.violation_steps: list[int] = []
         self.last_step = -1  # the latest step pushed (replicated groups take each step once)
 
     def push(self, step: int, sq: float | None) -> None:
@@ -137,6 +174,13 @@ class StepRecord:
         self.last_step = step
         if len(pending) >= 2 * MAX_PENDING:
             self.settle(None)
+
+    def mark_violation(self, step: int) -> None:
+        """An isolation violation at ``step`` (kept among the latest ``NONFINITE_MARKS``)."""
+        marks = self.violation_steps
+        if not marks or marks[-1] != step:
+            marks.append(step)
+            del marks[:-NONFINITE_MARKS]
 
     def settle(self, bucket: int | None) -> int:
         """Fold the pending steps into every figure; ``bucket`` is ``int(now / bucket_s)``
