@@ -2,10 +2,10 @@
 
 Why: ``_foreach_norm`` on the CPU runs one tensor after another on one core, spending most
 of its time per tensor with thousands of small gradients, while the training thread waits
-for it inside ``capture()``. (Large float32/float64 tensors go to ``torch.dot`` instead,
-which MKL spreads over the cores itself: those stay on the training thread, see
-``plan.split_shares``.) Torch releases the GIL inside its kernels, so a share of the tensors on a
-second core shortens that wait (at 2,000 tensors of 50 MB in all, on a 2-core machine, by
+for it inside ``capture()``. (Large tensors are read in rows instead, a reduction torch
+spreads over the cores itself: those stay on the training thread, see
+``plan.split_shares``.) Torch releases the GIL inside its kernels, so a share of the tensors
+on a second core shortens that wait (at 2,000 tensors of 50 MB in all, on a 2-core machine, by
 about a third). Below ``plan.MIN_SHARE_COST`` per share the hand-off costs what it saves,
 and the pass stays on one thread.
 

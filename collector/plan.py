@@ -5,10 +5,10 @@ put. Rebuilding costs more than a capture (it inspects every tensor's device and
 uploads index tensors); ``plancache`` decides when a plan still fits.
 
 A CPU slice is cut into runs (``norms.CpuRun``): within each dtype, tensors of at least
-``DOT_MIN_ELEMENTS`` first (float32 and float64 ones get their squares by ``torch.dot``,
-about 1.5x faster than ``_foreach_norm`` there, and closer to float64), then the rest. The runs are
-split into shares, one per thread that computes part of the pass (``cpu_threads``),
-balanced by elements plus a per-tensor cost.
+``DOT_MIN_ELEMENTS`` first (a large run: float32, bfloat16 and float16 ones read in rows
+of ``norms.ROW``, float64 ones by ``torch.dot``; see ``norms`` for why), then the rest. The
+runs are split into shares, one per thread that computes part of the pass
+(``cpu_threads``), balanced by elements plus a per-tensor cost.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .norms import CpuRun, DtypeBucket
+from .norms import LARGE_DTYPES, ROWS_MIN_ELEMENTS, CpuRun, DtypeBucket
 from .staging import upload
 
 __all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key", "grad_presence"]
@@ -31,9 +31,9 @@ TENSOR_COST_ELEMENTS = 4096
 # A share of a CPU pass is worth a thread from this cost on (elements plus the per-tensor
 # cost; about 0.3 ms of work): below it, the hand-off costs about what it saves.
 MIN_SHARE_COST = 1 << 21
-# CPU float32/float64 tensors this large get their squares from one ``torch.dot`` each;
-# smaller ones from ``_foreach_norm`` (cheaper per tensor).
-DOT_MIN_ELEMENTS = 1 << 15
+# CPU tensors this large make large runs (rows, or ``torch.dot`` for float64: see ``norms``);
+# smaller ones share one ``_foreach_norm`` (cheaper per tensor).
+DOT_MIN_ELEMENTS = ROWS_MIN_ELEMENTS
 _DATA_PTR = torch.Tensor.data_ptr
 
 
@@ -167,9 +167,7 @@ def build_plan(
                 if big:
                     chosen = set(big)
                     idx = big + [i for i in idx if i not in chosen]
-                    runs.append(
-                        (dtype, start, start + len(big), dtype in (torch.float32, torch.float64))
-                    )
+                    runs.append((dtype, start, start + len(big), dtype in LARGE_DTYPES))
             if len(idx) > len(big):
                 runs.append((dtype, start + len(big), start + len(idx), False))
             buckets.append((dtype, start, start + len(idx)))
@@ -215,13 +213,13 @@ def build_plan(
 def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> list[list[CpuRun]]:
     """The runs cut into at most ``shares`` shares of about equal cost; the first is the caller's.
 
-    Runs of tensors of ``DOT_MIN_ELEMENTS`` or more stay in the first share: ``torch.dot``
-    goes to MKL, whose OpenMP threads, started again from a second calling thread, fight
-    the first one's (a pass took 3 to 7 times as long), and torch may spread a large
-    reduction over OpenMP threads too. MKL spreads a large ``dot`` over the cores by itself
-    (counted here at half its elements). Runs of smaller tensors (``_foreach_norm``, below
-    torch's grain size) are cut between the shares. Cost: elements plus
-    ``TENSOR_COST_ELEMENTS`` per tensor; each share costs at least ``MIN_SHARE_COST``.
+    Runs of tensors of ``DOT_MIN_ELEMENTS`` or more stay in the first share: torch spreads
+    their row reductions (and MKL a float64 ``dot``) over OpenMP threads, which, started
+    again from a second calling thread, fight the first one's (a pass took 3 to 7 times as
+    long); those spread over the cores by themselves (counted here at half their
+    elements). Runs of smaller tensors (``_foreach_norm``, below torch's grain size) are cut
+    between the shares. Cost: elements plus ``TENSOR_COST_ELEMENTS`` per tensor; each share
+    costs at least ``MIN_SHARE_COST``.
     """
     dots = [run for run in runs if run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS]
     small = [(i, run) for run in runs if run not in dots for i in range(run[1], run[2])]
