@@ -16,15 +16,15 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import esper_telemetry as et
+from esper_telemetry.collector.norms import sq_error_bound
 
 
 def _bound(params) -> float:
-    """What the CPU pass may be off by, relative, in a sum of squares: float32 accumulation
-    of the largest tensor's ``n`` squares in any order (``(n - 1) u``), the products and the
-    final rounding (``u`` each), ``u = 2**-24``; float64 sums of the per-tensor figures add
-    less than ``1e-12`` here."""
-    n = max(p.numel() for p in params)
-    return (n + 2) * 2.0**-24 + 1e-12
+    """How far, relative, the CPU pass's figure for these parameters may be from the float64
+    reference: the largest of their tensors' bounds (``norms.sq_error_bound``), plus a
+    float64 rounding per tensor for the group's sum."""
+    params = list(params)
+    return max(sq_error_bound(p.numel(), p.dtype) for p in params) + len(params) * 2.0**-53
 
 
 def _capture(tel, step):
