@@ -117,7 +117,9 @@ class Reporter:
                 for r in results.values()
                 if r.role == "seed" and not (r.local or host.local)
             }
-        self._publisher.publish(Norms(self.run, self.rank, time_s, step, skipped, tuple(wire)))
+        self._publisher.publish(
+            Norms(self.run, self.rank, time_s, step, skipped, tuple(wire), self.world_size)
+        )
         for r in results.values():
             if r.isolated and r.sq is not None and (r.nonfinite or not r.sq <= self._threshold_sq):
                 norm = r.norm

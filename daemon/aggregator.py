@@ -16,10 +16,16 @@ Semantics (docs/daemon.md has the operator's version):
 - Replicated groups (``sharded`` false) take the capture of the highest step, whichever rank
   sent it (a rank going back to a lower step is that rank restarting, and is taken).
 - Sharded groups: a step's sums of squares are added over ranks (``shards.py``) and
-  published once the expected number of ranks reported that step: the world size of the
-  latest ``Hello``, or, when the daemon has seen no ``Hello`` (it started after the job),
-  the highest rank heard plus one. A step still short after the shard window is dropped
-  and counted in ``incomplete_steps``.
+  published once the run's world size of ranks reported that step: the latest world size
+  announced, by a ``Hello`` or by a ``Norms`` (schema 3 carries it in every capture, so a
+  daemon that started after the job knows it from the first one). While no world size is
+  known (only collectors older than schema 3, and no ``Hello`` seen) a step waits, counted
+  in ``DaemonStats.world_unknown_steps``, and is never published on a guess. A step still
+  short after the shard window is dropped and counted in ``incomplete_steps``.
+- The world: an event from a rank at or past the run's known world size, a ``Hello`` or
+  ``Norms`` whose own world size does not hold its rank, or one announcing a world above
+  ``max_ranks_per_run`` is refused whole, counted in ``DaemonStats.refused`` by reason. A
+  new world size drops the ranks outside it.
 - A group is stale from a ``DeviceMismatch`` of kind ``stale`` for it (its collector can
   no longer follow it) until a ``moved`` for it (followed again) or a ``Hello`` declaring
   it (a collector attaching anew). Its captures are still applied, but while it is stale
@@ -57,7 +63,7 @@ from esper_telemetry.events import (
     Norms,
 )
 
-from .fastdecode import WIRE_NORMS, NormsV1, NormsV2
+from .fastdecode import WIRE_NORMS, NormsV1, NormsV2, NormsV3
 from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
@@ -70,7 +76,7 @@ _log = logging.getLogger(__name__)
 # Distinct label values kept per group (violation kinds) and per run (mismatch kinds).
 MAX_KINDS = 16
 
-WireNorms = Union[NormsV2, NormsV1]
+WireNorms = Union[NormsV3, NormsV2, NormsV1]
 _chain = itertools.chain.from_iterable
 _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
@@ -124,7 +130,6 @@ class _Run:
     __slots__ = (
         "groups",
         "ranks",
-        "max_rank",
         "world_size",
         "last_seen",
         "captures",
@@ -141,8 +146,7 @@ class _Run:
     def __init__(self, now: float, limits: Limits) -> None:
         self.groups: dict[str, _Group] = {}
         self.ranks: dict[int, float] = {}  # rank -> clock time last heard
-        self.max_rank = -1
-        self.world_size = 0  # from the latest Hello; 0 when unknown
+        self.world_size = 0  # the latest announced (Hello, Norms of schema 3); 0: unknown
         self.last_seen = now
         self.captures = 0
         self.last_step = -1
@@ -247,8 +251,16 @@ class Aggregator:
         run = self._runs.get(name)
         return run is not None and (rank is None or rank in run.ranks)
 
-    def _run(self, name: str, rank: int) -> _Run | None:
-        """The run, created if there is room, with ``rank`` marked as heard; None if refused."""
+    def _refuse(self, reason: str, name: str, rank: int, world: int) -> None:
+        self._stats.refused[reason] += 1
+        self._log.debug("event refused (%s): run=%s rank=%d world=%d", reason, name, rank, world)
+
+    def _run(self, name: str, rank: int, world: int | None = None) -> _Run | None:
+        """The run, created if there is room, with ``rank`` marked as heard; None if refused.
+
+        ``world``: the world size the event itself announces (checked by the caller), which
+        ``rank`` is then judged by instead of the run's; the caller sets it on the run.
+        """
         run = self._runs.get(name)
         now = self._now
         if run is not None and run.ended_at is not None:
@@ -256,6 +268,9 @@ class Aggregator:
             del self._runs[name]
             del self._ended[name]
             run = None
+        if world is None and run is not None and run.world_size and rank >= run.world_size:
+            self._refuse("rank_outside_world", name, rank, run.world_size)
+            return None
         if run is None:
             if len(self._runs) >= self._limits.max_runs and not self._make_room():
                 self._stats.overflow["runs"] += 1
@@ -270,8 +285,6 @@ class Aggregator:
             if len(ranks) >= self._limits.max_ranks_per_run:
                 self._stats.overflow["ranks"] += 1
                 return None
-            if rank > run.max_rank:
-                run.max_rank = rank
         ranks[rank] = now
         run.last_seen = now
         return run
@@ -317,6 +330,26 @@ class Aggregator:
                 )
             )
 
+    def _set_world(self, run: _Run, world: int) -> None:
+        """A new world size for ``run``: ranks outside it leave, and waiting sharded steps it
+        completes are published."""
+        run.world_size = world
+        for rank in [r for r in run.ranks if r >= world]:
+            del run.ranks[rank]
+        if len(run.shards):
+            for step, totals in run.shards.settle(world):
+                self._publish_step(step, totals)
+
+    def _world_refused(self, name: str, rank: int, world: int) -> bool:
+        """True (counted) if an event announcing ``world`` from ``rank`` must be refused."""
+        if world > self._limits.max_ranks_per_run:
+            self._refuse("world_too_large", name, rank, world)
+            return True
+        if rank >= world:
+            self._refuse("rank_outside_world", name, rank, world)
+            return True
+        return False
+
     def _group(self, run: _Run, name: str) -> _Group | None:
         group = run.groups.get(name)
         if group is None:
@@ -344,7 +377,9 @@ class Aggregator:
         run_name = first.run
         rank = first.rank
         run = self._runs.get(run_name)
-        if run is None or rank not in run.ranks:
+        world = last.world  # every event's (fastdecode vouches for one world per message)
+        # A rank the run holds is inside its world (a new world size drops the others).
+        if run is None or rank not in run.ranks or (world is not None and world != run.world_size):
             return self._wire_norms_as_records(events)
         groups = run.groups
         last_groups = last.groups
@@ -392,6 +427,7 @@ class Aggregator:
                     e.step,
                     e.skipped,
                     tuple(map(_group_norm, e.groups)),
+                    e.world,
                     e.seq,
                 )
             )
@@ -403,14 +439,18 @@ class Aggregator:
     def _norms(self, ev: Norms) -> None:
         # The hot path: tuple unpacking instead of attribute access, and the common case
         # (a known run and rank) inline rather than through _run().
-        run_name, rank, time_, step, _skipped, group_norms, _seq = ev
+        run_name, rank, time_, step, _skipped, group_norms, world, _seq = ev
         run = self._runs.get(run_name)
-        if run is not None and rank in run.ranks:
+        if run is not None and rank in run.ranks and (world is None or world == run.world_size):
             run.ranks[rank] = run.last_seen = self._now
         else:
-            run = self._run(run_name, rank)
+            if world is not None and self._world_refused(run_name, rank, world):
+                return
+            run = self._run(run_name, rank, world)
             if run is None:
                 return
+            if world is not None and world != run.world_size:
+                self._set_world(run, world)
         if not run.captures:
             self._no_norms.pop(run_name, None)
         run.captures += 1
@@ -448,21 +488,30 @@ class Aggregator:
     def _shard(
         self, run: _Run, rank: int, step: int, shards: list[tuple[_Group, float | None]]
     ) -> None:
-        expected = run.world_size or max(run.max_rank + 1, len(run.ranks))
-        totals, evicted = run.shards.add(step, rank, shards, expected, self._now)
+        assembly = run.shards
+        waited = assembly.waited
+        # 0 while the world size is not known: the step waits for it (shards.py).
+        totals, evicted = assembly.add(step, rank, shards, run.world_size, self._now)
+        self._stats.world_unknown_steps += assembly.waited - waited
         if evicted:
             self._stats.overflow["pending_steps"] += 1
         if totals is not None:
-            for group, sq in totals.items():
-                group.sq = sq
-                group.step = step
-                group.captured = True
+            self._publish_step(step, totals)
+
+    def _publish_step(self, step: int, totals: dict[_Group, float | None]) -> None:
+        for group, sq in totals.items():
+            group.sq = sq
+            group.step = step
+            group.captured = True
 
     def _hello(self, ev: Hello) -> None:
-        run = self._run(ev.run, ev.rank)
+        if self._world_refused(ev.run, ev.rank, ev.world_size):
+            return
+        run = self._run(ev.run, ev.rank, ev.world_size)
         if run is None:
             return
-        run.world_size = ev.world_size
+        if run.world_size != ev.world_size:
+            self._set_world(run, ev.world_size)
         for decl in ev.groups:
             group = self._group(run, decl.name)
             if group is not None:
@@ -613,6 +662,8 @@ class Aggregator:
             evicted=dict(s.evicted),
             messages_lost=self.sequences.lost(),  # loss accounting
             unsequenced_messages=self.sequences.unsequenced,
+            refused=dict(s.refused),
+            world_unknown_steps=s.world_unknown_steps,
         )
 
 

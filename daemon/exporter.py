@@ -31,7 +31,7 @@ from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
-from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS
+from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS, REFUSE_REASONS
 from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
 
 __all__ = [
@@ -305,6 +305,36 @@ def _unsequenced(snap: Snapshot) -> Iterator[Metric]:
         )
 
 
+def _untrusted(snap: Snapshot) -> Iterator[Metric]:
+    """What the aggregator would not believe: out-of-world events, jumps in message numbers,
+    sharded steps that waited for a world size."""
+    refused = CounterMetricFamily(
+        "esper_daemon_refused_events",
+        "Events refused whole for what they claim about their run, by reason: "
+        "rank_outside_world (a rank at or past the run's world size, or past the event's "
+        "own), world_too_large (a world size above --limits.max-ranks-per-run).",
+        labels=["reason"],
+    )
+    for reason in REFUSE_REASONS:
+        refused.add_metric([reason], (snap.refused or {}).get(reason, 0))
+    yield refused
+    if snap.world_unknown_steps is not None:
+        yield CounterMetricFamily(
+            "esper_daemon_world_unknown_steps",
+            "Sharded steps that had to wait because their run's world size was not known "
+            "(no Hello seen and collectors older than wire schema 3); published once it is "
+            "known, else given up and counted in esper_daemon_incomplete_steps_total.",
+            value=snap.world_unknown_steps,
+        )
+    if snap.implausible_sequence is not None:
+        yield CounterMetricFamily(
+            "esper_daemon_implausible_sequence_numbers",
+            "Messages whose number jumped further than their collector could have sent "
+            "since it was last heard from (e.g. 2^63-1): no loss counted for them.",
+            value=snap.implausible_sequence,
+        )
+
+
 def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "esper_daemon_messages", "ZeroMQ messages received, accepted or not.", value=snap.messages
@@ -330,6 +360,7 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
     for what, n in snap.overflow.items():
         overflow.add_metric([what], n)
     yield overflow
+    yield from _untrusted(snap)
     yield GaugeMetricFamily(
         "esper_daemon_runs", "Runs held, ended runs kept included.", value=len(snap.runs)
     )

@@ -6,7 +6,7 @@ the receiver then gives to ``decode`` (for the events, or for the exact rejectio
 It vouches for a message only when ``decode`` would accept it and return the same values:
 
 - every event is a ``Norms`` of one schema version, from one sender (one run and rank, and
-  of version 2 one ``seq``), and every group is replicated (``sharded`` false) with no
+  of version 2 or 3 one ``seq``, of version 3 one ``world``), and every group is replicated (``sharded`` false) with no
   non-finite gradient (``nonfinite`` 0) and a finite, non-negative sum of squares or nil:
   the captures of a healthy replicated model, nearly all the traffic. Anything else
   (a sharded group, an exploding one, a ``Hello`` or ``Heartbeat`` in the batch, a schema 1
@@ -18,9 +18,10 @@ It vouches for a message only when ``decode`` would accept it and return the sam
   entries (``"limit"``) and msgspec does not count them. A single event must therefore be
   a fixmap (at most 15 entries), and a batch must be byte for byte the canonical encoding
   of what msgspec decoded (``esper_telemetry.encode`` writes exactly that), so every map
-  in it has the 8 or 9 keys of its version.
+  in it has the 8, 9 or 10 keys of its version.
 
-The events come back as msgspec ``Struct``s (``NormsV2``, ``NormsV1``) whose ``groups`` are
+The events come back as msgspec ``Struct``s (``NormsV3``, ``NormsV2``, ``NormsV1``; the older
+two with ``world`` None, as ``decode`` gives it) whose ``groups`` are
 tuples in ``GroupNorm``'s field order; the aggregator applies them without building
 records (``Aggregator.apply_batch``). The wire stays MessagePack: nothing here encodes.
 """
@@ -41,16 +42,32 @@ from esper_telemetry.defaults import (
 )
 from esper_telemetry.events import ROLES
 
-__all__ = ["decode_norms", "NormsV1", "NormsV2", "WIRE_NORMS"]
+__all__ = ["decode_norms", "NormsV1", "NormsV2", "NormsV3", "WIRE_NORMS"]
 
 _Name = Annotated[str, Meta(min_length=1, max_length=MAX_STRING_CHARS)]
 _Count = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+_Positive = Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
 # Finite and non-negative: the bounds reject -Inf, +Inf and NaN (NaN fails every bound).
 _Finite = Annotated[float, Meta(ge=0.0, le=sys.float_info.max)]
 # A healthy replicated group, in GroupNorm's field order:
 # name, role, params, sq, nonfinite (0), sharded (false), isolated.
 _Group = tuple[_Name, Literal[ROLES], _Count, _Finite | None, Literal[0], Literal[False], bool]
 _Groups = Annotated[tuple[_Group, ...], Meta(max_length=MAX_GROUPS_PER_EVENT)]
+
+
+class NormsV3(Struct, forbid_unknown_fields=True, gc=False):
+    """A schema 3 ``Norms`` as the wire has it (its keys in ``encode``'s order)."""
+
+    v: Literal[3]
+    event: Literal["norms"]
+    run: _Name
+    rank: _Count
+    time: _Finite
+    step: _Count
+    skipped: bool
+    groups: _Groups
+    world: _Positive | None
+    seq: _Count
 
 
 class NormsV2(Struct, forbid_unknown_fields=True, gc=False):
@@ -65,6 +82,7 @@ class NormsV2(Struct, forbid_unknown_fields=True, gc=False):
     skipped: bool
     groups: _Groups
     seq: _Count
+    world: ClassVar[None] = None  # not on the wire before schema 3: not known
 
 
 class NormsV1(Struct, forbid_unknown_fields=True, gc=False):
@@ -79,18 +97,23 @@ class NormsV1(Struct, forbid_unknown_fields=True, gc=False):
     skipped: bool
     groups: _Groups
     seq: ClassVar[None] = None  # no message number: as a schema 1 record's ``seq``
+    world: ClassVar[None] = None
 
 
-# The two wire types, for the aggregator to tell them from records.
-WIRE_NORMS = (NormsV2, NormsV1)
+# The wire types, for the aggregator to tell them from records.
+WIRE_NORMS = (NormsV3, NormsV2, NormsV1)
 
+_Batch3 = Annotated[tuple[NormsV3, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
 _Batch2 = Annotated[tuple[NormsV2, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
 _Batch1 = Annotated[tuple[NormsV1, ...], Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+_single_v3 = msgspec.msgpack.Decoder(NormsV3).decode
 _single_v2 = msgspec.msgpack.Decoder(NormsV2).decode
 _single_v1 = msgspec.msgpack.Decoder(NormsV1).decode
+_batch_v3 = msgspec.msgpack.Decoder(_Batch3).decode
 _batch_v2 = msgspec.msgpack.Decoder(_Batch2).decode
 _batch_v1 = msgspec.msgpack.Decoder(_Batch1).decode
-# How encode starts a Norms map of each version: a fixmap of 9 (8) keys, "v" first.
+# How encode starts a Norms map of each version: a fixmap of 10 (9, 8) keys, "v" first.
+_HEAD_V3 = b"\x8a\xa1v\x03"
 _HEAD_V2 = b"\x89\xa1v\x02"
 _HEAD_V1 = b"\x88\xa1v\x01"
 
@@ -123,9 +146,10 @@ def decode_norms(
     data: bytes,
     # Bound as locals: this runs once per message received.
     _max: int = MAX_MESSAGE_BYTES,
+    _v3: bytes = _HEAD_V3,
     _v2: bytes = _HEAD_V2,
     _v1: bytes = _HEAD_V1,
-) -> tuple[NormsV2 | NormsV1, ...] | None:
+) -> tuple[NormsV3 | NormsV2 | NormsV1, ...] | None:
     """The events of one collector's healthy ``Norms`` message, or ``None``.
 
     ``None`` says nothing about validity: the message is for ``esper_telemetry.decode``.
@@ -138,9 +162,12 @@ def decode_norms(
         if len(data) > _max:
             return None
         head = data[0]
-        # A single event as encode writes it: a fixmap of 9 (schema 2) or 8 keys. A fixmap
-        # holds at most 15 entries, so no key can have been repeated past decode's
-        # 16-entry limit (repeats read last-wins in both, and then a field is missing).
+        # A single event as encode writes it: a fixmap of 10 (schema 3), 9 (schema 2) or 8
+        # keys. A fixmap holds at most 15 entries, so no key can have been repeated past
+        # decode's 16-entry limit (repeats read last-wins in both, and then a field is
+        # missing).
+        if head == 0x8A:
+            return (_single_v3(data),)
         if head == 0x89:
             return (_single_v2(data),)
         if head == 0x88:
@@ -151,7 +178,10 @@ def decode_norms(
             at = 1
         else:
             return None
-        if data.startswith(_v2, at):
+        if data.startswith(_v3, at):
+            version = 3
+            events = _batch_v3(data)
+        elif data.startswith(_v2, at):
             version = 2
             events = _batch_v2(data)
         elif data.startswith(_v1, at):
@@ -170,7 +200,15 @@ def decode_norms(
     first = events[0]
     run = first.run
     rank = first.rank
-    if version == 2:
+    if version == 3:
+        seq = first.seq
+        world = first.world
+        for event in events:
+            if event.seq != seq or event.rank != rank or event.run != run:
+                return None  # decode: "schema" (events of one message differ)
+            if event.world != world:
+                return None  # valid, but the aggregator's fast path takes one world
+    elif version == 2:
         seq = first.seq
         for event in events:
             if event.seq != seq or event.rank != rank or event.run != run:

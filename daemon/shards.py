@@ -3,6 +3,11 @@
 - A step is published when ``expected`` distinct ranks have reported it (the caller knows
   the world size). A rank's first report of a step counts; a repeat of it (a restarted
   rank replaying the step) is dropped and counted in ``dropped_reports``.
+- ``expected`` 0 means the world size is not known yet (a daemon that started after the
+  job's ``Hello``s, a collector older than schema 3): the step waits, counted once in
+  ``waited``, and is never published on a guess. ``settle`` publishes what the world size,
+  once known, completes; a waiting step that a rank outside that world reported to is
+  given up.
 - Bounded in bytes whatever the world size: a pending step holds its running sums (one per
   group) and a bit per rank, never the ranks' reports, so a 4,096-rank job with 128
   sharded groups and a lagging rank holds kilobytes per step, not the ~9 KB per report
@@ -45,10 +50,11 @@ class Added(NamedTuple):
 
 
 class _Pending:
-    __slots__ = ("since", "seen", "count", "totals")
+    __slots__ = ("since", "seen", "count", "totals", "waited")
 
     def __init__(self, since: float) -> None:
         self.since = since
+        self.waited = False  # counted in StepAssembly.waited
         self.seen = 0  # bit i: the rank with index i reported (StepAssembly._index)
         self.count = 0
         self.totals: dict[Any, float | None] = {}
@@ -71,6 +77,7 @@ class StepAssembly:
         "_index",
         "incomplete",
         "dropped_reports",
+        "waited",
     )
 
     def __init__(
@@ -93,6 +100,7 @@ class StepAssembly:
         # Reports dropped: a rank's repeat of a pending step, or any report for a step
         # already published or given up (a straggler).
         self.dropped_reports = 0
+        self.waited = 0  # steps that had to wait because the world size was not known
 
     def __len__(self) -> int:
         """Steps waiting for ranks."""
@@ -112,6 +120,9 @@ class StepAssembly:
             if not self._pending:
                 self._index.clear()
             pending = self._pending[step] = _Pending(now)
+        if not expected and not pending.waited:
+            pending.waited = True
+            self.waited += 1
         index = self._index.get(rank)
         if index is None:
             if len(self._index) >= 2 * self._max_ranks:
@@ -135,10 +146,27 @@ class StepAssembly:
             else:
                 prev = totals.get(key)
                 totals[key] = sq if prev is None else prev + sq
-        if pending.count < expected:
+        if pending.count < expected or not expected:
             return Added(None, evicted)
         self._close(step)
         return Added(totals, evicted)
+
+    def settle(self, expected: int) -> list[tuple[int, dict[Any, float | None]]]:
+        """The world size is now ``expected``: the waiting steps it completes, as (step,
+        totals) in the order they opened, closed; a waiting step that a rank outside
+        ``range(expected)`` reported to is given up (counted in ``incomplete``)."""
+        outside = 0
+        for rank, index in self._index.items():
+            if rank >= expected:
+                outside |= 1 << index
+        done = []
+        for step, pending in list(self._pending.items()):
+            if pending.seen & outside:
+                self._give_up(step)
+            elif pending.count >= expected:
+                self._close(step)
+                done.append((step, pending.totals))
+        return done
 
     def expire(self, now: float) -> list[int]:
         """Give up the steps still short ``window_s`` after their first report; those steps."""

@@ -60,3 +60,8 @@ class Snapshot(NamedTuple):
     auth_denied: dict[str, int] | None = None
     # HTTP requests or connections turned away, by reason (web.py); added by the daemon.
     http_refused: dict[str, int] | None = None
+    # Events the aggregator refused, by reason (stats.REFUSE_REASONS); sharded steps that
+    # waited for an unknown world size; messages whose number jumped implausibly far.
+    refused: dict[str, int] | None = None
+    world_unknown_steps: int | None = None
+    implausible_sequence: int | None = None

@@ -16,6 +16,7 @@ __all__ = [
     "EVICT_REASONS",
     "DENY_REASONS",
     "HTTP_REFUSAL_REASONS",
+    "REFUSE_REASONS",
 ]
 
 # Why a whole message was rejected: the codec's reasons, plus "queue_full" (the
@@ -27,6 +28,11 @@ REJECT_REASONS = tuple(REASONS) + ("queue_full", "internal", "shutdown")
 # What a cap refused: a new run, a new group of a run, a new rank of a run, a new label
 # value (violation or device-mismatch kind), a sharded step awaiting its ranks.
 OVERFLOW_KINDS = ("runs", "groups", "ranks", "label_values", "pending_steps")
+
+# Why the aggregator refused an event for what it claims about its run: a rank at or past
+# the world size (the event's own, or the run's latest known), or a world size above
+# --limits.max-ranks-per-run.
+REFUSE_REASONS = ("rank_outside_world", "world_too_large")
 
 # Why a run left the full run table to make room for a new one: it had ended (and was
 # kept for the ended-retention time), it never sent norms, it was idle past the limit.
@@ -51,6 +57,8 @@ class DaemonStats:
         "expired_runs",
         "ended_runs",
         "evicted",
+        "refused",
+        "world_unknown_steps",
     )
 
     def __init__(self) -> None:
@@ -61,6 +69,9 @@ class DaemonStats:
         self.expired_runs = 0  # runs dropped after the TTL
         self.ended_runs = 0  # runs ended by every rank's goodbye
         self.evicted: dict[str, int] = dict.fromkeys(EVICT_REASONS, 0)  # in runs
+        self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)  # in events
+        # Sharded steps that had to wait because their run's world size was not known.
+        self.world_unknown_steps = 0
 
     def copy(self) -> DaemonStats:
         """A detached copy for a scrape snapshot."""
@@ -72,4 +83,6 @@ class DaemonStats:
         other.expired_runs = self.expired_runs
         other.ended_runs = self.ended_runs
         other.evicted = dict(self.evicted)
+        other.refused = dict(self.refused)
+        other.world_unknown_steps = self.world_unknown_steps
         return other

@@ -15,12 +15,13 @@ other exception. The reasons:
 - ``"schema"``: an unknown event kind, missing or unknown fields, a wrong type;
 - ``"value"``: a number out of range (non-finite, negative where a count or square is).
 
-Two schema versions are decoded. Version 1 is what senders without message numbers send;
-version 2 adds ``seq``, the number of the carrying message, to every event, and a message
-of version 2 comes from one collector: every event of it carries the same run, rank and
-``seq`` (``"schema"`` otherwise), and a batch never mixes versions (``"version"``).
-``encode`` writes a record whose ``seq`` is ``None`` as version 1 and any other as
-version 2.
+Three schema versions are decoded. Version 1 is what senders without message numbers
+send; version 2 adds ``seq``, the number of the carrying message, to every event, and a
+message of version 2 or 3 comes from one collector: every event of it carries the same run,
+rank and ``seq`` (``"schema"`` otherwise), and a batch never mixes versions (``"version"``).
+Version 3 adds ``world`` to ``Norms`` (a positive integer, or nil: not known); decoded from
+version 1 or 2, it is ``None``. ``encode`` writes a record whose ``seq`` is ``None`` as
+version 1 (without ``world``) and any other as version 3.
 
 One number may be non-finite: a group's sum of squares, +Inf or NaN (never -Inf), and only
 when the same group counts non-finite gradients (``nonfinite > 0``). An exploding gradient
@@ -101,6 +102,8 @@ def _to_wire(event: Event, seq: int | None = None) -> dict[str, Any]:
     elif event[-1] is None:  # no message number: schema version 1, without the field
         wire: dict[str, Any] = {"v": 1, "event": kind}
         wire.update(zip(event._fields[:-1], event))
+        if kind == "norms":
+            del wire["world"]  # schema 3's field
     else:
         wire = {"v": SCHEMA_VERSION, "event": kind}
         wire.update(zip(event._fields, event))
@@ -145,6 +148,10 @@ def decode(data: bytes) -> list[Event]:
             raise WireError("limit", f"batch of {len(obj)} events")
         events = [_from_wire(item) for item in obj]
         _one_sender(events)
+        version = obj[0]["v"]  # every item is a map with a known version by now
+        for item in obj:
+            if item["v"] != version:
+                raise WireError("version", "a batch mixes schema versions")
         return events
     raise WireError("malformed", f"message is a {type(obj).__name__}, not a map or array")
 
@@ -215,6 +222,12 @@ def _group_square(value: Any, nonfinite: Any) -> float | None:
             "value", f"sum of squares out of range: {value} (non-finite count {nonfinite!r})"
         )
     raise WireError("schema", f"expected a number or nil, got {type(value).__name__}")
+
+
+def _opt_positive(value: Any) -> int | None:
+    if value is None:
+        return None
+    return _positive(value)
 
 
 def _opt_finite(value: Any) -> float | None:
@@ -313,7 +326,7 @@ def _devices(value: Any) -> tuple[str, ...]:
 
 
 def _one_sender(events: list[Event]) -> None:
-    """A batch is one version; of version 2, one collector's message: one run, rank, seq."""
+    """A batch is one version; of version 2 or 3, one collector's message: one run, rank, seq."""
     first = events[0]
     seq = first[-1]
     if seq is None:
@@ -386,10 +399,19 @@ _SPECS_V1: dict[str, tuple[type, tuple[tuple[str, _Check], ...]]] = {
     ),
     "goodbye": (Goodbye, (*_COMMON, ("reason", _str))),
 }
-# Version 2: the same fields, then the carrying message's number.
+# Version 2: the same fields, then the carrying message's number. Version 3: Norms carries
+# the world size before it.
+_SPECS_V2 = {
+    kind: (record, (*fields, ("seq", _count))) for kind, (record, fields) in _SPECS_V1.items()
+}
+_SPECS_V3 = {
+    **_SPECS_V2,
+    "norms": (Norms, (*_SPECS_V1["norms"][1], ("world", _opt_positive), ("seq", _count))),
+}
 _SPECS: dict[int, dict[str, tuple[type, tuple[tuple[str, _Check], ...]]]] = {
     1: _SPECS_V1,
-    2: {kind: (record, (*fields, ("seq", _count))) for kind, (record, fields) in _SPECS_V1.items()},
+    2: _SPECS_V2,
+    3: _SPECS_V3,
 }
 
 
@@ -397,8 +419,9 @@ _new_record = tuple.__new__
 _INF = math.inf
 
 
-_NORMS_KEYS = ("v", "event", "run", "rank", "time", "step", "skipped", "groups", "seq")
-_NORMS_KEYS_V1 = _NORMS_KEYS[:-1]
+_NORMS_KEYS = ("v", "event", "run", "rank", "time", "step", "skipped", "groups", "world", "seq")
+_NORMS_KEYS_V2 = (*_NORMS_KEYS[:-2], "seq")
+_NORMS_KEYS_V1 = _NORMS_KEYS[:-2]
 
 
 def _from_wire(
@@ -411,6 +434,7 @@ def _from_wire(
     _float: type = float,
     _bool: type = bool,
     _keys: tuple = _NORMS_KEYS,
+    _keys_v2: tuple = _NORMS_KEYS_V2,
     _keys_v1: tuple = _NORMS_KEYS_V1,
     _version: int = SCHEMA_VERSION,
     _maxs: int = MAX_STRING_CHARS,
@@ -419,18 +443,28 @@ def _from_wire(
     _norms: type = Norms,
 ) -> Event:
     # Fast path for the event that dominates the traffic: a Norms map with its keys in the
-    # order ``encode`` writes them (either version). Every test is the same as the field
+    # order ``encode`` writes them (any version). Every test is the same as the field
     # checks'; on any doubt it falls through to the general path, which raises the precise
     # WireError.
     if type(obj) is _dict:
         n = len(obj)
-        if n == 9 and _tuple(obj) == _keys:
+        if n == 10 and _tuple(obj) == _keys:
+            version, event, run, rank, time_, step, skipped, groups, world, seq = obj.values()
+            if not (
+                type(seq) is _int
+                and 0 <= seq <= _maxi
+                and version == _version
+                and (world is None or (type(world) is _int and 0 < world <= _maxi))
+            ):
+                return _from_wire_checked(obj)
+        elif n == 9 and _tuple(obj) == _keys_v2:
             version, event, run, rank, time_, step, skipped, groups, seq = obj.values()
-            if not (type(seq) is _int and 0 <= seq <= _maxi and version == _version):
+            world = None
+            if not (type(seq) is _int and 0 <= seq <= _maxi and version == 2):
                 return _from_wire_checked(obj)
         elif n == 8 and _tuple(obj) == _keys_v1:
             version, event, run, rank, time_, step, skipped, groups = obj.values()
-            seq = None
+            seq = world = None
             if version != 1:
                 return _from_wire_checked(obj)
         else:
@@ -448,7 +482,9 @@ def _from_wire(
             and 0 <= step <= _maxi
             and type(skipped) is _bool
         ):
-            return _new_record(_norms, (run, rank, time_, step, skipped, _group_norms(groups), seq))
+            return _new_record(
+                _norms, (run, rank, time_, step, skipped, _group_norms(groups), world, seq)
+            )
     return _from_wire_checked(obj)
 
 
@@ -469,6 +505,6 @@ def _from_wire_checked(obj: Any) -> Event:
         extra = [k for k in obj if k not in ("v", "event") and k not in dict(fields)]
         raise WireError("schema", f"missing fields {missing}, unknown fields {extra}")
     try:
-        return record(*[check(obj[field]) for field, check in fields])
+        return record(**{field: check(obj[field]) for field, check in fields})
     except KeyError as exc:
         raise WireError("schema", f"missing field {exc.args[0]!r}") from None

@@ -18,6 +18,11 @@ restarted collector starts again at 0), and every event of one message carries t
 message's number, so the daemon can count the messages that never reached it, whatever
 dropped them. ``seq`` is ``None`` in a record of schema version 1 (a sender without
 message numbers, whose losses nobody can see); the codec writes and reads each version.
+
+Schema version 3 adds ``world`` to ``Norms``: the job's world size as the sending rank
+knows it, so a daemon that started (or restarted) after the job's ``Hello``s still knows how
+many ranks a sharded step needs, and never publishes a partial sum. ``world`` is ``None``
+in a record of schema 1 or 2 (not known), and may be sent as nil in schema 3.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ __all__ = [
     "KIND_OF",
 ]
 
-SCHEMA_VERSION = 2
-# Every version the codec decodes: 1 (no message numbers) and 2 (``seq`` on every event).
-SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Every version the codec decodes: 1 (no message numbers), 2 (``seq`` on every event) and
+# 3 (``world`` on ``Norms``).
+SCHEMA_VERSIONS = (1, 2, 3)
 
 # A group's role: the host network, one of its seeds, or any other named parameter set.
 ROLES = ("host", "seed", "group")
@@ -101,7 +107,8 @@ class Norms(NamedTuple):
     """The per-group numbers of one capture at training step ``step``.
 
     ``skipped`` is true when the optimizer step this capture preceded was skipped
-    (GradScaler found non-finite gradients): the numbers are reported, not lost.
+    (GradScaler found non-finite gradients): the numbers are reported, not lost. ``world``
+    is the number of ranks of the job (schema 3): how many ranks a sharded step sums over.
     """
 
     run: str
@@ -110,6 +117,7 @@ class Norms(NamedTuple):
     step: int
     skipped: bool
     groups: tuple[GroupNorm, ...]
+    world: int | None = None  # the job's world size (schema 3); None: not known
     seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 

@@ -134,14 +134,22 @@ def pack(obj) -> bytes:
 
 def wire(event) -> dict:
     """The wire map of an event, built by hand (not by ``encode``) so cases can edit it:
-    schema 1 without ``seq`` when the record has none, else schema 2 with it."""
+    schema 1 without ``seq`` (nor ``world``) when the record has none, else the current
+    schema with it."""
     out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
-        if name == "seq" and value is None:
+        if (name == "seq" or name == "world") and event.seq is None:
             continue
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
         out[name] = value
+    return out
+
+
+def schema_2(event) -> dict:
+    """The wire map of ``event`` (which has a ``seq``) as a schema 2 sender writes it."""
+    out = edit(event, v=2)
+    out.pop("world", None)
     return out
 
 
@@ -211,8 +219,25 @@ def test_encode_numbers_a_message_whatever_its_records_hold():
     events = [NORMS._replace(rank=0), GOODBYE._replace(seq=5)]
     got = decode(encode(events, seq=8))
     assert_identical(got, [e._replace(seq=8) for e in events])
-    assert msgpack.unpackb(encode(GOODBYE, seq=0))["v"] == 2
+    assert msgpack.unpackb(encode(GOODBYE, seq=0))["v"] == 3
     assert_identical(decode(encode(GOODBYE, seq=0)), [GOODBYE._replace(seq=0)])
+
+
+def test_norms_carry_the_world_size_from_schema_3_and_none_before():
+    # Schema 3 writes it (a number or nil) and reads it back.
+    for world in (4, None):
+        raw = msgpack.unpackb(encode(NORMS._replace(world=world), seq=2))
+        assert raw["v"] == 3 and raw["world"] == world
+        assert_identical(
+            decode(encode(NORMS._replace(world=world), seq=2)), [NORMS._replace(world=world, seq=2)]
+        )
+    # Schema 2 (a collector of the previous release) and 1 have none: decoded as None.
+    v2 = schema_2(NORMS._replace(seq=2))
+    assert_identical(decode(pack(v2)), [NORMS._replace(world=None, seq=2)])
+    assert "world" not in wire(NORMS)
+    assert_identical(decode(pack(wire(NORMS))), [NORMS])
+    # Written without a message number it is schema 1: the world is not on that wire.
+    assert "world" not in msgpack.unpackb(encode(NORMS._replace(world=4)))
 
 
 def test_batch_of_one_is_an_array_not_a_map():
@@ -222,9 +247,9 @@ def test_batch_of_one_is_an_array_not_a_map():
 
 
 def test_single_event_wire_format_is_a_flat_map_with_version_and_kind():
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert msgpack.unpackb(encode(GOODBYE._replace(seq=9))) == {
-        "v": 2,
+        "v": 3,
         "event": "goodbye",
         "run": "run-1",
         "rank": 0,
@@ -392,8 +417,12 @@ CASES = {
     "not bytes at all": ("a str, not bytes", "malformed"),
     # version
     "missing v": (pack(without(GOODBYE, "v")), "version"),
-    "v=3": (pack(edit(GOODBYE, v=3)), "version"),
-    "v=3 with a seq": (pack(edit(GOODBYE, v=3, seq=1)), "version"),
+    "v=4": (pack(edit(GOODBYE, v=4)), "version"),
+    "v=4 with a seq": (pack(edit(GOODBYE, v=4, seq=1)), "version"),
+    "batch mixing v=2 and v=3": (
+        pack([edit(GOODBYE._replace(seq=3), v=2), wire(GOODBYE._replace(seq=3))]),
+        "version",
+    ),
     "v=0": (pack(edit(GOODBYE, v=0)), "version"),
     "v=True": (pack(edit(GOODBYE, v=True)), "version"),
     "v=1.0": (pack(edit(GOODBYE, v=1.0)), "version"),
@@ -450,6 +479,13 @@ CASES = {
     "v=2 norms without seq": (pack(edit(NORMS, v=2)), "schema"),
     "v=1 with a seq": (pack(edit(GOODBYE, seq=1)), "schema"),
     "v=1 norms with a seq": (pack(edit(NORMS, seq=1)), "schema"),
+    "v=3 without seq": (pack(edit(GOODBYE, v=3)), "schema"),
+    "v=3 norms without world": (pack(without(NORMS._replace(seq=1), "world")), "schema"),
+    "v=2 norms with a world": (pack(edit(NORMS._replace(seq=1), v=2, world=4)), "schema"),
+    "v=1 norms with a world": (pack(edit(NORMS, world=4)), "schema"),
+    "norms world as float": (pack(edit(NORMS._replace(seq=1), world=4.0)), "schema"),
+    "norms world as bool": (pack(edit(NORMS._replace(seq=1), world=True)), "schema"),
+    "hello world as string": (pack(edit(HELLO, world_size="4")), "schema"),
     "seq as float": (pack(edit(GOODBYE._replace(seq=1), seq=1.0)), "schema"),
     "seq as bool": (pack(edit(GOODBYE._replace(seq=1), seq=True)), "schema"),
     "seq nil in v=2": (pack(edit(GOODBYE._replace(seq=1), seq=None)), "schema"),
@@ -501,6 +537,9 @@ CASES = {
     "negative count (rank)": (pack(edit(GOODBYE, rank=-1)), "value"),
     "negative seq": (pack(edit(GOODBYE._replace(seq=1), seq=-1)), "value"),
     "negative norms seq": (pack(edit(NORMS._replace(seq=1), seq=-1)), "value"),
+    "norms world 0": (pack(edit(NORMS._replace(seq=1), world=0)), "value"),
+    "norms world negative": (pack(edit(NORMS._replace(seq=1), world=-2)), "value"),
+    "norms world past int64": (pack(edit(NORMS._replace(seq=1), world=1 << 63)), "value"),
     "seq over int64": (pack(edit(NORMS._replace(seq=1), seq=MAX_INT64 + 1)), "value"),
     "negative count (nonfinite)": (pack(edit(NORMS, groups=[group_norm(nonfinite=-1)])), "value"),
     "negative count (dropped)": (pack(edit(HEARTBEAT, dropped=-3)), "value"),
@@ -538,7 +577,7 @@ def test_message_size_boundary():
     "bad, reason",
     [
         (edit(NORMS, groups=[group_norm(sq=math.nan)]), "value"),
-        (edit(GOODBYE, v=3), "version"),
+        (edit(GOODBYE, v=4), "version"),
         (without(HEARTBEAT, "sent"), "schema"),
         (7, "malformed"),
     ],
@@ -580,7 +619,7 @@ def test_encode_rejects_non_events_with_type_error(thing):
 def test_wire_error_is_a_value_error_with_a_reason():
     assert issubclass(WireError, ValueError)
     with pytest.raises(ValueError) as caught:
-        decode(pack(edit(GOODBYE, v=3)))
+        decode(pack(edit(GOODBYE, v=4)))
     err = caught.value
     assert isinstance(err, WireError)
     assert err.reason == "version"

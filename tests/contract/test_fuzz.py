@@ -247,8 +247,9 @@ EVENTS = st.one_of(
         step=COUNTS,
         skipped=st.booleans(),
         groups=st.lists(group_norms(), max_size=4).map(tuple),
+        world=st.none() | st.integers(1, MAX_INT64),
         **TAIL,
-    ),
+    ).map(lambda e: e if e.seq is not None else e._replace(world=None)),  # schema 1: none
     st.builds(
         DeviceMismatch,
         **HEAD,
@@ -277,7 +278,7 @@ EVENTS = st.one_of(
 def to_wire(event) -> dict:
     out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
-        if name == "seq" and value is None:
+        if (name == "seq" or name == "world") and event.seq is None:
             continue  # schema 1 has no such field
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]

@@ -89,16 +89,73 @@ def test_sharded_group_with_no_gradient_on_any_rank_has_none(make_agg, clock):
     assert seed.captured and seed.sq is None
 
 
-def test_sharded_world_size_without_hello_is_highest_rank_heard_plus_one(make_agg, clock):
-    agg, _ = make_agg()
-    agg.apply_batch(
-        [heartbeat(rank=0), heartbeat(rank=2)], clock()
-    )  # ranks 0 and 2 heard: expect 3
-    agg.apply_batch([host_seed(rank=0, step=1, host_sq=1.0, sharded=True)], clock())
-    agg.apply_batch([host_seed(rank=2, step=1, host_sq=1.0, sharded=True)], clock())
+def test_sharded_steps_wait_for_an_unknown_world_size_and_are_counted(make_agg, clock):
+    # No Hello seen and collectors without world (schema 2): the ranks heard say nothing
+    # about how many there are. Before, "highest rank heard + 1" published step 1 from
+    # ranks 0 and 2 as if they were all.
+    agg, stats = make_agg()
+    agg.apply_batch([heartbeat(rank=0), heartbeat(rank=2)], clock())
+    for rank in (0, 2, 1):
+        agg.apply_batch([host_seed(rank=rank, step=1, host_sq=1.0, sharded=True)], clock())
+        agg.apply_batch([host_seed(rank=rank, step=2, host_sq=2.0, sharded=True)], clock())
     assert group_of(agg, "host").captured is False
-    agg.apply_batch([host_seed(rank=1, step=1, host_sq=1.0, sharded=True)], clock())
-    assert group_of(agg, "host").sq == 3.0
+    assert stats.world_unknown_steps == 2
+    # A schema 3 capture says the world is 4: steps 1 and 2 still lack rank 3.
+    agg.apply_batch(
+        [host_seed(rank=0, step=3, host_sq=1.0, sharded=True)._replace(world=4)], clock()
+    )
+    assert group_of(agg, "host").captured is False
+    agg.apply_batch([host_seed(rank=3, step=2, host_sq=2.0, sharded=True)], clock())
+    host = group_of(agg, "host")
+    assert (host.sq, host.step) == (8.0, 2)
+    assert stats.world_unknown_steps == 2  # step 3 opened with the world known
+
+
+def test_a_world_size_learned_later_publishes_the_steps_it_completes(make_agg, clock):
+    agg, stats = make_agg()
+    for rank in (0, 1):
+        agg.apply_batch([host_seed(rank=rank, step=7, host_sq=3.0, sharded=True)], clock())
+    assert group_of(agg, "host").captured is False and stats.world_unknown_steps == 1
+    agg.apply_batch([hello(rank=1, world_size=2)], clock())
+    host = group_of(agg, "host")
+    assert (host.sq, host.step) == (6.0, 7)
+    assert run_of(agg).incomplete_steps == 0
+
+
+def test_a_waiting_step_a_rank_outside_the_learned_world_reported_to_is_given_up(make_agg, clock):
+    agg, stats = make_agg()
+    for rank in (0, 1, 5):
+        agg.apply_batch([host_seed(rank=rank, step=7, host_sq=3.0, sharded=True)], clock())
+    agg.apply_batch([host_seed(rank=0, step=8, host_sq=3.0, sharded=True)], clock())
+    agg.apply_batch([hello(rank=1, world_size=2)], clock())
+    assert group_of(agg, "host").captured is False
+    assert run_of(agg).incomplete_steps == 1  # step 7 (rank 5 in it); step 8 waits for rank 1
+    assert run_of(agg).collectors == 2  # rank 5 left the run
+    agg.apply_batch([host_seed(rank=1, step=8, host_sq=1.0, sharded=True)], clock())
+    assert group_of(agg, "host").sq == 4.0
+
+
+def test_ranks_outside_the_world_and_absurd_world_sizes_are_refused_and_counted(make_agg, clock):
+    agg, stats = make_agg(max_ranks_per_run=8)
+    agg.apply_batch([hello(rank=0, world_size=2)], clock())
+    # A rank past the world (by the run's or its own world) would complete a step wrongly.
+    agg.apply_batch([host_seed(rank=2, step=1, host_sq=9.0, sharded=True)], clock())
+    agg.apply_batch(
+        [host_seed(rank=2, step=1, host_sq=9.0, sharded=True)._replace(world=2)], clock()
+    )
+    agg.apply_batch([heartbeat(rank=3)], clock())
+    assert stats.refused == {"rank_outside_world": 3, "world_too_large": 0}
+    # A world past --limits.max-ranks-per-run would freeze the run's sharded norms.
+    agg.apply_batch([hello(rank=1, world_size=1_000_000)], clock())
+    agg.apply_batch(
+        [host_seed(rank=1, step=1, host_sq=9.0, sharded=True)._replace(world=9)], clock()
+    )
+    assert stats.refused == {"rank_outside_world": 3, "world_too_large": 2}
+    for rank in (0, 1):
+        agg.apply_batch([host_seed(rank=rank, step=1, host_sq=1.0, sharded=True)], clock())
+    host = group_of(agg, "host")
+    assert (host.sq, host.step) == (2.0, 1)
+    assert run_of(agg).collectors == 2
 
 
 def test_a_rank_reporting_a_step_twice_counts_its_first_report(make_agg, clock):

@@ -63,7 +63,14 @@ def records(wire_events):
     assert all(type(e) in WIRE_NORMS for e in wire_events)
     return [
         Norms(
-            e.run, e.rank, e.time, e.step, e.skipped, tuple(GroupNorm(*g) for g in e.groups), e.seq
+            e.run,
+            e.rank,
+            e.time,
+            e.step,
+            e.skipped,
+            tuple(GroupNorm(*g) for g in e.groups),
+            world=e.world,
+            seq=e.seq,
         )
         for e in wire_events
     ]
@@ -101,9 +108,11 @@ def pack(obj) -> bytes:
 
 
 def wire(event, seq=None) -> dict:
+    """The map of a ``Norms`` as a schema 1 (no ``seq``) or schema 2 sender writes it."""
     out = {"v": 1 if seq is None else 2, "event": "norms"}
     out.update(
-        (k, [list(g) for g in v] if k == "groups" else v) for k, v in zip(event._fields[:-1], event)
+        (k, [list(g) for g in v] if k == "groups" else v)
+        for k, v in zip(event._fields[:-2], event)  # no world before schema 3
     )
     if seq is not None:
         out["seq"] = seq
@@ -317,7 +326,7 @@ NORMS = st.builds(
     COUNTS,
     st.booleans(),
     st.lists(GROUPS, max_size=4).map(tuple),
-    st.none() | COUNTS,
+    st.none() | st.integers(1, MAX_INT64),  # world
 )
 
 

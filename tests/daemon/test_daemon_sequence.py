@@ -23,10 +23,10 @@ def lost_of(agg):
 
 def test_gaps_are_counted_per_run_and_rank(make_agg, clock):
     agg, _ = make_agg()
-    agg.apply_batch([numbered(hello(), 0), numbered(host_seed(step=1), 0)], clock())
+    agg.apply_batch([numbered(hello(world_size=2), 0), numbered(host_seed(step=1), 0)], clock())
     agg.apply_batch([numbered(host_seed(step=2), 1)], clock())
     agg.apply_batch([numbered(host_seed(step=5), 4)], clock())  # 2 and 3 never came
-    agg.apply_batch([numbered(hello(rank=1), 0)], clock())
+    agg.apply_batch([numbered(hello(rank=1, world_size=2), 0)], clock())
     agg.apply_batch([numbered(heartbeat(rank=1), 10)], clock())  # 1..9 never came
     agg.apply_batch([numbered(heartbeat(rank=1), 11)], clock())
     assert lost_of(agg) == {"r/0": 2, "r/1": 9}
