@@ -171,7 +171,7 @@ def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
     spread over torch's threads like any large reduction); the last ``numel % ROW`` of every
     tensor together from one ``_foreach_norm``. The row norms are squared and summed per
     tensor in float64 (a float32 squared is exact there). bfloat16/float16 tensors are read
-    as float32 copies (their squares are exact in float32). About 1.5x the time of a float32
+    as float32 copies (their squares are exact in float32). 1.2 to 1.5x the time of a float32
     ``torch.dot`` on one core, for an error bound independent of the BLAS.
     """
     heads: list[torch.Tensor] = []
@@ -181,7 +181,7 @@ def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, t in enumerate(part):
         if t.dtype != torch.float32:
             t = t.float()
-        elif not t.is_contiguous():
+        if not t.is_contiguous():
             t = t.contiguous()
         n = t.numel()
         k = n // ROW
