@@ -64,29 +64,20 @@ def attach(
     ``ESPER_TELEMETRY_CLIENT_SECRET_KEY_FILE``. A collector the daemon refuses never
     blocks training: its events are dropped and counted, as with no daemon.
 
+    Not given, the run's name ``run`` is ``ESPER_RUN``, else the launcher's job id (the same
+    on every rank), else a random one; the daemon's ``endpoint`` is ``ESPER_TELEMETRY_ENDPOINT``,
+    else ``esper_telemetry.defaults.DEFAULT_ENDPOINT``. ``rank`` and ``world_size`` default
+    to ``torch.distributed``'s (0 and 1 without it). ``sharded=None`` reads each group's
+    layout from its parameters (DTensors); ``True``/``False`` forces it. A heartbeat goes
+    every ``heartbeat_s`` seconds; at most ``queue_size`` events wait for the socket (more
+    are dropped and counted); ``close_timeout_s`` bounds a ``close()`` given no timeout.
+
     Raises ``TypeError``/``ValueError`` naming the argument on misuse, before any thread,
     socket or hook exists; never afterwards (see ``esper_telemetry.collector.options``).
     """
+    # This signature declares every setting (name, type, default): the arguments go on by
+    # name, each to the ``Options`` field of the same name. Taken first: no other local yet.
+    arguments = dict(locals())
     specs = build_specs(model, host, seeds, groups, isolated)
-    watched = structural_names(structural, specs)
-    options = make_options(
-        run=run,
-        endpoint=endpoint,
-        rank=rank,
-        world_size=world_size,
-        sharded=sharded,
-        shared_device=shared_device,
-        optimizer=optimizer,
-        every=every,
-        scaler=scaler,
-        isolation_threshold=isolation_threshold,
-        structural=watched,
-        cuda_graphs=cuda_graphs,
-        pointer_tables=pointer_tables,
-        heartbeat_s=heartbeat_s,
-        queue_size=queue_size,
-        close_timeout_s=close_timeout_s,
-        server_public_key_file=server_public_key_file,
-        client_secret_key_file=client_secret_key_file,
-    )
-    return Telemetry(specs, options)
+    arguments["structural"] = structural_names(structural, specs)
+    return Telemetry(specs, make_options(arguments))

@@ -41,6 +41,8 @@ class Publisher:
     """Sends events in batches from a background thread; ``publish`` never blocks.
 
     ``heartbeat_s`` is the interval of heartbeats; ``run`` and ``rank`` label them.
+    ``queue_size`` and ``heartbeat_s`` are settings of ``attach`` (its signature holds their
+    defaults); the others are this socket's own.
     """
 
     def __init__(
@@ -49,10 +51,10 @@ class Publisher:
         run: str,
         rank: int,
         *,
-        queue_size: int = 4096,
+        queue_size: int,
+        heartbeat_s: float,
         sndhwm: int = 1000,
         linger_ms: int = 500,
-        heartbeat_s: float = 5.0,
         max_batch: int = 256,
         curve: CurveKeys | None = None,
     ) -> None:

@@ -27,7 +27,7 @@ def captures(s) -> float:
 def test_daemon_sigkilled_and_restarted_mid_run_lost_plus_arrived_equals_produced(tmp_path):
     d1 = LiveDaemon(tmp_path / "d1.log")
     endpoint = d1.endpoint
-    pub = Publisher(endpoint, "restart", 0, heartbeat_s=3600.0, max_batch=1)
+    pub = Publisher(endpoint, "restart", 0, queue_size=4096, heartbeat_s=3600.0, max_batch=1)
     produced = [0]
     stop = threading.Event()
 
