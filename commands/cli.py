@@ -1,9 +1,10 @@
-"""``esper-telemetry``: the command line of operators and researchers: ``demo``, ``top``, ``keygen``.
+"""``esper-telemetry``, the command line of operators and researchers: demo, top, keygen.
 
 Exit status: 0 on success, 1 when the demo fails or its extra is not installed, or when
 ``top --once`` cannot read the daemon (one line on stderr says why), 2 for a usage error
-(and ``top`` without a terminal), 1 when ``keygen`` cannot write its files, 130 when the demo is interrupted. Starting the CLI imports
-no torch: ``demo`` imports it when it runs, ``top`` never does.
+(and ``top`` without a terminal), 1 when ``keygen`` cannot write its files, 130 when the
+demo is interrupted. Starting the CLI imports no torch: ``demo`` imports it when it runs,
+``top`` never does.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         "DIR/NAME.key_secret the secret key, mode 0600 (keep it). Existing files are "
         "never overwritten.",
     )
-    keygen.add_argument("directory", metavar="DIR", help="the directory (created, mode 0700, when missing)")
+    keygen.add_argument(
+        "directory", metavar="DIR", help="the directory (created, mode 0700, when missing)"
+    )
     keygen.add_argument("name", metavar="NAME", help="the files' name, e.g. the host or 'daemon'")
     return parser
 
@@ -130,7 +133,7 @@ def _top(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``esper-telemetry`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    """Run ``esper-telemetry`` with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "top":

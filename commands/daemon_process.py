@@ -141,7 +141,7 @@ class DaemonProcess:
             time.sleep(0.05)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S, sig: int = signal.SIGTERM) -> int | None:
-        """``sig`` (SIGTERM), wait up to ``timeout_s``, then SIGKILL; the exit status. Idempotent."""
+        """Send ``sig``, wait up to ``timeout_s``, then SIGKILL; the exit status. Idempotent."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
