@@ -123,6 +123,7 @@ class WebServer:
         ssl_context: ssl.SSLContext | None = None,
         auth: Any = None,
         max_body_bytes: int = 128 << 20,
+        pages: Any = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -138,6 +139,8 @@ class WebServer:
         # Basic auth (webconfig.BasicAuth, --web.config.file) for every path but the health
         # checks; None: open. ``unauthorized`` counts requests answered 401.
         self._auth = auth
+        # The live page and its JSON API (daemon/page.py's Pages), behind the same auth.
+        self._pages = pages
         self.unauthorized = 0
         self._server: asyncio.base_events.Server | None = None
         self._http: Server | None = None
@@ -235,6 +238,10 @@ class WebServer:
             if self._ready():
                 return web.Response(text="Ready.\n")
             return web.Response(status=503, text="Not ready.\n")
+        if self._pages is not None:
+            answered = await self._pages.respond(request, self._write_timeout_s)
+            if answered is not None:
+                return answered
         if path == "/":
             p = html.escape(self._path, quote=True)
             page = (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["seed_ratio"]
+__all__ = ["seed_ratio", "seed_ratios"]
 
 
 def seed_ratio(
@@ -38,3 +38,24 @@ def seed_ratio(
     if host_sq is None or host_sq <= 0.0 or not host_params or not seed_params:
         return 0.0
     return math.sqrt((seed_sq or 0.0) / host_sq) * math.sqrt(host_params / seed_params)
+
+
+def seed_ratios(
+    seed_sqs: list[float | None],
+    seed_params: int | None,
+    host_sqs: list[float | None],
+    host_params: int | None,
+) -> list[float]:
+    """``seed_ratio`` at many steps at once (the history API's 128 groups x 1,024 steps): the
+    same arithmetic, with the common case (both sums finite, the host's above zero, both
+    counts known) inline and every other case handed to ``seed_ratio`` itself."""
+    if not host_params or not seed_params:
+        return [seed_ratio(s, seed_params, h, host_params) for s, h in zip(seed_sqs, host_sqs)]
+    k = math.sqrt(host_params / seed_params)
+    inf = math.inf
+    return [
+        math.sqrt(s / h) * k
+        if s is not None and h is not None and 0.0 <= s < inf and 0.0 < h < inf
+        else seed_ratio(s, seed_params, h, host_params)
+        for s, h in zip(seed_sqs, host_sqs)
+    ]

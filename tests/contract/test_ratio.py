@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from esper_telemetry.ratio import seed_ratio
+from esper_telemetry.ratio import seed_ratio, seed_ratios
 
 INF, NAN = math.inf, math.nan
 
@@ -43,3 +44,16 @@ def test_unknown_parameter_counts_give_zero_unless_the_seed_is_non_finite(seed_p
     assert seed_ratio(9.0, seed_params, 16.0, host_params) == 0.0
     assert seed_ratio(INF, seed_params, 16.0, host_params) == INF
     assert math.isnan(seed_ratio(NAN, seed_params, 16.0, host_params))
+
+
+@pytest.mark.parametrize("seed_params, host_params", [(100, 400), (7, 3), (0, 400), (None, 400)])
+def test_seed_ratios_is_seed_ratio_at_every_step_bit_for_bit(seed_params, host_params):
+    rng = random.Random(5)
+    special = [None, 0.0, INF, NAN, 5e-324, 1e308]
+    seeds = [rng.lognormvariate(0, 3) for _ in range(200)] + special * len(special)
+    hosts = [rng.lognormvariate(0, 3) for _ in range(200)] + [h for h in special for _ in special]
+    got = seed_ratios(seeds, seed_params, hosts, host_params)
+    want = [seed_ratio(s, seed_params, h, host_params) for s, h in zip(seeds, hosts)]
+    assert len(got) == len(want) == 236
+    for g, w, s, h in zip(got, want, seeds, hosts):
+        assert (g == w) or (g != g and w != w), (s, h, g, w)

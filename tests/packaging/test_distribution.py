@@ -98,6 +98,16 @@ def test_wheel_installs_one_top_level_package(wheel):
         "integrations/peft.py",
         "codec.py",
         "py.typed",
+        # The daemon's live page, served from the installed package (no CDN, no network).
+        "daemon/page.py",
+        "daemon/api.py",
+        "daemon/static/index.html",
+        "daemon/static/run.html",
+        "daemon/static/chart.js",
+        "daemon/static/run.js",
+        "daemon/static/runs.js",
+        "daemon/static/style.css",
+        "daemon/static/icon.svg",
     ):
         assert f"esper_telemetry/{module}" in names, module
     assert dict(entry_points["console_scripts"]) == {
