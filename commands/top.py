@@ -1,7 +1,8 @@
 """``esper-telemetry top``: a live terminal view of a daemon's ``/metrics``.
 
 One row per run and group: step, gradient norm, seed/host ratio, non-finite captures,
-isolation state, device events, dropped events and the age of the latest capture; groups
+isolation state, device events, dropped events, the age of the latest capture and a
+sparkline of the recent norms (from the daemon's history API); groups
 with an isolation violation are highlighted and sorted on top, then those with non-finite
 gradients or no longer followed (``stale``).
 ``--once`` prints one plain table and exits (scripts, CI logs); otherwise the view
@@ -10,12 +11,16 @@ refreshes in place (curses) until ``q``.
 It reads the daemon's text exposition over HTTP with the standard library only: no torch,
 no prometheus_client, nothing of the daemon, so it runs anywhere the CLI is installed. A
 daemon that is down or answers something that is not an esper-telemetryd exposition gets
-one line saying so, and the live view keeps retrying.
+one line saying so, and the live view keeps retrying. The sparklines come from
+``api/v1/runs/<run>/history`` next to the metrics URL (one request per shown run and
+refresh); where that fails (an older daemon, a proxy that serves only /metrics) the
+column reads ``-`` and the rest of the table is unchanged.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 import re
@@ -23,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +45,8 @@ __all__ = [
     "build_rows",
     "format_table",
     "fetch",
+    "fetch_trends",
+    "sparkline",
     "run_once",
     "run_live",
 ]
@@ -55,7 +63,8 @@ class ExpositionError(ValueError):
 
 
 class FetchError(Exception):
-    """The metrics URL could not be read or did not hold an esper-telemetryd exposition; one line."""
+    """The metrics URL could not be read or did not hold an esper-telemetryd exposition; one
+    line."""
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # whatever the cause said, on one line
@@ -164,6 +173,7 @@ class Row:
     last_capture: float | None  # unix time, by the collector's clock
     stale: bool = False  # the collector can no longer follow the group
     ended: bool = False  # every rank of the run said goodbye: final values
+    trend: str = "-"  # a sparkline of the recent norms; "-" when the history is unknown
 
     @property
     def violated(self) -> bool:
@@ -171,7 +181,8 @@ class Row:
 
     @property
     def unhealthy(self) -> bool:
-        """A violation, non-finite gradients (now or before), or a group that is no longer followed."""
+        """A violation, non-finite gradients (now or before), or a group that is no longer
+        followed."""
         return (
             self.violated
             or self.nonfinite > 0
@@ -247,6 +258,7 @@ HEADER = (
     "DEVICE",
     "DROPS",
     "AGE",
+    "TREND",
 )
 _RIGHT = {2, 3, 4, 5, 7, 8, 9}
 
@@ -295,6 +307,7 @@ def cells(row: Row, now: float) -> tuple[str, ...]:
         f"{row.device_events:.0f}",
         f"{row.dropped:.0f}",
         f"ended({_age(row.last_capture, now)})" if row.ended else _age(row.last_capture, now),
+        row.trend,
     )
 
 
@@ -332,6 +345,45 @@ def summary(url: str, samples: Samples, rows: list[Row]) -> str:
     )
 
 
+# -- sparklines ---------------------------------------------------------------------------------
+SPARK_WIDTH = 16  # characters
+SPARK_STEPS = 256  # the latest steps a sparkline reads: 16 per character
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(
+    points: list[tuple[int, float | None]], nonfinite: Iterable[int] = (), width: int = SPARK_WIDTH
+) -> str:
+    """The norms as block characters, oldest left, on a log scale from their smallest to
+    their largest: each character is the largest norm of its share of the steps (a spike
+    stays visible), ``!`` where a step was non-finite, ``·`` where no step had a gradient."""
+    if not points:
+        return "-"
+    bad = set(nonfinite)
+    per = -(-len(points) // width)  # ceil
+    cols: list[float | str] = []
+    for i in range(0, len(points), per):
+        chunk = points[i : i + per]
+        if any(step in bad for step, _ in chunk):
+            cols.append("!")
+            continue
+        finite = [v for _, v in chunk if v is not None and math.isfinite(v)]
+        cols.append(max(finite) if finite else "·")
+    logs = [math.log10(v) for v in cols if isinstance(v, float) and v > 0]
+    lo, hi = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    out = []
+    for v in cols:
+        if isinstance(v, str):
+            out.append(v)
+        elif v <= 0:
+            out.append(_BLOCKS[0])
+        elif hi - lo < 1e-12:
+            out.append(_BLOCKS[3])
+        else:
+            out.append(_BLOCKS[round((math.log10(v) - lo) / (hi - lo) * (len(_BLOCKS) - 1))])
+    return "".join(out)
+
+
 # -- reading the daemon --------------------------------------------------------------------------
 def fetch(url: str, timeout_s: float) -> Samples:
     """The esper samples at ``url``; ``FetchError`` with a one-line reason otherwise."""
@@ -365,14 +417,76 @@ def fetch(url: str, timeout_s: float) -> Samples:
     return samples
 
 
+def api_bases(url: str) -> list[str]:
+    """Where the history API may be, given the metrics URL: next to it (a proxy's prefix
+    kept: ``http://h/esper/metrics`` -> ``http://h/esper/api/v1/``), then at the root."""
+    parts = urllib.parse.urlsplit(url)
+    root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/api/v1/", "", ""))
+    near = urllib.parse.urljoin(urllib.parse.urlunsplit((*parts[:3], "", "")), "api/v1/")
+    return [near] if near == root else [near, root]
+
+
+def _history(base: str, run: str, timeout_s: float) -> dict:
+    url = f"{base}runs/{urllib.parse.quote(run, safe='')}/history?last={SPARK_STEPS}"
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        body = resp.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise ValueError("history too large")
+    doc = json.loads(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
+        raise ValueError("not a history document")
+    return doc
+
+
+def fetch_trends(url: str, runs: Iterable[str], timeout_s: float) -> dict[tuple[str, str], str]:
+    """A sparkline per (run, group) of ``runs``, from one history request per run; a run
+    whose history cannot be read has none (its rows keep ``-``). Never raises."""
+    trends: dict[tuple[str, str], str] = {}
+    bases = api_bases(url)
+    deadline = time.monotonic() + timeout_s
+    for run in sorted(set(runs)):
+        for base in list(bases):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return trends
+            try:
+                doc = _history(base, run, min(left, timeout_s))
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404 and len(bases) > 1:
+                    continue  # no API here (an older daemon), or not this run: try the root
+                break
+            except (OSError, ValueError):
+                break
+            if base != bases[0]:
+                bases.remove(base)
+                bases.insert(0, base)  # ask where it answered first next time
+            for g in doc["groups"]:
+                try:
+                    points = [(int(p[0]), p[1]) for p in g["points"]]
+                    trends[(run, str(g["name"]))] = sparkline(points, g.get("nonfinite") or ())
+                except (KeyError, TypeError, ValueError, IndexError):
+                    continue
+            break
+    return trends
+
+
+def with_trends(rows: list[Row], trends: dict[tuple[str, str], str]) -> list[Row]:
+    """``rows`` with their sparklines set (``-`` where there is none)."""
+    for r in rows:
+        r.trend = trends.get((r.run, r.group), "-")
+    return rows
+
+
 def run_once(url: str, run: str | None, timeout_s: float, out: IO[str], err: IO[str]) -> int:
-    """Print one table (no colours) and return 0; 1 with one line on ``err`` if the daemon can't be read."""
+    """Print one table (no colours) and return 0; 1 with one line on ``err`` if the daemon
+    can't be read."""
     try:
         samples = fetch(url, timeout_s)
     except FetchError as exc:
         print(f"esper-telemetry top: {exc}", file=err)
         return 1
     rows = build_rows(samples, run)
+    with_trends(rows, fetch_trends(url, {r.run for r in rows}, timeout_s))
     out.write(summary(url, samples, rows) + "\n")
     if not rows:
         out.write("no runs" + (f" matching {run!r}" if run else "") + "\n")
@@ -384,12 +498,20 @@ def run_once(url: str, run: str | None, timeout_s: float, out: IO[str], err: IO[
 
 # -- the live view -------------------------------------------------------------------------------
 class Poller:
-    """Fetches in a background thread every ``interval_s``, so a slow daemon never delays ``q``."""
+    """Fetches in a background thread every ``interval_s``, so a slow daemon never delays ``q``:
+    the exposition, then the history of each run shown (``run``: the view's filter)."""
 
     def __init__(
-        self, url: str, interval_s: float, fetcher: Callable[[str, float], Samples] = fetch
+        self,
+        url: str,
+        interval_s: float,
+        fetcher: Callable[[str, float], Samples] = fetch,
+        run: str | None = None,
+        trends: Callable[[str, Iterable[str], float], dict] = fetch_trends,
     ) -> None:
         self.url, self.interval_s, self._fetch = url, interval_s, fetcher
+        self._run, self._trends = run, trends
+        self.trends: dict[tuple[str, str], str] = {}  # sparklines of the latest good scrape
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.samples: Samples | None = None  # the latest good scrape
@@ -401,29 +523,39 @@ class Poller:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            timeout_s = max(1.0, min(self.interval_s, 10.0))
+            trends: dict[tuple[str, str], str] = {}
             try:
-                samples, error = self._fetch(self.url, max(1.0, min(self.interval_s, 10.0))), None
+                samples, error = self._fetch(self.url, timeout_s), None
             except FetchError as exc:
                 samples, error = None, str(exc)
             except Exception as exc:  # a bug must not kill the view silently
                 samples, error = None, " ".join(f"{type(exc).__name__}: {exc}".split())
+            if samples is not None:
+                try:
+                    runs = {r.run for r in build_rows(samples, self._run)}
+                    trends = self._trends(self.url, runs, timeout_s)
+                except Exception:  # sparklines are a garnish: the table goes on without them
+                    trends = {}
             with self._lock:
                 if samples is not None:
                     self.samples, self.good_at = samples, time.time()
+                    self.trends = trends
                 self.error = error
                 self.version += 1
             self._stop.wait(self.interval_s)
 
-    def snapshot(self) -> tuple[int, Samples | None, float | None, str | None]:
+    def snapshot(self) -> tuple[int, Samples | None, float | None, str | None, dict]:
         with self._lock:
-            return self.version, self.samples, self.good_at, self.error
+            return self.version, self.samples, self.good_at, self.error, self.trends
 
     def stop(self) -> None:
         self._stop.set()
 
 
 def run_live(url: str, run: str | None, interval_s: float) -> int:
-    """The refreshing view until ``q`` (or Ctrl-C); 0, or 2 with one line when there is no terminal."""
+    """The refreshing view until ``q`` (or Ctrl-C); 0, or 2 with one line when there is no
+    terminal."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("esper-telemetry top: not a terminal; use --once to print one table", file=sys.stderr)
         return 2
@@ -433,7 +565,7 @@ def run_live(url: str, run: str | None, interval_s: float) -> int:
     # earlier (or inherited by a tmux server) would pin the view to it, resizes included.
     for name in ("COLUMNS", "LINES"):
         os.environ.pop(name, None)
-    poller = Poller(url, interval_s)
+    poller = Poller(url, interval_s, run=run)
     try:
         curses.wrapper(_view, poller, url, run, interval_s)
     except KeyboardInterrupt:
@@ -482,21 +614,21 @@ def _view(screen, poller: Poller, url: str, run: str | None, interval_s: float) 
         key = screen.getch()
         if key in (ord("q"), ord("Q")):
             return
-        version, samples, good_at, error = poller.snapshot()
+        version, samples, good_at, error, trends = poller.snapshot()
         now = time.time()
         # Redraw on news, on a resize, and twice a second (the ages move).
         if version == drawn_version and key != curses.KEY_RESIZE and now - drawn_at < 0.5:
             continue
         drawn_at, drawn_version = now, version
-        _draw(screen, styles, url, run, interval_s, samples, good_at, error, now)
+        _draw(screen, styles, url, run, interval_s, samples, good_at, error, now, trends)
 
 
-def _draw(screen, styles, url, run, interval_s, samples, good_at, error, now) -> None:
+def _draw(screen, styles, url, run, interval_s, samples, good_at, error, now, trends) -> None:
     import curses
 
     height, width = screen.getmaxyx()
     lines: list[tuple[str, str | None]] = []
-    rows = build_rows(samples, run) if samples is not None else []
+    rows = with_trends(build_rows(samples, run), trends) if samples is not None else []
     if samples is not None:
         lines.append((summary(url, samples, rows) + f"  updated {_age(good_at, now)} ago", None))
     else:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
@@ -137,7 +138,7 @@ def test_rows_put_violations_then_nonfinite_on_top_with_every_column():
     assert all(not r.unhealthy for r in rows[3:]) and len(rows) == 12
     table = dict(((r.run, r.group), top.cells(r, NOW)) for r in rows)
     #            RUN      GROUP     STEP  NORM   RATIO  NONFINITE  ISOLATION       DEVICE DROPS AGE
-    assert table[("leaky", "frozen")][2:] == (
+    assert table[("leaky", "frozen")][2:-1] == (
         "4",
         "0.5",
         "-",
@@ -147,13 +148,14 @@ def test_rows_put_violations_then_nonfinite_on_top_with_every_column():
         "5",
         "1m15s",
     )
-    assert table[("leaky", "seed")][2:] == ("4", "1", "1", "0", "ok", "1", "5", "1m15s")
+    assert table[("leaky", "seed")][2:-1] == ("4", "1", "1", "0", "ok", "1", "5", "1m15s")
     assert (
         table[("leaky", "host")][6] == "-"
     )  # the daemon tracks isolation for isolated groups and seeds
     # One non-finite capture per step; the seed's NaN makes its ratio NaN too.
-    assert table[(WEIRD, "seed")][2:] == ("2", "nan", "nan", "2", "ok", "0", "0", "2h00m")
-    assert table[("calm", "frozen")][2:] == ("9", "no-grad", "-", "0", "ok", "0", "0", "3.0s")
+    assert table[(WEIRD, "seed")][2:-1] == ("2", "nan", "nan", "2", "ok", "0", "0", "2h00m")
+    assert table[("calm", "frozen")][2:-1] == ("9", "no-grad", "-", "0", "ok", "0", "0", "3.0s")
+    assert all(cells[-1] == "-" for cells in table.values())  # no history read: no sparkline
     assert table[("calm", "seed")][4] == "0.5"  # (1 / 4) * sqrt(400 / 100)
     assert table[("gone", "seed")][2:5] == ("3", "stale", "-")  # no longer followed: no numbers
     lines = top.format_table(rows, NOW)
@@ -175,8 +177,8 @@ def test_a_run_whose_ranks_all_said_goodbye_reads_ended_with_its_final_values():
     }
     assert rows[("short", "host")].ended and not rows[("long", "host")].ended
     assert top.cells(rows[("short", "host")], NOW)[2:4] == ("7", "3")  # the final values stay
-    assert top.cells(rows[("short", "host")], NOW)[-1] == "ended(12s)"
-    assert top.cells(rows[("long", "host")], NOW)[-1] == "12s"
+    assert top.cells(rows[("short", "host")], NOW)[-2] == "ended(12s)"
+    assert top.cells(rows[("long", "host")], NOW)[-2] == "12s"
 
 
 def test_run_filter_takes_a_name_or_a_pattern():
@@ -349,3 +351,91 @@ def test_the_live_view_without_a_terminal_points_to_once():
         "esper-telemetry top: not a terminal; use --once to print one table",
         "NO-TORCH",
     ]
+
+
+# -- sparklines ------------------------------------------------------------------------------------
+def test_a_sparkline_spans_the_blocks_on_a_log_scale_and_keeps_a_spike():
+    # One point per character: 1, 10, ..., 1e7 climbs one block per decade.
+    assert top.sparkline([(s, 10.0**s) for s in range(8)]) == "▁▂▃▄▅▆▇█"
+    # 256 steps in 16 characters: a one-step spike survives (each character is its max).
+    points = [(s, 1.0) for s in range(256)]
+    points[77] = (77, 1000.0)
+    line = top.sparkline(points)
+    assert len(line) == 16 and line[77 // 16] == "█" and set(line) - {"█"} == {"▁"}
+    # A non-finite step marks its character; steps without gradient only read as such.
+    assert top.sparkline([(0, 1.0), (1, None), (2, 5.0)], nonfinite=[2]) == "▄·!"
+    assert top.sparkline([(0, 0.0), (1, 2.0), (2, 4.0)]) == "▁▁█"
+    assert top.sparkline([(0, 3.0), (1, 3.0)]) == "▄▄" and top.sparkline([]) == "-"
+
+
+def test_the_history_api_is_looked_for_next_to_the_metrics_then_at_the_root():
+    assert top.api_bases("http://h:9464/metrics") == ["http://h:9464/api/v1/"]
+    assert top.api_bases("https://h/esper/metrics") == [
+        "https://h/esper/api/v1/",
+        "https://h/api/v1/",
+    ]
+
+
+class Routed:
+    """A stdlib HTTP server answering (status, body) by path, on a random loopback port."""
+
+    def __init__(self, routes: dict[str, tuple[int, bytes]]) -> None:
+        self.routes, self.asked = routes, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.asked.append(self.path)
+                status, body = outer.routes.get(self.path.split("?")[0], (404, b"not found\n"))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _history(run: str, groups: dict[str, list]) -> bytes:
+    return json.dumps(
+        {
+            "run": run,
+            "groups": [{"name": g, "points": p, "nonfinite": []} for g, p in groups.items()],
+        }
+    ).encode()
+
+
+def test_once_shows_a_sparkline_per_group_and_a_dash_where_the_history_fails():
+    text = exposition().encode()
+    weird = "/api/v1/runs/" + urllib.parse.quote(WEIRD, safe="") + "/history"
+    s = Routed(
+        {
+            "/metrics": (200, text),
+            "/api/v1/runs/calm/history": (
+                200,
+                _history("calm", {"host": [[0, 1.0], [1, 10.0]], "seed": [[0, 2.0], [1, 2.0]]}),
+            ),
+            "/api/v1/runs/leaky/history": (500, b"oops"),
+            weird: (200, b"not json"),
+        }
+    )
+    try:
+        rc, out, err = run_cli("top", "--once", "--url", s.base + "/metrics")
+    finally:
+        s.close()
+    assert rc == 0 and err.splitlines() == ["NO-TORCH"], err
+    rows = {tuple(ln.split()[:2]): ln.split()[-1] for ln in out.splitlines()[2:] if ln.strip()}
+    assert rows[("calm", "host")] == "▁█" and rows[("calm", "seed")] == "▄▄"
+    assert rows[("calm", "frozen")] == "-"  # not in the history: no sparkline
+    assert rows[("leaky", "host")] == "-" and rows[("gone", "seed")] == "-"
+    # One request per run shown, each asking for the latest steps only.
+    histories = [p for p in s.asked if "/history" in p]
+    assert len(histories) == 4 and all(p.endswith(f"?last={top.SPARK_STEPS}") for p in histories)

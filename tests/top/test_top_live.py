@@ -93,6 +93,7 @@ def table(out: str) -> tuple[list[tuple[str, str]], dict[tuple[str, str], dict[s
         "DEVICE",
         "DROPS",
         "AGE",
+        "TREND",
     ]
     order, rows = [], {}
     for line in lines[2:]:
