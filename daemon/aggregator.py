@@ -214,7 +214,7 @@ class Aggregator:
         handlers = self._handlers
         for event in events:
             handlers[type(event)](event)
-        self.sequences.observe(events)  # loss accounting, after the run was admitted
+        self.sequences.observe(events, now)  # loss accounting, after the run was admitted
 
     def tick(self, now: float) -> None:
         """Expire quiet runs and ranks, and give up sharded steps past the window."""
@@ -414,7 +414,7 @@ class Aggregator:
             run.last_step = step
             run.last_rank = rank
             run.last_time = last.time
-        self.sequences.observe_message(run_name, rank, first.seq)
+        self.sequences.observe_message(run_name, rank, first.seq, self._now)
 
     def _wire_norms_as_records(self, events: Sequence[WireNorms]) -> None:
         norms = self._norms
@@ -432,7 +432,7 @@ class Aggregator:
                 )
             )
         first = events[0]
-        self.sequences.observe_message(first.run, first.rank, first.seq)
+        self.sequences.observe_message(first.run, first.rank, first.seq, self._now)
 
     # --- one handler per event type ------------------------------------------------------
 
@@ -662,6 +662,7 @@ class Aggregator:
             evicted=dict(s.evicted),
             messages_lost=self.sequences.lost(),  # loss accounting
             unsequenced_messages=self.sequences.unsequenced,
+            implausible_sequence=self.sequences.implausible,
             refused=dict(s.refused),
             world_unknown_steps=s.world_unknown_steps,
         )

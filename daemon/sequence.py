@@ -15,6 +15,13 @@ The rules, per (run, rank), message by message in the order they are applied:
 - A lower number is a new sequence: the collector restarted (its ``Hello`` numbers 0, so a
   restart whose first message arrives counts nothing; if its first messages were lost, the
   numbers below the first one seen are counted).
+- No count can outrun what a collector could have sent: per (run, rank) the losses counted
+  draw on an allowance of ``BURST_MESSAGES`` that refills at ``MAX_MESSAGES_PER_S`` since
+  that rank was last judged. A higher number past it (one message numbered 2**63-1 once
+  set the counter to 9.2e18 and hid every later loss) is not believed: counted in
+  ``implausible``, and the next message is judged against the number expected before it.
+  A lower number past it starts a new sequence with nothing counted lost (and is counted
+  in ``implausible`` too).
 - Messages without a number (schema 1 senders) are only counted in ``unsequenced``.
 
 State is bounded like the aggregator's: entries exist only for ranks of runs the aggregator
@@ -33,13 +40,20 @@ from collections.abc import Callable, Sequence
 
 from esper_telemetry.events import Event
 
-__all__ = ["Sequences"]
+__all__ = ["Sequences", "MAX_MESSAGES_PER_S", "BURST_MESSAGES"]
+
+# More than any collector sends: the daemon itself takes well under a million messages a
+# second from all its collectors together (bench/RESULTS.md).
+MAX_MESSAGES_PER_S = 1_000_000
+# Losses believed at once, before the allowance refills: more than libzmq ever drops in one
+# go (a reconnect discards a pipe of at most the receive and send high-water marks).
+BURST_MESSAGES = 1 << 20
 
 
 class Sequences:
     """Per (run, rank): the next message number expected and the messages lost so far."""
 
-    __slots__ = ("_holds", "_max_runs", "_max_ranks", "_runs", "unsequenced")
+    __slots__ = ("_holds", "_max_runs", "_max_ranks", "_runs", "unsequenced", "implausible")
 
     def __init__(
         self, holds: Callable[[str, int | None], bool], max_runs: int, max_ranks_per_run: int
@@ -48,18 +62,19 @@ class Sequences:
         self._holds = holds
         self._max_runs = max_runs
         self._max_ranks = max_ranks_per_run
-        # run -> rank -> [next expected seq, lost]
-        self._runs: dict[str, dict[int, list[int]]] = {}
+        # run -> rank -> [next expected seq, lost, allowance, when the allowance was taken]
+        self._runs: dict[str, dict[int, list]] = {}
         self.unsequenced = 0  # messages applied that carried no number (schema 1)
+        self.implausible = 0  # messages whose number jumped further than could be
 
-    def observe(self, events: Sequence[Event]) -> None:
+    def observe(self, events: Sequence[Event], now: float = 0.0) -> None:
         """Account for one applied message (its events, all from one sender by the codec)."""
         first = events[0]
-        self.observe_message(first[0], first[1], first[-1])
+        self.observe_message(first[0], first[1], first[-1], now)
 
-    def observe_message(self, run: str, rank: int, seq: int | None) -> None:
+    def observe_message(self, run: str, rank: int, seq: int | None, now: float = 0.0) -> None:
         """Account for one applied message from ``run``'s ``rank``, numbered ``seq`` (None:
-        schema 1)."""
+        schema 1), at ``now`` (monotonic seconds)."""
         if seq is None:
             self.unsequenced += 1
             return
@@ -77,13 +92,27 @@ class Sequences:
                 for gone in [r for r in ranks if not holds(run, r)]:
                     del ranks[gone]
             if len(ranks) < self._max_ranks:
-                ranks[rank] = [seq + 1, 0]
+                ranks[rank] = [seq + 1, 0, BURST_MESSAGES, now]
             return
         expected = entry[0]
-        if seq != expected:
-            # Skipped numbers are lost; a lower number is a restart, lost below it.
-            entry[1] += seq - expected if seq > expected else seq
-        entry[0] = seq + 1
+        if seq == expected:
+            entry[0] = seq + 1
+            return
+        # Skipped numbers are lost; a lower number is a restart, lost below it. Either only
+        # as far as the allowance reaches.
+        elapsed = now - entry[3]
+        allowance = min(BURST_MESSAGES, entry[2] + MAX_MESSAGES_PER_S * max(elapsed, 0.0))
+        entry[3] = now
+        lost = seq - expected if seq > expected else seq
+        if lost <= allowance:
+            entry[1] += lost
+            entry[2] = allowance - lost
+            entry[0] = seq + 1
+            return
+        entry[2] = allowance
+        self.implausible += 1
+        if seq < expected:
+            entry[0] = seq + 1  # a new sequence, its first numbers not counted
 
     def forget(self, run: str) -> None:
         """Drop ``run``'s entries: the aggregator created it anew, so it counts from zero."""

@@ -333,8 +333,11 @@ NORMS = st.builds(
 @FUZZ
 @given(st.lists(NORMS, min_size=1, max_size=20), st.none() | COUNTS, st.booleans())
 def test_valid_norms_messages_take_the_fast_path_exactly_when_healthy(events, seq, single):
-    # One sender's message, numbered by ``seq`` (None: schema 1).
-    events = [e._replace(run=events[0].run, rank=events[0].rank, seq=None) for e in events]
+    # One sender's message, numbered by ``seq`` (None: schema 1), of one world size.
+    first = events[0]
+    events = [
+        e._replace(run=first.run, rank=first.rank, world=first.world, seq=None) for e in events
+    ]
     message = events[0] if single else events
     frame = encode(message, seq=seq)
     outcome = check(frame)
