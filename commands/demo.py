@@ -1,8 +1,9 @@
 """``esper-telemetry demo``: a daemon, a small training job with the collector, and a table.
 
-The whole path on one machine: start ``esper-telemetryd`` on free loopback ports, train a
-host network with two seed modules (each trained on detached host features, so isolation
-holds) for a bounded number of steps with the collector attached, scrape the daemon's
+The whole path on one machine: start ``esper-telemetryd`` on free loopback ports (the first
+line names its metrics URL and its live page, ``http://127.0.0.1:PORT/``), train a host
+network with two seed modules (each trained on detached host features, so isolation holds)
+for a bounded number of steps with the collector attached, scrape the daemon's
 ``/metrics`` and print what it exports per group. The daemon is always stopped, whatever
 happens; every wait is bounded, so the demo ends by itself.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,7 +299,8 @@ def run_demo(
     daemon = start_daemon()
     try:
         err.write(
-            f"esper-telemetryd ready: events {daemon.endpoint}, metrics {daemon.web}/metrics\n"
+            f"esper-telemetryd ready: events {daemon.endpoint}, metrics {daemon.web}/metrics, "
+            f"page {daemon.web}/\n"
         )
         torch.manual_seed(0)
         net = DemoNet().to(dev)
@@ -310,7 +313,8 @@ def run_demo(
             endpoint=daemon.endpoint,
         )
         try:
-            err.write(f"run {run}: training {steps} steps on {dev}\n")
+            page = f"{daemon.web}/runs/{urllib.parse.quote(run, safe='')}"
+            err.write(f"run {run}: training {steps} steps on {dev}; live at {page}\n")
             started = time.monotonic()
             last_step = train(tel, net, steps, dev, Progress(steps, err))
             elapsed = time.monotonic() - started

@@ -227,6 +227,13 @@ def test_demo_command_prints_a_table_of_every_group() -> None:
     )
     assert proc.returncode == 0, report
     assert "step 30/30" in proc.stderr, report  # the progress indication reached the end
+    # The first line says where to look: the metrics and the live page, on the same server.
+    first = proc.stderr.splitlines()[0]
+    m = re.fullmatch(
+        r"esper-telemetryd ready: events tcp://\S+, metrics (http://\S+)/metrics, page (\S+)", first
+    )
+    assert m and m.group(2) == m.group(1) + "/", report
+    assert "; live at " + m.group(1) + "/runs/e2e-demo" in proc.stderr, report
 
     rows = {}
     for line in proc.stdout.splitlines():
