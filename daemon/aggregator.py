@@ -15,6 +15,10 @@ Semantics (docs/daemon.md has the operator's version):
   that arrives later, nor push out a run that is still sending.
 - Replicated groups (``sharded`` false) take the capture of the highest step, whichever rank
   sent it (a rank going back to a lower step is that rank restarting, and is taken).
+- Time is the daemon's: a run's latest capture is dated when it was applied (``now``), in
+  unix seconds by the offset ``tick`` is given, never by the collector's clock (one rank's
+  clock 2 h off made the run's capture time jump by 2 h from step to step; 1e300 was
+  accepted). The collector's time of the run's latest capture is kept as information.
 - Sharded groups: a step's sums of squares are added over ranks (``shards.py``) and
   published once the run's world size of ranks reported that step: the latest world size
   announced, by a ``Hello`` or by a ``Norms`` (schema 3 carries it in every capture, so a
@@ -48,6 +52,7 @@ import dataclasses
 import itertools
 import logging
 import operator
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Union
@@ -77,6 +82,8 @@ _log = logging.getLogger(__name__)
 MAX_KINDS = 16
 
 WireNorms = Union[NormsV3, NormsV2, NormsV1]
+# Unix time minus monotonic time when the daemon started; ``tick`` keeps it current.
+_UNIX_OFFSET = time.time() - time.monotonic()
 _chain = itertools.chain.from_iterable
 _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
@@ -136,6 +143,7 @@ class _Run:
         "last_step",
         "last_rank",
         "last_time",
+        "captured_at",
         "dropped",
         "dropped_by_rank",
         "mismatch",
@@ -151,7 +159,8 @@ class _Run:
         self.captures = 0
         self.last_step = -1
         self.last_rank = -1
-        self.last_time = 0.0
+        self.last_time = 0.0  # the collector's clock at the run's latest capture (information)
+        self.captured_at: float | None = None  # when the latest capture was applied (now)
         self.dropped = 0
         self.dropped_by_rank: dict[int, int] = {}  # latest cumulative count per rank
         self.mismatch: dict[str, int] = {}
@@ -181,6 +190,8 @@ class Aggregator:
         self._idle: deque[tuple[float, str]] = deque()
         self._idle_scanned = float("nan")
         self._now = float("-inf")  # the latest time given to apply or tick
+        # Unix time minus ``now``, as the latest tick was told (the import's until then).
+        self._unix_offset = _UNIX_OFFSET
         self._handlers: dict[type, Callable[[Event], None]] = {
             Norms: self._norms,  # type: ignore[dict-item]
             Heartbeat: self._heartbeat,  # type: ignore[dict-item]
@@ -216,9 +227,14 @@ class Aggregator:
             handlers[type(event)](event)
         self.sequences.observe(events, now)  # loss accounting, after the run was admitted
 
-    def tick(self, now: float) -> None:
-        """Expire quiet runs and ranks, and give up sharded steps past the window."""
+    def tick(self, now: float, unix_now: float | None = None) -> None:
+        """Expire quiet runs and ranks, and give up sharded steps past the window.
+
+        ``unix_now``: the wall clock at ``now``, which dates captures in a snapshot.
+        """
         self._now = now
+        if unix_now is not None:
+            self._unix_offset = unix_now - now
         ended = self._ended
         kept_until = now - self._limits.ended_retention_s
         while ended:
@@ -402,7 +418,7 @@ class Aggregator:
             group.step = step
             group.rank = rank
             group.captured = True
-        run.ranks[rank] = run.last_seen = self._now
+        run.ranks[rank] = run.last_seen = run.captured_at = self._now
         if not run.captures:
             self._no_norms.pop(run_name, None)
         run.captures += n
@@ -454,6 +470,7 @@ class Aggregator:
         if not run.captures:
             self._no_norms.pop(run_name, None)
         run.captures += 1
+        run.captured_at = self._now
         if step >= run.last_step or rank == run.last_rank:
             run.last_step = step
             run.last_rank = rank
@@ -616,6 +633,7 @@ class Aggregator:
         daemon fills them in.
         """
         cutoff = self._now - self._limits.ttl_s
+        unix = self._unix_offset
         runs = []
         for name, run in self._runs.items():
             groups = tuple(
@@ -640,7 +658,7 @@ class Aggregator:
                     name,
                     run.captures,
                     run.last_step,
-                    run.last_time,
+                    0.0 if run.captured_at is None else run.captured_at + unix,
                     collectors,
                     run.dropped,
                     run.shards.incomplete,
@@ -648,6 +666,7 @@ class Aggregator:
                     groups,
                     run.ended_at is not None,
                     run.shards.dropped_reports,
+                    collector_time=run.last_time,
                 )
             )
         s = self._stats

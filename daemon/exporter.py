@@ -146,7 +146,8 @@ RUN_FAMILIES: tuple[Family, ...] = (
     Family(
         "esper_last_capture_timestamp_seconds",
         "gauge",
-        "Unix time (collector's clock) of the run's latest capture.",
+        "Unix time at which the daemon received the run's latest capture, by the daemon's "
+        "clock (the collectors' clocks are not trusted for it).",
         _R,
     ),
     Family(

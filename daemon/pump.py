@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from .aggregator import Aggregator
@@ -38,11 +39,13 @@ class Pump:
         stats: DaemonStats,
         clock: Callable[[], float],
         logger: logging.Logger = _log,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._queue = queue
         self._aggregator = aggregator
         self._stats = stats
         self._clock = clock
+        self._wall = wall  # unix time, which dates captures at each tick
         self._log = logger
 
     async def run(self) -> None:
@@ -70,4 +73,4 @@ class Pump:
         """Move the aggregator's time on every ``interval_s`` seconds, forever."""
         while True:
             await asyncio.sleep(interval_s)
-            self._aggregator.tick(self._clock())
+            self._aggregator.tick(self._clock(), self._wall())

@@ -30,7 +30,8 @@ class RunSnapshot(NamedTuple):
     name: str
     captures: int
     last_step: int  # -1 before any capture
-    last_capture_time: float  # the collector's unix time of the latest capture; 0 before any
+    # Unix time (the daemon's clock) at which the latest capture arrived; 0 before any.
+    last_capture_time: float
     collectors: int  # ranks heard from within the TTL, less those that said goodbye
     dropped: int  # events the collectors report having dropped, summed over ranks
     incomplete_steps: int
@@ -38,6 +39,9 @@ class RunSnapshot(NamedTuple):
     groups: tuple[GroupSnapshot, ...]
     ended: bool = False  # every rank said goodbye; kept for the ended-retention time
     dropped_shard_reports: int = 0  # sharded reports repeated or late (shards.StepAssembly)
+    # The collector's own unix time of the run's latest capture: information only, since a
+    # collector's clock may be off (by hours, or absurdly: 1e300); nothing is judged by it.
+    collector_time: float = 0.0
 
 
 class Snapshot(NamedTuple):

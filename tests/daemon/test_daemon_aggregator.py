@@ -37,7 +37,7 @@ def test_replicated_group_takes_the_latest_capture_from_any_rank(make_agg, clock
         "host",
     )
     run = run_of(agg)
-    assert (run.captures, run.last_step, run.last_capture_time) == (2, 2, 1_700_000_005.0)
+    assert (run.captures, run.last_step, run.collector_time) == (2, 2, 1_700_000_005.0)
     assert stats.events == 2
 
 

@@ -106,11 +106,12 @@ def test_run_level_series(make_agg, clock):
     agg.apply_batch([DeviceMismatch("r", 0, 1.0, "split", "host", ("cpu", "cuda:0"))], clock())
     agg.apply_batch([norms(step=4, groups=[gn("big", 1.0, nonfinite=3, sharded=True)])], clock())
     clock.advance(2.0)
-    agg.tick(clock())
+    agg.tick(clock(), 1_800_000_000.0)  # the wall clock now
     s = expose(agg)
     assert get(s, "esper_captures_total", run="r") == 2
     assert get(s, "esper_last_step", run="r") == 4
-    assert get(s, "esper_last_capture_timestamp_seconds", run="r") == 1_700_000_000.0
+    # When the daemon received it (2 s ago), whatever the collector's clock said (1.7e9).
+    assert get(s, "esper_last_capture_timestamp_seconds", run="r") == 1_799_999_998.0
     assert get(s, "esper_collectors", run="r") == 2
     assert get(s, "esper_collector_dropped_events_total", run="r") == 10
     assert get(s, "esper_device_mismatch_total", run="r", kind="split") == 1

@@ -521,7 +521,7 @@ def test_a_message_that_passes_the_runs_latest_step_and_then_goes_back_lands_on_
         ]
     )
     (run,) = snap.runs
-    assert (run.last_step, run.last_capture_time, run.captures) == (21, 4.0, 4)
+    assert (run.last_step, run.collector_time, run.captures) == (21, 4.0, 4)
 
 
 def test_a_group_behind_another_ranks_step_is_applied_as_records():

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from daemon_support import FakeClock, exposition, gn, hello, make_limits, norms, parse
+from daemon_support import FakeClock, exposition, gn, heartbeat, hello, make_limits, norms, parse
 from deploy_support import RULES, tool
 
 from esper_telemetry.daemon.aggregator import Aggregator
@@ -151,3 +151,47 @@ def test_a_healthy_run_as_the_daemon_exports_it_fires_nothing_about_gradients(tm
         "EsperIsolationViolation",
     ):
         assert alerts_firing(series, alert, 17, tmp_path) == [], alert
+
+
+def test_a_collector_clock_two_hours_off_neither_hides_a_hang_nor_fires_on_a_healthy_run(
+    tmp_path,
+) -> None:
+    # Two ranks per run, rank 1's clock 2 h behind (or ahead, or absurd), both capturing each
+    # minute; "hung" stops capturing at minute 60 while its ranks still heartbeat. Before,
+    # esper_last_capture_timestamp_seconds took the capturing rank's clock: it jumped by
+    # 2 h from step to step, the hang went unalerted at 75 and 150 min and a healthy run
+    # fired "no captures for 2h". Now it is when the daemon received the capture.
+    minutes = 160
+    skews = {"behind": -7200.0, "ahead": 7200.0, "hung": -7200.0, "absurd": None}
+    clock = FakeClock()
+    agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.skew"))
+    unix = lambda: clock() - 1000.0  # noqa: E731  promtool's time() is 0 at minute 0
+    for run in skews:
+        agg.apply_batch([hello(run, rank, world_size=2, decls=DECLS) for rank in (0, 1)], clock())
+    keep = (
+        "esper_last_capture_timestamp_seconds",
+        "esper_collectors",
+        "esper_run_ended",
+        "esper_last_step",
+    )
+    series: Series = {}
+    for minute in range(minutes + 1):
+        for run, skew in skews.items():
+            if run == "hung" and minute > 60:
+                agg.apply_batch([heartbeat(run, rank) for rank in (0, 1)], clock())
+                continue
+            for rank in (1, 0) if minute % 2 else (0, 1):
+                t = unix() if rank == 0 else (1e300 if skew is None else unix() + skew)
+                groups = (gn("host", 16.0, "host", 400), gn("seed", 4.0, "seed", 100))
+                agg.apply_batch([norms(run, rank, minute, groups, time_=t)], clock())
+        agg.tick(clock(), unix())
+        for key, value in parse(exposition(agg)).items():
+            if key[0] in keep:
+                series.setdefault(key, [None] * (minutes + 1))[minute] = value
+        clock.advance(60.0)
+    stamps = series[("esper_last_capture_timestamp_seconds", (("run", "behind"),))]
+    assert stamps[100] == 100 * 60.0  # the daemon's clock, not either rank's
+    assert series[("esper_last_capture_timestamp_seconds", (("run", "hung"),))][150] == 60 * 60.0
+    for at in (50, 75, 150):
+        fired = alerts_firing(series, "EsperCapturesStalled", at, tmp_path)
+        assert sorted(a["run"] for a in fired) == ([] if at == 50 else ["hung"]), (at, fired)

@@ -30,19 +30,21 @@ from esper_telemetry.daemon.aggregator import Aggregator  # noqa: E402
 from esper_telemetry.daemon.stats import DaemonStats  # noqa: E402
 
 NOW = 1_700_000_000.0
+# The daemon's monotonic clock at NOW: captures are dated by when the daemon applied them.
+MONO = 100_000.0
 WEIRD = 'exp "7"\\ with\nnewline'
 
 
 def exposition() -> str:
     """What a daemon holding four runs renders: healthy, violated, non-finite, a stale group."""
-    agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.top"))
+    agg = Aggregator(make_limits(ttl_s=86_400.0), DaemonStats(), logging.getLogger("test.top"))
     decls = (
         ("host", "host", 400, False),
         ("seed", "seed", 100, False),
         ("frozen", "group", 50, True),
     )
     for run in ("calm", "leaky", WEIRD, "gone"):
-        agg.apply_batch([hello(run=run, decls=decls)], 1.0)
+        agg.apply_batch([hello(run=run, decls=decls)], MONO - 8000)
     agg.apply_batch(
         [
             norms(
@@ -56,7 +58,7 @@ def exposition() -> str:
                 time_=NOW - 3,
             )
         ],
-        1.0,
+        MONO - 3,
     )
     agg.apply_batch(
         [
@@ -74,7 +76,7 @@ def exposition() -> str:
             DeviceMismatch("leaky", 0, NOW, "split", "host", ("cpu", "cuda:0")),
             heartbeat("leaky", dropped=5),
         ],
-        1.0,
+        MONO - 75,
     )
     for step in (1, 2):
         agg.apply_batch(
@@ -90,7 +92,7 @@ def exposition() -> str:
                     time_=NOW - 7200,
                 )
             ],
-            1.0,
+            MONO - 7200,
         )
     agg.apply_batch(
         [
@@ -106,8 +108,9 @@ def exposition() -> str:
             ),
             DeviceMismatch("gone", 0, NOW, "stale", "seed", ()),
         ],
-        1.0,
+        MONO - 1,
     )
+    agg.tick(MONO, NOW)
     return daemon_text(agg, process_metrics=True)
 
 
@@ -165,12 +168,13 @@ def test_rows_put_violations_then_nonfinite_on_top_with_every_column():
 
 def test_a_run_whose_ranks_all_said_goodbye_reads_ended_with_its_final_values():
     agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.top"))
-    agg.apply_batch([hello(run="short"), hello(run="long")], 1.0)
+    agg.apply_batch([hello(run="short"), hello(run="long")], MONO - 20)
     for run in ("short", "long"):
         agg.apply_batch(
-            [norms(run, step=7, groups=[gn("host", 9.0, "host", 400)], time_=NOW - 12)], 1.0
+            [norms(run, step=7, groups=[gn("host", 9.0, "host", 400)], time_=NOW - 12)], MONO - 12
         )
-    agg.apply_batch([goodbye(run="short")], 2.0)
+    agg.apply_batch([goodbye(run="short")], MONO - 11)
+    agg.tick(MONO, NOW)
     rows = {
         (r.run, r.group): r
         for r in top.build_rows(top.parse_exposition(daemon_text(agg, process_metrics=False)))
