@@ -8,7 +8,8 @@
 //
 // The canvas carries what it drew, for tests and curious readers: data-series (series
 // drawn), data-points (the fewest points of a drawn series), data-last-step (the largest
-// step drawn), data-draws (frames drawn).
+// step drawn), data-draws (times the chart was painted: new data or a new size; a hover
+// only copies the painting), data-draw-ms (how long the latest painting took).
 "use strict";
 
 const EsperChart = (() => {
@@ -89,18 +90,23 @@ const EsperChart = (() => {
       this.empty = options.empty || "no data yet";
       this.series = [];
       this.marks = [];
+      this.steps = null;
       this.hover = null;
       this.frame = 0;
       this.draws = 0;
       this.box = null;
+      // The chart is painted into ``base`` when the data or the size change; a frame copies
+      // it and draws the hover on top, so moving the pointer never repaints 128 paths.
+      this.base = document.createElement("canvas");
+      this.dirty = true;
       canvas.addEventListener("mousemove", (e) => {
         const r = canvas.getBoundingClientRect();
         this.hover = { x: e.clientX - r.left, y: e.clientY - r.top };
-        this.request();
+        this.request(false);
       });
       canvas.addEventListener("mouseleave", () => {
         this.hover = null;
-        this.request();
+        this.request(false);
       });
       if (typeof ResizeObserver !== "undefined") {
         new ResizeObserver(() => this.request()).observe(canvas);
@@ -109,13 +115,34 @@ const EsperChart = (() => {
 
     // series: [{name, color, xs, ys, bands: [[first, last, lo, hi]], hidden}]
     // marks: [{steps: [..], color, dash}]
-    set(series, marks) {
+    // steps: [first, last] to show (charts stacked on one page share it); default: the data's
+    set(series, marks, steps) {
       this.series = series;
       this.marks = marks || [];
+      this.steps = steps || null;
       this.request();
     }
 
-    request() {
+    // The steps the data spans: [first, last], or null.
+    span() {
+      let x0 = Infinity;
+      let x1 = -Infinity;
+      for (const s of this.series) {
+        if (s.hidden) continue;
+        if (s.xs.length) {
+          x0 = Math.min(x0, s.xs[0]);
+          x1 = Math.max(x1, s.xs[s.xs.length - 1]);
+        }
+        for (const b of s.bands || []) {
+          x0 = Math.min(x0, b[0]);
+          x1 = Math.max(x1, b[1]);
+        }
+      }
+      return x0 <= x1 ? [x0, x1] : null;
+    }
+
+    request(repaint = true) {
+      if (repaint) this.dirty = true;
       if (!this.frame) {
         this.frame = requestAnimationFrame(() => {
           this.frame = 0;
@@ -155,6 +182,7 @@ const EsperChart = (() => {
         y1 = Math.max(y1, this.reference);
       }
       if (!(x0 <= x1)) return null;
+      if (this.steps) [x0, x1] = this.steps;
       if (!(y0 <= y1)) {
         y0 = 1e-3;
         y1 = 1;
@@ -173,17 +201,39 @@ const EsperChart = (() => {
     }
 
     draw() {
+      const t0 = performance.now();
       const canvas = this.canvas;
       const dpr = window.devicePixelRatio || 1;
       const cssW = canvas.clientWidth;
       const cssH = canvas.clientHeight;
-      if (canvas.width !== Math.round(cssW * dpr) || canvas.height !== Math.round(cssH * dpr)) {
-        canvas.width = Math.round(cssW * dpr);
-        canvas.height = Math.round(cssH * dpr);
+      const w = Math.round(cssW * dpr);
+      const h = Math.round(cssH * dpr);
+      if (!w || !h) return; // not laid out (yet)
+      if (canvas.width !== w || canvas.height !== h) {
+        canvas.width = this.base.width = w;
+        canvas.height = this.base.height = h;
+        this.dirty = true;
+      }
+      if (this.dirty) {
+        const started = performance.now();
+        this.dirty = false;
+        const bctx = this.base.getContext("2d");
+        bctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+        bctx.clearRect(0, 0, cssW, cssH);
+        this.paint(bctx, cssW, cssH);
+        canvas.dataset.drawMs = (performance.now() - started).toFixed(1);
       }
       const ctx = canvas.getContext("2d");
+      ctx.setTransform(1, 0, 0, 1, 0, 0);
+      ctx.clearRect(0, 0, w, h);
+      ctx.drawImage(this.base, 0, 0);
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-      ctx.clearRect(0, 0, cssW, cssH);
+      this.drawHover(ctx);
+      canvas.dataset.frameMs = (performance.now() - t0).toFixed(1);
+    }
+
+    paint(ctx, cssW, cssH) {
+      const canvas = this.canvas;
       ctx.font = FONT;
       const W = cssW - PAD.left - PAD.right;
       const H = cssH - PAD.top - PAD.bottom;
@@ -266,8 +316,8 @@ const EsperChart = (() => {
       }
       ctx.globalAlpha = 1;
       // Lines: one path per series, broken at a missing value.
-      ctx.lineWidth = 1.25;
-      ctx.lineJoin = "round";
+      ctx.lineWidth = 1;
+      ctx.lineJoin = "bevel";
       for (const s of drawn) {
         const { xs, ys } = s;
         ctx.strokeStyle = s.color;
@@ -318,10 +368,10 @@ const EsperChart = (() => {
         ctx.fill();
       }
       ctx.restore();
-      this.drawHover(ctx, drawn);
     }
 
-    drawHover(ctx, drawn) {
+    drawHover(ctx) {
+      const drawn = this.series.filter((s) => !s.hidden);
       const h = this.hover;
       const box = this.box;
       if (!h || !box || h.x < PAD.left || h.x > PAD.left + box.W) {

@@ -43,28 +43,29 @@
   });
 
   // Keep the points after our last one; drop the ones the daemon folded (before ``first``).
-  function merge(xs, ys, pts, first, replace) {
-    if (replace) {
-      xs.length = 0;
-      ys.length = 0;
-    }
-    const last = xs.length ? xs[xs.length - 1] : -Infinity;
+  // Returns whether anything changed.
+  function merge(xs, ys, pts, first) {
+    const n = xs.length;
+    const last = n ? xs[n - 1] : -Infinity;
     for (const [s, v] of pts) {
       if (s > last) {
         xs.push(s);
         ys.push(v);
       }
     }
-    if (first !== null && xs.length && xs[0] < first) {
-      let k = 0;
-      while (k < xs.length && xs[k] < first) k++;
+    let k = 0;
+    if (first !== null) while (k < xs.length && xs[k] < first) k++;
+    if (k) {
       xs.splice(0, k);
       ys.splice(0, k);
     }
+    return xs.length !== n || k > 0;
   }
 
+  // Returns whether the charts must be drawn again.
   function apply(doc) {
     const replace = doc.since === null;
+    let changed = replace;
     const seen = new Set();
     for (const g of doc.groups) {
       seen.add(g.name);
@@ -83,30 +84,49 @@
           hidden: s ? s.hidden : false,
         };
         groups.set(g.name, s);
+        changed = true;
       }
       s.role = g.role;
       s.params = g.params;
       s.spikes = g.spikes;
       s.stale = g.stale;
       s.inconsistent = g.inconsistent;
-      merge(s.xs, s.ys, g.points, g.first_step, false);
-      if (g.ratio) merge(s.rx, s.ry, g.ratio, g.first_step, false);
+      if (merge(s.xs, s.ys, g.points, g.first_step)) changed = true;
+      if (g.ratio && merge(s.rx, s.ry, g.ratio, g.first_step)) changed = true;
+      const bands = s.bands.length;
       if (g.folded.length) {
+        // The bucket still filling comes again each time: a change only if it grew.
         const from = g.folded[0][0];
-        s.bands = s.bands.filter((b) => b[0] < from).concat(g.folded);
+        const held = s.bands.filter((b) => b[0] >= from);
+        const same = (a, b) => a.length === 4 && a.every((v, i) => v === b[i]);
+        if (held.length !== g.folded.length || !held.every((b, i) => same(b, g.folded[i]))) {
+          s.bands = s.bands.filter((b) => b[0] < from).concat(g.folded);
+          changed = true;
+        }
       }
       if (g.folded_from !== null) s.bands = s.bands.filter((b) => b[0] >= g.folded_from);
+      if (s.bands.length !== bands) changed = true;
       const oldest = s.bands.length ? s.bands[0][0] : s.xs.length ? s.xs[0] : -Infinity;
+      const marks = s.nonfinite.size + s.violations.size;
       for (const t of g.nonfinite) s.nonfinite.add(t);
       for (const t of g.violations) s.violations.add(t);
       for (const set of [s.nonfinite, s.violations]) {
         for (const t of set) if (t < oldest) set.delete(t);
       }
+      if (s.nonfinite.size + s.violations.size !== marks) changed = true;
     }
-    for (const name of [...groups.keys()]) if (!seen.has(name)) groups.delete(name);
-    order = doc.groups.map((g) => g.name);
+    for (const name of [...groups.keys()]) {
+      if (!seen.has(name)) {
+        groups.delete(name);
+        changed = true;
+      }
+    }
+    const names = doc.groups.map((g) => g.name);
+    if (names.join("\u0000") !== order.join("\u0000")) changed = true;
+    order = names;
     lastStep = doc.last_step;
     ended = doc.ended;
+    return changed;
   }
 
   // What to ask for next: the points after the last step every group that keeps up holds
@@ -123,8 +143,12 @@
     return `?since=${since}&folded_since=${Math.min(...fills)}`;
   }
 
-  function render() {
+  // The charts (when ``charts``: new data, or a group hidden or shown), the legend, the status.
+  function render(charts = true) {
     const list = order.map((n) => groups.get(n)).filter(Boolean);
+    legend(list);
+    status(list);
+    if (!charts) return;
     const seeds = list.filter((s) => s.rx.length);
     norms.set(
       list.map((s) => ({
@@ -132,7 +156,7 @@
         color: s.color,
         xs: s.xs,
         ys: s.ys,
-        bands: s.bands.map(([a, b, lo, hi]) => [a, b, lo, hi]),
+        bands: s.bands,
         hidden: s.hidden,
       })),
       [
@@ -142,10 +166,9 @@
     );
     ratios.set(
       seeds.map((s) => ({ name: s.name, color: s.color, xs: s.rx, ys: s.ry, hidden: s.hidden })),
-      [{ steps: union(seeds, "nonfinite"), color: "#cf222e" }]
+      [{ steps: union(seeds, "nonfinite"), color: "#cf222e" }],
+      norms.span() // one step axis for both charts
     );
-    legend(list);
-    status(list);
   }
 
   function union(list, key) {
@@ -224,10 +247,13 @@
       } else if (!resp.ok) {
         errorText = `the daemon answered HTTP ${resp.status}; retrying`;
       } else {
-        apply(await resp.json());
+        const doc = await resp.json();
+        const started = performance.now();
+        const changed = apply(doc);
         updated = Date.now();
         errorText = "";
-        render();
+        render(changed);
+        document.body.dataset.applyMs = (performance.now() - started).toFixed(1);
       }
     } catch (e) {
       errorText = "cannot reach the daemon; retrying";
