@@ -61,8 +61,9 @@ def _run_summary(run: RunSnapshot, lost: int, now: float) -> dict[str, Any]:
 def runs_document(snapshot: Snapshot, now: float) -> dict[str, Any]:
     """``{"time": now, "runs": [...]}``: each run's health at a glance, by name.
 
-    ``now`` is the daemon's unix time; ``age_seconds`` is measured against the collector's
-    clock of the latest capture, as ``top``'s AGE is.
+    ``now`` is the daemon's unix time; ``age_seconds`` is how long ago the run's latest
+    capture was applied, by the daemon's clock (as ``top``'s AGE and the exported
+    ``esper_last_capture_timestamp_seconds``), never by a collector's.
     """
     lost: dict[str, int] = {}
     for (run, _rank), n in (snapshot.messages_lost or {}).items():

@@ -95,6 +95,7 @@ async def serve() -> AsyncIterator[Callable[..., Any]]:
     async def start(
         histories: dict[str, RunHistory] | None = None,
         snapshot: Callable[[], Any] = lambda: None,
+        now: float = 1_700_000_010.0,
         auth: Any = None,
     ) -> Served:
         calls: list[int] = []
@@ -103,7 +104,7 @@ async def serve() -> AsyncIterator[Callable[..., Any]]:
             calls.append(threading.get_ident())
             return (histories or {}).get(run)
 
-        pages = Pages(history, snapshot, "/metrics", clock=lambda: 1_700_000_010.0)
+        pages = Pages(history, snapshot, "/metrics", clock=lambda: now)
         pages.calls = calls  # type: ignore[attr-defined]
         web = WebServer(
             "127.0.0.1",
@@ -248,9 +249,11 @@ async def test_runs_document_reads_the_scrapes_snapshot(serve, make_agg):
         norms("b", step=7, groups=(gn("host", 1.0, "host", 400), gn("seed", 1.0, "seed", 100))),
         1.0,
     )
-    s = await serve(snapshot=agg.snapshot)
+    # Ages by the daemon's clock: 10 s after run a's latest capture was applied.
+    captured = {r.name: r.last_capture_time for r in agg.snapshot().runs}
+    s = await serve(snapshot=agg.snapshot, now=captured["a"] + 10.0)
     status, doc = await s.json("/api/v1/runs")
-    assert status == 200 and doc["time"] == 1_700_000_010.0
+    assert status == 200 and doc["time"] == captured["a"] + 10.0
     a, b = doc["runs"]
     assert (a["run"], b["run"]) == ("a", "b")
     assert a["last_step"] == 4 and b["last_step"] == 7
