@@ -36,6 +36,7 @@ def attach(
     heartbeat_s: float = 5.0,
     queue_size: int = 4096,
     close_timeout_s: float = 2.0,
+    clip_threshold: float | None = None,
     server_public_key_file: str | None = None,
     client_secret_key_file: str | None = None,
 ) -> Telemetry:
@@ -71,6 +72,9 @@ def attach(
     layout from its parameters (DTensors); ``True``/``False`` forces it. A heartbeat goes
     every ``heartbeat_s`` seconds; at most ``queue_size`` events wait for the socket (more
     are dropped and counted); ``close_timeout_s`` bounds a ``close()`` given no timeout.
+    ``clip_threshold`` is the job's gradient clipping threshold (``max_norm`` of its
+    ``clip_grad_norm_``; the trainer callbacks take it from the trainer): it travels to the
+    daemon, which counts the captures whose model norm exceeded it. It changes nothing here.
 
     Raises ``TypeError``/``ValueError`` naming the argument on misuse, before any thread,
     socket or hook exists; never afterwards (see ``esper_telemetry.collector.options``).

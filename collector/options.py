@@ -53,6 +53,7 @@ class Options(NamedTuple):
     heartbeat_s: float
     queue_size: int
     close_timeout_s: float
+    clip_threshold: float | None  # the job's gradient clipping threshold, for the daemon
     server_public_key_file: str | None  # the argument, else its ESPER_ variable; None: unset
     client_secret_key_file: str | None
     curve: CurveKeys | None  # the only field no argument names: read from the two files
@@ -187,6 +188,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "heartbeat_s": partial(_number, positive=True),
     "close_timeout_s": partial(_number, positive=False),
     "isolation_threshold": partial(_number, positive=False),
+    "clip_threshold": lambda name, value: None if value is None else _number(name, value, True),
     "sharded": _tristate,
     "shared_device": _device,
     "optimizer": _optimizer,

@@ -62,7 +62,10 @@ class EsperCallback(Callback):
         return self._session.telemetry
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._session.start(pl_module)
+        # Norm clipping only: a clip by value bounds entries, not the norm.
+        by_norm = getattr(trainer, "gradient_clip_algorithm", "norm") in (None, "norm")
+        clip = getattr(trainer, "gradient_clip_val", None) if by_norm else None
+        self._session.start(pl_module, clip_threshold=clip)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step

@@ -58,11 +58,13 @@ class Session:
         self.kwargs = dict(attach_kwargs)
         self.telemetry: Any = None
 
-    def start(self, model: Any, run: str | None = None) -> Any:
+    def start(self, model: Any, run: str | None = None, clip_threshold: float | None = None) -> Any:
         """Attach (closing a previous run's collector first); ``model`` is the trainer's.
 
         ``run`` is the trainer's own run name, used when neither ``run=`` nor ``ESPER_RUN``
-        names the run. Misuse raises here, as ``attach`` does.
+        names the run; ``clip_threshold`` the trainer's clipping threshold (None or 0: it
+        does not clip), used unless ``clip_threshold=`` was given. Misuse raises here, as
+        ``attach`` does.
         """
         self.close()
         kwargs = dict(self.kwargs)
@@ -72,6 +74,8 @@ class Session:
             kwargs["model"] = model
         if run and not kwargs.get("run") and not os.environ.get(defaults.ENV_RUN):
             kwargs["run"] = run
+        if clip_threshold and kwargs.get("clip_threshold") is None:
+            kwargs["clip_threshold"] = float(clip_threshold)
         self.telemetry = _attach()(**kwargs)
         return self.telemetry
 

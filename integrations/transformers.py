@@ -83,7 +83,11 @@ class EsperCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
     ) -> None:
         self._remove_hook()
-        self._session.start(model, run=getattr(args, "run_name", None))
+        self._session.start(
+            model,
+            run=getattr(args, "run_name", None),
+            clip_threshold=getattr(args, "max_grad_norm", None),
+        )
         self._state = state
         self._captured = None
         self.capture_point = None
