@@ -31,6 +31,7 @@ lint: $(VENV)/.installed
 test: lint
 	bash tools/ensure-prometheus.sh
 	bash tools/ensure-tmux.sh
+	bash tools/ensure-chromium.sh
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 bench-daemon: $(VENV)/.installed
