@@ -1,12 +1,13 @@
 """The daemon's configuration: every setting declared once, as a field of ``Config``.
 
-Each field is one row (``settings.setting``): flag, ``ESPER_*`` variable, default, unit,
-parser with its bounds, and help. The command line, the resolution (the flag, then the
-variable, then the default), ``--check-config`` and the README's flags table are derived
-from these rows; the variables' names and the defaults are the contract's
-(``esper_telemetry.defaults``), shared with the deploy files. Invalid configuration is the
-one fatal input (a ``ConfigError`` with a one-line reason naming the flag or the variable);
-bad events never are.
+Each field is one row (``settings.setting``): flag (its ``ESPER_*`` variable is named
+after it), default, unit, parser with its bounds, and help; nowhere else is a daemon
+setting or its default written. The command line, the resolution (the flag, then the
+variable, then the default), ``--check-config``, the README's flags table and the deploy
+files' tests are derived from these rows. From the contract (``esper_telemetry.defaults``)
+come only what the collector shares: the endpoints and the size of its messages. Invalid
+configuration is the one fatal input (a ``ConfigError`` with a one-line reason naming the
+flag or the variable); bad events never are.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
-from esper_telemetry import defaults as d
+from esper_telemetry.defaults import (
+    COLLECTOR_MESSAGE_BYTES,
+    DEFAULT_ENDPOINT,
+    DEFAULT_WEB_PORT,
+    DEFAULT_WEB_TELEMETRY_PATH,
+    MAX_MESSAGE_BYTES,
+)
 from esper_telemetry.endpoints import check_endpoint
 from esper_telemetry.version import __version__
 
@@ -105,8 +112,8 @@ _counts = integer(minimum=1)
 def message_bytes(raw: str) -> int:
     """A message size limit: 1 KiB up to the wire's own limit (larger could never decode)."""
     value = integer(minimum=1024)(raw)
-    if value > d.MAX_MESSAGE_BYTES:
-        raise ValueError(f"{raw!r} must be at most {d.MAX_MESSAGE_BYTES} (the wire's limit)")
+    if value > MAX_MESSAGE_BYTES:
+        raise ValueError(f"{raw!r} must be at most {MAX_MESSAGE_BYTES} (the wire's limit)")
     return value
 
 
@@ -135,8 +142,7 @@ class Config:
 
     zmq_listen_addresses: tuple[str, ...] = setting(
         "--zmq.listen-address",
-        d.ENV_ZMQ_LISTEN_ADDRESS,
-        d.DEFAULT_ZMQ_LISTEN_ADDRESS,
+        DEFAULT_ENDPOINT,
         zmq_endpoints,
         metavar="ENDPOINT",
         repeatable=True,
@@ -145,28 +151,30 @@ class Config:
     )
     web_listen_address: WebAddress = setting(
         "--web.listen-address",
-        d.ENV_WEB_LISTEN_ADDRESS,
-        d.DEFAULT_WEB_LISTEN_ADDRESS,
+        f"127.0.0.1:{DEFAULT_WEB_PORT}",
         web_address,
         metavar="ADDRESS",
         help="`HOST:PORT` of the HTTP server; `:PORT` means every interface, `[::1]:PORT` for IPv6",
     )
+    # Twice the largest batch a collector sends (it splits larger ones).
     zmq_max_message_bytes: int = setting(
         "--zmq.max-message-bytes",
-        d.ENV_ZMQ_MAX_MESSAGE_BYTES,
-        d.DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
+        2 * COLLECTOR_MESSAGE_BYTES,
         message_bytes,
         metavar="BYTES",
         unit="bytes",
         help="larger frames are refused by libzmq before they are read (`ZMQ_MAXMSGSIZE`; "
         "it drops that sender's connection: the loss shows in `esper_messages_lost_total`); "
-        "at most the wire's limit (1048576); collectors split their batches at half the "
-        "default",
+        f"at most the wire's limit ({MAX_MESSAGE_BYTES}); collectors split their batches at "
+        "half the default",
     )
+    # 128 messages of 256 KiB: a flood of max-size frames holds at most this much per sender.
+    # Measured (bench/daemon_ingest.py, saturated): libzmq sometimes resumes a full pipe
+    # slowly (a trial at 10,000-15,000 events/s instead of about 180,000): 4 of 10 batched
+    # trials at a mark of 32 messages (1 MiB frames), 1 of 10 at 128.
     zmq_receive_buffer_bytes: int = setting(
         "--zmq.receive-buffer-bytes",
-        d.ENV_ZMQ_RECEIVE_BUFFER_BYTES,
-        d.DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
+        32 << 20,
         _counts,
         metavar="BYTES",
         unit="bytes",
@@ -176,7 +184,6 @@ class Config:
     )
     zmq_curve_secret_key_file: str = setting(
         "--zmq.curve.secret-key-file",
-        d.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
         "",
         curve_secret_key_file,
         metavar="FILE",
@@ -187,7 +194,6 @@ class Config:
     )
     zmq_curve_authorized_keys_dir: str = setting(
         "--zmq.curve.authorized-keys-dir",
-        d.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
         "",
         curve_authorized_keys_dir,
         metavar="DIR",
@@ -196,7 +202,6 @@ class Config:
     )
     web_config_file: str = setting(
         "--web.config.file",
-        d.ENV_WEB_CONFIG_FILE,
         "",
         web_config_file,
         metavar="FILE",
@@ -206,16 +211,14 @@ class Config:
     )
     telemetry_path: str = setting(
         "--web.telemetry-path",
-        d.ENV_WEB_TELEMETRY_PATH,
-        d.DEFAULT_WEB_TELEMETRY_PATH,
+        DEFAULT_WEB_TELEMETRY_PATH,
         telemetry_path,
         metavar="PATH",
         help="path of the exposition",
     )
     web_write_timeout_s: float = setting(
         "--web.write-timeout-seconds",
-        d.ENV_WEB_WRITE_TIMEOUT_SECONDS,
-        d.DEFAULT_WEB_WRITE_TIMEOUT_SECONDS,
+        10.0,
         number(minimum=0.001),
         metavar="SECONDS",
         unit="seconds",
@@ -224,17 +227,21 @@ class Config:
     )
     web_max_connections: int = setting(
         "--web.max-connections",
-        d.ENV_WEB_MAX_CONNECTIONS,
-        d.DEFAULT_WEB_MAX_CONNECTIONS,
+        64,
         _counts,
         metavar="N",
         unit="connections",
         help="HTTP connections open at once; further ones get a 503 and are closed",
     )
+    # 50,000 series render in about 40 ms on the 2-core reference box and make about 3 MB of
+    # text with typical names (about 27 MB at the wire's 256-character name limit), so the
+    # render threads and the bodies in flight (at most web.MAX_BODY_BYTES) stay well under
+    # the daemon's 512 MiB RSS target (318 MiB peak measured with long names and 24 clients
+    # that never read); the default run and group caps alone allow about 130,000 series
+    # with long names (70 MB). See docs/daemon.md.
     web_max_series: int = setting(
         "--web.max-series",
-        d.ENV_WEB_MAX_SERIES,
-        d.DEFAULT_WEB_MAX_SERIES,
+        50_000,
         integer(minimum=100),
         metavar="N",
         unit="series",
@@ -244,10 +251,10 @@ class Config:
         "`esper_daemon_scrapes_truncated_total`; the daemon's own series are always "
         "written",
     )
+    # Collectors heartbeat every few seconds: only a dead or disconnected job goes this quiet.
     run_ttl_s: float = setting(
         "--run.ttl-seconds",
-        d.ENV_RUN_TTL_SECONDS,
-        d.DEFAULT_RUN_TTL_SECONDS,
+        300.0,
         number(minimum=0.001),
         metavar="SECONDS",
         unit="seconds",
@@ -256,18 +263,17 @@ class Config:
     )
     run_ended_retention_s: float = setting(
         "--run.ended-retention-seconds",
-        d.ENV_RUN_ENDED_RETENTION_SECONDS,
-        d.DEFAULT_RUN_ENDED_RETENTION_SECONDS,
+        300.0,
         number(minimum=0.0),
         metavar="SECONDS",
         unit="seconds",
         help="a run whose every rank said goodbye stays exported this long, as it ended "
         "(`esper_run_ended` 1), so its final values reach a scrape; 0 drops it at once",
     )
+    # Twelve of the collector's 5 s heartbeats.
     run_evict_after_s: float = setting(
         "--run.evict-after-seconds",
-        d.ENV_RUN_EVICT_AFTER_SECONDS,
-        d.DEFAULT_RUN_EVICT_AFTER_SECONDS,
+        60.0,
         number(minimum=0.0),
         metavar="SECONDS",
         unit="seconds",
@@ -277,8 +283,7 @@ class Config:
     )
     max_runs: int = setting(
         "--limits.max-runs",
-        d.ENV_MAX_RUNS,
-        d.DEFAULT_MAX_RUNS,
+        100,
         _counts,
         metavar="N",
         unit="runs",
@@ -288,8 +293,7 @@ class Config:
     )
     max_groups_per_run: int = setting(
         "--limits.max-groups-per-run",
-        d.ENV_MAX_GROUPS_PER_RUN,
-        d.DEFAULT_MAX_GROUPS_PER_RUN,
+        128,
         _counts,
         metavar="N",
         unit="groups",
@@ -297,8 +301,7 @@ class Config:
     )
     max_ranks_per_run: int = setting(
         "--limits.max-ranks-per-run",
-        d.ENV_MAX_RANKS_PER_RUN,
-        d.DEFAULT_MAX_RANKS_PER_RUN,
+        4096,
         _counts,
         metavar="N",
         unit="ranks",
@@ -306,8 +309,7 @@ class Config:
     )
     queue_size: int = setting(
         "--queue.size",
-        d.ENV_QUEUE_SIZE,
-        d.DEFAULT_QUEUE_SIZE,
+        65536,
         _counts,
         metavar="EVENTS",
         unit="events",
@@ -315,8 +317,7 @@ class Config:
     )
     shard_window_s: float = setting(
         "--shard.window-seconds",
-        d.ENV_SHARD_WINDOW_SECONDS,
-        d.DEFAULT_SHARD_WINDOW_SECONDS,
+        30.0,
         number(minimum=0.001),
         metavar="SECONDS",
         unit="seconds",
@@ -324,8 +325,7 @@ class Config:
     )
     shutdown_timeout_s: float = setting(
         "--shutdown.timeout-seconds",
-        d.ENV_SHUTDOWN_TIMEOUT_SECONDS,
-        d.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+        10.0,
         number(minimum=0.0),
         metavar="SECONDS",
         unit="seconds",
@@ -333,8 +333,7 @@ class Config:
     )
     shutdown_linger_s: float = setting(
         "--shutdown.linger-seconds",
-        d.ENV_SHUTDOWN_LINGER_SECONDS,
-        d.DEFAULT_SHUTDOWN_LINGER_SECONDS,
+        0.0,
         number(minimum=0.0),
         metavar="SECONDS",
         unit="seconds",
@@ -342,16 +341,14 @@ class Config:
     )
     log_level: str = setting(
         "--log.level",
-        d.ENV_LOG_LEVEL,
-        d.DEFAULT_LOG_LEVEL,
+        "info",
         one_of(LOG_LEVELS, aliases={"warning": "warn"}),
         metavar="LEVEL",
         help="`debug`, `info`, `warn` or `error`",
     )
     log_format: str = setting(
         "--log.format",
-        d.ENV_LOG_FORMAT,
-        d.DEFAULT_LOG_FORMAT,
+        "logfmt",
         one_of(LOG_FORMATS),
         metavar="FORMAT",
         help="`logfmt` or `json`, one record per line; at most 100 lines a minute (5 of a kind), "

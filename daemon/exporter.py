@@ -33,6 +33,7 @@ from esper_telemetry.version import __version__
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS, REFUSE_REASONS
 from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
+from .web import MAX_BODY_BYTES, MAX_RENDERING
 
 __all__ = [
     "Exposition",
@@ -391,8 +392,8 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "HTTP clients turned away, by reason: max_connections (503 past "
         "--web.max-connections), write_timeout (a response not read within "
         "--web.write-timeout-seconds), unauthorized (401), busy (503: the response "
-        "bodies being rendered or written would pass 128 MiB, or four scrapes were "
-        "already rendering).",
+        f"bodies being rendered or written would pass {MAX_BODY_BYTES >> 20} MiB, or "
+        f"{MAX_RENDERING} scrapes were already rendering).",
         labels=["reason"],
     )
     refused = snap.http_refused or {}

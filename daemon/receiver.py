@@ -32,10 +32,6 @@ import zmq
 import zmq.asyncio
 
 from esper_telemetry.codec import WireError, decode
-from esper_telemetry.defaults import (
-    DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
-    DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
-)
 
 from .fastdecode import decode_norms
 from .queue import EventQueue
@@ -71,8 +67,9 @@ class Receiver:
         queue: EventQueue,
         stats: DaemonStats,
         logger: logging.Logger = _log,
-        max_message_bytes: int = DEFAULT_ZMQ_MAX_MESSAGE_BYTES,
-        receive_buffer_bytes: int = DEFAULT_ZMQ_RECEIVE_BUFFER_BYTES,
+        *,
+        max_message_bytes: int,
+        receive_buffer_bytes: int,
         secure: Callable[[zmq.asyncio.Socket], None] | None = None,
     ) -> None:
         # Called on each socket before it binds (daemon.curve: CURVE server and ZAP domain).

@@ -1,11 +1,12 @@
 """A setting declared once: the row, value parsers with their bounds, and what rows derive.
 
-A ``Setting`` is everything about one setting: its flag, its ``ESPER_*`` variable, its
-default as a user would write it, its unit, the parser that turns text into the value
-(bounds included) and its help. From a sequence of rows come the command line
-(``build_parser``), the resolved and validated values (``resolve``) and the README's
-flags table (``flags_table``); ``config.py`` declares the daemon's rows as the fields of
-its ``Config``. Values resolve by ``esper_telemetry.defaults.lookup``, the rule the
+A ``Setting`` is everything about one setting: its flag, its ``ESPER_*`` variable (named
+after the flag: ``--run.ttl-seconds`` is ``ESPER_RUN_TTL_SECONDS``), its default as a user
+would write it, its unit, the parser that turns text into the value (bounds included) and
+its help. From a sequence of rows come the command line (``build_parser``), the resolved
+and validated values (``resolve``) and the README's flags table (``flags_table``);
+``config.py`` declares the daemon's rows as the fields of its ``Config``, and the deploy
+files' tests read them. Values resolve by ``esper_telemetry.defaults.lookup``, the rule the
 collector uses too: the flag, then the variable, then the default.
 
 A parser raises ``ValueError`` with a reason that quotes the value; ``resolve`` turns it into
@@ -27,6 +28,7 @@ __all__ = [
     "Setting",
     "Switch",
     "setting",
+    "env_name",
     "rows_of",
     "build_parser",
     "resolve",
@@ -71,9 +73,14 @@ class Switch:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def env_name(flag: str) -> str:
+    """The variable of a flag: ``--zmq.curve.secret-key-file`` is
+    ``ESPER_ZMQ_CURVE_SECRET_KEY_FILE``."""
+    return "ESPER_" + flag.removeprefix("--").replace(".", "_").replace("-", "_").upper()
+
+
 def setting(
     flag: str,
-    env: str,
     default: object,
     parse: Callable[[Any], Any],
     help: str,
@@ -82,7 +89,7 @@ def setting(
     repeatable: bool = False,
 ) -> Any:
     """A dataclass field declared by its row: its default is the row's default, parsed."""
-    row = Setting(flag, env, _text(default), parse, help, metavar, unit, repeatable)
+    row = Setting(flag, env_name(flag), _text(default), parse, help, metavar, unit, repeatable)
     try:
         value = row.parse(_split(row.default) if repeatable else row.default)
     except ValueError as exc:  # a bug in the table, found at import

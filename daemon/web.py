@@ -11,11 +11,11 @@ body and at most about 64 KiB of buffered copy), the whole write within
 ``write_timeout_s`` or the connection is aborted; at most ``max_connections`` are open,
 further ones are answered 503 and closed at once. The bodies themselves are bounded in
 bytes: those being rendered or written hold at most ``max_body_bytes`` together (one is
-always let through), and at most four scrapes render or wait for a render thread at once;
-a scrape past either is answered 503 with ``Retry-After`` and counted in ``busy``, so
-clients that ask and never read cannot multiply the exposition's size in memory (the
-series cap, --web.max-series, bounds one body). ``ssl_context`` (TLS, issue 11) is
-handed to the listening socket as is.
+always let through), and at most ``MAX_RENDERING`` scrapes render or wait for a render
+thread at once; a scrape past either is answered 503 with ``Retry-After`` and counted in
+``busy``, so clients that ask and never read cannot multiply the exposition's size in
+memory (the series cap, --web.max-series, bounds one body). ``ssl_context`` (TLS, issue
+11) is handed to the listening socket as is.
 """
 
 from __future__ import annotations
@@ -38,12 +38,16 @@ from esper_telemetry.version import __version__
 
 from .textformat import negotiate
 
-__all__ = ["WebServer", "accepts_gzip"]
+__all__ = ["WebServer", "accepts_gzip", "MAX_BODY_BYTES", "MAX_RENDERING"]
 
 _log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
-_MAX_RENDERING = 4  # scrapes rendering or waiting for a render thread; more get a 503
+# Bodies being rendered or written hold at most this many bytes together (one is always
+# let through), and at most this many scrapes render or wait for a render thread at once;
+# past either a scrape is answered 503 (``busy``).
+MAX_BODY_BYTES = 128 << 20
+MAX_RENDERING = 4
 _TEXT = "text/plain; charset=utf-8"
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -117,12 +121,13 @@ class WebServer:
         render: Callable[[Any, str], bytes],
         ready: Callable[[], bool],
         logger: logging.Logger = _log,
-        write_timeout_s: float = 10.0,
-        max_connections: int = 64,
+        *,
+        write_timeout_s: float,
+        max_connections: int,
         keepalive_timeout_s: float = 75.0,
         ssl_context: ssl.SSLContext | None = None,
         auth: Any = None,
-        max_body_bytes: int = 128 << 20,
+        max_body_bytes: int = MAX_BODY_BYTES,
         pages: Any = None,
     ) -> None:
         self._host = host
@@ -149,7 +154,7 @@ class WebServer:
         self.refused = 0
         self.write_timeouts = 0
         # Scrapes answered 503 because bodies in flight would pass max_body_bytes, or
-        # _MAX_RENDERING renders were already under way.
+        # MAX_RENDERING renders were already under way.
         self.busy = 0
         self._max_body_bytes = max_body_bytes
         self._held = 0  # bytes of bodies being rendered (guessed) or written
@@ -272,7 +277,7 @@ class WebServer:
         # within max_body_bytes (one is always let through), and a crowd of clients that
         # do not read cannot multiply the exposition's size in memory.
         guess = self._sizes.get(kind) or max(self._sizes.values(), default=0)
-        if self._rendering >= _MAX_RENDERING or (
+        if self._rendering >= MAX_RENDERING or (
             self._held and self._held + guess > self._max_body_bytes
         ):
             self.busy += 1

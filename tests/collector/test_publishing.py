@@ -268,7 +268,8 @@ def test_fork_child_never_uses_the_parents_socket(tmp_path, pull):
 def test_a_burst_of_wide_events_is_sent_in_messages_the_daemon_accepts(attach, pull):
     """After a stall the sender batches what queued up; a batch over the daemon's frame
     limit would be refused (and the connection dropped), so it must be split."""
-    from esper_telemetry.defaults import COLLECTOR_MESSAGE_BYTES, DEFAULT_ZMQ_MAX_MESSAGE_BYTES
+    from esper_telemetry.daemon.config import Config
+    from esper_telemetry.defaults import COLLECTOR_MESSAGE_BYTES
 
     groups = {f"layers.{i}.attention.seed_r{i}c{i}.adapter": nn.Linear(2, 2) for i in range(128)}
     for m in groups.values():
@@ -292,7 +293,7 @@ def test_a_burst_of_wide_events_is_sent_in_messages_the_daemon_accepts(attach, p
     assert [e.step for e in events if isinstance(e, Norms)] == list(range(n))
     assert tel.stats()["dropped"] == 0 and tel.stats()["errors"] == 0
     assert len(pull.sizes) >= 2 and max(pull.sizes) <= COLLECTOR_MESSAGE_BYTES
-    assert COLLECTOR_MESSAGE_BYTES * 2 <= DEFAULT_ZMQ_MAX_MESSAGE_BYTES  # the headroom
+    assert COLLECTOR_MESSAGE_BYTES * 2 <= Config().zmq_max_message_bytes  # the headroom
 
 
 def test_close_delivers_captures_still_in_flight(attach, pull, monkeypatch):

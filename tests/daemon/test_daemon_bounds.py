@@ -23,8 +23,8 @@ from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
 from esper_telemetry import GroupNorm, Hello, Norms, encode  # noqa: E402
+from esper_telemetry.daemon.config import Config  # noqa: E402
 from esper_telemetry.daemon.logs import TOTAL  # noqa: E402
-from esper_telemetry.defaults import DEFAULT_ZMQ_MAX_MESSAGE_BYTES  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512
             for step in range(steps):
                 batch = [Norms(run, rank, 1.0, step, False, groups) for rank in range(1, ranks)]
                 per_message = 64
-                assert len(encode(batch[:per_message])) < DEFAULT_ZMQ_MAX_MESSAGE_BYTES
+                assert len(encode(batch[:per_message])) < Config().zmq_max_message_bytes
                 for i in range(0, len(batch), per_message):
                     sock.send(encode(batch[i : i + per_message]))
                     sent += len(batch[i : i + per_message])

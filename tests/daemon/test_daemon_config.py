@@ -4,39 +4,76 @@ from __future__ import annotations
 
 import pytest
 
-from esper_telemetry import defaults as d
+from esper_telemetry import defaults as contract
 from esper_telemetry.daemon.cli import main
-from esper_telemetry.daemon.config import ConfigError, parse_args
+from esper_telemetry.daemon.config import SETTINGS, Config, ConfigError, parse_args
+
+# Every variable the daemon reads, as operators write them (deploy files, README).
+VARIABLES = {
+    "ESPER_ZMQ_LISTEN_ADDRESS",
+    "ESPER_WEB_LISTEN_ADDRESS",
+    "ESPER_ZMQ_MAX_MESSAGE_BYTES",
+    "ESPER_ZMQ_RECEIVE_BUFFER_BYTES",
+    "ESPER_ZMQ_CURVE_SECRET_KEY_FILE",
+    "ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR",
+    "ESPER_WEB_CONFIG_FILE",
+    "ESPER_WEB_TELEMETRY_PATH",
+    "ESPER_WEB_WRITE_TIMEOUT_SECONDS",
+    "ESPER_WEB_MAX_CONNECTIONS",
+    "ESPER_WEB_MAX_SERIES",
+    "ESPER_RUN_TTL_SECONDS",
+    "ESPER_RUN_ENDED_RETENTION_SECONDS",
+    "ESPER_RUN_EVICT_AFTER_SECONDS",
+    "ESPER_LIMITS_MAX_RUNS",
+    "ESPER_LIMITS_MAX_GROUPS_PER_RUN",
+    "ESPER_LIMITS_MAX_RANKS_PER_RUN",
+    "ESPER_QUEUE_SIZE",
+    "ESPER_SHARD_WINDOW_SECONDS",
+    "ESPER_SHUTDOWN_TIMEOUT_SECONDS",
+    "ESPER_SHUTDOWN_LINGER_SECONDS",
+    "ESPER_LOG_LEVEL",
+    "ESPER_LOG_FORMAT",
+}
 
 
-def test_defaults_come_from_the_contract_module():
+def test_each_setting_is_one_row_whose_variable_is_named_after_its_flag():
+    assert [row.env for row in SETTINGS if row.flag == "--limits.max-runs"] == [
+        "ESPER_LIMITS_MAX_RUNS"
+    ]
+    assert {row.env for row in SETTINGS} == VARIABLES and len(SETTINGS) == len(VARIABLES)
+    assert len({row.flag for row in SETTINGS}) == len(SETTINGS)
+
+
+def test_defaults_are_the_rows_and_the_endpoints_are_the_contracts():
     c = parse_args([], environ={})
-    assert c.zmq_listen_addresses == (d.DEFAULT_ZMQ_LISTEN_ADDRESS,)
-    assert c.web_listen_address == ("127.0.0.1", d.DEFAULT_WEB_PORT)
-    assert c.telemetry_path == d.DEFAULT_WEB_TELEMETRY_PATH
-    assert (c.run_ttl_s, c.max_runs, c.max_groups_per_run, c.queue_size) == (
-        d.DEFAULT_RUN_TTL_SECONDS,
-        d.DEFAULT_MAX_RUNS,
-        d.DEFAULT_MAX_GROUPS_PER_RUN,
-        d.DEFAULT_QUEUE_SIZE,
-    )
+    assert c == Config()
+    for row in SETTINGS:
+        if not row.repeatable:
+            assert getattr(c, row.name) == row.parse(row.default), row.flag
+    # Where collectors connect and where top looks, by default, is where the daemon listens.
+    assert c.zmq_listen_addresses == (contract.DEFAULT_ENDPOINT,)
+    assert c.web_listen_address == ("127.0.0.1", contract.DEFAULT_WEB_PORT)
+    assert c.telemetry_path == contract.DEFAULT_WEB_TELEMETRY_PATH
+    # A collector's largest message is half what the daemon takes by default.
+    assert c.zmq_max_message_bytes == 2 * contract.COLLECTOR_MESSAGE_BYTES
+    assert c.zmq_max_message_bytes <= contract.MAX_MESSAGE_BYTES
     assert c.log_level == "info" and c.check_config is False
 
 
 def test_environment_is_used_when_no_flag_and_flags_win():
     env = {
-        d.ENV_ZMQ_LISTEN_ADDRESS: "tcp://0.0.0.0:7000, ipc:///tmp/x.sock",
-        d.ENV_WEB_LISTEN_ADDRESS: ":9999",
-        d.ENV_WEB_TELEMETRY_PATH: "/m",
-        d.ENV_RUN_TTL_SECONDS: "12.5",
-        d.ENV_MAX_RUNS: "7",
-        d.ENV_MAX_GROUPS_PER_RUN: "8",
-        d.ENV_MAX_RANKS_PER_RUN: "9",
-        d.ENV_QUEUE_SIZE: "10",
-        d.ENV_SHARD_WINDOW_SECONDS: "3",
-        d.ENV_SHUTDOWN_TIMEOUT_SECONDS: "4",
-        d.ENV_SHUTDOWN_LINGER_SECONDS: "5",
-        d.ENV_LOG_LEVEL: "DEBUG",
+        "ESPER_ZMQ_LISTEN_ADDRESS": "tcp://0.0.0.0:7000, ipc:///tmp/x.sock",
+        "ESPER_WEB_LISTEN_ADDRESS": ":9999",
+        "ESPER_WEB_TELEMETRY_PATH": "/m",
+        "ESPER_RUN_TTL_SECONDS": "12.5",
+        "ESPER_LIMITS_MAX_RUNS": "7",
+        "ESPER_LIMITS_MAX_GROUPS_PER_RUN": "8",
+        "ESPER_LIMITS_MAX_RANKS_PER_RUN": "9",
+        "ESPER_QUEUE_SIZE": "10",
+        "ESPER_SHARD_WINDOW_SECONDS": "3",
+        "ESPER_SHUTDOWN_TIMEOUT_SECONDS": "4",
+        "ESPER_SHUTDOWN_LINGER_SECONDS": "5",
+        "ESPER_LOG_LEVEL": "DEBUG",
     }
     c = parse_args([], environ=env)
     assert c.zmq_listen_addresses == ("tcp://0.0.0.0:7000", "ipc:///tmp/x.sock")
@@ -101,10 +138,10 @@ def test_check_config_exits_zero_without_binding(capsys):
 
 def test_bad_environment_is_reported_under_the_variable_name(monkeypatch, capsys):
     # The user wrote the variable, not the flag: the error must point at what they wrote.
-    monkeypatch.setenv(d.ENV_MAX_GROUPS_PER_RUN, "-3")
+    monkeypatch.setenv("ESPER_LIMITS_MAX_GROUPS_PER_RUN", "-3")
     assert main(["--check-config"]) == 2
     err = capsys.readouterr().err
-    assert d.ENV_MAX_GROUPS_PER_RUN in err and "--limits.max-groups-per-run" not in err
+    assert "ESPER_LIMITS_MAX_GROUPS_PER_RUN" in err and "--limits.max-groups-per-run" not in err
 
 
 @pytest.mark.parametrize("argv", [["--web.listen-addres=:1"], ["--queue.siz=5"], ["--check"]])

@@ -17,7 +17,7 @@ import procfs
 import pytest
 import zmq
 from daemon_process import scrape_until, spawn
-from daemon_support import get, gn, hello, norms, render, wait_for
+from daemon_support import get, gn, hello, norms, render, wait_for, web_bounds
 from prometheus_client.core import GaugeMetricFamily
 
 from esper_telemetry import encode
@@ -53,7 +53,7 @@ async def _server(n: int = 3, pad: str = "", **kw) -> WebServer:
         _render(n, pad),
         lambda: True,
         logging.getLogger("test.web"),
-        **kw,
+        **web_bounds(**kw),
     )
     web.bound = await web.start()  # type: ignore[attr-defined]
     return web

@@ -13,7 +13,8 @@ import zmq
 from live_daemon import LiveDaemon
 
 from esper_telemetry import GroupNorm, Heartbeat, Norms, encode
-from esper_telemetry.defaults import DEFAULT_ZMQ_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES
+from esper_telemetry.daemon.config import Config
+from esper_telemetry.defaults import MAX_MESSAGE_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +156,7 @@ def _max_size_valid_frame(run: str) -> bytes:
     events: list[Norms] = []
     while True:
         events.append(Norms(run, 0, 1.0, len(events), False, groups))
-        if len(encode(events, seq=0)) > DEFAULT_ZMQ_MAX_MESSAGE_BYTES:
+        if len(encode(events, seq=0)) > Config().zmq_max_message_bytes:
             events.pop()
             return encode(events, seq=0)
 
@@ -164,8 +165,8 @@ def test_rss_stays_under_512_mib_under_max_size_frames_from_several_senders(tmp_
     d = LiveDaemon(tmp_path / "d.log")
     ctx = zmq.Context()
     valid = _max_size_valid_frame("flood")
-    junk = b"\xc1" * DEFAULT_ZMQ_MAX_MESSAGE_BYTES  # malformed, as large as the daemon takes
-    assert len(valid) > DEFAULT_ZMQ_MAX_MESSAGE_BYTES * 0.75
+    junk = b"\xc1" * Config().zmq_max_message_bytes  # malformed, as large as the daemon takes
+    assert len(valid) > Config().zmq_max_message_bytes * 0.75
     stop = threading.Event()
     sent = [0] * 6
 
@@ -224,7 +225,14 @@ def test_drain_measures_quiet_from_the_end_of_a_slow_turn_not_its_start():
         ctx = zmq.asyncio.Context()
         stats = DaemonStats()
         queue = EventQueue(100_000)
-        receiver = Receiver(ctx, ["inproc://drain"], queue, stats)
+        receiver = Receiver(
+            ctx,
+            ["inproc://drain"],
+            queue,
+            stats,
+            max_message_bytes=Config().zmq_max_message_bytes,
+            receive_buffer_bytes=Config().zmq_receive_buffer_bytes,
+        )
         receiver.bind()
         push = zmq.Context.shadow(ctx.underlying).socket(zmq.PUSH)
         push.connect("inproc://drain")

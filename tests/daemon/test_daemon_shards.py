@@ -10,8 +10,8 @@ from daemon_support import get
 from live_daemon import live_daemon
 
 from esper_telemetry import GroupNorm, Hello, Norms, encode
+from esper_telemetry.daemon.config import Config
 from esper_telemetry.daemon.shards import StepAssembly
-from esper_telemetry.defaults import DEFAULT_MAX_RANKS_PER_RUN
 
 
 def test_a_step_is_published_once_the_expected_ranks_reported_with_sums_over_ranks():
@@ -120,7 +120,7 @@ def test_ranks_that_come_and_go_while_no_step_completes_cannot_grow_the_rank_ind
 def test_a_real_daemon_assembles_sharded_steps_of_more_ranks_than_the_default_limit(tmp_path):
     # --limits.max-ranks-per-run reaches the sharded-step assembly: with it at the default
     # (4,096) the assembly's rank index gives up at 8,192 ranks and this job never gets a norm.
-    world = 2 * DEFAULT_MAX_RANKS_PER_RUN + 100
+    world = 2 * Config().max_ranks_per_run + 100
     # One socket sends every rank's report, one message each, in order: the Hello first, so
     # the expected count is the world size and no step is published early.
     frames = [encode(Hello("big", 0, 1.0, world, "h", 1, "0", "", ()), seq=0)]

@@ -9,7 +9,17 @@ import threading
 import urllib.request
 
 import pytest
-from daemon_support import get, gn, host_seed, http_get, norms, parse, render, wait_for
+from daemon_support import (
+    get,
+    gn,
+    host_seed,
+    http_get,
+    norms,
+    parse,
+    render,
+    wait_for,
+    web_bounds,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
@@ -47,7 +57,14 @@ async def test_each_scrape_renders_the_snapshot_taken_on_the_loop_on_another_thr
         return render(_Fixed(snap), fmt)
 
     web = WebServer(
-        "127.0.0.1", 0, "/metrics", snapshot, rendering, lambda: True, logging.getLogger("t.web")
+        "127.0.0.1",
+        0,
+        "/metrics",
+        snapshot,
+        rendering,
+        lambda: True,
+        logging.getLogger("t.web"),
+        **web_bounds(),
     )
     host, port = await web.start()
     try:

@@ -16,6 +16,7 @@ import pytest
 from deploy_support import DEPLOY, ROOT, daemon_command, free_port, load_yaml, stop, wait_until
 
 from esper_telemetry import defaults
+from esper_telemetry.daemon.config import SETTINGS
 
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE = DEPLOY / "docker" / "compose.yaml"
@@ -129,9 +130,7 @@ def test_compose_stack() -> None:
     assert f"127.0.0.1:{defaults.DEFAULT_ZMQ_PORT}:{defaults.DEFAULT_ZMQ_PORT}" in ports
     assert f"127.0.0.1:{defaults.DEFAULT_WEB_PORT}:{defaults.DEFAULT_WEB_PORT}" in ports
     for env in d.get("environment", {}):
-        assert env.startswith("ESPER_") and env in {
-            v for k, v in vars(defaults).items() if k.startswith("ENV_")
-        }, env
+        assert env in {row.env for row in SETTINGS}, env  # the daemon's variables
 
     def mounts(service: str) -> dict:
         out = {}
@@ -191,17 +190,17 @@ def test_compose_daemon_reads_keys_from_read_only_mounts() -> None:
     env = d["environment"]
     mounts = {target: (src, opts) for src, target, opts in map(_volume, d["volumes"])}
     for name in (
-        defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
-        defaults.ENV_WEB_CONFIG_FILE,
-        defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
+        "ESPER_ZMQ_CURVE_SECRET_KEY_FILE",
+        "ESPER_WEB_CONFIG_FILE",
+        "ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR",
     ):
         path = env[name]
         (target,) = [t for t in mounts if path == t or path.startswith(t + "/")]
         assert mounts[target][1] == "ro", f"{name} is under a writable mount"
-    secrets_target = env[defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE].split("/")[1]
+    secrets_target = env["ESPER_ZMQ_CURVE_SECRET_KEY_FILE"].split("/")[1]
     assert mounts["/" + secrets_target][0] == "secrets"
     assert "secrets" in load_yaml(COMPOSE)["volumes"]
-    src, _ = mounts[env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]]
+    src, _ = mounts[env["ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR"]]
     assert (COMPOSE.parent / src).is_dir(), "the authorized-keys folder ships (empty)"
     assert d["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
     assert (

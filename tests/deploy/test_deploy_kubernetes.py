@@ -13,6 +13,7 @@ import pytest
 from deploy_support import DEPLOY, RULES, daemon_command, load_yaml, load_yaml_all, need
 
 from esper_telemetry import defaults
+from esper_telemetry.daemon.config import SETTINGS, Config
 
 K8S = DEPLOY / "kubernetes"
 OPERATOR = K8S / "prometheus-operator"
@@ -70,15 +71,13 @@ def test_probes_and_ports(base) -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http-metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http-metrics"}
     env = {e["name"]: e["value"] for e in c["env"]}
-    known = {v for k, v in vars(defaults).items() if k.startswith("ENV_")}
+    known = {row.env for row in SETTINGS}  # the daemon's variables
     assert set(env) <= known, set(env) - known
-    assert env[defaults.ENV_WEB_LISTEN_ADDRESS] == f"0.0.0.0:{defaults.DEFAULT_WEB_PORT}"
-    assert env[defaults.ENV_ZMQ_LISTEN_ADDRESS] == f"tcp://0.0.0.0:{defaults.DEFAULT_ZMQ_PORT}"
+    assert env["ESPER_WEB_LISTEN_ADDRESS"] == f"0.0.0.0:{defaults.DEFAULT_WEB_PORT}"
+    assert env["ESPER_ZMQ_LISTEN_ADDRESS"] == f"tcp://0.0.0.0:{defaults.DEFAULT_ZMQ_PORT}"
     # Drain deadline fits the grace period.
     grace = base["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert (
-        grace > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
-    )
+    assert grace > Config().shutdown_timeout_s + Config().shutdown_linger_s
 
 
 def test_service_selects_the_pods_and_names_their_ports(base) -> None:
@@ -166,9 +165,9 @@ def test_namespace_labels_are_documented() -> None:
 # --- the secure component, built with kustomize from keys made the documented way ----------
 
 SECURE_ENV = (
-    defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
-    defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
-    defaults.ENV_WEB_CONFIG_FILE,
+    "ESPER_ZMQ_CURVE_SECRET_KEY_FILE",
+    "ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR",
+    "ESPER_WEB_CONFIG_FILE",
 )
 
 
@@ -289,14 +288,14 @@ def test_secure_env_points_into_the_mounts(secure) -> None:
     env = {e["name"]: e["value"] for e in c["env"]}
     mounted = _mounted(secure)
     comp = secure.files / "secure"
-    key_dir, _, key_name = env[defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE].rpartition("/")
+    key_dir, _, key_name = env["ESPER_ZMQ_CURVE_SECRET_KEY_FILE"].rpartition("/")
     assert (
         _data(mounted[key_dir][2], key_name) == (comp / "curve" / "daemon.key_secret").read_bytes()
     )
-    keys = mounted[env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]][2]
+    keys = mounted[env["ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR"]][2]
     assert keys["kind"] == "ConfigMap"
     assert _data(keys, "collector.key") == (comp / "authorized-keys" / "collector.key").read_bytes()
-    web_dir, _, web_name = env[defaults.ENV_WEB_CONFIG_FILE].rpartition("/")
+    web_dir, _, web_name = env["ESPER_WEB_CONFIG_FILE"].rpartition("/")
     web = load_yaml_text(_data(mounted[web_dir][2], web_name))
     # Paths in the web config are relative to its folder: the same Secret holds them.
     for name in (web["tls_server_config"]["cert_file"], web["tls_server_config"]["key_file"]):
@@ -322,7 +321,7 @@ def test_secure_mounts_make_a_configuration_the_daemon_accepts(secure, tmp_path)
     )
     assert result.returncode == 0, result.stderr
     # The check reads the mounted files: a web config naming a file the Secret lacks fails.
-    web = Path(env[defaults.ENV_WEB_CONFIG_FILE])
+    web = Path(env["ESPER_WEB_CONFIG_FILE"])
     web.write_text(web.read_text().replace("cert_file: tls.crt", "cert_file: server.crt"))
     result = subprocess.run(
         [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30

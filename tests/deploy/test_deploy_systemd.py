@@ -10,6 +10,7 @@ import pytest
 from deploy_support import DEPLOY, daemon_command
 
 from esper_telemetry import defaults
+from esper_telemetry.daemon.config import SETTINGS, Config
 
 UNIT = DEPLOY / "systemd" / "esper-telemetryd.service"
 SECURE = DEPLOY / "systemd" / "esper-telemetryd.service.d" / "secure.conf"
@@ -25,7 +26,10 @@ COLLECTOR_ENV = {
 
 
 def daemon_env_names() -> set:
-    return {v for k, v in vars(defaults).items() if k.startswith("ENV_")} - COLLECTOR_ENV
+    """The daemon's variables: one per row of its settings table."""
+    names = {row.env for row in SETTINGS}
+    assert not names & COLLECTOR_ENV
+    return names
 
 
 def unit(path=UNIT) -> dict[str, dict[str, list[str]]]:
@@ -75,10 +79,7 @@ def test_unit_runs_the_daemon_and_checks_config_first() -> None:
     assert s["KillSignal"] == ["SIGTERM"]
     # Graceful shutdown (drain + linger, by default 10 s + 0 s) fits in the stop timeout.
     stop_s = int(re.fullmatch(r"(\d+)s", s["TimeoutStopSec"][0]).group(1))
-    assert (
-        stop_s
-        > defaults.DEFAULT_SHUTDOWN_TIMEOUT_SECONDS + defaults.DEFAULT_SHUTDOWN_LINGER_SECONDS
-    )
+    assert stop_s > Config().shutdown_timeout_s + Config().shutdown_linger_s
     assert int(s["LimitNOFILE"][0]) >= 65536
     assert unit()["Install"]["WantedBy"] == ["multi-user.target"]
 
@@ -100,16 +101,18 @@ def test_env_file_documents_exactly_the_daemon_settings() -> None:
 
 
 def test_env_file_defaults_match_the_code() -> None:
+    # Every commented default is the row's, read by the row's own parser (the three
+    # credentials' lines show where an installed service finds them instead).
     env = env_file()
-    d = defaults
-    assert env[d.ENV_ZMQ_LISTEN_ADDRESS] == d.DEFAULT_ZMQ_LISTEN_ADDRESS
-    assert env[d.ENV_WEB_LISTEN_ADDRESS] == d.DEFAULT_WEB_LISTEN_ADDRESS
-    assert env[d.ENV_WEB_TELEMETRY_PATH] == d.DEFAULT_WEB_TELEMETRY_PATH
-    assert float(env[d.ENV_RUN_TTL_SECONDS]) == d.DEFAULT_RUN_TTL_SECONDS
-    assert int(env[d.ENV_MAX_RUNS]) == d.DEFAULT_MAX_RUNS
-    assert int(env[d.ENV_MAX_GROUPS_PER_RUN]) == d.DEFAULT_MAX_GROUPS_PER_RUN
-    assert int(env[d.ENV_QUEUE_SIZE]) == d.DEFAULT_QUEUE_SIZE
-    assert env[d.ENV_LOG_LEVEL] == d.DEFAULT_LOG_LEVEL
+    checked = 0
+    for row in SETTINGS:
+        if row.env in SECURE_ENV:
+            continue
+        text = env[row.env]
+        value = row.parse(tuple(text.split(",")) if row.repeatable else text)
+        assert value == getattr(Config(), row.name), f"{row.env}={text}"
+        checked += 1
+    assert checked == len(SETTINGS) - len(SECURE_ENV)
 
 
 def test_env_file_is_accepted_by_the_daemon() -> None:
@@ -121,7 +124,7 @@ def test_env_file_is_accepted_by_the_daemon() -> None:
     )
     assert result.returncode == 0, result.stderr
     # ... and a typo in a value is refused (the check is real).
-    env[defaults.ENV_RUN_TTL_SECONDS] = "five minutes"
+    env["ESPER_RUN_TTL_SECONDS"] = "five minutes"
     result = subprocess.run(
         [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
     )
@@ -157,9 +160,9 @@ def test_daemon_reads_every_documented_variable() -> None:
 
 
 SECURE_ENV = {
-    defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE,
-    defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR,
-    defaults.ENV_WEB_CONFIG_FILE,
+    "ESPER_ZMQ_CURVE_SECRET_KEY_FILE",
+    "ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR",
+    "ESPER_WEB_CONFIG_FILE",
 }
 
 
@@ -181,7 +184,7 @@ def test_secure_dropin_hands_secrets_in_as_credentials() -> None:
     env, creds = secure_env(), credentials()
     assert set(env) == SECURE_ENV
     # The secret key and the web configuration are systemd's copies of credentials.
-    for name in (defaults.ENV_ZMQ_CURVE_SECRET_KEY_FILE, defaults.ENV_WEB_CONFIG_FILE):
+    for name in ("ESPER_ZMQ_CURVE_SECRET_KEY_FILE", "ESPER_WEB_CONFIG_FILE"):
         folder, _, cred = env[name].rpartition("/")
         assert folder == CREDENTIALS and cred in creds, env[name]
     assert creds["daemon.key_secret"].endswith("/daemon.key_secret")
@@ -191,7 +194,7 @@ def test_secure_dropin_hands_secrets_in_as_credentials() -> None:
     for source in creds.values():
         assert source.startswith("/etc/esper-telemetryd/private/"), source
     # Public keys: a plain path, re-readable (a credential is copied once at start).
-    keys_dir = env[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR]
+    keys_dir = env["ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR"]
     assert not keys_dir.startswith("/run/credentials/") and keys_dir not in creds.values()
     # The env file documents the same paths.
     documented = env_file()
@@ -223,9 +226,7 @@ def test_secure_dropin_settings_pass_the_daemons_check(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin"}
     for name, value in secure_env().items():
         value = value.replace(CREDENTIALS, str(creds))
-        env[name] = value.replace(
-            secure_env()[defaults.ENV_ZMQ_CURVE_AUTHORIZED_KEYS_DIR], str(keys)
-        )
+        env[name] = value.replace(secure_env()["ESPER_ZMQ_CURVE_AUTHORIZED_KEYS_DIR"], str(keys))
     result = subprocess.run(
         [*daemon_command(), "--check-config"], env=env, capture_output=True, text=True, timeout=30
     )

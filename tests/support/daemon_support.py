@@ -161,6 +161,16 @@ def make_config(**overrides: object) -> Config:
     return dataclasses.replace(base, **overrides)
 
 
+def web_bounds(**overrides: object) -> dict[str, object]:
+    """The ``WebServer``'s bounds as the daemon's defaults set them, but ``overrides``."""
+    c = Config()
+    return {
+        "write_timeout_s": c.web_write_timeout_s,
+        "max_connections": c.web_max_connections,
+        **overrides,
+    }
+
+
 def make_limits(**overrides: object) -> Limits:
     """The aggregator's limits as the daemon's defaults make them, but ``overrides``."""
     return dataclasses.replace(limits(Config()), **overrides)
