@@ -89,6 +89,7 @@ class Pending:
         "amp",
         "finish",
         "abandoned",
+        "holding",
     )
 
     def __init__(
@@ -116,6 +117,7 @@ class Pending:
         # A launch that failed part-way (see Telemetry._abandon): its events only mark the
         # side streams' queued work done; it is released then, never read or published.
         self.abandoned = False
+        self.holding: Any = None  # what the rank counts of each group (fingerprint.Holding)
         # A CUDA device of this capture: the thread makes it current before querying, or the
         # runtime would create a context on device 0 for this thread (in every rank).
         self.device: int | None = plan.cuda[0].device.index if getattr(plan, "cuda", None) else None

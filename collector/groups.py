@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -521,8 +522,14 @@ def build_specs(
 
 
 def total_params(params: Sequence[torch.Tensor]) -> int:
-    """Logical scalar count; a DTensor reports its global size, so shards count once."""
-    return sum(p.numel() for p in params)
+    """Logical scalar count; a DTensor reports its global size, so shards count once (so
+    does a local shard carrying its DTensor's spec: DDP around tensor parallel)."""
+    return sum(_numel(p) for p in params)
+
+
+def _numel(p: torch.Tensor) -> int:
+    shape = getattr(getattr(p, "_st_info", None), "shape", None)
+    return p.numel() if shape is None else math.prod(shape)
 
 
 def structural_names(structural: Any, specs: Sequence[GroupSpec]) -> tuple[str, ...]:

@@ -14,8 +14,10 @@ rank of the world, whatever the mesh, without a collective in the training proce
 "The mesh" is the largest mesh among every watched DTensor's (this rank in it). A DTensor
 on a sub-mesh of it (FSDP2 + tensor parallel shards a LayerNorm over the data-parallel
 sub-mesh only) is replicated along the dimensions its sub-mesh does not span, and counts
-only at coordinate 0 of those. Dimensions no DTensor spans (a pipeline stage, plain DDP
-around a DTensor model) are invisible here: they are not corrected for.
+only at coordinate 0 of those. Dimensions no DTensor spans (a pipeline stage, DDP around a
+tensor-parallel model, experts split over ranks as plain modules) are invisible here: the
+fingerprint of what this rank counts (``fingerprint.py``) tells the daemon which ranks hold
+the same elements there (replicas, counted once) and which hold others (parts, added).
 
 Importing ``torch.distributed.tensor`` costs about half a second, so it is never imported
 here: a DTensor cannot exist before something else imported that module.
@@ -29,7 +31,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Layout", "layout", "local_grads", "is_dtensor", "UnmeasurableGradient", "unmeasurable"]
+__all__ = [
+    "Layout",
+    "layout",
+    "spec_of",
+    "local_grads",
+    "is_dtensor",
+    "UnmeasurableGradient",
+    "unmeasurable",
+]
 
 
 def _dtensor_type() -> type | None:
@@ -57,7 +67,8 @@ def unmeasurable(reasons: dict[str, str]) -> UnmeasurableGradient:
 class Layout(NamedTuple):
     """How the watched groups are laid out over the world, as seen from this rank.
 
-    ``sharded``: per group, whether the daemon adds the ranks' values (else takes any one).
+    ``sharded``: per group, whether this rank's value is only its contribution (``local``):
+    the daemon combines the ranks' values; else it is the group's.
     ``counted``: per flat parameter, whether this rank adds its squares; None when every
     one is (no mask, the common case). ``placements``: per flat parameter its DTensor
     placements (None for a plain tensor); None when no parameter is a DTensor.
@@ -69,35 +80,58 @@ class Layout(NamedTuple):
     placements: tuple[Any, ...] | None
 
 
-def layout(group_params: Sequence[Sequence[torch.Tensor]], forced: bool | None) -> Layout:
-    """The layout of ``group_params`` (resolved groups, in group order).
+def spec_of(p: torch.Tensor) -> tuple[Any, tuple[Any, ...]] | None:
+    """A DTensor's mesh and placements, or None for a plain tensor.
 
-    ``forced`` is attach's ``sharded=``. A group is sharded when it holds a DTensor, unless
-    ``forced`` says otherwise. A forced sharded group without DTensors holds the user's own
-    shards: every rank counts them. A forced replicated group counts everything: each rank's
-    value is the group's.
+    A plain Parameter carrying ``_st_info`` is a DTensor's local shard made a Parameter by
+    ``DistributedDataParallel(..., device_mesh=...)`` around a tensor-parallel model (torch's
+    ``_localize_dtensor``): it keeps the DTensor's spec there, and is a shard like it.
+    """
+    cls = _dtensor_type()
+    if cls is not None and isinstance(p, cls):
+        return p.device_mesh, p.placements
+    info = getattr(p, "_st_info", None)
+    if info is not None and hasattr(info, "mesh") and hasattr(info, "placements"):
+        return info.mesh, tuple(info.placements)
+    return None
+
+
+def layout(
+    group_params: Sequence[Sequence[torch.Tensor]], forced: bool | None, world: int = 1
+) -> Layout:
+    """The layout of ``group_params`` (resolved groups, in group order) on a world of ``world``.
+
+    ``forced`` is attach's ``sharded=``. A group is sharded (its value is this rank's
+    contribution) when it holds a DTensor, or in a world of several ranks: a rank cannot see
+    whether the others hold the same parameters (DDP) or others (a pipeline stage, its own
+    experts), so its value is the group's only if attach says so (``sharded=False``), and the
+    daemon combines the ranks' values by their fingerprints. A forced sharded group without
+    DTensors holds the user's own shards: every rank counts them. A forced replicated group
+    counts everything: each rank's value is the group's.
     """
     flat = [p for ps in group_params for p in ps]
     owner = tuple(gi for gi, ps in enumerate(group_params) for _ in ps)
-    cls = _dtensor_type()
-    is_dt = [cls is not None and isinstance(p, cls) for p in flat]
-    if not any(is_dt):
-        return Layout([bool(forced)] * len(group_params), None, owner, None)
+    specs = [spec_of(p) for p in flat]
+    several = world > 1
+    if not any(specs):
+        return Layout(
+            [several if forced is None else forced] * len(group_params), None, owner, None
+        )
     has_dt = [False] * len(group_params)
-    for i, d in enumerate(is_dt):
-        has_dt[owner[i]] = has_dt[owner[i]] or d
-    sharded = [has if forced is None else forced for has in has_dt]
-    space = _MeshSpace([p.device_mesh for p, d in zip(flat, is_dt) if d])
+    for i, spec in enumerate(specs):
+        has_dt[owner[i]] = has_dt[owner[i]] or spec is not None
+    sharded = [has or several if forced is None else forced for has in has_dt]
+    space = _MeshSpace([spec[0] for spec in specs if spec is not None])
     counted = []
-    for i, p in enumerate(flat):
+    for i, spec in enumerate(specs):
         g = owner[i]
         if not sharded[g] or not has_dt[g]:  # replicated semantics, or the user's own shards
             counted.append(True)
-        elif is_dt[i]:
-            counted.append(space.counts(p.device_mesh, p.placements))
+        elif spec is not None:
+            counted.append(space.counts(*spec))
         else:
             counted.append(space.first())
-    placements = tuple(p.placements if d else None for p, d in zip(flat, is_dt))
+    placements = tuple(None if spec is None else spec[1] for spec in specs)
     return Layout(sharded, None if all(counted) else counted, owner, placements)
 
 

@@ -27,6 +27,7 @@ from esper_telemetry.events import (
 from esper_telemetry.ratio import seed_ratio
 from esper_telemetry.version import __version__
 
+from .fingerprint import Holding
 from .groups import GroupSpec
 from .plan import Plan
 from .publisher import Publisher
@@ -55,8 +56,16 @@ class Reporter:
         # Device conditions already reported, so each is sent once per change.
         self._reported: dict[tuple[str, str], tuple[str, ...]] = {}
 
-    def hello(self, counts: Sequence[int]) -> None:
-        decls = tuple(GroupDecl(s.name, s.role, c, s.isolated) for s, c in zip(self._specs, counts))
+    def hello(self, counts: Sequence[int], holding: Holding | None = None) -> None:
+        """Announce the collector and its groups: with ``holding``, each group's fingerprint
+        and the elements this rank counts of it (else ``counts``, the logical counts)."""
+        if holding is not None:
+            counts = holding.counted
+        fingerprints = holding.fingerprints if holding is not None else (None,) * len(counts)
+        decls = tuple(
+            GroupDecl(s.name, s.role, c, s.isolated, f)
+            for s, c, f in zip(self._specs, counts, fingerprints)
+        )
         self._publisher.publish(
             Hello(
                 self.run,
@@ -80,10 +89,13 @@ class Reporter:
         sq_row: Sequence[float],
         nf_row: Sequence[float],
         stale: frozenset[str] = frozenset(),
+        holding: Holding | None = None,
     ) -> CaptureResult:
         """Publish one completed capture (and its isolation violations); the in-process result.
 
         ``stale``: groups that can no longer be followed, marked so in the result.
+        ``holding``: what this rank counts of each group (``fingerprint.py``), as the wire
+        carries it: each group's fingerprint, its ``params`` the elements counted here.
         """
         results: dict[str, GroupResult] = {}
         wire: list[GroupNorm] = []
@@ -102,10 +114,16 @@ class Reporter:
                 spec.name in stale,
             )
             results[spec.name] = r
-            wire_sq = sq
             wire.append(
                 GroupNorm(
-                    spec.name, spec.role, r.params, wire_sq, r.nonfinite, r.sharded, spec.isolated
+                    spec.name,
+                    spec.role,
+                    r.params if holding is None else holding.counted[gi],
+                    sq,
+                    r.nonfinite,
+                    r.sharded,
+                    spec.isolated,
+                    None if holding is None else holding.fingerprints[gi],
                 )
             )
         ratios: dict[str, float] = {}

@@ -26,6 +26,7 @@ from esper_telemetry.events import Goodbye
 
 from .completion import CompletionThread, Pending
 from .eager import eager
+from .fingerprint import Holding, holding, names_of
 from .groups import GroupSpec, disjoint, registration_generation, stale_groups, total_params
 from .hooks import Amp, StepHooks
 from .isolation import StructuralCheck
@@ -74,6 +75,7 @@ class Telemetry:
         self._flat: tuple[torch.Tensor, ...] = ()
         self._group_params: list[tuple[torch.Tensor, ...]] = []
         self._counts: list[int] = []
+        self._holding: Holding | None = None  # set with the groups (_resolve)
         self._layout: Layout = layout([], None)  # set with the groups (_resolve)
         self._sharded: list[bool] = []
         self._dtensor = False
@@ -124,7 +126,7 @@ class Telemetry:
         self._completion = CompletionThread(
             self._on_done, self.report_error, lambda p: self._staging.give(p.staging)
         )
-        self._reporter.hello(self._counts)
+        self._reporter.hello(self._counts, self._holding)
         _live.add(self)
         atexit.register(_close_at_exit, weakref.WeakMethod(self.close))
 
@@ -310,6 +312,7 @@ class Telemetry:
         held = grads if plan.cuda else []
         pending = Pending(step, time.time(), skipped, plan, held, staging, events, finish)
         pending.amp = pair
+        pending.holding = self._holding
         # A CPU capture is complete: the completion thread may take it at its next look.
         self._completion.submit(pending, wake=bool(events))
 
@@ -358,7 +361,13 @@ class Telemetry:
             self._flat = tuple(p for ps in group_params for p in ps)
             self._counts = [total_params(ps) for ps in group_params]
             # Sharded groups and what this rank counts of them (placement): each element once.
-            self._layout = layout(group_params, self.options.sharded)
+            self._layout = layout(group_params, self.options.sharded, self.world_size)
+            # And what it counts, as the daemon compares it across ranks (fingerprint).
+            roots = [s._root() for s in self._specs if s._root is not None]
+            names = names_of(roots[0] if roots else None, [s.module for s in self._specs])
+            self._holding = holding(
+                group_params, self._layout, names, self.rank, self.options.sharded
+            )
             self._sharded = self._layout.sharded
             self._dtensor = self._layout.placements is not None
             self._structural.watch(self._specs)
@@ -411,6 +420,7 @@ class Telemetry:
             sq_row,
             nf_row,
             frozenset(self._stale),
+            pending.holding,
         )
         self._staging.give(pending.staging)
 

@@ -8,11 +8,14 @@ Semantics (docs/daemon.md has the operator's version):
   ended; an expired one goes at once. Its counters only go up while it lives; a run that
   comes back (any event but a goodbye, also during the retention) starts again from zero.
 - Admission: when the run table is full, a new run takes the place of, in this order, the
-  ended run that ended first, the longest-idle run that never sent norms, or the
-  longest-idle run with norms once it has been idle for ``evict_after_s``; each counted in
-  ``DaemonStats.evicted`` by that reason. Only when none of them exists is the new run
-  refused (``overflow["runs"]``): a flood of junk run names cannot lock out a collector
-  that arrives later, nor push out a run that is still sending.
+  ended run that ended first, the longest-idle run that never sent norms, the longest-idle
+  run with norms once it has been idle for ``evict_after_s``, or the longest-idle young run
+  once quiet for ``YOUNG_IDLE_S`` (young: with norms, heard from for less than
+  ``ESTABLISHED_AFTER_S``; a burst of junk names is); each counted in ``DaemonStats.evicted``
+  by that reason. Only when none of them exists is the new run refused
+  (``overflow["runs"]``): a flood of junk run names, each sending anything for less than
+  ``ESTABLISHED_AFTER_S``, cannot lock out a collector that arrives later, nor push out an
+  established run that is still sending.
 - Replicated groups (``sharded`` false) take the capture of the highest step, whichever rank
   sent it (a rank going back to a lower step is that rank restarting, and is taken).
 - Time is the daemon's: a run's latest capture is dated when it was applied (``now``), in
@@ -55,7 +58,6 @@ import operator
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from esper_telemetry.events import (
     DeviceMismatch,
@@ -69,19 +71,24 @@ from esper_telemetry.events import (
 )
 
 from .fastdecode import WIRE_NORMS, NormsV1, NormsV2, NormsV3
+from .layout import Entry, Published, RunLayout
 from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DaemonStats
 
-__all__ = ["Aggregator", "Limits", "MAX_KINDS"]
+__all__ = ["Aggregator", "Limits", "MAX_KINDS", "ESTABLISHED_AFTER_S", "YOUNG_IDLE_S"]
 
 _log = logging.getLogger(__name__)
 
 # Distinct label values kept per group (violation kinds) and per run (mismatch kinds).
 MAX_KINDS = 16
+# A run with norms is young until its events span this long (two heartbeats of a real
+# collector); a young run quiet for YOUNG_IDLE_S gives way when the run table is full.
+ESTABLISHED_AFTER_S = 10.0
+YOUNG_IDLE_S = 1.0
 
-WireNorms = Union[NormsV3, NormsV2, NormsV1]
+WireNorms = NormsV3 | NormsV2 | NormsV1
 # Unix time minus monotonic time when the daemon started; ``tick`` keeps it current.
 _UNIX_OFFSET = time.time() - time.monotonic()
 _chain = itertools.chain.from_iterable
@@ -89,6 +96,14 @@ _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
 _name_of = operator.itemgetter(0)
 _group_norm = GroupNorm._make
+_NO_FINGERPRINT = (None,)
+
+
+def _group_records(groups: tuple[tuple, ...]) -> tuple[GroupNorm, ...]:
+    """A wire message's group tuples as records (schema 1 and 2 ones without fingerprint)."""
+    if groups and len(groups[0]) == 7:
+        return tuple([_group_norm(g + _NO_FINGERPRINT) for g in groups])
+    return tuple(map(_group_norm, groups))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +132,7 @@ class _Group:
         "violations",
         "violation_step",
         "stale",
+        "inconsistent",
     )
 
     def __init__(self) -> None:
@@ -131,6 +147,8 @@ class _Group:
         self.violations: dict[str, int] = {}
         self.violation_step = -1
         self.stale = False  # the collector reported it can no longer follow the group
+        # Why its ranks contradict its latest complete step (layout.py); None: they do not.
+        self.inconsistent: str | None = None
 
 
 class _Run:
@@ -149,6 +167,9 @@ class _Run:
         "mismatch",
         "shards",
         "ended_at",
+        "layout",
+        "first_seen",
+        "young",
     )
 
     def __init__(self, now: float, limits: Limits) -> None:
@@ -166,6 +187,10 @@ class _Run:
         self.mismatch: dict[str, int] = {}
         self.shards = StepAssembly(limits.shard_window_s, limits.max_ranks_per_run)
         self.ended_at: float | None = None  # when the last rank said goodbye
+        self.first_seen = now
+        self.young = False  # has norms, heard from for less than ESTABLISHED_AFTER_S
+        # Groups with fingerprints (schema 3): holders, classes, steps (layout.py).
+        self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run)
 
 
 class Aggregator:
@@ -186,6 +211,7 @@ class Aggregator:
         # for evict_after_s as of the latest scan (runs that cross the line later are all
         # younger, so the order holds; each is checked again when its turn comes).
         self._no_norms: OrderedDict[str, None] = OrderedDict()
+        self._young: OrderedDict[str, None] = OrderedDict()  # reordered like _no_norms
         self._ended: OrderedDict[str, float] = OrderedDict()
         self._idle: deque[tuple[float, str]] = deque()
         self._idle_scanned = float("nan")
@@ -250,14 +276,19 @@ class Aggregator:
             if run.last_seen < cutoff:
                 del self._runs[name]
                 self._no_norms.pop(name, None)
+                self._young.pop(name, None)
                 self._stats.expired_runs += 1
                 self._log.info("run expired after %gs without events: %s", self._limits.ttl_s, name)
                 continue
             stale = [r for r, t in run.ranks.items() if t < cutoff]
             for r in stale:
                 del run.ranks[r]
+                self._leave(run, r)
             if len(run.shards):
                 run.shards.expire(now)
+            if run.layout.groups:
+                done, _ = run.layout.tick(run.world_size, now)
+                self._published(run, done)
 
     # --- the run, its ranks, its groups ---------------------------------------------------
 
@@ -296,6 +327,8 @@ class Aggregator:
             self.sequences.forget(name)  # a run created anew counts its losses from zero
         elif not run.captures:
             self._no_norms.move_to_end(name)
+        elif run.young:
+            self._keep_young(name, run)
         ranks = run.ranks
         if rank not in ranks:
             if len(ranks) >= self._limits.max_ranks_per_run:
@@ -328,13 +361,14 @@ class Aggregator:
                 run = self._runs.get(name)
                 if run is not None and run.last_seen == last_seen and last_seen <= cutoff:
                     del self._runs[name]
+                    self._young.pop(name, None)
                     evicted["idle"] += 1
                     self._log.debug(
                         "run evicted, table full and idle for %gs: %s", now - last_seen, name
                     )
                     return True
             if self._idle_scanned == now:
-                return False
+                break
             # At most one scan per ``now`` (the pump gives a whole turn one ``now``), so a
             # flood that is refused costs one pass over the table per turn, not per event.
             self._idle_scanned = now
@@ -345,6 +379,25 @@ class Aggregator:
                     if run.last_seen <= cutoff
                 )
             )
+        young = self._young
+        if young and self._runs[next(iter(young))].last_seen <= now - YOUNG_IDLE_S:
+            name, _ = young.popitem(last=False)
+            del self._runs[name]
+            evicted["young"] += 1
+            self._log.debug("run evicted, table full and it was heard from only briefly: %s", name)
+            return True
+        return False
+
+    def _keep_young(self, name: str, run: _Run) -> None:
+        """Heard from again: a young run moves to the back of the young ones, or has become
+        established (its events span ``ESTABLISHED_AFTER_S``) and leaves them."""
+        young = self._young
+        if self._now - run.first_seen >= ESTABLISHED_AFTER_S:
+            run.young = False
+            young.pop(name, None)
+        else:
+            young[name] = None
+            young.move_to_end(name)
 
     def _set_world(self, run: _Run, world: int) -> None:
         """A new world size for ``run``: ranks outside it leave, and waiting sharded steps it
@@ -352,6 +405,7 @@ class Aggregator:
         run.world_size = world
         for rank in [r for r in run.ranks if r >= world]:
             del run.ranks[rank]
+            self._leave(run, rank)
         if len(run.shards):
             for step, totals in run.shards.settle(world):
                 self._publish_step(step, totals)
@@ -386,7 +440,8 @@ class Aggregator:
         going back to an older step from another rank) the last event holds every value
         that applying them in order leaves, and the others only count: it is applied once.
         Anything else (a new run, rank or group, a step going back, a group missing from
-        the last event) is applied event by event as records, exactly as ``decode``'s.
+        the last event, a fingerprinted group of a run of several ranks, which layout.py
+        assembles by step) is applied event by event as records, exactly as ``decode``'s.
         """
         first = events[0]
         last = events[-1]
@@ -397,6 +452,8 @@ class Aggregator:
         # A rank the run holds is inside its world (a new world size drops the others).
         if run is None or rank not in run.ranks or (world is not None and world != run.world_size):
             return self._wire_norms_as_records(events)
+        v3 = type(last) is NormsV3
+        several = v3 and (len(run.ranks) > 1 or run.world_size > 1)
         groups = run.groups
         last_groups = last.groups
         n = len(events)
@@ -405,7 +462,15 @@ class Aggregator:
         ):
             return self._wire_norms_as_records(events)
         step = last.step
-        for name, role, params, sq, _nonfinite, _sharded, isolated in last_groups:
+        for entry in last_groups:
+            if v3:
+                name, role, params, sq, _nonfinite, _sharded, isolated, fingerprint = entry
+                if fingerprint is not None and several:
+                    # Fingerprinted groups of several ranks are assembled by step
+                    # (layout.py); one rank's value is its group's.
+                    return self._wire_norms_as_records(events)
+            else:
+                name, role, params, sq, _nonfinite, _sharded, isolated = entry
             group = groups.get(name)
             if group is None or (step < group.step and rank != group.rank):
                 # The groups already set hold the last event's values with this rank,
@@ -421,7 +486,10 @@ class Aggregator:
         run.ranks[rank] = run.last_seen = run.captured_at = self._now
         if not run.captures:
             self._no_norms.pop(run_name, None)
+            run.young = True
         run.captures += n
+        if run.young:
+            self._keep_young(run_name, run)
         if (
             step >= run.last_step
             or rank == run.last_rank
@@ -442,7 +510,7 @@ class Aggregator:
                     e.time,
                     e.step,
                     e.skipped,
-                    tuple(map(_group_norm, e.groups)),
+                    _group_records(e.groups),
                     e.world,
                     e.seq,
                 )
@@ -469,25 +537,35 @@ class Aggregator:
                 self._set_world(run, world)
         if not run.captures:
             self._no_norms.pop(run_name, None)
+            run.young = True
         run.captures += 1
         run.captured_at = self._now
+        if run.young:
+            self._keep_young(run_name, run)
         if step >= run.last_step or rank == run.last_rank:
             run.last_step = step
             run.last_rank = rank
             run.last_time = time_
         groups = run.groups
         shards = None
-        for name, role, params, sq, nonfinite, sharded, isolated in group_norms:
+        fingerprinted = None
+        for name, role, params, sq, nonfinite, sharded, isolated, fingerprint in group_norms:
             group = groups.get(name)
             if group is None:
                 group = self._group(run, name)
                 if group is None:
                     continue
             group.role = role
-            group.params = params
             group.isolated = isolated
             if nonfinite:
                 group.nonfinite += 1
+            if fingerprint is not None:
+                # Schema 3: counted once per class of fingerprints, by step (layout.py).
+                if fingerprinted is None:
+                    fingerprinted = []
+                fingerprinted.append(Entry(name, fingerprint, params, sq, not sharded))
+                continue
+            group.params = params
             if sharded:
                 if shards is None:
                     shards = []
@@ -501,6 +579,9 @@ class Aggregator:
                 group.captured = True
         if shards is not None:
             self._shard(run, rank, step, shards)
+        if fingerprinted is not None:
+            steps = run.layout.norms(rank, step, fingerprinted, run.world_size, self._now)
+            self._published(run, steps)
 
     def _shard(
         self, run: _Run, rank: int, step: int, shards: list[tuple[_Group, float | None]]
@@ -514,6 +595,51 @@ class Aggregator:
             self._stats.overflow["pending_steps"] += 1
         if totals is not None:
             self._publish_step(step, totals)
+
+    # --- fingerprinted groups (schema 3): their steps and flags come from layout.py -------
+
+    def _published(self, run: _Run, steps: Sequence[tuple[str, Published]]) -> None:
+        """Set the complete steps of fingerprinted groups; log each group's first flag."""
+        for name, p in steps:
+            group = run.groups.get(name)
+            if group is None:
+                continue
+            group.sq = p.sq
+            group.step = p.step
+            group.params = p.params
+            group.captured = True
+            group.inconsistent = p.inconsistent
+            layout = run.layout.groups[name]
+            if p.inconsistent is not None and not layout.warned:
+                layout.warned = True
+                self._log.warning(
+                    "group inconsistent: run=%s group=%s reason=%s step=%d holders=%d "
+                    "fingerprints=%d: %s; its norm and ratio are withheld",
+                    next(n for n, r in self._runs.items() if r is run),
+                    name,
+                    p.inconsistent,
+                    p.step,
+                    len(layout.holders),
+                    len({h.fingerprint for h in layout.holders.values()}),
+                    _WHY[p.inconsistent],
+                )
+
+    def _leave(self, run: _Run, rank: int) -> None:
+        """``rank`` is gone (goodbye, expired, outside the world): it holds no group now."""
+        if run.layout.groups:
+            self._published(run, run.layout.leave(rank, run.world_size, self._now))
+
+    def _announce(self, run: _Run, ev: Hello) -> None:
+        """A Hello's fingerprinted groups: the rank holds exactly these (layout.py)."""
+        held = [
+            (d.name, d.fingerprint, d.params)
+            for d in ev.groups
+            if d.fingerprint is not None and d.name in run.groups
+        ]
+        done = run.layout.announce(ev.rank, held, run.world_size, self._now)
+        for name, _, _ in held:
+            run.groups[name].params = run.layout.groups[name].params
+        self._published(run, done)
 
     def _publish_step(self, step: int, totals: dict[_Group, float | None]) -> None:
         for group, sq in totals.items():
@@ -536,6 +662,8 @@ class Aggregator:
                 group.params = decl.params
                 group.isolated = decl.isolated
                 group.stale = False  # a collector attaching anew follows what it declares
+        if any(decl.fingerprint is not None for decl in ev.groups):
+            self._announce(run, ev)
         self._log.info(
             "collector hello: run=%s rank=%d world_size=%d host=%s pid=%d "
             "library=%s torch=%s groups=%d",
@@ -610,10 +738,12 @@ class Aggregator:
         if run is None or run.ended_at is not None:
             return
         run.ranks.pop(ev.rank, None)
+        self._leave(run, ev.rank)
         if not run.ranks:
             self._stats.ended_runs += 1
             self._log.info("run ended (every rank said goodbye): %s", ev.run)
             self._no_norms.pop(ev.run, None)
+            self._young.pop(ev.run, None)
             if self._limits.ended_retention_s > 0:
                 run.ended_at = self._now
                 self._ended[ev.run] = self._now
@@ -649,6 +779,7 @@ class Aggregator:
                     dict(g.violations),
                     g.violation_step,
                     g.stale,
+                    g.inconsistent,
                 )
                 for gname, g in run.groups.items()
             )
@@ -661,11 +792,11 @@ class Aggregator:
                     0.0 if run.captured_at is None else run.captured_at + unix,
                     collectors,
                     run.dropped,
-                    run.shards.incomplete,
+                    run.shards.incomplete + run.layout.incomplete(),
                     dict(run.mismatch),
                     groups,
                     run.ended_at is not None,
-                    run.shards.dropped_reports,
+                    run.shards.dropped_reports + run.layout.dropped_reports(),
                     collector_time=run.last_time,
                 )
             )
@@ -685,6 +816,14 @@ class Aggregator:
             refused=dict(s.refused),
             world_unknown_steps=s.world_unknown_steps,
         )
+
+
+_WHY = {
+    "values": "ranks holding the same parameters report different values for one step "
+    "(parameters left out of the gradient all-reduce?)",
+    "contents": "ranks treat the group as replicated but hold different parameters "
+    "(parameters that differ per rank inside DDP, or sharded=False over parts)",
+}
 
 
 def _bump(counts: dict[str, int], key: str) -> bool:

@@ -78,14 +78,14 @@ RUN_FAMILIES: tuple[Family, ...] = (
         "gauge",
         "L2 norm of the group's gradient at its latest capture (sharded groups: over all "
         "ranks of the latest complete step); +Inf or NaN when the gradient held Inf or "
-        "NaN. Absent while the group has no gradient or is stale.",
+        "NaN. Absent while the group has no gradient, is stale or is inconsistent.",
         _RG,
     ),
     Family(
         "esper_group_has_gradient",
         "gauge",
         "1 if any parameter of the group had a gradient at its latest capture (finite or "
-        "not), else 0. Absent while the group is stale.",
+        "not), else 0. Absent while the group is stale or inconsistent.",
         _RG,
     ),
     Family(
@@ -102,6 +102,14 @@ RUN_FAMILIES: tuple[Family, ...] = (
         "parameters left the model) and its numbers are not exported, else 0.",
         _RG,
     ),
+    Family(
+        "esper_group_inconsistent",
+        "gauge",
+        "1 while the ranks contradict the group's latest complete step (replicas report "
+        "different values, or ranks treat it as replicated while holding different "
+        "parameters) and its norm and ratio are not exported, else 0.",
+        _RG,
+    ),
     Family("esper_group_parameters", "gauge", "Scalar parameters in the group.", _RG),
     Family(
         "esper_seed_grad_ratio",
@@ -109,7 +117,7 @@ RUN_FAMILIES: tuple[Family, ...] = (
         "Parameter-normalized seed/host gradient norm ratio: "
         "(seed_norm/host_norm)*sqrt(host_params/seed_params); 0 when the host has no "
         "gradient or a zero norm; +Inf when the seed's gradient holds Inf, NaN when "
-        "either holds NaN. Absent while the seed or the host is stale.",
+        "either holds NaN. Absent while the seed or the host is stale or inconsistent.",
         ("run", "seed"),
     ),
     Family(
@@ -211,6 +219,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         has_grad,
         group_step,
         stale,
+        inconsistent,
         params,
         ratio,
         nonfinite,
@@ -233,7 +242,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         if g.role == "host" and g.captured:
             host = g
             break
-    if host is not None and host.stale:
+    if host is not None and (host.stale or host.inconsistent):
         host = None  # a ratio over numbers that mean nothing is no ratio
     for g in run.groups:
         labels = (r, g.name)
@@ -248,9 +257,10 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         for kind, n in g.violations.items():
             violations.append(((r, g.name, kind), n))
         stale.append((labels, 1 if g.stale else 0))
+        inconsistent.append((labels, 0 if g.inconsistent is None else 1))
         if g.captured and g.step >= 0:
             group_step.append((labels, g.step))
-        if g.captured and not g.stale:
+        if g.captured and not g.stale and g.inconsistent is None:
             if g.sq is None:
                 has_grad.append((labels, 0))
             else:

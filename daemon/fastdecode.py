@@ -21,9 +21,10 @@ It vouches for a message only when ``decode`` would accept it and return the sam
   in it has the 8, 9 or 10 keys of its version.
 
 The events come back as msgspec ``Struct``s (``NormsV3``, ``NormsV2``, ``NormsV1``; the older
-two with ``world`` None, as ``decode`` gives it) whose ``groups`` are
-tuples in ``GroupNorm``'s field order; the aggregator applies them without building
-records (``Aggregator.apply_batch``). The wire stays MessagePack: nothing here encodes.
+two with ``world`` None, as ``decode`` gives it) whose ``groups`` are tuples in
+``GroupNorm``'s field order (of schema 3 with the fingerprint, before it without); the
+aggregator applies them without building records (``Aggregator.apply_batch``). The wire
+stays MessagePack: nothing here encodes.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ _Finite = Annotated[float, Meta(ge=0.0, le=sys.float_info.max)]
 # name, role, params, sq, nonfinite (0), sharded (false), isolated.
 _Group = tuple[_Name, Literal[ROLES], _Count, _Finite | None, Literal[0], Literal[False], bool]
 _Groups = Annotated[tuple[_Group, ...], Meta(max_length=MAX_GROUPS_PER_EVENT)]
+# Schema 3: the same, then the group's fingerprint (an integer or nil).
+_Group3 = tuple[
+    _Name, Literal[ROLES], _Count, _Finite | None, Literal[0], Literal[False], bool, _Count | None
+]
+_Groups3 = Annotated[tuple[_Group3, ...], Meta(max_length=MAX_GROUPS_PER_EVENT)]
 
 
 class NormsV3(Struct, forbid_unknown_fields=True, gc=False):
@@ -65,7 +71,7 @@ class NormsV3(Struct, forbid_unknown_fields=True, gc=False):
     time: _Finite
     step: _Count
     skipped: bool
-    groups: _Groups
+    groups: _Groups3
     world: _Positive | None
     seq: _Count
 

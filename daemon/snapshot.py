@@ -24,6 +24,9 @@ class GroupSnapshot(NamedTuple):
     violations: dict[str, int]  # isolation violations by kind
     violation_step: int  # highest step of a violation, -1 before any
     stale: bool = False  # reported as no longer followed (and not moved back since)
+    # Why the ranks contradict the latest complete step (daemon/layout.py: "values",
+    # "contents"); its norm and ratio are then not exported. None: they do not.
+    inconsistent: str | None = None
 
 
 class RunSnapshot(NamedTuple):

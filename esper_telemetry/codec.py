@@ -19,8 +19,9 @@ Three schema versions are decoded. Version 1 is what senders without message num
 send; version 2 adds ``seq``, the number of the carrying message, to every event, and a
 message of version 2 or 3 comes from one collector: every event of it carries the same run,
 rank and ``seq`` (``"schema"`` otherwise), and a batch never mixes versions (``"version"``).
-Version 3 adds ``world`` to ``Norms`` (a positive integer, or nil: not known); decoded from
-version 1 or 2, it is ``None``. ``encode`` writes a record whose ``seq`` is ``None`` as
+Version 3 adds ``world`` to ``Norms`` (a positive integer, or nil: not known) and a
+``fingerprint`` to every group entry and declaration (an integer in ``0..2**63-1``, or nil);
+decoded from version 1 or 2, both are ``None``. ``encode`` writes a record whose ``seq`` is ``None`` as
 version 1 (without ``world``) and any other as version 3.
 
 One number may be non-finite: a group's sum of squares, +Inf or NaN (never -Inf), and only
@@ -104,6 +105,8 @@ def _to_wire(event: Event, seq: int | None = None) -> dict[str, Any]:
         wire.update(zip(event._fields[:-1], event))
         if kind == "norms":
             del wire["world"]  # schema 3's field
+        if kind == "norms" or kind == "hello":  # and each group's fingerprint
+            wire["groups"] = [g[:-1] for g in event.groups]  # type: ignore[union-attr]
     else:
         wire = {"v": SCHEMA_VERSION, "event": kind}
         wire.update(zip(event._fields, event))
@@ -273,9 +276,53 @@ def _group_norms(
     _inf: float = math.inf,
     _maxg: int = MAX_GROUPS_PER_EVENT,
 ) -> tuple[GroupNorm, ...]:
+    """Schema 3 group entries: ``GroupNorm``'s eight fields, the fingerprint last."""
     # One pass of inline type tests per group, falling back to the field checks (for a
     # precise reason, or for a non-finite sum of squares: rare, and judged there against
     # the group's non-finite count) only when something is unusual.
+    if type(value) is not _tuple or len(value) > _maxg:
+        _array(value, _maxg)  # raises the precise WireError
+    out = []
+    append = out.append
+    for item in value:
+        if type(item) is _tuple and len(item) == 8:
+            name, role, params, sq, nonfinite, sharded, isolated, fingerprint = item
+            if (
+                type(name) is _str is type(role)
+                and 0 < len(name) <= _maxs
+                and role in _roles
+                and type(params) is _int is type(nonfinite)
+                and 0 <= params <= _maxi
+                and 0 <= nonfinite <= _maxi
+                and type(sharded) is _bool_t is type(isolated)
+                and (sq is None or (type(sq) is _float and 0.0 <= sq < _inf))
+                and (
+                    fingerprint is None or (type(fingerprint) is _int and 0 <= fingerprint <= _maxi)
+                )
+            ):
+                append(_new_group_norm(GroupNorm, item))
+                continue
+            append(_checked_group_norm(item[:7], _opt_count(fingerprint)))
+        else:
+            raise WireError("schema", "a group norm is an array of 8 fields")
+    return tuple(out)
+
+
+def _group_norms_v2(
+    value: Any,
+    _str: type = str,
+    _int: type = int,
+    _float: type = float,
+    _bool_t: type = bool,
+    _tuple: type = tuple,
+    _roles: frozenset = _ROLE_SET,
+    _maxs: int = MAX_STRING_CHARS,
+    _maxi: int = _MAX_INT,
+    _inf: float = math.inf,
+    _maxg: int = MAX_GROUPS_PER_EVENT,
+    _no_fingerprint: tuple = (None,),
+) -> tuple[GroupNorm, ...]:
+    """Schema 1 and 2 group entries: seven fields, no fingerprint (``None``)."""
     if type(value) is not _tuple or len(value) > _maxg:
         _array(value, _maxg)  # raises the precise WireError
     out = []
@@ -293,25 +340,49 @@ def _group_norms(
                 and type(sharded) is _bool_t is type(isolated)
                 and (sq is None or (type(sq) is _float and 0.0 <= sq < _inf))
             ):
-                append(_new_group_norm(GroupNorm, item))
+                append(_new_group_norm(GroupNorm, item + _no_fingerprint))
                 continue
-            append(
-                GroupNorm(
-                    _name(name),
-                    _role(role),
-                    _count(params),
-                    _group_square(sq, nonfinite),
-                    _count(nonfinite),
-                    _bool(sharded),
-                    _bool(isolated),
-                )
-            )
+            append(_checked_group_norm(item, None))
         else:
             raise WireError("schema", "a group norm is an array of 7 fields")
     return tuple(out)
 
 
+def _checked_group_norm(item: tuple, fingerprint: int | None) -> GroupNorm:
+    name, role, params, sq, nonfinite, sharded, isolated = item
+    return GroupNorm(
+        _name(name),
+        _role(role),
+        _count(params),
+        _group_square(sq, nonfinite),
+        _count(nonfinite),
+        _bool(sharded),
+        _bool(isolated),
+        fingerprint,
+    )
+
+
+def _opt_count(value: Any) -> int | None:
+    return None if value is None else _count(value)
+
+
 def _group_decls(value: Any) -> tuple[GroupDecl, ...]:
+    """Schema 3 group declarations: five fields, the fingerprint last."""
+    out = []
+    for item in _array(value, MAX_GROUPS_PER_EVENT):
+        if type(item) is not tuple or len(item) != 5:
+            raise WireError("schema", "a group declaration is an array of 5 fields")
+        name, role, params, isolated, fingerprint = item
+        out.append(
+            GroupDecl(
+                _name(name), _role(role), _count(params), _bool(isolated), _opt_count(fingerprint)
+            )
+        )
+    return tuple(out)
+
+
+def _group_decls_v2(value: Any) -> tuple[GroupDecl, ...]:
+    """Schema 1 and 2 group declarations: four fields, no fingerprint (``None``)."""
     out = []
     for item in _array(value, MAX_GROUPS_PER_EVENT):
         if type(item) is not tuple or len(item) != 4:
@@ -355,7 +426,7 @@ _SPECS_V1: dict[str, tuple[type, tuple[tuple[str, _Check], ...]]] = {
             ("pid", _count),
             ("library_version", _str),
             ("torch_version", _str),
-            ("groups", _group_decls),
+            ("groups", _group_decls_v2),
         ),
     ),
     "norms": (
@@ -364,7 +435,7 @@ _SPECS_V1: dict[str, tuple[type, tuple[tuple[str, _Check], ...]]] = {
             *_COMMON,
             ("step", _count),
             ("skipped", _bool),
-            ("groups", _group_norms),
+            ("groups", _group_norms_v2),
         ),
     ),
     "device": (
@@ -404,9 +475,23 @@ _SPECS_V1: dict[str, tuple[type, tuple[tuple[str, _Check], ...]]] = {
 _SPECS_V2 = {
     kind: (record, (*fields, ("seq", _count))) for kind, (record, fields) in _SPECS_V1.items()
 }
+# Version 3 also gives every group entry and declaration its fingerprint.
+_V3_GROUPS = {"groups": _group_norms}
+_V3_DECLS = {"groups": _group_decls}
 _SPECS_V3 = {
     **_SPECS_V2,
-    "norms": (Norms, (*_SPECS_V1["norms"][1], ("world", _opt_positive), ("seq", _count))),
+    "hello": (
+        Hello,
+        tuple((f, _V3_DECLS.get(f, check)) for f, check in _SPECS_V2["hello"][1]),
+    ),
+    "norms": (
+        Norms,
+        (
+            *((f, _V3_GROUPS.get(f, check)) for f, check in _SPECS_V1["norms"][1]),
+            ("world", _opt_positive),
+            ("seq", _count),
+        ),
+    ),
 }
 _SPECS: dict[int, dict[str, tuple[type, tuple[tuple[str, _Check], ...]]]] = {
     1: _SPECS_V1,
@@ -441,6 +526,8 @@ def _from_wire(
     _maxi: int = _MAX_INT,
     _inf: float = _INF,
     _norms: type = Norms,
+    _groups_v3: Callable[[Any], tuple[GroupNorm, ...]] = _group_norms,
+    _groups_v2: Callable[[Any], tuple[GroupNorm, ...]] = _group_norms_v2,
 ) -> Event:
     # Fast path for the event that dominates the traffic: a Norms map with its keys in the
     # order ``encode`` writes them (any version). Every test is the same as the field
@@ -457,16 +544,19 @@ def _from_wire(
                 and (world is None or (type(world) is _int and 0 < world <= _maxi))
             ):
                 return _from_wire_checked(obj)
+            parse = _groups_v3
         elif n == 9 and _tuple(obj) == _keys_v2:
             version, event, run, rank, time_, step, skipped, groups, seq = obj.values()
             world = None
             if not (type(seq) is _int and 0 <= seq <= _maxi and version == 2):
                 return _from_wire_checked(obj)
+            parse = _groups_v2
         elif n == 8 and _tuple(obj) == _keys_v1:
             version, event, run, rank, time_, step, skipped, groups = obj.values()
             seq = world = None
             if version != 1:
                 return _from_wire_checked(obj)
+            parse = _groups_v2
         else:
             return _from_wire_checked(obj)
         if (
@@ -482,9 +572,7 @@ def _from_wire(
             and 0 <= step <= _maxi
             and type(skipped) is _bool
         ):
-            return _new_record(
-                _norms, (run, rank, time_, step, skipped, _group_norms(groups), world, seq)
-            )
+            return _new_record(_norms, (run, rank, time_, step, skipped, parse(groups), world, seq))
     return _from_wire_checked(obj)
 
 

@@ -23,6 +23,16 @@ Schema version 3 adds ``world`` to ``Norms``: the job's world size as the sendin
 knows it, so a daemon that started (or restarted) after the job's ``Hello``s still knows how
 many ranks a sharded step needs, and never publishes a partial sum. ``world`` is ``None``
 in a record of schema 1 or 2 (not known), and may be sent as nil in schema 3.
+
+Schema version 3 also adds ``fingerprint`` to every group entry (``GroupNorm``) and group
+declaration (``GroupDecl``): a 63-bit hash of what this rank counts of the group (each
+parameter's name and shape; for a DTensor also its placements and which shard this rank
+holds). Ranks with equal fingerprints hold replicas of the same elements and count once;
+ranks with different fingerprints hold different parts, which add (DESIGN.md, "Layouts no
+DTensor describes"). With a fingerprint, ``params`` counts the elements this rank counts,
+so the group's count is the same sum; ``sharded`` false claims that this rank's value is
+the group's (every rank holds the same), which the daemon checks. ``fingerprint`` is
+``None`` in a record of schema 1 or 2, whose groups keep their old meaning.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ class GroupDecl(NamedTuple):
     role: str
     params: int
     isolated: bool
+    fingerprint: int | None = None  # what this rank counts of the group (schema 3)
 
 
 class GroupNorm(NamedTuple):
@@ -77,6 +88,11 @@ class GroupNorm(NamedTuple):
     ``sharded`` means ``sq`` covers only this rank's shards: the group's square norm is
     the sum over all ranks of the same step. Role and parameters travel with every capture
     so a daemon restarted mid-run needs no earlier ``Hello``.
+
+    ``fingerprint`` (schema 3; None before) identifies what this rank counts of the group.
+    With one, ``params`` counts the elements this rank counts, and the group's value is the
+    sum over the distinct fingerprints of a step (equal ones are replicas, counted once);
+    ``sharded`` false then claims every rank holds the same (checked by the daemon).
     """
 
     name: str
@@ -86,6 +102,7 @@ class GroupNorm(NamedTuple):
     nonfinite: int
     sharded: bool
     isolated: bool
+    fingerprint: int | None = None  # what this rank counts of the group (schema 3)
 
 
 class Hello(NamedTuple):

@@ -1,7 +1,8 @@
 """Two processes on the CPU with gloo and DDP: each rank reports its rank and world size
-from torch.distributed, DDP groups are replicated (not sharded), and both ranks' norms are
-the all-reduced gradient's, equal to the float64 reference. A DTensor-sharded group is
-measured on each rank's shard and marked sharded; the shards' squares add up."""
+from torch.distributed, and both ranks' norms are the all-reduced gradient's, equal to the
+float64 reference; a rank cannot see that, so its groups are local (``sharded``) and carry
+equal fingerprints, which the daemon counts once. A DTensor-sharded group is measured on
+each rank's shard, with a fingerprint per shard; the shards' squares add up."""
 
 from __future__ import annotations
 
@@ -100,7 +101,9 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
         assert rel_err(r0["sq"][name], r0["ref"][name]) <= 1e-5
         assert rel_err(r1["sq"][name], r1["ref"][name]) <= 1e-5
         assert rel_err(r0["sq"][name], r1["sq"][name]) <= 1e-6  # replicated gradient
-        assert r0["sharded"][name] is False and r1["sharded"][name] is False
+        # A rank cannot see that the others hold the same (DDP): its value is local, and
+        # the daemon counts the ranks by fingerprint (equal here: one replica counted).
+        assert r0["sharded"][name] is True and r1["sharded"][name] is True
     # The inputs differ per rank, so the all-reduce changed the gradient: it was captured after it.
     assert rel_err(r0["ref"]["host"], r0["local"]["host"]) > 1e-3
     events = pull.until_goodbyes(2, timeout_s=10.0)
@@ -110,11 +113,19 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
     assert sorted(norms) == [0, 1]
     for rank, n in norms.items():
         wire = {g.name: g for g in n.groups}
-        assert n.step == 0 and [g.sharded for g in n.groups] == [False, False, False, True]
+        assert n.step == 0 and [g.sharded for g in n.groups] == [True] * 4
         for name in ("host", "a", "b"):
             assert rel_err(wire[name].sq, outs[rank]["ref"][name]) <= 1e-5
+        # On the wire a group's params are the elements this rank counts: half of tp's.
         assert (
-            rel_err(wire["tp"].sq, outs[rank]["tp"]["local_ref"]) <= 1e-5
-            and wire["tp"].params == 18
+            rel_err(wire["tp"].sq, outs[rank]["tp"]["local_ref"]) <= 1e-5 and wire["tp"].params == 9
         )
+    fingerprints = [{g.name: g.fingerprint for g in norms[rank].groups} for rank in (0, 1)]
+    for name in ("host", "a", "b"):  # the same parameters on both ranks: replicas
+        assert fingerprints[0][name] == fingerprints[1][name] is not None
+    assert fingerprints[0]["tp"] != fingerprints[1]["tp"]  # different shards: parts
+    declared = {
+        e.rank: {d.name: d.fingerprint for d in e.groups} for e in events if isinstance(e, Hello)
+    }
+    assert declared == {0: fingerprints[0], 1: fingerprints[1]}
     assert sorted(e.rank for e in events if isinstance(e, Goodbye)) == [0, 1]

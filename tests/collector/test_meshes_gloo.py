@@ -22,7 +22,6 @@ from mesh_support import run_ranks
 
 from esper_telemetry import Goodbye, Norms
 from esper_telemetry.collector.norms import group_sums
-from esper_telemetry.ratio import seed_ratio
 
 pytestmark = pytest.mark.slow
 
@@ -59,35 +58,50 @@ def wire_norms(
     return by_rank
 
 
-def check_exact(outs: list[dict], layout: str, wire: Receiver, sharded: dict[str, bool]) -> None:
-    """Sharded: the ranks' values add up to the full gradient's; replicated: each rank's is it."""
+def by_fingerprint(entries: list) -> tuple[float, int]:
+    """The daemon's rule: one value (and element count) per distinct fingerprint, added."""
+    firsts = {}
+    for g in entries:
+        firsts.setdefault(g.fingerprint, g)
+    return sum(g.sq for g in firsts.values()), sum(g.params for g in firsts.values())
+
+
+def check_exact(outs: list[dict], layout: str, wire: Receiver, replicas: dict[str, bool]) -> None:
+    """Every group is local on several ranks; the wire's values, one per fingerprint, add up
+    to the full gradient's, and so do the elements counted. ``replicas``: per group, whether
+    every rank holds all of it (one fingerprint, each rank's value the whole) or parts."""
     reports = [o["report"][layout] for o in outs]
     world = len(reports)
     norms = wire_norms(wire, layout, world)
     assert sorted(norms) == list(range(world)) and all(len(n) == 1 for n in norms.values())
     on_wire = [{g.name: g for g in norms[rank][0].groups} for rank in range(world)]
-    for name, want_sharded in sharded.items():
+    for name, replicated in replicas.items():
         ref = reports[0]["ref"][name]
         assert ref > 0 and all(
             rel_err(r["ref"][name], ref) <= 1e-9 for r in reports
         )  # one gradient
-        assert [r["sharded"][name] for r in reports] == [want_sharded] * world, name
-        assert [w[name].sharded for w in on_wire] == [want_sharded] * world, name
-        assert [r["local"][name] for r in reports] == [want_sharded] * world, name
-        if want_sharded:
-            total = sum(r["sq"][name] for r in reports)
-            assert rel_err(total, ref) <= 1e-5, (layout, name, total, ref)
-            assert rel_err(sum(w[name].sq for w in on_wire), ref) <= 1e-5, (layout, name)
-        else:
+        # A rank of several cannot know its value is the group's: local everywhere.
+        assert [r["sharded"][name] for r in reports] == [True] * world, name
+        assert [w[name].sharded for w in on_wire] == [True] * world, name
+        assert [r["local"][name] for r in reports] == [True] * world, name
+        fingerprints = {w[name].fingerprint for w in on_wire}
+        assert None not in fingerprints
+        assert (len(fingerprints) == 1) is replicated, (layout, name, fingerprints)
+        total, elements = by_fingerprint([w[name] for w in on_wire])
+        assert rel_err(total, ref) <= 1e-5, (layout, name, total, ref)
+        assert elements == reports[0]["params"][name], (layout, name)
+        if replicated:
             for r, w in zip(reports, on_wire):
                 assert rel_err(r["sq"][name], ref) <= 1e-5 and rel_err(w[name].sq, ref) <= 1e-5, (
                     name
                 )
+        else:  # the in-process values are this rank's parts (masked replicas add 0)
+            assert rel_err(sum(r["sq"][name] for r in reports), ref) <= 1e-5, (layout, name)
     assert all(r["errors"] == 0 for r in reports)
 
 
 def test_fsdp2_two_ranks_add_up_and_latest_is_local(two, wire):
-    check_exact(two, "fsdp2", wire, {"host": True, "s": True})
+    check_exact(two, "fsdp2", wire, {"host": False, "s": False})
     reports = [o["report"]["fsdp2"] for o in two]
     # Really shards: the ranks' contributions differ, and each is below the whole.
     assert rel_err(reports[0]["sq"]["host"], reports[1]["sq"]["host"]) > 1e-3
@@ -100,7 +114,7 @@ def test_fsdp2_two_ranks_add_up_and_latest_is_local(two, wire):
 
 def test_hsdp_counts_each_replica_once(four, wire):
     # Placements (Replicate(), Shard(0)): summing every rank's shard counted each element twice.
-    check_exact(four, "hsdp", wire, {"host": True, "s": True})
+    check_exact(four, "hsdp", wire, {"host": False, "s": False})
     reports = [o["report"]["hsdp"] for o in four]
     # Ranks 0 and 1 (replicate coordinate 0) carry the norm; their replicas add nothing.
     assert reports[2]["sq"]["host"] == 0.0 and reports[3]["sq"]["host"] == 0.0
@@ -109,14 +123,14 @@ def test_hsdp_counts_each_replica_once(four, wire):
 
 def test_tensor_parallel_counts_replicated_bias_and_plain_layernorm_once(two, wire):
     # host: up (Shard(0)), down.weight (Shard(1)), down.bias (Replicate()), a plain LayerNorm.
-    # The seed has no DTensor: replicated, every rank's value is the group's.
-    check_exact(two, "tp", wire, {"host": True, "s": False})
+    # The seed has no DTensor: every rank holds all of it (one fingerprint, counted once).
+    check_exact(two, "tp", wire, {"host": False, "s": True})
 
 
 def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(four, wire):
     # TP weights are 2-D DTensors; the LayerNorm and the seed are sharded over the dp
     # sub-mesh only, replicated over tp: only tp coordinate 0 counts them.
-    check_exact(four, "fsdp2_tp", wire, {"host": True, "s": True})
+    check_exact(four, "fsdp2_tp", wire, {"host": False, "s": False})
     reports = [o["report"]["fsdp2_tp"] for o in four]
     assert reports[1]["sq"]["s"] == 0.0 and reports[3]["sq"]["s"] == 0.0  # tp coordinate 1
     assert reports[0]["sq"]["s"] > 0.0 and reports[2]["sq"]["s"] > 0.0
@@ -132,11 +146,9 @@ def test_partial_gradient_is_unknown_and_counted_as_an_error(two, wire):
             for name in ("host", "q"):
                 assert rel_err(c["sq"][name], c["ref"][name]) <= 1e-5
             assert c["sharded"]["p"] is True and c["local"]["p"] is True
-            # Only seeds whose value and host's are the groups' own get a ratio.
-            assert set(c["ratios"]) == {"q"}
-            assert c["ratios"]["q"] == pytest.approx(
-                seed_ratio(c["sq"]["q"], 27, c["sq"]["host"], 72), rel=1e-12
-            )
+            # Only seeds whose value and host's are the groups' own get a ratio: on two
+            # ranks no plain group's is known to be (sharded=False would say so).
+            assert c["ratios"] == {} and c["local"]["q"] is True and c["local"]["host"] is True
         # Reduced, the same gradient counts once over the world (Replicate: rank 0 only).
         assert caps[2]["errors"] == 2
     assert rel_err(outs[0][2]["sq"]["p"] + outs[1][2]["sq"]["p"], outs[0][2]["ref"]["p"]) <= 1e-5

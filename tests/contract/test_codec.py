@@ -134,22 +134,27 @@ def pack(obj) -> bytes:
 
 def wire(event) -> dict:
     """The wire map of an event, built by hand (not by ``encode``) so cases can edit it:
-    schema 1 without ``seq`` (nor ``world``) when the record has none, else the current
-    schema with it."""
+    schema 1 without ``seq`` (nor ``world``, nor the groups' fingerprints) when the record
+    has none, else the current schema with it."""
     out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
         if (name == "seq" or name == "world") and event.seq is None:
             continue
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
+            if name == "groups" and event.seq is None:
+                value = [v[:-1] for v in value]
         out[name] = value
     return out
 
 
 def schema_2(event) -> dict:
-    """The wire map of ``event`` (which has a ``seq``) as a schema 2 sender writes it."""
+    """The wire map of ``event`` (which has a ``seq``) as a schema 2 sender writes it: no
+    world size, no group fingerprints."""
     out = edit(event, v=2)
     out.pop("world", None)
+    if "groups" in out:
+        out["groups"] = [g[:-1] for g in out["groups"]]
     return out
 
 
@@ -166,8 +171,14 @@ def without(event, *names) -> dict:
     return out
 
 
+def v3_groups(*groups) -> dict:
+    """``NORMS`` as a schema 3 wire map (numbered) carrying ``groups``."""
+    return edit(NORMS._replace(seq=1), groups=list(groups))
+
+
 def group_norm(**changes) -> list:
-    return list(NORMS.groups[0]._replace(**changes))
+    """A group entry of schema 1 or 2 (``NORMS``'s): seven fields, no fingerprint."""
+    return list(NORMS.groups[0]._replace(**changes))[:-1]
 
 
 # --- round trips ---------------------------------------------------------------------
@@ -469,9 +480,27 @@ CASES = {
         "schema",
     ),
     "group norm with 6 fields": (pack(edit(NORMS, groups=[group_norm()[:6]])), "schema"),
+    # Schema 3: eight fields, the fingerprint an integer in 0..2**63-1 or nil.
+    "schema 3 group norm without fingerprint": (pack(v3_groups(group_norm())), "schema"),
+    "schema 2 group norm with a fingerprint": (
+        pack(schema_2(NORMS._replace(seq=1)) | {"groups": [group_norm() + [5]]}),
+        "schema",
+    ),
+    "negative fingerprint": (pack(v3_groups(group_norm() + [-1])), "value"),
+    "fingerprint past int64": (pack(v3_groups(group_norm() + [MAX_INT64 + 1])), "value"),
+    "fingerprint as a float": (pack(v3_groups(group_norm() + [5.0])), "schema"),
+    "fingerprint as a string": (pack(v3_groups(group_norm() + ["ab"])), "schema"),
+    "schema 3 declaration without fingerprint": (
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False]])),
+        "schema",
+    ),
+    "negative fingerprint in a declaration": (
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, -3]])),
+        "value",
+    ),
     "group norm as a map": (pack(edit(NORMS, groups=[NORMS.groups[0]._asdict()])), "schema"),
     "group declaration with 5 fields": (
-        pack(edit(HELLO, groups=[list(HELLO.groups[0]) + [0]])),
+        pack(edit(HELLO, groups=[list(HELLO.groups[0])[:4] + [0]])),  # schema 1: four
         "schema",
     ),
     "empty run name": (pack(edit(GOODBYE, run="")), "schema"),
@@ -626,3 +655,35 @@ def test_wire_error_is_a_value_error_with_a_reason():
     assert "3" in err.detail
     assert str(err).startswith("version")
     assert WireError("limit").reason == "limit" and str(WireError("limit")) == "limit"
+
+
+def test_schema_3_carries_each_group_fingerprint_and_older_schemas_decode_none():
+    fingerprinted = NORMS._replace(
+        seq=4,
+        world=2,
+        groups=(
+            GroupNorm("host", "host", 10, 2.0, 0, True, False, 0),
+            GroupNorm("seed0", "seed", 3, None, 0, False, True, MAX_INT64),
+            GroupNorm("seed1", "seed", 3, 1.0, 0, False, True, None),  # nil: not announced
+        ),
+    )
+    raw = msgpack.unpackb(encode(fingerprinted))
+    assert [g[-1] for g in raw["groups"]] == [0, MAX_INT64, None]
+    assert_identical(decode(encode(fingerprinted)), [fingerprinted])
+    hello = HELLO._replace(seq=0, groups=(GroupDecl("host", "host", 10, False, 123),))
+    assert msgpack.unpackb(encode(hello))["groups"] == [["host", "host", 10, False, 123]]
+    assert_identical(decode(encode(hello)), [hello])
+    # Schema 1 has no fingerprint on its wire: written without, read back as None.
+    assert all(
+        len(g) == 7 for g in msgpack.unpackb(encode(fingerprinted._replace(seq=None)))["groups"]
+    )
+    assert [g.fingerprint for g in decode(encode(fingerprinted._replace(seq=None)))[0].groups] == [
+        None
+    ] * 3
+    assert msgpack.unpackb(encode(hello._replace(seq=None)))["groups"] == [
+        ["host", "host", 10, False]
+    ]
+    # Schema 2 (a collector of the previous release): seven fields, fingerprint None.
+    v2 = decode(pack(schema_2(fingerprinted)))[0]
+    assert [g.fingerprint for g in v2.groups] == [None] * 3
+    assert v2.groups == tuple(g._replace(fingerprint=None) for g in fingerprinted.groups)

@@ -222,11 +222,25 @@ def group_norms(draw):
         nonfinite,
         draw(st.booleans()),
         draw(st.booleans()),
+        draw(st.none() | COUNTS),  # the fingerprint (schema 3)
     )
 
 
 HEAD = dict(run=NAMES, rank=COUNTS, time=TIMES)
 TAIL = dict(seq=st.none() | COUNTS)
+
+
+def schema_1(event):
+    """A record as schema 1 can carry it (no ``seq``): no world size, no fingerprints."""
+    if event.seq is not None:
+        return event
+    if type(event) is Norms:
+        event = event._replace(world=None)
+    if type(event) is Norms or type(event) is Hello:
+        event = event._replace(groups=tuple(g._replace(fingerprint=None) for g in event.groups))
+    return event
+
+
 EVENTS = st.one_of(
     st.builds(
         Hello,
@@ -237,10 +251,13 @@ EVENTS = st.one_of(
         library_version=STRS,
         torch_version=STRS,
         groups=st.lists(
-            st.builds(GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS, st.booleans()), max_size=4
+            st.builds(
+                GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS, st.booleans(), st.none() | COUNTS
+            ),
+            max_size=4,
         ).map(tuple),
         **TAIL,
-    ),
+    ).map(schema_1),
     st.builds(
         Norms,
         **HEAD,
@@ -249,7 +266,7 @@ EVENTS = st.one_of(
         groups=st.lists(group_norms(), max_size=4).map(tuple),
         world=st.none() | st.integers(1, MAX_INT64),
         **TAIL,
-    ).map(lambda e: e if e.seq is not None else e._replace(world=None)),  # schema 1: none
+    ).map(schema_1),
     st.builds(
         DeviceMismatch,
         **HEAD,
@@ -282,6 +299,8 @@ def to_wire(event) -> dict:
             continue  # schema 1 has no such field
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
+            if name == "groups" and event.seq is None:
+                value = [v[:-1] for v in value]  # nor fingerprints
         out[name] = value
     return out
 
@@ -343,7 +362,7 @@ def test_near_valid_events(wire):
 def test_batch_with_a_near_valid_event_is_all_or_nothing(events, pair):
     wire, base = pair
     # The valid events come from the same sender as the broken one (one run, rank, seq).
-    events = [e._replace(run=base.run, rank=base.rank, seq=base.seq) for e in events]
+    events = [schema_1(e._replace(run=base.run, rank=base.rank, seq=base.seq)) for e in events]
     batch = [to_wire(e) for e in events] + [wire]
     result = check_frame(pack(batch))
     alone = check_frame(pack(wire))
@@ -366,7 +385,7 @@ def test_batch_with_a_near_valid_event_is_all_or_nothing(events, pair):
 def one_sender(events):
     """A batch as one collector sends it: the first event's run, rank and seq on all."""
     first = events[0]
-    return [e._replace(run=first.run, rank=first.rank, seq=first.seq) for e in events]
+    return [schema_1(e._replace(run=first.run, rank=first.rank, seq=first.seq)) for e in events]
 
 
 @FUZZ
@@ -391,7 +410,8 @@ def test_a_group_sum_of_squares_is_accepted_exactly_when_valid(sq, nonfinite):
     # -Inf and negatives never. Whatever fails, fails by value or schema, never else.
     group = ["g", "seed", 10, sq, nonfinite, False, True]
     frame = pack({**to_wire(NORMS._replace(groups=())), "groups": [group]})
-    numbered = pack({**to_wire(NORMS._replace(groups=(), seq=3)), "groups": [group]})
+    # Schema 3's entry: the same, then a fingerprint.
+    numbered = pack({**to_wire(NORMS._replace(groups=(), seq=3)), "groups": [[*group, 7]]})
     assert check_frame(numbered) == check_frame(frame)  # the same rule in both versions
     count_ok = type(nonfinite) is int and 0 <= nonfinite <= MAX_INT64
     finite_ok = float(sq) >= 0.0 and float(sq) != math.inf

@@ -33,7 +33,7 @@ from esper_telemetry import (
     encode,
 )
 from esper_telemetry.daemon.aggregator import Aggregator
-from esper_telemetry.daemon.fastdecode import WIRE_NORMS, decode_norms
+from esper_telemetry.daemon.fastdecode import WIRE_NORMS, NormsV2, decode_norms
 from esper_telemetry.daemon.stats import DaemonStats
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 from esper_telemetry.events import ROLES
@@ -68,7 +68,7 @@ def records(wire_events):
             e.time,
             e.step,
             e.skipped,
-            tuple(GroupNorm(*g) for g in e.groups),
+            tuple(GroupNorm(*g) for g in e.groups),  # fingerprint None before schema 3
             world=e.world,
             seq=e.seq,
         )
@@ -107,16 +107,25 @@ def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def wire(event, seq=None) -> dict:
-    """The map of a ``Norms`` as a schema 1 (no ``seq``) or schema 2 sender writes it."""
-    out = {"v": 1 if seq is None else 2, "event": "norms"}
-    out.update(
-        (k, [list(g) for g in v] if k == "groups" else v)
-        for k, v in zip(event._fields[:-2], event)  # no world before schema 3
-    )
+def wire(event, seq=None, v=None) -> dict:
+    """The map of a ``Norms`` as a sender of schema ``v`` writes it (by default 1 without
+    ``seq``, else the current one): from schema 3 with the world size and each group's
+    fingerprint, before it without."""
+    v = v if v is not None else 1 if seq is None else 3
+    out = {"v": v, "event": "norms"}
+    for k in ("run", "rank", "time", "step", "skipped", "groups"):
+        value = getattr(event, k)
+        out[k] = [list(g)[: 8 if v >= 3 else 7] for g in value] if k == "groups" else value
+    if v >= 3:
+        out["world"] = event.world
     if seq is not None:
         out["seq"] = seq
     return out
+
+
+def v3_wire(event, seq=1) -> dict:
+    """The map of a ``Norms`` as ``encode`` writes it (schema 3, numbered)."""
+    return msgpack.unpackb(encode(event, seq=seq))
 
 
 # --- what the fast path takes --------------------------------------------------------
@@ -124,10 +133,24 @@ def wire(event, seq=None) -> dict:
 
 @pytest.mark.parametrize("seq", [None, 0, 5, MAX_INT64])
 def test_it_takes_what_collectors_send_single_and_batched(seq):
-    assert check(encode(HEALTHY, seq=seq)) == "fast"
-    batch = [HEALTHY._replace(step=s) for s in range(20)]  # an array 16 header
-    assert check(encode(batch, seq=seq)) == "fast"
-    assert check(encode(batch[:3], seq=seq)) == "fast"  # a fixarray
+    for world in (None, 1, 4096):
+        healthy = HEALTHY._replace(world=world if seq is not None else None)
+        assert check(encode(healthy, seq=seq)) == "fast"
+        batch = [healthy._replace(step=s) for s in range(20)]  # an array 16 header
+        assert check(encode(batch, seq=seq)) == "fast"
+        assert check(encode(batch[:3], seq=seq)) == "fast"  # a fixarray
+
+
+@pytest.mark.parametrize("seq", [0, 5, MAX_INT64])
+def test_it_takes_what_collectors_of_schema_2_send_with_no_world(seq):
+    single = decode_norms(pack(wire(HEALTHY, seq, v=2)))
+    assert type(single[0]) is NormsV2 and single[0].world is None
+    assert check(pack(wire(HEALTHY, seq, v=2))) == "fast"
+    batch = [wire(HEALTHY._replace(step=s), seq, v=2) for s in range(20)]
+    assert check(pack(batch)) == "fast"
+    assert check(pack(batch[:3])) == "fast"
+    # Schema 3 and 2 maps in one batch: decode refuses it ("version"), so must the fast path.
+    assert check(pack([wire(HEALTHY, seq), wire(HEALTHY, seq, v=2)])) == "version"
 
 
 def test_a_batch_of_one_is_taken_without_the_canonical_check_only_from_a_fixmap():
@@ -135,7 +158,7 @@ def test_a_batch_of_one_is_taken_without_the_canonical_check_only_from_a_fixmap(
     assert check(encode([HEALTHY])) == "fast"
     assert check(pack([dict(reversed(list(wire(HEALTHY, 1).items())))])) == "declined"
     assert check(b"\x91" + _17_KEYS_WITH_REPEATS) == "limit"
-    assert check(b"\x91\xde\x00\x09" + pack(wire(HEALTHY, 1))[1:]) == "declined"
+    assert check(b"\x91\xde\x00\x0a" + pack(wire(HEALTHY, 1))[1:]) == "declined"
 
 
 def test_a_single_event_may_have_its_keys_in_any_order():
@@ -198,7 +221,7 @@ DECLINED = {
     "keys in another order, in a batch (not canonical)": pack(
         [dict(reversed(list(wire(HEALTHY, 1).items())))] * 2
     ),
-    "batch of one map 16 of nine keys": b"\x91\xde\x00\x09" + pack(wire(HEALTHY, 1))[1:],
+    "batch of one map 16 of ten keys": b"\x91\xde\x00\x0a" + pack(wire(HEALTHY, 1))[1:],
     # rejected by decode
     "a map of 17 entries, keys repeated, in a batch": b"\x92"
     + pack(wire(HEALTHY, 4))
@@ -220,8 +243,20 @@ DECLINED = {
     "unknown role": pack(
         wire(HEALTHY._replace(groups=(("a", "boss", 1, 1.0, 0, False, False),)), 1)
     ),
-    "group of 8 fields": pack(
-        wire(HEALTHY._replace(groups=(("a", "host", 1, 1.0, 0, False, False, 0),)), 1)
+    "group of 8 fields (schema 2)": pack(
+        {**wire(HEALTHY, 1, v=2), "groups": [["a", "host", 1, 1.0, 0, False, False, 0]]}
+    ),
+    "group of 7 fields (schema 3)": pack(
+        {**v3_wire(HEALTHY), "groups": [["a", "host", 1, 1.0, 0, False, False]]}
+    ),
+    "group of 9 fields (schema 3)": pack(
+        {**v3_wire(HEALTHY), "groups": [["a", "host", 1, 1.0, 0, False, False, 0, 0]]}
+    ),
+    "negative fingerprint": pack(
+        {**v3_wire(HEALTHY), "groups": [["a", "host", 1, 1.0, 0, False, False, -1]]}
+    ),
+    "float fingerprint": pack(
+        {**v3_wire(HEALTHY), "groups": [["a", "host", 1, 1.0, 0, False, False, 1.0]]}
     ),
     "too many groups": encode(
         HEALTHY._replace(groups=HEALTHY.groups[:1] * (MAX_GROUPS_PER_EVENT + 1)), seq=1
@@ -229,6 +264,12 @@ DECLINED = {
     "bin run": pack({**wire(HEALTHY, 1), "run": b"run-1"}),
     "extra field": pack({**wire(HEALTHY, 1), "extra": 1}),
     "v=2 without seq": pack({**wire(HEALTHY), "v": 2}),
+    "v=3 without seq": pack({**wire(HEALTHY), "v": 3}),
+    "v=2 with a world": pack({**wire(HEALTHY, 1), "v": 2}),
+    "v=3 without world": pack(wire(HEALTHY, 1, v=2) | {"v": 3}),
+    "world 0": pack(wire(HEALTHY._replace(world=0), 1)),
+    "world as bool": pack(wire(HEALTHY._replace(world=True), 1)),
+    "world over int64": pack(wire(HEALTHY._replace(world=MAX_INT64 + 1), 1)),
     "v=1 with seq": pack({**wire(HEALTHY, 1), "v": 1}),
     "trailing byte": encode(HEALTHY, seq=1) + b"\x00",
     "truncated": encode([HEALTHY] * 2, seq=1)[:-1],
@@ -250,7 +291,7 @@ def test_the_cases_reach_both_outcomes_of_decode():
 
 def test_repeated_keys_are_left_to_decode_which_reads_them_last_wins():
     items = list(wire(HEALTHY, 4).items()) + [("step", 9), ("run", "again")]
-    frame = b"\x8b" + b"".join(pack(k) + pack(v) for k, v in items)  # 11 entries
+    frame = b"\x8c" + b"".join(pack(k) + pack(v) for k, v in items)  # 12 entries
     assert check(frame) == "declined"
     assert decode(frame)[0].step == 9 and decode(frame)[0].run == "again"
     assert check(b"\x91" + frame) == "declined"
@@ -301,7 +342,7 @@ COUNTS = st.integers(0, 3) | st.integers(0, MAX_INT64)
 FLOATS = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
 SQUARES = st.none() | FLOATS | st.sampled_from([math.inf, math.nan])
 GROUPS = st.builds(
-    lambda name, role, params, sq, nonfinite, sharded, isolated: GroupNorm(
+    lambda name, role, params, sq, nonfinite, sharded, isolated, fingerprint: GroupNorm(
         name,
         role,
         params,
@@ -309,6 +350,7 @@ GROUPS = st.builds(
         nonfinite,
         sharded,
         isolated,
+        fingerprint,
     ),
     NAMES,
     st.sampled_from(ROLES),
@@ -317,6 +359,7 @@ GROUPS = st.builds(
     st.sampled_from([0, 0, 0, 1]),
     st.sampled_from([False, False, False, True]),
     st.booleans(),
+    st.none() | COUNTS,  # the fingerprint: written from schema 3 on
 )
 NORMS = st.builds(
     Norms,
@@ -401,6 +444,7 @@ def _traffic(rng: random.Random, n: int):
     """
     names = ["host", "s0", "s1", "s2"]
     layouts = {run: rng.sample(names, 2) for run in "abcd"}
+    worlds = {"a": None, "b": 2, "c": 2, "d": None}
     steps = Counter()
     seqs = Counter()
     for _ in range(n):
@@ -448,7 +492,10 @@ def _traffic(rng: random.Random, n: int):
                 )
                 steps[run] += 1
                 step = steps[run] if rng.random() < 0.97 else rng.randrange(steps[run] + 1)
-                events.append(Norms(run, rank, 1.0 + rng.random(), step, False, groups))
+                # Schema 3's world: mostly the run's, now and then another (rank 1 of a
+                # world of 1 is refused, 3 is past the run's rank cap) or a mixed message.
+                world = worlds[run] if rng.random() < 0.95 else rng.choice([None, 1, 2, 3])
+                events.append(Norms(run, rank, 1.0 + rng.random(), step, False, groups, world))
         seq = None
         if rng.random() < 0.9:
             seqs[run, rank] += rng.choice([1] * 20 + [2])

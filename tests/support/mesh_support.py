@@ -27,14 +27,21 @@ from torch import nn
 
 
 def run_ranks(
-    world: int, layouts: Sequence[str], endpoint: str, timeout_s: float = 90.0
+    world: int,
+    layouts: Sequence[str],
+    endpoint: str,
+    timeout_s: float = 90.0,
+    script: str = "mesh_support.py",
 ) -> list[dict]:
-    """Run ``layouts`` in ``world`` rank processes; per rank ``{"report": ..., "stderr": ...}``."""
+    """Run ``layouts`` in ``world`` rank processes; per rank ``{"report": ..., "stderr": ...}``.
+
+    ``script``: the support module whose ``main`` runs them (its ``LAYOUTS`` by name).
+    """
     port = free_port()
     args = [str(world), str(port), endpoint, ",".join(layouts)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(SUPPORT / "mesh_support.py"), str(rank), *args],
+            [sys.executable, str(SUPPORT / script), str(rank), *args],
             cwd=str(REPO),
             env=subprocess_env(),
             stdout=subprocess.PIPE,
@@ -130,6 +137,7 @@ def _groups(res: Any, refs: dict[str, float]) -> dict[str, Any]:
         "sharded": {n: g.sharded for n, g in res.groups.items()},
         "local": {n: getattr(g, "local", None) for n, g in res.groups.items()},
         "has_grad": {n: g.has_grad for n, g in res.groups.items()},
+        "params": {n: g.params for n, g in res.groups.items()},
         "ratios": res.ratios,
         "ref": refs,
     }
@@ -275,16 +283,20 @@ LAYOUTS: dict[str, Callable[[int, int, str], dict[str, Any]]] = {
 }
 
 
-def main(argv: Sequence[str]) -> None:
+def main(
+    argv: Sequence[str], layouts: dict[str, Callable[[int, int, str], dict[str, Any]]] | None = None
+) -> None:
+    """A rank process: ``argv`` is rank, world, port, endpoint and the layouts' names."""
     import torch.distributed as dist
 
+    layouts = LAYOUTS if layouts is None else layouts
     rank, world, port, endpoint, names = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s %(message)s")
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        report = {name: LAYOUTS[name](rank, world, endpoint) for name in names.split(",")}
+        report = {name: layouts[name](rank, world, endpoint) for name in names.split(",")}
     finally:
         dist.destroy_process_group()
     assert all(math.isfinite(v) for r in report.values() for v in r.get("ref", {}).values())

@@ -1,0 +1,116 @@
+"""What this rank counts of each group, as a fingerprint the daemon compares across ranks.
+
+DESIGN.md, "Layouts no DTensor describes": a pipeline stage, a rank's share of experts held
+as plain modules, the data-parallel copies of a tensor-parallel shard look alike from inside
+one rank (plain tensors, or DTensors whose mesh leaves a dimension out), and no collective
+may ask the others. So every rank says what it counts: per group, a 63-bit hash over the
+parameters it counts (after the placement mask, ``placement.py``), each described by
+
+- its name (qualified under the root model, else under the group's module, else its place
+  in the group) and its shape;
+- for a DTensor (or a local shard carrying ``_st_info``): its global shape, placements, mesh
+  shape and this rank's coordinate along the mesh dimensions it is sharded on, so the ranks
+  of one tensor-parallel shard agree and those of another differ.
+
+Equal fingerprints on two ranks: replicas of the same elements (counted once). Different:
+different elements (added). With attach's ``sharded=True`` (the user's own shards) the rank
+is part of the fingerprint: every rank is its own part. Also per group, how many elements
+this rank counts, which the daemon adds the same way to the group's parameter count.
+
+Computed when the groups re-resolve (attach, a re-binding), never per capture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from .placement import Layout, spec_of
+
+__all__ = ["Holding", "holding", "names_of"]
+
+
+class Holding(NamedTuple):
+    """Per group (in group order): its fingerprint and the elements this rank counts."""
+
+    fingerprints: tuple[int, ...]
+    counted: tuple[int, ...]
+
+
+def names_of(root: torch.nn.Module | None, modules: Sequence[Any]) -> dict[int, str]:
+    """Parameter names by ``id``: qualified under ``root`` when given, and under each of
+    ``modules`` (a group's module) for what the root does not hold."""
+    names: dict[int, str] = {}
+    for module in modules:
+        if module is not None:
+            for name, p in module.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), name)
+    if root is not None:
+        for name, p in root.named_parameters(remove_duplicate=False):
+            names[id(p)] = name  # the root's names win: the same on every rank's model
+    return names
+
+
+def holding(
+    group_params: Sequence[Sequence[torch.Tensor]],
+    lay: Layout,
+    names: dict[int, str],
+    rank: int,
+    forced: bool | None,
+) -> Holding:
+    """The fingerprint of what this rank counts of each group, and how many elements."""
+    fingerprints = []
+    counted_elements = []
+    coords: dict[int, tuple[int, ...] | None] = {}
+    i = 0
+    for ps in group_params:
+        pieces = []
+        elements = 0
+        for j, p in enumerate(ps):
+            counts = lay.counted is None or lay.counted[i]
+            i += 1
+            if not counts:
+                continue
+            spec = spec_of(p)
+            name = names.get(id(p), f"#{j}")
+            if spec is None:
+                pieces.append((name, tuple(p.shape)))
+                elements += p.numel()
+                continue
+            mesh, placements = spec
+            key = id(mesh)
+            if key not in coords:
+                coord = mesh.get_coordinate()
+                coords[key] = None if coord is None else tuple(coord)
+            coord = coords[key] or ()
+            shard = tuple(c for c, pl in zip(coord, placements) if pl.is_shard())
+            local = p._local_tensor if hasattr(p, "_local_tensor") else p
+            pieces.append(
+                (
+                    name,
+                    tuple(_global_shape(p)),
+                    tuple(str(pl) for pl in placements),
+                    tuple(mesh.shape),
+                    shard,
+                )
+            )
+            elements += local.numel()
+        if forced is True:
+            pieces.append(("#rank", rank))  # the user's own shards: every rank its own part
+        fingerprints.append(_hash(sorted(pieces, key=repr)))
+        counted_elements.append(elements)
+    return Holding(tuple(fingerprints), tuple(counted_elements))
+
+
+def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    info = getattr(p, "_st_info", None)
+    shape = getattr(info, "shape", None)
+    return tuple(shape) if shape is not None else tuple(p.shape)
+
+
+def _hash(pieces: list[Any]) -> int:
+    digest = hashlib.blake2b(repr(pieces).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: the wire's integers
