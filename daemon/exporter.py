@@ -380,7 +380,8 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "esper_daemon_runs_evicted",
         "Runs removed from the full run table to admit a new run, by reason: ended (kept "
         "after its goodbye), no_captures (never sent norms), idle (no event for "
-        "--run.evict-after-seconds).",
+        "--run.evict-after-seconds), young (sent norms, but all its events came within "
+        "10 s: a burst of junk run names).",
         labels=["reason"],
     )
     for reason in EVICT_REASONS:

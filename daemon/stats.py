@@ -35,8 +35,9 @@ OVERFLOW_KINDS = ("runs", "groups", "ranks", "label_values", "pending_steps")
 REFUSE_REASONS = ("rank_outside_world", "world_too_large")
 
 # Why a run left the full run table to make room for a new one: it had ended (and was
-# kept for the ended-retention time), it never sent norms, it was idle past the limit.
-EVICT_REASONS = ("ended", "no_captures", "idle")
+# kept for the ended-retention time), it never sent norms, it was idle past the limit, it
+# was young (norms, but heard from for less than aggregator.ESTABLISHED_AFTER_S).
+EVICT_REASONS = ("ended", "no_captures", "idle", "young")
 
 # Why a collector's CURVE handshake was refused (daemon/curve.py says how each is told).
 DENY_REASONS = ("no_curve", "unknown_key", "handshake")

@@ -10,7 +10,13 @@ import pytest
 from daemon_support import gn, goodbye, heartbeat, hello, host_seed, make_limits, norms
 
 from esper_telemetry import DeviceMismatch, IsolationViolation
-from esper_telemetry.daemon.aggregator import MAX_KINDS, Aggregator, Limits
+from esper_telemetry.daemon.aggregator import (
+    ESTABLISHED_AFTER_S,
+    MAX_KINDS,
+    YOUNG_IDLE_S,
+    Aggregator,
+    Limits,
+)
 from esper_telemetry.daemon.shards import MAX_PENDING_STEPS
 from esper_telemetry.daemon.stats import DaemonStats
 
@@ -198,6 +204,8 @@ def test_pending_sharded_steps_are_capped(make_agg, clock):
 def test_run_cap_refuses_new_runs_and_counts_them_existing_unharmed(make_agg, clock):
     agg, stats = make_agg(max_runs=2)
     agg.apply_batch([host_seed(run="a", host_sq=1.0), host_seed(run="b", host_sq=4.0)], clock())
+    clock.advance(ESTABLISHED_AFTER_S)  # established: a new run cannot take their places
+    agg.apply_batch([host_seed(run="a", host_sq=1.0), host_seed(run="b", host_sq=4.0)], clock())
     agg.apply_batch([host_seed(run="c"), heartbeat(run="c")], clock())
     agg.apply_batch([host_seed(run="a", step=2, host_sq=9.0)], clock())
     assert sorted(r.name for r in agg.snapshot().runs) == ["a", "b"]
@@ -329,12 +337,15 @@ def test_memory_stays_flat_under_a_flood_of_run_names(make_agg, clock):
         before = tracemalloc.take_snapshot()
         for i in range(2_000, 22_000):
             agg.apply_batch([host_seed(run=f"flood-{i}")], clock())
+            if i % 2 == 0:
+                clock.advance(YOUNG_IDLE_S)  # half of them take a quiet flood run's place
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
     growth = sum(s.size_diff for s in after.compare_to(before, "filename"))
     assert len(agg) == 10
-    assert stats.overflow["runs"] == 21_990
+    assert stats.overflow["runs"] + stats.evicted["young"] == 21_990
+    assert stats.evicted["young"] >= 10_000
     assert growth < 64 * 1024, f"grew {growth} bytes over 20,000 refused runs"
 
 

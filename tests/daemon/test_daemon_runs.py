@@ -20,6 +20,7 @@ from daemon_support import (
     parse,
 )
 
+from esper_telemetry.daemon.aggregator import ESTABLISHED_AFTER_S, YOUNG_IDLE_S
 from esper_telemetry.daemon.config import ConfigError, parse_args
 
 
@@ -61,6 +62,8 @@ def test_a_full_table_of_runs_without_norms_makes_room_for_a_new_run(make_agg, c
 
 def test_a_run_that_sent_norms_gives_way_only_once_idle_for_evict_after(make_agg, clock):
     agg, _ = make_agg(max_runs=2, evict_after_s=60.0)
+    agg.apply_batch([host_seed(run="a"), host_seed(run="b")], clock())
+    clock.advance(10)  # both established: heard from over 10 s
     agg.apply_batch([host_seed(run="a")], clock())
     clock.advance(10)
     agg.apply_batch([host_seed(run="b")], clock())
@@ -76,7 +79,7 @@ def test_a_run_that_sent_norms_gives_way_only_once_idle_for_evict_after(make_agg
     assert runs_in(s) == {"b", "c"}
     assert evicted(s, "idle") == 1
     assert get(s, "esper_captures_total", run="c") == 1
-    assert get(s, "esper_captures_total", run="b") == 1  # untouched
+    assert get(s, "esper_captures_total", run="b") == 2  # untouched
 
 
 def test_evict_after_zero_makes_the_longest_idle_run_give_way(make_agg, clock):
@@ -129,10 +132,63 @@ def test_a_junk_flood_does_not_lock_out_a_collector_that_arrives_after_it(make_a
     assert took < 10.0, f"admission under a flood took {took:.1f} s for 50,000 names"
 
 
+def test_a_flood_of_runs_sending_norms_gives_way_to_a_real_run_at_once(make_agg, clock):
+    # Issue 20: 50,000 junk runs that each send one Norms (or a few, within seconds) held
+    # the table for --run.evict-after-seconds, and for ever if repeated.
+    agg, stats = make_agg(max_runs=100, evict_after_s=60.0)
+    agg.apply_batch([host_seed(run="training")], clock())
+    clock.advance(ESTABLISHED_AFTER_S)
+    agg.apply_batch([host_seed(run="training", step=2)], clock())  # established
+    started = time.perf_counter()
+    for i in range(50_000):
+        agg.apply_batch([host_seed(run=f"junk-{i}")] * (1 + i % 3), clock())
+        if i % 1000 == 0:
+            clock.advance(0.1)  # a 5 s flood: junk quiet for a second gives way to junk
+    took = time.perf_counter() - started
+    flooded = evicted(expose(agg), "young")
+    assert 0 < flooded < 50_000 - 99
+    clock.advance(YOUNG_IDLE_S)
+    agg.apply_batch([host_seed(run="late", step=7, host_sq=25.0)], clock())
+    s = expose(agg)
+    assert get(s, "esper_grad_norm", run="late", group="host") == 5.0
+    assert get(s, "esper_captures_total", run="training") == 2  # established: kept
+    assert evicted(s, "young") == flooded + 1  # the late run took a junk run's place
+    assert get(s, "esper_daemon_runs") == 100
+    assert took < 10.0, f"admission under a flood took {took:.1f} s for 50,000 names"
+
+
+def test_a_young_run_gives_way_after_idle_ones_and_is_established_after_ten_seconds(
+    make_agg, clock
+):
+    agg, _ = make_agg(max_runs=3, evict_after_s=60.0)
+    agg.apply_batch([host_seed(run="old")], clock())
+    clock.advance(ESTABLISHED_AFTER_S)
+    agg.apply_batch([host_seed(run="old")], clock())  # established, then idle
+    agg.apply_batch([host_seed(run="new")], clock())
+    clock.advance(61)
+    agg.apply_batch([host_seed(run="new")], clock())  # established by its span
+    agg.apply_batch([host_seed(run="young")], clock())
+    agg.apply_batch([host_seed(run="next")], clock())  # "old", idle 61 s, goes first
+    s = expose(agg)
+    assert runs_in(s) == {"new", "young", "next"}
+    assert (evicted(s, "idle"), evicted(s, "young")) == (1, 0)
+    agg.apply_batch([host_seed(run="last")], clock())  # young but not quiet: refused
+    assert get(expose(agg), "esper_daemon_overflow_total", what="runs") == 1
+    clock.advance(YOUNG_IDLE_S)
+    agg.apply_batch([host_seed(run="next")], clock())
+    agg.apply_batch([host_seed(run="last")], clock())  # then the quiet young runs go
+    s = expose(agg)
+    assert runs_in(s) == {"new", "next", "last"}
+    assert evicted(s, "young") == 1
+
+
 def test_a_refused_flood_scans_the_table_once_per_turn(make_agg, clock):
     agg, stats = make_agg(max_runs=2000)
     for i in range(2000):
         agg.apply_batch([host_seed(run=f"live-{i}")], clock())
+    clock.advance(ESTABLISHED_AFTER_S)
+    for i in range(2000):
+        agg.apply_batch([host_seed(run=f"live-{i}")], clock())  # established: kept
     started = time.perf_counter()
     agg.apply_batch([hello(run=f"junk-{i}") for i in range(20_000)], clock())
     took = time.perf_counter() - started
