@@ -124,13 +124,15 @@ class _Step:
 
 
 def _agree(a: float | None, b: float | None) -> bool:
+    """Two replicas' values of one step agree: both no gradient, both NaN, equal infinities,
+    or finite within ``REPLICA_RTOL`` of the larger."""
     if a is None or b is None:
         return a is b
     if a == b:
         return True
-    if math.isnan(a) or math.isnan(b):
+    if not (math.isfinite(a) and math.isfinite(b)):
         return math.isnan(a) and math.isnan(b)
-    return abs(a - b) <= REPLICA_RTOL * max(abs(a), abs(b))
+    return abs(a - b) <= REPLICA_RTOL * max(a, b)
 
 
 class GroupLayout:
@@ -276,7 +278,7 @@ class GroupLayout:
             pending.params += entry.params
             if sq is not None:
                 pending.sq = sq if pending.sq is None else pending.sq + sq
-                if sq != 0.0:
+                if sq != 0.0 and math.isfinite(sq):  # an all-reduce's mark: a finite value
                     if pending.ref is None:
                         pending.ref = sq
                     else:
