@@ -27,6 +27,7 @@ REQUIRED_ALERTS = {
     "EsperNonFiniteGradients": "esper_grad_nonfinite_total",
     "EsperDeviceMismatch": "esper_device_mismatch_total",
     "EsperGroupStale": "esper_group_stale",
+    "EsperGroupInconsistent": "esper_group_inconsistent",
     "EsperCollectorDroppingEvents": "esper_collector_dropped_events_total",
     "EsperCapturesStalled": "esper_last_capture_timestamp_seconds",
     "EsperSeedGradRatioOutOfBand": "esper_seed_grad_ratio",
