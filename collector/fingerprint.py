@@ -1,10 +1,11 @@
 """What this rank counts of each group, as a fingerprint the daemon compares across ranks.
 
-DESIGN.md, "Layouts no DTensor describes": a pipeline stage, a rank's share of experts held
-as plain modules, the data-parallel copies of a tensor-parallel shard look alike from inside
-one rank (plain tensors, or DTensors whose mesh leaves a dimension out), and no collective
-may ask the others. So every rank says what it counts: per group, a 63-bit hash over the
-parameters it counts (after the placement mask, ``placement.py``), each described by
+Layouts no DTensor describes (README, "Distributed"): a pipeline stage, a rank's share of
+experts held as plain modules, the data-parallel copies of a tensor-parallel shard look
+alike from inside one rank (plain tensors, or DTensors whose mesh leaves a dimension out),
+and no collective may ask the others. So every rank says what it counts: per group, a
+63-bit hash over the parameters it counts (after the placement mask, ``placement.py``),
+each described by
 
 - its name (qualified under the root model, else under the group's module, else its place
   in the group) and its shape;

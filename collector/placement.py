@@ -1,8 +1,8 @@
 """Which gradient elements this rank counts, so that adding every rank's sums is exact.
 
-DESIGN.md, "Counting each element once": the daemon adds the ranks' sums of squares of a
-sharded group for a step, so each element of each gradient must be counted on exactly one
-rank of the world, whatever the mesh, without a collective in the training process:
+The daemon adds the ranks' sums of squares of a sharded group for a step (README,
+"Distributed"), so each element of each gradient must be counted on exactly one rank of
+the world, whatever the mesh, without a collective in the training process:
 
 - along a ``Shard`` mesh dimension the local squares add (each rank holds other elements);
 - along a ``Replicate`` dimension only the rank at coordinate 0 of that dimension counts;
@@ -36,7 +36,6 @@ __all__ = [
     "layout",
     "spec_of",
     "local_grads",
-    "is_dtensor",
     "UnmeasurableGradient",
     "unmeasurable",
 ]
@@ -45,11 +44,6 @@ __all__ = [
 def _dtensor_type() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
-
-
-def is_dtensor(t: Any) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
 
 
 class UnmeasurableGradient(RuntimeError):

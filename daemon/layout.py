@@ -1,9 +1,9 @@
 """Groups described by fingerprints: each element counted once, and no number ranks contradict.
 
-DESIGN.md, "Layouts no DTensor describes". From schema 3 on every group entry carries a
-fingerprint of what its rank counts of the group (the collector's ``fingerprint.py``: each
-parameter's name and shape, a DTensor's placements and which shard the rank holds), and
-``params`` counts those elements. Here, per run and group:
+Layouts no DTensor describes (README, "Distributed"). From schema 3 on every group entry
+carries a fingerprint of what its rank counts of the group (the collector's
+``fingerprint.py``: each parameter's name and shape, a DTensor's placements and which
+shard the rank holds), and ``params`` counts those elements. Here, per run and group:
 
 - The ranks that hold a group are its holders (a rank's ``Hello`` declares its groups, each
   capture lists them again, so a daemon restarted mid-run needs no ``Hello``). Holders with

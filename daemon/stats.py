@@ -73,17 +73,3 @@ class DaemonStats:
         self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)  # in events
         # Sharded steps that had to wait because their run's world size was not known.
         self.world_unknown_steps = 0
-
-    def copy(self) -> DaemonStats:
-        """A detached copy for a scrape snapshot."""
-        other = DaemonStats()
-        other.messages = self.messages
-        other.events = self.events
-        other.rejected = dict(self.rejected)
-        other.overflow = dict(self.overflow)
-        other.expired_runs = self.expired_runs
-        other.ended_runs = self.ended_runs
-        other.evicted = dict(self.evicted)
-        other.refused = dict(self.refused)
-        other.world_unknown_steps = self.world_unknown_steps
-        return other

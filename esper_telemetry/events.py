@@ -28,9 +28,9 @@ Schema version 3 also adds ``fingerprint`` to every group entry (``GroupNorm``) 
 declaration (``GroupDecl``): a 63-bit hash of what this rank counts of the group (each
 parameter's name and shape; for a DTensor also its placements and which shard this rank
 holds). Ranks with equal fingerprints hold replicas of the same elements and count once;
-ranks with different fingerprints hold different parts, which add (DESIGN.md, "Layouts no
-DTensor describes"). With a fingerprint, ``params`` counts the elements this rank counts,
-so the group's count is the same sum; ``sharded`` false claims that this rank's value is
+ranks with different fingerprints hold different parts, which add (README, "Distributed").
+With a fingerprint, ``params`` counts the elements this rank counts, so the group's count
+is the same sum; ``sharded`` false claims that this rank's value is
 the group's (every rank holds the same), which the daemon checks. ``fingerprint`` is
 ``None`` in a record of schema 1 or 2, whose groups keep their old meaning.
 """
