@@ -4,7 +4,8 @@ One row per run and group: step, gradient norm, seed/host ratio, non-finite capt
 isolation state, device events, dropped events, the age of the latest capture and a
 sparkline of the recent norms (from the daemon's history API); groups
 with an isolation violation are highlighted and sorted on top, then those with non-finite
-gradients or no longer followed (``stale``).
+gradients, no longer followed (``stale``) or whose ranks contradict each other
+(``inconsistent``: the daemon withholds their norm).
 ``--once`` prints one plain table and exits (scripts, CI logs); otherwise the view
 refreshes in place (curses) until ``q``.
 
@@ -172,6 +173,7 @@ class Row:
     dropped: float
     last_capture: float | None  # unix time, by the collector's clock
     stale: bool = False  # the collector can no longer follow the group
+    inconsistent: bool = False  # the ranks contradict its latest step: no norm exported
     ended: bool = False  # every rank of the run said goodbye: final values
     trend: str = "-"  # a sparkline of the recent norms; "-" when the history is unknown
 
@@ -181,12 +183,13 @@ class Row:
 
     @property
     def unhealthy(self) -> bool:
-        """A violation, non-finite gradients (now or before), or a group that is no longer
-        followed."""
+        """A violation, non-finite gradients (now or before), a group that is no longer
+        followed, or one whose ranks contradict each other."""
         return (
             self.violated
             or self.nonfinite > 0
             or self.stale
+            or self.inconsistent
             or (self.norm is not None and not math.isfinite(self.norm))
         )
 
@@ -203,8 +206,8 @@ def _by(samples: Samples, name: str, *keys: str) -> dict[tuple[str, ...], float]
 def build_rows(samples: Samples, run: str | None = None) -> list[Row]:
     """Rows for every group of every run (``run``: a name or shell-style pattern), worst first.
 
-    Worst: an isolation violation, then non-finite gradients (most first) or a stale group;
-    then by run and group name.
+    Worst: an isolation violation, then non-finite gradients (most first), a stale or an
+    inconsistent group; then by run and group name.
     """
     rg = ("run", "group")
     norm = _by(samples, "esper_grad_norm", *rg)
@@ -213,6 +216,7 @@ def build_rows(samples: Samples, run: str | None = None) -> list[Row]:
     nonfinite = _by(samples, "esper_grad_nonfinite_total", *rg)
     iso = _by(samples, "esper_isolation_ok", *rg)
     stale = _by(samples, "esper_group_stale", *rg)
+    inconsistent = _by(samples, "esper_group_inconsistent", *rg)
     violations = _by(samples, "esper_isolation_violations_total", *rg)
     ratio = _by(samples, "esper_seed_grad_ratio", "run", "seed")
     step = _by(samples, "esper_last_step", "run")
@@ -238,6 +242,7 @@ def build_rows(samples: Samples, run: str | None = None) -> list[Row]:
             dropped=dropped.get((r,), 0.0),
             last_capture=last.get((r,)),
             stale=stale.get((r, g), 0.0) > 0,
+            inconsistent=inconsistent.get((r, g), 0.0) > 0,
             ended=ended.get((r,), 0.0) > 0,
         )
         for r, g in keys
@@ -284,6 +289,8 @@ def cells(row: Row, now: float) -> tuple[str, ...]:
     """The row's table cells, as text without spaces (so a script can split on whitespace)."""
     if row.stale:
         norm = "stale"
+    elif row.inconsistent:
+        norm = "inconsistent"
     elif row.norm is not None:
         norm = f"{row.norm:.6g}"
     elif row.has_gradient == 0:

@@ -24,7 +24,7 @@ from daemon_support import exposition as daemon_text  # noqa: E402
 from daemon_support import gn, goodbye, heartbeat, hello, make_limits, norms  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from esper_telemetry import DeviceMismatch, IsolationViolation  # noqa: E402
+from esper_telemetry import DeviceMismatch, GroupNorm, IsolationViolation, Norms  # noqa: E402
 from esper_telemetry.commands import top  # noqa: E402
 from esper_telemetry.daemon.aggregator import Aggregator  # noqa: E402
 from esper_telemetry.daemon.stats import DaemonStats  # noqa: E402
@@ -183,6 +183,26 @@ def test_a_run_whose_ranks_all_said_goodbye_reads_ended_with_its_final_values():
     assert top.cells(rows[("short", "host")], NOW)[2:4] == ("7", "3")  # the final values stay
     assert top.cells(rows[("short", "host")], NOW)[-2] == "ended(12s)"
     assert top.cells(rows[("long", "host")], NOW)[-2] == "12s"
+
+
+def test_a_group_its_ranks_contradict_reads_inconsistent_and_is_marked():
+    # Two ranks hold the same head (one fingerprint) and report other values for step 5:
+    # the daemon withholds the norm and flags the group; the host agrees and stays a number.
+    agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.top"))
+    for rank, head_sq in ((0, 4.0), (1, 9.0)):
+        groups = (
+            GroupNorm("host", "host", 400, 16.0, 0, True, False, 7),
+            GroupNorm("head", "group", 10, head_sq, 0, True, False, 8),
+        )
+        agg.apply_batch([Norms("pp", rank, NOW - 2, 5, False, groups, 2, 0)], MONO - 2)
+    agg.tick(MONO, NOW)
+    rows = top.build_rows(top.parse_exposition(daemon_text(agg, process_metrics=False)))
+    by = {(r.run, r.group): r for r in rows}
+    assert by[("pp", "head")].inconsistent and not by[("pp", "host")].inconsistent
+    assert top.cells(by[("pp", "head")], NOW)[2:5] == ("5", "inconsistent", "-")
+    assert top.cells(by[("pp", "host")], NOW)[3] == "4"
+    assert [(r.run, r.group) for r in rows] == [("pp", "head"), ("pp", "host")]
+    assert [style for _, style in top.format_table(rows, NOW)[1:]] == ["warning", None]
 
 
 def test_run_filter_takes_a_name_or_a_pattern():
