@@ -497,26 +497,29 @@ def _fragments(rows: list[list[Row]], escaped: dict[str, str]) -> list[str]:
 
 
 class Scrape:
-    """One scrape, ready to render: the runs the series cap kept (with their rows), the
-    daemon's own families, the process's."""
+    """One scrape, ready to render: the runs the series cap kept (their series already
+    written as lines, the same in both formats), the daemon's own families, the process's."""
 
     def __init__(
         self,
         snapshot: Snapshot,
-        runs: Sequence[tuple[RunSnapshot, list[list[Row]]]],
+        runs: Sequence[tuple[RunSnapshot, int, list[str]]],
         figures: ScrapeFigures,
         process: Sequence[Metric],
+        escaped: dict[str, str],
     ) -> None:
         self.snapshot = snapshot
-        self.runs = runs  # (run, run_rows(run)) in the snapshot's order
+        # (run, its series, its lines per family of RUN_FAMILIES) in the snapshot's order
+        self.runs = runs
         self.figures = figures
         self._process = process
+        self._escaped = escaped  # label values escaped so far, by value
 
     def render(self, fmt: str) -> bytes:
         """The exposition in ``fmt`` (``textformat.TEXT`` or ``OPENMETRICS``), as bytes."""
         snap = self.snapshot
-        escaped: dict[str, str] = {}
-        frags = [_fragments(rows, escaped) for _, rows in self.runs]
+        escaped = self._escaped
+        frags = [lines for _, _, lines in self.runs]
         out: list[str] = []
         for i, family in enumerate(RUN_FAMILIES[:_LOST]):
             out.append(header(family.name, family.type, family.help, fmt))
@@ -565,8 +568,9 @@ class Exposition:
     def scrape(self, snapshot: Snapshot) -> Scrape:
         """What one scrape of ``snapshot`` carries (the cap applied), ready to render.
 
-        Each run's rows are made once: their number is the run's size for the cap, and
-        only the kept runs' rows are held (at most ``max_series`` of them).
+        Each run's rows are made once: their number is the run's size for the cap, and a
+        kept run's are written at once, while they are fresh in memory (its lines are what
+        the scrape holds: at most ``max_series`` of them).
         """
         process = list(self._process.collect()) if self._process is not None else []
         own = (
@@ -577,7 +581,8 @@ class Exposition:
         budget = self.max_series - own
         lost = lost_by_run(snapshot)
         runs = snapshot.runs
-        kept: dict[int, list[list[Row]]] = {}
+        escaped: dict[str, str] = {}
+        kept: dict[int, tuple[RunSnapshot, int, list[str]]] = {}
         omitted_runs = omitted_series = 0
         # Greedy in priority order (a stable sort: the runs held longest first within a
         # class); when every run fits, that keeps them all.
@@ -586,7 +591,7 @@ class Exposition:
             rows = run_rows(run, lost.get(run.name, ()))
             n = sum(map(len, rows))
             if n <= budget:
-                kept[index] = rows
+                kept[index] = (run, n, _fragments(rows, escaped))
                 budget -= n
             else:
                 omitted_runs += 1
@@ -597,7 +602,7 @@ class Exposition:
                 self.truncated += 1
             figures = ScrapeFigures(omitted_runs, omitted_series, self.truncated)
             self._settle(truncating, figures, snapshot)
-        return Scrape(snapshot, [(runs[i], kept[i]) for i in sorted(kept)], figures, process)
+        return Scrape(snapshot, [kept[i] for i in sorted(kept)], figures, process, escaped)
 
     def render(self, snapshot: Snapshot, fmt: str) -> bytes:
         """One scrape of ``snapshot`` in ``fmt``: what the daemon serves (any thread)."""

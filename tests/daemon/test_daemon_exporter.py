@@ -387,15 +387,15 @@ def test_both_formats_of_a_scrape_carry_the_same_families_and_samples(make_agg, 
         assert text_samples.keys() == samples.keys(), key
         assert all(_same(text_samples[k], samples[k]) for k in samples), key
     # Every run family is written with the type and help of its one declaration, and holds
-    # the rows the series cap counted.
+    # the lines written for the runs, as many as the series cap counted.
     rows = [0] * len(RUN_FAMILIES)
-    for _, run_rows in scrape.runs:
-        for i, family_rows in enumerate(run_rows):
-            rows[i] += len(family_rows)
+    for _, _, lines in scrape.runs:
+        for i, family_lines in enumerate(lines):
+            rows[i] += family_lines.count("\n")
     for f, n in zip(RUN_FAMILIES, rows):
         doc, samples = from_om[(f.name, f.type)]
         assert doc == f.help and len(samples) == n, f.name
-    assert sum(rows) > 60
+    assert sum(rows) == sum(n for _, n, _ in scrape.runs) > 60
     for name, value in (
         ("esper_grad_norm", math.sqrt(2.0)),
         ("esper_group_has_gradient", 1),
