@@ -163,6 +163,8 @@ class Daemon:
                 "write_timeout": self.web.write_timeouts,
                 "unauthorized": self.web.unauthorized,
                 "busy": self.web.busy,
+                "header_timeout": self.web.header_timeouts,
+                "preempted": self.web.preempted,
             },
         )
 

@@ -33,7 +33,7 @@ from esper_telemetry.version import __version__
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DENY_REASONS, EVICT_REASONS, HTTP_REFUSAL_REASONS, REFUSE_REASONS
 from .textformat import EOF, OPENMETRICS, escape_label, header, render_families, value
-from .web import MAX_BODY_BYTES, MAX_RENDERING
+from .web import HEADER_TIMEOUT_S, MAX_BODY_BYTES, MAX_RENDERING, STALL_S
 
 __all__ = [
     "Exposition",
@@ -401,10 +401,13 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
     http = CounterMetricFamily(
         "esper_daemon_http_refused",
         "HTTP clients turned away, by reason: max_connections (503 past "
-        "--web.max-connections), write_timeout (a response not read within "
-        "--web.write-timeout-seconds), unauthorized (401), busy (503: the response "
-        f"bodies being rendered or written would pass {MAX_BODY_BYTES >> 20} MiB, or "
-        f"{MAX_RENDERING} scrapes were already rendering).",
+        "--web.max-connections, every slot with a request in progress), write_timeout (a "
+        "response not read within --web.write-timeout-seconds), unauthorized (401), "
+        f"header_timeout (no complete request within {HEADER_TIMEOUT_S:g} s, or pushed out "
+        "by newer connections still sending theirs), preempted (a response not read for "
+        f"{STALL_S:g} s, given up for a scrape that needed its bytes), busy (503: the "
+        f"response bodies being rendered or written would pass {MAX_BODY_BYTES >> 20} MiB, "
+        f"or {MAX_RENDERING} scrapes were already rendering).",
         labels=["reason"],
     )
     refused = snap.http_refused or {}

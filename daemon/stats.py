@@ -43,8 +43,16 @@ EVICT_REASONS = ("ended", "no_captures", "idle", "young")
 DENY_REASONS = ("no_curve", "unknown_key", "handshake")
 
 # Why the HTTP side turned a client away: the connection cap (503), a response it did not
-# read within the write timeout, missing or wrong basic-auth credentials (401).
-HTTP_REFUSAL_REASONS = ("max_connections", "write_timeout", "unauthorized")
+# read within the write timeout, missing or wrong basic-auth credentials (401), no
+# complete request within the header timeout (closed), a response it did not read given
+# up for a scrape that needed its bytes.
+HTTP_REFUSAL_REASONS = (
+    "max_connections",
+    "write_timeout",
+    "unauthorized",
+    "header_timeout",
+    "preempted",
+)
 
 
 class DaemonStats:

@@ -8,14 +8,31 @@ a large scrape does not stall ingest; the worker never waits on the loop.
 Memory is bounded per connection and in connections: the body is written in 64 KiB
 chunks, each waiting for the peer to read (so a non-reading client holds a reference to one
 body and at most about 64 KiB of buffered copy), the whole write within
-``write_timeout_s`` or the connection is aborted; at most ``max_connections`` are open,
-further ones are answered 503 and closed at once. The bodies themselves are bounded in
+``write_timeout_s`` or the connection is aborted; at most ``max_connections`` are served
+at once (see below for the others). The bodies themselves are bounded in
 bytes: those being rendered or written hold at most ``max_body_bytes`` together (one is
 always let through), and at most ``MAX_RENDERING`` scrapes render or wait for a render
 thread at once; a scrape past either is answered 503 with ``Retry-After`` and counted in
 ``busy``, so clients that ask and never read cannot multiply the exposition's size in
 memory (the series cap, --web.max-series, bounds one body). ``ssl_context`` (TLS, issue
 11) is handed to the listening socket as is.
+
+The health checks always answer, and idle or stalled connections cannot starve a scrape:
+
+- Every connection starts in a lobby (``_Lobby``) that only reads its first request's
+  headers: within ``HEADER_TIMEOUT_S`` or it is closed (``header_timeouts``). The lobby
+  holds at most ``LOBBY_PER_CONNECTION`` times ``max_connections`` connections; a new one
+  past that pushes the oldest out (counted the same), so a crowd of silent or slow peers
+  (200 held open, or a slowloris) never keeps a new client out.
+- A request then takes one of ``max_connections`` slots (aiohttp's server). When they are
+  all taken, ``/-/healthy`` and ``/-/ready`` are answered by the lobby itself (they need
+  no slot, no render and no credentials: a liveness probe restarting a healthy daemon
+  because slowloris peers held every slot is the failure this prevents); any other
+  request takes the slot of a keep-alive connection between requests, and only when every
+  slot has a request in progress is it answered 503.
+- A response whose client has not read for ``STALL_S`` gives its bytes up to a scrape that
+  needs them (``preempted``): clients that ask and never read cannot make the scrapes of
+  one that reads answer 503.
 """
 
 from __future__ import annotations
@@ -27,7 +44,9 @@ import ctypes.util
 import gzip
 import html
 import logging
+import re
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +57,15 @@ from esper_telemetry.version import __version__
 
 from .textformat import negotiate
 
-__all__ = ["WebServer", "accepts_gzip", "MAX_BODY_BYTES", "MAX_RENDERING"]
+__all__ = [
+    "WebServer",
+    "accepts_gzip",
+    "MAX_BODY_BYTES",
+    "MAX_RENDERING",
+    "HEADER_TIMEOUT_S",
+    "LOBBY_PER_CONNECTION",
+    "STALL_S",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +75,21 @@ _CHUNK = 1 << 16
 # past either a scrape is answered 503 (``busy``).
 MAX_BODY_BYTES = 128 << 20
 MAX_RENDERING = 4
+# A connection must send its first request's headers within this long (then it is served,
+# or it is closed); connections still sending headers are held up to LOBBY_PER_CONNECTION
+# times --web.max-connections, the oldest pushed out by a new one.
+HEADER_TIMEOUT_S = 5.0
+LOBBY_PER_CONNECTION = 4
+# Request headers larger than this are refused (431): aiohttp's own line and field limits
+# are 8190 bytes; a request never needs more than a few of them.
+_MAX_HEADER_BYTES = 32 << 10
+# A response its client has not read from for this long gives its bytes up to a scrape
+# that needs them (the client is disconnected).
+STALL_S = 1.0
+# Keep-alive: a connection idle this long after a response is closed (aiohttp's timer).
+_KEEPALIVE_S = 15.0
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
+_REQUEST_LINE = re.compile(rb"([A-Z]+) ([^ ?#\r\n]*)[^ \r\n]* HTTP/1\.[01]\r?\n")
 _TEXT = "text/plain; charset=utf-8"
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -93,12 +135,62 @@ def _malloc_trim() -> Callable[[], None]:
 _TRIM = _malloc_trim()
 
 
-class _Refuse(asyncio.Protocol):
-    """A connection over the cap: one 503 and close, nothing read or buffered."""
+def _plain(status: str, body: bytes, head: bool = False) -> bytes:
+    """A whole HTTP/1.1 response that closes its connection."""
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + (b"" if head else body)
+
+
+class _Lobby(asyncio.Protocol):
+    """A connection until its first request's headers are in (see the module docstring)."""
+
+    def __init__(self, server: WebServer) -> None:
+        self._server = server
+        self._buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(_BUSY)  # type: ignore[attr-defined]
-        transport.close()
+        self.transport = transport  # type: ignore[assignment]
+        self._timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT_S, self.expire)
+        self._server._lobby_enter(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        start = max(0, len(buf) - 3)
+        buf += data
+        if _END_OF_HEADERS.search(buf, start) is None:
+            if len(buf) > _MAX_HEADER_BYTES:
+                self._leave()
+                self.transport.write(_plain("431 Request Header Fields Too Large", b"too large\n"))
+                self.transport.close()
+            return
+        self._leave()
+        self._server._admit(self.transport, bytes(buf))
+
+    def eof_received(self) -> bool:
+        self._leave()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
+
+    def expire(self) -> None:
+        """Out of time (or pushed out of a full lobby): closed, counted."""
+        if self._leave():
+            self._server.header_timeouts += 1
+            self.transport.abort()
+
+    def _leave(self) -> bool:
+        """Out of the lobby; False if it was already."""
+        if self._timer is None:
+            return False
+        self._timer.cancel()
+        self._timer = None
+        self._server._lobby.pop(self, None)
+        return True
 
 
 class WebServer:
@@ -109,7 +201,9 @@ class WebServer:
     (``textformat.negotiate``, once per scrape: OpenMetrics or text), gzipped when
     ``Accept-Encoding`` admits it. ``refused``, ``write_timeouts`` and ``busy`` count
     connections turned away by the cap, responses abandoned by the write timeout, and
-    scrapes turned away because bodies in flight would pass ``max_body_bytes``.
+    scrapes turned away because bodies in flight would pass ``max_body_bytes``;
+    ``header_timeouts`` and ``preempted`` connections closed without a complete request and
+    responses given up for a scrape that needed their bytes.
     """
 
     def __init__(
@@ -124,7 +218,7 @@ class WebServer:
         *,
         write_timeout_s: float,
         max_connections: int,
-        keepalive_timeout_s: float = 75.0,
+        keepalive_timeout_s: float = _KEEPALIVE_S,
         ssl_context: ssl.SSLContext | None = None,
         auth: Any = None,
         max_body_bytes: int = MAX_BODY_BYTES,
@@ -156,6 +250,14 @@ class WebServer:
         # Scrapes answered 503 because bodies in flight would pass max_body_bytes, or
         # MAX_RENDERING renders were already under way.
         self.busy = 0
+        # Connections closed without a complete request within HEADER_TIMEOUT_S (or pushed
+        # out of a full lobby); responses given up for a scrape that needed their bytes.
+        self.header_timeouts = 0
+        self.preempted = 0
+        self._lobby: OrderedDict[_Lobby, None] = OrderedDict()
+        self._active: set[Any] = set()  # aiohttp handlers with a request in progress
+        # Responses being written, by id(request): (request, [bytes held, last progress]).
+        self._writers: dict[int, tuple[web.BaseRequest, list]] = {}
         self._max_body_bytes = max_body_bytes
         self._held = 0  # bytes of bodies being rendered (guessed) or written
         self._rendering = 0
@@ -190,11 +292,44 @@ class WebServer:
         return sockname[0], sockname[1]
 
     def _protocol(self) -> asyncio.BaseProtocol:
+        return _Lobby(self)
+
+    def _lobby_enter(self, lobby: _Lobby) -> None:
+        waiting = self._lobby
+        while len(waiting) >= LOBBY_PER_CONNECTION * self._max_connections:
+            next(iter(waiting)).expire()  # the oldest gives way
+        waiting[lobby] = None
+
+    def _admit(self, transport: asyncio.Transport, head: bytes) -> None:
+        """A connection whose first request's headers are in: handed to aiohttp's server if
+        a slot is free; if not, a health check is answered here, and anything else takes
+        the slot of a connection between requests, or is answered 503."""
         assert self._http is not None
-        if len(self._http.connections) >= self._max_connections:
-            self.refused += 1
-            return _Refuse()
-        return self._http()
+        full = len(self._http.connections) >= self._max_connections
+        m = _REQUEST_LINE.match(head) if full else None
+        if m is not None and m.group(2) in (b"/-/healthy", b"/-/ready"):
+            if m.group(1) in (b"GET", b"HEAD"):
+                if m.group(2) == b"/-/healthy":
+                    answer = _plain("200 OK", b"Healthy.\n", m.group(1) == b"HEAD")
+                elif self._ready():
+                    answer = _plain("200 OK", b"Ready.\n", m.group(1) == b"HEAD")
+                else:
+                    answer = _plain("503 Service Unavailable", b"Not ready.\n")
+                transport.write(answer)
+                transport.close()
+                return
+        if full:
+            idle = next((h for h in self._http.connections if h not in self._active), None)
+            if idle is None:
+                self.refused += 1
+                transport.write(_BUSY)
+                transport.close()
+                return
+            idle.force_close()  # between requests: its client reconnects when it needs to
+        handler = self._http()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(head)
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish briefly, release the threads."""
@@ -213,6 +348,8 @@ class WebServer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        handler = request.protocol
+        self._active.add(handler)
         try:
             return await self._respond(request)
         except (asyncio.CancelledError, ConnectionError):
@@ -220,6 +357,8 @@ class WebServer:
         except Exception:  # a bug; answer 500 rather than drop the connection silently
             self._log.exception("error answering an HTTP request")
             return web.Response(status=500, text="internal error\n")
+        finally:
+            self._active.discard(handler)
 
     async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
@@ -277,6 +416,8 @@ class WebServer:
         # within max_body_bytes (one is always let through), and a crowd of clients that
         # do not read cannot multiply the exposition's size in memory.
         guess = self._sizes.get(kind) or max(self._sizes.values(), default=0)
+        if self._held and self._held + guess > self._max_body_bytes:
+            self._preempt(guess)
         if self._rendering >= MAX_RENDERING or (
             self._held and self._held + guess > self._max_body_bytes
         ):
@@ -303,24 +444,24 @@ class WebServer:
             self._rendering -= 1
         self._sizes[kind] = len(body)
         self._held += len(body) - held
-        held = len(body)
-        try:
-            return await self._answer(request, body, ctype, gz)
-        finally:
-            self._held -= held
+        return await self._answer(request, body, ctype, gz)  # it releases len(body)
 
     async def _answer(
         self, request: web.BaseRequest, body: bytes, ctype: str, gz: bool
     ) -> web.StreamResponse:
-        # The body depends on both headers: caches must key on both.
-        resp = web.StreamResponse(
-            headers={"Content-Type": ctype, "Vary": "Accept, Accept-Encoding"}
-        )
-        if gz:
-            resp.headers["Content-Encoding"] = "gzip"
-        resp.content_length = len(body)
+        # What the body holds of max_body_bytes (0 once released) and when its client last
+        # took a chunk: _preempt may release it first.
+        writer = [len(body), asyncio.get_running_loop().time()]
+        self._writers[id(request)] = (request, writer)
         try:
-            await asyncio.wait_for(self._send(request, resp, body), self._write_timeout_s)
+            # The body depends on both headers: caches must key on both.
+            resp = web.StreamResponse(
+                headers={"Content-Type": ctype, "Vary": "Accept, Accept-Encoding"}
+            )
+            if gz:
+                resp.headers["Content-Encoding"] = "gzip"
+            resp.content_length = len(body)
+            await asyncio.wait_for(self._send(request, resp, body, writer), self._write_timeout_s)
         except asyncio.TimeoutError:
             self.write_timeouts += 1
             if request.transport is not None:
@@ -328,20 +469,46 @@ class WebServer:
             if self._trim is None:  # once the abandoned bodies are gone, hand memory back
                 self._trim = asyncio.get_running_loop().call_later(0.5, self._trimmed)
             raise ConnectionResetError("write timeout") from None
+        finally:
+            del self._writers[id(request)]
+            self._held -= writer[0]
         self.scraped.set()
         return resp
+
+    def _preempt(self, need: int) -> None:
+        """Give up the responses whose clients have not read for ``STALL_S``, the longest
+        stalled first, until ``need`` more bytes fit in ``max_body_bytes``."""
+        cutoff = asyncio.get_running_loop().time() - STALL_S
+        stalled = sorted(
+            (w[1], key) for key, (_, w) in self._writers.items() if w[1] <= cutoff and w[0]
+        )
+        for _, key in stalled:
+            if self._held + need <= self._max_body_bytes:
+                break
+            request, writer = self._writers[key]
+            self._held -= writer[0]
+            writer[0] = 0  # released here; _answer's own release then takes nothing
+            self.preempted += 1
+            if request.transport is not None:
+                request.transport.abort()
+        if stalled and self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(0.5, self._trimmed)
 
     def _trimmed(self) -> None:
         self._trim = None
         _TRIM()
 
     @staticmethod
-    async def _send(request: web.BaseRequest, resp: web.StreamResponse, body: bytes) -> None:
+    async def _send(
+        request: web.BaseRequest, resp: web.StreamResponse, body: bytes, writer: list
+    ) -> None:
+        loop = asyncio.get_running_loop()
         await resp.prepare(request)
         if request.method != "HEAD":
             view = memoryview(body)
             for i in range(0, len(view), _CHUNK):
                 await resp.write(view[i : i + _CHUNK])
+                writer[1] = loop.time()  # the client took that chunk: progress
         await resp.write_eof()
 
     def _render(self, snapshot: Any, fmt: str, gz: bool) -> bytes:
