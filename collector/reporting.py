@@ -47,8 +47,10 @@ class Reporter:
         rank: int,
         world_size: int,
         isolation_threshold: float,
+        clip_threshold: float | None = None,
     ) -> None:
         self._publisher = publisher
+        self.clip_threshold = clip_threshold
         self._specs = list(specs)
         self.run, self.rank, self.world_size = run, rank, world_size
         self._threshold_sq = isolation_threshold**2
@@ -77,6 +79,7 @@ class Reporter:
                 __version__,
                 torch.__version__,
                 decls,
+                self.clip_threshold,
             )
         )
 

@@ -122,6 +122,7 @@ class Telemetry:
             options.rank,
             options.world_size,
             options.isolation_threshold,
+            options.clip_threshold,
         )
         self._completion = CompletionThread(
             self._on_done, self.report_error, lambda p: self._staging.give(p.staging)

@@ -19,10 +19,11 @@ Three schema versions are decoded. Version 1 is what senders without message num
 send; version 2 adds ``seq``, the number of the carrying message, to every event, and a
 message of version 2 or 3 comes from one collector: every event of it carries the same run,
 rank and ``seq`` (``"schema"`` otherwise), and a batch never mixes versions (``"version"``).
-Version 3 adds ``world`` to ``Norms`` (a positive integer, or nil: not known) and a
+Version 3 adds ``world`` to ``Norms`` (a positive integer, or nil: not known), ``clip`` to
+``Hello`` (the job's clipping threshold: a finite number > 0, or nil), and a
 ``fingerprint`` to every group entry and declaration (an integer in ``0..2**63-1``, or nil);
-decoded from version 1 or 2, both are ``None``. ``encode`` writes a record whose ``seq`` is ``None`` as
-version 1 (without ``world``) and any other as version 3.
+decoded from version 1 or 2, they are ``None``. ``encode`` writes a record whose ``seq`` is
+``None`` as version 1 (without them) and any other as version 3.
 
 One number may be non-finite: a group's sum of squares, +Inf or NaN (never -Inf), and only
 when the same group counts non-finite gradients (``nonfinite > 0``). An exploding gradient
@@ -105,6 +106,8 @@ def _to_wire(event: Event, seq: int | None = None) -> dict[str, Any]:
         wire.update(zip(event._fields[:-1], event))
         if kind == "norms":
             del wire["world"]  # schema 3's field
+        elif kind == "hello":
+            del wire["clip"]  # schema 3's field
         if kind == "norms" or kind == "hello":  # and each group's fingerprint
             wire["groups"] = [g[:-1] for g in event.groups]  # type: ignore[union-attr]
     else:
@@ -231,6 +234,13 @@ def _opt_positive(value: Any) -> int | None:
     if value is None:
         return None
     return _positive(value)
+
+
+def _opt_positive_finite(value: Any) -> float | None:
+    value = _opt_finite(value)
+    if value is not None and value <= 0:
+        raise WireError("value", f"expected a number > 0, got {value}")
+    return value
 
 
 def _opt_finite(value: Any) -> float | None:
@@ -482,7 +492,11 @@ _SPECS_V3 = {
     **_SPECS_V2,
     "hello": (
         Hello,
-        tuple((f, _V3_DECLS.get(f, check)) for f, check in _SPECS_V2["hello"][1]),
+        (
+            *((f, _V3_DECLS.get(f, check)) for f, check in _SPECS_V1["hello"][1]),
+            ("clip", _opt_positive_finite),
+            ("seq", _count),
+        ),
     ),
     "norms": (
         Norms,

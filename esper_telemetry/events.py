@@ -117,6 +117,9 @@ class Hello(NamedTuple):
     library_version: str
     torch_version: str
     groups: tuple[GroupDecl, ...]
+    # The job's gradient clipping threshold (schema 3; ``attach(clip_threshold=)``): the
+    # daemon counts the steps whose model norm exceeded it. None: not given.
+    clip: float | None = None
     seq: int | None = None  # the carrying message's number (schema 2); None: schema 1
 
 

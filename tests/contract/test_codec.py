@@ -138,7 +138,7 @@ def wire(event) -> dict:
     has none, else the current schema with it."""
     out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
-        if (name == "seq" or name == "world") and event.seq is None:
+        if name in ("seq", "world", "clip") and event.seq is None:
             continue
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
@@ -153,6 +153,7 @@ def schema_2(event) -> dict:
     world size, no group fingerprints."""
     out = edit(event, v=2)
     out.pop("world", None)
+    out.pop("clip", None)
     if "groups" in out:
         out["groups"] = [g[:-1] for g in out["groups"]]
     return out

@@ -231,11 +231,14 @@ TAIL = dict(seq=st.none() | COUNTS)
 
 
 def schema_1(event):
-    """A record as schema 1 can carry it (no ``seq``): no world size, no fingerprints."""
+    """A record as schema 1 can carry it (no ``seq``): no world size, no clip threshold, no
+    fingerprints."""
     if event.seq is not None:
         return event
     if type(event) is Norms:
         event = event._replace(world=None)
+    if type(event) is Hello:
+        event = event._replace(clip=None)
     if type(event) is Norms or type(event) is Hello:
         event = event._replace(groups=tuple(g._replace(fingerprint=None) for g in event.groups))
     return event
@@ -256,6 +259,7 @@ EVENTS = st.one_of(
             ),
             max_size=4,
         ).map(tuple),
+        clip=st.none() | st.floats(min_value=1e-300, max_value=1e300),
         **TAIL,
     ).map(schema_1),
     st.builds(
@@ -295,7 +299,7 @@ EVENTS = st.one_of(
 def to_wire(event) -> dict:
     out = {"v": 1 if event.seq is None else SCHEMA_VERSION, "event": KIND_OF[type(event)]}
     for name, value in zip(event._fields, event):
-        if (name == "seq" or name == "world") and event.seq is None:
+        if name in ("seq", "world", "clip") and event.seq is None:
             continue  # schema 1 has no such field
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
