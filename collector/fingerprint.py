@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .placement import Layout, spec_of
+from .placement import Layout, hidden_shards, spec_of
 
 __all__ = ["Holding", "holding", "names_of"]
 
@@ -47,10 +47,13 @@ def names_of(root: torch.nn.Module | None, modules: Sequence[Any]) -> dict[int, 
     names: dict[int, str] = {}
     for module in modules:
         if module is not None:
-            for name, p in module.named_parameters(remove_duplicate=False):
+            for name, p in (
+                *module.named_parameters(remove_duplicate=False),
+                *hidden_shards(module),
+            ):
                 names.setdefault(id(p), name)
     if root is not None:
-        for name, p in root.named_parameters(remove_duplicate=False):
+        for name, p in (*root.named_parameters(remove_duplicate=False), *hidden_shards(root)):
             names[id(p)] = name  # the root's names win: the same on every rank's model
     return names
 

@@ -50,6 +50,8 @@ from torch import nn
 
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 
+from .placement import hidden_shards
+
 __all__ = [
     "GroupSpec",
     "make_spec",
@@ -169,6 +171,10 @@ class GroupSpec:
             return self._params, False
         if isinstance(obj, nn.Module):
             params = tuple(obj.parameters())  # leaves, each once (remove_duplicate)
+            hidden = hidden_shards(obj)  # DDP around tensor parallel (placement.py)
+            if hidden:
+                listed = set(map(id, params))
+                params += tuple(p for _, p in hidden if id(p) not in listed)
             self.module = obj
             self.unfollowed = None
             # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
@@ -366,7 +372,9 @@ def _members(specs: Sequence[GroupSpec]) -> tuple[set | None, set | None]:
     if len(roots) != 1:
         return None, None
     (root,) = roots.values()
-    return {id(m) for m in root.modules()}, {id(p) for p in root.parameters()}
+    params = {id(p) for p in root.parameters()}
+    params.update(id(p) for _, p in hidden_shards(root))  # DDP around TP (placement.py)
+    return {id(m) for m in root.modules()}, params
 
 
 def stale_groups(specs: Sequence[GroupSpec]) -> list[str]:

@@ -35,6 +35,7 @@ __all__ = [
     "Layout",
     "layout",
     "spec_of",
+    "hidden_shards",
     "local_grads",
     "UnmeasurableGradient",
     "unmeasurable",
@@ -88,6 +89,32 @@ def spec_of(p: torch.Tensor) -> tuple[Any, tuple[Any, ...]] | None:
     if info is not None and hasattr(info, "mesh") and hasattr(info, "placements"):
         return info.mesh, tuple(info.placements)
     return None
+
+
+def hidden_shards(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The local-shard Parameters that DDP around tensor parallel keeps behind DTensor
+    attributes of ``module``'s tree, with their qualified names.
+
+    ``DistributedDataParallel(model, device_mesh=mesh["dp"])`` around a model parallelized
+    over a sibling mesh dimension makes each DTensor Parameter a plain local Parameter
+    carrying ``_st_info``, and its forward pre-hook puts a DTensor built from it
+    (``DTensor.from_local``, a view of it) back in the attribute, no longer registered: from
+    the first forward on ``module.parameters()`` lists none of those weights, though their
+    gradients still arrive on the local Parameters (the view's base). Empty while no DTensor
+    exists.
+    """
+    cls = _dtensor_type()
+    if cls is None:
+        return []
+    out = []
+    for prefix, m in module.named_modules():
+        for attr, value in vars(m).items():
+            if isinstance(value, cls):
+                base = getattr(value, "_local_tensor", None)
+                base = getattr(base, "_base", None)
+                if base is not None and getattr(base, "_st_info", None) is not None:
+                    out.append((f"{prefix}.{attr}" if prefix else attr, base))
+    return out
 
 
 def layout(

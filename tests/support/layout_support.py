@@ -19,9 +19,11 @@ computed from an unsplit copy of the model on the same data in float64:
   named apart: the ranks contradict each other;
 - ``ddp_left_out``: DDP with the head left out of the all-reduce (same names and shapes,
   other values on each rank);
-- ``ddp_tp`` (four ranks): ``DistributedDataParallel(model, device_mesh=mesh["dp"])`` around
-  ``parallelize_module`` on a (dp=2, tp=2) mesh; the host given as its parameters, which DDP
-  made local shards carrying ``_st_info``.
+- ``ddp_tp``, ``ddp_tp_path`` (four ranks): ``DistributedDataParallel(model,
+  device_mesh=mesh["dp"])`` around ``parallelize_module`` on a (dp=2, tp=2) mesh; the host
+  given as its parameters, which DDP made local shards carrying ``_st_info``, or as the
+  model's (``model=``, the host everything but the seed), whose TP weights are no longer
+  registered after the first forward.
 """
 
 from __future__ import annotations
@@ -328,6 +330,16 @@ def ddp_left_out(rank: int, world: int, endpoint: str) -> dict[str, Any]:
 
 
 def ddp_tp(rank: int, world: int, endpoint: str) -> dict[str, Any]:
+    return _ddp_tp("ddp_tp", endpoint, by_path=False)
+
+
+def ddp_tp_path(rank: int, world: int, endpoint: str) -> dict[str, Any]:
+    return _ddp_tp("ddp_tp_path", endpoint, by_path=True)
+
+
+def _ddp_tp(run: str, endpoint: str, by_path: bool) -> dict[str, Any]:
+    """``by_path``: attach as most jobs do, ``model=`` and the host everything but the seed;
+    else the host given as the local-shard Parameters DDP made."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -348,7 +360,10 @@ def ddp_tp(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     # are followed.
     shards = [p for p in net.host.parameters()]
     assert any(hasattr(p, "_st_info") for p in shards)
-    tel = et.attach(host=shards, seeds={"s": net.seed}, endpoint=endpoint, run="ddp_tp")
+    if by_path:
+        tel = et.attach(model=net, seeds={"s": "seed"}, endpoint=endpoint, run=run)
+    else:
+        tel = et.attach(host=shards, seeds={"s": net.seed}, endpoint=endpoint, run=run)
     for step in range(STEPS):
         for p in [*shards, *net.seed.parameters()]:
             p.grad = None
@@ -367,6 +382,7 @@ LAYOUTS: dict[str, Callable[[int, int, str], dict[str, Any]]] = {
     "ddp_adapters": ddp_adapters,
     "ddp_left_out": ddp_left_out,
     "ddp_tp": ddp_tp,
+    "ddp_tp_path": ddp_tp_path,
 }
 
 if __name__ == "__main__":
