@@ -42,7 +42,7 @@ from esper_telemetry.version import __version__
 from . import api
 from .snapshot import Snapshot
 from .steps import RunHistory
-from .web import WebServer, accepts_gzip
+from .web import accepts_gzip
 
 __all__ = ["Pages", "MAX_IN_FLIGHT", "STATIC_FILES"]
 
@@ -53,6 +53,7 @@ _log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 4
 # Bodies above this size are gzipped when the client accepts it.
 _GZIP_FROM = 1 << 14
+_CHUNK = 1 << 16
 
 STATIC_FILES = {
     "style.css": "text/css; charset=utf-8",
@@ -212,13 +213,24 @@ class Pages:
             resp.headers["Content-Encoding"] = "gzip"
         resp.content_length = len(body)
         try:
-            await asyncio.wait_for(WebServer._send(request, resp, body), timeout_s)
+            await asyncio.wait_for(_send(request, resp, body), timeout_s)
         except asyncio.TimeoutError:
             self.write_timeouts += 1
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError("write timeout") from None
         return resp
+
+
+async def _send(request: web.BaseRequest, resp: web.StreamResponse, body: bytes) -> None:
+    """The body in 64 KiB chunks, each waiting for the peer to read (a client that does not
+    read holds one body and about a chunk of copy, until the write timeout)."""
+    await resp.prepare(request)
+    if request.method != "HEAD":
+        view = memoryview(body)
+        for i in range(0, len(view), _CHUNK):
+            await resp.write(view[i : i + _CHUNK])
+    await resp.write_eof()
 
 
 def _gzipped(build: Callable[[], bytes], gz: bool) -> bytes:
