@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import operator
 import time
 from collections import OrderedDict, deque
@@ -76,6 +77,7 @@ from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DaemonStats
+from .steps import MAX_PENDING, GroupHistory, ModelSteps, RunHistory, StepRecord, StepRules
 
 __all__ = ["Aggregator", "Limits", "MAX_KINDS", "ESTABLISHED_AFTER_S", "YOUNG_IDLE_S"]
 
@@ -95,6 +97,10 @@ _chain = itertools.chain.from_iterable
 _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
 _name_of = operator.itemgetter(0)
+_sq_of = operator.itemgetter(3)
+# Runs, and records, with steps waiting to be read between two ticks: past this many they
+# are read at once, so a flood of run names holds no run the table let go.
+_MAX_DIRTY = 1024
 _group_norm = GroupNorm._make
 _NO_FINGERPRINT = (None,)
 
@@ -133,6 +139,7 @@ class _Group:
         "violation_step",
         "stale",
         "inconsistent",
+        "rec",
     )
 
     def __init__(self) -> None:
@@ -149,6 +156,7 @@ class _Group:
         self.stale = False  # the collector reported it can no longer follow the group
         # Why its ranks contradict its latest complete step (layout.py); None: they do not.
         self.inconsistent: str | None = None
+        self.rec: StepRecord | None = None  # every step (steps.py), from its first value
 
 
 class _Run:
@@ -170,6 +178,9 @@ class _Run:
         "layout",
         "first_seen",
         "young",
+        "model",
+        "pend_steps",
+        "pend_groups",
     )
 
     def __init__(self, now: float, limits: Limits) -> None:
@@ -191,6 +202,10 @@ class _Run:
         self.young = False  # has norms, heard from for less than ESTABLISHED_AFTER_S
         # Groups with fingerprints (schema 3): holders, classes, steps (layout.py).
         self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run)
+        self.model = ModelSteps()  # the model norm per complete step, clipped steps
+        # Steps applied by the fast path, not yet read into the groups' records.
+        self.pend_steps: list[int] = []
+        self.pend_groups: list[tuple] = []
 
 
 class Aggregator:
@@ -201,10 +216,14 @@ class Aggregator:
         limits: Limits,
         stats: DaemonStats,
         logger: logging.Logger = _log,
+        rules: StepRules | None = None,
     ) -> None:
         self._limits = limits
         self._stats = stats
         self._log = logger
+        self._rules = rules or StepRules()
+        self._dirty: list[StepRecord] = []  # records with steps not settled yet
+        self._dirty_runs: list[_Run] = []  # runs with fast-path steps not read yet
         self._runs: dict[str, _Run] = {}
         # Admission's candidates, oldest first. Runs that never sent norms, reordered each
         # time one is heard from; ended runs in the order they ended; runs with norms idle
@@ -240,8 +259,9 @@ class Aggregator:
 
         ``events`` are records (``esper_telemetry.decode``), or the wire structs of one
         collector's healthy ``Norms`` message (``fastdecode.decode_norms``), applied with the
-        same result without building records. The events count as applied even if one of them raises (a daemon bug: the codec
-        validated them); the rest of that message is then not applied.
+        same result without building records. The events count as applied even if one of
+        them raises (a daemon bug: the codec validated them); the rest of that message is
+        then not applied.
         """
         self._now = now
         self._stats.events += len(events)
@@ -261,6 +281,7 @@ class Aggregator:
         self._now = now
         if unix_now is not None:
             self._unix_offset = unix_now - now
+        self._settle()
         ended = self._ended
         kept_until = now - self._limits.ended_retention_s
         while ended:
@@ -408,7 +429,7 @@ class Aggregator:
             self._leave(run, rank)
         if len(run.shards):
             for step, totals in run.shards.settle(world):
-                self._publish_step(step, totals)
+                self._publish_step(run, step, totals)
 
     def _world_refused(self, name: str, rank: int, world: int) -> bool:
         """True (counted) if an event announcing ``world`` from ``rank`` must be refused."""
@@ -426,6 +447,8 @@ class Aggregator:
             if len(run.groups) >= self._limits.max_groups_per_run:
                 self._stats.overflow["groups"] += 1
                 return None
+            if run.pend_steps:  # read with the groups they were sent beside (a model step)
+                self._settle_run(run, None)
             group = run.groups[name] = _Group()
         return group
 
@@ -462,6 +485,9 @@ class Aggregator:
         ):
             return self._wire_norms_as_records(events)
         step = last.step
+        # Replicas' copies of a step are recorded once (steps.py): what each group held
+        # before this message decides which of its steps are new.
+        prev: dict[str, tuple[int, int]] | None = {} if len(run.ranks) > 1 else None
         for entry in last_groups:
             if v3:
                 name, role, params, sq, _nonfinite, _sharded, isolated, fingerprint = entry
@@ -476,6 +502,8 @@ class Aggregator:
                 # The groups already set hold the last event's values with this rank,
                 # which is also where applying the events in order leaves them.
                 return self._wire_norms_as_records(events)
+            if prev is not None:
+                prev[name] = (group.step, group.rank)
             group.role = role
             group.params = params
             group.isolated = isolated
@@ -484,6 +512,18 @@ class Aggregator:
             group.rank = rank
             group.captured = True
         run.ranks[rank] = run.last_seen = run.captured_at = self._now
+        # Every step, not only the last one applied: kept as they came, read in bulk.
+        if prev is not None:
+            self._record_replicas(run, rank, events, prev)
+        else:
+            if not run.pend_steps:
+                self._dirty_runs.append(run)
+                if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
+                    self._settle()
+            run.pend_steps.extend(map(_step_of, events))
+            run.pend_groups.extend(map(_groups_of, events))
+            if len(run.pend_steps) >= MAX_PENDING:
+                self._settle_run(run, None)
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
@@ -549,6 +589,7 @@ class Aggregator:
         groups = run.groups
         shards = None
         fingerprinted = None
+        total, counted = 0.0, 0  # this capture's replicated groups, for the model step
         for name, role, params, sq, nonfinite, sharded, isolated, fingerprint in group_norms:
             group = groups.get(name)
             if group is None:
@@ -573,10 +614,17 @@ class Aggregator:
             elif step >= group.step or rank == group.rank:
                 # Ranks' batches interleave: an older step from another rank must not move
                 # the norm backwards; the same rank going back is that rank restarting.
+                if step > group.step or rank == group.rank:  # replicas' copies count once
+                    self._record(run, group, step, sq, model=False)
+                    counted += 1
+                    if sq is not None:
+                        total += sq
                 group.sq = sq
                 group.step = step
                 group.rank = rank
                 group.captured = True
+        if counted:
+            run.model.add(step, total, len(groups), counted)
         if shards is not None:
             self._shard(run, rank, step, shards)
         if fingerprinted is not None:
@@ -594,7 +642,114 @@ class Aggregator:
         if evicted:
             self._stats.overflow["pending_steps"] += 1
         if totals is not None:
-            self._publish_step(step, totals)
+            self._publish_step(run, step, totals)
+
+    # --- every step (steps.py) -----------------------------------------------------------
+
+    def _record(
+        self, run: _Run, group: _Group, step: int, sq: float | None, model: bool = True
+    ) -> None:
+        """One published step of ``group`` (records path, sharded and fingerprinted steps);
+        ``model=False``: the caller adds it to the run's model step with the others of its
+        message (``ModelSteps.add`` takes one capture's groups at once)."""
+        if run.pend_steps:
+            self._settle_run(run, None)  # the fast path's steps first: records stay in order
+        rec = group.rec
+        if rec is None:
+            rec = group.rec = StepRecord(self._rules)
+        if not rec.pending:
+            self._dirty.append(rec)
+            if len(self._dirty) > _MAX_DIRTY:
+                self._settle()
+        rec.push(step, sq)
+        if model:
+            run.model.add(step, sq, len(run.groups))
+
+    def _bucket(self) -> int:
+        """The window bucket of the latest ``now`` (steps.py)."""
+        return int(self._now // self._rules.bucket_s) if self._now > -math.inf else 0
+
+    def _record_replicas(
+        self, run: _Run, rank: int, events: Sequence[WireNorms], prev: dict
+    ) -> None:
+        """A fast-path message of a run of several ranks: each group's steps that no other
+        rank's copy recorded already (as ``_norms`` decides for records)."""
+        groups = run.groups
+        for e in events:
+            step = e.step
+            total, counted = 0.0, 0
+            for entry in e.groups:
+                name = entry[0]
+                p_step, p_rank = prev[name]
+                if step > p_step or rank == p_rank:
+                    sq = entry[3]
+                    self._record(run, groups[name], step, sq, model=False)
+                    prev[name] = (step, rank)
+                    counted += 1
+                    if sq is not None:
+                        total += sq
+            if counted:
+                run.model.add(step, total, len(groups), counted)
+
+    def _settle(self) -> None:
+        """Read every pending step into its record (the window, spikes, history)."""
+        bucket = self._bucket()
+        runs, self._dirty_runs = self._dirty_runs, []
+        for run in runs:
+            self._settle_run(run, bucket)
+        recs, self._dirty = self._dirty, []
+        for rec in recs:
+            rec.settle(bucket)
+
+    def _settle_run(self, run: _Run, bucket: int | None) -> None:
+        """The fast path's steps of ``run``, group by group, in bulk where the messages'
+        groups line up (the usual case: the same groups in the same order every capture)."""
+        steps, rows = run.pend_steps, run.pend_groups
+        if not steps:
+            return
+        run.pend_steps, run.pend_groups = [], []
+        groups = run.groups
+        rules = self._rules
+        width = len(rows[0])
+        columns = list(zip(*rows)) if all(len(r) == width for r in rows) else None
+        if columns is not None and all(len(set(map(_name_of, c))) == 1 for c in columns):
+            sq_columns = []
+            for column in columns:
+                group = groups.get(column[0][0])
+                if group is None:
+                    continue
+                sqs = list(map(_sq_of, column))
+                sq_columns.append(sqs)
+                rec = group.rec
+                if rec is None:
+                    rec = group.rec = StepRecord(rules)
+                rec.add_many(steps, sqs, bucket)
+            if len(sq_columns) == len(groups):
+                # The fast path only takes finite values; a None is a group without gradient.
+                try:
+                    sums = list(map(sum, zip(*sq_columns)))
+                except TypeError:
+                    sums = [sum(q for q in t if q is not None) for t in zip(*sq_columns)]
+                run.model.complete_many(steps, sums, len(groups))
+                return
+            for step, values in zip(steps, zip(*sq_columns)):
+                total = sum(q for q in values if q is not None)
+                run.model.add(step, total, len(groups), len(values))
+            return
+        for step, row in zip(steps, rows):  # groups that differ from message to message
+            total, counted = 0.0, 0
+            for entry in row:
+                group = groups.get(entry[0])
+                if group is None:
+                    continue
+                rec = group.rec
+                if rec is None:
+                    rec = group.rec = StepRecord(rules)
+                sq = entry[3]
+                rec.add_many([step], [sq], bucket)
+                total += 0.0 if sq is None else sq
+                counted += 1
+            run.model.add(step, total, len(groups), counted)
 
     # --- fingerprinted groups (schema 3): their steps and flags come from layout.py -------
 
@@ -604,6 +759,8 @@ class Aggregator:
             group = run.groups.get(name)
             if group is None:
                 continue
+            if p.inconsistent is None and p.step != group.step:
+                self._record(run, group, p.step, p.sq)  # a contradicted value is no step
             group.sq = p.sq
             group.step = p.step
             group.params = p.params
@@ -632,17 +789,18 @@ class Aggregator:
     def _announce(self, run: _Run, ev: Hello) -> None:
         """A Hello's fingerprinted groups: the rank holds exactly these (layout.py)."""
         held = [
-            (d.name, d.fingerprint, d.params)
+            (d.name, d.fingerprint, d.params, d.pieces)
             for d in ev.groups
             if d.fingerprint is not None and d.name in run.groups
         ]
         done = run.layout.announce(ev.rank, held, run.world_size, self._now)
-        for name, _, _ in held:
-            run.groups[name].params = run.layout.groups[name].params
+        for held_group in held:
+            run.groups[held_group[0]].params = run.layout.groups[held_group[0]].params
         self._published(run, done)
 
-    def _publish_step(self, step: int, totals: dict[_Group, float | None]) -> None:
+    def _publish_step(self, run: _Run, step: int, totals: dict[_Group, float | None]) -> None:
         for group, sq in totals.items():
+            self._record(run, group, step, sq)
             group.sq = sq
             group.step = step
             group.captured = True
@@ -664,6 +822,8 @@ class Aggregator:
                 group.stale = False  # a collector attaching anew follows what it declares
         if any(decl.fingerprint is not None for decl in ev.groups):
             self._announce(run, ev)
+        if ev.clip is not None:
+            run.model.threshold = ev.clip
         self._log.info(
             "collector hello: run=%s rank=%d world_size=%d host=%s pid=%d "
             "library=%s torch=%s groups=%d",
@@ -707,6 +867,9 @@ class Aggregator:
         # The kind cap bounds label values, not evidence: a refused kind still marks its step.
         if ev.step > group.violation_step:
             group.violation_step = ev.step
+        if group.rec is None:
+            group.rec = StepRecord(self._rules)
+        group.rec.mark_violation(ev.step)
         self._log.debug(
             "isolation violation: run=%s group=%s kind=%s step=%d: %s",
             ev.run,
@@ -756,14 +919,46 @@ class Aggregator:
         """Runs held."""
         return len(self._runs)
 
+    def history(self, name: str) -> RunHistory | None:
+        """The run's groups' recent steps (steps.py), settled now; None for a run not held.
+
+        Built on the event-loop thread like a snapshot; the lists are the caller's.
+        """
+        run = self._runs.get(name)
+        if run is None:
+            return None
+        self._settle()
+        bucket = self._bucket()
+        groups = []
+        for gname, g in run.groups.items():
+            rec = g.rec
+            groups.append(
+                GroupHistory(
+                    gname,
+                    g.role,
+                    g.params,
+                    [] if rec is None else rec.points(),
+                    [] if rec is None else rec.folded(),
+                    [] if rec is None else list(rec.nonfinite_steps),
+                    [] if rec is None else list(rec.violation_steps),
+                    0 if rec is None else rec.spikes,
+                    None if rec is None else rec.extremes(bucket),
+                    g.stale,
+                    g.inconsistent,
+                )
+            )
+        return RunHistory(name, run.ended_at is not None, run.last_step, tuple(groups))
+
     def snapshot(self) -> Snapshot:
         """Everything a scrape shows, detached from live state, as of the latest ``now``.
 
         The queue's figures are not the aggregator's: they are ``None`` here, and the
         daemon fills them in.
         """
+        self._settle()
         cutoff = self._now - self._limits.ttl_s
         unix = self._unix_offset
+        bucket = self._bucket()
         runs = []
         for name, run in self._runs.items():
             groups = tuple(
@@ -780,6 +975,8 @@ class Aggregator:
                     g.violation_step,
                     g.stale,
                     g.inconsistent,
+                    None if g.rec is None else g.rec.extremes(bucket),
+                    0 if g.rec is None else g.rec.spikes,
                 )
                 for gname, g in run.groups.items()
             )
@@ -798,6 +995,10 @@ class Aggregator:
                     run.ended_at is not None,
                     run.shards.dropped_reports + run.layout.dropped_reports(),
                     collector_time=run.last_time,
+                    model_norm=run.model.norm,
+                    clip_threshold=run.model.threshold,
+                    model_steps=run.model.steps,
+                    clipped=run.model.clipped,
                 )
             )
         s = self._stats
@@ -823,6 +1024,9 @@ _WHY = {
     "(parameters left out of the gradient all-reduce?)",
     "contents": "ranks treat the group as replicated but hold different parameters "
     "(parameters that differ per rank inside DDP, or sharded=False over parts)",
+    "overlap": "ranks hold some of the group's parameters in common and others apart "
+    "(parameters on every rank beside each rank's own, such as a router beside split "
+    "experts): give the shared and the split parameters groups of their own",
 }
 
 

@@ -2,7 +2,8 @@
 
 The aggregator builds it on the event-loop thread in one pass and the daemon adds the
 queue's figures (so every number in a scrape belongs to the same instant); the exporter
-renders it on a worker thread without touching live state. Raw sums of squares travel here; square roots and ratios are the exporter's.
+renders it on a worker thread without touching live state. Raw sums of squares travel
+here; square roots and ratios are the exporter's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class GroupSnapshot(NamedTuple):
     # Why the ranks contradict the latest complete step (daemon/layout.py: "values",
     # "contents"); its norm and ratio are then not exported. None: they do not.
     inconsistent: str | None = None
+    # Every step (daemon/steps.py): the (min, max) finite norm of the trailing window
+    # (None: no finite norm in it) and the spikes counted since the run began.
+    window: tuple[float, float] | None = None
+    spikes: int = 0
 
 
 class RunSnapshot(NamedTuple):
@@ -45,6 +50,13 @@ class RunSnapshot(NamedTuple):
     # The collector's own unix time of the run's latest capture: information only, since a
     # collector's clock may be off (by hours, or absurdly: 1e300); nothing is judged by it.
     collector_time: float = 0.0
+    # The model norm (over the run's groups) of its latest complete step, None before one;
+    # the clip threshold its collectors sent (None: not given); complete steps, and those
+    # whose model norm exceeded the threshold (daemon/steps.py, ModelSteps).
+    model_norm: float | None = None
+    clip_threshold: float | None = None
+    model_steps: int = 0
+    clipped: int = 0
 
 
 class Snapshot(NamedTuple):
@@ -72,3 +84,5 @@ class Snapshot(NamedTuple):
     refused: dict[str, int] | None = None
     world_unknown_steps: int | None = None
     implausible_sequence: int | None = None
+    # Collector connections dropped past --limits.memory-bytes (memory.py); by the daemon.
+    memory_sheds: dict[str, int] | None = None

@@ -31,6 +31,7 @@ Single-threaded, like the aggregator that owns the records.
 from __future__ import annotations
 
 import math
+import operator
 from array import array
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -186,13 +187,20 @@ class StepRecord:
         """Fold the pending steps into every figure; ``bucket`` is ``int(now / bucket_s)``
         (None: the bucket of the latest settle). Returns the spikes found."""
         pending = self.pending
-        if bucket is None:
-            bucket = max(self._bucket)
         if not pending:
             return 0
         self.pending = []
-        steps = pending[0::2]
-        sqs = pending[1::2]
+        return self._apply(pending[0::2], pending[1::2], bucket)
+
+    def add_many(self, steps: list[int], sqs: list[float | None], bucket: int | None) -> int:
+        """Record and settle many steps at once (after the pending ones, in order)."""
+        found = self.settle(bucket)
+        self.last_step = steps[-1]
+        return found + self._apply(steps, sqs, bucket)
+
+    def _apply(self, steps: list[int], sqs: list[float | None], bucket: int | None) -> int:
+        if bucket is None:
+            bucket = max(self._bucket)
         try:
             total = sum(sqs)
             clean = total - total == 0.0  # every value finite (NaN and Inf fail this)
@@ -375,7 +383,7 @@ class ModelSteps:
 
     MAX_OPEN = 64
 
-    __slots__ = ("_open", "done_step", "norm", "clipped", "given_up", "threshold")
+    __slots__ = ("_open", "done_step", "norm", "clipped", "given_up", "threshold", "steps")
 
     def __init__(self) -> None:
         self._open: dict[int, list] = {}  # step -> [sum of squares, groups counted]
@@ -384,9 +392,11 @@ class ModelSteps:
         self.clipped = 0
         self.given_up = 0
         self.threshold: float | None = None  # the clip threshold (Hello), None: unknown
+        self.steps = 0  # complete steps
 
-    def add(self, step: int, sq: float | None, groups: int) -> None:
-        """One group's value for ``step``, of a run holding ``groups`` groups."""
+    def add(self, step: int, sq: float | None, groups: int, count: int = 1) -> None:
+        """``count`` groups' values (summed in ``sq``) for ``step``, of a run holding
+        ``groups`` groups."""
         if step <= self.done_step:
             return
         acc = self._open.get(step)
@@ -397,17 +407,34 @@ class ModelSteps:
             acc = self._open[step] = [0.0, 0]
         if sq is not None:
             acc[0] += sq
-        acc[1] += 1
+        acc[1] += count
         if acc[1] >= groups:
             self._complete(step, acc[0])
+
+    def complete_many(self, steps: list[int], sqs: list[float], groups: int) -> None:
+        """Captures of every one of the run's ``groups`` groups, in order: what ``add`` of
+        each would leave, in bulk when nothing waits and the steps only go up."""
+        done = self.done_step
+        if self._open or steps[0] <= done or any(map(operator.ge, steps, steps[1:])):
+            for s, q in zip(steps, sqs):
+                self.add(s, q, groups, groups)
+            return
+        self.done_step = steps[-1]
+        last = sqs[-1]
+        self.norm = math.sqrt(last) if last >= 0 else math.nan
+        self.steps += len(steps)
+        t = self.threshold
+        if t is not None:
+            self.clipped += len(list(filter((t * t).__lt__, sqs)))
 
     def _complete(self, step: int, sq: float) -> None:
         for s in [s for s in self._open if s <= step]:
             del self._open[s]
         self.done_step = step
         self.norm = math.sqrt(sq) if sq >= 0 else math.nan
+        self.steps += 1
         t = self.threshold
-        if t is not None and self.norm > t:
+        if t is not None and sq > t * t:  # as complete_many judges
             self.clipped += 1
 
     def restart(self) -> None:
