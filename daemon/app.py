@@ -25,6 +25,7 @@ from .aggregator import Aggregator, Limits
 from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
 from .exporter import Exposition, process_registry
+from .memory import MemoryGuard
 from .pump import Pump
 from .queue import EventQueue
 from .receiver import Receiver
@@ -166,6 +167,7 @@ class Daemon:
                 "header_timeout": self.web.header_timeouts,
                 "preempted": self.web.preempted,
             },
+            memory_sheds=dict(self.stats.memory_sheds),
         )
 
     def reload(self) -> None:
@@ -205,6 +207,7 @@ class Daemon:
             self._receiving,
             asyncio.create_task(self.pump.run(), name="aggregator"),
             asyncio.create_task(self.pump.tick_every(tick_s), name="ticker"),
+            asyncio.create_task(self._guard(endpoints).run(), name="memory guard"),
         ]
         self._ready = True
         self._log.info(
@@ -233,6 +236,16 @@ class Daemon:
             "plain HTTP, no authentication"
             if self.web_config is None
             else self.web_config.describe(),
+        )
+
+    def _guard(self, endpoints: list[str]) -> MemoryGuard:
+        """What libzmq buffers for the TCP collectors, bounded by --limits.memory-bytes."""
+        ports = [int(e.rsplit(":", 1)[1]) for e in endpoints if e.startswith("tcp://")]
+        return MemoryGuard(
+            self.config.memory_limit_bytes,
+            ports,
+            self.stats.memory_sheds,
+            self._log.getChild("memory"),
         )
 
     async def shutdown(self) -> None:

@@ -231,7 +231,9 @@ class Config:
         _counts,
         metavar="N",
         unit="connections",
-        help="HTTP connections open at once; further ones get a 503 and are closed",
+        help="HTTP requests served at once; past it a keep-alive connection between requests "
+        "gives its slot up, else the request gets a 503 (health checks are answered "
+        "whatever the load; connections still sending headers wait apart, 5 s at most)",
     )
     # 50,000 series render in about 40 ms on the 2-core reference box and make about 3 MB of
     # text with typical names (about 27 MB at the wire's 256-character name limit), so the
@@ -306,6 +308,21 @@ class Config:
         metavar="N",
         unit="ranks",
         help="ranks held per run; events of further ranks are dropped and counted",
+    )
+    # What libzmq holds of a multipart message still arriving has no bound of its own (one
+    # peer took the daemon to 1.5 GiB in 1.6 s): past this RSS the busiest collector
+    # connection is dropped, then every one (daemon/memory.py). 768 MiB leaves room for the
+    # 0.1 s a drop takes at the fastest stream measured (about 1 GB/s) under 1 GiB.
+    memory_limit_bytes: int = setting(
+        "--limits.memory-bytes",
+        768 << 20,
+        integer(minimum=64 << 20),
+        metavar="BYTES",
+        unit="bytes",
+        help="resident memory past which the daemon drops the collector connection that "
+        "received the most (then, if still past it, every one; collectors reconnect) and "
+        "counts it in `esper_daemon_memory_sheds_total`: a bound on what libzmq buffers for "
+        "a multipart message that never ends",
     )
     queue_size: int = setting(
         "--queue.size",

@@ -68,6 +68,7 @@ class DaemonStats:
         "evicted",
         "refused",
         "world_unknown_steps",
+        "memory_sheds",
     )
 
     def __init__(self) -> None:
@@ -81,3 +82,5 @@ class DaemonStats:
         self.refused: dict[str, int] = dict.fromkeys(REFUSE_REASONS, 0)  # in events
         # Sharded steps that had to wait because their run's world size was not known.
         self.world_unknown_steps = 0
+        # Collector connections dropped past --limits.memory-bytes (memory.SHED_WHAT).
+        self.memory_sheds: dict[str, int] = {"connection": 0, "all": 0}
