@@ -22,7 +22,7 @@ additions of positive terms), and the order is whatever the kernel picks: BLAS `
 sums differently on Intel and AMD (MKL's float32 ``dot`` was 1.2e-5 off at 32,768 equal
 entries on an AMD EPYC, 2e-4 at a million). So a CPU tensor of ``ROWS_MIN_ELEMENTS`` or
 more (a *large run*) is read in rows of ``ROW`` elements: torch's own row reduction, in
-float32 chains of at most ``ROW`` terms, whose row norms meet in float64
+float32 chains of at most ``ROW`` terms, whose squared row norms meet in float64
 (``_rows_squares``). Float64 tensors keep ``torch.dot`` (float64 chains: ``n 2**-53``).
 Smaller tensors take one ``_foreach_norm``, whose float32 loop keeps 8 or 16 partial sums.
 """
@@ -72,15 +72,16 @@ def sq_error_bound(numel: int, dtype: torch.dtype) -> float:
     Positive terms: the bound of ``k`` products added in float32 in any order is ``k u``
     plus second-order terms (``gamma_k = k u / (1 - k u)``). A large run: a row of ``ROW``
     products (``ROW`` roundings), its norm (the square root's rounding, twice in the
-    square), then float64 for the rest (``k`` rows: ``(k + 1) 2**-53``). ``_foreach_norm``:
-    the same with one row of ``numel``. Float64: ``numel + 1`` roundings of ``2**-53``. A
-    group's figure adds its tensors' in float64: its bound is the largest of theirs, plus
-    ``2**-53`` per tensor.
+    square), the norm squared in float32 (one more), then float64 for the rest (the ``k``
+    rows and up to ``ROW - 1`` tail entries: ``k + ROW`` roundings of ``2**-53``).
+    ``_foreach_norm``: one row of ``numel``, its norm squared in float64. Float64:
+    ``numel + 1`` roundings of ``2**-53``. A group's figure adds its tensors' in float64:
+    its bound is the largest of theirs, plus ``2**-53`` per tensor.
     """
     if dtype == torch.float64:
         return _gamma(numel + 1, _U64)
     if numel >= ROWS_MIN_ELEMENTS and dtype in LARGE_DTYPES:
-        return _gamma(ROW + 2, _U32) + _gamma(numel // ROW + 2, _U64)
+        return _gamma(ROW + 3, _U32) + _gamma(numel // ROW + ROW, _U64)
     return _gamma(numel + 2, _U32) + _U64
 
 
@@ -164,38 +165,32 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, l
 
 
 def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Float64 sums of squares of CPU tensors of at least ``ROW`` elements, read in rows.
+    """Float64 sums of squares of CPU tensors, read in rows of ``ROW`` elements.
 
     Each tensor's first ``k * ROW`` elements, viewed as ``k`` rows of ``ROW``, get their
-    2-norms from one ``vector_norm`` over the rows (float32 chains of ``ROW`` terms,
-    spread over torch's threads like any large reduction); the last ``numel % ROW`` of every
-    tensor together from one ``_foreach_norm``. The row norms are squared and summed per
-    tensor in float64 (a float32 squared is exact there). bfloat16/float16 tensors are read
-    as float32 copies (their squares are exact in float32). 1.2 to 1.5x the time of a float32
-    ``torch.dot`` on one core, for an error bound independent of the BLAS.
+    2-norms from one ``vector_norm`` over the rows (float32 chains of ``ROW`` terms, spread
+    over torch's threads like any large reduction); its last ``numel % ROW`` elements (the
+    tail) are taken as they are. Row norms and tail entries of every tensor, in one float32
+    tensor (one ``cat``), are squared there (an overflow is an Inf, as in a float32 sum),
+    then summed per tensor in float64 (``segment_reduce``). bfloat16/float16 tensors are
+    read as float32 copies (their squares are exact in float32). 1.2 to 1.5x the time of a
+    float32 ``torch.dot`` on one core, for an error bound independent of the BLAS.
     """
-    heads: list[torch.Tensor] = []
-    rows: list[int] = []
-    tails: list[torch.Tensor] = []
-    tail_of: list[int] = []
-    for i, t in enumerate(part):
+    pieces: list[torch.Tensor] = []
+    lengths: list[int] = []
+    for t in part:
         if t.dtype != torch.float32:
             t = t.float()
         if not t.is_contiguous():
             t = t.contiguous()
         n = t.numel()
         k = n // ROW
-        heads.append(torch.linalg.vector_norm(t.as_strided((k, ROW), (ROW, 1)), 2, 1))
-        rows.append(k)
+        pieces.append(torch.linalg.vector_norm(t.as_strided((k, ROW), (ROW, 1)), 2, 1))
         if n > k * ROW:
-            tails.append(t.as_strided((n - k * ROW,), (1,), t.storage_offset() + k * ROW))
-            tail_of.append(i)
-    norms = torch.cat(heads).double()
-    sums = torch.segment_reduce(norms.mul_(norms), "sum", lengths=torch.tensor(rows))
-    if tails:
-        ends = torch.stack(torch._foreach_norm(tails, 2)).double()
-        sums.index_add_(0, torch.tensor(tail_of), ends.mul_(ends))
-    return sums
+            pieces.append(t.as_strided((n - k * ROW,), (1,), t.storage_offset() + k * ROW))
+        lengths.append(n - k * ROW + k)
+    values = torch.cat(pieces).square_().double()
+    return torch.segment_reduce(values, "sum", lengths=torch.tensor(lengths))
 
 
 def squares(parts: Sequence[Part]) -> torch.Tensor:
