@@ -18,6 +18,17 @@ different elements (added). With attach's ``sharded=True`` (the user's own shard
 is part of the fingerprint: every rank is its own part. Also per group, how many elements
 this rank counts, which the daemon adds the same way to the group's parameter count.
 
+A group whose ranks hold partly the same parameters and partly others (the router on every
+rank beside each rank's experts, all in one host) has a fingerprint per rank, and adding
+them would count the shared parameters once per rank. The fingerprint cannot show that, so
+the ``Hello`` also carries a sample of each group's plain parameters: the smallest hashes of
+them (bottom-k; all of them for a group of up to ``k``), from which the daemon sees two
+fingerprints that share one. DTensor parameters are left out: the placement mask already
+makes each rank count its own elements. ``k`` is ``MAX_PIECES_PER_GROUP``, less when many
+groups share one ``Hello`` (8,192 hashes in all, about 74 KB). A shared parameter among many
+private ones may fall outside both samples: sharing is found with certainty for groups of up
+to ``k`` plain parameters, and for larger ones when the shared part is not a tiny fraction.
+
 Computed when the groups re-resolve (attach, a re-binding), never per capture.
 """
 
@@ -29,16 +40,23 @@ from typing import Any, NamedTuple
 
 import torch
 
+from esper_telemetry.defaults import MAX_PIECES_PER_GROUP
+
 from .placement import Layout, hidden_shards, spec_of
 
-__all__ = ["Holding", "holding", "names_of"]
+__all__ = ["Holding", "holding", "names_of", "PIECES_PER_HELLO"]
+
+# At most this many parameter hashes in one Hello, all groups together (about 74 KB).
+PIECES_PER_HELLO = 8192
 
 
 class Holding(NamedTuple):
-    """Per group (in group order): its fingerprint and the elements this rank counts."""
+    """Per group (in group order): its fingerprint, the elements this rank counts, and the
+    smallest hashes of the plain parameters it counts (``Hello`` carries them)."""
 
     fingerprints: tuple[int, ...]
     counted: tuple[int, ...]
+    pieces: tuple[tuple[int, ...], ...] = ()
 
 
 def names_of(root: torch.nn.Module | None, modules: Sequence[Any]) -> dict[int, str]:
@@ -68,10 +86,13 @@ def holding(
     """The fingerprint of what this rank counts of each group, and how many elements."""
     fingerprints = []
     counted_elements = []
+    samples = []
+    k = min(MAX_PIECES_PER_GROUP, max(16, PIECES_PER_HELLO // max(1, len(group_params))))
     coords: dict[int, tuple[int, ...] | None] = {}
     i = 0
     for ps in group_params:
         pieces = []
+        plain = []  # hashes of the plain parameters, for the daemon's overlap check
         elements = 0
         for j, p in enumerate(ps):
             counts = lay.counted is None or lay.counted[i]
@@ -82,6 +103,7 @@ def holding(
             name = names.get(id(p), f"#{j}")
             if spec is None:
                 pieces.append((name, tuple(p.shape)))
+                plain.append(_hash([pieces[-1]]))
                 elements += p.numel()
                 continue
             mesh, placements = spec
@@ -106,7 +128,8 @@ def holding(
             pieces.append(("#rank", rank))  # the user's own shards: every rank its own part
         fingerprints.append(_hash(sorted(pieces, key=repr)))
         counted_elements.append(elements)
-    return Holding(tuple(fingerprints), tuple(counted_elements))
+        samples.append(tuple(sorted(set(plain))[:k]) if forced is not True else ())
+    return Holding(tuple(fingerprints), tuple(counted_elements), tuple(samples))
 
 
 def _global_shape(p: torch.Tensor) -> tuple[int, ...]:

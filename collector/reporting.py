@@ -64,9 +64,10 @@ class Reporter:
         if holding is not None:
             counts = holding.counted
         fingerprints = holding.fingerprints if holding is not None else (None,) * len(counts)
+        pieces = holding.pieces if holding is not None else ((),) * len(counts)
         decls = tuple(
-            GroupDecl(s.name, s.role, c, s.isolated, f)
-            for s, c, f in zip(self._specs, counts, fingerprints)
+            GroupDecl(s.name, s.role, c, s.isolated, f, p)
+            for s, c, f, p in zip(self._specs, counts, fingerprints, pieces)
         )
         self._publisher.publish(
             Hello(

@@ -26,7 +26,11 @@ shard the rank holds), and ``params`` counts those elements. Here, per run and g
   * ``"contents"``: ranks that claim the group is replicated (``sharded`` false) announce
     different fingerprints, or every class reports the same non-zero value: gradients
     reduced together over parameters that are not the same on every rank (DDP around an
-    adapter per rank) are neither replicas nor parts.
+    adapter per rank) are neither replicas nor parts;
+  * ``"overlap"``: two fingerprints share a parameter, as the samples of parameter hashes
+    the ranks' ``Hello``s carry show (the router on every rank beside each rank's experts,
+    all in one group): adding them would count the shared parameters once per fingerprint.
+    Without those samples (a daemon restarted after the ``Hello``s) this is not checked.
   The flag is the latest complete step's: a later consistent step clears it.
 
 Bounded like ``shards.StepAssembly``: a pending step holds a running sum, a bit per rank and
@@ -62,7 +66,7 @@ __all__ = [
 REPLICA_RTOL = 4e-5
 MAX_PENDING_STEPS = 64
 CLOSED_MEMORY = 256
-INCONSISTENT_REASONS = ("values", "contents")
+INCONSISTENT_REASONS = ("values", "contents", "overlap")
 
 
 class Entry(NamedTuple):
@@ -142,6 +146,8 @@ class GroupLayout:
         "holders",
         "_sizes",
         "_class_params",
+        "_samples",
+        "_overlap",
         "params",
         "_mask",
         "_rank_index",
@@ -158,6 +164,9 @@ class GroupLayout:
         self.holders: dict[int, _Holder] = {}
         self._sizes: dict[int, int] = {}  # holders per fingerprint
         self._class_params: dict[int, int] = {}  # elements per fingerprint (its first holder's)
+        # Per fingerprint, the sample of its plain parameters' hashes a Hello declared.
+        self._samples: dict[int, frozenset[int]] = {}
+        self._overlap: bool | None = False  # two fingerprints' samples share a hash; None: unknown
         self.params = 0  # the group's parameter count: one per class, added
         self._mask = 0  # bits of the holders' rank indices
         self._rank_index: dict[int, int] = {}
@@ -190,7 +199,27 @@ class GroupLayout:
         if n == 0:
             self._class_params[fingerprint] = params
             self.params += params
+            if fingerprint in self._samples:
+                self._overlap = None
         self._sizes[fingerprint] = n + 1
+
+    def sample(self, fingerprint: int, pieces: Sequence[int]) -> None:
+        """The hashes of (the smallest of) the plain parameters ``fingerprint`` counts."""
+        if pieces and self._samples.get(fingerprint) != (sample := frozenset(pieces)):
+            self._samples[fingerprint] = sample
+            self._overlap = None
+
+    def overlap(self) -> bool:
+        """Whether two fingerprints held now share a parameter, by their samples."""
+        if self._overlap is None:
+            owner: dict[int, int] = {}
+            self._overlap = False
+            for fingerprint in self._sizes:
+                for piece in self._samples.get(fingerprint, ()):
+                    if owner.setdefault(piece, fingerprint) != fingerprint:
+                        self._overlap = True
+                        return True
+        return self._overlap
 
     def leave(self, rank: int) -> bool:
         """``rank`` holds none of the group (any more); True if it did.
@@ -219,6 +248,8 @@ class GroupLayout:
         else:
             del self._sizes[fingerprint]
             self.params -= self._class_params.pop(fingerprint)
+            if self._samples.pop(fingerprint, None) is not None:
+                self._overlap = None
 
     def _index(self, rank: int) -> int:
         index = self._rank_index.get(rank)
@@ -325,6 +356,8 @@ class GroupLayout:
             flag = "values"
         elif pending.count > 1 and (pending.replica or (pending.equal and pending.compared)):
             flag = "contents"
+        elif pending.count > 1 and self.overlap():
+            flag = "overlap"
         self.inconsistent = flag
         return Published(step, pending.sq, pending.params, flag)
 
@@ -367,16 +400,21 @@ class RunLayout:
         return layout
 
     def announce(
-        self, rank: int, held: Iterable[tuple[str, int, int]], world: int, now: float
+        self,
+        rank: int,
+        held: Iterable[tuple[str, int, int, Sequence[int]]],
+        world: int,
+        now: float,
     ) -> list[tuple[str, Published]]:
-        """``rank`` holds exactly these groups (name, fingerprint, params), from its ``Hello``;
-        what that completes."""
+        """``rank`` holds exactly these groups (name, fingerprint, params, sample of its plain
+        parameters' hashes), from its ``Hello``; what that completes."""
         held = tuple(held)
-        for name, fingerprint, params in held:
+        for name, fingerprint, params, pieces in held:
             layout = self.group(name)
+            layout.sample(fingerprint, pieces)
             layout.hold(rank, fingerprint, params)
             layout.restart()
-        return self._listed(rank, tuple(name for name, _, _ in held), world, now)
+        return self._listed(rank, tuple(h[0] for h in held), world, now)
 
     def norms(
         self, rank: int, step: int, entries: Sequence[Entry], world: int, now: float

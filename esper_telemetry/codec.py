@@ -21,9 +21,10 @@ message of version 2 or 3 comes from one collector: every event of it carries th
 rank and ``seq`` (``"schema"`` otherwise), and a batch never mixes versions (``"version"``).
 Version 3 adds ``world`` to ``Norms`` (a positive integer, or nil: not known), ``clip`` to
 ``Hello`` (the job's clipping threshold: a finite number > 0, or nil), and a
-``fingerprint`` to every group entry and declaration (an integer in ``0..2**63-1``, or nil);
-decoded from version 1 or 2, they are ``None``. ``encode`` writes a record whose ``seq`` is
-``None`` as version 1 (without them) and any other as version 3.
+``fingerprint`` to every group entry and declaration (an integer in ``0..2**63-1``, or nil)
+and to every declaration its ``pieces`` (at most ``MAX_PIECES_PER_GROUP`` such integers);
+decoded from version 1 or 2, they are ``None`` (``pieces`` empty). ``encode`` writes a
+record whose ``seq`` is ``None`` as version 1 (without them) and any other as version 3.
 
 One number may be non-finite: a group's sum of squares, +Inf or NaN (never -Inf), and only
 when the same group counts non-finite gradients (``nonfinite > 0``). An exploding gradient
@@ -43,6 +44,7 @@ from .defaults import (
     MAX_DEVICES_PER_EVENT,
     MAX_GROUPS_PER_EVENT,
     MAX_MESSAGE_BYTES,
+    MAX_PIECES_PER_GROUP,
     MAX_STRING_CHARS,
 )
 from .events import (
@@ -108,8 +110,10 @@ def _to_wire(event: Event, seq: int | None = None) -> dict[str, Any]:
             del wire["world"]  # schema 3's field
         elif kind == "hello":
             del wire["clip"]  # schema 3's field
-        if kind == "norms" or kind == "hello":  # and each group's fingerprint
+        if kind == "norms":  # and each group's fingerprint
             wire["groups"] = [g[:-1] for g in event.groups]  # type: ignore[union-attr]
+        elif kind == "hello":  # and each declaration's fingerprint and pieces
+            wire["groups"] = [g[:-2] for g in event.groups]  # type: ignore[union-attr]
     else:
         wire = {"v": SCHEMA_VERSION, "event": kind}
         wire.update(zip(event._fields, event))
@@ -377,15 +381,20 @@ def _opt_count(value: Any) -> int | None:
 
 
 def _group_decls(value: Any) -> tuple[GroupDecl, ...]:
-    """Schema 3 group declarations: five fields, the fingerprint last."""
+    """Schema 3 group declarations: six fields, the fingerprint and the pieces last."""
     out = []
     for item in _array(value, MAX_GROUPS_PER_EVENT):
-        if type(item) is not tuple or len(item) != 5:
-            raise WireError("schema", "a group declaration is an array of 5 fields")
-        name, role, params, isolated, fingerprint = item
+        if type(item) is not tuple or len(item) != 6:
+            raise WireError("schema", "a group declaration is an array of 6 fields")
+        name, role, params, isolated, fingerprint, pieces = item
         out.append(
             GroupDecl(
-                _name(name), _role(role), _count(params), _bool(isolated), _opt_count(fingerprint)
+                _name(name),
+                _role(role),
+                _count(params),
+                _bool(isolated),
+                _opt_count(fingerprint),
+                tuple(map(_count, _array(pieces, MAX_PIECES_PER_GROUP))),
             )
         )
     return tuple(out)

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_STRING_CHARS",
     "MAX_GROUPS_PER_EVENT",
     "MAX_DEVICES_PER_EVENT",
+    "MAX_PIECES_PER_GROUP",
     "lookup",
 ]
 
@@ -58,6 +59,9 @@ MAX_BATCH_EVENTS = 4096
 MAX_STRING_CHARS = 256
 MAX_GROUPS_PER_EVENT = 256
 MAX_DEVICES_PER_EVENT = 64
+# A group declaration's sample of what the rank counts (schema 3: the smallest hashes of its
+# plain parameters), so the daemon can tell ranks that share part of a group.
+MAX_PIECES_PER_GROUP = 512
 
 
 def lookup(

@@ -31,8 +31,12 @@ holds). Ranks with equal fingerprints hold replicas of the same elements and cou
 ranks with different fingerprints hold different parts, which add (README, "Distributed").
 With a fingerprint, ``params`` counts the elements this rank counts, so the group's count
 is the same sum; ``sharded`` false claims that this rank's value is
-the group's (every rank holds the same), which the daemon checks. ``fingerprint`` is
-``None`` in a record of schema 1 or 2, whose groups keep their old meaning.
+the group's (every rank holds the same), which the daemon checks. A declaration also
+carries ``pieces``: the smallest hashes of the plain (not DTensor) parameters the rank counts
+(all of them for a small group), so the daemon can see two fingerprints that share
+parameters (the router on every rank beside each rank's experts), whose sum would count
+the shared ones twice. ``fingerprint`` is ``None`` and ``pieces`` empty in a record of
+schema 1 or 2, whose groups keep their old meaning.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ class GroupDecl(NamedTuple):
     params: int
     isolated: bool
     fingerprint: int | None = None  # what this rank counts of the group (schema 3)
+    # The smallest hashes of the plain parameters it counts, one per parameter (schema 3),
+    # at most MAX_PIECES_PER_GROUP: ranks whose samples share a hash share that parameter.
+    pieces: tuple[int, ...] = ()
 
 
 class GroupNorm(NamedTuple):

@@ -24,7 +24,7 @@ from esper_telemetry.ratio import seed_ratio
 
 pytestmark = pytest.mark.slow
 
-TWO = ["pp_gpipe", "pp_1f1b", "ep", "ddp", "ddp_claim", "ddp_adapters", "ddp_left_out"]
+TWO = ["pp_gpipe", "pp_1f1b", "ep", "ep_whole", "ddp", "ddp_claim", "ddp_adapters", "ddp_left_out"]
 FOUR = ["pp_dp", "ddp_tp", "ddp_tp_path"]
 # float32 gradients, squares accumulated as the README's accuracy says (1e-5 on a norm).
 RTOL_SQ = 2e-5
@@ -124,6 +124,19 @@ def test_experts_split_over_ranks_add_up_and_the_replicated_router_counts_once(t
     for group in ("router", "host"):  # replicated: every rank's value is the whole
         for r in (rank0, rank1):
             assert rel_err(r["sq"][group], ref[group]) <= RTOL_SQ, group
+
+
+def test_experts_and_their_shared_router_in_one_group_are_flagged_not_summed(two, daemon):
+    samples = ended(daemon, ["ep_whole"])
+    rank0, rank1 = reports(two, "ep_whole")
+    ref = rank0["ref"]["host"]
+    # Each rank's host: the projection and router (the same on both) and its experts.
+    # Adding the two counts the shared part twice: the plausible wrong number withheld.
+    assert rel_err(rank0["sq"]["host"] + rank1["sq"]["host"], ref) > 0.1
+    assert get(samples, "esper_grad_norm", run="ep_whole", group="host") is None
+    assert get(samples, "esper_group_parameters", run="ep_whole", group="host") is None
+    assert get(samples, "esper_group_inconsistent", run="ep_whole", group="host") == 1
+    _one_warning(daemon, "ep_whole", "host", "overlap")
 
 
 @pytest.mark.parametrize("run", ["ddp", "ddp_claim"])

@@ -35,6 +35,7 @@ from esper_telemetry.defaults import (
     MAX_DEVICES_PER_EVENT,
     MAX_GROUPS_PER_EVENT,
     MAX_MESSAGE_BYTES,
+    MAX_PIECES_PER_GROUP,
     MAX_STRING_CHARS,
 )
 from esper_telemetry.events import KIND_OF
@@ -142,8 +143,8 @@ def wire(event) -> dict:
             continue
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
-            if name == "groups" and event.seq is None:
-                value = [v[:-1] for v in value]
+            if name == "groups" and event.seq is None:  # nor fingerprints, nor pieces
+                value = [v[: -2 if type(event) is Hello else -1] for v in value]
         out[name] = value
     return out
 
@@ -155,7 +156,7 @@ def schema_2(event) -> dict:
     out.pop("world", None)
     out.pop("clip", None)
     if "groups" in out:
-        out["groups"] = [g[:-1] for g in out["groups"]]
+        out["groups"] = [g[: -2 if type(event) is Hello else -1] for g in out["groups"]]
     return out
 
 
@@ -495,9 +496,34 @@ CASES = {
         pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False]])),
         "schema",
     ),
+    "schema 3 declaration without pieces": (
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, 3]])),
+        "schema",
+    ),
     "negative fingerprint in a declaration": (
-        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, -3]])),
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, -3, []]])),
         "value",
+    ),
+    "pieces not an array": (
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, 3, 7]])),
+        "schema",
+    ),
+    "a negative piece": (
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, 3, [1, -2]]])),
+        "value",
+    ),
+    "a piece as a float": (
+        pack(edit(HELLO._replace(seq=1), groups=[["host", "host", 10, False, 3, [1.0]]])),
+        "schema",
+    ),
+    "too many pieces": (
+        pack(
+            edit(
+                HELLO._replace(seq=1),
+                groups=[["host", "host", 10, False, 3, list(range(MAX_PIECES_PER_GROUP + 1))]],
+            )
+        ),
+        "limit",
     ),
     "group norm as a map": (pack(edit(NORMS, groups=[NORMS.groups[0]._asdict()])), "schema"),
     "group declaration with 5 fields": (
@@ -671,8 +697,23 @@ def test_schema_3_carries_each_group_fingerprint_and_older_schemas_decode_none()
     raw = msgpack.unpackb(encode(fingerprinted))
     assert [g[-1] for g in raw["groups"]] == [0, MAX_INT64, None]
     assert_identical(decode(encode(fingerprinted)), [fingerprinted])
-    hello = HELLO._replace(seq=0, groups=(GroupDecl("host", "host", 10, False, 123),))
-    assert msgpack.unpackb(encode(hello))["groups"] == [["host", "host", 10, False, 123]]
+    pieces = tuple(range(MAX_PIECES_PER_GROUP - 1, -1, -1))  # the limit, inclusive
+    hello = HELLO._replace(
+        seq=0,
+        groups=(
+            GroupDecl("host", "host", 10, False, 123, (5, MAX_INT64)),
+            GroupDecl("big", "group", 10, False, 0, pieces),
+            GroupDecl("seed", "seed", 1, True, None),  # no fingerprint, no pieces
+        ),
+    )
+    assert msgpack.unpackb(encode(hello))["groups"][0] == [
+        "host",
+        "host",
+        10,
+        False,
+        123,
+        [5, MAX_INT64],
+    ]
     assert_identical(decode(encode(hello)), [hello])
     # Schema 1 has no fingerprint on its wire: written without, read back as None.
     assert all(
@@ -681,9 +722,13 @@ def test_schema_3_carries_each_group_fingerprint_and_older_schemas_decode_none()
     assert [g.fingerprint for g in decode(encode(fingerprinted._replace(seq=None)))[0].groups] == [
         None
     ] * 3
-    assert msgpack.unpackb(encode(hello._replace(seq=None)))["groups"] == [
-        ["host", "host", 10, False]
+    assert msgpack.unpackb(encode(hello._replace(seq=None)))["groups"][0] == [
+        "host",
+        "host",
+        10,
+        False,
     ]
+    assert decode(encode(hello._replace(seq=None)))[0].groups[1].pieces == ()
     # Schema 2 (a collector of the previous release): seven fields, fingerprint None.
     v2 = decode(pack(schema_2(fingerprinted)))[0]
     assert [g.fingerprint for g in v2.groups] == [None] * 3

@@ -239,8 +239,12 @@ def schema_1(event):
         event = event._replace(world=None)
     if type(event) is Hello:
         event = event._replace(clip=None)
-    if type(event) is Norms or type(event) is Hello:
+    if type(event) is Norms:
         event = event._replace(groups=tuple(g._replace(fingerprint=None) for g in event.groups))
+    if type(event) is Hello:
+        event = event._replace(
+            groups=tuple(g._replace(fingerprint=None, pieces=()) for g in event.groups)
+        )
     return event
 
 
@@ -255,7 +259,13 @@ EVENTS = st.one_of(
         torch_version=STRS,
         groups=st.lists(
             st.builds(
-                GroupDecl, NAMES, st.sampled_from(ROLES), COUNTS, st.booleans(), st.none() | COUNTS
+                GroupDecl,
+                NAMES,
+                st.sampled_from(ROLES),
+                COUNTS,
+                st.booleans(),
+                st.none() | COUNTS,
+                st.lists(COUNTS, max_size=4).map(tuple),  # the pieces (schema 3)
             ),
             max_size=4,
         ).map(tuple),
@@ -303,8 +313,8 @@ def to_wire(event) -> dict:
             continue  # schema 1 has no such field
         if isinstance(value, tuple):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
-            if name == "groups" and event.seq is None:
-                value = [v[:-1] for v in value]  # nor fingerprints
+            if name == "groups" and event.seq is None:  # nor fingerprints, nor pieces
+                value = [v[: -2 if type(event) is Hello else -1] for v in value]
         out[name] = value
     return out
 

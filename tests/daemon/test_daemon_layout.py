@@ -68,7 +68,7 @@ def test_nothing_is_published_before_every_rank_of_the_world_announced_its_group
     assert published(out, "host").sq == 13.0
     # A rank's Hello announces its groups before any capture.
     lay = run_layout()
-    lay.announce(1, [("host", 22, 50)], 2, now=0.0)
+    lay.announce(1, [("host", 22, 50, ())], 2, now=0.0)
     out = lay.norms(0, 0, [entry("host", 11, 4.0)], 2, now=0.0)
     assert out == []  # rank 1 holds the host: its part of step 0 is awaited
     assert lay.groups["host"].params == 60
@@ -104,7 +104,7 @@ def test_a_step_short_of_a_holder_past_the_window_is_given_up_and_its_straggler_
 def test_a_rank_leaving_completes_what_it_did_not_hold_and_gives_up_what_lacks_its_part():
     lay = run_layout()
     for rank, fp in ((0, 11), (1, 11), (2, 22)):
-        lay.announce(rank, [("host", fp, 10)], 3, now=0.0)
+        lay.announce(rank, [("host", fp, 10, ())], 3, now=0.0)
     lay.norms(
         0, 0, [entry("host", 11, 4.0)], 3, now=0.0
     )  # step 0: rank 1 (a replica) and 2 missing
@@ -203,6 +203,44 @@ def test_a_group_claimed_replicated_over_different_contents_is_flagged():
         published(lay.norms(1, 1, [entry("h", 11, 4.0, replica=True)], 2, 0.0), "h").inconsistent
         is None
     )
+
+
+def test_fingerprints_that_share_a_parameter_are_not_added():
+    # EP with the whole model as host: rank r holds the router (hash 1) and its experts.
+    lay = run_layout()
+    lay.announce(0, [("host", 11, 30, (1, 10, 11))], 2, now=0.0)
+    lay.announce(1, [("host", 22, 30, (1, 20, 21))], 2, now=0.0)
+    lay.norms(0, 0, [entry("host", 11, 4.0, 30)], 2, 0.0)
+    p = published(lay.norms(1, 0, [entry("host", 22, 9.0, 30)], 2, 0.0), "host")
+    assert p.inconsistent == "overlap"
+    # Pipeline stages share no parameter: added, unflagged.
+    lay = run_layout()
+    lay.announce(0, [("host", 11, 30, (1, 10))], 2, now=0.0)
+    lay.announce(1, [("host", 22, 30, (2, 20))], 2, now=0.0)
+    lay.norms(0, 0, [entry("host", 11, 4.0, 30)], 2, 0.0)
+    p = published(lay.norms(1, 0, [entry("host", 22, 9.0, 30)], 2, 0.0), "host")
+    assert (p.sq, p.inconsistent) == (13.0, None)
+    # Replicas share every parameter but are one fingerprint: one value, unflagged.
+    lay = run_layout()
+    for rank in (0, 1):
+        lay.announce(rank, [("host", 11, 30, (1, 10))], 2, now=0.0)
+    lay.norms(0, 0, [entry("host", 11, 4.0, 30)], 2, 0.0)
+    p = published(lay.norms(1, 0, [entry("host", 11, 4.0, 30)], 2, 0.0), "host")
+    assert (p.sq, p.inconsistent) == (4.0, None)
+
+
+def test_overlap_follows_the_fingerprints_held_now():
+    g = GroupLayout()
+    g.sample(11, (1, 10))
+    g.sample(22, (1, 20))
+    g.hold(0, 11, 5)
+    assert not g.overlap()  # one fingerprint held
+    g.hold(1, 22, 5)
+    assert g.overlap()
+    g.leave(1)
+    assert not g.overlap()
+    g.hold(1, 33, 5)  # a fingerprint without a sample (no Hello seen): not checked
+    assert not g.overlap()
 
 
 def test_a_replica_joining_its_class_mid_step_cannot_be_vouched_for():

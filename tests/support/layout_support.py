@@ -12,7 +12,8 @@ computed from an unsplit copy of the model on the same data in float64:
 - ``pp_dp`` (four ranks): the same two stages times two data-parallel replicas, each stage's
   gradients all-reduced over its replicas by hand, as frameworks do;
 - ``ep``: experts as plain modules split over two ranks (rank 0 holds experts 0-1, rank 1
-  experts 2-3), the router and the input projection replicated (their gradients all-reduced);
+  experts 2-3), the router and the input projection replicated (their gradients all-reduced),
+  each a group; ``ep_whole``: the same attached with ``model=`` only (the host everything);
 - ``ddp``, ``ddp_claim``: DDP; the second says ``sharded=False`` (each rank's value is the
   group's), which the daemon checks;
 - ``ddp_adapters``: DDP around an adapter per rank (``adapters.{rank}``): reduced together,
@@ -201,15 +202,25 @@ class MoE(nn.Module):
 
 
 def ep(rank: int, world: int, endpoint: str) -> dict[str, Any]:
+    return _ep("ep", rank, world, endpoint, {"experts": "experts", "router": "router"})
+
+
+def ep_whole(rank: int, world: int, endpoint: str) -> dict[str, Any]:
+    """The same job attached as most are: ``model=``, the host everything. Each rank's host
+    holds the router and the projection (the same on every rank) and its own experts."""
+    return _ep("ep_whole", rank, world, endpoint, None)
+
+
+def _ep(
+    run: str, rank: int, world: int, endpoint: str, groups: dict[str, str] | None
+) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_reduce
 
     import esper_telemetry as et
 
     moe = MoE(rank)
-    tel = et.attach(
-        model=moe, groups={"experts": "experts", "router": "router"}, endpoint=endpoint, run="ep"
-    )
+    tel = et.attach(model=moe, groups=groups, endpoint=endpoint, run=run)
     for step in range(STEPS):
         for p in moe.parameters():
             p.grad = None
@@ -224,10 +235,10 @@ def ep(rank: int, world: int, endpoint: str) -> dict[str, Any]:
     full = MoE(None).double()
     x, y = data(STEPS - 1, n=32)
     mse(full(x.double()).sum(-1, keepdim=True), y.double()).backward()
-    refs = {
-        name: (sq64(list(m.parameters())), count(list(m.parameters())))
-        for name, m in (("host", full.proj), ("router", full.router), ("experts", full.experts))
-    }
+    parts = (("host", full.proj), ("router", full.router), ("experts", full.experts))
+    if groups is None:
+        parts = (("host", full),)
+    refs = {name: (sq64(list(m.parameters())), count(list(m.parameters()))) for name, m in parts}
     report = measured(tel, refs)
     # Every expert received tokens: none of the parts is zero by accident.
     report["experts_local_sq"] = sq64(list(moe.experts.parameters()))
@@ -377,6 +388,7 @@ LAYOUTS: dict[str, Callable[[int, int, str], dict[str, Any]]] = {
     "pp_1f1b": pp_1f1b,
     "pp_dp": pp_dp,
     "ep": ep,
+    "ep_whole": ep_whole,
     "ddp": ddp,
     "ddp_claim": ddp_claim,
     "ddp_adapters": ddp_adapters,
