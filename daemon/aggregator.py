@@ -448,7 +448,7 @@ class Aggregator:
                 self._stats.overflow["groups"] += 1
                 return None
             if run.pend_steps:  # read with the groups they were sent beside (a model step)
-                self._settle_run(run, None)
+                self._settle_run(run, self._bucket())
             group = run.groups[name] = _Group()
         return group
 
@@ -516,14 +516,15 @@ class Aggregator:
         if prev is not None:
             self._record_replicas(run, rank, events, prev)
         else:
-            if not run.pend_steps:
-                self._dirty_runs.append(run)
-                if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
-                    self._settle()
+            fresh = not run.pend_steps
             run.pend_steps.extend(map(_step_of, events))
             run.pend_groups.extend(map(_groups_of, events))
             if len(run.pend_steps) >= MAX_PENDING:
-                self._settle_run(run, None)
+                self._settle_run(run, self._bucket())
+            elif fresh:
+                self._dirty_runs.append(run)
+                if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
+                    self._settle()
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
@@ -652,16 +653,19 @@ class Aggregator:
         """One published step of ``group`` (records path, sharded and fingerprinted steps);
         ``model=False``: the caller adds it to the run's model step with the others of its
         message (``ModelSteps.add`` takes one capture's groups at once)."""
-        if run.pend_steps:
-            self._settle_run(run, None)  # the fast path's steps first: records stay in order
+        if run.pend_steps:  # the fast path's steps first: records stay in order
+            self._settle_run(run, self._bucket())
         rec = group.rec
         if rec is None:
             rec = group.rec = StepRecord(self._rules)
-        if not rec.pending:
+        fresh = not rec.pending
+        rec.push(step, sq)
+        if len(rec.pending) >= 2 * MAX_PENDING - 2:  # before push() would settle it itself
+            rec.settle(self._bucket())
+        elif fresh:
             self._dirty.append(rec)
             if len(self._dirty) > _MAX_DIRTY:
                 self._settle()
-        rec.push(step, sq)
         if model:
             run.model.add(step, sq, len(run.groups))
 

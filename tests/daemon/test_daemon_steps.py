@@ -155,3 +155,47 @@ def test_model_steps_waiting_are_bounded() -> None:
 def test_rules_refuse_nonsense(kwargs) -> None:
     with pytest.raises(ValueError):
         StepRules(**kwargs)
+
+
+# --- in the aggregator -------------------------------------------------------------------
+
+
+def _aggregator():
+    import logging
+
+    from daemon_support import make_limits
+
+    from esper_telemetry.daemon.aggregator import Aggregator
+    from esper_telemetry.daemon.stats import DaemonStats
+
+    return Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.steps"))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_every_group_of_many_runs_is_read_past_the_pending_bound(fast) -> None:
+    # More records than the aggregator keeps waiting between ticks (1,024): each run's
+    # steps are read whatever moment the bound is reached.
+    from daemon_support import gn, norms
+
+    from esper_telemetry import encode
+    from esper_telemetry.daemon.fastdecode import decode_norms
+
+    agg = _aggregator()
+    runs, groups = 30, 40
+    for step in range(3):
+        for r in range(runs):
+            ev = norms(
+                run=f"r{r}",
+                step=step,
+                groups=[gn(f"g{g}", float(g + step + 1)) for g in range(groups)],
+            )._replace(seq=step)
+            wire = decode_norms(encode(ev)) if fast and step else None
+            agg.apply_batch(wire if wire is not None else (ev,), now=1000.0 + step)
+    snap = agg.snapshot()
+    assert len(snap.runs) == runs
+    for run in snap.runs:
+        assert run.model_steps == 3
+        assert run.model_norm == pytest.approx(math.sqrt(sum(g + 3.0 for g in range(groups))))
+        for g in run.groups:
+            want = float(int(g.name[1:]))
+            assert g.window == pytest.approx((math.sqrt(want + 1), math.sqrt(want + 3)))
