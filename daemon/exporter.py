@@ -106,17 +106,11 @@ RUN_FAMILIES: tuple[Family, ...] = (
         "esper_group_inconsistent",
         "gauge",
         "1 while the ranks contradict the group's latest complete step (replicas report "
-        "different values, ranks treat it as replicated while holding different "
-        "parameters, or hold part of it in common and part apart) and its norm, ratio "
-        "and parameter count are not exported, else 0.",
+        "different values, or ranks treat it as replicated while holding different "
+        "parameters) and its norm and ratio are not exported, else 0.",
         _RG,
     ),
-    Family(
-        "esper_group_parameters",
-        "gauge",
-        "Scalar parameters in the group. Absent while the group is inconsistent.",
-        _RG,
-    ),
+    Family("esper_group_parameters", "gauge", "Scalar parameters in the group.", _RG),
     Family(
         "esper_seed_grad_ratio",
         "gauge",
@@ -199,6 +193,60 @@ RUN_FAMILIES: tuple[Family, ...] = (
         _R,
     ),
     Family(
+        "esper_grad_norm_max",
+        "gauge",
+        "Largest finite norm of the group among the captures of the trailing window "
+        "(--window.seconds, at most one bucket more): a one-step spike stays in the band "
+        "for a whole window whatever the scrape interval. Absent without a finite norm in "
+        "the window, or while the group is stale or inconsistent.",
+        _RG,
+    ),
+    Family(
+        "esper_grad_norm_min",
+        "gauge",
+        "Smallest finite norm of the group among the captures of the trailing window "
+        "(as esper_grad_norm_max).",
+        _RG,
+    ),
+    Family(
+        "esper_grad_norm_spikes",
+        "counter",
+        "Captures whose norm exceeded --spike.factor times the median of the group's "
+        "previous 32 finite norms (judged after 8): every step is judged, not only those "
+        "a scrape sees.",
+        _RG,
+    ),
+    Family(
+        "esper_model_grad_norm",
+        "gauge",
+        "Norm over all the run's groups at its latest complete step (every group's value "
+        "in): the model's gradient norm when the groups cover the model, as the HF "
+        "Trainer logs grad_norm before clipping. Absent before the first complete step.",
+        _R,
+    ),
+    Family(
+        "esper_grad_clip_threshold",
+        "gauge",
+        "The run's gradient clipping threshold, as its collectors sent it "
+        "(attach(clip_threshold=), the trainer callbacks' max_grad_norm or "
+        "gradient_clip_val). Absent when not given.",
+        _R,
+    ),
+    Family(
+        "esper_model_steps",
+        "counter",
+        "Complete steps of the run: every group's value in, counted once whatever the "
+        "number of ranks.",
+        _R,
+    ),
+    Family(
+        "esper_grad_clipped",
+        "counter",
+        "Complete steps whose model norm exceeded the clip threshold (0 while none is "
+        "known): the steps the job's clipping scaled down.",
+        _R,
+    ),
+    Family(
         "esper_messages_lost",
         "counter",
         "Messages of the collector (run, rank) that never reached the aggregator, "
@@ -240,6 +288,13 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         incomplete,
         dropped_shards,
         ended,
+        norm_max,
+        norm_min,
+        spikes,
+        model_norm,
+        clip_threshold,
+        model_steps,
+        clipped,
         lost_rows,
     ) = rows
     r = run.name
@@ -252,7 +307,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         host = None  # a ratio over numbers that mean nothing is no ratio
     for g in run.groups:
         labels = (r, g.name)
-        if g.params is not None and g.inconsistent is None:
+        if g.params is not None:
             params.append((labels, g.params))
         nonfinite.append((labels, g.nonfinite))
         watched = g.isolated or g.role == "seed" or bool(g.violations)
@@ -266,6 +321,10 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         inconsistent.append((labels, 0 if g.inconsistent is None else 1))
         if g.captured and g.step >= 0:
             group_step.append((labels, g.step))
+        spikes.append((labels, g.spikes))
+        if g.window is not None and not g.stale and g.inconsistent is None:
+            norm_min.append((labels, g.window[0]))
+            norm_max.append((labels, g.window[1]))
         if g.captured and not g.stale and g.inconsistent is None:
             if g.sq is None:
                 has_grad.append((labels, 0))
@@ -292,6 +351,12 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
     incomplete.append((run_l, run.incomplete_steps))
     dropped_shards.append((run_l, run.dropped_shard_reports))
     ended.append((run_l, 1 if run.ended else 0))
+    if run.model_norm is not None:
+        model_norm.append((run_l, run.model_norm))
+    if run.clip_threshold is not None:
+        clip_threshold.append((run_l, run.clip_threshold))
+    model_steps.append((run_l, run.model_steps))
+    clipped.append((run_l, run.clipped))
     for rank, n in lost:
         lost_rows.append(((r, str(rank)), n))
     return rows
@@ -344,18 +409,6 @@ def _untrusted(snap: Snapshot) -> Iterator[Metric]:
             "known, else given up and counted in esper_daemon_incomplete_steps_total.",
             value=snap.world_unknown_steps,
         )
-    # Created at 0 (also in an aggregator's own snapshot), so rules can use rate() at once.
-    sheds = CounterMetricFamily(
-        "esper_daemon_memory_sheds",
-        "Times the daemon's resident memory passed --limits.memory-bytes and it dropped "
-        "collector connections, by what: connection (the one that received the most), "
-        "all (every one, when that was not enough). What libzmq held for them, a "
-        "multipart message still arriving included, is freed; collectors reconnect.",
-        labels=["what"],
-    )
-    for what in ("connection", "all"):
-        sheds.add_metric([what], (snap.memory_sheds or {}).get(what, 0))
-    yield sheds
     if snap.implausible_sequence is not None:
         yield CounterMetricFamily(
             "esper_daemon_implausible_sequence_numbers",
