@@ -187,10 +187,9 @@ class GroupLayout:
     def hold(self, rank: int, fingerprint: int, params: int) -> None:
         """``rank`` holds the group as ``fingerprint`` with ``params`` counted elements."""
         old = self.holders.get(rank)
-        new = _Holder(fingerprint, params)
-        if old == new:
-            return
-        self.holders[rank] = new
+        if old is not None and old[0] == fingerprint and old[1] == params:
+            return  # the common case, every capture: nothing changed
+        self.holders[rank] = _Holder(fingerprint, params)
         if old is None:
             self._mask |= 1 << self._index(rank)
         else:
