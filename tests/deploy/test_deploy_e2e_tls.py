@@ -79,13 +79,17 @@ def test_metrics_need_a_verified_client_and_the_password_health_does_not(secured
         status, _, headers = https_get(f"{base}/metrics", pki, auth=auth)
         assert status == 401, auth
         assert headers.get("WWW-Authenticate", "").startswith("Basic"), headers
-    status, _, _ = https_get(f"{base}/", pki)  # the landing page too
-    assert status == 401
+    # The live page and its JSON API too: the same credentials, or 401.
+    for path in ("/", "/runs/x", "/static/chart.js", "/api/v1/runs", "/api/v1/runs/x/history"):
+        status, _, headers = https_get(f"{base}{path}", pki)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic"), path
+    status, body, _ = https_get(f"{base}/api/v1/runs", pki, auth="prometheus:s3cret")
+    assert status == 200 and json.loads(body)["runs"] == []
     for path in ("/-/healthy", "/-/ready"):  # open, for probes
         assert https_get(f"{base}{path}", pki)[0] == 200, path
     # Every 401 is counted where an operator looks.
     status, body, _ = https_get(f"{base}/metrics", pki, auth="prometheus:s3cret")
-    assert 'esper_daemon_http_refused_total{reason="unauthorized"} 4.0' in body, body[-2000:]
+    assert 'esper_daemon_http_refused_total{reason="unauthorized"} 8.0' in body, body[-2000:]
     # No client certificate: the TLS handshake itself is refused.
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionResetError)):
         https_get(f"{base}/-/healthy", pki, cert=False)

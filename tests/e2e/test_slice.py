@@ -9,11 +9,13 @@ Every wait is bounded and the daemon is always stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,6 +166,11 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
 
         expo = wait_until(settled, SETTLE_TIMEOUT_S, f"the daemon to export step {steps - 1}")
         stats = tel.stats()
+        status, body = http_get(
+            f"{daemon.web}/api/v1/runs/{urllib.parse.quote(run, safe='')}/history"
+        )
+        assert status == 200, body
+        history = json.loads(body)
     finally:
         tel.close()
 
@@ -194,6 +201,22 @@ def test_exported_grad_norms_match_a_float64_reference(daemon: Daemon) -> None:
                 get(expo, "esper_isolation_violations_total", run=run, group=seed, kind=kind) == 0
             )
     assert get(expo, "esper_isolation_ok", run=run, group="host") is None
+
+    # The history API: every step in order, the last one the float64 reference's norm, and
+    # the seeds' ratios at that step.
+    assert history["run"] == run and history["last_step"] == steps - 1
+    by = {g["name"]: g for g in history["groups"]}
+    assert set(by) == set(GROUPS)
+    for name in GROUPS:
+        points = by[name]["points"]
+        assert [s for s, _ in points] == list(range(steps)), name
+        assert all(v is not None and v > 0 for _, v in points) and by[name]["nonfinite"] == []
+        assert points[-1][1] == pytest.approx(ref_norm[name], rel=1e-6), name
+    for seed in ("probe", "adapter"):
+        seed_params = sum(p.numel() for p in params[seed])
+        ratio = (ref_norm[seed] / ref_norm["host"]) * math.sqrt(host_params / seed_params)
+        assert by[seed]["ratio"][-1][0] == steps - 1
+        assert by[seed]["ratio"][-1][1] == pytest.approx(ratio, rel=1e-6), seed
     assert get(expo, "esper_captures_total", run=run) == steps
     assert stats["captures"] == steps and stats["dropped"] == 0 and stats["errors"] == 0
 

@@ -255,5 +255,5 @@ class Page:
         self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
 
     def screenshot(self) -> bytes:
-        data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        data = self.send("Page.captureScreenshot", {"format": "png"})
         return base64.b64decode(data["data"])

@@ -24,6 +24,7 @@ from live_daemon import LiveDaemon  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
+from esper_telemetry.commands import top as top_command  # noqa: E402
 from esper_telemetry.commands.daemon_process import console_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -157,6 +158,14 @@ def test_once_prints_what_the_collector_measured_worst_first(daemon: LiveDaemon)
     assert rows[("main", "frozen")]["ISOLATION"] == f"VIOLATED({steps})"
     assert rows[("main", "host")]["ISOLATION"] == "-" and rows[("main", "host")]["RATIO"] == "-"
     assert rows[("other", "host")]["STEP"] == "1"
+    # A sparkline on every row, from the history API: one character per step (fewer steps
+    # than columns), '!' at b's NaN steps, blocks elsewhere.
+    for (run, group), cells in rows.items():
+        trend = cells["TREND"]
+        assert len(trend) == (steps if run == "main" else 2), (run, group, trend)
+        assert set(trend) <= set(top_command._BLOCKS) | {"!"}, (run, group, trend)
+    assert [i for i, c in enumerate(rows[("main", "b")]["TREND"]) if c == "!"] == [1, 3]
+    assert "!" not in rows[("main", "a")]["TREND"]
 
     assert only.returncode == 0
     assert {run for run, _ in table(only.stdout)[0]} == {"other"}
