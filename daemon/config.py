@@ -283,6 +283,29 @@ class Config:
         "the longest-idle run that never sent norms, else of the longest-idle run "
         "idle this long; 0: of the longest-idle run",
     )
+    # Four scrapes at Prometheus's usual 15 s: every step's norm lies in a band some scrape
+    # reads (daemon/steps.py keeps the window in six buckets).
+    window_s: float = setting(
+        "--window.seconds",
+        60.0,
+        number(minimum=1.0),
+        metavar="SECONDS",
+        unit="seconds",
+        help="the trailing window of `esper_grad_norm_max` and `esper_grad_norm_min`: the "
+        "extremes of every capture received in it (and at most a sixth more), so a "
+        "one-step spike is in the band of every scrape for this long",
+    )
+    # bench/spike_rule.py: healthy runs reached 3.4x their median at worst; 10x leaves a
+    # margin of three, and a 20x step still counts.
+    spike_factor: float = setting(
+        "--spike.factor",
+        10.0,
+        number(minimum=1.5),
+        metavar="X",
+        unit="ratio",
+        help="a capture whose norm exceeds this many times the median of the group's "
+        "previous 32 finite norms (judged after 8) counts in `esper_grad_norm_spikes_total`",
+    )
     max_runs: int = setting(
         "--limits.max-runs",
         100,

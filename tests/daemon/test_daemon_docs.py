@@ -35,7 +35,7 @@ def test_every_exported_family_is_in_the_readme_catalog_and_nothing_else(make_ag
     agg, _ = make_agg()
     agg.apply_batch(
         [
-            hello(),
+            hello()._replace(clip=1.0),  # a clip threshold: every run family is written
             host_seed(),
             heartbeat(dropped=1),
             IsolationViolation("r", 0, 1.0, 1, "seed", "gradient", "leak", 0.1),
