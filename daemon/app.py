@@ -2,8 +2,9 @@
 
 ``Daemon`` builds receiver -> queue -> pump -> aggregator -> exporter, handing each its
 dependencies; the ``Pump`` is the wiring between the queue and the aggregator's state
-machine, with the clock that tells the aggregator the time. ``serve`` runs it like uvicorn's ``Server``: start (any bind failure is one
-clear error), run until a stop is requested, then shut down with a deadline, exactly once.
+machine, with the clock that tells the aggregator the time. ``serve`` runs it like
+uvicorn's ``Server``: start (any bind failure is one clear error), run until a stop is
+requested, then shut down with a deadline, exactly once.
 ``Signals`` turns the first SIGTERM/SIGINT into a graceful stop and a second into an
 immediate exit.
 """
@@ -26,12 +27,12 @@ from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
 from .exporter import Exposition, process_registry
 from .memory import MemoryGuard
-from .page import Pages
 from .pump import Pump
 from .queue import EventQueue
 from .receiver import Receiver
 from .snapshot import Snapshot
 from .stats import DaemonStats
+from .steps import StepRules
 from .web import WebServer
 from .webconfig import WebConfigError, load_web_config
 
@@ -77,7 +78,12 @@ class Daemon:
         self._log = logger
         self.stats = DaemonStats()
         self.queue = EventQueue(config.queue_size)
-        self.aggregator = Aggregator(limits(config), self.stats, logger.getChild("aggregator"))
+        self.aggregator = Aggregator(
+            limits(config),
+            self.stats,
+            logger.getChild("aggregator"),
+            StepRules(window_s=config.window_s, spike_factor=config.spike_factor),
+        )
         self.pump = Pump(
             self.queue, self.aggregator, self.stats, clock, logger.getChild("aggregator")
         )
@@ -131,8 +137,6 @@ class Daemon:
             max_connections=config.web_max_connections,
             ssl_context=None if web_config is None else web_config.ssl_context,
             auth=None if web_config is None else web_config.auth,
-            # The live page and its JSON API (page.py), from the aggregator and the snapshot.
-            pages=Pages(self.aggregator.history, self.snapshot, config.telemetry_path),
         )
         self.web_address = ""
         self._tasks: list[asyncio.Task] = []
