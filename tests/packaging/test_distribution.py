@@ -188,6 +188,19 @@ def test_installs_next_to_python_daemon_and_both_import(daemon_only_env):
     assert torch_loaded == "False"
     check = _run([py, "-m", "pip", "check"], cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
+    # The live page's files come from the installed package (no checkout, no network).
+    page = _run(
+        [
+            py,
+            "-c",
+            "import importlib.resources as r; from esper_telemetry.daemon.page import Pages; "
+            "Pages(lambda run: None, lambda: None); "
+            "print(r.files('esper_telemetry.daemon') / 'static' / 'chart.js')",
+        ],
+        cwd=tmp_path,
+    )
+    assert page.returncode == 0, page.stderr
+    assert "site-packages" in page.stdout and Path(page.stdout.strip()).is_file(), page.stdout
     for cmd in (
         [daemon_only_env / "esper-telemetryd", "--version"],
         [py, "-m", "esper_telemetry.daemon", "--version"],
