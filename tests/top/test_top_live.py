@@ -89,6 +89,8 @@ def table(out: str) -> tuple[list[tuple[str, str]], dict[tuple[str, str], dict[s
         "STEP",
         "NORM",
         "RATIO",
+        "MAX",
+        "SPIKES",
         "NONFINITE",
         "ISOLATION",
         "DEVICE",
@@ -151,6 +153,10 @@ def test_once_prints_what_the_collector_measured_worst_first(daemon: LiveDaemon)
         assert float(cells["NORM"]) == pytest.approx(latest.groups[group].norm, rel=1e-5), group
         assert cells["STEP"] == str(steps - 1) and cells["DEVICE"] == "0" and cells["DROPS"] == "0"
         assert seconds(cells["AGE"]) < 30
+        # The window's largest finite norm is at least the latest; six healthy steps spike
+        # nowhere (fewer than the 8 the rule needs before it judges).
+        assert float(cells["MAX"]) >= float(cells["NORM"]) * (1 - 1e-6), group
+        assert cells["SPIKES"] == "0", group
     for seed in ("a", "b"):
         assert float(rows[("main", seed)]["RATIO"]) == pytest.approx(latest.ratios[seed], rel=1e-3)
         assert rows[("main", seed)]["ISOLATION"] == "ok"
@@ -258,6 +264,16 @@ def test_live_view_draws_refreshes_survives_a_daemon_restart_and_quits_on_q(tmux
         assert sum(ln.split()[:2] == ["RUN", "GROUP"] for ln in now.splitlines()) == 1
         assert sum(ln.startswith("live ") for ln in now.splitlines()) == 4
         assert "VIOLATED(10)" in now
+        # The live view's sparklines: a character per step on every group's row.
+        blocks = set(top_command._BLOCKS)
+
+        def sparklines(screen: str) -> bool:
+            rows = [row(screen, "live", g) for g in ("host", "a", "b", "frozen")]
+            return all(
+                r and len(r.split()[-1]) == 10 and set(r.split()[-1]) <= blocks for r in rows
+            )
+
+        tmux.wait(sparklines, "a 10-step sparkline on every row")
 
     # The daemon goes away: one line says so, the view stays up and keeps retrying.
     port = int(daemon.web.rsplit(":", 1)[1])
