@@ -176,6 +176,8 @@ class Row:
     inconsistent: bool = False  # the ranks contradict its latest step: no norm exported
     ended: bool = False  # every rank of the run said goodbye: final values
     trend: str = "-"  # a sparkline of the recent norms; "-" when the history is unknown
+    window_max: float | None = None  # the largest finite norm of the daemon's window
+    spikes: float = 0.0  # captures the daemon counted as spikes
 
     @property
     def violated(self) -> bool:
@@ -224,6 +226,8 @@ def build_rows(samples: Samples, run: str | None = None) -> list[Row]:
     device = _by(samples, "esper_device_mismatch_total", "run")
     dropped = _by(samples, "esper_collector_dropped_events_total", "run")
     ended = _by(samples, "esper_run_ended", "run")
+    window_max = _by(samples, "esper_grad_norm_max", *rg)
+    spikes = _by(samples, "esper_grad_norm_spikes_total", *rg)
     keys = set(norm) | set(has) | set(params) | set(nonfinite) | set(iso)
     if run is not None:
         keys = {k for k in keys if fnmatch.fnmatchcase(k[0], run)}
@@ -244,6 +248,8 @@ def build_rows(samples: Samples, run: str | None = None) -> list[Row]:
             stale=stale.get((r, g), 0.0) > 0,
             inconsistent=inconsistent.get((r, g), 0.0) > 0,
             ended=ended.get((r,), 0.0) > 0,
+            window_max=window_max.get((r, g)),
+            spikes=spikes.get((r, g), 0.0),
         )
         for r, g in keys
     ]
@@ -258,6 +264,8 @@ HEADER = (
     "STEP",
     "NORM",
     "RATIO",
+    "MAX",
+    "SPIKES",
     "NONFINITE",
     "ISOLATION",
     "DEVICE",
@@ -265,7 +273,7 @@ HEADER = (
     "AGE",
     "TREND",
 )
-_RIGHT = {2, 3, 4, 5, 7, 8, 9}
+_RIGHT = {2, 3, 4, 5, 6, 7, 9, 10, 11}
 
 
 def _count(v: float | None) -> str:
@@ -309,6 +317,8 @@ def cells(row: Row, now: float) -> tuple[str, ...]:
         _count(row.step),
         norm,
         "-" if row.ratio is None else f"{row.ratio:.4g}",
+        "-" if row.window_max is None else f"{row.window_max:.6g}",
+        f"{row.spikes:.0f}",
         f"{row.nonfinite:.0f}",
         isolation,
         f"{row.device_events:.0f}",

@@ -140,24 +140,49 @@ def test_rows_put_violations_then_nonfinite_on_top_with_every_column():
     ]
     assert all(not r.unhealthy for r in rows[3:]) and len(rows) == 12
     table = dict(((r.run, r.group), top.cells(r, NOW)) for r in rows)
-    #            RUN      GROUP     STEP  NORM   RATIO  NONFINITE  ISOLATION       DEVICE DROPS AGE
+    #   RUN GROUP STEP NORM RATIO MAX SPIKES NONFINITE ISOLATION DEVICE DROPS AGE (TREND)
     assert table[("leaky", "frozen")][2:-1] == (
         "4",
         "0.5",
         "-",
+        "0.5",  # one capture: the window's largest norm is the latest
+        "0",
         "0",
         "VIOLATED(1)",
         "1",
         "5",
         "1m15s",
     )
-    assert table[("leaky", "seed")][2:-1] == ("4", "1", "1", "0", "ok", "1", "5", "1m15s")
+    assert table[("leaky", "seed")][2:-1] == ("4", "1", "1", "1", "0", "0", "ok", "1", "5", "1m15s")
     assert (
-        table[("leaky", "host")][6] == "-"
+        table[("leaky", "host")][8] == "-"
     )  # the daemon tracks isolation for isolated groups and seeds
     # One non-finite capture per step; the seed's NaN makes its ratio NaN too.
-    assert table[(WEIRD, "seed")][2:-1] == ("2", "nan", "nan", "2", "ok", "0", "0", "2h00m")
-    assert table[("calm", "frozen")][2:-1] == ("9", "no-grad", "-", "0", "ok", "0", "0", "3.0s")
+    # No finite norm in the window: no MAX.
+    assert table[(WEIRD, "seed")][2:-1] == (
+        "2",
+        "nan",
+        "nan",
+        "-",
+        "0",
+        "2",
+        "ok",
+        "0",
+        "0",
+        "2h00m",
+    )
+    assert table[("calm", "frozen")][2:-1] == (
+        "9",
+        "no-grad",
+        "-",
+        "-",
+        "0",
+        "0",
+        "ok",
+        "0",
+        "0",
+        "3.0s",
+    )
     assert all(cells[-1] == "-" for cells in table.values())  # no history read: no sparkline
     assert table[("calm", "seed")][4] == "0.5"  # (1 / 4) * sqrt(400 / 100)
     assert table[("gone", "seed")][2:5] == ("3", "stale", "-")  # no longer followed: no numbers
