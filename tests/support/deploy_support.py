@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -307,3 +308,90 @@ def recorded_names(rules: dict) -> set[str]:
 
 def rule_exprs(rules: dict) -> list[str]:
     return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+class Prometheus:
+    """The Prometheus server binary on a free port, scraping one target and evaluating the
+    project's rules every ``interval`` (a Prometheus duration; the scrape timeout is 1 s)."""
+
+    def __init__(self, tmp: Path, target: str, interval: str = "1s") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = tmp / "prometheus.yml"
+        # JSON is YAML: no YAML writer needed.
+        config.write_text(
+            json.dumps(
+                {
+                    "global": {
+                        "scrape_interval": interval,
+                        "scrape_timeout": "1s",
+                        "evaluation_interval": interval,
+                    },
+                    "rule_files": [str(RULES)],
+                    "scrape_configs": [
+                        {"job_name": "esper-telemetryd", "static_configs": [{"targets": [target]}]}
+                    ],
+                }
+            )
+        )
+        self.log_path = tmp / "prometheus.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                tool("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.console.templates=/nonexistent",
+                "--web.console.libraries=/nonexistent",
+                "--log.level=warn",
+            ],
+            cwd=tmp,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(self._ready, 30, "Prometheus /-/ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
+        return http_get(f"{self.url}/-/ready", 0.5)[0] == 200
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        status, body = http_get(url, 5)
+        assert status == 200, f"{url}: {status} {body[:500]}"
+        reply = json.loads(body)
+        assert reply["status"] == "success", reply
+        return reply["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def value(self, expr: str) -> float | None:
+        """The value of a query that selects one series, or None when it selects none."""
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr} selects {len(result)} series"
+        return float(result[0]["value"][1]) if result else None
+
+    def alerts(self, name: str, **labels: str) -> list[dict]:
+        return [
+            a
+            for a in self.api("alerts")["alerts"]
+            if a["labels"].get("alertname") == name
+            and all(a["labels"].get(k) == v for k, v in labels.items())
+        ]
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        stop(self.proc)
+        self._log.close()
