@@ -714,8 +714,7 @@ class Aggregator:
         run.pend_steps, run.pend_groups = [], []
         groups = run.groups
         rules = self._rules
-        width = len(rows[0])
-        columns = list(zip(*rows)) if all(len(r) == width for r in rows) else None
+        columns = list(zip(*rows)) if len(set(map(len, rows))) == 1 else None
         if columns is not None and all(len(set(map(_name_of, c))) == 1 for c in columns):
             sq_columns = []
             for column in columns:

@@ -296,28 +296,46 @@ class StepRecord:
             del self.sqs[:over]
 
     def _fold_out(self, steps: array, sqs: array) -> None:
-        """Fold captures leaving the full history into buckets of ``fold_steps`` captures."""
+        """Fold captures leaving the full history into buckets of ``fold_steps`` captures:
+        whole buckets in C (``max``/``min`` mapped over chunks), the rest one at a time."""
         rules = self.rules
         if rules.fold_buckets == 0:
             return
         width = rules.fold_steps
         folds = self.folds
         fold = self._fold
-        i, n = 0, len(steps)
+        n = len(steps)
+        i = 0
         if fold is not None:  # top up the bucket left open by the previous fold
-            take = min(width - int(fold[4]), n)
-            fold = _folded(steps[:take], sqs[:take], fold)
-            i = take
-        while i < n:
-            if fold is not None and fold[4] >= width:
+            i = min(width - int(fold[4]), n)
+            fold = _folded(steps[:i], sqs[:i], fold)
+            if fold[4] >= width:
                 folds.extend(fold[:4])
                 fold = None
-            j = min(i + width, n)
-            fold = _folded(steps[i:j], sqs[i:j], fold)
-            i = j
-        if fold is not None and fold[4] >= width:
-            folds.extend(fold[:4])
-            fold = None
+        whole = (n - i) // width * width
+        if whole:
+            chunk_sqs = sqs[i : i + whole]
+            try:
+                total = sum(chunk_sqs)
+                clean = total - total == 0.0 and min(chunk_sqs) >= 0.0
+            except ValueError:
+                clean = False
+            if clean:  # every value finite: one pass each for the firsts, lasts, mins, maxes
+                chunks = list(zip(*[iter(chunk_sqs)] * width))
+                firsts = steps[i : i + whole : width]
+                lasts = steps[i + width - 1 : i + whole : width]
+                out = array("d", [0.0]) * (4 * len(chunks))
+                out[0::4] = array("d", firsts)
+                out[1::4] = array("d", lasts)
+                out[2::4] = array("d", map(min, chunks))
+                out[3::4] = array("d", map(max, chunks))
+                folds.extend(out)
+            else:
+                for j in range(i, i + whole, width):
+                    folds.extend(_folded(steps[j : j + width], sqs[j : j + width], None)[:4])
+            i += whole
+        if i < n:
+            fold = _folded(steps[i:], sqs[i:], fold)
         self._fold = fold
         over = len(folds) - 4 * rules.fold_buckets
         if over > 0:
