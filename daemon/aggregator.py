@@ -230,7 +230,10 @@ class Aggregator:
         # for evict_after_s as of the latest scan (runs that cross the line later are all
         # younger, so the order holds; each is checked again when its turn comes).
         self._no_norms: OrderedDict[str, None] = OrderedDict()
-        self._young: OrderedDict[str, None] = OrderedDict()  # reordered like _no_norms
+        # Young runs in the order they were queued: one heard from since goes to the back
+        # when its turn comes (not at every event: that cost a microsecond per message).
+        self._young: OrderedDict[str, None] = OrderedDict()
+        self._young_scanned = float("nan")
         self._ended: OrderedDict[str, float] = OrderedDict()
         self._idle: deque[tuple[float, str]] = deque()
         self._idle_scanned = float("nan")
@@ -348,8 +351,8 @@ class Aggregator:
             self.sequences.forget(name)  # a run created anew counts its losses from zero
         elif not run.captures:
             self._no_norms.move_to_end(name)
-        elif run.young:
-            self._keep_young(name, run)
+        elif run.young and now - run.first_seen >= ESTABLISHED_AFTER_S:
+            self._establish(name, run)
         ranks = run.ranks
         if rank not in ranks:
             if len(ranks) >= self._limits.max_ranks_per_run:
@@ -401,24 +404,29 @@ class Aggregator:
                 )
             )
         young = self._young
-        if young and self._runs[next(iter(young))].last_seen <= now - YOUNG_IDLE_S:
-            name, _ = young.popitem(last=False)
-            del self._runs[name]
-            evicted["young"] += 1
-            self._log.debug("run evicted, table full and it was heard from only briefly: %s", name)
-            return True
+        if self._young_scanned == now:
+            return False  # at most one pass over the young runs per ``now``, as above
+        quiet = now - YOUNG_IDLE_S
+        for _ in range(len(young)):
+            name = next(iter(young))
+            run = self._runs.get(name)
+            if run is None:  # gone by another way
+                del young[name]
+                continue
+            if run.last_seen <= quiet:
+                del young[name]
+                del self._runs[name]
+                evicted["young"] += 1
+                self._log.debug("run evicted, table full and heard from only briefly: %s", name)
+                return True
+            young.move_to_end(name)  # heard from since it was queued: its turn comes later
+        self._young_scanned = now
         return False
 
-    def _keep_young(self, name: str, run: _Run) -> None:
-        """Heard from again: a young run moves to the back of the young ones, or has become
-        established (its events span ``ESTABLISHED_AFTER_S``) and leaves them."""
-        young = self._young
-        if self._now - run.first_seen >= ESTABLISHED_AFTER_S:
-            run.young = False
-            young.pop(name, None)
-        else:
-            young[name] = None
-            young.move_to_end(name)
+    def _establish(self, name: str, run: _Run) -> None:
+        """A young run whose events now span ``ESTABLISHED_AFTER_S`` leaves the young ones."""
+        run.young = False
+        self._young.pop(name, None)
 
     def _set_world(self, run: _Run, world: int) -> None:
         """A new world size for ``run``: ranks outside it leave, and waiting sharded steps it
@@ -528,9 +536,10 @@ class Aggregator:
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
+            self._young[run_name] = None
         run.captures += n
-        if run.young:
-            self._keep_young(run_name, run)
+        if run.young and self._now - run.first_seen >= ESTABLISHED_AFTER_S:
+            self._establish(run_name, run)
         if (
             step >= run.last_step
             or rank == run.last_rank
@@ -579,10 +588,11 @@ class Aggregator:
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
+            self._young[run_name] = None
         run.captures += 1
         run.captured_at = self._now
-        if run.young:
-            self._keep_young(run_name, run)
+        if run.young and self._now - run.first_seen >= ESTABLISHED_AFTER_S:
+            self._establish(run_name, run)
         if step >= run.last_step or rank == run.last_rank:
             run.last_step = step
             run.last_rank = rank
