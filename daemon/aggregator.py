@@ -180,7 +180,8 @@ class _Run:
         "young",
         "model",
         "pend_steps",
-        "pend_groups",
+        "pend_sqs",
+        "pend_names",
     )
 
     def __init__(self, now: float, limits: Limits) -> None:
@@ -203,9 +204,12 @@ class _Run:
         # Groups with fingerprints (schema 3): holders, classes, steps (layout.py).
         self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run)
         self.model = ModelSteps()  # the model norm per complete step, clipped steps
-        # Steps applied by the fast path, not yet read into the groups' records.
+        # Steps applied by the fast path, not yet read into the groups' records: their
+        # steps, and their groups' sums of squares row by row, the groups named in
+        # ``pend_names`` order (numbers only: nothing the garbage collector must scan).
         self.pend_steps: list[int] = []
-        self.pend_groups: list[tuple] = []
+        self.pend_sqs: list[float | None] = []
+        self.pend_names: tuple[str, ...] = ()
 
 
 class Aggregator:
@@ -524,15 +528,7 @@ class Aggregator:
         if prev is not None:
             self._record_replicas(run, rank, events, prev)
         else:
-            fresh = not run.pend_steps
-            run.pend_steps.extend(map(_step_of, events))
-            run.pend_groups.extend(map(_groups_of, events))
-            if len(run.pend_steps) >= MAX_PENDING:
-                self._settle_run(run, self._bucket())
-            elif fresh:
-                self._dirty_runs.append(run)
-                if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
-                    self._settle()
+            self._keep_steps(run, events, last_groups)
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
@@ -715,54 +711,80 @@ class Aggregator:
         for rec in recs:
             rec.settle(bucket)
 
+    def _keep_steps(self, run: _Run, events: Sequence[WireNorms], last_groups: tuple) -> None:
+        """A fast-path message of a run of one rank: its steps and values kept, to be read
+        in bulk; a message whose events name other groups than the last is read now."""
+        entries = list(_chain(map(_groups_of, events)))
+        names = tuple(map(_name_of, last_groups))
+        if len(entries) != len(names) * len(events) or list(map(_name_of, entries)) != list(
+            names
+        ) * len(events):
+            for e in events:  # as _norms records them, a capture at a time
+                self._record_capture(run, e.step, e.groups)
+            return
+        if names != run.pend_names:
+            if run.pend_steps:
+                self._settle_run(run, self._bucket())
+            run.pend_names = names
+        fresh = not run.pend_steps
+        run.pend_steps.extend(map(_step_of, events))
+        run.pend_sqs.extend(map(_sq_of, entries))
+        if len(run.pend_steps) >= MAX_PENDING:
+            self._settle_run(run, self._bucket())
+        elif fresh:
+            self._dirty_runs.append(run)
+            if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
+                self._settle()
+
+    def _record_capture(self, run: _Run, step: int, entries: Sequence[tuple]) -> None:
+        """One capture's groups recorded, and added to its model step together."""
+        groups = run.groups
+        total, counted = 0.0, 0
+        for entry in entries:
+            group = groups.get(entry[0])
+            if group is None:
+                continue
+            sq = entry[3]
+            self._record(run, group, step, sq, model=False)
+            counted += 1
+            if sq is not None:
+                total += sq
+        if counted:
+            run.model.add(step, total, len(groups), counted)
+
     def _settle_run(self, run: _Run, bucket: int | None) -> None:
-        """The fast path's steps of ``run``, group by group, in bulk where the messages'
-        groups line up (the usual case: the same groups in the same order every capture)."""
-        steps, rows = run.pend_steps, run.pend_groups
+        """The fast path's steps of ``run``, group by group, in bulk (columns are slices)."""
+        steps, values, names = run.pend_steps, run.pend_sqs, run.pend_names
         if not steps:
             return
-        run.pend_steps, run.pend_groups = [], []
+        run.pend_steps, run.pend_sqs = [], []
         groups = run.groups
         rules = self._rules
-        columns = list(zip(*rows)) if len(set(map(len, rows))) == 1 else None
-        if columns is not None and all(len(set(map(_name_of, c))) == 1 for c in columns):
-            sq_columns = []
-            for column in columns:
-                group = groups.get(column[0][0])
-                if group is None:
-                    continue
-                sqs = list(map(_sq_of, column))
-                sq_columns.append(sqs)
-                rec = group.rec
-                if rec is None:
-                    rec = group.rec = StepRecord(rules)
-                rec.add_many(steps, sqs, bucket)
-            if len(sq_columns) == len(groups):
-                # The fast path only takes finite values; a None is a group without gradient.
-                try:
-                    sums = list(map(sum, zip(*sq_columns)))
-                except TypeError:
-                    sums = [sum(q for q in t if q is not None) for t in zip(*sq_columns)]
-                run.model.complete_many(steps, sums, len(groups))
-                return
-            for step, values in zip(steps, zip(*sq_columns)):
-                total = sum(q for q in values if q is not None)
-                run.model.add(step, total, len(groups), len(values))
+        width = len(names)
+        columns = []
+        for i, name in enumerate(names):
+            group = groups.get(name)
+            if group is None:
+                continue
+            column = values[i::width]
+            columns.append(column)
+            rec = group.rec
+            if rec is None:
+                rec = group.rec = StepRecord(rules)
+            rec.add_many(steps, column, bucket)
+        if not columns:
             return
-        for step, row in zip(steps, rows):  # groups that differ from message to message
-            total, counted = 0.0, 0
-            for entry in row:
-                group = groups.get(entry[0])
-                if group is None:
-                    continue
-                rec = group.rec
-                if rec is None:
-                    rec = group.rec = StepRecord(rules)
-                sq = entry[3]
-                rec.add_many([step], [sq], bucket)
-                total += 0.0 if sq is None else sq
-                counted += 1
-            run.model.add(step, total, len(groups), counted)
+        if len(columns) == len(groups):
+            # The fast path only takes finite values; a None is a group without gradient.
+            try:
+                sums = list(map(sum, zip(*columns)))
+            except TypeError:
+                sums = [sum(q for q in t if q is not None) for t in zip(*columns)]
+            run.model.complete_many(steps, sums, len(groups))
+            return
+        for step, row in zip(steps, zip(*columns)):
+            total = sum(q for q in row if q is not None)
+            run.model.add(step, total, len(groups), len(row))
 
     # --- fingerprinted groups (schema 3): their steps and flags come from layout.py -------
 

@@ -49,7 +49,7 @@ __all__ = [
 # The trailing window is kept in this many buckets (and one being filled).
 BUCKETS = 6
 # Steps a record buffers before it settles them itself (2 numbers each).
-MAX_PENDING = 512
+MAX_PENDING = 256
 # Non-finite captures, and isolation violations, whose steps the history keeps.
 NONFINITE_MARKS = 64
 
