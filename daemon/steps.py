@@ -217,9 +217,10 @@ class StepRecord:
                 del marks[:-NONFINITE_MARKS]
         spikes = 0
         if finite:
-            self._extremes(bucket, max(finite), min(finite))
-            spikes = self._spikes(finite)
-        self._history(steps, sqs)
+            hi, lo = max(finite), min(finite)  # one pass each, shared by both
+            self._extremes(bucket, hi, lo)
+            spikes = self._spikes(finite, hi, lo)
+        self._history(steps, sqs, clean)
         return spikes
 
     # --- the window -------------------------------------------------------------------
@@ -252,14 +253,14 @@ class StepRecord:
 
     # --- spikes -----------------------------------------------------------------------
 
-    def _spikes(self, finite: list[float]) -> int:
+    def _spikes(self, finite: list[float], hi: float, lo: float) -> int:
         rules = self.rules
         baseline = self._baseline
         # No value above the factor times the smallest value in play can be a spike
         # (a median is never below the minimum): the common case needs no sorting.
-        floor = min(min(finite), min(baseline)) if baseline else min(finite)
+        floor = min(lo, min(baseline)) if baseline else lo
         factor_sq = rules.spike_factor * rules.spike_factor
-        if max(finite) <= factor_sq * floor:
+        if hi <= factor_sq * floor:
             baseline.extend(finite)
             del baseline[: -rules.spike_history]
             return 0
@@ -284,10 +285,12 @@ class StepRecord:
 
     # --- history ----------------------------------------------------------------------
 
-    def _history(self, steps: list[int], sqs: list[float | None]) -> None:
-        self.steps.extend(steps)
+    def _history(self, steps: list[int], sqs: list[float | None], clean: bool) -> None:
+        self.steps.fromlist(steps)
         # No gradient is kept as -1.0: sums of squares are never negative.
-        self.sqs.extend(sqs if None not in sqs else [-1.0 if q is None else q for q in sqs])
+        self.sqs.fromlist(
+            sqs if clean or None not in sqs else [-1.0 if q is None else q for q in sqs]
+        )
         keep = self.rules.history_steps
         over = len(self.steps) - keep
         if over > keep // 4:  # trim in chunks, so the arrays move rarely
