@@ -45,7 +45,8 @@ class Driver:
 
 
 class StepHooks:
-    """The optimizer's pre/post step hooks and the scaler's ``update`` wrapper, every ``every`` steps."""
+    """The optimizer's pre/post step hooks and the scaler's ``update`` wrapper, every
+    ``every`` steps."""
 
     def __init__(self, driver: Driver, optimizer: Any, scaler: Any, every: int) -> None:
         self._driver: Callable[[], Driver | None] = weakref.ref(driver)  # type: ignore[assignment]

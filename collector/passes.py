@@ -64,8 +64,8 @@ class DevicePasses:
     def run_cpu(
         self, plan: Plan, grads: Sequence[torch.Tensor], row: torch.Tensor
     ) -> Callable[[], None]:
-        """CPU gradients: each tensor's sum of squares (or norm), computed here (with helper threads, see
-        ``cpu_threads``); returns what turns them into the per-group ``row``, for the
+        """CPU gradients: each tensor's sum of squares (or norm), computed here (with helper
+        threads, see ``cpu_threads``); returns what turns them into the per-group ``row``, for the
         completion thread (the training thread waits only for the reads of the gradients).
 
         Raises when a gradient's dtype or device changed in place (see ``plancache``).

@@ -47,7 +47,8 @@ def grad_key(grads: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
 
 
 def grad_presence(grads: Sequence[torch.Tensor | None]) -> tuple[bool, ...]:
-    """Which gradients exist: all a CPU plan checks per capture (one C-level pass, no per-tensor Python)."""
+    """Which gradients exist: all a CPU plan checks per capture (one C-level pass, no
+    per-tensor Python)."""
     return tuple(map(operator.is_not, grads, repeat(None)))
 
 
@@ -82,8 +83,8 @@ class DeviceSlice:
     counted_list: list[bool] | None = None
     # Whether positions are simply 0..n-1: the flat gradient list (and the key) as is.
     identity: bool = False
-    # The pointer-table pass (esper_telemetry.collector.triton_norms), when this slice can use it: its
-    # block table and its graph once captured (address-independent, so one per slice).
+    # The pointer-table pass (esper_telemetry.collector.triton_norms), when this slice can
+    # use it: its block table and its graph once captured (address-independent, so one per slice).
     table: Any = None
     table_graph: tuple[Any, torch.Tensor] | None = None
     table_uses: int = 0

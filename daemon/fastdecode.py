@@ -6,7 +6,8 @@ the receiver then gives to ``decode`` (for the events, or for the exact rejectio
 It vouches for a message only when ``decode`` would accept it and return the same values:
 
 - every event is a ``Norms`` of one schema version, from one sender (one run and rank, and
-  of version 2 or 3 one ``seq``, of version 3 one ``world``), and every group is replicated (``sharded`` false) with no
+  of version 2 or 3 one ``seq``, of version 3 one ``world``), and every group is replicated
+  (``sharded`` false) with no
   non-finite gradient (``nonfinite`` 0) and a finite, non-negative sum of squares or nil:
   the captures of a healthy replicated model, nearly all the traffic. Anything else
   (a sharded group, an exploding one, a ``Hello`` or ``Heartbeat`` in the batch, a schema 1

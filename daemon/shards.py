@@ -1,4 +1,5 @@
-"""One run's sharded steps, assembled over ranks: a step's sums of squares added once all ranks reported.
+"""One run's sharded steps, assembled over ranks: a step's sums of squares added once all
+ranks reported.
 
 - A step is published when ``expected`` distinct ranks have reported it (the caller knows
   the world size). A rank's first report of a step counts; a repeat of it (a restarted

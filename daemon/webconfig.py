@@ -9,7 +9,8 @@ itself take), so one file and one habit serve every exporter on a host::
       client_ca_file: /etc/esper-telemetryd/ca.crt
       min_version: TLS12                             # default TLS12
     basic_auth_users:
-      prometheus: $2y$10$...                          # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':\\n')
+      # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':\\n')
+      prometheus: $2y$10$...
 
 Read the way the toolkit reads it: unknown keys are errors (a misspelt ``client_ca_file``
 must not silently turn verification off), relative paths are relative to the file's
@@ -134,7 +135,8 @@ class BasicAuth:
 
 
 class WebConfig(NamedTuple):
-    """What the file configures: a server SSL context (None: plain HTTP), basic auth (None: open)."""
+    """What the file configures: a server SSL context (None: plain HTTP), basic auth (None:
+    open)."""
 
     ssl_context: ssl.SSLContext | None
     auth: BasicAuth | None
