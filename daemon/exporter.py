@@ -409,6 +409,18 @@ def _untrusted(snap: Snapshot) -> Iterator[Metric]:
             "known, else given up and counted in esper_daemon_incomplete_steps_total.",
             value=snap.world_unknown_steps,
         )
+    # Created at 0 (also in an aggregator's own snapshot), so rules can use rate() at once.
+    sheds = CounterMetricFamily(
+        "esper_daemon_memory_sheds",
+        "Times the daemon's resident memory passed --limits.memory-bytes and it dropped "
+        "collector connections, by what: connection (the one that received the most), "
+        "all (every one, when that was not enough). What libzmq held for them, a "
+        "multipart message still arriving included, is freed; collectors reconnect.",
+        labels=["what"],
+    )
+    for what in ("connection", "all"):
+        sheds.add_metric([what], (snap.memory_sheds or {}).get(what, 0))
+    yield sheds
     if snap.implausible_sequence is not None:
         yield CounterMetricFamily(
             "esper_daemon_implausible_sequence_numbers",
