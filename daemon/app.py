@@ -27,6 +27,7 @@ from .config import Config
 from .curve import DENY_REASONS, CurveGate, read_server_keys
 from .exporter import Exposition, process_registry
 from .memory import MemoryGuard
+from .page import Pages
 from .pump import Pump
 from .queue import EventQueue
 from .receiver import Receiver
@@ -137,6 +138,8 @@ class Daemon:
             max_connections=config.web_max_connections,
             ssl_context=None if web_config is None else web_config.ssl_context,
             auth=None if web_config is None else web_config.auth,
+            # The live page and its JSON API (page.py), from the aggregator and the snapshot.
+            pages=Pages(self.aggregator.history, self.snapshot, config.telemetry_path),
         )
         self.web_address = ""
         self._tasks: list[asyncio.Task] = []

@@ -106,11 +106,17 @@ RUN_FAMILIES: tuple[Family, ...] = (
         "esper_group_inconsistent",
         "gauge",
         "1 while the ranks contradict the group's latest complete step (replicas report "
-        "different values, or ranks treat it as replicated while holding different "
-        "parameters) and its norm and ratio are not exported, else 0.",
+        "different values, ranks treat it as replicated while holding different "
+        "parameters, or hold part of it in common and part apart) and its norm, ratio "
+        "and parameter count are not exported, else 0.",
         _RG,
     ),
-    Family("esper_group_parameters", "gauge", "Scalar parameters in the group.", _RG),
+    Family(
+        "esper_group_parameters",
+        "gauge",
+        "Scalar parameters in the group. Absent while the group is inconsistent.",
+        _RG,
+    ),
     Family(
         "esper_seed_grad_ratio",
         "gauge",
@@ -307,7 +313,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         host = None  # a ratio over numbers that mean nothing is no ratio
     for g in run.groups:
         labels = (r, g.name)
-        if g.params is not None:
+        if g.params is not None and g.inconsistent is None:
             params.append((labels, g.params))
         nonfinite.append((labels, g.nonfinite))
         watched = g.isolated or g.role == "seed" or bool(g.violations)

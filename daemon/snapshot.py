@@ -86,5 +86,3 @@ class Snapshot(NamedTuple):
     implausible_sequence: int | None = None
     # Collector connections dropped past --limits.memory-bytes (memory.py); by the daemon.
     memory_sheds: dict[str, int] | None = None
-    # Collector connections dropped past --limits.memory-bytes (memory.py); by the daemon.
-    memory_sheds: dict[str, int] | None = None
