@@ -55,8 +55,8 @@ def test_large_tensors_are_within_the_bound(attach, kind, dtype, n):
     host = _measured(attach, grad)
     bound = sq_error_bound(n, dtype) + 2.0**-53
     assert rel_err(host.sq, want) <= bound, (host.sq, want, bound)
-    if dtype != torch.float64:  # what the README says of large tensors' norms
-        assert bound / 2 < 4e-6
+    if dtype != torch.float64:  # the README: large float32 gradients' norms within 1e-5
+        assert bound / 2 < 1e-5
 
 
 def test_the_bound_of_large_tensors_does_not_grow_with_their_size():
@@ -64,7 +64,7 @@ def test_the_bound_of_large_tensors_does_not_grow_with_their_size():
         sq_error_bound(ROWS_MIN_ELEMENTS, torch.float32),
         sq_error_bound(1 << 30, torch.float32),
     )
-    assert big < 1.01 * small < 1e-5
+    assert big < 1.01 * small < 2e-5  # squares: norms within 1e-5
     # below the large-run size, one _foreach_norm: the any-order bound of its length
     assert sq_error_bound(1000, torch.float32) == pytest.approx(1002 * 2.0**-24, rel=1e-3)
 
