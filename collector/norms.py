@@ -16,15 +16,18 @@ On the CPU the training thread only reads the gradients (``tensor_squares``, per
 the plan, possibly on helper threads: ``cpu_threads``), and the completion thread makes
 the ``(2, n_groups)`` result from what it read (``squares``, then ``group_sums``).
 
-Accuracy (``sq_error_bound``): a float32 sum of ``n`` squares taken in any order is within
-``(n + 1) u`` of the exact one (``u = 2**-24``: the products' rounding and ``n - 1``
-additions of positive terms), and the order is whatever the kernel picks: BLAS ``sdot``
-sums differently on Intel and AMD (MKL's float32 ``dot`` was 1.2e-5 off at 32,768 equal
-entries on an AMD EPYC, 2e-4 at a million). So a CPU tensor of ``ROWS_MIN_ELEMENTS`` or
-more (a *large run*) is read in rows of ``ROW`` elements: torch's own row reduction, in
-float32 chains of at most ``ROW`` terms, whose squared row norms meet in float64
-(``_rows_squares``). Float64 tensors keep ``torch.dot`` (float64 chains: ``n 2**-53``).
-Smaller tensors take one ``_foreach_norm``, whose float32 loop keeps 8 or 16 partial sums.
+Accuracy (``sq_error_bound``): a float32 sum of positive terms is off by at most ``d u``
+relative (``u = 2**-24``) where ``d`` bounds the additions any term goes through, and
+that depends on the order the kernel picks: BLAS ``sdot`` sums in an order of its own, not
+the same on Intel and AMD (MKL's float32 ``dot`` was 1.2e-5 off at 32,768 equal entries on
+an AMD EPYC, 2e-4 at a million), so nothing short of ``d = n`` can be said of it. A CPU
+tensor of ``ROWS_MIN_ELEMENTS`` or more (a *large run*) is read in rows of ``ROW``
+elements instead, by torch's own row kernel (``_rows_squares``), whose order is known: a
+row's squares go to ``W`` partial sums, one per SIMD lane, then folded one after the
+other, so ``d <= ROW / W + W``; ``W`` is 8 with AVX2 or without SIMD, 16 with AVX-512,
+and ``ROW_LANES = 4`` (NEON) is the fewest the bound assumes. The rows' norms meet in
+float64. Float64 tensors keep ``torch.dot`` (float64, ``d = n`` is no worry). Smaller
+tensors take one ``_foreach_norm`` each (the same kernel on one row of ``n``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import functools
 import math
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -44,7 +48,9 @@ __all__ = [
     "group_sums",
     "group_sums_list",
     "sq_error_bound",
+    "RowSums",
     "ROW",
+    "ROW_LANES",
     "ROWS_MIN_ELEMENTS",
     "LARGE_DTYPES",
     "DtypeBucket",
@@ -57,16 +63,38 @@ DtypeBucket = tuple[torch.dtype, int, int]
 # (dtype, start, stop, large): a CPU run, squares by rows (a float64 one: torch.dot) when
 # large, else one _foreach_norm.
 CpuRun = tuple[torch.dtype, int, int, bool]
-# (start, values, squared): what a CPU run computed for tensors[start:start + len(values)].
-Part = tuple[int, torch.Tensor, bool]
+
+
+class RowSums(NamedTuple):
+    """What a large run read (``_rows_squares``): the row norms and tail entries of its
+    tensors in one float32 tensor, ``lengths[i]`` of them for its ``i``-th tensor. The
+    completion thread makes them sums of squares (``squares``): the training thread only
+    reads the gradients."""
+
+    values: torch.Tensor
+    lengths: tuple[int, ...]
+
+    def squares(self) -> torch.Tensor:
+        """Per tensor, its sum of squares in float64: the values squared in float32 (an
+        overflow is an Inf, as in a float32 sum), then summed in float64."""
+        return torch.segment_reduce(
+            self.values.square().double(), "sum", lengths=_lengths(self.lengths)
+        )
+
+
+# (start, values, squared): what a CPU run computed for tensors[start:], one value per
+# tensor; a large run's values are RowSums (squared: their squares() are).
+Part = tuple[int, "torch.Tensor | RowSums", bool]
 _DTYPE = operator.attrgetter("dtype")
 _NUMEL = torch.Tensor.numel
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _VECTOR_NORM = torch.linalg.vector_norm
 
-# CPU tensors this large make large runs (plan.py); their rows have ROW elements.
+# CPU tensors this large make large runs (plan.py); their rows have ROW elements, each
+# summed in at least ROW_LANES partial sums by torch's row kernel (see the docstring).
 ROWS_MIN_ELEMENTS = 1 << 15
-ROW = 256
+ROW = 512
+ROW_LANES = 4
 # Dtypes a large run reads in rows (float32 squares of them are exact), and float64 (dot).
 LARGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _U32 = 2.0**-24
@@ -77,19 +105,21 @@ def sq_error_bound(numel: int, dtype: torch.dtype) -> float:
     """How far, relative, the CPU pass's sum of squares of one such tensor may be from the
     exact one, on any CPU (without underflow or overflow).
 
-    Positive terms: the bound of ``k`` products added in float32 in any order is ``k u``
-    plus second-order terms (``gamma_k = k u / (1 - k u)``). A large run: a row of ``ROW``
-    products (``ROW`` roundings), its norm (the square root's rounding, twice in the
-    square), the norm squared in float32 (one more), then float64 for the rest (the ``k``
-    rows and up to ``ROW - 1`` tail entries: ``k + ROW`` roundings of ``2**-53``).
-    ``_foreach_norm``: one row of ``numel``, its norm squared in float64. Float64:
-    ``numel + 1`` roundings of ``2**-53``. A group's figure adds its tensors' in float64:
-    its bound is the largest of theirs, plus ``2**-53`` per tensor.
+    Positive terms that each go through at most ``d`` float32 additions sum to within
+    ``gamma_d = d u / (1 - d u)`` of the exact sum. A large run's row: the products (one
+    rounding), ``ROW / ROW_LANES + ROW_LANES - 1`` additions (lanes, then their fold), the
+    square root (twice its rounding in the square), the norm squared in float32 (one
+    more); then float64 for the rest (the rows and up to ``ROW - 1`` tail entries: ``k +
+    ROW`` roundings of ``2**-53``). ``_foreach_norm``: the same kernel on one row of
+    ``numel``, bounded here without its lanes (``numel + 2``: it is not what keeps the README's
+    figures). Float64: ``numel + 1`` roundings of ``2**-53``. A group's figure adds its
+    tensors' in float64: its bound is the largest of theirs, plus ``2**-53`` per tensor.
     """
     if dtype == torch.float64:
         return _gamma(numel + 1, _U64)
     if numel >= ROWS_MIN_ELEMENTS and dtype in LARGE_DTYPES:
-        return _gamma(ROW + 3, _U32) + _gamma(numel // ROW + ROW, _U64)
+        depth = ROW // ROW_LANES + ROW_LANES + 3
+        return _gamma(depth, _U32) + _gamma(numel // ROW + ROW, _U64)
     return _gamma(numel + 2, _U32) + _U64
 
 
@@ -160,11 +190,10 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, l
             raise RuntimeError(f"gradients of another dtype than {dtype} in a large-tensor run")
         if not all(t.is_cpu for t in part):
             raise RuntimeError("gradients on another device than the CPU in a CPU pass")
-        if dtype == torch.float64:
-            flat = list(map(torch.flatten, part))
-            values = torch.stack(list(map(torch.dot, flat, flat)))
-        else:
-            values = _rows_squares(part)
+        if dtype != torch.float64:
+            return start, _rows_squares(part), True
+        flat = list(map(torch.flatten, part))
+        values = torch.stack(list(map(torch.dot, flat, flat)))
     else:
         values = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
     if not values.is_cpu:
@@ -172,17 +201,17 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, l
     return start, values, large
 
 
-def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Float64 sums of squares of CPU tensors, read in rows of ``ROW`` elements.
+def _rows_squares(part: Sequence[torch.Tensor]) -> RowSums:
+    """CPU tensors read in rows of ``ROW`` elements, for ``RowSums.squares``.
 
     Each tensor's first ``k * ROW`` elements, viewed as ``k`` rows of ``ROW``, get their
-    2-norms from one ``vector_norm`` over the rows (float32 chains of ``ROW`` terms, spread
-    over torch's threads like any large reduction); its last ``numel % ROW`` elements (the
-    tail) are taken as they are. Row norms and tail entries of every tensor, in one float32
-    tensor (one ``cat``), are squared there (an overflow is an Inf, as in a float32 sum),
-    then summed per tensor in float64 (``segment_reduce``). bfloat16/float16 tensors are
-    read as float32 copies (their squares are exact in float32). 1.2 to 1.5x the time of a
-    float32 ``torch.dot`` on one core, for an error bound independent of the BLAS.
+    2-norms from one ``vector_norm`` over the rows (torch's row kernel: see the module's
+    docstring; spread over torch's threads like any large reduction); its last
+    ``numel % ROW`` elements (the tail) are copied as they are; all of them into one
+    float32 tensor (one ``cat``). bfloat16/float16 tensors are read as float32 copies (their
+    squares are exact in float32). At 512 elements a row the row kernel reads as fast as a
+    float32 ``torch.dot`` on one core (155 tensors of 84,562: 5.6 ms, ``dot`` 5.5; 8.5 ms at
+    128 a row); the views cost about 1.5 ms more.
     """
     if part[0].dtype != torch.float32:
         part = [t.float() for t in part]
@@ -196,8 +225,7 @@ def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
         if n > k * ROW:
             pieces.append(t.as_strided((n - k * ROW,), (1,), t.storage_offset() + k * ROW))
         lengths.append(n - k * ROW + k)
-    values = torch.cat(pieces).square_().double()
-    return torch.segment_reduce(values, "sum", lengths=_lengths(tuple(lengths)))
+    return RowSums(torch.cat(pieces), tuple(lengths))
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,7 +239,11 @@ def squares(parts: Sequence[Part]) -> torch.Tensor:
     """``tensor_squares``' parts (any order) as one float64 tensor of squares, in tensor order
     (exact: a float32 squared fits)."""
     cols = [
-        v.to(torch.float64) if squared else v.to(torch.float64).square()
+        v.squares()
+        if isinstance(v, RowSums)
+        else v.to(torch.float64)
+        if squared
+        else v.to(torch.float64).square()
         for _, v, squared in sorted(parts, key=lambda part: part[0])
     ]
     return cols[0] if len(cols) == 1 else torch.cat(cols)
@@ -245,7 +277,7 @@ def group_sums_list(
     order (a float32 norm squared in float64 is exact either way)."""
     values: list[float] = []
     for _, v, squared in sorted(parts, key=lambda part: part[0]):
-        got = v.tolist()
+        got = (v.squares() if isinstance(v, RowSums) else v).tolist()
         values.extend(got if squared else [x * x for x in got])
     sums = [0.0] * n_groups
     bad = [0.0] * n_groups
