@@ -272,7 +272,8 @@ def test_a_real_daemon_past_its_series_cap_leaves_whole_idle_runs_out_and_counts
             omitted = 50 - len(shown)
             assert get(s, "esper_daemon_scrape_omitted_runs") == omitted
             # A run that never sent norms has no norm, step, ratio or isolation series.
-            quiet_size = size - (2 + GROUPS * 3 + (GROUPS - 1) * 2)
+            # Nor the window's extremes per group, nor a model norm.
+            quiet_size = size - (2 + GROUPS * 3 + (GROUPS - 1) * 2 + GROUPS * 2 + 1)
             assert get(s, "esper_daemon_scrape_omitted_series") == (
                 (len(live) - len(shown) + len(done)) * size + len(quiet) * quiet_size
             )

@@ -199,3 +199,30 @@ def test_every_group_of_many_runs_is_read_past_the_pending_bound(fast) -> None:
         for g in run.groups:
             want = float(int(g.name[1:]))
             assert g.window == pytest.approx((math.sqrt(want + 1), math.sqrt(want + 3)))
+
+
+def test_a_full_record_stays_within_the_bound_docs_multiply_out() -> None:
+    # In process, where nothing else is counted: a record whose history, folded buckets,
+    # baseline and window are full, with steps waiting to be read.
+    import tracemalloc
+
+    rules = StepRules()
+    rng = random.Random(0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        records = []
+        for _ in range(50):
+            rec = StepRecord(rules)
+            for s in range(0, 4096, 64):
+                rec.add_many(list(range(s, s + 64)), [1.0 + rng.random() for _ in range(64)], 0)
+            for s in range(4096, 4096 + MAX_PENDING - 1):
+                rec.push(s, 1.0)
+            rec.mark_violation(3)
+            records.append(rec)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_record = sum(d.size_diff for d in after.compare_to(before, "filename")) / len(records)
+    assert len(records[0].folded()) >= rules.fold_buckets  # every bucket full
+    assert per_record <= rules.bytes_per_group(), (per_record, rules.bytes_per_group())

@@ -60,9 +60,16 @@ class LiveDaemon(DaemonProcess):
         return parse(body)
 
     def scrape_until(
-        self, ok: Callable[[Samples], bool], what: str, timeout_s: float = 10.0
+        self,
+        ok: Callable[[Samples], bool],
+        what: str,
+        timeout_s: float = 10.0,
+        interval_s: float = 0.02,
     ) -> Samples:
-        """Scrape until ``ok(samples)``; fails after ``timeout_s`` saying ``what`` was awaited."""
+        """Scrape until ``ok(samples)``; fails after ``timeout_s`` saying ``what`` was awaited.
+
+        ``interval_s`` between scrapes: a test that fills the daemon with thousands of groups
+        waits longer, or its own scrapes take the event loop from the ingest it waits for."""
         deadline = time.monotonic() + timeout_s
         while True:
             samples = self.scrape()
@@ -75,9 +82,10 @@ class LiveDaemon(DaemonProcess):
                     if k[0].startswith("esper_") and "daemon" not in k[0]
                 }
                 raise AssertionError(
-                    f"timed out after {timeout_s} s waiting for {what}; last scrape: {ours}"
+                    f"timed out after {timeout_s} s waiting for {what}; last scrape: "
+                    f"{str(ours)[:2000]}"
                 )
-            time.sleep(0.02)
+            time.sleep(interval_s)
 
 
 @contextlib.contextmanager
