@@ -36,7 +36,6 @@ import functools
 import math
 import operator
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
@@ -48,7 +47,6 @@ __all__ = [
     "group_sums",
     "group_sums_list",
     "sq_error_bound",
-    "RowSums",
     "ROW",
     "ROW_LANES",
     "ROWS_MIN_ELEMENTS",
@@ -65,26 +63,8 @@ DtypeBucket = tuple[torch.dtype, int, int]
 CpuRun = tuple[torch.dtype, int, int, bool]
 
 
-class RowSums(NamedTuple):
-    """What a large run read (``_rows_squares``): the row norms and tail entries of its
-    tensors in one float32 tensor, ``lengths[i]`` of them for its ``i``-th tensor. The
-    completion thread makes them sums of squares (``squares``): the training thread only
-    reads the gradients."""
-
-    values: torch.Tensor
-    lengths: tuple[int, ...]
-
-    def squares(self) -> torch.Tensor:
-        """Per tensor, its sum of squares in float64: the values squared in float32 (an
-        overflow is an Inf, as in a float32 sum), then summed in float64."""
-        return torch.segment_reduce(
-            self.values.square().double(), "sum", lengths=_lengths(self.lengths)
-        )
-
-
-# (start, values, squared): what a CPU run computed for tensors[start:], one value per
-# tensor; a large run's values are RowSums (squared: their squares() are).
-Part = tuple[int, "torch.Tensor | RowSums", bool]
+# (start, values, squared): what a CPU run computed for tensors[start:start + len(values)].
+Part = tuple[int, torch.Tensor, bool]
 _DTYPE = operator.attrgetter("dtype")
 _NUMEL = torch.Tensor.numel
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
@@ -190,10 +170,11 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, l
             raise RuntimeError(f"gradients of another dtype than {dtype} in a large-tensor run")
         if not all(t.is_cpu for t in part):
             raise RuntimeError("gradients on another device than the CPU in a CPU pass")
-        if dtype != torch.float64:
-            return start, _rows_squares(part), True
-        flat = list(map(torch.flatten, part))
-        values = torch.stack(list(map(torch.dot, flat, flat)))
+        if dtype == torch.float64:
+            flat = list(map(torch.flatten, part))
+            values = torch.stack(list(map(torch.dot, flat, flat)))
+        else:
+            values = _rows_squares(part)
     else:
         values = torch.stack(torch._foreach_norm(part, 2, dtype=accumulation_dtype(dtype)))
     if not values.is_cpu:
@@ -201,17 +182,21 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, l
     return start, values, large
 
 
-def _rows_squares(part: Sequence[torch.Tensor]) -> RowSums:
-    """CPU tensors read in rows of ``ROW`` elements, for ``RowSums.squares``.
+def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Float64 sums of squares of CPU tensors, read in rows of ``ROW`` elements.
 
     Each tensor's first ``k * ROW`` elements, viewed as ``k`` rows of ``ROW``, get their
     2-norms from one ``vector_norm`` over the rows (torch's row kernel: see the module's
     docstring; spread over torch's threads like any large reduction); its last
-    ``numel % ROW`` elements (the tail) are copied as they are; all of them into one
-    float32 tensor (one ``cat``). bfloat16/float16 tensors are read as float32 copies (their
-    squares are exact in float32). At 512 elements a row the row kernel reads as fast as a
-    float32 ``torch.dot`` on one core (155 tensors of 84,562: 5.6 ms, ``dot`` 5.5; 8.5 ms at
-    128 a row); the views cost about 1.5 ms more.
+    ``numel % ROW`` elements (the tail) are taken as they are. Row norms and tail entries of
+    every tensor, in one float32 tensor (one ``cat``), are squared there (an overflow is an
+    Inf, as in a float32 sum), then summed per tensor in float64 (``segment_reduce``), here
+    on the training thread: handed to the completion thread, those ops started an OpenMP
+    team of its own there, whose spinning workers then slowed the next capture's (about
+    2x). bfloat16/float16 tensors are read as float32 copies (their squares are exact in
+    float32). At 512 elements a row the row kernel reads as fast as a float32 ``torch.dot``
+    on one core (155 tensors of 84,562: 5.6 ms, ``dot`` 5.5; 8.5 ms at 128 a row); the views
+    and the float64 sums cost about 2 ms more.
     """
     if part[0].dtype != torch.float32:
         part = [t.float() for t in part]
@@ -225,7 +210,8 @@ def _rows_squares(part: Sequence[torch.Tensor]) -> RowSums:
         if n > k * ROW:
             pieces.append(t.as_strided((n - k * ROW,), (1,), t.storage_offset() + k * ROW))
         lengths.append(n - k * ROW + k)
-    return RowSums(torch.cat(pieces), tuple(lengths))
+    values = torch.cat(pieces).square_().double()
+    return torch.segment_reduce(values, "sum", lengths=_lengths(tuple(lengths)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -239,11 +225,7 @@ def squares(parts: Sequence[Part]) -> torch.Tensor:
     """``tensor_squares``' parts (any order) as one float64 tensor of squares, in tensor order
     (exact: a float32 squared fits)."""
     cols = [
-        v.squares()
-        if isinstance(v, RowSums)
-        else v.to(torch.float64)
-        if squared
-        else v.to(torch.float64).square()
+        v.to(torch.float64) if squared else v.to(torch.float64).square()
         for _, v, squared in sorted(parts, key=lambda part: part[0])
     ]
     return cols[0] if len(cols) == 1 else torch.cat(cols)
@@ -277,7 +259,7 @@ def group_sums_list(
     order (a float32 norm squared in float64 is exact either way)."""
     values: list[float] = []
     for _, v, squared in sorted(parts, key=lambda part: part[0]):
-        got = (v.squares() if isinstance(v, RowSums) else v).tolist()
+        got = v.tolist()
         values.extend(got if squared else [x * x for x in got])
     sums = [0.0] * n_groups
     bad = [0.0] * n_groups

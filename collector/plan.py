@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .norms import LARGE_DTYPES, ROW, ROWS_MIN_ELEMENTS, CpuRun, DtypeBucket
+from .norms import LARGE_DTYPES, ROWS_MIN_ELEMENTS, CpuRun, DtypeBucket
 from .staging import upload
 
 __all__ = ["Plan", "DeviceSlice", "build_plan", "grad_signature", "grad_key", "grad_presence"]
@@ -91,9 +91,6 @@ class DeviceSlice:
     # CPU slices: the runs (see the module's docstring) cut into shares, one per thread
     # (the first is the caller's); each share is a list of runs over ``positions``.
     shares: list[list[CpuRun]] = field(default_factory=list)
-    # CPU slices: how many float32 figures the large runs' RowSums hold per capture (about
-    # one per ROW elements), for the bound on captures waiting for the completion thread.
-    row_values: int = 0
 
 
 @dataclass
@@ -190,14 +187,7 @@ def build_plan(
         if device.type == "cpu":
             s.owners = [owner[i] for i in positions]
             s.counted_list = None if mask is None else flags
-            numels = [grads[i].numel() for i in positions]  # type: ignore[union-attr]
-            s.shares = split_shares(numels, runs, cpu_shares)
-            s.row_values = sum(
-                numels[i] // ROW + numels[i] % ROW
-                for dtype, a, b, large in runs
-                if large and dtype != torch.float64
-                for i in range(a, b)
-            )
+            s.shares = split_shares([grads[i].numel() for i in positions], runs, cpu_shares)  # type: ignore[union-attr]
         slices.append(s)
     plan = Plan(
         params=tuple(params),

@@ -54,11 +54,9 @@ _PENDING_OBJECT_BYTES = 1024
 
 def cpu_backlog(plan: Plan) -> int:
     """How many captures of a CPU-only ``plan`` may wait: ``_MAX_IN_FLIGHT_CPU``, fewer when
-    that many would hold more than ``_CPU_BACKLOG_BYTES`` (about 490 at 2,000 tensors; 53 at
-    155 tensors of 84,562, whose row norms wait too: ``norms.RowSums``)."""
+    that many would hold more than ``_CPU_BACKLOG_BYTES`` (about 490 at 2,000 tensors)."""
     tensors = 0 if plan.cpu is None else len(plan.cpu.positions)  # None: no gradient at all
-    rows = 0 if plan.cpu is None else plan.cpu.row_values
-    each = _PENDING_OBJECT_BYTES + 8 * (tensors + 2 * plan.n_groups) + 4 * rows
+    each = _PENDING_OBJECT_BYTES + 8 * (tensors + 2 * plan.n_groups)
     return max(1, min(_MAX_IN_FLIGHT_CPU, _CPU_BACKLOG_BYTES // each))
 
 
