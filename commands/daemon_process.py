@@ -74,7 +74,12 @@ class DaemonProcess:
         ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
         self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
+        if log_path:
+            open(log_path, "wb").close()  # a fresh log
+        # Append mode (O_APPEND): the daemon writes through the same open file, whose offset
+        # reading the log moves; appends always land at the end, so a read never makes the
+        # daemon overwrite what it wrote before.
+        self._log: IO[bytes] = open(log_path, "a+b") if log_path else tempfile.TemporaryFile("a+b")
         environ = {k: v for k, v in os.environ.items() if not k.startswith("ESPER_")}
         environ.update(env or {})
         try:
