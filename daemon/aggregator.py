@@ -57,6 +57,7 @@ import logging
 import math
 import operator
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
@@ -98,9 +99,14 @@ _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
 _name_of = operator.itemgetter(0)
 _sq_of = operator.itemgetter(3)
+_fingerprint_of = operator.itemgetter(7)
 # Runs, and records, with steps waiting to be read between two ticks: past this many they
 # are read at once, so a flood of run names holds no run the table let go.
 _MAX_DIRTY = 1024
+# Group values waiting to be read, over every run and record: past this many, everything
+# is read at once. The bound in bytes of what waits (a decoded group tuple, its strings
+# and numbers: about 400 B a value; docs/daemon.md, "Limits").
+_MAX_PENDING_VALUES = 16_384
 _group_norm = GroupNorm._make
 _NO_FINGERPRINT = (None,)
 
@@ -180,8 +186,9 @@ class _Run:
         "young",
         "model",
         "pend_steps",
-        "pend_sqs",
+        "pend_entries",
         "pend_names",
+        "pend_values",
     )
 
     def __init__(self, now: float, limits: Limits) -> None:
@@ -204,12 +211,13 @@ class _Run:
         # Groups with fingerprints (schema 3): holders, classes, steps (layout.py).
         self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run)
         self.model = ModelSteps()  # the model norm per complete step, clipped steps
-        # Steps applied by the fast path, not yet read into the groups' records: their
-        # steps, and their groups' sums of squares row by row, the groups named in
-        # ``pend_names`` order (numbers only: nothing the garbage collector must scan).
+        # Captures applied by the fast path, not yet read into the groups' records: their
+        # steps and their group tuples as decoded, those of the groups ``pend_names``
+        # names, in that order, for each capture.
         self.pend_steps: list[int] = []
-        self.pend_sqs: list[float | None] = []
-        self.pend_names: tuple[str, ...] = ()
+        self.pend_entries: list[tuple] = []
+        self.pend_names: list[str] = []
+        self.pend_values = 0
 
 
 class Aggregator:
@@ -228,6 +236,7 @@ class Aggregator:
         self._rules = rules or StepRules()
         self._dirty: list[StepRecord] = []  # records with steps not settled yet
         self._dirty_runs: list[_Run] = []  # runs with fast-path steps not read yet
+        self._pending_values = 0  # group values waiting in runs and records, at most
         self._runs: dict[str, _Run] = {}
         # Admission's candidates, oldest first. Runs that never sent norms, reordered each
         # time one is heard from; ended runs in the order they ended; runs with norms idle
@@ -492,34 +501,48 @@ class Aggregator:
         groups = run.groups
         last_groups = last.groups
         n = len(events)
-        if n > 1 and len(set(map(_name_of, _chain(map(_groups_of, events))))) != len(
-            set(map(_name_of, last_groups))
-        ):
-            return self._wire_norms_as_records(events)
+        width = len(last_groups)
+        if n > 1:
+            # Every event names the last one's groups in its order (nearly always: a
+            # collector sends its groups in one order), or at least no group it lacks.
+            entries = list(_chain(map(_groups_of, events)))
+            names = list(map(_name_of, entries))
+            row = names[-width:]
+            uniform = len(entries) == n * width and names == row * n
+            if not uniform and len(set(names)) != len(set(row)):
+                return self._wire_norms_as_records(events)
+        else:
+            entries = last_groups
+            row = list(map(_name_of, last_groups))
+            uniform = True
         step = last.step
+        # Looked at before any group is set: a message that goes as records must find
+        # every group as it was.
+        found = list(map(groups.get, row))
+        if None in found:
+            return self._wire_norms_as_records(events)
+        if several and list(map(_fingerprint_of, last_groups)).count(None) != width:
+            # Fingerprinted groups of several ranks are assembled by step (layout.py); one
+            # rank's value is its group's.
+            return self._wire_norms_as_records(events)
         # Replicas' copies of a step are recorded once (steps.py): what each group held
         # before this message decides which of its steps are new.
         prev: dict[str, tuple[int, int]] | None = {} if len(run.ranks) > 1 else None
-        for entry in last_groups:
-            if v3:
-                name, role, params, sq, _nonfinite, _sharded, isolated, fingerprint = entry
-                if fingerprint is not None and several:
-                    # Fingerprinted groups of several ranks are assembled by step
-                    # (layout.py); one rank's value is its group's.
-                    return self._wire_norms_as_records(events)
-            else:
-                name, role, params, sq, _nonfinite, _sharded, isolated = entry
-            group = groups.get(name)
-            if group is None or (step < group.step and rank != group.rank):
-                # The groups already set hold the last event's values with this rank,
-                # which is also where applying the events in order leaves them.
-                return self._wire_norms_as_records(events)
+        # No group goes back to an older step from another rank: the last event holds
+        # every value that applying them in order leaves. A run of one rank records every
+        # event's step too, so none may be older than a step another rank (gone since) set.
+        low = step if n == 1 or prev is not None else min(map(_step_of, events))
+        if low < max(map(_step_of, found)) and any(
+            low < group.step and rank != group.rank for group in found
+        ):
+            return self._wire_norms_as_records(events)
+        for group, entry in zip(found, last_groups):
             if prev is not None:
-                prev[name] = (group.step, group.rank)
-            group.role = role
-            group.params = params
-            group.isolated = isolated
-            group.sq = sq
+                prev[entry[0]] = (group.step, group.rank)
+            group.role = entry[1]
+            group.params = entry[2]
+            group.sq = entry[3]
+            group.isolated = entry[6]
             group.step = step
             group.rank = rank
             group.captured = True
@@ -528,7 +551,7 @@ class Aggregator:
         if prev is not None:
             self._record_replicas(run, rank, events, prev)
         else:
-            self._keep_steps(run, events, last_groups)
+            self._keep_steps(run, events, entries, row, uniform)
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
@@ -672,6 +695,9 @@ class Aggregator:
             self._dirty.append(rec)
             if len(self._dirty) > _MAX_DIRTY:
                 self._settle()
+        self._pending_values += 1
+        if self._pending_values > _MAX_PENDING_VALUES:
+            self._settle()
         if model:
             run.model.add(step, sq, len(run.groups))
 
@@ -710,31 +736,47 @@ class Aggregator:
         recs, self._dirty = self._dirty, []
         for rec in recs:
             rec.settle(bucket)
+        self._pending_values = 0
 
-    def _keep_steps(self, run: _Run, events: Sequence[WireNorms], last_groups: tuple) -> None:
-        """A fast-path message of a run of one rank: its steps and values kept, to be read
-        in bulk; a message whose events name other groups than the last is read now."""
-        entries = list(_chain(map(_groups_of, events)))
-        names = tuple(map(_name_of, last_groups))
-        if len(entries) != len(names) * len(events) or list(map(_name_of, entries)) != list(
-            names
-        ) * len(events):
-            for e in events:  # as _norms records them, a capture at a time
+    def _keep_steps(
+        self,
+        run: _Run,
+        events: Sequence[WireNorms],
+        entries: Sequence[tuple],
+        row: list[str],
+        uniform: bool,
+    ) -> None:
+        """A fast-path message of a run of one rank: its steps and group tuples kept, to be
+        read in bulk (``_settle_run``). ``entries``: its events' group tuples in order,
+        those of ``row``'s groups in that order for each event when ``uniform``."""
+        if not uniform:  # a capture at a time, as _norms records them
+            self._settle_run(run, self._bucket())
+            for e in events:
                 self._record_capture(run, e.step, e.groups)
             return
-        if names != run.pend_names:
-            if run.pend_steps:
-                self._settle_run(run, self._bucket())
-            run.pend_names = names
-        fresh = not run.pend_steps
-        run.pend_steps.extend(map(_step_of, events))
-        run.pend_sqs.extend(map(_sq_of, entries))
-        if len(run.pend_steps) >= MAX_PENDING:
+        steps = run.pend_steps
+        fresh = not steps
+        if fresh:
+            run.pend_names = row
+        elif row != run.pend_names:
+            self._settle_run(run, self._bucket())
+            return self._keep_steps(run, events, entries, row, uniform)
+        if len(events) == 1:
+            steps.append(events[0].step)
+        else:
+            steps.extend(map(_step_of, events))
+        run.pend_entries.extend(entries)
+        values = len(entries)
+        run.pend_values += values
+        self._pending_values += values
+        if len(steps) >= MAX_PENDING:
             self._settle_run(run, self._bucket())
         elif fresh:
             self._dirty_runs.append(run)
             if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
                 self._settle()
+        if self._pending_values > _MAX_PENDING_VALUES:
+            self._settle()
 
     def _record_capture(self, run: _Run, step: int, entries: Sequence[tuple]) -> None:
         """One capture's groups recorded, and added to its model step together."""
@@ -753,17 +795,24 @@ class Aggregator:
             run.model.add(step, total, len(groups), counted)
 
     def _settle_run(self, run: _Run, bucket: int | None) -> None:
-        """The fast path's steps of ``run``, group by group, in bulk (columns are slices)."""
-        steps, values, names = run.pend_steps, run.pend_sqs, run.pend_names
+        """The fast path's captures of ``run``, group by group, in bulk: every capture names
+        the groups of ``pend_names`` in that order, so each group's values are a slice of
+        one list."""
+        steps, entries = run.pend_steps, run.pend_entries
         if not steps:
             return
-        run.pend_steps, run.pend_sqs = [], []
+        run.pend_steps, run.pend_entries = [], []
+        self._pending_values -= run.pend_values
+        run.pend_values = 0
+        names = run.pend_names
+        width = len(names)
+        values = list(map(_sq_of, entries))
         groups = run.groups
         rules = self._rules
-        width = len(names)
+        found = list(map(groups.get, names))
+        at = array("q", steps)
         columns = []
-        for i, name in enumerate(names):
-            group = groups.get(name)
+        for i, group in enumerate(found):
             if group is None:
                 continue
             column = values[i::width]
@@ -771,13 +820,23 @@ class Aggregator:
             rec = group.rec
             if rec is None:
                 rec = group.rec = StepRecord(rules)
-            rec.add_many(steps, column, bucket)
+            rec.add_many(steps, column, bucket, True, at)
         if not columns:
             return
         if len(columns) == len(groups):
             # The fast path only takes finite values; a None is a group without gradient.
             try:
-                sums = list(map(sum, zip(*columns)))
+                if len(columns) == 1:
+                    sums = columns[0]
+                    if None in sums:
+                        raise TypeError  # as the sums below do on a None
+                elif len(columns) <= 4:  # chained adds: the fewest steps through Python
+                    total = map(operator.add, columns[0], columns[1])
+                    for column in columns[2:]:
+                        total = map(operator.add, total, column)
+                    sums = list(total)
+                else:
+                    sums = list(map(sum, zip(*columns)))
             except TypeError:
                 sums = [sum(q for q in t if q is not None) for t in zip(*columns)]
             run.model.complete_many(steps, sums, len(groups))

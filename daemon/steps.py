@@ -108,10 +108,18 @@ class StepRules:
     def bucket_s(self) -> float:
         return self.window_s / BUCKETS
 
+    @property
+    def fold_cap(self) -> int:
+        """Folded buckets a record keeps: those shown, and those inside the full history."""
+        if not self.fold_buckets:
+            return 0
+        return self.fold_buckets + -(-(self.history_steps * 5 // 4) // self.fold_steps) + 1
+
     def bytes_per_group(self) -> int:
         """The most a record's arrays hold once full (what docs/daemon.md multiplies out)."""
         history = (self.history_steps + self.history_steps // 4) * 16  # steps + sq, 8 B each
-        folds = self.fold_buckets * 32  # first step, last step, min, max
+        cap = self.fold_cap
+        folds = (cap + cap // 4) * 32  # first step, last step, min, max
         pending = MAX_PENDING * 2 * 32  # list slots and the boxed numbers they hold
         return (
             history
@@ -148,6 +156,7 @@ class StepRecord:
         "nonfinite_steps",
         "violation_steps",
         "last_step",
+        "count",
     )
 
     def __init__(self, rules: StepRules) -> None:
@@ -166,6 +175,7 @@ class StepRecord:
         self.nonfinite_steps: list[int] = []
         self.violation_steps: list[int] = []
         self.last_step = -1  # the latest step pushed (replicated groups take each step once)
+        self.count = 0  # captures settled, since the record began
 
     def push(self, step: int, sq: float | None) -> None:
         """Record one captured step (``sq`` None: no gradient). The hot path."""
@@ -190,24 +200,47 @@ class StepRecord:
         if not pending:
             return 0
         self.pending = []
-        return self._apply(pending[0::2], pending[1::2], bucket)
+        return self._apply(pending[0::2], pending[1::2], bucket, False)
 
-    def add_many(self, steps: list[int], sqs: list[float | None], bucket: int | None) -> int:
-        """Record and settle many steps at once (after the pending ones, in order)."""
-        found = self.settle(bucket)
+    def add_many(
+        self,
+        steps: list[int],
+        sqs: list[float | None],
+        bucket: int | None,
+        vouched: bool = False,
+        step_array: array | None = None,
+    ) -> int:
+        """Record and settle many steps at once (after the pending ones, in order).
+        ``vouched``: every value is finite and non-negative, or None (``fastdecode``
+        vouches for that), so no pass needs to look for a non-finite one; ``step_array``:
+        ``steps`` as an ``array("q")`` (one copy for every group of a capture)."""
+        found = self.settle(bucket) if self.pending else 0
         self.last_step = steps[-1]
-        return found + self._apply(steps, sqs, bucket)
+        return found + self._apply(steps, sqs, bucket, vouched, step_array)
 
-    def _apply(self, steps: list[int], sqs: list[float | None], bucket: int | None) -> int:
+    def _apply(
+        self,
+        steps: list[int],
+        sqs: list[float | None],
+        bucket: int | None,
+        vouched: bool,
+        step_array: array | None = None,
+    ) -> int:
         if bucket is None:
             bucket = max(self._bucket)
         try:
-            total = sum(sqs)
-            clean = total - total == 0.0  # every value finite (NaN and Inf fail this)
-        except TypeError:  # a None: a step without gradient
+            total = sum(sqs)  # raises on a None: a step without gradient
+            clean = vouched or total - total == 0.0  # NaN and Inf fail this
+        except TypeError:
             clean = False
+        folding = self.rules.fold_buckets > 0
         if clean:
             finite = sqs
+            kept = sqs
+            if folding:  # the buckets' extremes give the batch's: no pass of its own
+                lo, hi = self._fold_in(steps, sqs, True)
+            else:
+                lo, hi = min(sqs), max(sqs)
         else:
             finite = [q for q in sqs if q is not None and q - q == 0.0]
             nonfinite = [s for s, q in zip(steps, sqs) if q is not None and q - q != 0.0]
@@ -215,12 +248,18 @@ class StepRecord:
                 marks = self.nonfinite_steps
                 marks.extend(nonfinite)
                 del marks[:-NONFINITE_MARKS]
+            # No gradient is kept as -1.0: sums of squares are never negative.
+            kept = [-1.0 if q is None else q for q in sqs]
+            if folding:
+                self._fold_in(steps, kept, False)
+            if finite:
+                lo, hi = min(finite), max(finite)
         spikes = 0
         if finite:
-            hi, lo = max(finite), min(finite)  # one pass each, shared by both
             self._extremes(bucket, hi, lo)
             spikes = self._spikes(finite, hi, lo)
-        self._history(steps, sqs, clean)
+        self._history(steps if step_array is None else step_array, kept)
+        self.count += len(steps)
         return spikes
 
     # --- the window -------------------------------------------------------------------
@@ -284,65 +323,84 @@ class StepRecord:
         return self.rules.spike_factor * math.sqrt(_median(baseline))
 
     # --- history ----------------------------------------------------------------------
+    #
+    # Every capture goes into the full history and, at once, into the folded buckets of
+    # ``fold_steps`` captures (bucket k holds captures k*fold_steps onwards, counted from
+    # the record's first). The full history is trimmed at a bucket boundary, so a bucket
+    # is either wholly older than the full history (shown folded) or wholly inside it (not
+    # shown): nothing is read twice, nothing falls between the two, and a capture is read
+    # once, as it arrives, never again when it leaves the full history.
 
-    def _history(self, steps: list[int], sqs: list[float | None], clean: bool) -> None:
-        self.steps.fromlist(steps)
-        # No gradient is kept as -1.0: sums of squares are never negative.
-        self.sqs.fromlist(
-            sqs if clean or None not in sqs else [-1.0 if q is None else q for q in sqs]
-        )
+    def _history(self, steps: list[int] | array, kept: list[float]) -> None:
+        if type(steps) is array:
+            self.steps.extend(steps)
+        else:
+            self.steps.fromlist(steps)
+        self.sqs.fromlist(kept)
         keep = self.rules.history_steps
         over = len(self.steps) - keep
         if over > keep // 4:  # trim in chunks, so the arrays move rarely
-            self._fold_out(self.steps[:over], self.sqs[:over])
-            del self.steps[:over]
-            del self.sqs[:over]
+            width = self.rules.fold_steps
+            start = self.count + len(kept) - len(self.steps)  # the oldest kept capture
+            over = (start + over) // width * width - start  # to a bucket boundary
+            if over > 0:
+                del self.steps[:over]
+                del self.sqs[:over]
 
-    def _fold_out(self, steps: array, sqs: array) -> None:
-        """Fold captures leaving the full history into buckets of ``fold_steps`` captures:
-        whole buckets in C (``max``/``min`` mapped over chunks), the rest one at a time."""
+    def _fold_in(
+        self, steps: list[int], kept: list[float], clean: bool
+    ) -> tuple[float, float] | None:
+        """Fold captures into buckets of ``fold_steps``: whole buckets in C (``max`` and
+        ``min`` mapped over chunks), the ends one bucket at a time. ``clean``: every value
+        finite; then returns (min, max) of them all."""
         rules = self.rules
-        if rules.fold_buckets == 0:
-            return
         width = rules.fold_steps
         folds = self.folds
         fold = self._fold
         n = len(steps)
+        lows: list[float] = []
+        highs: list[float] = []
         i = 0
-        if fold is not None:  # top up the bucket left open by the previous fold
+        if fold is not None:  # top up the bucket left open by the previous captures
             i = min(width - int(fold[4]), n)
-            fold = _folded(steps[:i], sqs[:i], fold)
+            if clean:
+                lows.append(min(kept[:i]))
+                highs.append(max(kept[:i]))
+            fold = _folded(steps[:i], kept[:i], fold)
             if fold[4] >= width:
                 folds.extend(fold[:4])
                 fold = None
         whole = (n - i) // width * width
         if whole:
-            chunk_sqs = sqs[i : i + whole]
-            try:
-                total = sum(chunk_sqs)
-                clean = total - total == 0.0 and min(chunk_sqs) >= 0.0
-            except ValueError:
-                clean = False
-            if clean:  # every value finite: one pass each for the firsts, lasts, mins, maxes
-                chunks = list(zip(*[iter(chunk_sqs)] * width))
-                firsts = steps[i : i + whole : width]
-                lasts = steps[i + width - 1 : i + whole : width]
+            if clean:  # one pass each for the mins and maxes
+                chunks = list(zip(*[iter(kept[i : i + whole])] * width))
                 out = array("d", [0.0]) * (4 * len(chunks))
-                out[0::4] = array("d", firsts)
-                out[1::4] = array("d", lasts)
-                out[2::4] = array("d", map(min, chunks))
-                out[3::4] = array("d", map(max, chunks))
+                out[0::4] = array("d", steps[i : i + whole : width])
+                out[1::4] = array("d", steps[i + width - 1 : i + whole : width])
+                mins = array("d", map(min, chunks))
+                maxes = array("d", map(max, chunks))
+                out[2::4] = mins
+                out[3::4] = maxes
                 folds.extend(out)
+                lows.append(min(mins))
+                highs.append(max(maxes))
             else:
                 for j in range(i, i + whole, width):
-                    folds.extend(_folded(steps[j : j + width], sqs[j : j + width], None)[:4])
+                    folds.extend(_folded(steps[j : j + width], kept[j : j + width], None)[:4])
             i += whole
         if i < n:
-            fold = _folded(steps[i:], sqs[i:], fold)
+            if clean:
+                lows.append(min(kept[i:]))
+                highs.append(max(kept[i:]))
+            fold = _folded(steps[i:], kept[i:], None)
         self._fold = fold
-        over = len(folds) - 4 * rules.fold_buckets
-        if over > 0:
-            del folds[:over]
+        # Kept: the buckets shown, and those inside the full history (with room to trim
+        # in chunks).
+        cap = rules.fold_cap
+        over = len(folds) // 4 - cap
+        if over > cap // 4:
+            del folds[: 4 * over]
+        return (min(lows), max(highs)) if clean else None
 
     def points(self) -> list[tuple[int, float | None]]:
         """(step, norm) for the steps kept in full, oldest first; None: no gradient, and a
@@ -350,19 +408,25 @@ class StepRecord:
         return [(s, None if q < 0 else math.sqrt(q)) for s, q in zip(self.steps, self.sqs)]
 
     def folded(self) -> list[tuple[int, int, float | None, float | None]]:
-        """(first step, last step, min norm, max norm) of the folded buckets, oldest first
-        (None where a bucket held no finite norm)."""
-        out = []
+        """(first step, last step, min norm, max norm) of the folded buckets older than the
+        full history, oldest first, at most ``fold_buckets`` (None where a bucket held no
+        finite norm)."""
+        width = self.rules.fold_steps
         f = self.folds
-        buckets = [f[i : i + 4] for i in range(0, len(f), 4)]
-        if self._fold is not None:
-            buckets.append(self._fold[:4])
-        for first, last, lo, hi in buckets:
+        if not f:
+            return []
+        kept = len(f) // 4
+        first = self.count // width - kept  # the index of the oldest bucket kept
+        older = (self.count - len(self.steps)) // width  # buckets before the full history
+        shown = min(older - first, self.rules.fold_buckets)
+        out = []
+        for i in range(4 * (older - first - shown), 4 * (older - first), 4):
+            lo, hi = f[i + 2], f[i + 3]
             finite = hi >= 0
             out.append(
                 (
-                    int(first),
-                    int(last),
+                    int(f[i]),
+                    int(f[i + 1]),
                     math.sqrt(lo) if finite else None,
                     math.sqrt(hi) if finite else None,
                 )
@@ -370,10 +434,11 @@ class StepRecord:
         return out
 
 
-def _folded(steps: array, sqs: array, fold: list | None) -> list:
-    """``fold`` ([first step, last step, min sq, max sq, captures]) with more captures."""
+def _folded(steps: list[int], sqs: list[float], fold: list | None) -> list:
+    """``fold`` ([first step, last step, min sq, max sq, captures]) with more captures
+    (``sqs`` as the history keeps them: -1.0 for no gradient)."""
     if fold is None:
-        fold = [float(steps[0]), 0.0, _INF, -_INF, 0.0]
+        fold = [float(steps[0]), 0.0, _INF, -_INF, 0]
     fold[1] = float(steps[-1])
     fold[4] += len(steps)
     try:
