@@ -187,7 +187,7 @@ class _Run:
         "model",
         "pend_steps",
         "pend_entries",
-        "pend_names",
+        "pend_groups",
         "pend_values",
     )
 
@@ -212,11 +212,11 @@ class _Run:
         self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run)
         self.model = ModelSteps()  # the model norm per complete step, clipped steps
         # Captures applied by the fast path, not yet read into the groups' records: their
-        # steps and their group tuples as decoded, those of the groups ``pend_names``
-        # names, in that order, for each capture.
+        # steps and their group tuples as decoded, those of the groups ``pend_groups``, in
+        # that order, for each capture.
         self.pend_steps: list[int] = []
         self.pend_entries: list[tuple] = []
-        self.pend_names: list[str] = []
+        self.pend_groups: list[_Group] = []
         self.pend_values = 0
 
 
@@ -513,36 +513,40 @@ class Aggregator:
                 return self._wire_norms_as_records(events)
         else:
             entries = last_groups
-            row = list(map(_name_of, last_groups))
             uniform = True
         step = last.step
-        # Looked at before any group is set: a message that goes as records must find
-        # every group as it was.
-        found = list(map(groups.get, row))
-        if None in found:
-            return self._wire_norms_as_records(events)
-        if several and list(map(_fingerprint_of, last_groups)).count(None) != width:
-            # Fingerprinted groups of several ranks are assembled by step (layout.py); one
-            # rank's value is its group's.
-            return self._wire_norms_as_records(events)
         # Replicas' copies of a step are recorded once (steps.py): what each group held
         # before this message decides which of its steps are new.
         prev: dict[str, tuple[int, int]] | None = {} if len(run.ranks) > 1 else None
-        # No group goes back to an older step from another rank: the last event holds
-        # every value that applying them in order leaves. A run of one rank records every
-        # event's step too, so none may be older than a step another rank (gone since) set.
+        # No group may go back to an older step from another rank: then the last event
+        # holds every value that applying them in order leaves. A run of one rank records
+        # every event's step, so none may be older than a step another rank (gone since)
+        # set. Every group is looked at before any is set: a message that goes as records
+        # must find them all as they were.
         low = step if n == 1 or prev is not None else min(map(_step_of, events))
-        if low < max(map(_step_of, found)) and any(
-            low < group.step and rank != group.rank for group in found
-        ):
-            return self._wire_norms_as_records(events)
+        found = []
+        for entry in last_groups:
+            group = groups.get(entry[0])
+            if (
+                group is None
+                or (low < group.step and rank != group.rank)
+                or (several and entry[7] is not None)
+            ):
+                # Fingerprinted groups of several ranks are assembled by step (layout.py);
+                # one rank's value is its group's.
+                return self._wire_norms_as_records(events)
+            found.append(group)
         for group, entry in zip(found, last_groups):
+            if v3:
+                name, role, params, sq, _nonfinite, _sharded, isolated, _fingerprint = entry
+            else:
+                name, role, params, sq, _nonfinite, _sharded, isolated = entry
             if prev is not None:
-                prev[entry[0]] = (group.step, group.rank)
-            group.role = entry[1]
-            group.params = entry[2]
-            group.sq = entry[3]
-            group.isolated = entry[6]
+                prev[name] = (group.step, group.rank)
+            group.role = role
+            group.params = params
+            group.isolated = isolated
+            group.sq = sq
             group.step = step
             group.rank = rank
             group.captured = True
@@ -550,8 +554,23 @@ class Aggregator:
         # Every step, not only the last one applied: kept as they came, read in bulk.
         if prev is not None:
             self._record_replicas(run, rank, events, prev)
+        elif (
+            run.pend_steps
+            and uniform
+            and found == run.pend_groups
+            and len(run.pend_steps) < MAX_PENDING - n
+            and self._pending_values < _MAX_PENDING_VALUES
+        ):
+            # _keep_steps' common case, inline: more captures of the groups waiting.
+            if n == 1:
+                run.pend_steps.append(step)
+            else:
+                run.pend_steps.extend(map(_step_of, events))
+            run.pend_entries.extend(entries)
+            run.pend_values += len(entries)
+            self._pending_values += len(entries)
         else:
-            self._keep_steps(run, events, entries, row, uniform)
+            self._keep_steps(run, events, entries, found, uniform)
         if not run.captures:
             self._no_norms.pop(run_name, None)
             run.young = True
@@ -743,12 +762,13 @@ class Aggregator:
         run: _Run,
         events: Sequence[WireNorms],
         entries: Sequence[tuple],
-        row: list[str],
+        found: list[_Group],
         uniform: bool,
     ) -> None:
         """A fast-path message of a run of one rank: its steps and group tuples kept, to be
         read in bulk (``_settle_run``). ``entries``: its events' group tuples in order,
-        those of ``row``'s groups in that order for each event when ``uniform``."""
+        those of the groups ``found`` (its last event's), in that order, for each event
+        when ``uniform``."""
         if not uniform:  # a capture at a time, as _norms records them
             self._settle_run(run, self._bucket())
             for e in events:
@@ -757,10 +777,10 @@ class Aggregator:
         steps = run.pend_steps
         fresh = not steps
         if fresh:
-            run.pend_names = row
-        elif row != run.pend_names:
+            run.pend_groups = found
+        elif found != run.pend_groups:  # the same objects, or another layout
             self._settle_run(run, self._bucket())
-            return self._keep_steps(run, events, entries, row, uniform)
+            return self._keep_steps(run, events, entries, found, uniform)
         if len(events) == 1:
             steps.append(events[0].step)
         else:
@@ -795,8 +815,8 @@ class Aggregator:
             run.model.add(step, total, len(groups), counted)
 
     def _settle_run(self, run: _Run, bucket: int | None) -> None:
-        """The fast path's captures of ``run``, group by group, in bulk: every capture names
-        the groups of ``pend_names`` in that order, so each group's values are a slice of
+        """The fast path's captures of ``run``, group by group, in bulk: every capture holds
+        the groups of ``pend_groups`` in that order, so each group's values are a slice of
         one list."""
         steps, entries = run.pend_steps, run.pend_entries
         if not steps:
@@ -804,17 +824,14 @@ class Aggregator:
         run.pend_steps, run.pend_entries = [], []
         self._pending_values -= run.pend_values
         run.pend_values = 0
-        names = run.pend_names
-        width = len(names)
+        found = run.pend_groups
+        width = len(found)
         values = list(map(_sq_of, entries))
         groups = run.groups
         rules = self._rules
-        found = list(map(groups.get, names))
         at = array("q", steps)
         columns = []
         for i, group in enumerate(found):
-            if group is None:
-                continue
             column = values[i::width]
             columns.append(column)
             rec = group.rec
