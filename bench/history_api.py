@@ -7,7 +7,7 @@ by ``seed_ratios``), ``api.encode`` (JSON, group by group), and gzip at level 1,
 daemon applies when the client accepts it. Three shapes:
 
 - ``1,024 steps``: the issue's figure, 1,024 steps per group, nothing folded yet;
-- ``full``: the arrays at their fullest (1,279 steps kept before a trim, 128 folded buckets);
+- ``full``: the rings at their fullest (1,039 steps shown in full, 128 folded buckets);
 - ``poll``: what a page that already holds everything asks each second
   (``?since=<last - 1>&folded_since=...``: one new step per group).
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
     rules = StepRules()
-    full_steps = rules.history_steps * 5 // 4 + rules.fold_steps * rules.fold_buckets - 1
+    full_steps = rules.ring_steps - 1 + rules.fold_steps * rules.fold_buckets
     shapes = []
     h = run_history(args.groups, rules.history_steps, rules)
     shapes.append(("1,024 steps", measure(h, args.trials)))

@@ -78,7 +78,15 @@ from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
 from .stats import DaemonStats
-from .steps import MAX_PENDING, GroupHistory, ModelSteps, RunHistory, StepRecord, StepRules
+from .steps import (
+    MAX_PENDING,
+    MAX_WAITING,
+    GroupHistory,
+    ModelSteps,
+    RunHistory,
+    StepRecord,
+    StepRules,
+)
 
 __all__ = ["Aggregator", "Limits", "MAX_KINDS", "ESTABLISHED_AFTER_S", "YOUNG_IDLE_S"]
 
@@ -103,10 +111,6 @@ _fingerprint_of = operator.itemgetter(7)
 # Runs, and records, with steps waiting to be read between two ticks: past this many they
 # are read at once, so a flood of run names holds no run the table let go.
 _MAX_DIRTY = 1024
-# Group values waiting to be read, over every run and record: past this many, everything
-# is read at once. The bound in bytes of what waits (a decoded group tuple, its strings
-# and numbers: about 400 B a value; docs/daemon.md, "Limits").
-_MAX_PENDING_VALUES = 16_384
 _group_norm = GroupNorm._make
 _NO_FINGERPRINT = (None,)
 
@@ -559,7 +563,7 @@ class Aggregator:
             and uniform
             and found == run.pend_groups
             and len(run.pend_steps) < MAX_PENDING - n
-            and self._pending_values < _MAX_PENDING_VALUES
+            and self._pending_values < MAX_WAITING
         ):
             # _keep_steps' common case, inline: more captures of the groups waiting.
             if n == 1:
@@ -715,7 +719,7 @@ class Aggregator:
             if len(self._dirty) > _MAX_DIRTY:
                 self._settle()
         self._pending_values += 1
-        if self._pending_values > _MAX_PENDING_VALUES:
+        if self._pending_values > MAX_WAITING:
             self._settle()
         if model:
             run.model.add(step, sq, len(run.groups))
@@ -795,7 +799,7 @@ class Aggregator:
             self._dirty_runs.append(run)
             if len(self._dirty_runs) > _MAX_DIRTY:  # bounded between ticks, whatever comes
                 self._settle()
-        if self._pending_values > _MAX_PENDING_VALUES:
+        if self._pending_values > MAX_WAITING:
             self._settle()
 
     def _record_capture(self, run: _Run, step: int, entries: Sequence[tuple]) -> None:

@@ -20,10 +20,12 @@ memory:
   survives folding), at most ``fold_buckets`` of them; and the steps of the latest
   non-finite captures.
 
-The hot path (``push``) appends two numbers to a list; everything else happens in
-``settle``, in bulk and mostly in C (``max``/``min`` over a list, ``array`` slices), which
-the aggregator calls before anything reads the record and at least once per tick (the
-pending list is also settled when it reaches ``MAX_PENDING`` steps, so it is bounded).
+The hot path (``push``) appends two numbers to a list; the aggregator's fast path hands
+whole columns to ``add_many``. Everything else happens in bulk and mostly in C (``sum``
+over a column, ``max``/``min`` mapped over buckets of captures, ``array`` slices), each
+value read once, as it arrives: the aggregator settles a record before anything reads it
+and at least once per tick (and when it holds ``MAX_PENDING`` steps, or ``MAX_WAITING``
+values wait over every record, so what waits is bounded).
 Values are sums of squares (``sq``), as they travel: square roots are taken when read.
 Single-threaded, like the aggregator that owns the records.
 """
@@ -44,6 +46,8 @@ __all__ = [
     "RunHistory",
     "BUCKETS",
     "MAX_PENDING",
+    "MAX_WAITING",
+    "WAITING_BYTES",
 ]
 
 # The trailing window is kept in this many buckets (and one being filled).
@@ -52,6 +56,13 @@ BUCKETS = 6
 MAX_PENDING = 256
 # Non-finite captures, and isolation violations, whose steps the history keeps.
 NONFINITE_MARKS = 64
+# Group values waiting to be read, over every run and record of the daemon: past this
+# many, the aggregator reads them all at once.
+MAX_WAITING = 16_384
+# What they hold at most: a decoded group (its tuple, a name at the 256-character limit
+# stored 4 bytes a character, the role, the numbers, a list slot), about 1.5 KB a value,
+# 24 MiB in all; about 0.4 KB with short names.
+WAITING_BYTES = MAX_WAITING * 1536
 
 
 class GroupHistory(NamedTuple):
@@ -109,26 +120,30 @@ class StepRules:
         return self.window_s / BUCKETS
 
     @property
-    def fold_cap(self) -> int:
-        """Folded buckets a record keeps: those shown, and those inside the full history."""
+    def ring_steps(self) -> int:
+        """Captures a record's ring holds: the full history from a bucket's edge."""
+        return self.history_steps + (self.fold_steps if self.fold_buckets else 0)
+
+    @property
+    def ring_buckets(self) -> int:
+        """Folded buckets a record's ring holds: those shown, and those the full history
+        still holds in full."""
         if not self.fold_buckets:
             return 0
-        return self.fold_buckets + -(-(self.history_steps * 5 // 4) // self.fold_steps) + 1
+        return self.fold_buckets + self.ring_steps // self.fold_steps + 2
 
     def bytes_per_group(self) -> int:
-        """The most a record's arrays hold once full (what docs/daemon.md multiplies out)."""
-        history = (self.history_steps + self.history_steps // 4) * 16  # steps + sq, 8 B each
-        cap = self.fold_cap
-        folds = (cap + cap // 4) * 32  # first step, last step, min, max
-        pending = MAX_PENDING * 2 * 32  # list slots and the boxed numbers they hold
-        return (
-            history
-            + folds
-            + pending
-            + NONFINITE_MARKS * 8
-            + (2 * BUCKETS + 2) * 8
-            + (self.spike_history * 8)
-        )
+        """The most a record holds once full, its steps read (what docs/daemon.md multiplies
+        out). Steps waiting to be read are bounded over every record at once, not per
+        group: at most ``MAX_WAITING`` values, ``WAITING_BYTES`` in all."""
+        history = self.ring_steps * 16  # step and sum of squares, 8 B each
+        folds = self.ring_buckets * 32  # first step, last step, min, max
+        boxed = 32  # a list slot and the float or int it holds
+        baseline = self.spike_history * boxed
+        window = 3 * (BUCKETS + 1) * boxed
+        marks = 2 * NONFINITE_MARKS * boxed  # non-finite and violation steps
+        headers = 1024  # the record, its lists and arrays, the open bucket
+        return history + folds + baseline + window + marks + headers
 
 
 def _median(values: list[float]) -> float:
@@ -168,9 +183,13 @@ class StepRecord:
         self._hi = [-_INF] * (BUCKETS + 1)
         self._lo = [_INF] * (BUCKETS + 1)
         self._bucket = [-1] * (BUCKETS + 1)
+        # Rings: the latest captures' steps and values, and the folded buckets (first step,
+        # last step, min sq, max sq each), written at the capture's (bucket's) number
+        # modulo the size. They grow by doubling to their full size, then never move: a
+        # group that captured a few steps holds a few steps' bytes.
         self.steps = array("q")
         self.sqs = array("d")
-        self.folds = array("d")  # first step, last step, min sq, max sq; per folded bucket
+        self.folds = array("d")
         self._fold: list[float] | None = None  # the bucket being folded into
         self.nonfinite_steps: list[int] = []
         self.violation_steps: list[int] = []
@@ -332,20 +351,13 @@ class StepRecord:
     # once, as it arrives, never again when it leaves the full history.
 
     def _history(self, steps: list[int] | array, kept: list[float]) -> None:
-        if type(steps) is array:
-            self.steps.extend(steps)
-        else:
-            self.steps.fromlist(steps)
-        self.sqs.fromlist(kept)
-        keep = self.rules.history_steps
-        over = len(self.steps) - keep
-        if over > keep // 4:  # trim in chunks, so the arrays move rarely
-            width = self.rules.fold_steps
-            start = self.count + len(kept) - len(self.steps)  # the oldest kept capture
-            over = (start + over) // width * width - start  # to a bucket boundary
-            if over > 0:
-                del self.steps[:over]
-                del self.sqs[:over]
+        ring = self.rules.ring_steps
+        at = self.count
+        if len(kept) > ring:  # only the latest fit
+            at += len(kept) - ring
+            steps, kept = steps[-ring:], kept[-ring:]
+        _put(self.steps, at, steps if type(steps) is array else array("q", steps), ring)
+        _put(self.sqs, at, array("d", kept), ring)
 
     def _fold_in(
         self, steps: list[int], kept: list[float], clean: bool
@@ -358,6 +370,8 @@ class StepRecord:
         folds = self.folds
         fold = self._fold
         n = len(steps)
+        done = self.count // width  # buckets complete before these captures
+        full = 4 * rules.ring_buckets
         lows: list[float] = []
         highs: list[float] = []
         i = 0
@@ -368,7 +382,8 @@ class StepRecord:
                 highs.append(max(kept[:i]))
             fold = _folded(steps[:i], kept[:i], fold)
             if fold[4] >= width:
-                folds.extend(fold[:4])
+                _put(folds, 4 * done, array("d", fold[:4]), full)
+                done += 1
                 fold = None
         whole = (n - i) // width * width
         if whole:
@@ -381,12 +396,14 @@ class StepRecord:
                 maxes = array("d", map(max, chunks))
                 out[2::4] = mins
                 out[3::4] = maxes
-                folds.extend(out)
+                skip = max(0, len(out) - full)  # only the latest fit
+                _put(folds, 4 * done + skip, out[skip:] if skip else out, full)
                 lows.append(min(mins))
                 highs.append(max(maxes))
             else:
-                for j in range(i, i + whole, width):
-                    folds.extend(_folded(steps[j : j + width], kept[j : j + width], None)[:4])
+                for j in range(max(i, i + whole - width * rules.ring_buckets), i + whole, width):
+                    bucket = _folded(steps[j : j + width], kept[j : j + width], None)[:4]
+                    _put(folds, 4 * (done + (j - i) // width), array("d", bucket), full)
             i += whole
         if i < n:
             if clean:
@@ -394,33 +411,36 @@ class StepRecord:
                 highs.append(max(kept[i:]))
             fold = _folded(steps[i:], kept[i:], None)
         self._fold = fold
-        # Kept: the buckets shown, and those inside the full history (with room to trim
-        # in chunks).
-        cap = rules.fold_cap
-        over = len(folds) // 4 - cap
-        if over > cap // 4:
-            del folds[: 4 * over]
         return (min(lows), max(highs)) if clean else None
+
+    def _shown(self) -> int:
+        """The number of the oldest capture shown in full: the last ``history_steps`` at
+        least, from a bucket's edge (so the folded buckets before it are whole)."""
+        rules = self.rules
+        first = max(0, self.count - rules.history_steps)
+        if rules.fold_buckets:
+            first = first // rules.fold_steps * rules.fold_steps
+        return first
 
     def points(self) -> list[tuple[int, float | None]]:
         """(step, norm) for the steps kept in full, oldest first; None: no gradient, and a
         non-finite norm as it was (``inf`` or ``nan``)."""
-        return [(s, None if q < 0 else math.sqrt(q)) for s, q in zip(self.steps, self.sqs)]
+        first = self._shown()
+        steps = _get(self.steps, first, self.count)
+        sqs = _get(self.sqs, first, self.count)
+        return [(s, None if q < 0 else math.sqrt(q)) for s, q in zip(steps, sqs)]
 
     def folded(self) -> list[tuple[int, int, float | None, float | None]]:
         """(first step, last step, min norm, max norm) of the folded buckets older than the
         full history, oldest first, at most ``fold_buckets`` (None where a bucket held no
         finite norm)."""
-        width = self.rules.fold_steps
-        f = self.folds
-        if not f:
+        rules = self.rules
+        if not rules.fold_buckets:
             return []
-        kept = len(f) // 4
-        first = self.count // width - kept  # the index of the oldest bucket kept
-        older = (self.count - len(self.steps)) // width  # buckets before the full history
-        shown = min(older - first, self.rules.fold_buckets)
+        older = self._shown() // rules.fold_steps  # whole buckets before the full history
+        f = _get(self.folds, 4 * max(0, older - rules.fold_buckets), 4 * older)
         out = []
-        for i in range(4 * (older - first - shown), 4 * (older - first), 4):
+        for i in range(0, len(f), 4):
             lo, hi = f[i + 2], f[i + 3]
             finite = hi >= 0
             out.append(
@@ -432,6 +452,38 @@ class StepRecord:
                 )
             )
         return out
+
+
+def _put(ring: array, at: int, values: array, full: int) -> None:
+    """Write ``values`` (at most ``full``) into ``ring`` from position ``at`` (counted
+    from the first write, taken modulo the ring's size), growing the ring by doubling up
+    to ``full`` first where they would not fit (it only wraps once full)."""
+    size = len(ring)
+    end = at + len(values)
+    if end > size and size < full:
+        grown = min(full, max(2 * size, end, 64))
+        ring.frombytes(bytes(ring.itemsize * (grown - size)))
+        size = grown
+    pos = at % size
+    n = len(values)
+    head = min(n, size - pos)
+    if head == n:
+        ring[pos : pos + n] = values
+    else:
+        ring[pos:] = values[:head]
+        ring[: n - head] = values[head:]
+
+
+def _get(ring: array, start: int, stop: int) -> array:
+    """Positions ``start`` to ``stop`` (as ``_put`` counts them) of ``ring``, in order."""
+    n = stop - start
+    if n <= 0:
+        return ring[:0]
+    size = len(ring)
+    pos = start % size
+    if pos + n <= size:
+        return ring[pos : pos + n]
+    return ring[pos:] + ring[: pos + n - size]
 
 
 def _folded(steps: list[int], sqs: list[float], fold: list | None) -> list:

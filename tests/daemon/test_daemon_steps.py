@@ -203,7 +203,8 @@ def test_every_group_of_many_runs_is_read_past_the_pending_bound(fast) -> None:
 
 def test_a_full_record_stays_within_the_bound_docs_multiply_out() -> None:
     # In process, where nothing else is counted: a record whose history, folded buckets,
-    # baseline and window are full, with steps waiting to be read.
+    # baseline and window are full (steps waiting to be read are bounded over all records:
+    # test_steps_waiting_are_bounded_over_every_run_and_record).
     import tracemalloc
 
     rules = StepRules()
@@ -216,8 +217,6 @@ def test_a_full_record_stays_within_the_bound_docs_multiply_out() -> None:
             rec = StepRecord(rules)
             for s in range(0, 4096, 64):
                 rec.add_many(list(range(s, s + 64)), [1.0 + rng.random() for _ in range(64)], 0)
-            for s in range(4096, 4096 + MAX_PENDING - 1):
-                rec.push(s, 1.0)
             rec.mark_violation(3)
             records.append(rec)
         after = tracemalloc.take_snapshot()
@@ -226,3 +225,96 @@ def test_a_full_record_stays_within_the_bound_docs_multiply_out() -> None:
     per_record = sum(d.size_diff for d in after.compare_to(before, "filename")) / len(records)
     assert len(records[0].folded()) >= rules.fold_buckets  # every bucket full
     assert per_record <= rules.bytes_per_group(), (per_record, rules.bytes_per_group())
+
+
+def _waiting(agg) -> int:
+    """Group values waiting to be read, counted in the lists that hold them."""
+    runs = agg._runs.values()
+    fast = sum(len(run.pend_entries) for run in runs)
+    records = sum(
+        len(g.rec.pending) // 2 for run in runs for g in run.groups.values() if g.rec is not None
+    )
+    return fast + records
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_steps_waiting_are_bounded_over_every_run_and_record(fast) -> None:
+    # No tick: 60 runs of 64 groups send 64-step messages (fast path) or one capture at a
+    # time (records). What waits is read once it passes the bound over all of them.
+    from daemon_support import gn, norms
+
+    from esper_telemetry import encode
+    from esper_telemetry.daemon.fastdecode import decode_norms
+    from esper_telemetry.daemon.steps import MAX_WAITING
+
+    agg = _aggregator()
+    runs, groups, most = 60, 64, 0
+    for step in range(0, 192, 64):
+        for r in range(runs):
+            batch = [
+                norms(run=f"r{r}", step=s, groups=[gn(f"g{g}", 1.0 + g) for g in range(groups)])
+                for s in range(step, step + 64)
+            ]
+            if fast and step:
+                wire = decode_norms(encode(batch, seq=step))
+                assert wire is not None
+                agg.apply_batch(wire, now=1000.0)
+            else:
+                for ev in batch:
+                    agg.apply_batch((ev,), now=1000.0)
+            waiting = _waiting(agg)
+            assert waiting <= MAX_WAITING, (r, step, waiting)
+            most = max(most, waiting)
+    assert most > MAX_WAITING // 2  # the bound was reached, not merely respected
+    agg.tick(1001.0)
+    assert _waiting(agg) == 0
+    for run in agg.snapshot().runs:
+        assert run.model_steps == 192
+
+
+@pytest.mark.parametrize("seed", range(0, 120, 3))
+def test_history_and_folds_equal_a_reference_that_keeps_every_capture(seed) -> None:
+    # Whatever the sizes and however captures arrive (one at a time or in batches larger
+    # than the rings), the full history is the latest captures from a bucket's edge, and
+    # the folded buckets the whole buckets just before it.
+    rng = random.Random(seed)
+    rules = StepRules(
+        history_steps=rng.choice([1, 5, 16, 100, 1024]),
+        fold_steps=rng.choice([1, 3, 10, 16]),
+        fold_buckets=rng.choice([0, 1, 5, 128]),
+    )
+    rec = StepRecord(rules)
+    every: list[tuple[int, float | None]] = []
+    for _ in range(rng.randint(1, 40)):
+        k = rng.choice([1, 2, 7, 64, 256, 700])
+        values = [rng.choice([None, math.nan, math.inf] + [rng.random()] * 20) for _ in range(k)]
+        steps = list(range(len(every), len(every) + k))
+        if rng.random() < 0.5:
+            rec.add_many(steps, values, 0)
+        else:
+            for s, q in zip(steps, values):
+                rec.push(s, q)
+            rec.settle(0)
+        every += zip(steps, values)
+    points = rec.points()
+    shown = len(points)
+    assert min(len(every), rules.history_steps) <= shown <= rules.history_steps + rules.fold_steps
+    for (step, norm), (want_step, q) in zip(points, every[-shown:]):
+        assert step == want_step
+        assert repr(norm) == repr(None if q is None else math.sqrt(q))
+    folds = rec.folded()
+    if not rules.fold_buckets:
+        assert folds == []
+        return
+    width = rules.fold_steps
+    older = len(every) - shown
+    assert older % width == 0
+    assert len(folds) == min(rules.fold_buckets, older // width)
+    first_bucket = older // width - len(folds)
+    for b, (first, last, lo, hi) in enumerate(folds, start=first_bucket):
+        chunk = every[b * width : (b + 1) * width]
+        assert (first, last) == (chunk[0][0], chunk[-1][0])
+        finite = [math.sqrt(q) for _, q in chunk if q is not None and math.isfinite(q)]
+        assert (lo, hi) == ((min(finite), max(finite)) if finite else (None, None))
+    if folds:
+        assert folds[-1][1] == points[0][0] - 1
