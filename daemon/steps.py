@@ -185,8 +185,8 @@ class StepRecord:
         self._bucket = [-1] * (BUCKETS + 1)
         # Rings: the latest captures' steps and values, and the folded buckets (first step,
         # last step, min sq, max sq each), written at the capture's (bucket's) number
-        # modulo the size. They grow by doubling to their full size, then never move: a
-        # group that captured a few steps holds a few steps' bytes.
+        # modulo the size. They start small and then take their full size, then never
+        # move: a group that captured a few steps holds a few steps' bytes.
         self.steps = array("q")
         self.sqs = array("d")
         self.folds = array("d")
@@ -456,12 +456,14 @@ class StepRecord:
 
 def _put(ring: array, at: int, values: array, full: int) -> None:
     """Write ``values`` (at most ``full``) into ``ring`` from position ``at`` (counted
-    from the first write, taken modulo the ring's size), growing the ring by doubling up
-    to ``full`` first where they would not fit (it only wraps once full)."""
+    from the first write, taken modulo the ring's size), growing the ring first where
+    they would not fit (it only wraps once at ``full``)."""
     size = len(ring)
     end = at + len(values)
     if end > size and size < full:
-        grown = min(full, max(2 * size, end, 64))
+        # 64 first (pymalloc's small blocks, reused once freed), then the full size: a
+        # ring moves at most twice, and leaves no run of freed blocks between sizes.
+        grown = full if size else min(full, max(end, 64))
         ring.frombytes(bytes(ring.itemsize * (grown - size)))
         size = grown
     pos = at % size
