@@ -361,7 +361,8 @@ class Config:
         number(minimum=0.001),
         metavar="SECONDS",
         unit="seconds",
-        help="how long a sharded step waits for all its ranks",
+        help="how long a sharded step waits for its next rank's report before it is given "
+        "up (from its latest report: a backlog being read does not expire it)",
     )
     shutdown_timeout_s: float = setting(
         "--shutdown.timeout-seconds",

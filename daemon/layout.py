@@ -16,8 +16,8 @@ shard the rank holds), and ``params`` counts those elements. Here, per run and g
 - A step is published once every holder reported it, and not before every rank of the
   world is known (announced its groups): until then a rank not heard from could hold a
   part. A run whose world never fills (collectors attached on some ranks only) counts over
-  the ranks heard once ``window_s`` has passed since its first capture. A step still short
-  ``window_s`` after its first report is given up (``incomplete``); a report for a step
+  the ranks heard once ``window_s`` has passed since its first capture. A step no holder
+  reported to for ``window_s`` is given up (``incomplete``); a report for a step
   already published or given up, or a rank's repeat, is dropped (``dropped_reports``).
 - The safety net (``Published.inconsistent``): the step is not a number, and the group is
   flagged, when
@@ -64,8 +64,8 @@ __all__ = [
 # for float32 gradients (README, "Norms"), so a sum of squares within 2e-5, and two such sums
 # of one gradient within 4e-5 of the larger.
 REPLICA_RTOL = 4e-5
-MAX_PENDING_STEPS = 64
-CLOSED_MEMORY = 256
+MAX_PENDING_STEPS = 256  # a collector's largest batch opens that many steps at once
+CLOSED_MEMORY = 1024
 INCONSISTENT_REASONS = ("values", "contents", "overlap")
 
 
@@ -286,6 +286,7 @@ class GroupLayout:
             self.dropped_reports += 1
             return None
         pending.ranks |= bit
+        pending.since = now  # the window runs from the latest report
         if entry.replica:
             pending.replica = True
         fingerprint, sq = entry.fingerprint, entry.sq
@@ -334,7 +335,7 @@ class GroupLayout:
         return [p for p in published if p is not None]
 
     def expire(self, now: float, window_s: float) -> int:
-        """Give up the steps still short ``window_s`` after their first report; how many."""
+        """Give up the steps no holder reported to for ``window_s``; how many."""
         cutoff = now - window_s
         late = [s for s, p in self._pending.items() if p.since < cutoff]
         for step in late:

@@ -15,9 +15,12 @@ ranks reported.
   (37 MB per step) that keeping the reports took.
 - A group's total is the sum over the ranks that had a gradient; ``None`` (no gradient)
   only if no rank had one.
-- A step still short ``window_s`` after its first report is given up (``expire``), and so
-  is the oldest one when ``max_pending`` steps already wait: a partial sum understates the
-  norm, and a stale norm is safer than a wrong one. Both count in ``incomplete``.
+- A step that no rank reported to for ``window_s`` is given up (``expire``), and so is the
+  oldest one when ``max_pending`` steps already wait: a partial sum understates the norm,
+  and a stale norm is safer than a wrong one. Both count in ``incomplete``. The window runs
+  from the step's latest report, not its first: a daemon reading a backlog (a 4,096-rank
+  job that sent its steps in one message per rank) keeps every step whose parts still
+  arrive, and a step a dead rank holds up is given up ``window_s`` after the others.
 - A step published or given up is remembered (the last ``closed_memory`` of them), so a
   straggler or a duplicate for it is dropped (counted in ``dropped_reports``) instead of
   opening a new pending step.
@@ -35,9 +38,11 @@ from typing import Any, NamedTuple
 __all__ = ["StepAssembly", "Added", "MAX_PENDING_STEPS", "CLOSED_MEMORY"]
 
 # Sharded steps awaiting ranks, per run; the oldest is given up (counted incomplete) first.
-MAX_PENDING_STEPS = 64
+# A collector sends up to 256 steps in one message (its publisher's largest batch): every
+# one of them opens at once when that rank's message is read first.
+MAX_PENDING_STEPS = 256
 # Closed sharded steps remembered per run, so a straggler for one is not a new pending step.
-CLOSED_MEMORY = 256
+CLOSED_MEMORY = 1024
 
 Shards = Sequence[tuple[Hashable, float | None]]
 
@@ -140,6 +145,7 @@ class StepAssembly:
             return Added(None, evicted)
         pending.seen |= bit
         pending.count += 1
+        pending.since = now  # the window runs from the latest report
         totals = pending.totals
         for key, sq in shards:
             if sq is None:
@@ -170,7 +176,7 @@ class StepAssembly:
         return done
 
     def expire(self, now: float) -> list[int]:
-        """Give up the steps still short ``window_s`` after their first report; those steps."""
+        """Give up the steps no rank reported to for ``window_s``; those steps."""
         cutoff = now - self._window_s
         late = [s for s, p in self._pending.items() if p.since < cutoff]
         for step in late:

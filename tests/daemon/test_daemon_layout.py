@@ -85,6 +85,22 @@ def test_collectors_on_some_ranks_only_are_counted_over_the_ranks_heard_after_th
     assert published(out, "host").sq == 5.0  # from now on at once
 
 
+def test_a_step_whose_holders_keep_reporting_outlives_the_window():
+    # Holders reporting one after another, each within the window of the previous one.
+    lay = run_layout()
+    for rank in range(3):  # every holder known
+        lay.norms(rank, 0, [entry("host", 11 * (rank + 1), 1.0)], 3, now=0.0)
+    lay.norms(0, 1, [entry("host", 11, 4.0)], 3, now=1.0)
+    lay.norms(1, 1, [entry("host", 22, 9.0)], 3, now=WINDOW)
+    done, given_up = lay.tick(3, now=WINDOW + 2.0)  # past the first report's window
+    assert done == [] and given_up == 0 and lay.incomplete() == 0
+    out = lay.norms(2, 1, [entry("host", 33, 1.0)], 3, now=WINDOW + 3.0)
+    assert published(out, "host").sq == 14.0
+    lay.norms(0, 2, [entry("host", 11, 4.0)], 3, now=WINDOW + 4.0)
+    done, given_up = lay.tick(3, now=2 * WINDOW + 4.5)  # nothing since: given up
+    assert given_up == 1 and lay.incomplete() == 1
+
+
 def test_a_step_short_of_a_holder_past_the_window_is_given_up_and_its_straggler_dropped():
     lay = run_layout()
     lay.norms(0, 0, [entry("host", 11, 4.0)], 2, now=0.0)

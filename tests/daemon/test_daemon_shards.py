@@ -60,6 +60,27 @@ def test_a_step_still_short_after_the_window_is_given_up_and_its_straggler_dropp
     assert a.expire(140.5) == [2] and a.incomplete == 2 and len(a) == 0
 
 
+def test_the_window_runs_from_a_steps_latest_report_so_a_backlog_being_read_keeps_it():
+    # A daemon reading a 4,096-rank job's backlog: the step's parts keep arriving for longer
+    # than the window, each within it of the previous one; then one rank never reports.
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
+    for rank in range(4):
+        a.add(1, rank, [("g", 1.0)], expected=5, now=100.0 + 20.0 * rank)
+        assert a.expire(100.0 + 20.0 * rank + 29.0) == []
+    assert len(a) == 1 and a.incomplete == 0  # 60 s after its first report, still waiting
+    assert a.expire(160.0 + 30.5) == [1] and a.incomplete == 1  # 30 s after its latest
+
+
+def test_a_collectors_largest_batch_of_steps_waits_whole():
+    # One rank's message of 256 steps is read before the others': every step waits.
+    a = StepAssembly(window_s=30.0, max_ranks=4096)
+    for step in range(256):
+        assert a.add(step, 0, [("g", 1.0)], expected=2, now=0.0).evicted is False
+    assert len(a) == 256
+    assert all(a.add(step, 1, [("g", 2.0)], expected=2, now=1.0).totals for step in range(256))
+    assert a.incomplete == 0
+
+
 def test_a_published_step_is_remembered_so_a_duplicate_does_not_reopen_it():
     a = StepAssembly(window_s=30.0, max_ranks=4096)
     a.add(1, 0, [("g", 1.0)], expected=1, now=0.0)

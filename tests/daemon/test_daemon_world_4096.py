@@ -1,0 +1,126 @@
+"""A 4,096-rank job served exactly by a real ``esper-telemetryd`` (issue 20, item 6).
+
+Every rank of the job holds a shard of two sharded groups and sends its ``Hello`` and then
+its steps in one message (a collector that reconnects, or one whose daemon restarted,
+flushes up to 256 steps at once), over eight loopback sockets the daemon fair-queues
+between, as the ranks of a job spread over hosts would. Every step then opens on the
+first rank's message and completes only once every rank's message has been read: every
+step of every rank waits at once, while the daemon reads 4,096 messages. Before, the
+daemon gave up all but the last 64 steps (a cap on waiting steps below the collector's
+batch) and, past 30 s of reading, steps whose parts were still arriving.
+
+The figures read: every step complete (the daemon's count of given-up steps 0), each
+group's norm at the last step equal to the float64 sum over ranks, and the daemon's RSS
+from /proc under the 512 MiB every flood test holds it to.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import zmq
+from daemon_support import get
+from live_daemon import LiveDaemon
+
+from esper_telemetry import GroupNorm, Hello, Norms, encode
+from esper_telemetry.daemon.shards import MAX_PENDING_STEPS
+
+pytestmark = pytest.mark.slow
+
+RANKS = 4096
+STEPS = 100  # more than the 64 steps that used to wait at most
+SOCKETS = 8
+GROUPS = ("blocks", "head")
+RUN = "world-4096"
+
+
+def _sq(rank: int, group: int, step: int) -> float:
+    """Rank ``rank``'s shard of ``group`` at ``step``: varied, and not exactly summable in
+    any order (the reference sums in float64 with ``math.fsum``)."""
+    return (1.0 + (rank % 13) * 0.1 + group) * (1.0 + step / 1000.0) / 3.0
+
+
+def _message(rank: int) -> bytes:
+    hello = Hello(RUN, rank, 1.0, RANKS, "host", 1, "v", "t", ())
+    norms = [
+        Norms(
+            RUN,
+            rank,
+            1.0,
+            step,
+            False,
+            tuple(
+                GroupNorm(name, "group", 1000, _sq(rank, g, step), 0, True, False)
+                for g, name in enumerate(GROUPS)
+            ),
+            RANKS,
+        )
+        for step in range(STEPS)
+    ]
+    return encode([hello, *norms], seq=0)
+
+
+def _sample_peak(d: LiveDaemon, stop: threading.Event, peak: list) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], d.rss_bytes())
+        time.sleep(0.05)
+
+
+def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly(tmp_path):
+    assert STEPS > 64 and STEPS <= MAX_PENDING_STEPS
+    d = LiveDaemon(tmp_path / "d.log")
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 64)
+    stop = threading.Event()
+    peak = [0]
+    sampler = threading.Thread(target=_sample_peak, args=(d, stop, peak))
+    socks = []
+    try:
+        base = d.rss_bytes()
+        sampler.start()
+        for _ in range(SOCKETS):
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 60_000)  # everything sent reaches the daemon
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(d.endpoint)
+            socks.append(sock)
+        start = time.monotonic()
+        for rank in range(RANKS):
+            socks[rank % SOCKETS].send(_message(rank))
+        sent = RANKS * (STEPS + 1)
+        s = d.scrape_until(
+            lambda s: get(s, "esper_daemon_events_total") == sent,
+            f"all {sent} events applied",
+            timeout_s=300.0,
+            interval_s=1.0,
+        )
+        took = time.monotonic() - start
+        for sock in socks:
+            sock.close()
+    finally:
+        stop.set()
+        sampler.join(5)
+        code = d.stop()
+        ctx.term()
+    assert code == 0, d.log()
+    print(
+        f"\n{RANKS} ranks x {STEPS} steps of {len(GROUPS)} sharded groups in {took:.1f} s; "
+        f"RSS {base / 2**20:.0f} -> peak {peak[0] / 2**20:.0f} MiB"
+    )
+    assert (get(s, "esper_daemon_incomplete_steps_total", run=RUN) or 0) == 0
+    assert (get(s, "esper_daemon_dropped_shard_reports_total", run=RUN) or 0) == 0
+    last = STEPS - 1
+    for g, name in enumerate(GROUPS):
+        want = math.sqrt(math.fsum(_sq(rank, g, last) for rank in range(RANKS)))
+        got = get(s, "esper_grad_norm", run=RUN, group=name)
+        assert got == pytest.approx(want, rel=1e-12), (name, got, want)
+    # Every step counted, and the model norm of the last one.
+    assert get(s, "esper_model_steps_total", run=RUN) == STEPS
+    model = math.sqrt(
+        math.fsum(_sq(rank, g, last) for rank in range(RANKS) for g in range(len(GROUPS)))
+    )
+    assert get(s, "esper_model_grad_norm", run=RUN) == pytest.approx(model, rel=1e-12)
+    assert peak[0] < 512 << 20, f"peak RSS {peak[0] / 2**20:.0f} MiB"
