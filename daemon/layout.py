@@ -64,7 +64,11 @@ __all__ = [
 # for float32 gradients (README, "Norms"), so a sum of squares within 2e-5, and two such sums
 # of one gradient within 4e-5 of the larger.
 REPLICA_RTOL = 4e-5
-MAX_PENDING_STEPS = 256  # a collector's largest batch opens that many steps at once
+# Per group (shards.py's cap is per run): a waiting step of a 4,096-rank job holds about
+# 1.3 KB here (its rank and class bits), so 64 x 128 groups is about 10 MB a run. A
+# collector's largest batch (256 steps) would need a step's rank bits shared by the run's
+# groups first (noted in issue 20).
+MAX_PENDING_STEPS = 64
 CLOSED_MEMORY = 1024
 INCONSISTENT_REASONS = ("values", "contents", "overlap")
 

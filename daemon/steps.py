@@ -555,6 +555,8 @@ class ModelSteps:
         """Captures of every one of the run's ``groups`` groups, in order: what ``add`` of
         each would leave, in bulk when nothing waits and the steps only go up."""
         done = self.done_step
+        if not self._open and max(steps) <= done:
+            return  # every one counted already (a collector restarted under the run's name)
         if self._open or steps[0] <= done or any(map(operator.ge, steps, steps[1:])):
             for s, q in zip(steps, sqs):
                 self.add(s, q, groups, groups)
