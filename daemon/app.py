@@ -176,6 +176,7 @@ class Daemon:
                 "busy": self.web.busy,
                 "header_timeout": self.web.header_timeouts,
                 "preempted": self.web.preempted,
+                "bad_request": self.web.bad_requests,
             },
             memory_sheds=dict(self.stats.memory_sheds),
         )

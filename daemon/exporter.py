@@ -494,7 +494,8 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         "response not read within --web.write-timeout-seconds), unauthorized (401), "
         f"header_timeout (no complete request within {HEADER_TIMEOUT_S:g} s, or pushed out "
         "by newer connections still sending theirs), preempted (a response not read for "
-        f"{STALL_S:g} s, given up for a scrape that needed its bytes), busy (503: the "
+        f"{STALL_S:g} s, given up for a scrape that needed its bytes), bad_request (400: "
+        "not HTTP, or a malformed header), busy (503: the "
         f"response bodies being rendered or written would pass {MAX_BODY_BYTES >> 20} MiB, "
         f"or {MAX_RENDERING} scrapes were already rendering).",
         labels=["reason"],

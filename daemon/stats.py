@@ -45,13 +45,14 @@ DENY_REASONS = ("no_curve", "unknown_key", "handshake")
 # Why the HTTP side turned a client away: the connection cap (503), a response it did not
 # read within the write timeout, missing or wrong basic-auth credentials (401), no
 # complete request within the header timeout (closed), a response it did not read given
-# up for a scrape that needed its bytes.
+# up for a scrape that needed its bytes, a request that is not HTTP (400).
 HTTP_REFUSAL_REASONS = (
     "max_connections",
     "write_timeout",
     "unauthorized",
     "header_timeout",
     "preempted",
+    "bad_request",
 )
 
 

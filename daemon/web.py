@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_server import Server
 
 from esper_telemetry.version import __version__
@@ -193,6 +194,27 @@ class _Lobby(asyncio.Protocol):
         return True
 
 
+class _BadRequests(logging.Filter):
+    """aiohttp logs a client's malformed request at error with its parser's traceback: a
+    client's fault, not the daemon's. Such a record is counted (``bad_requests``) and
+    logged at debug in one line instead (aiohttp logs the first request of a connection
+    that is not HTTP at debug itself: counted too); every other record passes if the
+    daemon's level lets it."""
+
+    def __init__(self, server: WebServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return record.levelno >= _log.getEffectiveLevel()
+        self._server.bad_requests += 1
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("bad request (400): %s", " ".join(str(exc.message).split())[:200])
+        return False
+
+
 class WebServer:
     """Serves the exposition at ``path``; ``ready()`` decides ``/-/ready``.
 
@@ -254,6 +276,13 @@ class WebServer:
         # out of a full lobby); responses given up for a scrape that needed their bytes.
         self.header_timeouts = 0
         self.preempted = 0
+        # Requests that are not HTTP or have a malformed header (aiohttp answers 400):
+        # counted, and logged at debug in a line, not at error with a traceback.
+        self.bad_requests = 0
+        self._http_log = logging.Logger("esper_telemetry.daemon.http")
+        self._http_log.parent = _log
+        self._http_log.setLevel(logging.DEBUG)  # every record reaches the filter
+        self._http_log.addFilter(_BadRequests(self))
         self._lobby: OrderedDict[_Lobby, None] = OrderedDict()
         self._active: set[Any] = set()  # aiohttp handlers with a request in progress
         # Responses being written, by id(request): (request, [bytes held, last progress]).
@@ -278,6 +307,7 @@ class WebServer:
             max_field_size=8190,
             keepalive_timeout=self._keepalive_timeout_s,
             handler_cancellation=True,
+            logger=self._http_log,
         )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
