@@ -1113,6 +1113,7 @@ class Aggregator:
                     model_norm=run.model.norm,
                     clip_threshold=run.model.threshold,
                     model_steps=run.model.steps,
+                    model_given_up=run.model.given_up,
                     clipped=run.model.clipped,
                 )
             )

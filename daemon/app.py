@@ -139,8 +139,9 @@ class Daemon:
             ssl_context=None if web_config is None else web_config.ssl_context,
             auth=None if web_config is None else web_config.auth,
             # The live page and its JSON API (page.py), from the aggregator and the snapshot.
-            pages=Pages(self.aggregator.history, self.snapshot, config.telemetry_path),
+            pages=(pages := Pages(self.aggregator.history, self.snapshot, config.telemetry_path)),
         )
+        self.pages = pages
         self.web_address = ""
         self._tasks: list[asyncio.Task] = []
         self._receiving: asyncio.Task | None = None
@@ -177,6 +178,8 @@ class Daemon:
                 "header_timeout": self.web.header_timeouts,
                 "preempted": self.web.preempted,
                 "bad_request": self.web.bad_requests,
+                "page_busy": self.pages.busy,
+                "page_write_timeout": self.pages.write_timeouts,
             },
             memory_sheds=dict(self.stats.memory_sheds),
         )

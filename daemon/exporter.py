@@ -246,6 +246,14 @@ RUN_FAMILIES: tuple[Family, ...] = (
         _R,
     ),
     Family(
+        "esper_model_steps_given_up",
+        "counter",
+        "Steps of the run whose model norm was never complete: a group's value for them "
+        "had not come while 64 newer steps waited (a group that stopped reporting), so "
+        "neither the model norm nor the clipped count saw them.",
+        _R,
+    ),
+    Family(
         "esper_grad_clipped",
         "counter",
         "Complete steps whose model norm exceeded the clip threshold (0 while none is "
@@ -300,6 +308,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
         model_norm,
         clip_threshold,
         model_steps,
+        model_given_up,
         clipped,
         lost_rows,
     ) = rows
@@ -362,6 +371,7 @@ def run_rows(run: RunSnapshot, lost: Sequence[tuple[int, int]] = ()) -> list[lis
     if run.clip_threshold is not None:
         clip_threshold.append((run_l, run.clip_threshold))
     model_steps.append((run_l, run.model_steps))
+    model_given_up.append((run_l, run.model_given_up))
     clipped.append((run_l, run.clipped))
     for rank, n in lost:
         lost_rows.append(((r, str(rank)), n))
@@ -495,7 +505,9 @@ def _self_metrics(snap: Snapshot, scrape: ScrapeFigures) -> Iterator[Metric]:
         f"header_timeout (no complete request within {HEADER_TIMEOUT_S:g} s, or pushed out "
         "by newer connections still sending theirs), preempted (a response not read for "
         f"{STALL_S:g} s, given up for a scrape that needed its bytes), bad_request (400: "
-        "not HTTP, or a malformed header), busy (503: the "
+        "not HTTP, or a malformed header), page_busy (503: the live page's or its API's "
+        "documents already in flight), page_write_timeout (such a document not read within "
+        "--web.write-timeout-seconds), busy (503: the "
         f"response bodies being rendered or written would pass {MAX_BODY_BYTES >> 20} MiB, "
         f"or {MAX_RENDERING} scrapes were already rendering).",
         labels=["reason"],

@@ -56,6 +56,7 @@ class RunSnapshot(NamedTuple):
     model_norm: float | None = None
     clip_threshold: float | None = None
     model_steps: int = 0
+    model_given_up: int = 0  # steps given up before every group's value came
     clipped: int = 0
 
 

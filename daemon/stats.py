@@ -45,7 +45,8 @@ DENY_REASONS = ("no_curve", "unknown_key", "handshake")
 # Why the HTTP side turned a client away: the connection cap (503), a response it did not
 # read within the write timeout, missing or wrong basic-auth credentials (401), no
 # complete request within the header timeout (closed), a response it did not read given
-# up for a scrape that needed its bytes, a request that is not HTTP (400).
+# up for a scrape that needed its bytes, a request that is not HTTP (400); the live page
+# and its API's documents refused while others were in flight (503), or not read in time.
 HTTP_REFUSAL_REASONS = (
     "max_connections",
     "write_timeout",
@@ -53,6 +54,8 @@ HTTP_REFUSAL_REASONS = (
     "header_timeout",
     "preempted",
     "bad_request",
+    "page_busy",
+    "page_write_timeout",
 )
 
 

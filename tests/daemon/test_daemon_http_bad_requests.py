@@ -27,10 +27,13 @@ def test_malformed_requests_are_answered_400_counted_and_not_logged_as_errors(tm
         host, port = d.url.split("//")[1].split("/")[0].rsplit(":", 1)
         for payload in BAD:
             assert _send((host, int(port)), payload).startswith(b"HTTP/1.0 400 "), payload
-        d.scrape_until(
+        s = d.scrape_until(
             lambda s: get(s, "esper_daemon_http_refused_total", reason="bad_request") == len(BAD),
             f"{len(BAD)} bad requests counted",
         )
+        # The live page's refusals beside them, created at 0 (test_daemon_page.py counts).
+        for reason in ("page_busy", "page_write_timeout"):
+            assert get(s, "esper_daemon_http_refused_total", reason=reason) == 0
         time.sleep(0.2)
         log = d.log()
     assert "Traceback" not in log and "level=error" not in log, log

@@ -318,3 +318,21 @@ def test_history_and_folds_equal_a_reference_that_keeps_every_capture(seed) -> N
         assert (lo, hi) == ((min(finite), max(finite)) if finite else (None, None))
     if folds:
         assert folds[-1][1] == points[0][0] - 1
+
+
+def test_model_steps_given_up_are_counted_and_exported() -> None:
+    # A group that stops reporting: the run's model steps can no longer complete; each one
+    # pushed out of the 64 waiting is counted where a user sees it.
+    from daemon_support import gn, norms
+
+    from esper_telemetry.daemon.exporter import RUN_FAMILIES, run_rows
+
+    agg = _aggregator()
+    agg.apply_batch((norms(run="r", step=0, groups=[gn("a", 1.0), gn("b", 1.0)]),), now=1.0)
+    for step in range(1, 101):
+        agg.apply_batch((norms(run="r", step=step, groups=[gn("a", 1.0)]),), now=1.0)
+    (run,) = agg.snapshot().runs
+    assert run.model_steps == 1 and run.model_given_up == 100 - ModelSteps.MAX_OPEN
+    names = [f.name for f in RUN_FAMILIES]
+    rows = run_rows(run)[names.index("esper_model_steps_given_up")]
+    assert rows == [(("r",), 100 - ModelSteps.MAX_OPEN)]
