@@ -1,6 +1,7 @@
 """A 4,096-rank job served exactly by a real ``esper-telemetryd`` (issue 20, item 6).
 
-Every rank of the job holds a shard of two sharded groups and sends its ``Hello`` and then
+Every rank of the job holds a shard of two sharded groups (without fingerprints, and with
+them as schema 3 collectors send them: each rank its own) and sends its ``Hello`` and then
 its steps in one message (a collector that reconnects, or one whose daemon restarted,
 flushes up to 256 steps at once), over eight loopback sockets the daemon fair-queues
 between, as the ranks of a job spread over hosts would. Every step then opens on the
@@ -9,7 +10,9 @@ step of every rank waits at once, while the daemon reads 4,096 messages. Before,
 daemon gave up all but the last 64 steps (a cap on waiting steps below the collector's
 batch) and, past 30 s of reading, steps whose parts were still arriving.
 
-The figures read: every step complete (the daemon's count of given-up steps 0), each
+Fingerprinted groups wait at most 64 steps per group (layout.py: their waiting steps hold
+a bit per rank and per class each), so that variant sends 64. The figures read: every step
+complete (the daemon's count of given-up steps 0), each
 group's norm at the last step equal to the float64 sum over ranks, and the daemon's RSS
 from /proc under the 512 MiB every flood test holds it to.
 """
@@ -25,13 +28,12 @@ import zmq
 from daemon_support import get
 from live_daemon import LiveDaemon
 
-from esper_telemetry import GroupNorm, Hello, Norms, encode
-from esper_telemetry.daemon.shards import MAX_PENDING_STEPS
+from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
+from esper_telemetry.daemon import layout, shards
 
 pytestmark = pytest.mark.slow
 
 RANKS = 4096
-STEPS = 100  # more than the 64 steps that used to wait at most
 SOCKETS = 8
 GROUPS = ("blocks", "head")
 RUN = "world-4096"
@@ -43,8 +45,17 @@ def _sq(rank: int, group: int, step: int) -> float:
     return (1.0 + (rank % 13) * 0.1 + group) * (1.0 + step / 1000.0) / 3.0
 
 
-def _message(rank: int) -> bytes:
-    hello = Hello(RUN, rank, 1.0, RANKS, "host", 1, "v", "t", ())
+def _fingerprint(rank: int, group: int) -> int | None:
+    return 1 + rank * len(GROUPS) + group  # FSDP: every rank holds a shard of its own
+
+
+def _message(rank: int, steps: int, fingerprinted: bool) -> bytes:
+    """A rank's ``Hello`` and its ``steps`` captures, as one message."""
+    fp = _fingerprint if fingerprinted else lambda rank, group: None
+    decls = tuple(
+        GroupDecl(name, "group", 1000, False, fp(rank, g)) for g, name in enumerate(GROUPS)
+    )
+    hello = Hello(RUN, rank, 1.0, RANKS, "host", 1, "v", "t", decls if fingerprinted else ())
     norms = [
         Norms(
             RUN,
@@ -53,12 +64,12 @@ def _message(rank: int) -> bytes:
             step,
             False,
             tuple(
-                GroupNorm(name, "group", 1000, _sq(rank, g, step), 0, True, False)
+                GroupNorm(name, "group", 1000, _sq(rank, g, step), 0, True, False, fp(rank, g))
                 for g, name in enumerate(GROUPS)
             ),
             RANKS,
         )
-        for step in range(STEPS)
+        for step in range(steps)
     ]
     return encode([hello, *norms], seq=0)
 
@@ -69,8 +80,21 @@ def _sample_peak(d: LiveDaemon, stop: threading.Event, peak: list) -> None:
         time.sleep(0.05)
 
 
-def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly(tmp_path):
-    assert STEPS > 64 and STEPS <= MAX_PENDING_STEPS
+@pytest.mark.parametrize(
+    "fingerprinted, steps",
+    [
+        # Sharded groups without fingerprints (shards.py): more than the 64 steps that used
+        # to wait at most.
+        (False, 100),
+        # Fingerprinted ones, as schema 3 collectors send them (layout.py): as many steps
+        # as wait per group there.
+        (True, layout.MAX_PENDING_STEPS),
+    ],
+)
+def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly(
+    tmp_path, fingerprinted, steps
+):
+    assert steps <= (layout if fingerprinted else shards).MAX_PENDING_STEPS
     d = LiveDaemon(tmp_path / "d.log")
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, 64)
@@ -89,8 +113,8 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
             socks.append(sock)
         start = time.monotonic()
         for rank in range(RANKS):
-            socks[rank % SOCKETS].send(_message(rank))
-        sent = RANKS * (STEPS + 1)
+            socks[rank % SOCKETS].send(_message(rank, steps, fingerprinted))
+        sent = RANKS * (steps + 1)
         s = d.scrape_until(
             lambda s: get(s, "esper_daemon_events_total") == sent,
             f"all {sent} events applied",
@@ -107,18 +131,19 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
         ctx.term()
     assert code == 0, d.log()
     print(
-        f"\n{RANKS} ranks x {STEPS} steps of {len(GROUPS)} sharded groups in {took:.1f} s; "
+        f"\n{RANKS} ranks x {steps} steps of {len(GROUPS)} sharded groups "
+        f"(fingerprinted: {fingerprinted}) in {took:.1f} s; "
         f"RSS {base / 2**20:.0f} -> peak {peak[0] / 2**20:.0f} MiB"
     )
     assert (get(s, "esper_daemon_incomplete_steps_total", run=RUN) or 0) == 0
     assert (get(s, "esper_daemon_dropped_shard_reports_total", run=RUN) or 0) == 0
-    last = STEPS - 1
+    last = steps - 1
     for g, name in enumerate(GROUPS):
         want = math.sqrt(math.fsum(_sq(rank, g, last) for rank in range(RANKS)))
         got = get(s, "esper_grad_norm", run=RUN, group=name)
         assert got == pytest.approx(want, rel=1e-12), (name, got, want)
     # Every step counted, and the model norm of the last one.
-    assert get(s, "esper_model_steps_total", run=RUN) == STEPS
+    assert get(s, "esper_model_steps_total", run=RUN) == steps
     model = math.sqrt(
         math.fsum(_sq(rank, g, last) for rank in range(RANKS) for g in range(len(GROUPS)))
     )
