@@ -73,7 +73,7 @@ from esper_telemetry.events import (
 )
 
 from .fastdecode import WIRE_NORMS, NormsV1, NormsV2, NormsV3
-from .layout import Entry, Published, RunLayout
+from .layout import Entry, Published, RunLayout, Waiting
 from .sequence import Sequences
 from .shards import StepAssembly
 from .snapshot import GroupSnapshot, RunSnapshot, Snapshot
@@ -195,7 +195,7 @@ class _Run:
         "pend_values",
     )
 
-    def __init__(self, now: float, limits: Limits) -> None:
+    def __init__(self, now: float, limits: Limits, waiting: Waiting) -> None:
         self.groups: dict[str, _Group] = {}
         self.ranks: dict[int, float] = {}  # rank -> clock time last heard
         self.world_size = 0  # the latest announced (Hello, Norms of schema 3); 0: unknown
@@ -213,7 +213,7 @@ class _Run:
         self.first_seen = now
         self.young = False  # has norms, heard from for less than ESTABLISHED_AFTER_S
         # Groups with fingerprints (schema 3): holders, classes, steps (layout.py).
-        self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run)
+        self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run, waiting)
         self.model = ModelSteps()  # the model norm per complete step, clipped steps
         # Captures applied by the fast path, not yet read into the groups' records: their
         # steps and their group tuples as decoded, those of the groups ``pend_groups``, in
@@ -241,6 +241,7 @@ class Aggregator:
         self._dirty: list[StepRecord] = []  # records with steps not settled yet
         self._dirty_runs: list[_Run] = []  # runs with fast-path steps not read yet
         self._pending_values = 0  # group values waiting in runs and records, at most
+        self._waiting = Waiting()  # fingerprinted steps waiting over every run (layout.py)
         self._runs: dict[str, _Run] = {}
         # Admission's candidates, oldest first. Runs that never sent norms, reordered each
         # time one is heard from; ended runs in the order they ended; runs with norms idle
@@ -363,7 +364,7 @@ class Aggregator:
             if len(self._runs) >= self._limits.max_runs and not self._make_room():
                 self._stats.overflow["runs"] += 1
                 return None
-            run = self._runs[name] = _Run(now, self._limits)
+            run = self._runs[name] = _Run(now, self._limits, self._waiting)
             self._no_norms[name] = None
             self.sequences.forget(name)  # a run created anew counts its losses from zero
         elif not run.captures:

@@ -35,13 +35,16 @@ shard the rank holds), and ``params`` counts those elements. Here, per run and g
 
 Bounded like ``shards.StepAssembly``: a pending step holds a running sum, a bit per rank and
 per class, and the first value of each class of several ranks only (a 4,096-rank FSDP job's
-classes hold one rank each and store nothing); at most ``MAX_PENDING_STEPS`` wait per group.
+classes hold one rank each and store nothing); at most ``MAX_PENDING_STEPS`` wait per group,
+and ``MAX_WAITING_STEPS`` over every group of every run (``Waiting``, shared by the
+aggregator's runs; a run's layout gives its share back when it is freed).
 Pure: no clock (``now`` is passed in) and no knowledge of the aggregator.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -53,6 +56,8 @@ __all__ = [
     "Entry",
     "REPLICA_RTOL",
     "MAX_PENDING_STEPS",
+    "MAX_WAITING_STEPS",
+    "Waiting",
     "CLOSED_MEMORY",
     "INCONSISTENT_REASONS",
 ]
@@ -64,11 +69,13 @@ __all__ = [
 # for float32 gradients (README, "Norms"), so a sum of squares within 2e-5, and two such sums
 # of one gradient within 4e-5 of the larger.
 REPLICA_RTOL = 4e-5
-# Per group (shards.py's cap is per run): a waiting step of a 4,096-rank job holds about
-# 1.3 KB here (its rank and class bits), so 64 x 128 groups is about 10 MB a run. A
-# collector's largest batch (256 steps) would need a step's rank bits shared by the run's
-# groups first (noted in issue 20).
-MAX_PENDING_STEPS = 64
+# Per group: a collector sends up to 256 steps in one message (its publisher's largest
+# batch), and a rank's message read first opens every one of them.
+MAX_PENDING_STEPS = 256
+# Over every group of every run (``Waiting``): a waiting step of a 4,096-rank job holds
+# about 1.35 KB (its rank and class bits), so at most about 88 MB; a 4,096-rank job of 128
+# groups flushing 256 steps a rank needs half of it.
+MAX_WAITING_STEPS = 65_536
 CLOSED_MEMORY = 1024
 INCONSISTENT_REASONS = ("values", "contents", "overlap")
 
@@ -143,10 +150,27 @@ def _agree(a: float | None, b: float | None) -> bool:
     return abs(a - b) <= REPLICA_RTOL * max(a, b)
 
 
+class Waiting:
+    """Fingerprinted steps waiting, over every group of every run: at most ``cap``."""
+
+    __slots__ = ("count", "cap")
+
+    def __init__(self, cap: int = MAX_WAITING_STEPS) -> None:
+        self.count = 0
+        self.cap = cap
+
+    def release(self, held: list[int]) -> None:
+        """A run's layout is gone: what its groups held waiting is free again."""
+        self.count -= held[0]
+        held[0] = 0
+
+
 class GroupLayout:
     """One group's holders and pending steps; single-threaded."""
 
     __slots__ = (
+        "_waiting",
+        "_held",
         "holders",
         "_sizes",
         "_class_params",
@@ -164,7 +188,10 @@ class GroupLayout:
         "warned",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, waiting: Waiting | None = None, held: list[int] | None = None) -> None:
+        # The budget over every run, and this run's share of it (RunLayout).
+        self._waiting = Waiting() if waiting is None else waiting
+        self._held = [0] if held is None else held
         self.holders: dict[int, _Holder] = {}
         self._sizes: dict[int, int] = {}  # holders per fingerprint
         self._class_params: dict[int, int] = {}  # elements per fingerprint (its first holder's)
@@ -280,11 +307,18 @@ class GroupLayout:
             if step in self._closed:
                 self.dropped_reports += 1  # a straggler or a repeat for a closed step
                 return None
-            if len(self._pending) >= MAX_PENDING_STEPS:
+            waiting = self._waiting
+            if len(self._pending) >= MAX_PENDING_STEPS or waiting.count >= waiting.cap:
+                if not self._pending:
+                    # Every waiting step is another group's: this one cannot wait (counted).
+                    self._give_up(step)
+                    return None
                 self._give_up(next(iter(self._pending)))
             elif not self._pending:
                 self._compact()
             pending = self._pending[step] = _Step(now)
+            waiting.count += 1
+            self._held[0] += 1
         bit = 1 << self._rank_index[rank]
         if pending.ranks & bit:
             self.dropped_reports += 1
@@ -370,7 +404,9 @@ class GroupLayout:
         self.incomplete += 1
 
     def _close(self, step: int) -> None:
-        self._pending.pop(step, None)
+        if self._pending.pop(step, None) is not None:
+            self._waiting.count -= 1
+            self._held[0] -= 1
         closed = self._closed
         closed[step] = None
         if len(closed) > CLOSED_MEMORY:
@@ -380,9 +416,24 @@ class GroupLayout:
 class RunLayout:
     """The fingerprinted groups of one run, and which ranks have announced theirs."""
 
-    __slots__ = ("groups", "_known", "_announced", "_since", "_window_s", "_max_ranks")
+    __slots__ = (
+        "groups",
+        "_known",
+        "_announced",
+        "_since",
+        "_window_s",
+        "_max_ranks",
+        "_waiting",
+        "_held",
+        "__weakref__",
+    )
 
-    def __init__(self, window_s: float, max_ranks: int) -> None:
+    def __init__(self, window_s: float, max_ranks: int, waiting: Waiting | None = None) -> None:
+        # Steps waiting over every run (the aggregator's one ``Waiting``); what this run's
+        # groups hold of it goes back when the layout is freed with its run.
+        self._waiting = Waiting() if waiting is None else waiting
+        self._held = [0]
+        weakref.finalize(self, self._waiting.release, self._held)
         self.groups: dict[str, GroupLayout] = {}
         self._known: set[int] = set()  # ranks that announced their groups
         self._announced: dict[int, tuple[str, ...]] = {}  # rank -> its groups, as last listed
@@ -400,7 +451,7 @@ class RunLayout:
     def group(self, name: str) -> GroupLayout:
         layout = self.groups.get(name)
         if layout is None:
-            layout = self.groups[name] = GroupLayout()
+            layout = self.groups[name] = GroupLayout(self._waiting, self._held)
         return layout
 
     def announce(

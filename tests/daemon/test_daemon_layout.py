@@ -366,3 +366,31 @@ def test_schema_2_groups_keep_their_meaning_beside_fingerprinted_ones(make_agg):
     s = parse(exposition(agg))
     assert get(s, "esper_grad_norm", run="r", group="old") == 3.0
     assert get(s, "esper_group_inconsistent", run="r", group="old") == 0
+
+
+def test_steps_waiting_are_bounded_over_every_run_and_freed_with_a_run():
+    import gc
+
+    from esper_telemetry.daemon.layout import MAX_PENDING_STEPS, Waiting
+
+    waiting = Waiting(cap=300)
+    a = RunLayout(WINDOW, 4096, waiting)
+    b = RunLayout(WINDOW, 4096, waiting)
+    # Run a's rank 0 sends a collector's largest batch first: every step waits whole.
+    for step in range(MAX_PENDING_STEPS):
+        a.norms(0, step, [entry("host", 11, 1.0)], 2, now=0.0)
+    assert waiting.count == MAX_PENDING_STEPS and a.incomplete() == 0
+    # Run b's steps take what is left of the budget, then give up their own oldest.
+    for step in range(100):
+        b.norms(0, step, [entry("host", 11, 1.0)], 2, now=0.0)
+    assert waiting.count == 300 and b.incomplete() == 100 - (300 - MAX_PENDING_STEPS)
+    # A group with nothing waiting cannot open a step while the budget is full: counted.
+    b.norms(0, 0, [entry("seed", 12, 1.0)], 2, now=0.0)
+    assert waiting.count == 300 and b.group("seed").incomplete == 1
+    # Completed steps free their place; a run that goes frees what it held.
+    for step in range(MAX_PENDING_STEPS):
+        a.norms(1, step, [entry("host", 22, 2.0)], 2, now=0.0)
+    assert waiting.count == 300 - MAX_PENDING_STEPS and a.incomplete() == 0
+    del b
+    gc.collect()
+    assert waiting.count == 0

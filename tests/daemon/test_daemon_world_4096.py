@@ -10,8 +10,7 @@ step of every rank waits at once, while the daemon reads 4,096 messages. Before,
 daemon gave up all but the last 64 steps (a cap on waiting steps below the collector's
 batch) and, past 30 s of reading, steps whose parts were still arriving.
 
-Fingerprinted groups wait at most 64 steps per group (layout.py: their waiting steps hold
-a bit per rank and per class each), so that variant sends 64. The figures read: every step
+The figures read: every step
 complete (the daemon's count of given-up steps 0), each
 group's norm at the last step equal to the float64 sum over ranks, and the daemon's RSS
 from /proc under the 512 MiB every flood test holds it to.
@@ -86,9 +85,8 @@ def _sample_peak(d: LiveDaemon, stop: threading.Event, peak: list) -> None:
         # Sharded groups without fingerprints (shards.py): more than the 64 steps that used
         # to wait at most.
         (False, 100),
-        # Fingerprinted ones, as schema 3 collectors send them (layout.py): as many steps
-        # as wait per group there.
-        (True, layout.MAX_PENDING_STEPS),
+        # Fingerprinted ones, as schema 3 collectors send them (layout.py).
+        (True, 100),
     ],
 )
 def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly(
