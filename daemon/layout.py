@@ -120,6 +120,7 @@ class _Step:
         "ref",
         "equal",
         "compared",
+        "overlap",
     )
 
     def __init__(self, since: float) -> None:
@@ -136,6 +137,9 @@ class _Step:
         self.ref: float | None = None  # the first class's non-zero value
         self.equal = True  # every class's non-zero value so far equals ref
         self.compared = 0  # classes whose non-zero value was compared with ref
+        # A class that reported it overlapped another's parameters, and has left since
+        # (its sample of parameter hashes went with it).
+        self.overlap = False
 
 
 def _agree(a: float | None, b: float | None) -> bool:
@@ -260,6 +264,9 @@ class GroupLayout:
         old = self.holders.pop(rank, None)
         if old is None:
             return False
+        # Judged while its sample is still here: a step it reported that completes after it
+        # left (a goodbye before the step's last report) is as overlapping as it was.
+        shared = self.overlap()
         self._drop(old.fingerprint)
         bit = 1 << self._rank_index[rank]
         self._mask &= ~bit
@@ -269,6 +276,10 @@ class GroupLayout:
             s for s, p in self._pending.items() if not (p.ranks & bit or p.classes & cbit)
         ]:
             self._give_up(step)
+        if shared:
+            for p in self._pending.values():
+                if p.ranks & bit:
+                    p.overlap = True
         return True
 
     def _drop(self, fingerprint: int) -> None:
@@ -394,7 +405,7 @@ class GroupLayout:
             flag = "values"
         elif pending.count > 1 and (pending.replica or (pending.equal and pending.compared)):
             flag = "contents"
-        elif pending.count > 1 and self.overlap():
+        elif pending.count > 1 and (pending.overlap or self.overlap()):
             flag = "overlap"
         self.inconsistent = flag
         return Published(step, pending.sq, pending.params, flag)

@@ -394,3 +394,18 @@ def test_steps_waiting_are_bounded_over_every_run_and_freed_with_a_run():
     del b
     gc.collect()
     assert waiting.count == 0
+
+
+def test_a_step_completed_by_a_goodbye_keeps_the_overlap_its_leaving_rank_showed():
+    # Experts split over two ranks with a router on both, in one group: their Hellos'
+    # samples share a parameter. Both report a step that waits (a third rank of the world
+    # never announced); rank 0 says goodbye past the window, which completes the step with
+    # the ranks heard. Rank 0's sample leaves with it: the step must still be flagged.
+    lay = run_layout()
+    lay.announce(0, [("host", 11, 10, (1, 2))], 3, now=0.0)
+    lay.announce(1, [("host", 22, 10, (2, 3))], 3, now=0.0)
+    lay.norms(0, 1, [entry("host", 11, 4.0)], 3, now=1.0)
+    assert lay.norms(1, 1, [entry("host", 22, 9.0)], 3, now=1.0) == []  # waits
+    out = lay.leave(0, 3, now=WINDOW + 5.0)
+    step = published(out, "host")
+    assert step is not None and step.sq == 13.0 and step.inconsistent == "overlap"
