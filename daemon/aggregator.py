@@ -107,7 +107,6 @@ _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
 _name_of = operator.itemgetter(0)
 _sq_of = operator.itemgetter(3)
-_fingerprint_of = operator.itemgetter(7)
 # Runs, and records, with steps waiting to be read between two ticks: past this many they
 # are read at once, so a flood of run names holds no run the table let go.
 _MAX_DIRTY = 1024
@@ -559,21 +558,6 @@ class Aggregator:
         # Every step, not only the last one applied: kept as they came, read in bulk.
         if prev is not None:
             self._record_replicas(run, rank, events, prev)
-        elif (
-            run.pend_steps
-            and uniform
-            and found == run.pend_groups
-            and len(run.pend_steps) < MAX_PENDING - n
-            and self._pending_values < MAX_WAITING
-        ):
-            # _keep_steps' common case, inline: more captures of the groups waiting.
-            if n == 1:
-                run.pend_steps.append(step)
-            else:
-                run.pend_steps.extend(map(_step_of, events))
-            run.pend_entries.extend(entries)
-            run.pend_values += len(entries)
-            self._pending_values += len(entries)
         else:
             self._keep_steps(run, events, entries, found, uniform)
         if not run.captures:

@@ -377,10 +377,9 @@ class StepRecord:
         i = 0
         if fold is not None:  # top up the bucket left open by the previous captures
             i = min(width - int(fold[4]), n)
-            if clean:
-                lows.append(min(kept[:i]))
-                highs.append(max(kept[:i]))
-            fold = _folded(steps[:i], kept[:i], fold)
+            fold, lo, hi = _folded(steps[:i], kept[:i], fold)
+            lows.append(lo)
+            highs.append(hi)
             if fold[4] >= width:
                 _put(folds, 4 * done, array("d", fold[:4]), full)
                 done += 1
@@ -402,14 +401,13 @@ class StepRecord:
                 highs.append(max(maxes))
             else:
                 for j in range(max(i, i + whole - width * rules.ring_buckets), i + whole, width):
-                    bucket = _folded(steps[j : j + width], kept[j : j + width], None)[:4]
+                    bucket = _folded(steps[j : j + width], kept[j : j + width], None)[0][:4]
                     _put(folds, 4 * (done + (j - i) // width), array("d", bucket), full)
             i += whole
         if i < n:
-            if clean:
-                lows.append(min(kept[i:]))
-                highs.append(max(kept[i:]))
-            fold = _folded(steps[i:], kept[i:], None)
+            fold, lo, hi = _folded(steps[i:], kept[i:], None)
+            lows.append(lo)
+            highs.append(hi)
         self._fold = fold
         return (min(lows), max(highs)) if clean else None
 
@@ -488,9 +486,12 @@ def _get(ring: array, start: int, stop: int) -> array:
     return ring[pos:] + ring[: pos + n - size]
 
 
-def _folded(steps: list[int], sqs: list[float], fold: list | None) -> list:
+def _folded(
+    steps: list[int], sqs: list[float], fold: list | None
+) -> tuple[list, float | None, float | None]:
     """``fold`` ([first step, last step, min sq, max sq, captures]) with more captures
-    (``sqs`` as the history keeps them: -1.0 for no gradient)."""
+    (``sqs`` as the history keeps them: -1.0 for no gradient), and the smallest and
+    largest finite of them (None if none)."""
     if fold is None:
         fold = [float(steps[0]), 0.0, _INF, -_INF, 0]
     fold[1] = float(steps[-1])
@@ -501,13 +502,14 @@ def _folded(steps: list[int], sqs: list[float], fold: list | None) -> list:
     except ValueError:
         clean = False
     finite = sqs if clean else [q for q in sqs if q >= 0.0 and q - q == 0.0]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        if lo < fold[2]:
-            fold[2] = lo
-        if hi > fold[3]:
-            fold[3] = hi
-    return fold
+    if not finite:
+        return fold, None, None
+    lo, hi = min(finite), max(finite)
+    if lo < fold[2]:
+        fold[2] = lo
+    if hi > fold[3]:
+        fold[3] = hi
+    return fold, lo, hi
 
 
 class ModelSteps:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import resource
 import socket
-import threading
 import time
 
 import pytest
@@ -18,7 +17,7 @@ import zmq
 
 torch = pytest.importorskip("torch")
 from daemon_support import get, http_get  # noqa: E402
-from live_daemon import LiveDaemon  # noqa: E402
+from live_daemon import LiveDaemon, PeakRss, push_socket  # noqa: E402
 from torch import nn  # noqa: E402
 
 import esper_telemetry as et  # noqa: E402
@@ -31,20 +30,6 @@ pytestmark = pytest.mark.slow
 RSS_LIMIT = 512 << 20
 
 
-def _sample_peak(d: LiveDaemon, stop: threading.Event, peak: list) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], d.rss_bytes())
-        time.sleep(0.01)
-
-
-def _push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 10_000)  # everything sent reaches the daemon
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.connect(endpoint)
-    return sock
-
-
 def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512_mib(tmp_path):
     # Ten runs of a 4,096-rank job with 128 sharded groups whose rank 0 lags: every step
     # waits for it. Kept as reports, 80,000 of them held about 720 MB; held as sums, a few MB.
@@ -52,38 +37,32 @@ def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512
     groups = tuple(GroupNorm(f"g{i:03d}", "group", 1, 1.0, 0, True, False) for i in range(n_groups))
     d = LiveDaemon(tmp_path / "d.log")
     ctx = zmq.Context()
-    stop = threading.Event()
-    peak = [0]
-    sampler = threading.Thread(target=_sample_peak, args=(d, stop, peak))
     sent = 0
     try:
-        base = d.rss_bytes()
-        sampler.start()
-        sock = _push(ctx, d.endpoint)
-        for r in range(runs):
-            run = f"huge-{r}"
-            sock.send(encode(Hello(run, 0, 1.0, 4096, "h", 1, "v", "t", ())))
-            sent += 1
-            for step in range(steps):
-                batch = [Norms(run, rank, 1.0, step, False, groups) for rank in range(1, ranks)]
-                per_message = 64
-                assert len(encode(batch[:per_message])) < Config().zmq_max_message_bytes
-                for i in range(0, len(batch), per_message):
-                    sock.send(encode(batch[i : i + per_message]))
-                    sent += len(batch[i : i + per_message])
-        # The socket stays open until the daemon has taken everything: closed now, its
-        # linger would drop what the daemon had not read yet (about 3,000 of these 128-group
-        # events a second on this box).
-        s = d.scrape_until(
-            lambda s: get(s, "esper_daemon_events_total") == sent,
-            f"all {sent} events applied",
-            timeout_s=120.0,
-            interval_s=1.0,  # 1,280 groups a scrape: 50 a second would slow the ingest
-        )
-        sock.close()
+        with PeakRss(d) as rss:
+            sock = push_socket(ctx, d.endpoint)
+            for r in range(runs):
+                run = f"huge-{r}"
+                sock.send(encode(Hello(run, 0, 1.0, 4096, "h", 1, "v", "t", ())))
+                sent += 1
+                for step in range(steps):
+                    batch = [Norms(run, rank, 1.0, step, False, groups) for rank in range(1, ranks)]
+                    per_message = 64
+                    assert len(encode(batch[:per_message])) < Config().zmq_max_message_bytes
+                    for i in range(0, len(batch), per_message):
+                        sock.send(encode(batch[i : i + per_message]))
+                        sent += len(batch[i : i + per_message])
+            # The socket stays open until the daemon has taken everything: closed now, its
+            # linger would drop what the daemon had not read yet (about 3,000 of these 128-group
+            # events a second on this box).
+            s = d.scrape_until(
+                lambda s: get(s, "esper_daemon_events_total") == sent,
+                f"all {sent} events applied",
+                timeout_s=120.0,
+                interval_s=1.0,  # 1,280 groups a scrape: 50 a second would slow the ingest
+            )
+            sock.close()
     finally:
-        stop.set()
-        sampler.join(5)
         code = d.stop()
         ctx.term()
     assert code == 0, d.log()
@@ -94,11 +73,11 @@ def test_pending_sharded_steps_of_huge_worlds_with_a_lagging_rank_stay_under_512
     # Nothing completed (rank 0 never reported): no norm, and no step given up yet.
     assert get(s, "esper_grad_norm", run="huge-0", group="g000") is None
     print(
-        f"peak RSS {peak[0] / 2**20:.0f} MiB (from {base / 2**20:.0f} MiB) for "
+        f"peak RSS {rss.peak / 2**20:.0f} MiB (from {rss.base / 2**20:.0f} MiB) for "
         f"{runs * steps * (ranks - 1)} pending reports"
     )
-    assert peak[0] < RSS_LIMIT, f"peak RSS {peak[0] / 2**20:.0f} MiB"
-    assert peak[0] - base < 128 << 20, f"grew {(peak[0] - base) / 2**20:.0f} MiB"
+    assert rss.peak < RSS_LIMIT, f"peak RSS {rss.peak / 2**20:.0f} MiB"
+    assert rss.peak - rss.base < 128 << 20, f"grew {(rss.peak - rss.base) / 2**20:.0f} MiB"
 
 
 def _limit_fds(n: int):

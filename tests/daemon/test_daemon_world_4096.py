@@ -19,13 +19,12 @@ from /proc under the 512 MiB every flood test holds it to.
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import pytest
 import zmq
 from daemon_support import get
-from live_daemon import LiveDaemon
+from live_daemon import LiveDaemon, PeakRss, push_socket
 
 from esper_telemetry import GroupDecl, GroupNorm, Hello, Norms, encode
 from esper_telemetry.daemon import layout, shards
@@ -73,12 +72,6 @@ def _message(rank: int, steps: int, fingerprinted: bool) -> bytes:
     return encode([hello, *norms], seq=0)
 
 
-def _sample_peak(d: LiveDaemon, stop: threading.Event, peak: list) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], d.rss_bytes())
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     "fingerprinted, steps",
     [
@@ -96,42 +89,30 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
     d = LiveDaemon(tmp_path / "d.log")
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, 64)
-    stop = threading.Event()
-    peak = [0]
-    sampler = threading.Thread(target=_sample_peak, args=(d, stop, peak))
-    socks = []
     try:
-        base = d.rss_bytes()
-        sampler.start()
-        for _ in range(SOCKETS):
-            sock = ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 60_000)  # everything sent reaches the daemon
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.connect(d.endpoint)
-            socks.append(sock)
-        start = time.monotonic()
-        for rank in range(RANKS):
-            socks[rank % SOCKETS].send(_message(rank, steps, fingerprinted))
-        sent = RANKS * (steps + 1)
-        s = d.scrape_until(
-            lambda s: get(s, "esper_daemon_events_total") == sent,
-            f"all {sent} events applied",
-            timeout_s=300.0,
-            interval_s=1.0,
-        )
-        took = time.monotonic() - start
-        for sock in socks:
-            sock.close()
+        with PeakRss(d, interval_s=0.05) as rss:
+            socks = [push_socket(ctx, d.endpoint, linger_ms=60_000) for _ in range(SOCKETS)]
+            start = time.monotonic()
+            for rank in range(RANKS):
+                socks[rank % SOCKETS].send(_message(rank, steps, fingerprinted))
+            sent = RANKS * (steps + 1)
+            s = d.scrape_until(
+                lambda s: get(s, "esper_daemon_events_total") == sent,
+                f"all {sent} events applied",
+                timeout_s=300.0,
+                interval_s=1.0,
+            )
+            took = time.monotonic() - start
+            for sock in socks:
+                sock.close()
     finally:
-        stop.set()
-        sampler.join(5)
         code = d.stop()
         ctx.term()
     assert code == 0, d.log()
     print(
         f"\n{RANKS} ranks x {steps} steps of {len(GROUPS)} sharded groups "
         f"(fingerprinted: {fingerprinted}) in {took:.1f} s; "
-        f"RSS {base / 2**20:.0f} -> peak {peak[0] / 2**20:.0f} MiB"
+        f"RSS {rss.base / 2**20:.0f} -> peak {rss.peak / 2**20:.0f} MiB"
     )
     assert (get(s, "esper_daemon_incomplete_steps_total", run=RUN) or 0) == 0
     assert (get(s, "esper_daemon_dropped_shard_reports_total", run=RUN) or 0) == 0
@@ -146,4 +127,4 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
         math.fsum(_sq(rank, g, last) for rank in range(RANKS) for g in range(len(GROUPS)))
     )
     assert get(s, "esper_model_grad_norm", run=RUN) == pytest.approx(model, rel=1e-12)
-    assert peak[0] < 512 << 20, f"peak RSS {peak[0] / 2**20:.0f} MiB"
+    assert rss.peak < 512 << 20, f"peak RSS {rss.peak / 2**20:.0f} MiB"

@@ -8,11 +8,13 @@ bounded wait. Scrapes are parsed with prometheus_client's own parser.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import procfs
+import zmq
 from daemon_support import http_get, parse
 
 from esper_telemetry.commands.daemon_process import DaemonProcess, DaemonStartError
@@ -86,6 +88,42 @@ class LiveDaemon(DaemonProcess):
                     f"{str(ours)[:2000]}"
                 )
             time.sleep(interval_s)
+
+
+class PeakRss:
+    """The largest RSS of ``daemon`` (from /proc, every ``interval_s``) while in the block:
+    ``base`` at entry, ``peak`` at exit (and so far, inside)."""
+
+    def __init__(self, daemon: LiveDaemon, interval_s: float = 0.01) -> None:
+        self._daemon = daemon
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.base = self.peak = 0
+
+    def __enter__(self) -> PeakRss:
+        self.base = self.peak = self._daemon.rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._daemon.rss_bytes())
+            time.sleep(self._interval_s)
+
+
+def push_socket(ctx: zmq.Context, endpoint: str, linger_ms: int = 10_000) -> zmq.Socket:
+    """A collector's PUSH socket to ``endpoint`` that never drops a send (no high-water
+    mark) and, closed, waits ``linger_ms`` for the daemon to take what it holds."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.connect(endpoint)
+    return sock
 
 
 @contextlib.contextmanager
