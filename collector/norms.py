@@ -33,6 +33,7 @@ tensors take one ``_foreach_norm`` each (the same kernel on one row of ``n``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -66,9 +67,15 @@ CpuRun = tuple[torch.dtype, int, int, bool]
 # (start, values, squared): what a CPU run computed for tensors[start:start + len(values)].
 Part = tuple[int, torch.Tensor, bool]
 _DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
 _NUMEL = torch.Tensor.numel
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _VECTOR_NORM = torch.linalg.vector_norm
+_AS_STRIDED = torch.Tensor.as_strided
+_STORAGE_OFFSET = torch.Tensor.storage_offset
+_TWOS = itertools.repeat(2)
+_ONES = itertools.repeat(1)
+_UNIT_STRIDES = itertools.repeat((1,))
 
 # CPU tensors this large make large runs (plan.py); their rows have ROW elements, each
 # summed in at least ROW_LANES partial sums by torch's row kernel (see the docstring).
@@ -168,7 +175,7 @@ def _run_squares(part: Sequence[torch.Tensor], dtype: torch.dtype, start: int, l
     if large:
         if set(map(_DTYPE, part)) != {dtype}:
             raise RuntimeError(f"gradients of another dtype than {dtype} in a large-tensor run")
-        if not all(t.is_cpu for t in part):
+        if not all(map(_IS_CPU, part)):
             raise RuntimeError("gradients on another device than the CPU in a CPU pass")
         if dtype == torch.float64:
             flat = list(map(torch.flatten, part))
@@ -188,37 +195,53 @@ def _rows_squares(part: Sequence[torch.Tensor]) -> torch.Tensor:
     Each tensor's first ``k * ROW`` elements, viewed as ``k`` rows of ``ROW``, get their
     2-norms from one ``vector_norm`` over the rows (torch's row kernel: see the module's
     docstring; spread over torch's threads like any large reduction); its last
-    ``numel % ROW`` elements (the tail) are taken as they are. Row norms and tail entries of
-    every tensor, in one float32 tensor (one ``cat``), are squared there (an overflow is an
-    Inf, as in a float32 sum), then summed per tensor in float64 (``segment_reduce``), here
-    on the training thread: handed to the completion thread, those ops started an OpenMP
-    team of its own there, whose spinning workers then slowed the next capture's (about
-    2x). bfloat16/float16 tensors are read as float32 copies (their squares are exact in
-    float32). At 512 elements a row the row kernel reads as fast as a float32 ``torch.dot``
-    on one core (155 tensors of 84,562: 5.6 ms, ``dot`` 5.5; 8.5 ms at 128 a row); the views
-    and the float64 sums cost about 2 ms more.
+    ``numel % ROW`` elements (the tail) are taken as they are. The row norms of every tensor
+    make one float32 tensor, the tails another (two ``cat``: one over both, interleaved,
+    cost 0.5 ms at 155 tensors, these two 0.1); each is squared there (an overflow is an
+    Inf, as in a float32 sum), then summed per tensor in float64 (``segment_reduce``; a
+    tensor without a tail has an empty segment, a zero). This runs on the training thread:
+    handed to the completion thread, these ops started an OpenMP team of its own there,
+    whose spinning workers then slowed the next capture's (about 2x). bfloat16/float16
+    tensors are read as float32 copies (their squares are exact in float32). At 512
+    elements a row the row kernel reads as fast as a float32 ``torch.dot`` on one core; the
+    views are made through ``map`` (no bytecode a tensor) from shapes kept per size list.
     """
     if part[0].dtype != torch.float32:
         part = [t.float() for t in part]
     if not all(map(_IS_CONTIGUOUS, part)):
         part = [t.contiguous() for t in part]
-    pieces: list[torch.Tensor] = []
-    lengths: list[int] = []
-    for t, n in zip(part, map(_NUMEL, part)):
-        k = n // ROW
-        pieces.append(_VECTOR_NORM(t.as_strided((k, ROW), (ROW, 1)), 2, 1))
-        if n > k * ROW:
-            pieces.append(t.as_strided((n - k * ROW,), (1,), t.storage_offset() + k * ROW))
-        lengths.append(n - k * ROW + k)
-    values = torch.cat(pieces).square_().double()
-    return torch.segment_reduce(values, "sum", lengths=_lengths(tuple(lengths)))
+    rows = _Rows.of(tuple(map(_NUMEL, part)))
+    norms = list(map(_VECTOR_NORM, map(_AS_STRIDED, part, rows.shapes, rows.strides), _TWOS, _ONES))
+    sums = torch.segment_reduce(torch.cat(norms).square_().double(), "sum", lengths=rows.counts)
+    if rows.tails is not None:
+        starts = map(operator.add, map(_STORAGE_OFFSET, part), rows.tail_starts)
+        tails = torch.cat(list(map(_AS_STRIDED, part, rows.tail_shapes, _UNIT_STRIDES, starts)))
+        sums += torch.segment_reduce(tails.square_().double(), "sum", lengths=rows.tails)
+    return sums
 
 
-@functools.lru_cache(maxsize=16)
-def _lengths(lengths: tuple[int, ...]) -> torch.Tensor:
-    """``lengths`` as an int64 tensor (about 50 us to make from a list of 155): the same
-    ones come back at every capture while the gradients keep their shapes."""
-    return torch.tensor(lengths)
+class _Rows:
+    """How ``_rows_squares`` views tensors of these sizes: per tensor the ``(k, ROW)`` shape
+    of its rows, where its tail starts and how long it is; as int64 tensors, the rows and
+    tail lengths per tensor (``tails`` None: no tensor has one). The same sizes come back at
+    every capture while the gradients keep their shapes."""
+
+    __slots__ = ("shapes", "strides", "counts", "tail_shapes", "tail_starts", "tails")
+
+    def __init__(self, numels: tuple[int, ...]) -> None:
+        ks = [n // ROW for n in numels]
+        tails = [n - k * ROW for n, k in zip(numels, ks)]
+        self.shapes = [(k, ROW) for k in ks]
+        self.strides = [(ROW, 1)] * len(ks)
+        self.counts = torch.tensor(ks)
+        self.tail_shapes = [(t,) for t in tails]
+        self.tail_starts = [k * ROW for k in ks]
+        self.tails = torch.tensor(tails) if any(tails) else None
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16)
+    def of(numels: tuple[int, ...]) -> _Rows:
+        return _Rows(numels)
 
 
 def squares(parts: Sequence[Part]) -> torch.Tensor:

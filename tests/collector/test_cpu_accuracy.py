@@ -93,3 +93,29 @@ def test_a_non_contiguous_large_gradient_is_read_whole(attach):
     host = _measured(attach, grad)
     want = float(grad.double().pow(2).sum())
     assert rel_err(host.sq, want) <= sq_error_bound(grad.numel(), grad.dtype)
+
+
+def test_gradients_that_are_views_into_one_buffer_are_read_where_they_lie(attach):
+    # DDP's gradient_as_bucket_view, flat-parameter wrappers: each gradient is a view at an
+    # offset into one buffer, so rows and tails must be read from the view's own offset.
+    sizes = [ROWS_MIN_ELEMENTS + 77, ROWS_MIN_ELEMENTS, ROWS_MIN_ELEMENTS + ROW - 1]
+    flat = torch.full((sum(sizes) + 11,), 1e-3)
+    views, at = [], 11
+    for n in sizes:
+        view = flat[at : at + n]
+        view[-(n % ROW) or n - 1 :] = 1e3  # the weight sits in each tail (the last entry: none)
+        views.append(view)
+        at += n
+    model = nn.Module()
+    model.host = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes[:2]])
+    model.seed = nn.ParameterList([nn.Parameter(torch.zeros(sizes[2]))])
+    for p, g in zip([*model.host, *model.seed], views):
+        p.grad = g
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    tel.capture(step=0)
+    assert tel.flush(5.0) and tel.stats()["errors"] == 0
+    got = tel.latest().groups
+    for name, grads in (("host", views[:2]), ("s", views[2:])):
+        want = sum(float(g.double().pow(2).sum()) for g in grads)
+        bound = max(sq_error_bound(g.numel(), g.dtype) for g in grads) + 2 * 2.0**-53
+        assert rel_err(got[name].sq, want) <= bound, (name, got[name].sq, want)
