@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from report import machine, write_section
 from torch import nn
 
 import esper_telemetry as et
@@ -552,27 +553,6 @@ def render_cpu_anchor(table: dict[int, dict], attach: dict[str, object] | None) 
 # --- report -----------------------------------------------------------------------------
 
 
-def write_section(path: str, title: str, body: str) -> None:
-    """Replace (or append) the ``## title`` section of the results file."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    lines = text.splitlines()
-    head = f"## {title}"
-    out, skip, done = [], False, False
-    for line in lines:
-        if line.startswith("## "):
-            skip = line.strip() == head
-            if skip:
-                out.extend(body.rstrip("\n").splitlines())
-                done = True
-                continue
-        if not skip:
-            out.append(line)
-    if not done:
-        out.extend(["", *body.rstrip("\n").splitlines()])
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
@@ -614,8 +594,7 @@ def main() -> int:
             [int(c) for c in args.counts.split(",")], args.rounds, args.calls, 6, endpoint
         )
         print(
-            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch "
-            f"{torch.__version__}, {CPU_BYTES >> 20} MB of fp32 gradients:"
+            f"CPU ({machine()}), torch {torch.__version__}, {CPU_BYTES >> 20} MB of fp32 gradients:"
         )
         print(render_cpu_anchor(table, attach))
         return 0
@@ -628,7 +607,7 @@ def main() -> int:
         name = torch.cuda.get_device_name(0)
         cfg = dict(vocab=32768, d=1024, layers=12, heads=16, seq=1024, batch=24, rounds=5, steps=10)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        name = f"CPU ({machine()})"
         cfg = dict(vocab=2048, d=128, layers=12, heads=4, seq=64, batch=4, rounds=5, steps=5)
     if args.quick:
         cfg.update(vocab=512, d=64, layers=2, heads=2, seq=32, batch=2, rounds=2, steps=2)
@@ -673,7 +652,11 @@ def main() -> int:
         )
     body = render(results, cuda)
     if not args.no_write:
-        write_section(args.results, f"Collector overhead ({'GPU' if cuda else 'CPU'})", body)
+        write_section(
+            f"## Collector overhead ({'GPU' if cuda else 'CPU'})",
+            body.rstrip("\n") + "\n\n",
+            Path(args.results),
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
