@@ -16,16 +16,30 @@ high-water mark is ``--zmq.receive-buffer-bytes`` divided by it, in messages, so
 that many bytes wait per peer. Beyond it libzmq pushes back on the sender, whose
 non-blocking sends fail and are counted by its collector.
 
-At shutdown ``drain`` takes what the sockets hold until they are quiet or the deadline
-passes, then disconnects every peer and counts what libzmq still held as
-``rejected{reason="shutdown"}``.
+What libzmq holds also grows with the peers: about 24 KiB a connection, and 6 to 8.5 KiB
+for each small message waiting in a pipe, so 4,096 collectors 100 messages ahead of the
+daemon took it to 1.4 GiB. A turn that ends with its burst spent (the daemon is behind)
+therefore moves what libzmq still holds into the socket's ``Backlog``, the frames as bytes
+(about 200 bytes a small one), decoded first at the next turn: a daemon behind thousands
+of collectors holds their messages compactly. The backlog's limit follows the number of
+open descriptors (``backlog_limit``: 4 KiB each, from 64 KiB to ``BACKLOG_BYTES``), so with
+a few collectors, whose pipes the high-water mark bounds, it stays small: a large one cost
+the 2-core ingest benchmark about a fifth of its rate. Past the limit the frames stay in
+libzmq, whose high-water mark pushes back on the senders.
+
+At shutdown ``drain`` takes what the sockets and their backlogs hold until they are quiet
+or the deadline passes, then disconnects every peer and counts what libzmq and the
+backlogs still held as ``rejected{reason="shutdown"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import zmq
@@ -37,7 +51,7 @@ from .fastdecode import decode_norms
 from .queue import EventQueue
 from .stats import DaemonStats
 
-__all__ = ["Receiver", "receive_hwm"]
+__all__ = ["Backlog", "Receiver", "receive_hwm", "backlog_limit", "BACKLOG_BYTES"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +61,35 @@ _log = logging.getLogger(__name__)
 _BURST_MESSAGES = 512
 _BURST_EVENTS = 4096
 _BURST_BYTES = 4 << 20
+# Frames moved out of libzmq a turn, at most (several bursts: the backlog grows faster than
+# it is decoded while collectors are ahead, and libzmq's pipes empty).
+_FILL_MESSAGES = 4 * _BURST_MESSAGES
+# Frames held per socket between libzmq and the decoder, in bytes (each frame counted with
+# ``_FRAME_OVERHEAD`` for its bytes object and deque slot), at most: 64 MiB is about 330,000
+# small messages, a 4,096-rank job 80 steps ahead, which libzmq would hold in 2.6 GiB. The
+# limit itself: 16 KiB per open descriptor past the daemon's own ``_OWN_FDS`` (with
+# thousands, nearly all are collector connections), at least 64 KiB, counted again every
+# _LIMIT_EVERY_S.
+BACKLOG_BYTES = 64 << 20
+_BACKLOG_PER_FD = 16 << 10
+_BACKLOG_MIN = 64 << 10
+_OWN_FDS = 64
+_LIMIT_EVERY_S = 0.1
+_FRAME_OVERHEAD = 48
+
+
+def backlog_limit(open_fds: int) -> int:
+    """The backlog's limit in bytes with ``open_fds`` descriptors open."""
+    return max(_BACKLOG_MIN, min(BACKLOG_BYTES, (open_fds - _OWN_FDS) * _BACKLOG_PER_FD))
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: the smallest backlog
+        return None
+
+
 # At shutdown, the sockets count as drained once nothing arrived for this long.
 _QUIET_S = 0.1
 
@@ -55,6 +98,52 @@ def receive_hwm(receive_buffer_bytes: int, max_message_bytes: int) -> int:
     """The receive high-water mark, in messages, that holds at most ``receive_buffer_bytes``
     of messages of at most ``max_message_bytes`` per peer (at least 1)."""
     return max(1, receive_buffer_bytes // max_message_bytes)
+
+
+class Backlog:
+    """Frames taken out of one socket's libzmq pipes and not decoded yet, in order, at
+    most ``limit`` bytes (with ``_FRAME_OVERHEAD`` each)."""
+
+    __slots__ = ("frames", "bytes", "limit", "counted_at")
+
+    def __init__(self, limit: int = _BACKLOG_MIN) -> None:
+        self.frames: deque[bytes] = deque()
+        self.bytes = 0
+        self.limit = limit
+        self.counted_at = -math.inf
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def fill(self, shadow: zmq.Socket, first: bytes | None = None) -> int:
+        """Move ``first`` (when given) and what ``shadow`` holds now into the backlog, up to
+        its limit (counted again when older than ``_LIMIT_EVERY_S``) and
+        ``_FILL_MESSAGES``; how many frames were moved."""
+        frames = self.frames
+        size = self.bytes
+        n = 0
+        if first is not None:
+            frames.append(first)
+            size += len(first) + _FRAME_OVERHEAD
+            n = 1
+        now = time.monotonic()
+        if now - self.counted_at >= _LIMIT_EVERY_S:
+            self.counted_at = now
+            fds = _open_fds()
+            self.limit = _BACKLOG_MIN if fds is None else backlog_limit(fds)
+        recv = shadow.recv
+        noblock = zmq.NOBLOCK
+        limit = self.limit
+        while size < limit and n < _FILL_MESSAGES:
+            try:
+                msg = recv(noblock)
+            except zmq.Again:
+                break
+            frames.append(msg)
+            size += len(msg) + _FRAME_OVERHEAD
+            n += 1
+        self.bytes = size
+        return n
 
 
 class Receiver:
@@ -82,6 +171,7 @@ class Receiver:
         self._stats = stats
         self._log = logger
         self._sockets: list[zmq.asyncio.Socket] = []
+        self.backlogs: list[Backlog] = []  # one per socket, in the same order
         self.endpoints: list[str] = []  # as bound (a wildcard port resolved)
 
     def bind(self) -> list[str]:
@@ -101,13 +191,14 @@ class Receiver:
                 self.close()
                 raise zmq.ZMQError(exc.errno, f"cannot bind {address}: {exc.strerror}") from None
             self._sockets.append(sock)
+            self.backlogs.append(Backlog())
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self.endpoints.append(endpoint)
         return list(self.endpoints)
 
     async def run(self) -> None:
         """Pump every socket until cancelled."""
-        await asyncio.gather(*(self._pump(s) for s in self._sockets))
+        await asyncio.gather(*(self._pump(s, b) for s, b in zip(self._sockets, self.backlogs)))
 
     async def drain(self, apply: Callable[[int], int], deadline: float) -> int:
         """At shutdown, with ``run`` cancelled: receive what the sockets hold, ``apply``ing the
@@ -126,8 +217,8 @@ class Receiver:
             if now >= deadline:
                 break
             got = 0
-            for shadow in shadows:
-                got += self._take(shadow)
+            for shadow, backlog in zip(shadows, self.backlogs):
+                got += self._take(shadow, backlog)
             apply(2 * _BURST_EVENTS)
             if got:
                 # Quiet is measured from the end of this turn: a turn that took longer than
@@ -143,6 +234,10 @@ class Receiver:
             except zmq.ZMQError:
                 pass
         left = 0
+        for backlog in self.backlogs:
+            left += len(backlog)
+            backlog.frames.clear()
+            backlog.bytes = 0
         for shadow in shadows:
             while True:
                 try:
@@ -155,10 +250,12 @@ class Receiver:
         self.close()
         return left
 
-    def _take(self, shadow: zmq.Socket, msg: bytes | None = None) -> int:
-        """Decode and queue ``msg`` (when given) and what ``shadow`` already buffers, up to
-        a burst; how many messages. The one decode-and-queue loop, for ``_pump`` and
-        ``drain``: nothing that arrives can raise out of it."""
+    def _take(self, shadow: zmq.Socket, backlog: Backlog, msg: bytes | None = None) -> int:
+        """Move ``msg`` (when given) and what ``shadow`` holds into ``backlog`` (up to its
+        limit), then decode and queue its frames, oldest first, and what ``shadow`` still
+        holds, up to a burst. How many messages were decoded. The one decode-and-queue
+        loop, for ``_pump`` and ``drain``: nothing that arrives can raise out of it."""
+        frames = backlog.frames
         recv = shadow.recv
         noblock = zmq.NOBLOCK
         again = zmq.Again
@@ -167,11 +264,12 @@ class Receiver:
         rejected = self._stats.rejected
         log = self._log
         debug = log.isEnabledFor(logging.DEBUG)
-        if msg is None:
-            try:
-                msg = recv(noblock)
-            except again:
-                return 0
+        # What libzmq holds first: into the backlog, compactly, up to its limit.
+        backlog.fill(shadow, msg)
+        if not frames:
+            return 0
+        msg = frames.popleft()
+        held = len(msg) + _FRAME_OVERHEAD  # bytes of backlog frames decoded
         n = 0
         budget = _BURST_EVENTS
         size = 0
@@ -199,10 +297,15 @@ class Receiver:
                     rejected["queue_full"] += 1
             if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
                 break
+            if frames:
+                msg = frames.popleft()
+                held += len(msg) + _FRAME_OVERHEAD
+                continue
             try:
                 msg = recv(noblock)
             except again:
                 break
+        backlog.bytes -= held
         self._stats.messages += n
         return n
 
@@ -212,10 +315,13 @@ class Receiver:
             sock.close(linger=0)
         self._sockets.clear()
 
-    async def _pump(self, sock: zmq.asyncio.Socket) -> None:
+    async def _pump(self, sock: zmq.asyncio.Socket, backlog: Backlog) -> None:
         shadow = zmq.Socket.shadow(sock.underlying)
         take = self._take
         while True:
-            take(shadow, await sock.recv())
+            if backlog.frames:
+                take(shadow, backlog)
+            else:
+                take(shadow, backlog, await sock.recv())
             # An awaited recv that finds a message ready does not yield: do it here.
             await asyncio.sleep(0)

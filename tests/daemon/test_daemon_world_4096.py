@@ -16,9 +16,11 @@ group's norm at the last step equal to the float64 sum over ranks, and the daemo
 from /proc under the 512 MiB every flood test holds it to.
 
 The last test gives each rank a connection of its own (4,096 real TCP peers of one PULL
-socket, as a job's collectors are), a message a step, the ranks stepping together at 5
-steps a second: every step exact, no connection dropped by the memory guard, RSS under
-its limit.
+socket, as a job's collectors are), a message a step, 100 steps each sent as fast as they
+go (as collectors flush their queues to a restarted daemon): every step exact, no
+connection dropped by the memory guard, RSS under 512 MiB. Before the receiver's backlog
+libzmq held those messages at about 8 KiB each: 1.37 GiB, and the guard dropped every
+connection.
 """
 
 from __future__ import annotations
@@ -136,8 +138,7 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
     assert rss.peak < 512 << 20, f"peak RSS {rss.peak / 2**20:.0f} MiB"
 
 
-CONNECTED_STEPS = 20
-STEPS_PER_S = 5.0
+CONNECTED_STEPS = 100
 
 
 def test_4096_collectors_each_on_its_own_connection_are_served_exactly(tmp_path):
@@ -155,7 +156,6 @@ def test_4096_collectors_each_on_its_own_connection_are_served_exactly(tmp_path)
             for rank, sock in enumerate(socks):
                 sock.send(_message(rank, 0, fingerprinted=False), copy=False)
             for step in range(CONNECTED_STEPS):
-                time.sleep(max(0.0, start + step / STEPS_PER_S - time.monotonic()))
                 for rank, sock in enumerate(socks):
                     sock.send(_step(rank, step), copy=False)
             sent = RANKS * (CONNECTED_STEPS + 1)
@@ -188,7 +188,7 @@ def test_4096_collectors_each_on_its_own_connection_are_served_exactly(tmp_path)
         want = math.sqrt(math.fsum(_sq(rank, g, last) for rank in range(RANKS)))
         got = get(s, "esper_grad_norm", run=RUN, group=name)
         assert got == pytest.approx(want, rel=1e-12), (name, got, want)
-    assert rss.peak < 768 << 20, f"peak RSS {rss.peak / 2**20:.0f} MiB"
+    assert rss.peak < 512 << 20, f"peak RSS {rss.peak / 2**20:.0f} MiB"
 
 
 def _raise_open_files(needed: int) -> None:
