@@ -104,20 +104,22 @@ class Backlog:
     """Frames taken out of one socket's libzmq pipes and not decoded yet, in order, at
     most ``limit`` bytes (with ``_FRAME_OVERHEAD`` each)."""
 
-    __slots__ = ("frames", "bytes", "limit", "counted_at")
+    __slots__ = ("frames", "bytes", "limit", "counted_at", "every")
 
     def __init__(self, limit: int = _BACKLOG_MIN) -> None:
         self.frames: deque[bytes] = deque()
         self.bytes = 0
         self.limit = limit
         self.counted_at = -math.inf
+        self.every = _LIMIT_EVERY_S
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def fill(self, shadow: zmq.Socket, first: bytes | None = None) -> int:
         """Move ``first`` (when given) and what ``shadow`` holds now into the backlog, up to
-        its limit (counted again when older than ``_LIMIT_EVERY_S``) and
+        its limit (counted again when older than ``_LIMIT_EVERY_S``, or 100 times what
+        counting took) and
         ``_FILL_MESSAGES``; how many frames were moved."""
         frames = self.frames
         size = self.bytes
@@ -127,10 +129,12 @@ class Backlog:
             size += len(first) + _FRAME_OVERHEAD
             n = 1
         now = time.monotonic()
-        if now - self.counted_at >= _LIMIT_EVERY_S:
-            self.counted_at = now
+        if now - self.counted_at >= self.every:
             fds = _open_fds()
             self.limit = _BACKLOG_MIN if fds is None else backlog_limit(fds)
+            self.counted_at = time.monotonic()
+            # At most 1% of the time counting (65,536 descriptors take milliseconds).
+            self.every = max(_LIMIT_EVERY_S, 100 * (self.counted_at - now))
         recv = shadow.recv
         noblock = zmq.NOBLOCK
         limit = self.limit
