@@ -129,3 +129,81 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
     }
     assert declared == {0: fingerprints[0], 1: fingerprints[1]}
     assert sorted(e.rank for e in events if isinstance(e, Goodbye)) == [0, 1]
+
+
+_BUCKET_VIEW_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import esper_telemetry as et
+    from collector_support import ref_sq
+
+    rank, port, endpoint = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Module()
+    # Weights of 33,667, 34,453 and 33,401 entries: read in rows of 512 with a tail each.
+    model.host = nn.Sequential(nn.Linear(257, 131), nn.Tanh(), nn.Linear(131, 263))
+    model.seed = nn.Linear(263, 127)
+    model.forward = lambda x: model.seed(model.host(x)).square().mean()
+    ddp = DDP(model, gradient_as_bucket_view=True, bucket_cap_mb=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    tel = et.attach(model=model, host="host", seeds={"s": "seed"}, endpoint=endpoint,
+                    run="bucket-views")
+    out = []
+    for step in range(3):
+        x = torch.randn(9, 257, generator=torch.Generator().manual_seed(10 * step + rank))
+        ddp(x).backward()
+        views = sum(p.grad.storage_offset() > 0 for p in model.parameters())
+        tel.capture(step=step)
+        assert tel.flush(10.0)
+        got = tel.latest().groups
+        out.append({
+            "views": int(views),
+            "sq": {n: got[n].sq for n in ("host", "s")},
+            "ref": {"host": ref_sq(model.host.parameters()), "s": ref_sq(model.seed.parameters())},
+        })
+        opt.step()
+        opt.zero_grad()
+    print(json.dumps({"steps": out, "errors": tel.stats()["errors"]}), flush=True)
+    tel.close()
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_gradients_as_bucket_views_are_read_where_they_lie(tmp_path, pull):
+    # DDP's gradient_as_bucket_view: every gradient is a view at an offset into a bucket;
+    # large ones are read in rows and a tail, which must start at the view's own offset.
+    script = tmp_path / "rank.py"
+    script.write_text(_BUCKET_VIEW_SCRIPT)
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(port), pull.endpoint],
+            cwd=str(REPO),
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=90)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for r in outs:
+        assert r["errors"] == 0
+        for step in r["steps"]:
+            assert step["views"] >= 3  # gradients at offsets into their buckets
+            for name in ("host", "s"):
+                assert rel_err(step["sq"][name], step["ref"][name]) <= 1e-5, (name, step)
