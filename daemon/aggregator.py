@@ -107,6 +107,7 @@ _groups_of = operator.attrgetter("groups")
 _step_of = operator.attrgetter("step")
 _name_of = operator.itemgetter(0)
 _sq_of = operator.itemgetter(3)
+_sharded_of = operator.itemgetter(5)
 # Runs, and records, with steps waiting to be read between two ticks: past this many they
 # are read at once, so a flood of run names holds no run the table let go.
 _MAX_DIRTY = 1024
@@ -482,14 +483,15 @@ class Aggregator:
     def _wire_norms(self, events: Sequence[WireNorms]) -> None:
         """Apply a ``decode_norms`` message: the same state as its events one by one.
 
-        Every event is from one run and rank, and its groups are replicated with no
-        non-finite gradient (``fastdecode`` vouches for that). In the common case (a known
-        run, rank and groups, every group of the message in its last event, no group
-        going back to an older step from another rank) the last event holds every value
-        that applying them in order leaves, and the others only count: it is applied once.
-        Anything else (a new run, rank or group, a step going back, a group missing from
-        the last event, a fingerprinted group of a run of several ranks, which layout.py
-        assembles by step) is applied event by event as records, exactly as ``decode``'s.
+        Every event is from one run and rank, and its groups have no non-finite gradient
+        (``fastdecode`` vouches for that). In the common case (a known run, rank and
+        groups, none sharded, every group of the message in its last event, no group going
+        back to an older step from another rank) the last event holds every value that
+        applying them in order leaves, and the others only count: it is applied once.
+        Anything else (a new run, rank or group, a sharded group or a fingerprinted one of
+        a run of several ranks, whose steps shards.py and layout.py assemble, a step going
+        back, a group missing from the last event) is applied event by event as records,
+        exactly as ``decode``'s.
         """
         first = events[0]
         last = events[-1]
@@ -518,6 +520,9 @@ class Aggregator:
         else:
             entries = last_groups
             uniform = True
+        if any(map(_sharded_of, entries)):
+            # A sharded group's step is the sum over ranks (shards.py, layout.py).
+            return self._wire_norms_as_records(events)
         step = last.step
         # Replicas' copies of a step are recorded once (steps.py): what each group held
         # before this message decides which of its steps are new.
