@@ -18,14 +18,14 @@ non-blocking sends fail and are counted by its collector.
 
 What libzmq holds also grows with the peers: about 24 KiB a connection, and 6 to 8.5 KiB
 for each small message waiting in a pipe, so 4,096 collectors 100 messages ahead of the
-daemon took it to 1.4 GiB. A turn that ends with its burst spent (the daemon is behind)
-therefore moves what libzmq still holds into the socket's ``Backlog``, the frames as bytes
-(about 200 bytes a small one), decoded first at the next turn: a daemon behind thousands
-of collectors holds their messages compactly. The backlog's limit follows the number of
-open descriptors (``backlog_limit``: 4 KiB each, from 64 KiB to ``BACKLOG_BYTES``), so with
-a few collectors, whose pipes the high-water mark bounds, it stays small: a large one cost
-the 2-core ingest benchmark about a fifth of its rate. Past the limit the frames stay in
-libzmq, whose high-water mark pushes back on the senders.
+daemon took it to 1.4 GiB. Each turn therefore first moves what libzmq holds into the
+socket's ``Backlog``, the frames as bytes (about 200 bytes a small one), then decodes from
+it, oldest first: a daemon behind thousands of collectors holds their messages compactly.
+The backlog's limit follows the open descriptors (``backlog_limit``: 16 KiB each past 64,
+from 64 KiB to ``BACKLOG_BYTES``), so with a few collectors, whose pipes the high-water
+mark bounds, it stays small: a large one cost the 2-core ingest benchmark about a fifth of
+its rate. Past the limit the frames stay in libzmq, whose high-water mark pushes back on
+the senders.
 
 At shutdown ``drain`` takes what the sockets and their backlogs hold until they are quiet
 or the deadline passes, then disconnects every peer and counts what libzmq and the

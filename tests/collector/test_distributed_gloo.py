@@ -63,13 +63,14 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
+def _two_ranks(tmp_path, source: str, endpoint: str, timeout_s: float) -> list[dict]:
+    """``source`` run as ranks 0 and 1 of a gloo group; each one's last line, as JSON."""
     script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
+    script.write_text(source)
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(r), str(port), pull.endpoint],
+            [sys.executable, str(script), str(r), str(port), endpoint],
             cwd=str(REPO),
             env=subprocess_env(),
             stdout=subprocess.PIPE,
@@ -81,7 +82,7 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
     outs = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=60)
+            out, err = p.communicate(timeout=timeout_s)
             assert p.returncode == 0, err[-3000:]
             outs.append(json.loads(out.strip().splitlines()[-1]))
     finally:
@@ -89,6 +90,11 @@ def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+    return outs
+
+
+def test_ddp_two_ranks_report_replicated_norms(tmp_path, pull):
+    outs = _two_ranks(tmp_path, _RANK_SCRIPT, pull.endpoint, timeout_s=60)
     r0, r1 = outs
     assert (r0["rank"], r0["world"], r1["rank"], r1["world"]) == (0, 2, 1, 2)
     # The sharded group: each rank measures its own shard, and the shards add up.
@@ -176,31 +182,7 @@ _BUCKET_VIEW_SCRIPT = textwrap.dedent("""
 def test_ddp_gradients_as_bucket_views_are_read_where_they_lie(tmp_path, pull):
     # DDP's gradient_as_bucket_view: every gradient is a view at an offset into a bucket;
     # large ones are read in rows and a tail, which must start at the view's own offset.
-    script = tmp_path / "rank.py"
-    script.write_text(_BUCKET_VIEW_SCRIPT)
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(port), pull.endpoint],
-            cwd=str(REPO),
-            env=subprocess_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=90)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    outs = _two_ranks(tmp_path, _BUCKET_VIEW_SCRIPT, pull.endpoint, timeout_s=90)
     for r in outs:
         assert r["errors"] == 0
         for step in r["steps"]:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import zmq
+from daemon_support import inproc_receiver
 from live_daemon import LiveDaemon
 
 from esper_telemetry import GroupNorm, Heartbeat, Norms, encode
@@ -218,22 +219,13 @@ def test_drain_measures_quiet_from_the_end_of_a_slow_turn_not_its_start():
     import zmq.asyncio
 
     from esper_telemetry.daemon.queue import EventQueue
-    from esper_telemetry.daemon.receiver import Receiver
     from esper_telemetry.daemon.stats import DaemonStats
 
     async def run() -> tuple:
         ctx = zmq.asyncio.Context()
         stats = DaemonStats()
         queue = EventQueue(100_000)
-        receiver = Receiver(
-            ctx,
-            ["inproc://drain"],
-            queue,
-            stats,
-            max_message_bytes=Config().zmq_max_message_bytes,
-            receive_buffer_bytes=Config().zmq_receive_buffer_bytes,
-        )
-        receiver.bind()
+        receiver = inproc_receiver(ctx, "drain", queue, stats)
         push = zmq.Context.shadow(ctx.underlying).socket(zmq.PUSH)
         push.connect("inproc://drain")
         for seq in range(10):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import zmq
 import zmq.asyncio
+from daemon_support import inproc_receiver
 
 from esper_telemetry import Heartbeat, encode
 from esper_telemetry.daemon import receiver
-from esper_telemetry.daemon.config import Config
 from esper_telemetry.daemon.queue import EventQueue
-from esper_telemetry.daemon.receiver import BACKLOG_BYTES, Backlog, Receiver, backlog_limit
+from esper_telemetry.daemon.receiver import BACKLOG_BYTES, Backlog, backlog_limit
 from esper_telemetry.daemon.stats import DaemonStats
 
 
@@ -71,15 +71,7 @@ def test_messages_reach_the_queue_in_order_across_the_backlog_and_libzmq():
         ctx = zmq.asyncio.Context()
         stats = DaemonStats()
         queue = EventQueue(100_000)
-        rx = Receiver(
-            ctx,
-            ["inproc://order"],
-            queue,
-            stats,
-            max_message_bytes=Config().zmq_max_message_bytes,
-            receive_buffer_bytes=Config().zmq_receive_buffer_bytes,
-        )
-        rx.bind()
+        rx = inproc_receiver(ctx, "order", queue, stats)
         push = zmq.Context.shadow(ctx.underlying).socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)  # libzmq holds what the receiver's mark leaves
         push.connect("inproc://order")

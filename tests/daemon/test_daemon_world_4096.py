@@ -103,13 +103,7 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
             start = time.monotonic()
             for rank in range(RANKS):
                 socks[rank % SOCKETS].send(_message(rank, steps, fingerprinted))
-            sent = RANKS * (steps + 1)
-            s = d.scrape_until(
-                lambda s: get(s, "esper_daemon_events_total") == sent,
-                f"all {sent} events applied",
-                timeout_s=300.0,
-                interval_s=1.0,
-            )
+            s = _all_applied(d, RANKS * (steps + 1))
             took = time.monotonic() - start
             for sock in socks:
                 sock.close()
@@ -125,10 +119,7 @@ def test_a_4096_rank_job_sending_its_steps_in_one_message_each_is_served_exactly
     assert (get(s, "esper_daemon_incomplete_steps_total", run=RUN) or 0) == 0
     assert (get(s, "esper_daemon_dropped_shard_reports_total", run=RUN) or 0) == 0
     last = steps - 1
-    for g, name in enumerate(GROUPS):
-        want = math.sqrt(math.fsum(_sq(rank, g, last) for rank in range(RANKS)))
-        got = get(s, "esper_grad_norm", run=RUN, group=name)
-        assert got == pytest.approx(want, rel=1e-12), (name, got, want)
+    _assert_last_step_exact(s, steps)
     # Every step counted, and the model norm of the last one.
     assert get(s, "esper_model_steps_total", run=RUN) == steps
     model = math.sqrt(
@@ -158,13 +149,7 @@ def test_4096_collectors_each_on_its_own_connection_are_served_exactly(tmp_path)
             for step in range(CONNECTED_STEPS):
                 for rank, sock in enumerate(socks):
                     sock.send(_step(rank, step), copy=False)
-            sent = RANKS * (CONNECTED_STEPS + 1)
-            s = d.scrape_until(
-                lambda s: get(s, "esper_daemon_events_total") == sent,
-                f"all {sent} events applied",
-                timeout_s=300.0,
-                interval_s=1.0,
-            )
+            s = _all_applied(d, RANKS * (CONNECTED_STEPS + 1))
             took = time.monotonic() - start
             connected = d.open_fds()
     finally:
@@ -183,12 +168,27 @@ def test_4096_collectors_each_on_its_own_connection_are_served_exactly(tmp_path)
     assert (get(s, "esper_daemon_memory_sheds_total", what="all") or 0) == 0
     assert (get(s, "esper_daemon_incomplete_steps_total", run=RUN) or 0) == 0
     assert get(s, "esper_model_steps_total", run=RUN) == CONNECTED_STEPS
-    last = CONNECTED_STEPS - 1
+    _assert_last_step_exact(s, CONNECTED_STEPS)
+    assert rss.peak < 512 << 20, f"peak RSS {rss.peak / 2**20:.0f} MiB"
+
+
+def _all_applied(d: LiveDaemon, sent: int):
+    """The daemon's scrape once it has applied ``sent`` events."""
+    return d.scrape_until(
+        lambda s: get(s, "esper_daemon_events_total") == sent,
+        f"all {sent} events applied",
+        timeout_s=300.0,
+        interval_s=1.0,
+    )
+
+
+def _assert_last_step_exact(s, steps: int) -> None:
+    """Each group's norm at the last of ``steps`` is the float64 sum over every rank."""
+    last = steps - 1
     for g, name in enumerate(GROUPS):
         want = math.sqrt(math.fsum(_sq(rank, g, last) for rank in range(RANKS)))
         got = get(s, "esper_grad_norm", run=RUN, group=name)
         assert got == pytest.approx(want, rel=1e-12), (name, got, want)
-    assert rss.peak < 512 << 20, f"peak RSS {rss.peak / 2**20:.0f} MiB"
 
 
 def _raise_open_files(needed: int) -> None:

@@ -195,3 +195,19 @@ def render(collector: Collector, fmt: str = TEXT) -> bytes:
     if fmt == OPENMETRICS:
         out.append(EOF)
     return "".join(out).encode()
+
+
+def inproc_receiver(ctx, name: str, queue, stats):
+    """A bound ``Receiver`` on ``inproc://name`` with the default frame and buffer limits."""
+    from esper_telemetry.daemon.receiver import Receiver
+
+    receiver = Receiver(
+        ctx,
+        [f"inproc://{name}"],
+        queue,
+        stats,
+        max_message_bytes=Config().zmq_max_message_bytes,
+        receive_buffer_bytes=Config().zmq_receive_buffer_bytes,
+    )
+    receiver.bind()
+    return receiver
