@@ -72,7 +72,7 @@ from esper_telemetry.events import (
     Norms,
 )
 
-from .fastdecode import WIRE_NORMS, NormsV1, NormsV2, NormsV3
+from .fastdecode import WIRE_NORMS, Columns, NormsV1, NormsV2, NormsV3
 from .layout import Entry, Published, RunLayout, Waiting
 from .sequence import Sequences
 from .shards import StepAssembly
@@ -190,7 +190,7 @@ class _Run:
         "young",
         "model",
         "pend_steps",
-        "pend_entries",
+        "pend_columns",
         "pend_groups",
         "pend_values",
     )
@@ -216,10 +216,9 @@ class _Run:
         self.layout = RunLayout(limits.shard_window_s, limits.max_ranks_per_run, waiting)
         self.model = ModelSteps()  # the model norm per complete step, clipped steps
         # Captures applied by the fast path, not yet read into the groups' records: their
-        # steps and their group tuples as decoded, those of the groups ``pend_groups``, in
-        # that order, for each capture.
+        # steps, and a column of values for each of the groups ``pend_groups``.
         self.pend_steps: list[int] = []
-        self.pend_entries: list[tuple] = []
+        self.pend_columns: list[list[float | None]] = []
         self.pend_groups: list[_Group] = []
         self.pend_values = 0
 
@@ -278,14 +277,18 @@ class Aggregator:
     def apply_batch(self, events: Sequence[Event], now: float) -> None:
         """Apply one message's events, in order, all received at ``now``.
 
-        ``events`` are records (``esper_telemetry.decode``), or the wire structs of one
-        collector's healthy ``Norms`` message (``fastdecode.decode_norms``), applied with the
-        same result without building records. The events count as applied even if one of
-        them raises (a daemon bug: the codec validated them); the rest of that message is
-        then not applied.
+        ``events`` are records (``esper_telemetry.decode``), the wire structs of one
+        collector's healthy ``Norms`` message (``fastdecode.decode_norms``), or one
+        collector's captures as ``fastdecode.Columns`` (of one message, or of several the
+        receiver put together), applied with the same result without building records. The
+        events count as applied even if one of them raises (a daemon bug: the codec
+        validated them); the rest of that message is then not applied.
         """
         self._now = now
         self._stats.events += len(events)
+        if type(events) is Columns:
+            self._columns(events)
+            return
         if type(events[0]) in WIRE_NORMS:
             self._wire_norms(events)  # type: ignore[arg-type]
             return
@@ -600,6 +603,85 @@ class Aggregator:
         first = events[0]
         self.sequences.observe_message(first.run, first.rank, first.seq, self._now)
 
+    def _columns(self, c: Columns) -> None:
+        """Apply one collector's captures in columns: the state ``_wire_norms`` leaves.
+
+        Taken whole in the common case of a run of one rank (a known run, rank and
+        groups, none sharded, no step older than a group's from another rank gone since);
+        anything else goes event by event, message by message (``_columns_as_messages``).
+        """
+        first = c.first
+        run_name = first.run
+        rank = first.rank
+        run = self._runs.get(run_name)
+        world = first.world
+        if (
+            run is None
+            or rank not in run.ranks
+            or len(run.ranks) > 1  # replicas' copies of a step are recorded once
+            or (world is not None and world != run.world_size)
+        ):
+            return self._columns_as_messages(c)
+        template = first.groups
+        if any(map(_sharded_of, template)):
+            return self._columns_as_messages(c)
+        several = type(first) is NormsV3 and run.world_size > 1
+        steps = c.steps
+        n = len(steps)
+        step = steps[-1]
+        low = step if n == 1 else min(steps)
+        groups = run.groups
+        found = []
+        for entry in template:
+            group = groups.get(entry[0])
+            if (
+                group is None
+                or (low < group.step and rank != group.rank)
+                or (several and entry[7] is not None)
+            ):
+                return self._columns_as_messages(c)
+            found.append(group)
+        for group, entry, column in zip(found, template, c.sqs):
+            group.role = entry[1]
+            group.params = entry[2]
+            group.isolated = entry[6]
+            group.sq = column[-1]
+            group.step = step
+            group.rank = rank
+            group.captured = True
+        now = self._now
+        run.ranks[rank] = run.last_seen = run.captured_at = now
+        self._keep_columns(run, steps, c.sqs, found)
+        if not run.captures:
+            self._no_norms.pop(run_name, None)
+            run.young = True
+            self._young[run_name] = None
+        run.captures += n
+        if run.young and now - run.first_seen >= ESTABLISHED_AFTER_S:
+            self._establish(run_name, run)
+        if (
+            step >= run.last_step
+            or rank == run.last_rank
+            or (n > 1 and max(steps) >= run.last_step)
+        ):
+            run.last_step = step
+            run.last_rank = rank
+            run.last_time = c.times[-1]
+        if c.seqs is None:
+            self.sequences.observe_message(run_name, rank, first.seq, now)
+        else:
+            self.sequences.observe_messages(run_name, rank, c.seqs, now)
+
+    def _columns_as_messages(self, c: Columns) -> None:
+        """Captures in columns, applied as the fast decoder's messages they were."""
+        events = c.events()
+        if c.seqs is None:
+            self._wire_norms(events)
+        else:
+            wire_norms = self._wire_norms
+            for event in events:
+                wire_norms((event,))
+
     # --- one handler per event type ------------------------------------------------------
 
     def _norms(self, ev: Norms) -> None:
@@ -759,31 +841,44 @@ class Aggregator:
         found: list[_Group],
         uniform: bool,
     ) -> None:
-        """A fast-path message of a run of one rank: its steps and group tuples kept, to be
-        read in bulk (``_settle_run``). ``entries``: its events' group tuples in order,
-        those of the groups ``found`` (its last event's), in that order, for each event
-        when ``uniform``."""
+        """A fast-path message of a run of one rank: its steps and values kept, to be read
+        in bulk (``_settle_run``). ``entries``: its events' group tuples in order, those of
+        the groups ``found`` (its last event's), in that order, for each event when
+        ``uniform``."""
         if not uniform:  # a capture at a time, as _norms records them
             self._settle_run(run, self._bucket())
             for e in events:
                 self._record_capture(run, e.step, e.groups)
             return
-        steps = run.pend_steps
-        fresh = not steps
+        width = len(found)
+        values = list(map(_sq_of, entries))
+        steps = [events[0].step] if len(events) == 1 else list(map(_step_of, events))
+        self._keep_columns(run, steps, [values[i::width] for i in range(width)], found)
+
+    def _keep_columns(
+        self,
+        run: _Run,
+        steps: Sequence[int],
+        columns: Sequence[Sequence[float | None]],
+        found: list[_Group],
+    ) -> None:
+        """Captures of a run of one rank, kept to be read in bulk (``_settle_run``): their
+        ``steps`` and a column of values for each of the groups ``found``."""
+        pending = run.pend_steps
+        fresh = not pending
         if fresh:
             run.pend_groups = found
+            run.pend_columns = [[] for _ in found]
         elif found != run.pend_groups:  # the same objects, or another layout
             self._settle_run(run, self._bucket())
-            return self._keep_steps(run, events, entries, found, uniform)
-        if len(events) == 1:
-            steps.append(events[0].step)
-        else:
-            steps.extend(map(_step_of, events))
-        run.pend_entries.extend(entries)
-        values = len(entries)
+            return self._keep_columns(run, steps, columns, found)
+        pending.extend(steps)
+        for kept, column in zip(run.pend_columns, columns):
+            kept.extend(column)
+        values = len(steps) * len(found)
         run.pend_values += values
         self._pending_values += values
-        if len(steps) >= MAX_PENDING:
+        if len(pending) >= MAX_PENDING:
             self._settle_run(run, self._bucket())
         elif fresh:
             self._dirty_runs.append(run)
@@ -810,24 +905,18 @@ class Aggregator:
 
     def _settle_run(self, run: _Run, bucket: int | None) -> None:
         """The fast path's captures of ``run``, group by group, in bulk: every capture holds
-        the groups of ``pend_groups`` in that order, so each group's values are a slice of
-        one list."""
-        steps, entries = run.pend_steps, run.pend_entries
+        the groups of ``pend_groups``, each with its column of values."""
+        steps, columns = run.pend_steps, run.pend_columns
         if not steps:
             return
-        run.pend_steps, run.pend_entries = [], []
+        run.pend_steps, run.pend_columns = [], []
         self._pending_values -= run.pend_values
         run.pend_values = 0
         found = run.pend_groups
-        width = len(found)
-        values = list(map(_sq_of, entries))
         groups = run.groups
         rules = self._rules
         at = array("q", steps)
-        columns = []
-        for i, group in enumerate(found):
-            column = values[i::width]
-            columns.append(column)
+        for group, column in zip(found, columns):
             rec = group.rec
             if rec is None:
                 rec = group.rec = StepRecord(rules)

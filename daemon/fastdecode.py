@@ -22,6 +22,10 @@ It vouches for a message only when ``decode`` would accept it and return the sam
   of what msgspec decoded (``esper_telemetry.encode`` writes exactly that), so every map
   in it has the 8, 9 or 10 keys of its version.
 
+``decode_columns`` and ``columns`` (end of this module) read one sender's captures that
+differ only in their time, step, values and message number by their byte layout, as
+``Columns``, once the first is decoded and checked here; anything else is ``None``.
+
 The events come back as msgspec ``Struct``s (``NormsV3``, ``NormsV2``, ``NormsV1``; the older
 two with ``world`` None, as ``decode`` gives it) whose ``groups`` are tuples in
 ``GroupNorm``'s field order (of schema 3 with the fingerprint, before it without); the
@@ -31,6 +35,7 @@ stays MessagePack: nothing here encodes.
 
 from __future__ import annotations
 
+import struct
 import sys
 from typing import Annotated, ClassVar, Literal
 
@@ -226,3 +231,187 @@ def decode_norms(
             if event.rank != rank or event.run != run:
                 return None  # valid for decode (schema 1 batches may mix senders)
     return events
+
+
+# --- columns: one sender's captures, read by their fixed layout ----------------------------
+#
+# A collector's captures differ from one another only in their time, step and sums of
+# squares (and, between messages, in the message number): every other byte repeats. Once
+# one capture is decoded and checked (msgspec, as above), the rest of a run of same-sized
+# captures is read by its layout: ``struct`` takes the values that vary out of every capture
+# in one C pass, and the bytes that do not vary are compared with the checked capture's in
+# a few C passes more. No object is built per capture: the aggregator takes columns.
+
+_encode = msgspec.msgpack.encode
+_MAX_COUNT = (1 << 63) - 1
+_MAX_FLOAT = sys.float_info.max
+# A msgpack unsigned integer by the length of its encoding: the struct code of its value,
+# where the value starts, and its largest value here (a positive fixint is its own byte).
+_UINT = {
+    1: ("B", 0, 0x7F),
+    2: ("B", 1, 0xFF),
+    3: ("H", 1, 0xFFFF),
+    5: ("I", 1, 0xFFFFFFFF),
+    9: ("Q", 1, _MAX_COUNT),
+}
+_WIDTH = {"B": 1, "H": 2, "I": 4, "Q": 8, "d": 8}
+_BATCH_OF_ONE = 0x91
+
+
+class Columns:
+    """Consecutive captures of one sender in columns; ``len`` is the number of captures.
+
+    ``first`` is the first capture as decoded (its run, rank, world, skipped flag, and its
+    groups' names, roles, counts, flags and fingerprints, which every capture repeats);
+    ``steps``, ``times`` and ``sqs`` (one column per group, in ``first.groups``' order) hold
+    every capture's values. ``seqs``: each capture's message number when each is a message
+    of its own (coalesced by the receiver); None when they are one message's events, all
+    numbered ``first.seq``. ``messages``: how many messages they came in.
+    """
+
+    __slots__ = ("first", "steps", "times", "sqs", "seqs", "messages")
+
+    def __init__(self, first, steps, times, sqs, seqs) -> None:
+        self.first = first
+        self.steps = steps
+        self.times = times
+        self.sqs = sqs
+        self.seqs = seqs
+        self.messages = 1 if seqs is None else len(seqs)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def events(self) -> list[NormsV3 | NormsV2 | NormsV1]:
+        """The captures as the fast decoder's structs, in order (for the general path)."""
+        first = self.first
+        replace = msgspec.structs.replace
+        seqs = self.seqs if self.seqs is not None else [first.seq] * len(self.steps)
+        rows = zip(*self.sqs) if self.sqs else [()] * len(self.steps)
+        out = []
+        for step, time_, seq, row in zip(self.steps, self.times, seqs, rows):
+            groups = tuple(g[:3] + (q,) + g[4:] for g, q in zip(first.groups, row))
+            changes = {"step": step, "time": time_, "groups": groups}
+            if type(first) is not NormsV1:
+                changes["seq"] = seq
+            out.append(replace(first, **changes))
+        return out
+
+
+def _layout(first, lead: int, seq_varies: bool) -> tuple[list[tuple[int, str, int]], int]:
+    """Where the values that vary sit in ``first``'s encoding, after ``lead`` bytes: the
+    (offset, struct code, largest value; 0 for a float) of its time, step, each group's sum
+    of squares (a nil one does not vary) and, when ``seq_varies``, its message number, in
+    that order, which is the encoding's; and where the encoding ends."""
+    at = lead + 1  # the fixmap's byte
+    fields = []
+    for name in type(first).__struct_fields__:
+        at += len(_encode(name))
+        value = getattr(first, name)
+        size = len(_encode(value))
+        if name == "time":
+            fields.append((at + 1, "d", 0))
+        elif name == "step" or (name == "seq" and seq_varies):
+            code, skip, top = _UINT[size]
+            fields.append((at + skip, code, top))
+        elif name == "groups":
+            g = at + (1 if len(value) < 16 else 3)
+            for group in value:
+                if group[3] is not None:
+                    q = g + 1 + sum(len(_encode(v)) for v in group[:3])
+                    fields.append((q + 1, "d", 0))
+                g += len(_encode(group))
+        at += size
+    return fields, at
+
+
+def columns(body: bytes, n: int, lead: int = 0, seq_varies: bool = False) -> Columns | None:
+    """The ``n`` captures of ``body``, each ``lead`` bytes (a batch-of-one header) then one
+    ``Norms`` map, all of one size, as columns; or None unless each is what
+    ``decode_norms`` vouches for, with the first one's bytes but for its time, step, sums
+    of squares and (``seq_varies``: each a message of its own) message number. Never
+    raises."""
+    try:
+        size, rest = divmod(len(body), n)
+        if rest or size <= lead or (lead and body[0] != _BATCH_OF_ONE):
+            return None
+        head = body[lead]
+        if head == 0x8A:
+            first = _single_v3(body[lead:size])
+        elif head == 0x89:
+            first = _single_v2(body[lead:size])
+        elif head == 0x88:
+            first = _single_v1(body[lead:size])
+        else:
+            return None
+        # Canonical, as a batch must be (the layout below is msgspec's encoding).
+        if _encode(first) != body[lead:size]:
+            return None
+        fields, end = _layout(first, lead, seq_varies)
+        if end != size:
+            return None
+        # Every byte that does not vary is the first capture's: zero those that do, in
+        # every capture at once (a strided slice per byte), and compare.
+        copy = bytearray(body)
+        zeros = bytes(n)
+        pattern = ">"
+        at = 0
+        for offset, code, _top in fields:
+            width = _WIDTH[code]
+            for k in range(offset, offset + width):
+                copy[k::size] = zeros
+            pattern += f"{offset - at}x{code}" if offset > at else code
+            at = offset + width
+        if copy != copy[:size] * n:
+            return None
+        pattern += f"{size - at}x" if size > at else ""
+        values = list(zip(*struct.iter_unpack(pattern, body)))
+        # The fields' checks for every capture: time and sums of squares finite and not
+        # negative, the integers within their range. A NaN makes the sum NaN; without
+        # one, ``max`` and ``min`` are exact (a sum past the float range is not an Inf).
+        for (_offset, code, top), column in zip(fields, values):
+            if code == "d":
+                total = sum(column)
+                if total - total != 0.0 and (total != total or max(column) > _MAX_FLOAT):
+                    return None
+                if min(column) < 0.0:
+                    return None
+            elif max(column) > top:
+                return None
+    except Exception:  # msgspec's errors, anything: the general path decides
+        return None
+    steps = values[1]
+    sqs = []
+    k = 2
+    for group in first.groups:
+        if group[3] is None:
+            sqs.append((None,) * n)
+        else:
+            sqs.append(values[k])
+            k += 1
+    if not seq_varies:
+        seqs = None
+    elif k < len(values):
+        seqs = values[k]
+    else:
+        seqs = (None,) * n  # schema 1: messages without a number
+    return Columns(first, steps, values[0], sqs, seqs)
+
+
+def decode_columns(data: bytes, _max: int = MAX_MESSAGE_BYTES) -> Columns | None:
+    """A batch ``Norms`` message of one sender as columns (``columns``), or None: then it is
+    for ``decode_norms``. Never raises."""
+    if len(data) > _max or len(data) < 3:
+        return None
+    head = data[0]
+    if head == 0xDC:
+        n = (data[1] << 8) | data[2]
+        at = 3
+    elif 0x92 <= head <= 0x9F:
+        n = head & 0x0F
+        at = 1
+    else:
+        return None
+    if n > MAX_BATCH_EVENTS:
+        return None
+    return columns(data[at:], n)

@@ -4,9 +4,12 @@ Each socket is a ``zmq.asyncio`` socket; after an awaited receive, the pump drai
 already buffered with non-blocking receives on a synchronous shadow of the same socket
 (no future per message), up to a burst, then yields so the aggregator can run. Every frame
 is one message: decoded whole or rejected whole and counted by the ``WireError`` reason;
-one collector's healthy ``Norms`` by ``fastdecode.decode_norms`` (msgspec, several times
-faster), everything else by ``esper_telemetry.decode``, the contract, which also gives
-every rejection its reason. Nothing that arrives can raise out of the pump.
+one collector's healthy ``Norms`` as columns when its captures differ only in their
+values (``fastdecode.decode_columns``; a turn's lone captures of one sender are joined
+first, each sender's messages kept in order), else by ``fastdecode.decode_norms``
+(msgspec, several times faster than the codec), everything else by
+``esper_telemetry.decode``, the contract, which also gives every rejection its reason.
+Nothing that arrives can raise out of the pump.
 
 What libzmq buffers is bounded in bytes per connected collector: ``ZMQ_MAXMSGSIZE``
 (``--zmq.max-message-bytes``) refuses a larger frame before Python allocates it (libzmq
@@ -35,6 +38,7 @@ backlogs still held as ``rejected{reason="shutdown"}``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -47,7 +51,7 @@ import zmq.asyncio
 
 from esper_telemetry.codec import WireError, decode
 
-from .fastdecode import decode_norms
+from .fastdecode import columns, decode_columns, decode_norms
 from .queue import EventQueue
 from .stats import DaemonStats
 
@@ -89,6 +93,15 @@ def _open_fds() -> int | None:
     except OSError:  # not Linux: the smallest backlog
         return None
 
+
+# A lone Norms capture, as ``encode`` writes it (a fixmap of 10, 9 or 8 keys, "v" and
+# "event" first), alone or in a batch of one (a collector's): coalesced by sender.
+_BATCH_OF_ONE = 0x91
+_LONE_HEADS = tuple(
+    lead + head + b"\xa1v" + bytes([v]) + b"\xa5event\xa5norms"
+    for lead in (b"", bytes([_BATCH_OF_ONE]))
+    for head, v in ((b"\x8a", 3), (b"\x89", 2), (b"\x88", 1))
+)
 
 # At shutdown, the sockets count as drained once nothing arrived for this long.
 _QUIET_S = 0.1
@@ -258,16 +271,23 @@ class Receiver:
         """Move ``msg`` (when given) and what ``shadow`` holds into ``backlog`` (up to its
         limit), then decode and queue its frames, oldest first, and what ``shadow`` still
         holds, up to a burst. How many messages were decoded. The one decode-and-queue
-        loop, for ``_pump`` and ``drain``: nothing that arrives can raise out of it."""
+        loop, for ``_pump`` and ``drain``: nothing that arrives can raise out of it.
+
+        A lone ``Norms`` capture (what a collector sends when it keeps up) waits in
+        ``lone`` with the others of its sender (the bytes before its time: its schema, run
+        and rank) until the burst ends or another kind of message comes, then the sender's
+        captures are decoded together (``_flush``). Each sender's messages keep their order;
+        only different senders' may be applied in another order than they arrived, as
+        another network would have delivered them.
+        """
         frames = backlog.frames
         recv = shadow.recv
         noblock = zmq.NOBLOCK
         again = zmq.Again
-        put = self._queue.put
-        fast = decode_norms
-        rejected = self._stats.rejected
-        log = self._log
-        debug = log.isEnabledFor(logging.DEBUG)
+        one = self._one
+        lone: dict[bytes, list[bytes]] = {}
+        heads = _LONE_HEADS
+        find = bytes.find
         # What libzmq holds first: into the backlog, compactly, up to its limit.
         backlog.fill(shadow, msg)
         if not frames:
@@ -280,25 +300,18 @@ class Receiver:
         while True:
             n += 1
             size += len(msg)
-            # The common message through the fast decoder; anything it does not vouch
-            # for through the codec, which decides (and says why it rejects).
-            events = fast(msg)
-            if events is None:
-                try:
-                    events = decode(msg)
-                except WireError as exc:
-                    rejected[exc.reason] += 1
-                    if debug:
-                        log.debug("rejected a message of %d bytes: %s", len(msg), exc)
-                    events = None
-                except Exception:  # a codec bug; the codec promises only WireError
-                    rejected["internal"] += 1
-                    log.exception("internal error decoding a message; it was dropped")
-                    events = None
-            if events is not None:
-                budget -= len(events)
-                if not put(events):
-                    rejected["queue_full"] += 1
+            if msg.startswith(heads):
+                # The sender: the bytes before the time (the first 512 if it is further).
+                at = find(msg, b"\xa4time", 16, 512)
+                lone.setdefault(msg[msg[0] == _BATCH_OF_ONE : at if at > 0 else 512], []).append(
+                    msg
+                )
+                budget -= 1
+            else:
+                if lone:
+                    self._flush(lone)
+                    lone = {}
+                budget -= one(msg)
             if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
                 break
             if frames:
@@ -309,9 +322,60 @@ class Receiver:
                 msg = recv(noblock)
             except again:
                 break
+        if lone:
+            self._flush(lone)
         backlog.bytes -= held
         self._stats.messages += n
         return n
+
+    def _one(self, msg: bytes) -> int:
+        """Decode and queue one message (any kind); the events it held, 0 if rejected."""
+        events = decode_columns(msg)
+        if events is None:
+            # The common message through the fast decoder; anything it does not vouch
+            # for through the codec, which decides (and says why it rejects).
+            events = decode_norms(msg)
+            if events is None:
+                try:
+                    events = decode(msg)
+                except WireError as exc:
+                    self._stats.rejected[exc.reason] += 1
+                    if self._log.isEnabledFor(logging.DEBUG):
+                        self._log.debug("rejected a message of %d bytes: %s", len(msg), exc)
+                    return 0
+                except Exception:  # a codec bug; the codec promises only WireError
+                    self._stats.rejected["internal"] += 1
+                    self._log.exception("internal error decoding a message; it was dropped")
+                    return 0
+        if not self._queue.put(events):
+            self._stats.rejected["queue_full"] += 1
+        return len(events)
+
+    def _flush(self, lone: dict[bytes, list[bytes]]) -> None:
+        """Decode and queue the lone captures waiting, sender by sender, in order: runs of
+        same-sized ones (a sender's captures change size only when a number grows a byte)
+        as one ``Columns``; any that cannot be, one message at a time."""
+        one = self._one
+        put = self._queue.put
+        for msgs in lone.values():
+            if len(msgs) == 1:
+                one(msgs[0])
+                continue
+            for _size, same in itertools.groupby(msgs, len):
+                same = list(same)
+                events = None
+                if len(same) > 1:
+                    lead = 1 if same[0][0] == _BATCH_OF_ONE else 0
+                    events = columns(b"".join(same), len(same), lead, True)
+                if events is None:
+                    for msg in same:
+                        one(msg)
+                elif not put(events):
+                    # Too many for the queue at once: as many messages as fit, in order.
+                    rejected = self._stats.rejected
+                    for event in events.events():
+                        if not put((event,)):
+                            rejected["queue_full"] += 1
 
     def close(self) -> None:
         """Close every socket at once, dropping what libzmq still buffers (linger 0)."""

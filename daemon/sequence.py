@@ -114,6 +114,28 @@ class Sequences:
         if seq < expected:
             entry[0] = seq + 1  # a new sequence, its first numbers not counted
 
+    def observe_messages(
+        self, run: str, rank: int, seqs: Sequence[int | None], now: float = 0.0
+    ) -> None:
+        """``observe_message`` for each of ``seqs``, in order; numbers that follow on from
+        one another (a collector's) in one step."""
+        first = seqs[0]
+        n = len(seqs)
+        if first is None or tuple(seqs) != tuple(range(first, first + n)):
+            for seq in seqs:
+                self.observe_message(run, rank, seq, now)
+            return
+        self.observe_message(run, rank, first, now)
+        ranks = self._runs.get(run)
+        entry = None if ranks is None else ranks.get(rank)
+        if entry is None:
+            return  # not held: nor would the others be
+        if entry[0] == first + 1:
+            entry[0] = first + n
+        else:  # the first was not believed: the others judged one by one
+            for seq in seqs[1:]:
+                self.observe_message(run, rank, seq, now)
+
     def forget(self, run: str) -> None:
         """Drop ``run``'s entries: the aggregator created it anew, so it counts from zero."""
         self._runs.pop(run, None)

@@ -1,15 +1,17 @@
 """The daemon's fast ingest path gives exactly what the codec and the record path give.
 
-``fastdecode.decode_norms`` may only answer for messages ``esper_telemetry.decode`` accepts,
-with the same values (anything else it leaves to ``decode``, which gives the reason), and
-the aggregator must reach the same state from its wire structs as from ``decode``'s
-records. Both are checked differentially: on hand-made edge cases, on bit flips of valid
-frames, on hypothesis-made events, and on seeded random traffic through two aggregators.
+``fastdecode.decode_norms`` and ``fastdecode.decode_columns`` may only answer for messages
+``esper_telemetry.decode`` accepts, with the same values (anything else they leave to
+``decode``, which gives the reason), and the aggregator must reach the same state from
+their wire structs and columns as from ``decode``'s records. Both are checked
+differentially: on hand-made edge cases, on bit flips of valid frames, on hypothesis-made
+events, and on seeded random traffic through two aggregators.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -33,7 +35,13 @@ from esper_telemetry import (
     encode,
 )
 from esper_telemetry.daemon.aggregator import Aggregator
-from esper_telemetry.daemon.fastdecode import WIRE_NORMS, NormsV2, decode_norms
+from esper_telemetry.daemon.fastdecode import (
+    WIRE_NORMS,
+    Columns,
+    NormsV2,
+    decode_columns,
+    decode_norms,
+)
 from esper_telemetry.daemon.stats import DaemonStats
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 from esper_telemetry.events import ROLES
@@ -88,15 +96,26 @@ def assert_identical(got, want):
         assert got == want, (got, want)
 
 
+# Frames the column decoder took in ``check`` (the fuzz tests show it was reached).
+COLUMNS_TAKEN = Counter()
+
+
 def check(frame) -> str:
-    """The fast path's answer for ``frame`` is ``decode``'s, or it declines: "fast",
-    "declined" (decode accepts) or decode's reason."""
+    """The fast paths' answers for ``frame`` are ``decode``'s, or they decline: "fast",
+    "declined" (decode accepts) or decode's reason. The column decoder answers only for
+    what the struct decoder takes."""
     fast = decode_norms(frame)
+    cols = decode_columns(frame)
     try:
         want = decode(frame)
     except WireError as err:
-        assert fast is None, (frame, err.reason)
+        assert fast is None and cols is None, (frame, err.reason)
         return err.reason
+    if cols is not None:
+        COLUMNS_TAKEN["frames"] += 1
+        assert fast is not None, frame
+        assert len(cols) == len(want) and cols.messages == 1
+        assert_identical(records(tuple(cols.events())), want)
     if fast is None:
         return "declined"
     assert_identical(records(fast), want)
@@ -138,6 +157,7 @@ def test_it_takes_what_collectors_send_single_and_batched(seq):
         assert check(encode(healthy, seq=seq)) == "fast"
         batch = [healthy._replace(step=s) for s in range(20)]  # an array 16 header
         assert check(encode(batch, seq=seq)) == "fast"
+        assert type(decode_columns(encode(batch, seq=seq))) is Columns
         assert check(encode(batch[:3], seq=seq)) == "fast"  # a fixarray
 
 
@@ -301,12 +321,15 @@ def test_repeated_keys_are_left_to_decode_which_reads_them_last_wins():
 )
 def test_every_single_bit_flip_is_decodes_or_declined(message):
     seen = Counter()
+    taken = COLUMNS_TAKEN["frames"]
     for index in range(len(message)):
         for bit in range(8):
             frame = bytearray(message)
             frame[index] ^= 1 << bit
             seen[check(bytes(frame))] += 1
     assert seen["fast"] > 0 and seen["malformed"] > 0 and seen["schema"] > 0, seen
+    if message[0] != 0x8A:  # a batch: flips of its times and values stay in columns
+        assert COLUMNS_TAKEN["frames"] - taken > 50, COLUMNS_TAKEN
 
 
 def test_seeded_random_splices_of_valid_frames():
@@ -425,6 +448,100 @@ def test_near_valid_norms_are_never_taken_unless_decode_agrees(base, seq, how, d
     check(pack([healthy] * more + [w]))
 
 
+# --- columns: one sender's captures read by their layout ---------------------------
+
+# Values around every width an integer's encoding changes at, and floats at the edges.
+STEPS = st.sampled_from([0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, MAX_INT64])
+VALUES = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0.0, -0.0, 5e-324, 1.7976931348623157e308, math.inf, math.nan, -1.0]
+)
+
+
+@st.composite
+def one_sender(draw):
+    """One sender's captures of one layout: only time, step and values differ."""
+    base = draw(NORMS)
+    n = draw(st.integers(1, 40))
+    step = draw(STEPS | st.integers(0, MAX_INT64))
+    counting = draw(st.booleans())  # steps one after another, or anywhere
+    out = []
+    for i in range(n):
+        groups = tuple(
+            g._replace(sq=None if g.sq is None else draw(VALUES), nonfinite=0) for g in base.groups
+        )
+        time_ = draw(st.sampled_from([base.time, 0.0]) | VALUES)
+        s = min(step + i, MAX_INT64) if counting or draw(st.booleans()) else draw(STEPS)
+        out.append(base._replace(time=time_, step=s, groups=groups, seq=None))
+    return out
+
+
+@FUZZ
+@given(one_sender(), st.none() | COUNTS)
+def test_a_senders_batch_in_columns_is_what_decode_gives_or_declined(events, seq):
+    frame = encode(events, seq=seq)
+    outcome = check(frame)
+    cols = decode_columns(frame)
+    same_width = len({len(encode(e, seq=seq)) for e in events}) == 1
+    healthy = outcome in ("fast", "declined") and all(
+        e.time - e.time == 0.0
+        and e.time >= 0
+        and all(g.sq is None or (g.sq - g.sq == 0.0 and g.sq >= 0) for g in e.groups)
+        for e in events
+    )
+    if len(events) > 1 and same_width and healthy:
+        assert cols is not None  # what it is for: nothing left to the slower paths
+    elif not healthy:
+        assert cols is None
+
+
+@FUZZ
+@given(one_sender(), COUNTS | st.none(), st.booleans(), st.data())
+def test_lone_captures_joined_are_each_what_decode_gives_or_declined(events, seq, wrapped, data):
+    # As the receiver joins a sender's lone captures: each its own message, numbered on.
+    from esper_telemetry.daemon.fastdecode import columns
+
+    seqs = [None if seq is None else min(seq + i, MAX_INT64) for i in range(len(events))]
+    frames = [encode([e] if wrapped else e, seq=q) for e, q in zip(events, seqs)]
+    if data.draw(st.booleans()):  # and now and then one byte of one of them off
+        k = data.draw(st.integers(0, len(frames) - 1))
+        frame = bytearray(frames[k])
+        frame[data.draw(st.integers(0, len(frame) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        frames[k] = bytes(frame)
+    # The receiver joins runs of same-sized ones.
+    for _size, same in itertools.groupby(frames, len):
+        same = list(same)
+        cols = columns(b"".join(same), len(same), 1 if wrapped else 0, True)
+        if cols is None:
+            continue
+        assert cols.messages == len(same)
+        for frame, event, got_seq in zip(same, cols.events(), cols.seqs):
+            want = decode(frame)  # raises if the joined decoder took a frame decode refuses
+            assert len(want) == 1 and got_seq == want[0].seq
+            assert_identical(records((event,)), want)
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["batch-of-one", "map"])
+@pytest.mark.parametrize("seq", [None, 0, 2**32 - 200])
+def test_a_collectors_lone_captures_are_joined_between_the_sizes_numbers_take(wrapped, seq):
+    from esper_telemetry.daemon.fastdecode import columns
+
+    frames = []
+    for i in range(300):  # steps and numbers cross 128 and 256 (and 2**32): three sizes
+        e = HEALTHY._replace(step=i, time=1.0 + i, world=None if seq is None else 8)
+        e = e._replace(
+            groups=tuple(g._replace(sq=None if g.sq is None else i / 7) for g in e.groups)
+        )
+        frames.append(encode([e] if wrapped else e, seq=None if seq is None else seq + i))
+    runs = [list(same) for _size, same in itertools.groupby(frames, len)]
+    assert len(runs) >= 3
+    for same in runs:
+        cols = columns(b"".join(same), len(same), 1 if wrapped else 0, True)
+        assert cols is not None and cols.messages == len(same)
+        want = [event for frame in same for event in decode(frame)]
+        assert list(cols.seqs) == [e.seq for e in want]
+        assert_identical(records(tuple(cols.events())), want)
+
+
 # --- the aggregator: the same state from the structs as from the records ------------
 
 
@@ -539,6 +656,99 @@ def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed
     assert taken["decode"] > 200, taken
     assert snap.overflow["groups"] and snap.overflow["runs"] + snap.overflow["ranks"], snap
     assert sum(snap.messages_lost.values()) > 0 and snap.unsequenced_messages > 0, snap
+
+
+def _received(bursts, joined: bool):
+    """What the receiver queues for each burst of frames (a turn's worth each), through a
+    real PULL socket; ``joined`` False: without the column decoders (message by message,
+    in the same order)."""
+    import zmq
+    import zmq.asyncio
+    from daemon_support import inproc_receiver
+
+    from esper_telemetry.daemon import receiver
+    from esper_telemetry.daemon.queue import EventQueue
+
+    async def run():
+        ctx = zmq.asyncio.Context()
+        stats = DaemonStats()
+        queue = EventQueue(1 << 20)
+        rx = inproc_receiver(ctx, f"traffic-{joined}", queue, stats)
+        push = zmq.Context.shadow(ctx.underlying).socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.connect(f"inproc://traffic-{joined}")
+        backlog = rx.backlogs[0]
+        backlog.limit = 64 << 20
+        backlog.counted_at = float("inf")
+        shadow = zmq.Socket.shadow(rx._sockets[0].underlying)
+        out = []
+        for burst in bursts:
+            for frame in burst:
+                push.send(frame)
+            sent = stats.messages + len(burst)
+            while stats.messages < sent:
+                rx._take(shadow, backlog)
+            items = []
+            while (events := queue.get()) is not None:
+                items.append(events)
+            out.append(items)
+        push.close(linger=0)
+        rx.close()
+        ctx.term()
+        return out
+
+    if joined:
+        return asyncio.run(run())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(receiver, "columns", lambda *a, **k: None)
+        mp.setattr(receiver, "decode_columns", lambda *a, **k: None)
+        return asyncio.run(run())
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_message(seed):
+    limits = make_limits(
+        max_runs=3,
+        max_groups_per_run=3,
+        max_ranks_per_run=2,
+        ttl_s=5.0,
+        ended_retention_s=1.0,
+        evict_after_s=2.0,
+    )
+    rng = random.Random(seed)
+    frames = list(_traffic(rng, 3000))
+    # Lone captures of the runs' first ranks, many in a row: what the receiver joins.
+    for i in range(300):
+        groups = (GroupNorm("host", "host", 7, float(i % 5), 0, False, False),)
+        frames.insert(
+            rng.randrange(len(frames)), encode([Norms("e", 0, 1.0, 10 + i, False, groups)], seq=i)
+        )
+    bursts = []
+    while frames:
+        k = rng.choice([1, 3, 40, 200])
+        bursts.append(frames[:k])
+        del frames[:k]
+    got = _received(bursts, joined=True)
+    want = _received(bursts, joined=False)
+    assert sum(len(items) for items in got) < sum(len(items) for items in want)
+    joined = Counter(type(events).__name__ for items in got for events in items)
+    assert joined["Columns"] > 50, joined
+    col_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.columns"))
+    ref_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.ref"))
+    now = 1000.0
+    for i, (mine, theirs) in enumerate(zip(got, want)):
+        now += rng.choice([0.0, 0.01, 0.1])
+        if rng.random() < 0.1:
+            col_agg.tick(now)
+            ref_agg.tick(now)
+        for events in mine:
+            col_agg.apply_batch(events, now)
+        for events in theirs:
+            ref_agg.apply_batch(events, now)
+        assert repr(col_agg.snapshot()) == repr(ref_agg.snapshot()), i
+        for run in "abcde":
+            assert repr(col_agg.history(run)) == repr(ref_agg.history(run)), (i, run)
+    assert ref_agg.snapshot().messages_lost  # the loss accounting was reached
 
 
 def _both(frames, now=1000.0):

@@ -230,7 +230,7 @@ def test_a_full_record_stays_within_the_bound_docs_multiply_out() -> None:
 def _waiting(agg) -> int:
     """Group values waiting to be read, counted in the lists that hold them."""
     runs = agg._runs.values()
-    fast = sum(len(run.pend_entries) for run in runs)
+    fast = sum(len(column) for run in runs for column in run.pend_columns)
     records = sum(
         len(g.rec.pending) // 2 for run in runs for g in run.groups.values() if g.rec is not None
     )
