@@ -673,14 +673,24 @@ class Aggregator:
             self.sequences.observe_messages(run_name, rank, c.seqs, now)
 
     def _columns_as_messages(self, c: Columns) -> None:
-        """Captures in columns, applied as the fast decoder's messages they were."""
-        events = c.events()
-        if c.seqs is None:
-            self._wire_norms(events)
-        else:
-            wire_norms = self._wire_norms
-            for event in events:
-                wire_norms((event,))
+        """Captures in columns, applied as records, message by message (what
+        ``_wire_norms`` gives for them; the records are built here, not the structs)."""
+        first = c.first
+        run_name, rank, world, skipped = first.run, first.rank, first.world, first.skipped
+        heads = [g[:3] for g in first.groups]
+        tails = [g[4:] if len(g) == 8 else g[4:] + _NO_FINGERPRINT for g in first.groups]
+        seqs = c.seqs
+        norms = self._norms
+        observe = self.sequences.observe_message
+        rows = zip(*c.sqs) if c.sqs else itertools.repeat((), len(c))
+        for i, (step, time_, row) in enumerate(zip(c.steps, c.times, rows)):
+            groups = tuple([_group_norm(h + (q,) + t) for h, q, t in zip(heads, row, tails)])
+            seq = first.seq if seqs is None else seqs[i]
+            norms(Norms(run_name, rank, time_, step, skipped, groups, world, seq))
+            if seqs is not None:
+                observe(run_name, rank, seq, self._now)
+        if seqs is None:
+            observe(run_name, rank, first.seq, self._now)
 
     # --- one handler per event type ------------------------------------------------------
 
