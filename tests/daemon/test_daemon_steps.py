@@ -272,6 +272,47 @@ def test_steps_waiting_are_bounded_over_every_run_and_record(fast) -> None:
         assert run.model_steps == 192
 
 
+def test_steps_waiting_at_the_thinnest_spread_hold_what_the_budget_says() -> None:
+    # Every run and group at the caps, one capture each waiting (the columns' lists spread
+    # thinnest: a value per list), names at their limit: the bytes they hold, read by
+    # tracemalloc, are within WAITING_BYTES scaled to the values waiting.
+    import tracemalloc
+
+    from daemon_support import gn, norms
+
+    from esper_telemetry import encode
+    from esper_telemetry.daemon.fastdecode import decode_norms
+    from esper_telemetry.daemon.steps import MAX_WAITING, WAITING_BYTES
+    from esper_telemetry.defaults import MAX_STRING_CHARS
+
+    agg = _aggregator()
+    runs, groups = 100, 128
+    names = [f"g{g}".ljust(MAX_STRING_CHARS, "x") for g in range(groups)]
+
+    def frame(r: int, step: int) -> bytes:
+        run = f"r{r}".ljust(MAX_STRING_CHARS, "y")
+        groups_ = [gn(name, 1.0 + step / 7 + g) for g, name in enumerate(names)]
+        return encode([norms(run=run, step=step, groups=groups_)], seq=step)
+
+    for r in range(runs):  # the runs and groups exist, nothing waits
+        agg.apply_batch(decode_norms(frame(r, 10**6)), now=1000.0)
+    agg.tick(1000.0)
+    assert _waiting(agg) == 0
+    encoded = [frame(r, 10**6 + 1) for r in range(runs)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for data in encoded:
+            agg.apply_batch(decode_norms(data), now=1000.0)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    waiting = _waiting(agg)
+    assert waiting == runs * groups <= MAX_WAITING  # all of them waiting, none read yet
+    held = sum(d.size_diff for d in after.compare_to(before, "filename"))
+    assert 0 < held <= WAITING_BYTES * waiting / MAX_WAITING, (held, waiting)
+
+
 @pytest.mark.parametrize("seed", range(0, 120, 3))
 def test_history_and_folds_equal_a_reference_that_keeps_every_capture(seed) -> None:
     # Whatever the sizes and however captures arrive (one at a time or in batches larger
