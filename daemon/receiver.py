@@ -303,9 +303,8 @@ class Receiver:
             if msg.startswith(heads):
                 # The sender: the bytes before the time (the first 512 if it is further).
                 at = find(msg, b"\xa4time", 16, 512)
-                lone.setdefault(msg[msg[0] == _BATCH_OF_ONE : at if at > 0 else 512], []).append(
-                    msg
-                )
+                sender = msg[msg[0] == _BATCH_OF_ONE : at if at > 0 else 512]
+                lone.setdefault(sender, []).append(msg)
                 budget -= 1
             else:
                 if lone:
