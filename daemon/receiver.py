@@ -103,6 +103,55 @@ _LONE_HEADS = tuple(
     for head, v in ((b"\x8a", 3), (b"\x89", 2), (b"\x88", 1))
 )
 
+_RUN_AT = 16  # after a lone head's lead: "run" follows "v" and "event"
+_RUN_KEY = b"\xa3run"
+_RANK_KEY = b"\xa4rank"
+_TIME_KEY = b"\xa4time"
+
+
+def _sender(msg: bytes) -> bytes | None:
+    """What names a lone capture's sender: its run and rank as the bytes that encode them,
+    when they are encoded canonically (the shortest form, as ``encode`` writes them), so
+    one sender has one name whatever its frames' lead or schema; None otherwise (such a
+    capture is taken alone, in its place). ``msg`` starts with one of ``_LONE_HEADS``."""
+    at = _RUN_AT + (msg[0] == _BATCH_OF_ONE)
+    start = at
+    try:
+        if msg[at : at + 4] != _RUN_KEY:
+            return None
+        at += 4
+        head = msg[at]
+        if 0xA0 <= head <= 0xBF:
+            at += 1 + (head & 0x1F)
+        elif head == 0xD9 and msg[at + 1] >= 32:
+            at += 2 + msg[at + 1]
+        elif head == 0xDA and msg[at + 1]:
+            at += 3 + ((msg[at + 1] << 8) | msg[at + 2])
+        else:
+            return None
+        if msg[at : at + 5] != _RANK_KEY:
+            return None
+        at += 5
+        head = msg[at]
+        if head < 0x80:
+            at += 1
+        elif head == 0xCC and msg[at + 1] >= 0x80:
+            at += 2
+        elif head == 0xCD and msg[at + 1]:
+            at += 3
+        elif head == 0xCE and (msg[at + 1] or msg[at + 2]):
+            at += 5
+        elif head == 0xCF and msg[at + 1 : at + 5] != b"\0\0\0\0" and msg[at + 1] < 0x80:
+            at += 9
+        else:
+            return None
+        if msg[at : at + 5] != _TIME_KEY:
+            return None
+    except IndexError:
+        return None
+    return msg[start:at]
+
+
 # At shutdown, the sockets count as drained once nothing arrived for this long.
 _QUIET_S = 0.1
 
@@ -287,7 +336,6 @@ class Receiver:
         one = self._one
         lone: dict[bytes, list[bytes]] = {}
         heads = _LONE_HEADS
-        find = bytes.find
         # What libzmq holds first: into the backlog, compactly, up to its limit.
         backlog.fill(shadow, msg)
         if not frames:
@@ -300,10 +348,8 @@ class Receiver:
         while True:
             n += 1
             size += len(msg)
-            if msg.startswith(heads):
-                # The sender: the bytes before the time (the first 512 if it is further).
-                at = find(msg, b"\xa4time", 16, 512)
-                sender = msg[msg[0] == _BATCH_OF_ONE : at if at > 0 else 512]
+            sender = _sender(msg) if msg.startswith(heads) else None
+            if sender is not None:
                 lone.setdefault(sender, []).append(msg)
                 budget -= 1
             else:

@@ -124,3 +124,33 @@ def test_joined_captures_refused_by_a_full_queue_are_counted_one_message_each():
     got = _messages(items)
     assert [m[3] for m in got] == list(range(30))  # as many as fit, in order
     assert stats.rejected["queue_full"] == 20
+
+
+def _v2_capture(run: str, rank: int, step: int, seq: int) -> bytes:
+    import msgpack
+
+    groups = [[g.name, g.role, g.params, step / 3, 0, False, g.isolated] for g in GROUPS]
+    wire = {"v": 2, "event": "norms", "run": run, "rank": rank, "time": 1.0 + step}
+    wire.update(step=step, skipped=False, groups=groups, seq=seq)
+    return msgpack.packb([wire])
+
+
+def test_one_senders_captures_written_in_several_ways_keep_their_order():
+    # A sender's frames may differ before their time: with or without the batch-of-one
+    # byte, another schema, a rank written in a longer form than needed (valid msgpack),
+    # a run name whose time comes past byte 512. Whatever a frame's form, the sender's
+    # messages are applied in the order they arrived.
+    long_run = "é" * 250
+    odd_rank = _capture("d", 0, 12, 2).replace(b"\xa4rank\x00", b"\xa4rank\xcc\x00")
+    cases = {
+        "lead": [_capture("d", 0, 11, 1), _capture("d", 0, 12, 2, wrapped=False)],
+        "schema": [_capture("d", 0, 11, 1), _v2_capture("d", 0, 12, 2)],
+        "rank form": [_capture("d", 0, 11, 1), odd_rank],
+        "long run": [_capture(long_run, 0, 11, 1), _capture(long_run, 0, 12, 2, wrapped=False)],
+    }
+    for case, (first, second) in cases.items():
+        run = long_run if case == "long run" else "d"
+        frames = [first, second, _capture(run, 0, 13, 3), _capture(run, 0, 14, 4)]
+        items, stats = _through(frames)
+        assert sum(stats.rejected.values()) == 0, case
+        assert [m[3] for m in _messages(items)] == [1, 2, 3, 4], case
