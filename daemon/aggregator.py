@@ -115,6 +115,13 @@ _group_norm = GroupNorm._make
 _NO_FINGERPRINT = (None,)
 
 
+def _own(run: _Run) -> bool:
+    """A run of one rank by its world size (1), with no fingerprinted step waiting for
+    holders: its fingerprinted groups are that rank's, as plain groups are (nothing to
+    assemble or compare across ranks)."""
+    return run.world_size == 1 and not run.layout.waiting()
+
+
 def _group_records(groups: tuple[tuple, ...]) -> tuple[GroupNorm, ...]:
     """A wire message's group tuples as records (schema 1 and 2 ones without fingerprint)."""
     if groups and len(groups[0]) == 7:
@@ -506,7 +513,10 @@ class Aggregator:
         if run is None or rank not in run.ranks or (world is not None and world != run.world_size):
             return self._wire_norms_as_records(events)
         v3 = type(last) is NormsV3
-        several = v3 and (len(run.ranks) > 1 or run.world_size > 1)
+        # Fingerprinted groups are assembled by step (layout.py) unless the run is one
+        # rank's (a world of one with no step waiting there): then, as in _norms, a
+        # group's value is that rank's.
+        several = v3 and (len(run.ranks) > 1 or not _own(run))
         groups = run.groups
         last_groups = last.groups
         n = len(events)
@@ -541,11 +551,14 @@ class Aggregator:
             group = groups.get(entry[0])
             if (
                 group is None
-                or (low < group.step and rank != group.rank)
+                # A run of one rank records every step: none may be one another rank
+                # (gone since) set, nor older (as _norms decides, capture by capture).
+                or (
+                    (low < group.step or (low == group.step and prev is None))
+                    and rank != group.rank
+                )
                 or (several and entry[7] is not None)
             ):
-                # Fingerprinted groups of several ranks are assembled by step (layout.py);
-                # one rank's value is its group's.
                 return self._wire_norms_as_records(events)
             found.append(group)
         for group, entry in zip(found, last_groups):
@@ -562,6 +575,8 @@ class Aggregator:
             group.step = step
             group.rank = rank
             group.captured = True
+            if group.inconsistent is not None and v3 and entry[7] is not None:
+                group.inconsistent = None  # one rank's: nothing to contradict (as _norms)
         run.ranks[rank] = run.last_seen = run.captured_at = self._now
         # Every step, not only the last one applied: kept as they came, read in bulk.
         if prev is not None:
@@ -625,7 +640,8 @@ class Aggregator:
         template = first.groups
         if any(map(_sharded_of, template)):
             return self._columns_as_messages(c)
-        several = type(first) is NormsV3 and run.world_size > 1
+        v3 = type(first) is NormsV3
+        several = v3 and not _own(run)  # fingerprinted groups: as in _wire_norms
         steps = c.steps
         n = len(steps)
         step = steps[-1]
@@ -636,7 +652,7 @@ class Aggregator:
             group = groups.get(entry[0])
             if (
                 group is None
-                or (low < group.step and rank != group.rank)
+                or (low <= group.step and rank != group.rank)  # as in _wire_norms
                 or (several and entry[7] is not None)
             ):
                 return self._columns_as_messages(c)
@@ -649,6 +665,8 @@ class Aggregator:
             group.step = step
             group.rank = rank
             group.captured = True
+            if group.inconsistent is not None and v3 and entry[7] is not None:
+                group.inconsistent = None
         now = self._now
         run.ranks[rank] = run.last_seen = run.captured_at = now
         self._keep_columns(run, steps, c.sqs, found)
@@ -724,6 +742,7 @@ class Aggregator:
         groups = run.groups
         shards = None
         fingerprinted = None
+        own = _own(run)
         total, counted = 0.0, 0  # this capture's replicated groups, for the model step
         for name, role, params, sq, nonfinite, sharded, isolated, fingerprint in group_norms:
             group = groups.get(name)
@@ -736,11 +755,13 @@ class Aggregator:
             if nonfinite:
                 group.nonfinite += 1
             if fingerprint is not None:
-                # Schema 3: counted once per class of fingerprints, by step (layout.py).
-                if fingerprinted is None:
-                    fingerprinted = []
-                fingerprinted.append(Entry(name, fingerprint, params, sq, not sharded))
-                continue
+                if not own:
+                    # Schema 3: counted once per class of fingerprints, by step (layout.py).
+                    if fingerprinted is None:
+                        fingerprinted = []
+                    fingerprinted.append(Entry(name, fingerprint, params, sq, not sharded))
+                    continue
+                group.inconsistent = None  # one rank's: nothing to contradict
             group.params = params
             if sharded:
                 if shards is None:
@@ -822,13 +843,16 @@ class Aggregator:
             for entry in e.groups:
                 name = entry[0]
                 p_step, p_rank = prev[name]
-                if step > p_step or rank == p_rank:
-                    sq = entry[3]
-                    self._record(run, groups[name], step, sq, model=False)
+                if step >= p_step or rank == p_rank:
+                    if step > p_step or rank == p_rank:
+                        sq = entry[3]
+                        self._record(run, groups[name], step, sq, model=False)
+                        counted += 1
+                        if sq is not None:
+                            total += sq
+                    # A replica's copy of the step is not recorded, but its rank now holds
+                    # the group (_norms): that rank's next copy of the step is recorded.
                     prev[name] = (step, rank)
-                    counted += 1
-                    if sq is not None:
-                        total += sq
             if counted:
                 run.model.add(step, total, len(groups), counted)
 

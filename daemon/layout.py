@@ -452,6 +452,10 @@ class RunLayout:
         self._window_s = window_s
         self._max_ranks = max_ranks
 
+    def waiting(self) -> bool:
+        """Whether any step of the run's groups waits for its holders."""
+        return self._held[0] > 0
+
     def settled(self, world: int, now: float) -> bool:
         """Every rank of the world announced its groups, or the window passed since the
         first capture (collectors on some ranks only: the ranks heard are all there is)."""

@@ -598,6 +598,9 @@ def _traffic(rng: random.Random, n: int):
                         1 if odd and rng.random() < 0.3 else 0,
                         odd and rng.random() < 0.3,
                         name != "host",
+                        # Schema 3's fingerprint (layout.py): runs c and d hold their seeds
+                        # as fingerprinted groups (d of an unknown world).
+                        5 if run in "cd" and name != "host" else None,
                     )
                     for name in layout
                 )
@@ -752,14 +755,23 @@ def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_messag
 
 
 def _both(frames, now=1000.0):
-    """Two aggregators fed ``frames``: one the fast path's structs, one decode's records."""
+    """Aggregators fed ``frames``: the fast path's structs, its columns (where a frame is a
+    batch they take) and decode's records; the same snapshots and histories."""
     fast_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.fast"))
+    col_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.columns"))
     ref_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.ref"))
-    for frame in frames:
+    for i, frame in enumerate(frames):
         fast = decode_norms(frame)
-        fast_agg.apply_batch(fast if fast is not None else decode(frame), now)
-        ref_agg.apply_batch(decode(frame), now)
-    assert repr(fast_agg.snapshot()) == repr(ref_agg.snapshot())
+        fast_agg.apply_batch(fast if fast is not None else decode(frame), now + i)
+        cols = decode_columns(frame)
+        col_agg.apply_batch(cols if cols is not None else decode(frame), now + i)
+        ref_agg.apply_batch(decode(frame), now + i)
+    want = repr(ref_agg.snapshot())
+    assert repr(fast_agg.snapshot()) == want
+    assert repr(col_agg.snapshot()) == want
+    for run in {e.run for frame in frames for e in decode(frame)}:
+        want = repr(ref_agg.history(run))
+        assert repr(fast_agg.history(run)) == want and repr(col_agg.history(run)) == want
     return ref_agg.snapshot()
 
 
@@ -794,6 +806,71 @@ def test_a_group_behind_another_ranks_step_is_applied_as_records():
     )
     groups = {g.name: (g.sq, g.step) for g in snap.runs[0].groups}
     assert groups == {"h": (3.0, 6), "g": (2.0, 9)}
+
+
+def _steps(run, rank, steps, seq, sq=1.0, world=None, fingerprint=None):
+    """One message of ``rank``'s captures of ``steps`` (one group), numbered ``seq``."""
+    events = [
+        Norms(
+            run,
+            rank,
+            1.0 + s,
+            s,
+            False,
+            (GroupNorm("g", "host", 4, sq + s + k, 0, False, False, fingerprint),),
+            world,
+        )
+        for k, s in enumerate(steps)
+    ]
+    return encode(events if len(events) > 1 else events[0], seq=seq)
+
+
+def test_a_rank_that_took_a_step_over_from_another_records_its_next_copy_of_it():
+    # Rank 1's first copy of step 31 is a replica's (rank 0 recorded 31); from then rank 1
+    # holds the group, and its next capture numbered 31 (a restart) is recorded.
+    _both(
+        [
+            _steps("r", 0, [30], 0),
+            _steps("r", 1, [30], 0),
+            _steps("r", 0, [31], 1),
+            _steps("r", 1, [31, 31, 32, 33], 1),
+        ]
+    )
+
+
+def test_a_step_a_gone_rank_recorded_is_not_recorded_again_by_the_one_left():
+    _both(
+        [
+            _steps("r", 0, [4], 0),
+            _steps("r", 1, [4], 0),
+            _steps("r", 1, [5], 1, sq=9.0),
+            encode(Goodbye("r", 1, 1.0, "done"), seq=2),
+            _steps("r", 0, [5, 6, 7], 1),
+        ]
+    )
+
+
+@pytest.mark.parametrize("world", [None, 2, 1])
+def test_fingerprinted_groups_of_a_run_of_one_rank_whatever_its_world(world):
+    # World unknown: the steps wait for it (layout.py), on every path; a world of one: the
+    # rank's values are the group's; a world of two with one rank heard: they wait.
+    _both(
+        [
+            _steps("r", 0, [3], 0, world=world, fingerprint=5),
+            _steps("r", 0, [4, 5, 6], 1, world=world, fingerprint=5),
+        ]
+    )
+
+
+def test_a_world_that_shrinks_to_one_rank_with_a_step_waiting_for_the_other():
+    _both(
+        [
+            _steps("r", 0, [5], 0, world=2, fingerprint=5),
+            _steps("r", 1, [4], 0, world=2, fingerprint=5),
+            _steps("r", 0, [6, 7], 1, world=1, fingerprint=5),
+            _steps("r", 0, [8, 9], 2, world=1, fingerprint=5),
+        ]
+    )
 
 
 # --- through the daemon's socket -----------------------------------------------------
