@@ -29,7 +29,8 @@ class Pump:
 
     On the event loop, like both of its ends. A message that makes the aggregator raise (a
     daemon bug, never bad input: the codec validated it) is dropped, counted as
-    ``rejected{reason="internal"}`` and logged; the daemon stays up.
+    ``rejected{reason="internal"}`` (a join of lone captures as the messages it holds) and
+    logged; the daemon stays up.
     """
 
     def __init__(
@@ -64,7 +65,8 @@ class Pump:
             try:
                 apply_batch(events, now)
             except Exception:
-                self._stats.rejected["internal"] += 1
+                # One per message (a receiver's join of lone captures holds several).
+                self._stats.rejected["internal"] += getattr(events, "messages", 1)
                 self._log.exception("internal error applying a message; it was dropped")
             done += len(events)
         return done

@@ -345,32 +345,34 @@ class Receiver:
         n = 0
         budget = _BURST_EVENTS
         size = 0
-        while True:
-            n += 1
-            size += len(msg)
-            sender = _sender(msg) if msg.startswith(heads) else None
-            if sender is not None:
-                lone.setdefault(sender, []).append(msg)
-                budget -= 1
-            else:
-                if lone:
-                    self._flush(lone)
-                    lone = {}
-                budget -= one(msg)
-            if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
-                break
-            if frames:
-                msg = frames.popleft()
-                held += len(msg) + _FRAME_OVERHEAD
-                continue
-            try:
-                msg = recv(noblock)
-            except again:
-                break
-        if lone:
-            self._flush(lone)
-        backlog.bytes -= held
-        self._stats.messages += n
+        try:
+            while True:
+                n += 1
+                size += len(msg)
+                sender = _sender(msg) if msg.startswith(heads) else None
+                if sender is not None:
+                    lone.setdefault(sender, []).append(msg)
+                    budget -= 1
+                else:
+                    if lone:
+                        self._flush(lone)
+                        lone = {}
+                    budget -= one(msg)
+                if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
+                    break
+                if frames:
+                    msg = frames.popleft()
+                    held += len(msg) + _FRAME_OVERHEAD
+                    continue
+                try:
+                    msg = recv(noblock)
+                except again:
+                    break
+        finally:  # whatever stopped the turn (a socket closed under it): nothing taken is lost
+            if lone:
+                self._flush(lone)
+            backlog.bytes -= held
+            self._stats.messages += n
         return n
 
     def _one(self, msg: bytes) -> int:

@@ -85,3 +85,22 @@ async def test_ticks_move_the_aggregators_time_on_from_the_clock(wired, clock):
         assert stats.expired_runs == 1
     finally:
         task.cancel()
+
+
+def test_a_daemon_bug_on_joined_captures_counts_every_message_they_held(wired, monkeypatch):
+    from esper_telemetry import encode
+    from esper_telemetry.daemon.aggregator import Aggregator
+    from esper_telemetry.daemon.fastdecode import columns
+
+    queue, agg, stats, pump = wired
+    frames = [encode([host_seed(step=s)], seq=s) for s in range(10, 13)]
+    joined = columns(b"".join(frames), 3, 1, True)
+    assert joined is not None and joined.messages == 3
+
+    def bug(self, events):
+        raise RuntimeError("a daemon bug")
+
+    monkeypatch.setattr(Aggregator, "_columns", bug)
+    queue.put(joined)
+    pump.drain(100)
+    assert stats.rejected["internal"] == 3

@@ -154,3 +154,38 @@ def test_one_senders_captures_written_in_several_ways_keep_their_order():
         items, stats = _through(frames)
         assert sum(stats.rejected.values()) == 0, case
         assert [m[3] for m in _messages(items)] == [1, 2, 3, 4], case
+
+
+def test_lone_captures_taken_before_the_socket_fails_are_queued_not_lost():
+    # A turn that stops on an error from the socket (closed under it at shutdown) still
+    # queues the lone captures it had taken, and counts them.
+    from esper_telemetry.daemon.receiver import Backlog, Receiver
+
+    frames = [_capture("f", 0, 10 + i, i) for i in range(4)]
+
+    class Failing:
+        def __init__(self) -> None:
+            self.left = list(frames[1:])
+
+        def recv(self, flags=0):
+            if self.left:
+                return self.left.pop(0)
+            raise zmq.ZMQError(zmq.ETERM)
+
+    stats = DaemonStats()
+    queue = EventQueue(1000)
+    rx = Receiver(None, [], queue, stats, max_message_bytes=1 << 18, receive_buffer_bytes=1 << 25)
+    backlog = Backlog(limit=0)
+    backlog.counted_at = float("inf")  # no descriptors counted: nothing moved in by fill
+    backlog.frames.append(frames[0])
+    try:
+        rx._take(Failing(), backlog)
+    except zmq.ZMQError:
+        pass
+    else:
+        raise AssertionError("the socket's error is not swallowed")
+    got = []
+    while (events := queue.get()) is not None:
+        got.append(events)
+    assert [m[3] for m in _messages(got)] == [0, 1, 2, 3]
+    assert stats.messages == 4
