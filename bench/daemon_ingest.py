@@ -5,7 +5,8 @@
 
 Starts ``python -m esper_telemetry.daemon`` as a subprocess, then per trial N sender processes
 (each one collector's worth: its own run name and PUSH socket) send pre-encoded ``Norms`` events
-as fast as the daemon takes them (blocking sends: libzmq's high-water mark pushes back, so
+(as a one-process collector writes them: a world of one, each group's fingerprint) as fast
+as the daemon takes them (blocking sends: libzmq's high-water mark pushes back, so
 every event sent reaches the daemon's socket). Throughput is the events the daemon
 counted as accepted over the wall time from the senders' start until the daemon has
 accounted for every event sent (accepted, or dropped and counted as ``queue_full``).
@@ -63,13 +64,19 @@ def _machine() -> str:
 SECTION = "## Daemon ingest"
 
 
+# What a collector of one process sends: a world of one, and each group's fingerprint (a
+# 63-bit digest of what the rank holds; collector/fingerprint.py).
+_FINGERPRINTS = (0x5A3C_91E2_7B04_D1F6, 0x2E61_0B9D_C4A8_3F15, 0x7C12_E5A0_9D3B_64C8)
+
+
 def _norms(run: str, step: int) -> Norms:
+    host, seed0, seed1 = _FINGERPRINTS
     groups = (
-        GroupNorm("host", "host", 1_000_000, 4.0 + step % 7, 0, False, False),
-        GroupNorm("seed0", "seed", 10_000, 0.5, 0, False, True),
-        GroupNorm("seed1", "seed", 10_000, 0.25, 0, False, True),
+        GroupNorm("host", "host", 1_000_000, 4.0 + step % 7, 0, False, False, host),
+        GroupNorm("seed0", "seed", 10_000, 0.5, 0, False, True, seed0),
+        GroupNorm("seed1", "seed", 10_000, 0.25, 0, False, True, seed1),
     )
-    return Norms(run, 0, time.time(), step, False, groups)
+    return Norms(run, 0, time.time(), step, False, groups, 1)
 
 
 def _sender(
@@ -507,7 +514,8 @@ def main() -> int:
         f"`python bench/daemon_ingest.py` ({time.strftime('%Y-%m-%d')}). Machine: {_machine()}.\n"
         "The daemon (`python -m esper_telemetry.daemon`, default queue) and "
         f"{args.senders} sender processes (one run each, blocking PUSH over tcp loopback, "
-        "`Norms` events of 3 groups) share the machine. "
+        "`Norms` events of 3 groups as a one-process collector sends them: world 1, fingerprints) "
+        "share the machine. "
         f"Medians of {args.trials} trials of about {args.seconds:g} s.\n\n"
         f"| measure | median | target |\n|---|---|---|\n"
         f"| batched messages ({args.batch} events each) | "
