@@ -108,6 +108,7 @@ _step_of = operator.attrgetter("step")
 _name_of = operator.itemgetter(0)
 _sq_of = operator.itemgetter(3)
 _sharded_of = operator.itemgetter(5)
+_fingerprint_of = operator.itemgetter(7)
 # Runs, and records, with steps waiting to be read between two ticks: past this many they
 # are read at once, so a flood of run names holds no run the table let go.
 _MAX_DIRTY = 1024
@@ -630,14 +631,18 @@ class Aggregator:
         rank = first.rank
         run = self._runs.get(run_name)
         world = first.world
-        if (
-            run is None
-            or rank not in run.ranks
-            or len(run.ranks) > 1  # replicas' copies of a step are recorded once
-            or (world is not None and world != run.world_size)
-        ):
+        if run is None or rank not in run.ranks or (world is not None and world != run.world_size):
             return self._columns_as_messages(c)
         template = first.groups
+        if (
+            run.world_size != 1
+            and type(first) is NormsV3
+            and None not in map(_fingerprint_of, template)
+        ):
+            # Every group assembled by step across ranks (layout.py): a DDP or FSDP job.
+            return self._columns_assembled(c, run)
+        if len(run.ranks) > 1:  # replicas' copies of a step are recorded once
+            return self._columns_as_messages(c)
         if any(map(_sharded_of, template)):
             return self._columns_as_messages(c)
         v3 = type(first) is NormsV3
@@ -685,6 +690,51 @@ class Aggregator:
             run.last_step = step
             run.last_rank = rank
             run.last_time = c.times[-1]
+        if c.seqs is None:
+            self.sequences.observe_message(run_name, rank, first.seq, now)
+        else:
+            self.sequences.observe_messages(run_name, rank, c.seqs, now)
+
+    def _columns_assembled(self, c: Columns, run: _Run) -> None:
+        """Captures in columns of a known rank of ``run`` whose groups are all fingerprinted,
+        in a world of other than one: each capture's groups go to layout.py, as ``_norms``
+        gives them (which it does for every event: the world cannot change within these),
+        without building records."""
+        first = c.first
+        run_name = first.run
+        rank = first.rank
+        template = first.groups
+        groups = run.groups
+        found = [groups.get(entry[0]) for entry in template]
+        if None in found:  # a new group: created (or refused) as _norms does
+            return self._columns_as_messages(c)
+        for group, entry in zip(found, template):
+            group.role = entry[1]
+            group.isolated = entry[6]
+        now = self._now
+        run.ranks[rank] = run.last_seen = run.captured_at = now
+        if not run.captures:
+            self._no_norms.pop(run_name, None)
+            run.young = True
+            self._young[run_name] = None
+        run.captures += len(c)
+        if run.young and now - run.first_seen >= ESTABLISHED_AFTER_S:
+            self._establish(run_name, run)
+        last_step, last_rank = run.last_step, run.last_rank
+        for i, step in enumerate(c.steps):
+            if step >= last_step or rank == last_rank:
+                last_step, last_rank = step, rank
+                run.last_time = c.times[i]
+        run.last_step, run.last_rank = last_step, last_rank
+        # Each group's entry but its value: (name, fingerprint, params, replica).
+        heads = [(e[0], e[7], e[2], not e[5]) for e in template]
+        norms = run.layout.norms
+        published = self._published
+        world = run.world_size
+        make = Entry._make
+        for step, row in zip(c.steps, zip(*c.sqs)):
+            entries = [make((n, f, p, q, r)) for (n, f, p, r), q in zip(heads, row)]
+            published(run, norms(rank, step, entries, world, now))
         if c.seqs is None:
             self.sequences.observe_message(run_name, rank, first.seq, now)
         else:

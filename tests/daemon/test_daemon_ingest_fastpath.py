@@ -754,6 +754,64 @@ def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_messag
     assert ref_agg.snapshot().messages_lost  # the loss accounting was reached
 
 
+def _ddp_traffic(rng: random.Random, steps: int):
+    """A DDP-like job of 4 ranks (world 4): a replicated group (one fingerprint), experts
+    split across ranks (a fingerprint each), a replica now and then off by a bit, lagging
+    and restarted ranks; lone captures and batches, numbered per rank."""
+    seqs = Counter()
+    done = Counter()
+    frames = []
+    for _ in range(steps):
+        rank = rng.randrange(4)
+        n = rng.choice([1, 1, 1, 3])
+        events = []
+        for _ in range(n):
+            done[rank] += 1 if rng.random() < 0.97 else -rng.randrange(3)
+            step = max(done[rank], 0)
+            base = 1.0 + step % 5
+            shared = base if rng.random() < 0.98 else base + 0.5  # a replica that disagrees
+            groups = (
+                GroupNorm("dense", "host", 100, shared, 0, False, False, 77),
+                GroupNorm("experts", "seed", 50, base * (rank + 1), 0, True, True, 100 + rank),
+            )
+            events.append(Norms("ddp", rank, 1.0 + step, step, False, groups, 4))
+        seqs[rank] += 1
+        frames.append(encode(events if n > 1 else [events[0]], seq=seqs[rank]))
+    return frames
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_a_ddp_jobs_captures_reach_the_same_state_in_columns_as_message_by_message(seed):
+    rng = random.Random(seed)
+    frames = _ddp_traffic(rng, 1500)
+    bursts = []
+    while frames:
+        k = rng.choice([1, 4, 40, 200])
+        bursts.append(frames[:k])
+        del frames[:k]
+    got = _received(bursts, joined=True)
+    want = _received(bursts, joined=False)
+    joined = Counter(type(events).__name__ for items in got for events in items)
+    assert joined["Columns"] > 50, joined
+    col_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.columns"))
+    ref_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.ref"))
+    now = 1000.0
+    for i, (mine, theirs) in enumerate(zip(got, want)):
+        now += rng.choice([0.0, 0.01, 0.5])
+        if rng.random() < 0.1:
+            col_agg.tick(now)
+            ref_agg.tick(now)
+        for events in mine:
+            col_agg.apply_batch(events, now)
+        for events in theirs:
+            ref_agg.apply_batch(events, now)
+        assert repr(col_agg.snapshot()) == repr(ref_agg.snapshot()), i
+        assert repr(col_agg.history("ddp")) == repr(ref_agg.history("ddp")), i
+    (run,) = ref_agg.snapshot().runs
+    groups = {g.name: g for g in run.groups}
+    assert groups["dense"].step > 100 and groups["experts"].step > 100  # steps complete
+
+
 def _both(frames, now=1000.0):
     """Aggregators fed ``frames``: the fast path's structs, its columns (where a frame is a
     batch they take) and decode's records; the same snapshots and histories."""
