@@ -1101,6 +1101,8 @@ class Aggregator:
         if any(decl.fingerprint is not None for decl in ev.groups):
             self._announce(run, ev)
         if ev.clip is not None:
+            if run.pend_steps:  # steps kept before it are judged by the threshold they met
+                self._settle_run(run, self._bucket())
             run.model.threshold = ev.clip
         self._log.info(
             "collector hello: run=%s rank=%d world_size=%d host=%s pid=%d "

@@ -355,8 +355,8 @@ class Receiver:
                     budget -= 1
                 else:
                     if lone:
-                        self._flush(lone)
-                        lone = {}
+                        waiting, lone = lone, {}  # taken once, whatever happens in _flush
+                        self._flush(waiting)
                     budget -= one(msg)
                 if n >= _BURST_MESSAGES or budget <= 0 or size >= _BURST_BYTES:
                     break

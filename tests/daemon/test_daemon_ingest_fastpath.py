@@ -920,6 +920,23 @@ def test_fingerprinted_groups_of_a_run_of_one_rank_whatever_its_world(world):
     )
 
 
+def test_a_clip_threshold_announced_judges_only_the_steps_after_it():
+    # Steps the fast paths keep to read in bulk were captured before the Hello that sets
+    # the threshold: they are not clipped by it (the records path judges each as it comes).
+    decl = (GroupDecl("g", "host", 4, False),)
+    hello = Hello("r", 0, 1.0, 1, "h", 1, "0", "0", decl, 1.0)
+    snap = _both(
+        [
+            _steps("r", 0, [1], 0, sq=3.0, world=1),
+            _steps("r", 0, [2, 3], 1, sq=3.0, world=1),
+            encode(hello, seq=2),
+            _steps("r", 0, [4, 5], 3, sq=3.0, world=1),
+        ]
+    )
+    (run,) = snap.runs
+    assert (run.model_steps, run.clipped, run.clip_threshold) == (5, 2, 1.0)
+
+
 def test_a_world_that_shrinks_to_one_rank_with_a_step_waiting_for_the_other():
     _both(
         [
