@@ -617,9 +617,9 @@ def _traffic(rng: random.Random, n: int):
         yield encode(events if len(events) > 1 or rng.random() < 0.5 else events[0], seq=seq)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed, monkeypatch):
-    limits = make_limits(
+def _traffic_limits():
+    """Caps small enough for ``_traffic`` to reach them: runs, groups and ranks refused."""
+    return make_limits(
         max_runs=3,
         max_groups_per_run=3,
         max_ranks_per_run=2,
@@ -627,6 +627,11 @@ def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed
         ended_retention_s=1.0,
         evict_after_s=2.0,
     )
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_aggregator_reaches_the_same_state_from_structs_as_from_records(seed, monkeypatch):
+    limits = _traffic_limits()
     fast_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.fast"))
     ref_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.ref"))
     taken = Counter()
@@ -708,27 +713,14 @@ def _received(bursts, joined: bool):
         return asyncio.run(run())
 
 
-@pytest.mark.parametrize("seed", [4, 5])
-def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_message(seed):
-    limits = make_limits(
-        max_runs=3,
-        max_groups_per_run=3,
-        max_ranks_per_run=2,
-        ttl_s=5.0,
-        ended_retention_s=1.0,
-        evict_after_s=2.0,
-    )
-    rng = random.Random(seed)
-    frames = list(_traffic(rng, 3000))
-    # Lone captures of the runs' first ranks, many in a row: what the receiver joins.
-    for i in range(300):
-        groups = (GroupNorm("host", "host", 7, float(i % 5), 0, False, False),)
-        frames.insert(
-            rng.randrange(len(frames)), encode([Norms("e", 0, 1.0, 10 + i, False, groups)], seq=i)
-        )
+def _same_state_through_the_receiver(frames, rng, limits, runs, sizes, gaps):
+    """``frames`` in bursts of ``sizes`` through the receiver with columns and message by
+    message (the same order), applied ``gaps`` apart with ticks now and then: the same
+    snapshots and histories (of ``runs``) after every burst. The records' aggregator."""
+    frames = list(frames)
     bursts = []
     while frames:
-        k = rng.choice([1, 3, 40, 200])
+        k = rng.choice(sizes)
         bursts.append(frames[:k])
         del frames[:k]
     got = _received(bursts, joined=True)
@@ -740,7 +732,7 @@ def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_messag
     ref_agg = Aggregator(limits, DaemonStats(), logging.getLogger("test.ref"))
     now = 1000.0
     for i, (mine, theirs) in enumerate(zip(got, want)):
-        now += rng.choice([0.0, 0.01, 0.1])
+        now += rng.choice(gaps)
         if rng.random() < 0.1:
             col_agg.tick(now)
             ref_agg.tick(now)
@@ -749,8 +741,25 @@ def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_messag
         for events in theirs:
             ref_agg.apply_batch(events, now)
         assert repr(col_agg.snapshot()) == repr(ref_agg.snapshot()), i
-        for run in "abcde":
+        for run in runs:
             assert repr(col_agg.history(run)) == repr(ref_agg.history(run)), (i, run)
+    return ref_agg
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_aggregator_reaches_the_same_state_from_columns_as_message_by_message(seed):
+    limits = _traffic_limits()
+    rng = random.Random(seed)
+    frames = list(_traffic(rng, 3000))
+    # Lone captures of the runs' first ranks, many in a row: what the receiver joins.
+    for i in range(300):
+        groups = (GroupNorm("host", "host", 7, float(i % 5), 0, False, False),)
+        frames.insert(
+            rng.randrange(len(frames)), encode([Norms("e", 0, 1.0, 10 + i, False, groups)], seq=i)
+        )
+    ref_agg = _same_state_through_the_receiver(
+        frames, rng, limits, "abcde", [1, 3, 40, 200], [0.0, 0.01, 0.1]
+    )
     assert ref_agg.snapshot().messages_lost  # the loss accounting was reached
 
 
@@ -783,30 +792,9 @@ def _ddp_traffic(rng: random.Random, steps: int):
 @pytest.mark.parametrize("seed", [6, 7])
 def test_a_ddp_jobs_captures_reach_the_same_state_in_columns_as_message_by_message(seed):
     rng = random.Random(seed)
-    frames = _ddp_traffic(rng, 1500)
-    bursts = []
-    while frames:
-        k = rng.choice([1, 4, 40, 200])
-        bursts.append(frames[:k])
-        del frames[:k]
-    got = _received(bursts, joined=True)
-    want = _received(bursts, joined=False)
-    joined = Counter(type(events).__name__ for items in got for events in items)
-    assert joined["Columns"] > 50, joined
-    col_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.columns"))
-    ref_agg = Aggregator(make_limits(), DaemonStats(), logging.getLogger("test.ref"))
-    now = 1000.0
-    for i, (mine, theirs) in enumerate(zip(got, want)):
-        now += rng.choice([0.0, 0.01, 0.5])
-        if rng.random() < 0.1:
-            col_agg.tick(now)
-            ref_agg.tick(now)
-        for events in mine:
-            col_agg.apply_batch(events, now)
-        for events in theirs:
-            ref_agg.apply_batch(events, now)
-        assert repr(col_agg.snapshot()) == repr(ref_agg.snapshot()), i
-        assert repr(col_agg.history("ddp")) == repr(ref_agg.history("ddp")), i
+    ref_agg = _same_state_through_the_receiver(
+        _ddp_traffic(rng, 1500), rng, make_limits(), ["ddp"], [1, 4, 40, 200], [0.0, 0.01, 0.5]
+    )
     (run,) = ref_agg.snapshot().runs
     groups = {g.name: g for g in run.groups}
     assert groups["dense"].step > 100 and groups["experts"].step > 100  # steps complete
