@@ -200,7 +200,6 @@ class _Run:
         "pend_steps",
         "pend_columns",
         "pend_groups",
-        "pend_values",
     )
 
     def __init__(self, now: float, limits: Limits, waiting: Waiting) -> None:
@@ -228,7 +227,6 @@ class _Run:
         self.pend_steps: list[int] = []
         self.pend_columns: list[list[float | None]] = []
         self.pend_groups: list[_Group] = []
-        self.pend_values = 0
 
 
 class Aggregator:
@@ -578,28 +576,44 @@ class Aggregator:
             group.captured = True
             if group.inconsistent is not None and v3 and entry[7] is not None:
                 group.inconsistent = None  # one rank's: nothing to contradict (as _norms)
-        run.ranks[rank] = run.last_seen = run.captured_at = self._now
         # Every step, not only the last one applied: kept as they came, read in bulk.
         if prev is not None:
             self._record_replicas(run, rank, events, prev)
         else:
             self._keep_steps(run, events, entries, found, uniform)
+        high = step if n == 1 else max(map(_step_of, events))
+        self._captured(run_name, run, rank, n, step, high, last.time)
+        self.sequences.observe_message(run_name, rank, first.seq, self._now)
+
+    def _captured(
+        self, name: str, run: _Run, rank: int, n: int, step: int, high: int, time_: float
+    ) -> None:
+        """``n`` captures of ``rank`` applied by a fast path, the last of ``step`` (at the
+        collector's ``time_``), the highest of ``high``: the run's bookkeeping as ``_norms``
+        leaves it, capture by capture."""
+        now = self._now
+        run.ranks[rank] = run.last_seen = run.captured_at = now
         if not run.captures:
-            self._no_norms.pop(run_name, None)
+            self._no_norms.pop(name, None)
             run.young = True
-            self._young[run_name] = None
+            self._young[name] = None
         run.captures += n
-        if run.young and self._now - run.first_seen >= ESTABLISHED_AFTER_S:
-            self._establish(run_name, run)
-        if (
-            step >= run.last_step
-            or rank == run.last_rank
-            or (n > 1 and max(map(_step_of, events)) >= run.last_step)
-        ):
+        if run.young and now - run.first_seen >= ESTABLISHED_AFTER_S:
+            self._establish(name, run)
+        # A capture moves the run's latest if it is at or past it, or of the rank that set
+        # it; once one of this rank's has, every later one does: the last one is latest.
+        if high >= run.last_step or rank == run.last_rank:
             run.last_step = step
             run.last_rank = rank
-            run.last_time = last.time
-        self.sequences.observe_message(run_name, rank, first.seq, self._now)
+            run.last_time = time_
+
+    def _observe(self, c: Columns) -> None:
+        """Loss accounting for captures in columns: one message, or one each."""
+        first = c.first
+        if c.seqs is None:
+            self.sequences.observe_message(first.run, first.rank, first.seq, self._now)
+        else:
+            self.sequences.observe_messages(first.run, first.rank, c.seqs, self._now)
 
     def _wire_norms_as_records(self, events: Sequence[WireNorms]) -> None:
         norms = self._norms
@@ -672,28 +686,9 @@ class Aggregator:
             group.captured = True
             if group.inconsistent is not None and v3 and entry[7] is not None:
                 group.inconsistent = None
-        now = self._now
-        run.ranks[rank] = run.last_seen = run.captured_at = now
         self._keep_columns(run, steps, c.sqs, found)
-        if not run.captures:
-            self._no_norms.pop(run_name, None)
-            run.young = True
-            self._young[run_name] = None
-        run.captures += n
-        if run.young and now - run.first_seen >= ESTABLISHED_AFTER_S:
-            self._establish(run_name, run)
-        if (
-            step >= run.last_step
-            or rank == run.last_rank
-            or (n > 1 and max(steps) >= run.last_step)
-        ):
-            run.last_step = step
-            run.last_rank = rank
-            run.last_time = c.times[-1]
-        if c.seqs is None:
-            self.sequences.observe_message(run_name, rank, first.seq, now)
-        else:
-            self.sequences.observe_messages(run_name, rank, c.seqs, now)
+        self._captured(run_name, run, rank, n, step, step if n == 1 else max(steps), c.times[-1])
+        self._observe(c)
 
     def _columns_assembled(self, c: Columns, run: _Run) -> None:
         """Captures in columns of a known rank of ``run`` whose groups are all fingerprinted,
@@ -711,34 +706,19 @@ class Aggregator:
         for group, entry in zip(found, template):
             group.role = entry[1]
             group.isolated = entry[6]
+        steps = c.steps
+        self._captured(run_name, run, rank, len(c), steps[-1], max(steps), c.times[-1])
         now = self._now
-        run.ranks[rank] = run.last_seen = run.captured_at = now
-        if not run.captures:
-            self._no_norms.pop(run_name, None)
-            run.young = True
-            self._young[run_name] = None
-        run.captures += len(c)
-        if run.young and now - run.first_seen >= ESTABLISHED_AFTER_S:
-            self._establish(run_name, run)
-        last_step, last_rank = run.last_step, run.last_rank
-        for i, step in enumerate(c.steps):
-            if step >= last_step or rank == last_rank:
-                last_step, last_rank = step, rank
-                run.last_time = c.times[i]
-        run.last_step, run.last_rank = last_step, last_rank
         # Each group's entry but its value: (name, fingerprint, params, replica).
         heads = [(e[0], e[7], e[2], not e[5]) for e in template]
         norms = run.layout.norms
         published = self._published
         world = run.world_size
         make = Entry._make
-        for step, row in zip(c.steps, zip(*c.sqs)):
+        for step, row in zip(steps, zip(*c.sqs)):
             entries = [make((n, f, p, q, r)) for (n, f, p, r), q in zip(heads, row)]
             published(run, norms(rank, step, entries, world, now))
-        if c.seqs is None:
-            self.sequences.observe_message(run_name, rank, first.seq, now)
-        else:
-            self.sequences.observe_messages(run_name, rank, c.seqs, now)
+        self._observe(c)
 
     def _columns_as_messages(self, c: Columns) -> None:
         """Captures in columns, applied as records, message by message (what
@@ -959,9 +939,7 @@ class Aggregator:
         pending.extend(steps)
         for kept, column in zip(run.pend_columns, columns):
             kept.extend(column)
-        values = len(steps) * len(found)
-        run.pend_values += values
-        self._pending_values += values
+        self._pending_values += len(steps) * len(found)
         if len(pending) >= MAX_PENDING:
             self._settle_run(run, self._bucket())
         elif fresh:
@@ -994,9 +972,8 @@ class Aggregator:
         if not steps:
             return
         run.pend_steps, run.pend_columns = [], []
-        self._pending_values -= run.pend_values
-        run.pend_values = 0
         found = run.pend_groups
+        self._pending_values -= len(steps) * len(found)
         groups = run.groups
         rules = self._rules
         at = array("q", steps)
