@@ -5,6 +5,9 @@ EPYC, MKL's was 1.2e-5 off at 32,768 equal entries (the bound the README promise
 1e-5) and 2e-4 at a million. Equal entries are the hard case for a float32 sum (every
 addition rounds the same way); each case here is compared with a float64 reference, the
 tolerance being the bound for that tensor, which no longer depends on the BLAS.
+
+Every test here runs twice: with the row pass compiled by TorchScript (as it runs where
+torch has it) and as Python (where it has not); the two must give the same bits.
 """
 
 from __future__ import annotations
@@ -16,7 +19,18 @@ import torch
 from collector_support import rel_err
 from torch import nn
 
+from esper_telemetry.collector import norms
 from esper_telemetry.collector.norms import ROW, ROWS_MIN_ELEMENTS, sq_error_bound
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def row_pass(request, monkeypatch):
+    """The row pass as TorchScript, or as Python (``_compiled_rows`` gives None)."""
+    if request.param == "python":
+        monkeypatch.setattr(norms, "_compiled_rows", lambda: None)
+    else:
+        assert isinstance(norms._compiled_rows(), torch.jit.ScriptFunction)
+    return request.param
 
 
 def _model(grad: torch.Tensor) -> nn.Module:
@@ -69,10 +83,11 @@ def test_the_bound_of_large_tensors_does_not_grow_with_their_size():
     assert sq_error_bound(1000, torch.float32) == pytest.approx(1002 * 2.0**-24, rel=1e-3)
 
 
-def test_the_tail_past_the_last_full_row_is_counted(attach):
-    n = ROWS_MIN_ELEMENTS + ROW - 1
-    grad = torch.full((n,), 1e-3)
-    grad[-(ROW - 1) :] = 1e3  # all of the weight is in the tail
+@pytest.mark.parametrize("shape", [(ROWS_MIN_ELEMENTS + ROW - 1,), (257, 131)])
+def test_the_tail_past_the_last_full_row_is_counted(attach, shape):
+    grad = torch.full(shape, 1e-3)
+    n = grad.numel()
+    grad.view(-1)[-(n % ROW) :] = 1e3  # all of the weight is in the tail (of the whole matrix)
     host = _measured(attach, grad)
     assert rel_err(host.sq, float(grad.double().pow(2).sum())) <= sq_error_bound(n, grad.dtype)
 
