@@ -130,12 +130,14 @@ def build_plan(
     counted: Sequence[bool] | None = None,
     pointer_tables: bool = False,
     cpu_shares: int = 1,
+    share_rows: bool = False,
 ) -> Plan:
     """Group the present gradients by device, then dtype, and upload the group index per device.
 
     ``grads`` are the tensors this rank holds (DTensor gradients already made local);
     ``counted`` says per flat entry whether this rank adds its squares (None: all do);
-    ``cpu_shares``: at most how many threads may share the CPU slice's pass.
+    ``cpu_shares``: at most how many threads may share the CPU slice's pass;
+    ``share_rows``: whether large tensors read in rows may be among them (``split_shares``).
     """
     params: list[torch.Tensor] = []
     owner: list[int] = []
@@ -187,7 +189,12 @@ def build_plan(
         if device.type == "cpu":
             s.owners = [owner[i] for i in positions]
             s.counted_list = None if mask is None else flags
-            s.shares = split_shares([grads[i].numel() for i in positions], runs, cpu_shares)  # type: ignore[union-attr]
+            s.shares = split_shares(
+                [grads[i].numel() for i in positions],  # type: ignore[union-attr]
+                runs,
+                cpu_shares,
+                share_rows,
+            )
         slices.append(s)
     plan = Plan(
         params=tuple(params),
@@ -211,18 +218,28 @@ def build_plan(
     return plan
 
 
-def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> list[list[CpuRun]]:
+def split_shares(
+    numels: Sequence[int], runs: Sequence[CpuRun], shares: int, share_rows: bool = False
+) -> list[list[CpuRun]]:
     """The runs cut into at most ``shares`` shares of about equal cost; the first is the caller's.
 
     Runs of tensors of ``DOT_MIN_ELEMENTS`` or more stay in the first share: torch spreads
     their row reductions (and MKL a float64 ``dot``) over OpenMP threads, which, started
     again from a second calling thread, fight the first one's (a pass took 3 to 7 times as
     long); those spread over the cores by themselves (counted here at half their
-    elements). Runs of smaller tensors (``_foreach_norm``, below torch's grain size) are cut
-    between the shares. Cost: elements plus ``TENSOR_COST_ELEMENTS`` per tensor; each share
-    costs at least ``MIN_SHARE_COST``.
+    elements). With ``share_rows`` (every thread reads its share on one OpenMP thread:
+    ``cpu_threads.one_openmp_thread``) runs read in rows are cut between the shares too;
+    float64 ones (MKL's ``dot``, threaded by MKL) still stay in the first. Runs of smaller
+    tensors (``_foreach_norm``, below torch's grain size) are cut between the shares. Cost:
+    elements plus ``TENSOR_COST_ELEMENTS`` per tensor; each share costs at least
+    ``MIN_SHARE_COST``.
     """
-    dots = [run for run in runs if run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS]
+    dots = [
+        run
+        for run in runs
+        if (run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS)
+        and not (share_rows and run[3] and run[0] != torch.float64)
+    ]
     small = [(i, run) for run in runs if run not in dots for i in range(run[1], run[2])]
     fixed = sum(
         numels[i] // (2 if run[3] else 1) + TENSOR_COST_ELEMENTS
@@ -245,10 +262,11 @@ def split_shares(numels: Sequence[int], runs: Sequence[CpuRun], shares: int) -> 
     for n, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         share: list[CpuRun] = list(dots) if n == 0 else []
         for i, run in small[lo:hi]:  # consecutive tensors of one run make one run again
-            if share and not share[-1][3] and share[-1][2] == i and share[-1][0] == run[0]:
-                share[-1] = (run[0], share[-1][1], i + 1, False)
+            last = share[-1] if share else None
+            if last is not None and last[2] == i and (last[0], last[3]) == (run[0], run[3]):
+                share[-1] = (run[0], last[1], i + 1, run[3])
             else:
-                share.append((run[0], i, i + 1, False))
+                share.append((run[0], i, i + 1, run[3]))
         out.append(share)
     return [share for share in out if share]
 

@@ -59,10 +59,12 @@ class PlanCache:
         on_new_layout: Callable[[Plan | None, Plan], None],
         pointer_tables: bool,
         cpu_shares: int = 1,
+        share_rows: bool = False,
     ) -> None:
         self._on_new_layout = on_new_layout
         self._pointer_tables = pointer_tables
         self._cpu_shares = cpu_shares
+        self._share_rows = share_rows
         self._plans: collections.OrderedDict[tuple[Any, ...], Plan] = collections.OrderedDict()
         self.current: Plan | None = None
         self.built = 0
@@ -130,6 +132,7 @@ class PlanCache:
             counted,
             pointer_tables=self._pointer_tables,
             cpu_shares=self._cpu_shares,
+            share_rows=self._share_rows,
         )
         new.numels = [sig[3] for sig in signature if sig is not None]
         new.dtypes = [sig[1] for sig in signature if sig is not None]

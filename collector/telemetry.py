@@ -96,6 +96,7 @@ class Telemetry:
             self._on_new_layout,
             self._passes.pointer_tables,
             cpu_shares=1 + self._passes.helpers.count,
+            share_rows=self._passes.helpers.share_rows,
         )
         self._structural = StructuralCheck(options.structural)
         self._resolve()

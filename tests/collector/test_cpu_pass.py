@@ -349,6 +349,113 @@ def test_shares_keep_large_tensors_on_the_training_thread_and_cover_every_tensor
     ]
 
 
+def test_shares_cut_large_tensors_read_in_rows_when_every_thread_reads_alone():
+    from esper_telemetry.collector.plan import split_shares
+
+    big = 4 * DOT_MIN_ELEMENTS + 77
+    # float32 and bfloat16 read in rows, float64 by MKL's dot, then small float32 ones
+    numels = [big] * 40 + [big] * 20 + [big] * 4 + [100] * 500
+    runs = [
+        (torch.float32, 0, 40, True),
+        (torch.bfloat16, 40, 60, True),
+        (torch.float64, 60, 64, True),
+        (torch.float32, 64, 564, False),
+    ]
+    shares = split_shares(numels, runs, 3, share_rows=True)
+    assert len(shares) == 3
+    assert (torch.float64, 60, 64, True) in shares[0]  # MKL threads its own: the caller's
+    rows_by_share = [
+        sum(b - a for dtype, a, b, large in share if large and dtype != torch.float64)
+        for share in shares
+    ]
+    assert all(n > 0 for n in rows_by_share[1:]) and sum(rows_by_share) == 60
+    costs = [
+        sum(numels[i] + TENSOR_COST_ELEMENTS for _, a, b, _ in share for i in range(a, b))
+        for share in shares
+    ]
+    assert max(costs) < 1.5 * min(costs)  # about equal, float64 included
+    covered = sorted((a, b, large) for share in shares for _, a, b, large in share)
+    assert covered[0][0] == 0 and covered[-1][1] == len(numels)
+    assert all(b == c for (_, b, _), (c, _, _) in zip(covered, covered[1:]))
+    for a, b, large in covered:  # a piece of a run is read as the run is
+        assert large == (a < 64) and all((i < 64) == large for i in range(a, b))
+    for share in shares:
+        for dtype, a, b, _ in share:
+            assert all(dtype == next(r[0] for r in runs if r[1] <= i < r[2]) for i in range(a, b))
+    # without it, as before: rows stay with the caller
+    assert all(not large for share in split_shares(numels, runs, 3)[1:] for _, _, _, large in share)
+
+
+def test_one_openmp_thread_holds_inside_and_gives_the_count_back_even_on_error():
+    if cpu_threads._openmp() is None:
+        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
+    omp = cpu_threads._openmp()
+    original = omp.get()
+    omp.set(original + 1)  # a count this thread had not: it must come back exactly
+    try:
+        with pytest.raises(ZeroDivisionError), cpu_threads.one_openmp_thread():
+            assert torch.get_num_threads() == 1
+            1 / 0  # noqa: B018
+        assert torch.get_num_threads() == original + 1
+    finally:
+        omp.set(original)
+
+
+def test_large_tensors_are_read_alone_on_each_thread_and_exact(attach, monkeypatch):
+    if cpu_threads._openmp() is None:
+        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    seen: list[tuple[str, int, int]] = []
+    real = cpu_threads.tensor_squares
+
+    def recording(tensors, runs):
+        rows = sum(b - a for dtype, a, b, large in runs if large)
+        seen.append((threading.current_thread().name, torch.get_num_threads(), rows))
+        return real(tensors, runs)
+
+    monkeypatch.setattr(cpu_threads, "tensor_squares", recording)
+    model = _Many(8, big=140)  # 140 large tensors, 4.6 M elements: two shares
+    gen = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** float(torch.randint(-3, 3, ()))
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    omp = cpu_threads._openmp()
+    original = omp.get()
+    omp.set(original + 1)  # a count the training thread had not: it must get it back
+    try:
+        for step in range(2):
+            tel.capture(step=step)
+            assert tel.flush(5.0) and tel.latest().step == step
+        assert torch.get_num_threads() == original + 1
+    finally:
+        omp.set(original)
+    shares = tel._plans.current.cpu.shares
+    assert len(shares) == 2 and all(any(large for *_, large in share) for share in shares)
+    threads = {name for name, _, rows in seen if rows}
+    assert len(threads) == 2 and all(count == 1 for _, count, rows in seen if rows)
+    for name, ps in (("host", model.host.parameters()), ("s", model.seed.parameters())):
+        ps = list(ps)
+        assert rel_err(tel.latest().groups[name].sq, ref_sq(ps)) <= _bound(ps), name
+    assert tel.stats()["errors"] == 0
+
+
+def test_without_a_per_thread_openmp_count_large_tensors_stay_on_the_training_thread(
+    attach, monkeypatch
+):
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu_threads, "_openmp", lambda: None)
+    model = _Many(8, big=140)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) / 3
+    tel = attach(model=model, host="host", seeds={"s": "seed"})
+    tel.capture(step=0)
+    assert tel.flush(5.0) and tel.stats()["errors"] == 0
+    shares = tel._plans.current.cpu.shares
+    assert all(not large for share in shares[1:] for *_, large in share)
+    ps = list(model.host.parameters())
+    assert rel_err(tel.latest().groups["host"].sq, ref_sq(ps)) <= _bound(ps)
+
+
 def test_no_thread_to_be_had_means_no_helper_not_an_error(attach, monkeypatch, caplog):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
 
