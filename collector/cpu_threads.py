@@ -176,18 +176,19 @@ class HelperThreads:
         self.count = max(0, min(count, MAX_HELPERS))
         self._helpers: list[_Helper] = []
         self.broken = False
+        self._alone: bool | None = None  # share_rows, once decided
 
     @property
     def share_rows(self) -> bool:
         """Whether large tensors' rows may be cut between the threads (see the module): where
         the threads, each on one core, are as many as the cores torch would use (past
-        ``MAX_HELPERS + 1`` cores torch's own threads read a large tensor on more of them)."""
-        return (
-            0 < self.count
-            and self.count + 1 >= usable_cores()
-            and not self.broken
-            and _openmp() is not None
-        )
+        ``MAX_HELPERS + 1`` cores torch's own threads read a large tensor on more of them).
+        Decided once (plans are built on it), and off for good if the helpers are."""
+        if self._alone is None:
+            self._alone = (
+                0 < self.count and self.count + 1 >= usable_cores() and _openmp() is not None
+            )
+        return self._alone and not self.broken
 
     def squares(
         self, tensors: Sequence[torch.Tensor], shares: Sequence[list[CpuRun]]
@@ -209,7 +210,8 @@ class HelperThreads:
         parts: list[list[Part]] = []
         error: BaseException | None = None
         try:
-            with one_openmp_thread():  # beside the helpers, each thread on its own core
+            # Beside the helpers, each thread reads its large tensors on its own core.
+            with one_openmp_thread() if self.share_rows else contextlib.nullcontext():
                 parts.append(tensor_squares(tensors, shares[0]))
         except BaseException as exc:
             error = exc

@@ -439,19 +439,33 @@ def test_large_tensors_are_read_alone_on_each_thread_and_exact(attach, monkeypat
     assert tel.stats()["errors"] == 0
 
 
-def test_without_a_per_thread_openmp_count_large_tensors_stay_on_the_training_thread(
-    attach, monkeypatch
+@pytest.mark.parametrize("why", ["no per-thread count", "more cores than threads"])
+def test_otherwise_large_tensors_stay_on_the_training_thread_read_by_torchs_threads(
+    attach, monkeypatch, why
 ):
-    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
-    monkeypatch.setattr(cpu_threads, "_openmp", lambda: None)
-    model = _Many(8, big=140)
+    if why == "no per-thread count":
+        monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+        monkeypatch.setattr(cpu_threads, "_openmp", lambda: None)
+    else:  # 8 cores, 3 helpers: torch's own threads read a large tensor on more cores
+        monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 8)
+    counts: list[tuple[int, int]] = []
+    real = cpu_threads.tensor_squares
+
+    def recording(tensors, runs):
+        counts.append((sum(b - a for _, a, b, large in runs if large), torch.get_num_threads()))
+        return real(tensors, runs)
+
+    monkeypatch.setattr(cpu_threads, "tensor_squares", recording)
+    model = _Many(2 * SHARE + 8, big=140)  # small tensors enough for the helpers too
     for p in model.parameters():
         p.grad = torch.ones_like(p) / 3
     tel = attach(model=model, host="host", seeds={"s": "seed"})
     tel.capture(step=0)
     assert tel.flush(5.0) and tel.stats()["errors"] == 0
     shares = tel._plans.current.cpu.shares
+    assert len(shares) >= 2  # the helpers have small tensors to read
     assert all(not large for share in shares[1:] for *_, large in share)
+    assert [n for rows, n in counts if rows] == [torch.get_num_threads()]  # not made one
     ps = list(model.host.parameters())
     assert rel_err(tel.latest().groups["host"].sq, ref_sq(ps)) <= _bound(ps)
 
