@@ -107,9 +107,12 @@ def one_openmp_thread() -> Iterator[None]:
     if omp is None:
         yield
         return
+    # Torch sets a thread's count at its first parallel use (to torch.set_num_threads'
+    # figure): first, or it would replace ours inside, and ours would give back OpenMP's.
+    torch.get_num_threads()
     before = omp.get()
-    omp.set(1)
     try:
+        omp.set(1)
         yield
     finally:
         omp.set(before)
@@ -191,9 +194,14 @@ class HelperThreads:
         return self._alone and not self.broken
 
     def squares(
-        self, tensors: Sequence[torch.Tensor], shares: Sequence[list[CpuRun]]
+        self,
+        tensors: Sequence[torch.Tensor],
+        shares: Sequence[list[CpuRun]],
+        alone: bool = False,
     ) -> list[Part]:
-        """``tensor_squares`` of every share: the first here, the others on helpers."""
+        """``tensor_squares`` of every share: the first here, the others on helpers; ``alone``:
+        large tensors are among the helpers' shares, and this thread reads its own on one
+        OpenMP thread too (``plan.split_shares``)."""
         if self.broken or len(shares) < 2 or self.count == 0:
             if len(shares) == 1:
                 return tensor_squares(tensors, shares[0])
@@ -211,7 +219,7 @@ class HelperThreads:
         error: BaseException | None = None
         try:
             # Beside the helpers, each thread reads its large tensors on its own core.
-            with one_openmp_thread() if self.share_rows else contextlib.nullcontext():
+            with one_openmp_thread() if alone else contextlib.nullcontext():
                 parts.append(tensor_squares(tensors, shares[0]))
         except BaseException as exc:
             error = exc

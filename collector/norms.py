@@ -36,6 +36,7 @@ import functools
 import logging
 import math
 import operator
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -75,6 +76,7 @@ _NUMEL = torch.Tensor.numel
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 # The compiled row pass raised once (its error): ``_rows`` runs as Python from then on.
 _SCRIPT_FAILED: list[Exception] = []
+_COMPILE_LOCK = threading.Lock()
 
 # CPU tensors this large make large runs (plan.py); their rows have ROW elements, each
 # summed in at least ROW_LANES partial sums by torch's row kernel (see the docstring).
@@ -252,10 +254,19 @@ def _rows(
     return sums
 
 
-@functools.cache
 def _compiled_rows() -> Callable[..., torch.Tensor] | None:
     """``_rows`` compiled by TorchScript, or None where it cannot be (then ``_rows`` runs as
-    Python: the same ops, the same figures).
+    Python: the same ops, the same figures). One thread compiles, the others wait for it:
+    ``warnings.catch_warnings`` swaps the process's filter list, and two threads in it at
+    once can leave the user's warnings off for good (the training thread and a helper both
+    met the first capture)."""
+    with _COMPILE_LOCK:
+        return _compile_rows()
+
+
+@functools.cache
+def _compile_rows() -> Callable[..., torch.Tensor] | None:
+    """``_compiled_rows``, once.
 
     Why: a pass over large tensors makes three torch calls a tensor (the view of its rows,
     their norms, its tail), and from Python each costs 3-6 us of argument parsing and

@@ -73,7 +73,7 @@ class DevicePasses:
         s = plan.cpu
         assert s is not None
         tensors = grads if s.identity else list(map(grads.__getitem__, s.positions))
-        parts = self.helpers.squares(tensors, s.shares)
+        parts = self.helpers.squares(tensors, s.shares, s.rows_alone)
         n_groups = plan.n_groups
         if len(tensors) <= _LIST_SUMS_MAX:
             return lambda: row.copy_(

@@ -91,6 +91,9 @@ class DeviceSlice:
     # CPU slices: the runs (see the module's docstring) cut into shares, one per thread
     # (the first is the caller's); each share is a list of runs over ``positions``.
     shares: list[list[CpuRun]] = field(default_factory=list)
+    # Large tensors read in rows are among the helpers' shares: every thread reads alone
+    # (``cpu_threads.one_openmp_thread``), the caller too.
+    rows_alone: bool = False
 
 
 @dataclass
@@ -195,6 +198,7 @@ def build_plan(
                 cpu_shares,
                 share_rows,
             )
+            s.rows_alone = any(map(_read_in_rows, (run for share in s.shares[1:] for run in share)))
         slices.append(s)
     plan = Plan(
         params=tuple(params),
@@ -227,22 +231,38 @@ def split_shares(
     their row reductions (and MKL a float64 ``dot``) over OpenMP threads, which, started
     again from a second calling thread, fight the first one's (a pass took 3 to 7 times as
     long); those spread over the cores by themselves (counted here at half their
-    elements). With ``share_rows`` (every thread reads its share on one OpenMP thread:
-    ``cpu_threads.one_openmp_thread``) runs read in rows are cut between the shares too;
-    float64 ones (MKL's ``dot``, threaded by MKL) still stay in the first. Runs of smaller
-    tensors (``_foreach_norm``, below torch's grain size) are cut between the shares. Cost:
-    elements plus ``TENSOR_COST_ELEMENTS`` per tensor; each share costs at least
-    ``MIN_SHARE_COST``.
+    elements). With ``share_rows`` (``shares`` threads, one a core, each able to read on one
+    OpenMP thread: ``cpu_threads.one_openmp_thread``) runs read in rows are cut between the
+    shares too, if there is a share's worth for every thread (on fewer, cores would sit idle
+    that torch's threads would have read with); float64 ones (MKL's ``dot``) stay in the
+    first, counted whole. Runs of smaller tensors (``_foreach_norm``, below torch's grain
+    size) are cut between the shares. Cost: elements plus ``TENSOR_COST_ELEMENTS`` per
+    tensor; each share costs at least ``MIN_SHARE_COST``; a cut falls at the tensor whose
+    middle is nearest the share's end.
     """
+    if share_rows:
+        cut = _split(numels, runs, shares, True)
+        if len(cut) == shares:
+            return cut
+    return _split(numels, runs, shares, False)
+
+
+def _read_in_rows(run: CpuRun) -> bool:
+    return run[3] and run[0] != torch.float64
+
+
+def _split(
+    numels: Sequence[int], runs: Sequence[CpuRun], shares: int, rows: bool
+) -> list[list[CpuRun]]:
+    """``split_shares``, with runs read in rows cut between the shares (``rows``) or not."""
     dots = [
         run
         for run in runs
-        if (run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS)
-        and not (share_rows and run[3] and run[0] != torch.float64)
+        if (run[3] or numels[run[1]] >= DOT_MIN_ELEMENTS) and not (rows and _read_in_rows(run))
     ]
     small = [(i, run) for run in runs if run not in dots for i in range(run[1], run[2])]
     fixed = sum(
-        numels[i] // (2 if run[3] else 1) + TENSOR_COST_ELEMENTS
+        numels[i] // (2 if run[3] and not rows else 1) + TENSOR_COST_ELEMENTS
         for run in dots
         for i in range(run[1], run[2])
     )
@@ -253,7 +273,7 @@ def split_shares(
         return [list(runs)]
     cuts, acc, want = [], fixed, 1  # indices into ``small`` where a new share starts
     for k, c in enumerate(costs):
-        if acc >= total * want / shares and len(cuts) < shares - 1:
+        if acc + c / 2 >= total * want / shares and len(cuts) < shares - 1:
             cuts.append(k)
             want += 1
         acc += c

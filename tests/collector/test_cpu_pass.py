@@ -384,6 +384,19 @@ def test_shares_cut_large_tensors_read_in_rows_when_every_thread_reads_alone():
             assert all(dtype == next(r[0] for r in runs if r[1] <= i < r[2]) for i in range(a, b))
     # without it, as before: rows stay with the caller
     assert all(not large for share in split_shares(numels, runs, 3)[1:] for _, _, _, large in share)
+    # work for two threads of four: rows stay with the caller, read by torch's threads
+    assert split_shares([65_536] * 80, [(torch.float32, 0, 80, True)], 4, True) == [
+        [(torch.float32, 0, 80, True)]
+    ]
+    # a cut falls at the tensor whose middle is nearest (three of 10 M, then small ones)
+    numels = [10_000_000] * 3 + [1000] * 3000
+    runs = [(torch.float32, 0, 3, True), (torch.float32, 3, 3003, False)]
+    shares = split_shares(numels, runs, 4, True)
+    costs = [
+        sum(numels[i] + TENSOR_COST_ELEMENTS for _, a, b, _ in share for i in range(a, b))
+        for share in shares
+    ]
+    assert len(shares) == 4 and max(costs) < 1.5 * min(costs), costs
 
 
 def test_one_openmp_thread_holds_inside_and_gives_the_count_back_even_on_error():
@@ -399,6 +412,29 @@ def test_one_openmp_thread_holds_inside_and_gives_the_count_back_even_on_error()
         assert torch.get_num_threads() == original + 1
     finally:
         omp.set(original)
+
+
+def test_one_openmp_thread_on_a_thread_torch_has_not_used_yet():
+    # Torch gives a thread its count (torch.set_num_threads') at its first parallel use: inside
+    # the share, that would undo ours, and the thread would get OpenMP's default back after.
+    if cpu_threads._openmp() is None:
+        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
+    original = torch.get_num_threads()
+    torch.set_num_threads(original + 1)  # unlike OpenMP's default for a new thread
+    seen: list[int] = []
+
+    def fresh():
+        with cpu_threads.one_openmp_thread():
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+
+    try:
+        thread = threading.Thread(target=fresh)
+        thread.start()
+        thread.join(10)
+    finally:
+        torch.set_num_threads(original)
+    assert seen == [1, original + 1]
 
 
 def test_large_tensors_are_read_alone_on_each_thread_and_exact(attach, monkeypatch):

@@ -9,6 +9,8 @@ the same figures from Python. The accuracy tests run under both (test_cpu_accura
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import warnings
 
 import torch
@@ -57,7 +59,7 @@ def test_a_torch_without_torchscript_gets_the_row_pass_in_python(monkeypatch, ca
         raise RuntimeError("TorchScript is not available in this build")
 
     monkeypatch.setattr(torch.jit, "script", unavailable)
-    norms._compiled_rows.cache_clear()
+    norms._compile_rows.cache_clear()
     try:
         with caplog.at_level(logging.INFO, "esper_telemetry.collector"):
             assert norms._compiled_rows() is None
@@ -68,11 +70,11 @@ def test_a_torch_without_torchscript_gets_the_row_pass_in_python(monkeypatch, ca
         want = torch.stack([t.double().square().sum() for t in part])
         assert torch.equal(torch.isfinite(got), torch.isfinite(want))
     finally:
-        norms._compiled_rows.cache_clear()
+        norms._compile_rows.cache_clear()
 
 
 def test_compiling_the_row_pass_warns_the_user_of_nothing():
-    norms._compiled_rows.cache_clear()
+    norms._compile_rows.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch.jit.script's deprecation would raise here
         assert isinstance(norms._compiled_rows(), torch.jit.ScriptFunction)
@@ -97,3 +99,37 @@ def test_a_compiled_pass_that_fails_falls_back_to_python_once(monkeypatch, caplo
         finite = torch.isfinite(want)
         assert torch.equal(torch.isfinite(got), finite)
         assert ((got[finite] - want[finite]).abs() / want[finite]).max() < 1e-5
+
+
+def test_threads_compiling_at_once_leave_the_users_warnings_as_they_were(monkeypatch):
+    # The training thread and a helper meet the first capture together; catch_warnings swaps
+    # the process's filter list, so two threads inside it at once could leave it "ignore".
+    real = torch.jit.script
+    calls = []
+
+    def slow(fn):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.05)  # both threads inside catch_warnings at once, were they let in
+        return real(fn)
+
+    monkeypatch.setattr(torch.jit, "script", slow)
+    norms._compile_rows.cache_clear()
+    before = list(warnings.filters)
+    start = threading.Barrier(2)
+    got = []
+
+    def first_capture():
+        start.wait()
+        got.append(norms._compiled_rows())
+
+    try:
+        threads = [threading.Thread(target=first_capture) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert warnings.filters == before
+        assert len(calls) == 1 and got[0] is got[1]
+        assert isinstance(got[0], torch.jit.ScriptFunction)
+    finally:
+        norms._compile_rows.cache_clear()
