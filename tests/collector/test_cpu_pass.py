@@ -631,3 +631,48 @@ def test_cpu_captures_waiting_for_the_completion_thread_are_bounded_in_bytes(att
         gate.set()
     assert tel.flush(30.0)
     assert tel.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gpt2_reads_its_large_tensors_on_both_threads_exactly(attach, monkeypatch, dtype):
+    # What people run: GPT-2 from a config (tied embeddings), new gradients every step; big
+    # enough (7 M elements) for large tensors on the training thread and a helper.
+    transformers = pytest.importorskip("transformers")
+    if cpu_threads._openmp() is None:
+        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        vocab_size=8000,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).to(dtype)
+    seed = model.transformer.h[3].mlp
+    tel = attach(host=model, seeds={"mlp": seed})
+    omp = cpu_threads._openmp()
+    original = omp.get()
+    omp.set(original + 1)  # the training thread's count, odd: it must get it back
+    try:
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(step))
+            model(ids, labels=ids).loss.backward()
+            tel.capture(step=step)
+            assert tel.flush(5.0) and tel.latest().step == step
+            assert torch.get_num_threads() == original + 1
+            in_seed = set(map(id, seed.parameters()))
+            for name, ps in (
+                ("host", [p for p in model.parameters() if id(p) not in in_seed]),
+                ("mlp", list(seed.parameters())),
+            ):
+                got = tel.latest().groups[name]
+                assert got.params == sum(p.numel() for p in ps)  # tied weights once
+                assert rel_err(got.sq, ref_sq(ps)) <= _bound(ps), (name, step)
+    finally:
+        omp.set(original)
+    assert tel._plans.current.cpu.rows_alone and tel.stats()["errors"] == 0
