@@ -12,6 +12,7 @@ import pytest
 import torch
 from collector_support import make_model, ref_sq, rel_err, train_step
 from torch import nn
+from trainer_support import tiny_gpt2
 
 import esper_telemetry.collector.cpu_threads as cpu_threads
 from esper_telemetry.collector.norms import sq_error_bound
@@ -399,19 +400,26 @@ def test_shares_cut_large_tensors_read_in_rows_when_every_thread_reads_alone():
     assert len(shares) == 4 and max(costs) < 1.5 * min(costs), costs
 
 
-def test_one_openmp_thread_holds_inside_and_gives_the_count_back_even_on_error():
-    if cpu_threads._openmp() is None:
-        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
+@pytest.fixture
+def odd_count():
+    """This (the training) thread's OpenMP count set to one it had not, given back after; the
+    collector must leave it so. Skips where torch's intra-op work is not on OpenMP."""
     omp = cpu_threads._openmp()
+    if omp is None:
+        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
     original = omp.get()
-    omp.set(original + 1)  # a count this thread had not: it must come back exactly
+    omp.set(original + 1)
     try:
-        with pytest.raises(ZeroDivisionError), cpu_threads.one_openmp_thread():
-            assert torch.get_num_threads() == 1
-            1 / 0  # noqa: B018
-        assert torch.get_num_threads() == original + 1
+        yield original + 1
     finally:
         omp.set(original)
+
+
+def test_one_openmp_thread_holds_inside_and_gives_the_count_back_even_on_error(odd_count):
+    with pytest.raises(ZeroDivisionError), cpu_threads.one_openmp_thread():
+        assert torch.get_num_threads() == 1
+        1 / 0  # noqa: B018
+    assert torch.get_num_threads() == odd_count
 
 
 def test_one_openmp_thread_on_a_thread_torch_has_not_used_yet():
@@ -437,9 +445,7 @@ def test_one_openmp_thread_on_a_thread_torch_has_not_used_yet():
     assert seen == [1, original + 1]
 
 
-def test_large_tensors_are_read_alone_on_each_thread_and_exact(attach, monkeypatch):
-    if cpu_threads._openmp() is None:
-        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
+def test_large_tensors_are_read_alone_on_each_thread_and_exact(attach, monkeypatch, odd_count):
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
     seen: list[tuple[str, int, int]] = []
     real = cpu_threads.tensor_squares
@@ -455,16 +461,10 @@ def test_large_tensors_are_read_alone_on_each_thread_and_exact(attach, monkeypat
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** float(torch.randint(-3, 3, ()))
     tel = attach(model=model, host="host", seeds={"s": "seed"})
-    omp = cpu_threads._openmp()
-    original = omp.get()
-    omp.set(original + 1)  # a count the training thread had not: it must get it back
-    try:
-        for step in range(2):
-            tel.capture(step=step)
-            assert tel.flush(5.0) and tel.latest().step == step
-        assert torch.get_num_threads() == original + 1
-    finally:
-        omp.set(original)
+    for step in range(2):
+        tel.capture(step=step)
+        assert tel.flush(5.0) and tel.latest().step == step
+    assert torch.get_num_threads() == odd_count
     shares = tel._plans.current.cpu.shares
     assert len(shares) == 2 and all(any(large for *_, large in share) for share in shares)
     threads = {name for name, _, rows in seen if rows}
@@ -634,45 +634,29 @@ def test_cpu_captures_waiting_for_the_completion_thread_are_bounded_in_bytes(att
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_gpt2_reads_its_large_tensors_on_both_threads_exactly(attach, monkeypatch, dtype):
+def test_a_gpt2_reads_its_large_tensors_on_both_threads_exactly(
+    attach, monkeypatch, odd_count, dtype
+):
     # What people run: GPT-2 from a config (tied embeddings), new gradients every step; big
     # enough (7 M elements) for large tensors on the training thread and a helper.
-    transformers = pytest.importorskip("transformers")
-    if cpu_threads._openmp() is None:
-        pytest.skip("torch runs its intra-op work elsewhere than on OpenMP here")
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=4,
-        n_embd=256,
-        n_head=4,
-        vocab_size=8000,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).to(dtype)
+    model = tiny_gpt2(0, n_layer=4, n_embd=256, n_head=4, vocab_size=8000, n_positions=64)
+    model = model.to(dtype)
     seed = model.transformer.h[3].mlp
     tel = attach(host=model, seeds={"mlp": seed})
-    omp = cpu_threads._openmp()
-    original = omp.get()
-    omp.set(original + 1)  # the training thread's count, odd: it must get it back
-    try:
-        for step in range(3):
-            model.zero_grad(set_to_none=True)
-            ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(step))
-            model(ids, labels=ids).loss.backward()
-            tel.capture(step=step)
-            assert tel.flush(5.0) and tel.latest().step == step
-            assert torch.get_num_threads() == original + 1
-            in_seed = set(map(id, seed.parameters()))
-            for name, ps in (
-                ("host", [p for p in model.parameters() if id(p) not in in_seed]),
-                ("mlp", list(seed.parameters())),
-            ):
-                got = tel.latest().groups[name]
-                assert got.params == sum(p.numel() for p in ps)  # tied weights once
-                assert rel_err(got.sq, ref_sq(ps)) <= _bound(ps), (name, step)
-    finally:
-        omp.set(original)
+    in_seed = set(map(id, seed.parameters()))
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(step))
+        model(ids, labels=ids).loss.backward()
+        tel.capture(step=step)
+        assert tel.flush(5.0) and tel.latest().step == step
+        assert torch.get_num_threads() == odd_count
+        for name, ps in (
+            ("host", [p for p in model.parameters() if id(p) not in in_seed]),
+            ("mlp", list(seed.parameters())),
+        ):
+            got = tel.latest().groups[name]
+            assert got.params == sum(p.numel() for p in ps)  # tied weights once
+            assert rel_err(got.sq, ref_sq(ps)) <= _bound(ps), (name, step)
     assert tel._plans.current.cpu.rows_alone and tel.stats()["errors"] == 0

@@ -14,6 +14,7 @@ import torch
 from collector_support import make_model, ref_sq, rel_err, train_step
 from torch import nn
 from torch.nn.utils import parametrizations
+from trainer_support import tiny_gpt2
 
 import esper_telemetry as et
 from esper_telemetry.collector.norms import sq_error_bound
@@ -41,18 +42,7 @@ def _device_events(pull, kind):
 
 # -- tied weights --------------------------------------------------------------------------------
 def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=97,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2(0)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied, as GPT-2 ships
     return model
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from daemon_support import get  # noqa: E402
-from trainer_support import SEQ, VOCAB, token_batches  # noqa: E402
+from trainer_support import tiny_gpt2, token_batches  # noqa: E402
 
 from esper_telemetry.integrations.transformers import EsperCallback  # noqa: E402
 
@@ -26,17 +26,7 @@ RUN = "hf-clipping"
 
 
 def test_clipped_count_is_the_steps_whose_logged_grad_norm_exceeded_max_grad_norm(daemon, tmp_path):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=SEQ,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2(0)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=STEPS,

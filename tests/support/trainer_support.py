@@ -14,21 +14,22 @@ VOCAB = 97
 SEQ = 16
 
 
-def tiny_lora_gpt2(seed: int = 0, target_modules=("c_attn",)):
-    """GPT-2 with 2 layers, 32 wide, vocabulary 97, LoRA r=4 on ``target_modules``."""
+def tiny_gpt2(seed: int = 0, **config):
+    """GPT-2 from a config (random weights seeded with ``seed``, nothing downloaded), its
+    embeddings tied as GPT-2 ships: 2 layers, 32 wide, vocabulary ``VOCAB``, ``SEQ``
+    positions, unless ``config`` says otherwise."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=SEQ,
-        bos_token_id=0,
-        eos_token_id=0,
+    shape = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ)
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**{**shape, **config}, bos_token_id=0, eos_token_id=0)
     )
-    base = transformers.GPT2LMHeadModel(config)
+
+
+def tiny_lora_gpt2(seed: int = 0, target_modules=("c_attn",)):
+    """``tiny_gpt2`` with LoRA r=4 on ``target_modules``."""
+    peft = pytest.importorskip("peft")
+    base = tiny_gpt2(seed)
     lora = peft.LoraConfig(
         r=4,
         lora_alpha=8,
