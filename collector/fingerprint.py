@@ -11,7 +11,12 @@ each described by
   in the group) and its shape;
 - for a DTensor (or a local shard carrying ``_st_info``): its global shape, placements, mesh
   shape and this rank's coordinate along the mesh dimensions it is sharded on, so the ranks
-  of one tensor-parallel shard agree and those of another differ.
+  of one tensor-parallel shard agree and those of another differ;
+- for a parameter FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``) holds as a
+  1-D view of its local shard: its unsharded shape and which of its elements this rank holds
+  (``flat_shards``). Two shards of one parameter often have the same shape (64 elements
+  over two ranks: 32 each), and without their positions they would look like replicas;
+  with them, HYBRID_SHARD replicas still agree.
 
 Equal fingerprints on two ranks: replicas of the same elements (counted once). Different:
 different elements (added). With attach's ``sharded=True`` (the user's own shards) the rank
@@ -35,6 +40,7 @@ Computed when the groups re-resolve (attach, a re-binding), never per capture.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -42,9 +48,9 @@ import torch
 
 from esper_telemetry.defaults import MAX_PIECES_PER_GROUP
 
-from .placement import Layout, hidden_shards, spec_of
+from .placement import Layout, held_numel, hidden_shards, spec_of
 
-__all__ = ["Holding", "holding", "names_of", "PIECES_PER_HELLO"]
+__all__ = ["Holding", "holding", "names_of", "flat_shards", "PIECES_PER_HELLO"]
 
 # At most this many parameter hashes in one Hello, all groups together (about 74 KB).
 PIECES_PER_HELLO = 8192
@@ -76,14 +82,58 @@ def names_of(root: torch.nn.Module | None, modules: Sequence[Any]) -> dict[int, 
     return names
 
 
+def flat_shards(modules: Sequence[Any]) -> dict[int, tuple[Any, ...]]:
+    """What FSDP1 (``FullyShardedDataParallel``) shards hold on this rank, by ``id``.
+
+    With ``use_orig_params=True`` each original parameter is a 1-D view of this rank's
+    shard: its unsharded shape and the first and last index (flattened) of the elements this
+    rank holds, None when it holds none. With ``use_orig_params=False`` the module holds one
+    ``FlatParameter`` per unit: the unsharded shapes of what it flattens and, for each, the
+    elements this rank holds. Empty where FSDP1 was never imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    kind = getattr(fsdp, "FullyShardedDataParallel", None)
+    if kind is None:
+        return {}
+    out: dict[int, tuple[Any, ...]] = {}
+    seen: set[int] = set()
+    for module in modules:
+        if module is None:
+            continue
+        for m in module.modules():
+            if not isinstance(m, kind) or id(m) in seen:
+                continue
+            seen.add(id(m))
+            flat = getattr(getattr(m, "_handle", None), "flat_param", None)
+            infos = getattr(flat, "_shard_param_infos", None)
+            shapes = getattr(flat, "_shapes", None)
+            if infos is None or shapes is None:
+                continue
+            held = [
+                (i.intra_param_start_idx, i.intra_param_end_idx) if i.in_shard else None
+                for i in infos
+            ]
+            shapes = [tuple(shape) for shape in shapes]
+            params = getattr(flat, "_params", None)  # None with use_orig_params=False
+            if params is None:
+                out[id(flat)] = ("fsdp-flat", tuple(zip(shapes, held)))
+            else:
+                for p, shape, h in zip(params, shapes, held):
+                    out[id(p)] = ("fsdp", shape, h)
+    return out
+
+
 def holding(
     group_params: Sequence[Sequence[torch.Tensor]],
     lay: Layout,
     names: dict[int, str],
     rank: int,
     forced: bool | None,
+    shards: dict[int, tuple[Any, ...]] | None = None,
 ) -> Holding:
-    """The fingerprint of what this rank counts of each group, and how many elements."""
+    """The fingerprint of what this rank counts of each group, and how many elements.
+
+    ``shards``: FSDP1's shards by parameter ``id`` (``flat_shards``)."""
+    shards = shards or {}
     fingerprints = []
     counted_elements = []
     samples = []
@@ -102,9 +152,10 @@ def holding(
             spec = spec_of(p)
             name = names.get(id(p), f"#{j}")
             if spec is None:
-                pieces.append((name, tuple(p.shape)))
+                shard = shards.get(id(p))
+                pieces.append((name, tuple(p.shape)) if shard is None else (name, *shard))
                 plain.append(_hash([pieces[-1]]))
-                elements += p.numel()
+                elements += held_numel(p)
                 continue
             mesh, placements = spec
             key = id(mesh)

@@ -50,7 +50,7 @@ from torch import nn
 
 from esper_telemetry.defaults import MAX_GROUPS_PER_EVENT, MAX_STRING_CHARS
 
-from .placement import hidden_shards
+from .placement import held_numel, hidden_shards
 
 __all__ = [
     "GroupSpec",
@@ -114,6 +114,7 @@ class GroupSpec:
         "in_model",
         "unfollowed",
         "_noted",
+        "_had_params",
     )
 
     def __init__(
@@ -145,6 +146,7 @@ class GroupSpec:
         # were): the group is stale while it is set.
         self.unfollowed: str | None = None
         self._noted: set[str] = set()  # what was logged once already ("computed", "twice")
+        self._had_params = False  # some resolution found parameters
 
     def _current(self) -> Any:
         if self._kind == "module":
@@ -177,6 +179,12 @@ class GroupSpec:
                 params += tuple(p for _, p in hidden if id(p) not in listed)
             self.module = obj
             self.unfollowed = None
+            if not params and self._had_params:
+                # Its parameters left the module without a replacement: FSDP1 wrapped after
+                # attach with use_orig_params=False holds them in its FlatParameters.
+                root = self._root() if self._root is not None else None
+                hint = _flat_hint(obj, root)
+                self.unfollowed = f"its module holds no parameters any more{hint}"
             # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
             # dicts of a real model, and filling one without a registration hook is not a swap.
             self._tree = tuple(
@@ -198,6 +206,7 @@ class GroupSpec:
             map(operator.is_not, params, self._params)
         )
         self._params = params
+        self._had_params = self._had_params or bool(params)
         return params, changed
 
     def leaves(self, members: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -435,8 +444,25 @@ def make_spec(
         spec.unfollowed, spec._noted = probe.unfollowed, probe._noted
     params, _ = spec.resolve()
     if not params and not allow_empty:
-        raise ValueError(f"group {name!r} has no parameters")
+        given = value if isinstance(value, nn.Module) else None
+        raise ValueError(f"group {name!r} has no parameters{_flat_hint(given, model)}")
     return spec
+
+
+def _flat_hint(*modules: nn.Module | None) -> str:
+    """Why a module may hold no parameters of its own: FSDP1 flattened them (into a
+    FlatParameter of the unit around it, which ``modules``, the group's and the root model,
+    would hold)."""
+    for module in modules:
+        if module is not None and any(
+            getattr(p, "_is_flat_param", False) for p in module.parameters()
+        ):
+            return (
+                ": FSDP (FullyShardedDataParallel with use_orig_params=False) holds the "
+                "parameters flattened, one FlatParameter per FSDP unit; wrap with "
+                "use_orig_params=True, or make the group an FSDP unit of its own"
+            )
+    return ""
 
 
 def build_specs(
@@ -537,7 +563,7 @@ def total_params(params: Sequence[torch.Tensor]) -> int:
 
 def _numel(p: torch.Tensor) -> int:
     shape = getattr(getattr(p, "_st_info", None), "shape", None)
-    return p.numel() if shape is None else math.prod(shape)
+    return held_numel(p) if shape is None else math.prod(shape)
 
 
 def structural_names(structural: Any, specs: Sequence[GroupSpec]) -> tuple[str, ...]:

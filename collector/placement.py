@@ -36,6 +36,7 @@ __all__ = [
     "layout",
     "spec_of",
     "hidden_shards",
+    "held_numel",
     "local_grads",
     "UnmeasurableGradient",
     "unmeasurable",
@@ -115,6 +116,15 @@ def hidden_shards(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
                 if base is not None and getattr(base, "_st_info", None) is not None:
                     out.append((f"{prefix}.{attr}" if prefix else attr, base))
     return out
+
+
+def held_numel(p: torch.Tensor) -> int:
+    """The elements ``p`` holds on this rank: a ``FlatParameter`` (FSDP1 with
+    ``use_orig_params=False``) without the padding that makes its shards even."""
+    infos = getattr(p, "_shard_param_infos", None) if getattr(p, "_is_flat_param", False) else None
+    if infos is None:
+        return p.numel()
+    return sum(i.numel_in_shard or 0 for i in infos if i.in_shard)
 
 
 def layout(

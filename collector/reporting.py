@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -167,11 +167,14 @@ class Reporter:
             )
         )
 
-    def layout(self, old: Plan | None, new: Plan, rebound: Sequence[int]) -> None:
+    def layout(
+        self, old: Plan | None, new: Plan, rebound: Sequence[int], stale: Collection[str] = ()
+    ) -> None:
         """Device events for a new plan, each condition once: split, mixed, and moved.
 
         ``rebound``: groups whose parameters were re-bound since the last plan (reported as
-        moved even when the devices are the same).
+        moved even when the devices are the same). ``stale``: groups reported stale, never
+        moved (a move tells the daemon the group is followed again).
         """
         host_devices = new.group_devices[self._host] if self._host is not None else ()
         for gi, spec in enumerate(self._specs):
@@ -192,6 +195,8 @@ class Reporter:
                     self.device(kind, spec.name, value)
                 self._reported[(kind, spec.name)] = value
             # Re-bound before the first plan (between attach and the first capture) too.
+            if spec.name in stale:
+                continue
             if gi in rebound or (old is not None and old.group_devices[gi] != devices):
                 self.device("moved", spec.name, devices)
 

@@ -26,7 +26,7 @@ from esper_telemetry.events import Goodbye
 
 from .completion import CompletionThread, Pending
 from .eager import eager
-from .fingerprint import Holding, holding, names_of
+from .fingerprint import Holding, flat_shards, holding, names_of
 from .groups import GroupSpec, disjoint, registration_generation, stale_groups, total_params
 from .hooks import Amp, StepHooks
 from .isolation import StructuralCheck
@@ -45,6 +45,7 @@ __all__ = ["Telemetry"]
 log = logging.getLogger("esper_telemetry.collector")
 
 _MAX_IN_FLIGHT = 64
+_NUMEL = torch.Tensor.numel
 _MAX_IN_FLIGHT_CPU = 4096
 # What CPU captures waiting for the completion thread may hold together: each keeps a
 # figure per tensor (8 bytes at most) and its staging rows, plus its objects (estimated).
@@ -82,6 +83,9 @@ class Telemetry:
         self._rebound: set = set()  # groups whose parameters changed since the last plan
         self._stale: set = set()  # names of groups that can no longer be followed
         self._checked_gen = -1  # registration generation of the last staleness check
+        # Element counts of the parameters when the groups were last resolved, until the
+        # first capture has compared them (see _resolve).
+        self._numels: tuple[int, ...] | None = None
         self._unfenced: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: CaptureResult | None = None
         self._error_kinds: set = set()
@@ -100,6 +104,7 @@ class Telemetry:
         )
         self._structural = StructuralCheck(options.structural)
         self._resolve()
+        self._numels = tuple(map(_NUMEL, self._flat))  # compared at the first capture
         # Hooks, then the threads and the socket, last: whatever fails before leaves nothing.
         self._hooks: StepHooks | None = None
         if options.optimizer is not None:
@@ -344,8 +349,14 @@ class Telemetry:
             log.debug("esper-telemetry: could not hold an abandoned capture: %s", exc)
 
     def _resolve(self) -> bool:
-        """Re-resolve every group from the live model; True if any group's parameters changed."""
-        changed = False
+        """Re-resolve every group from the live model; True if any group's parameters changed.
+
+        At the first capture a parameter whose element count changed since attach counts as
+        a change too: FSDP1 (``use_orig_params=True``) wrapped after attach keeps the
+        Parameter objects and makes each a view of this rank's shard, which no registration
+        shows. What the rank counts and its fingerprint are then taken again."""
+        changed = self._numels is not None and self._numels != tuple(map(_NUMEL, self._flat))
+        self._numels = None
         group_params = []
         for gi, spec in enumerate(self._specs):
             params, c = spec.resolve()
@@ -366,9 +377,15 @@ class Telemetry:
             self._layout = layout(group_params, self.options.sharded, self.world_size)
             # And what it counts, as the daemon compares it across ranks (fingerprint).
             roots = [s._root() for s in self._specs if s._root is not None]
-            names = names_of(roots[0] if roots else None, [s.module for s in self._specs])
+            modules = [roots[0] if roots else None, *(s.module for s in self._specs)]
+            names = names_of(modules[0], modules[1:])
             self._holding = holding(
-                group_params, self._layout, names, self.rank, self.options.sharded
+                group_params,
+                self._layout,
+                names,
+                self.rank,
+                self.options.sharded,
+                flat_shards(modules),
             )
             self._sharded = self._layout.sharded
             self._dtensor = self._layout.placements is not None
@@ -395,7 +412,7 @@ class Telemetry:
         self._stale = stale
 
     def _on_new_layout(self, old: Plan | None, new: Plan) -> None:
-        self._reporter.layout(old, new, tuple(self._rebound))
+        self._reporter.layout(old, new, tuple(self._rebound), self._stale)
         self._rebound.clear()
 
     def _unhook(self) -> None:
