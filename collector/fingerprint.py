@@ -16,7 +16,10 @@ each described by
   1-D view of its local shard: its unsharded shape and which of its elements this rank holds
   (``flat_shards``). Two shards of one parameter often have the same shape (64 elements
   over two ranks: 32 each), and without their positions they would look like replicas;
-  with them, HYBRID_SHARD replicas still agree.
+  with them, HYBRID_SHARD replicas still agree;
+- for a weight Megatron-core's tensor parallelism split (``tensor_model_parallel``): its
+  ``partition_dim`` and this rank's place in the tensor-parallel group, so the parts of one
+  weight differ and their data-parallel replicas agree (``placement.megatron_tp``).
 
 Equal fingerprints on two ranks: replicas of the same elements (counted once). Different:
 different elements (added). With attach's ``sharded=True`` (the user's own shards) the rank
@@ -48,7 +51,7 @@ import torch
 
 from esper_telemetry.defaults import MAX_PIECES_PER_GROUP
 
-from .placement import Layout, held_numel, hidden_shards, spec_of
+from .placement import Layout, held_numel, hidden_shards, megatron_tp, spec_of, tensor_parallel
 
 __all__ = ["Holding", "holding", "names_of", "flat_shards", "PIECES_PER_HELLO"]
 
@@ -134,6 +137,7 @@ def holding(
 
     ``shards``: FSDP1's shards by parameter ``id`` (``flat_shards``)."""
     shards = shards or {}
+    tp = megatron_tp()
     fingerprints = []
     counted_elements = []
     samples = []
@@ -153,6 +157,8 @@ def holding(
             name = names.get(id(p), f"#{j}")
             if spec is None:
                 shard = shards.get(id(p))
+                if shard is None and tp is not None and tensor_parallel(p):
+                    shard = (tuple(p.shape), ("megatron-tp", p.partition_dim, *tp))
                 pieces.append((name, tuple(p.shape)) if shard is None else (name, *shard))
                 plain.append(_hash([pieces[-1]]))
                 elements += held_numel(p)

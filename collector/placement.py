@@ -19,8 +19,16 @@ tensor-parallel model, experts split over ranks as plain modules) are invisible 
 fingerprint of what this rank counts (``fingerprint.py``) tells the daemon which ranks hold
 the same elements there (replicas, counted once) and which hold others (parts, added).
 
+Megatron-core's tensor parallelism holds no DTensor either: its sharded weights are plain
+Parameters marked ``tensor_model_parallel`` (``partition_dim`` says along which dimension),
+and every other parameter of the model is the same on each rank of the tensor-parallel
+group. In a group with such a weight, as Megatron's own gradient norm does, this rank
+counts the marked ones and the others only at tensor-parallel rank 0 (``megatron_tp``);
+the fingerprint carries the tensor-parallel rank of each marked one.
+
 Importing ``torch.distributed.tensor`` costs about half a second, so it is never imported
-here: a DTensor cannot exist before something else imported that module.
+here: a DTensor cannot exist before something else imported that module. Megatron-core is
+looked up the same way, never imported.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ __all__ = [
     "spec_of",
     "hidden_shards",
     "held_numel",
+    "megatron_tp",
+    "tensor_parallel",
     "local_grads",
     "UnmeasurableGradient",
     "unmeasurable",
@@ -118,6 +128,27 @@ def hidden_shards(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def megatron_tp() -> tuple[int, int] | None:
+    """This rank's place in Megatron-core's tensor-parallel group, ``(rank, size)``; None
+    where Megatron-core is not imported, its groups not made, or the group is one rank."""
+    state = sys.modules.get("megatron.core.parallel_state")
+    if state is None:
+        return None
+    try:
+        if state.get_tensor_model_parallel_group(check_initialized=False) is None:
+            return None
+        size = state.get_tensor_model_parallel_world_size()
+        rank = state.get_tensor_model_parallel_rank()
+    except Exception:  # another Megatron-core than the one this was written for
+        return None
+    return (int(rank), int(size)) if size > 1 else None
+
+
+def tensor_parallel(p: torch.Tensor) -> bool:
+    """A weight Megatron-core's tensor parallelism split over its group (each rank a part)."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
 def held_numel(p: torch.Tensor) -> int:
     """The elements ``p`` holds on this rank: a ``FlatParameter`` (FSDP1 with
     ``use_orig_params=False``) without the padding that makes its shards even."""
@@ -146,7 +177,10 @@ def layout(
     several = world > 1
     if not any(specs):
         return Layout(
-            [several if forced is None else forced] * len(group_params), None, owner, None
+            [several if forced is None else forced] * len(group_params),
+            _megatron_counted(flat, owner, len(group_params)) if forced is None else None,
+            owner,
+            None,
         )
     has_dt = [False] * len(group_params)
     for i, spec in enumerate(specs):
@@ -164,6 +198,24 @@ def layout(
             counted.append(space.first())
     placements = tuple(None if spec is None else spec[1] for spec in specs)
     return Layout(sharded, None if all(counted) else counted, owner, placements)
+
+
+def _megatron_counted(
+    flat: Sequence[torch.Tensor], owner: tuple[int, ...], n_groups: int
+) -> list[bool] | None:
+    """Megatron-core's mask: in a group with a tensor-parallel weight, the others (the same
+    on every rank of the tensor-parallel group) count at its rank 0 only. None: no mask."""
+    marked = [tensor_parallel(p) for p in flat]
+    if not any(marked):
+        return None
+    tp = megatron_tp()
+    if tp is None or tp[0] == 0:
+        return None
+    split = [False] * n_groups
+    for i, m in enumerate(marked):
+        split[owner[i]] = split[owner[i]] or m
+    counted = [m or not split[owner[i]] for i, m in enumerate(marked)]
+    return None if all(counted) else counted
 
 
 def local_grads(
