@@ -90,9 +90,12 @@ def flat_shards(modules: Sequence[Any]) -> dict[int, tuple[Any, ...]]:
 
     With ``use_orig_params=True`` each original parameter is a 1-D view of this rank's
     shard: its unsharded shape and the first and last index (flattened) of the elements this
-    rank holds, None when it holds none. With ``use_orig_params=False`` the module holds one
-    ``FlatParameter`` per unit: the unsharded shapes of what it flattens and, for each, the
-    elements this rank holds. Empty where FSDP1 was never imported."""
+    rank holds. With ``use_orig_params=False`` the module holds one ``FlatParameter`` per
+    unit: which of its parameters (their places in it) it holds elements of, their
+    unsharded shapes, and which elements. ``()``
+    where the rank holds none: left out of the fingerprint and the samples (ranks that both
+    lack a parameter must not look as if they shared it). Empty where FSDP1 was never
+    imported. Found only under ``modules``: a parameter carries no link to its wrapper."""
     fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
     kind = getattr(fsdp, "FullyShardedDataParallel", None)
     if kind is None:
@@ -118,10 +121,13 @@ def flat_shards(modules: Sequence[Any]) -> dict[int, tuple[Any, ...]]:
             shapes = [tuple(shape) for shape in shapes]
             params = getattr(flat, "_params", None)  # None with use_orig_params=False
             if params is None:
-                out[id(flat)] = ("fsdp-flat", tuple(zip(shapes, held)))
+                pieces = tuple(
+                    (i, shape, h) for i, (shape, h) in enumerate(zip(shapes, held)) if h is not None
+                )
+                out[id(flat)] = ("fsdp-flat", pieces) if pieces else ()
             else:
                 for p, shape, h in zip(params, shapes, held):
-                    out[id(p)] = ("fsdp", shape, h)
+                    out[id(p)] = ("fsdp", shape, h) if h is not None else ()
     return out
 
 
@@ -157,6 +163,8 @@ def holding(
             name = names.get(id(p), f"#{j}")
             if spec is None:
                 shard = shards.get(id(p))
+                if shard == ():  # FSDP1 gave this rank none of it
+                    continue
                 if shard is None and tp is not None and tensor_parallel(p):
                     shard = (tuple(p.shape), ("megatron-tp", p.partition_dim, *tp))
                 pieces.append((name, tuple(p.shape)) if shard is None else (name, *shard))

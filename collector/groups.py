@@ -180,11 +180,13 @@ class GroupSpec:
             self.module = obj
             self.unfollowed = None
             if not params and self._had_params:
-                # Its parameters left the module without a replacement: FSDP1 wrapped after
-                # attach with use_orig_params=False holds them in its FlatParameters.
+                # Its parameters left the module for FSDP1's FlatParameters (wrapped after
+                # attach, use_orig_params=False): stale. A module emptied otherwise (a seed
+                # slot culled to nn.Identity) simply has no gradient.
                 root = self._root() if self._root is not None else None
                 hint = _flat_hint(obj, root)
-                self.unfollowed = f"its module holds no parameters any more{hint}"
+                if hint:
+                    self.unfollowed = f"its module holds no parameters any more{hint}"
             # Empty dicts are left out (a leaf's _modules, a container's _parameters): half the
             # dicts of a real model, and filling one without a registration hook is not a swap.
             self._tree = tuple(

@@ -86,6 +86,7 @@ class Telemetry:
         # Element counts of the parameters when the groups were last resolved, until the
         # first capture has compared them (see _resolve).
         self._numels: tuple[int, ...] | None = None
+        self._warned_unplaced = False  # FSDP1 shards found outside the model (once)
         self._unfenced: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: CaptureResult | None = None
         self._error_kinds: set = set()
@@ -379,19 +380,38 @@ class Telemetry:
             roots = [s._root() for s in self._specs if s._root is not None]
             modules = [roots[0] if roots else None, *(s.module for s in self._specs)]
             names = names_of(modules[0], modules[1:])
+            shards = flat_shards(modules)
+            self._warn_unplaced(shards)
             self._holding = holding(
-                group_params,
-                self._layout,
-                names,
-                self.rank,
-                self.options.sharded,
-                flat_shards(modules),
+                group_params, self._layout, names, self.rank, self.options.sharded, shards
             )
             self._sharded = self._layout.sharded
             self._dtensor = self._layout.placements is not None
             self._structural.watch(self._specs)
             return True
         return False
+
+    def _warn_unplaced(self, shards: dict[int, tuple]) -> None:
+        """Once: FSDP1 shards whose wrapper is not under what was attached (FSDP applied to
+        the model after attach, or groups given as parameters without ``model=``). Which
+        elements the rank holds is then unknown, and two halves of one parameter look like
+        replicas to the daemon, which withholds the group rather than count one."""
+        if self.world_size < 2 or self._warned_unplaced:
+            return
+        unplaced = [
+            s.name
+            for s, ps in zip(self._specs, self._group_params)
+            if any(getattr(p, "_fsdp_flattened", False) and id(p) not in shards for p in ps)
+        ]
+        if unplaced:
+            self._warned_unplaced = True
+            log.warning(
+                "esper-telemetry: groups %s hold FSDP1 shards whose FullyShardedDataParallel "
+                "wrapper is not under the model given to attach: which elements this rank "
+                "holds is unknown, and the daemon may withhold these groups as inconsistent; "
+                "attach after wrapping, with model= the wrapped model",
+                unplaced,
+            )
 
     def _check_stale(self) -> None:
         """Report, once each, groups that can no longer be followed; and their return as moved."""

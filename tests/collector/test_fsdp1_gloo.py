@@ -36,7 +36,7 @@ TWO = [
     "fsdp1_gpt2",
     "fsdp1_gpt2_flat",
 ]
-FOUR = ["fsdp1_hybrid", "fsdp1_flat_hybrid"]
+FOUR = ["fsdp1_hybrid", "fsdp1_flat_hybrid", "fsdp1_orig_four", "fsdp1_gpt2_four"]
 USE_ORIG = "wrap with use_orig_params=True, or make the group an FSDP unit of its own"
 
 
@@ -80,7 +80,7 @@ def test_a_flat_parameter_counts_its_elements_without_the_padding(two, daemon):
     assert (rank0["params"]["s"], rank1["params"]["s"]) == (14, 13)
 
 
-def test_wrapped_after_attach_is_followed_from_the_first_capture(two, daemon):
+def test_wrapped_after_attach_is_followed_from_the_first_capture_and_said(two, daemon):
     # FSDP1 made every Parameter a view of this rank's piece after attach: what the rank
     # counts is taken again at the first capture (before: both groups withheld).
     samples = ended(daemon, ["fsdp1_before"])
@@ -88,6 +88,12 @@ def test_wrapped_after_attach_is_followed_from_the_first_capture(two, daemon):
     check_daemon_exact(samples, "fsdp1_before", rank0)
     assert rank0["params"]["host"] + rank1["params"]["host"] == rank0["ref_params"]["host"]
     assert rank0["stale"] == rank1["stale"] == {"host": False, "s": False}
+    # The wrapper is outside the attached model: which elements of a parameter each rank
+    # holds is unknown (these pieces differ in size; two halves of one would not), and
+    # each rank says so once.
+    for out in two:
+        warned = [line for line in out["stderr"].splitlines() if "wrapper is not under" in line]
+        assert len(warned) == 1 and "['host', 's']" in warned[0], warned
 
 
 def test_a_group_flattened_after_attach_is_stale_with_the_reason(two, daemon):
@@ -108,6 +114,17 @@ def test_a_group_inside_a_flat_unit_is_refused_at_attach_with_the_way_out(two):
     for r in reports(two, "fsdp1_flat_inside"):
         assert r["error"].startswith("group 'host' has no parameters: FSDP")
         assert USE_ORIG in r["error"]
+
+
+@pytest.mark.parametrize("run", ["fsdp1_orig_four", "fsdp1_gpt2_four"])
+def test_four_ranks_where_two_hold_none_of_a_parameter_are_exact(four, daemon, run):
+    # Two ranks that both hold none of a parameter share nothing: before, both announced it
+    # and the daemon withheld the group as overlapping.
+    samples = ended(daemon, [run])
+    reps = reports(four, run)
+    check_daemon_exact(samples, run, reps[0])
+    for group in ("host", "s"):
+        assert sum(r["params"][group] for r in reps) == reps[0]["ref_params"][group]
 
 
 @pytest.mark.parametrize("run", ["fsdp1_gpt2", "fsdp1_gpt2_flat"])

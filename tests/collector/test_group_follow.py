@@ -120,6 +120,23 @@ def test_a_module_object_replaced_in_the_model_is_reported_stale_once(attach, pu
     assert _stale(pull.until_goodbyes()) == [("a", "stale")]
 
 
+def test_a_seed_slot_culled_to_a_module_without_parameters_has_no_gradient(attach, caplog):
+    # Followed by its path, the slot now holds nothing to measure: "no gradient", not stale
+    # (stale is for what cannot be followed; FSDP1 flattening a group away is, see
+    # test_fsdp1_gloo.py).
+    model = make_model()
+    tel = attach(model=model, host="host", seeds={"a": "seeds.a"})
+    train_step(model)
+    assert _capture(tel, 0)["a"].has_grad
+    model.seeds["a"] = nn.Identity()
+    with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
+        model.zero_grad(set_to_none=True)
+        train_step(model, seed=1)
+        res = _capture(tel, 1)
+    assert not res["a"].stale and not res["a"].has_grad and res["a"].params == 0
+    assert res["host"].has_grad and not caplog.records
+
+
 def test_parameters_listed_before_load_state_dict_assign_are_reported_stale(attach, pull):
     model = make_model()
     tel = attach(model=model, host="host", seeds={"a": list(model.seeds["a"].parameters())})

@@ -17,6 +17,8 @@ unsharded float64 copy of the model on every rank's batch, averaged as FSDP aver
   inside the unit holds no parameter of its own (the error ``attach`` raises);
 - ``fsdp1_hybrid``, ``fsdp1_flat_hybrid`` (four ranks): ``HYBRID_SHARD`` on a (2, 2) mesh,
   each shard held by two replicas;
+- ``fsdp1_orig_four``, ``fsdp1_gpt2_four``: ``fsdp1_orig`` and ``fsdp1_gpt2`` fully sharded
+  over four ranks, where two ranks can both hold none of a parameter;
 - ``fsdp1_gpt2``, ``fsdp1_gpt2_flat``: GPT-2 from a config (tied embeddings, no dropout),
   wrapped as most FSDP1 jobs wrap it (``transformer_auto_wrap_policy``, one unit per block),
   the second block a seed by its path, the host the rest.
@@ -166,6 +168,10 @@ LAYOUTS = {
     "fsdp1_flat_inside": fsdp1_flat_inside,
     "fsdp1_gpt2": lambda r, w, e: _gpt2("fsdp1_gpt2", r, w, e, orig=True),
     "fsdp1_gpt2_flat": lambda r, w, e: _gpt2("fsdp1_gpt2_flat", r, w, e, orig=False),
+    "fsdp1_orig_four": lambda r, w, e: _fsdp1(
+        "fsdp1_orig_four", r, w, e, Pair, orig=True, units=True
+    ),
+    "fsdp1_gpt2_four": lambda r, w, e: _gpt2("fsdp1_gpt2_four", r, w, e, orig=True),
     "fsdp1_hybrid": lambda r, w, e: _fsdp1(
         "fsdp1_hybrid", r, w, e, Pair, orig=True, units=True, hybrid=True
     ),
