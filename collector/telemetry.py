@@ -87,6 +87,7 @@ class Telemetry:
         # first capture has compared them (see _resolve).
         self._numels: tuple[int, ...] | None = None
         self._warned_unplaced = False  # FSDP1 shards found outside the model (once)
+        self._warned_main_grad = False  # gradients kept in main_grad (once)
         self._unfenced: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: CaptureResult | None = None
         self._error_kinds: set = set()
@@ -382,6 +383,7 @@ class Telemetry:
             names = names_of(modules[0], modules[1:])
             shards = flat_shards(modules)
             self._warn_unplaced(shards)
+            self._warn_main_grad()
             self._holding = holding(
                 group_params, self._layout, names, self.rank, self.options.sharded, shards
             )
@@ -411,6 +413,29 @@ class Telemetry:
                 "holds is unknown, and the daemon may withhold these groups as inconsistent; "
                 "attach after wrapping, with model= the wrapped model",
                 unplaced,
+            )
+
+    def _warn_main_grad(self) -> None:
+        """Once: parameters carrying ``main_grad``. Megatron-core's DistributedDataParallel
+        accumulates gradients there and sets ``.grad`` to None; with its distributed
+        optimizer each data-parallel rank's buffer is reduced only in that rank's part, so
+        ``main_grad`` is not read in its place. The groups report no gradient; this says
+        why, instead of leaving it silent."""
+        if self._warned_main_grad:
+            return
+        kept = [
+            s.name
+            for s, ps in zip(self._specs, self._group_params)
+            if any(hasattr(p, "main_grad") for p in ps)
+        ]
+        if kept:
+            self._warned_main_grad = True
+            log.warning(
+                "esper-telemetry: groups %s: their parameters carry main_grad (Megatron-core's "
+                "DistributedDataParallel accumulates gradients there and leaves .grad None); "
+                "esper-telemetry reads .grad, so these groups report no gradient while it "
+                "stays None",
+                kept,
             )
 
     def _check_stale(self) -> None:

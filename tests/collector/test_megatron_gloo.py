@@ -13,14 +13,17 @@ norm does, and the daemon adds the parts. The rank side is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
+import torch
 from collector_support import rel_err
 from daemon_support import get
 from layout_checks import RTOL_SQ, check_daemon_exact, ended, reports
 from live_daemon import LiveDaemon, live_daemon
 from mesh_support import run_ranks
+from torch import nn
 
 from esper_telemetry.ratio import seed_ratio
 
@@ -59,3 +62,28 @@ def test_tensor_parallel_parts_are_added_over_one_replica_each(four, daemon):
         assert r["local"] == {"host": True, "s": True} and r["errors"] == 0
     got = get(samples, "esper_seed_grad_ratio", run=run, seed="s")
     assert got == pytest.approx(seed_ratio(ref["s"], 27, ref["host"], 296), rel=RTOL_SQ)
+
+
+def test_gradients_kept_in_main_grad_are_said_not_silently_missing(attach, caplog):
+    # Megatron-core's DistributedDataParallel (CUDA only) gives every parameter a main_grad,
+    # a view of its gradient buffer, adds each gradient into it and sets .grad to None. The
+    # groups then have no .grad to read: one warning says why, naming them.
+    net = nn.Module()
+    net.host, net.seed = nn.Linear(8, 8), nn.Linear(8, 3)
+    for p in net.parameters():
+        p.main_grad = torch.zeros_like(p)
+
+        def into_main(p: torch.Tensor) -> None:
+            p.main_grad.add_(p.grad)
+            p.grad = None
+
+        p.register_post_accumulate_grad_hook(into_main)
+    with caplog.at_level(logging.WARNING, logger="esper_telemetry.collector"):
+        tel = attach(model=net, host="host", seeds={"s": "seed"})
+        for step in range(2):
+            net.seed(net.host(torch.randn(4, 8))).pow(2).sum().backward()
+            tel.capture(step=step)
+        assert tel.flush(5.0)
+    assert not tel.latest()["host"].has_grad and float(net.host.weight.main_grad.abs().sum()) > 0
+    warned = [r.getMessage() for r in caplog.records if "main_grad" in r.getMessage()]
+    assert len(warned) == 1 and "['host', 's']" in warned[0], warned
