@@ -1,5 +1,6 @@
 """Fixtures for the collector's CPU tests: a real PULL socket on a random loopback port
-(linger 0, bounded receives) and a factory for ``attach`` that always closes what it made."""
+(linger 0, bounded receives), a factory for ``attach`` that always closes what it made, and
+a real daemon process per test module for the gloo layout tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 from collector_support import Receiver, pull_receiver
+from live_daemon import LiveDaemon, live_daemon
 
 import esper_telemetry as et
 
@@ -40,3 +42,11 @@ def attach(pull: Receiver, request) -> Iterator[Any]:
 def thread_names():
     """Names of the live threads, for checking that nothing was started or left behind."""
     return lambda: sorted(t.name for t in threading.enumerate())
+
+
+@pytest.fixture(scope="module")
+def daemon(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
+    """A real daemon process the module's rank runs publish to (its log in a temp folder)."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    with live_daemon(tmp_path_factory.mktemp(name) / "esper-telemetryd.log") as d:
+        yield d

@@ -13,13 +13,11 @@ is ``tests/support/fsdp1_support.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from collector_support import rel_err
 from daemon_support import get
 from layout_checks import RTOL_SQ, check_daemon_exact, ended, reports
-from live_daemon import LiveDaemon, live_daemon
+from live_daemon import LiveDaemon
 from mesh_support import run_ranks
 
 from esper_telemetry.ratio import seed_ratio
@@ -38,12 +36,6 @@ TWO = [
 ]
 FOUR = ["fsdp1_hybrid", "fsdp1_flat_hybrid", "fsdp1_orig_four", "fsdp1_gpt2_four"]
 USE_ORIG = "wrap with use_orig_params=True, or make the group an FSDP unit of its own"
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
-    with live_daemon(tmp_path_factory.mktemp("fsdp1") / "esper-telemetryd.log") as d:
-        yield d
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ the head left out of the all-reduce. The rank side is ``tests/support/layout_sup
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 from collector_support import rel_err
 from daemon_support import get
 from layout_checks import RTOL_SQ, check_daemon_exact, ended, reports
-from live_daemon import LiveDaemon, live_daemon
+from live_daemon import LiveDaemon
 from mesh_support import run_ranks
 
 from esper_telemetry.ratio import seed_ratio
@@ -26,12 +25,6 @@ pytestmark = pytest.mark.slow
 
 TWO = ["pp_gpipe", "pp_1f1b", "ep", "ep_whole", "ddp", "ddp_claim", "ddp_adapters", "ddp_left_out"]
 FOUR = ["pp_dp", "ddp_tp", "ddp_tp_path"]
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
-    with live_daemon(tmp_path_factory.mktemp("layouts") / "esper-telemetryd.log") as d:
-        yield d
 
 
 @pytest.fixture(scope="module")

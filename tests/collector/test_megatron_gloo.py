@@ -14,14 +14,13 @@ norm does, and the daemon adds the parts. The rank side is
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
 from collector_support import rel_err
 from daemon_support import get
 from layout_checks import RTOL_SQ, check_daemon_exact, ended, reports
-from live_daemon import LiveDaemon, live_daemon
+from live_daemon import LiveDaemon
 from mesh_support import run_ranks
 from torch import nn
 
@@ -30,12 +29,6 @@ from esper_telemetry.ratio import seed_ratio
 pytest.importorskip("megatron.core")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
-    with live_daemon(tmp_path_factory.mktemp("megatron") / "esper-telemetryd.log") as d:
-        yield d
 
 
 @pytest.fixture(scope="module")
