@@ -92,10 +92,10 @@ def flat_shards(modules: Sequence[Any]) -> dict[int, tuple[Any, ...]]:
     shard: its unsharded shape and the first and last index (flattened) of the elements this
     rank holds. With ``use_orig_params=False`` the module holds one ``FlatParameter`` per
     unit: which of its parameters (their places in it) it holds elements of, their
-    unsharded shapes, and which elements. ``()``
-    where the rank holds none: left out of the fingerprint and the samples (ranks that both
-    lack a parameter must not look as if they shared it). Empty where FSDP1 was never
-    imported. Found only under ``modules``: a parameter carries no link to its wrapper."""
+    unsharded shapes, and which elements. ``()`` where the rank holds none: left out of the
+    fingerprint and the samples (ranks that both lack a parameter must not look as if they
+    shared it). Empty where FSDP1 was never imported. Found only under ``modules``: a
+    parameter carries no link to its wrapper."""
     fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
     kind = getattr(fsdp, "FullyShardedDataParallel", None)
     if kind is None:

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,8 +45,27 @@ __all__ = ["Telemetry"]
 
 log = logging.getLogger("esper_telemetry.collector")
 
-_MAX_IN_FLIGHT = 64
 _NUMEL = torch.Tensor.numel
+# FSDP1 shards whose wrapper is not under what was attached (FSDP applied after attach, or
+# groups given as parameters without model=): which elements the rank holds is unknown, and
+# two halves of one parameter look like replicas to the daemon, which withholds the group.
+_UNPLACED = (
+    "esper-telemetry: groups %s hold FSDP1 shards whose FullyShardedDataParallel wrapper is "
+    "not under the model given to attach: which elements this rank holds is unknown, and the "
+    "daemon may withhold these groups as inconsistent; attach after wrapping, with model= the "
+    "wrapped model"
+)
+# Megatron-core's DistributedDataParallel accumulates gradients in main_grad and sets .grad
+# to None; with its distributed optimizer each data-parallel rank's buffer is reduced only in
+# that rank's part, so main_grad is not read in .grad's place: the groups report no gradient,
+# and this says why.
+_MAIN_GRAD = (
+    "esper-telemetry: groups %s: their parameters carry main_grad (Megatron-core's "
+    "DistributedDataParallel accumulates gradients there and leaves .grad None); "
+    "esper-telemetry reads .grad, so these groups report no gradient while it stays None"
+)
+
+_MAX_IN_FLIGHT = 64
 _MAX_IN_FLIGHT_CPU = 4096
 # What CPU captures waiting for the completion thread may hold together: each keeps a
 # figure per tensor (8 bytes at most) and its staging rows, plus its objects (estimated).
@@ -86,8 +106,7 @@ class Telemetry:
         # Element counts of the parameters when the groups were last resolved, until the
         # first capture has compared them (see _resolve).
         self._numels: tuple[int, ...] | None = None
-        self._warned_unplaced = False  # FSDP1 shards found outside the model (once)
-        self._warned_main_grad = False  # gradients kept in main_grad (once)
+        self._warned: set[str] = set()  # kinds of _warn_once already logged
         self._unfenced: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._latest: CaptureResult | None = None
         self._error_kinds: set = set()
@@ -382,8 +401,13 @@ class Telemetry:
             modules = [roots[0] if roots else None, *(s.module for s in self._specs)]
             names = names_of(modules[0], modules[1:])
             shards = flat_shards(modules)
-            self._warn_unplaced(shards)
-            self._warn_main_grad()
+            if self.world_size > 1:
+                self._warn_once(
+                    "unplaced",
+                    lambda p: getattr(p, "_fsdp_flattened", False) and id(p) not in shards,
+                    _UNPLACED,
+                )
+            self._warn_once("main_grad", lambda p: hasattr(p, "main_grad"), _MAIN_GRAD)
             self._holding = holding(
                 group_params, self._layout, names, self.rank, self.options.sharded, shards
             )
@@ -393,50 +417,15 @@ class Telemetry:
             return True
         return False
 
-    def _warn_unplaced(self, shards: dict[int, tuple]) -> None:
-        """Once: FSDP1 shards whose wrapper is not under what was attached (FSDP applied to
-        the model after attach, or groups given as parameters without ``model=``). Which
-        elements the rank holds is then unknown, and two halves of one parameter look like
-        replicas to the daemon, which withholds the group rather than count one."""
-        if self.world_size < 2 or self._warned_unplaced:
+    def _warn_once(self, kind: str, holds: Callable[[torch.Tensor], bool], message: str) -> None:
+        """Once per ``kind``: log ``message`` naming the groups with a parameter that
+        ``holds``."""
+        if kind in self._warned:
             return
-        unplaced = [
-            s.name
-            for s, ps in zip(self._specs, self._group_params)
-            if any(getattr(p, "_fsdp_flattened", False) and id(p) not in shards for p in ps)
-        ]
-        if unplaced:
-            self._warned_unplaced = True
-            log.warning(
-                "esper-telemetry: groups %s hold FSDP1 shards whose FullyShardedDataParallel "
-                "wrapper is not under the model given to attach: which elements this rank "
-                "holds is unknown, and the daemon may withhold these groups as inconsistent; "
-                "attach after wrapping, with model= the wrapped model",
-                unplaced,
-            )
-
-    def _warn_main_grad(self) -> None:
-        """Once: parameters carrying ``main_grad``. Megatron-core's DistributedDataParallel
-        accumulates gradients there and sets ``.grad`` to None; with its distributed
-        optimizer each data-parallel rank's buffer is reduced only in that rank's part, so
-        ``main_grad`` is not read in its place. The groups report no gradient; this says
-        why, instead of leaving it silent."""
-        if self._warned_main_grad:
-            return
-        kept = [
-            s.name
-            for s, ps in zip(self._specs, self._group_params)
-            if any(hasattr(p, "main_grad") for p in ps)
-        ]
-        if kept:
-            self._warned_main_grad = True
-            log.warning(
-                "esper-telemetry: groups %s: their parameters carry main_grad (Megatron-core's "
-                "DistributedDataParallel accumulates gradients there and leaves .grad None); "
-                "esper-telemetry reads .grad, so these groups report no gradient while it "
-                "stays None",
-                kept,
-            )
+        named = [s.name for s, ps in zip(self._specs, self._group_params) if any(map(holds, ps))]
+        if named:
+            self._warned.add(kind)
+            log.warning(message, named)
 
     def _check_stale(self) -> None:
         """Report, once each, groups that can no longer be followed; and their return as moved."""
